@@ -1,0 +1,278 @@
+"""Resolve a model spec string to a ``torch.nn.Module`` and load its weights.
+
+Model specs:
+
+- ``torchvision:resnet18``: a torchvision classification model, built without downloading weights;
+- ``sensplan:digits_cnn``: a model from sensplan's own registry (see :func:`list_models`);
+- ``path/to/file.py:factory``: a factory function in a Python file;
+- ``package.module:factory``: a factory function by import path;
+- ``pickle:model.pt``: a whole pickled ``nn.Module`` (runs arbitrary code: needs ``allow_pickle``).
+
+Keyword arguments for the factory are given separately (``kwargs``), e.g. ``{"num_classes": 10}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensplan._errors import CheckpointError, ModelSpecError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: make ``fn`` available as the model spec ``sensplan:<fn.__name__>``."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Names in sensplan's model registry matching a shell-style ``pattern``."""
+    import fnmatch
+
+    _ensure_builtin_models()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def _ensure_builtin_models() -> None:
+    # The built-in models register themselves on import.
+    from sensplan.sensitivity import _zoo  # noqa: F401
+
+
+def _closest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What model to build: a spec string (see the module docstring) and factory keyword arguments."""
+
+    source: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source.strip():
+            raise ModelSpecError("The model spec must be a non-empty string such as "
+                                 "'torchvision:resnet18' or 'examples/cifar_resnet.py:resnet20'.")
+        if ":" not in self.source:
+            raise ModelSpecError(
+                f"The model spec {self.source!r} has no ':'. Use 'torchvision:NAME', "
+                f"'sensplan:NAME', 'path/to/file.py:FACTORY', 'package.module:FACTORY' or "
+                f"'pickle:FILE'.")
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
+        return cls(source=d["source"], kwargs=d.get("kwargs", {}))
+
+
+def build_model(spec: ModelSpec, *, allow_pickle: bool = False) -> nn.Module:
+    """Build the (untrained or factory-initialized) model a spec names, in eval mode, on the CPU."""
+    prefix, _, rest = spec.source.partition(":")
+    if prefix == "torchvision":
+        model = _build_torchvision(rest, spec.kwargs)
+    elif prefix == "sensplan":
+        _ensure_builtin_models()
+        if rest not in _REGISTRY:
+            raise ModelSpecError(
+                f"Unknown sensplan model {rest!r}.{_closest(rest, list(_REGISTRY))} "
+                f"Known: {', '.join(sorted(_REGISTRY))}.")
+        model = _call_factory(_REGISTRY[rest], spec)
+    elif prefix == "pickle":
+        model = _load_pickled(rest, allow_pickle)
+    else:
+        module_part, _, attr = spec.source.rpartition(":")
+        model = _call_factory(_resolve_factory(module_part, attr), spec)
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"The model spec {spec.source!r} returned a {type(model).__name__}, "
+                             f"not a torch.nn.Module. Point it at a function that builds the model.")
+    return model.eval()
+
+
+def _build_torchvision(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise ModelSpecError(f"Unknown torchvision classification model {name!r}.{_closest(name, names)} "
+                             f"List them with: python -c \"import torchvision; "
+                             f"print(torchvision.models.list_models(module=torchvision.models))\"")
+    if "weights" in kwargs and kwargs["weights"] not in (None, "None"):
+        raise ModelSpecError("sensplan never downloads weights. Build the model without "
+                             "'weights' and pass a local checkpoint with --weights FILE.")
+    kw = {k: v for k, v in kwargs.items() if k != "weights"}
+    try:
+        return torchvision.models.get_model(name, weights=None, **kw)
+    except TypeError as e:
+        raise ModelSpecError(f"torchvision:{name} does not accept {kw}: {e}") from None
+
+
+def _resolve_factory(module_part: str, attr: str) -> Callable[..., Any]:
+    if not attr:
+        raise ModelSpecError(f"The model spec {module_part + ':'!r} names no factory after ':'.")
+    if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise ModelSpecError(f"The model file {module_part!r} does not exist "
+                                 f"(looked in {str(Path.cwd())!r}). Check the path.")
+        mod_name = "sensplan_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        if mod_name in sys.modules:
+            module = sys.modules[mod_name]
+        else:
+            imp_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if imp_spec is None or imp_spec.loader is None:
+                raise ModelSpecError(f"Cannot import {module_part!r} as a Python file.")
+            module = importlib.util.module_from_spec(imp_spec)
+            sys.modules[mod_name] = module  # dataclasses and pickling look modules up by name
+            try:
+                imp_spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[mod_name]
+                raise ModelSpecError(f"Importing {module_part!r} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as e:
+            raise ModelSpecError(f"Cannot import {module_part!r} ({e}). Is the package installed, "
+                                 f"or did you mean a file path ending in .py?") from None
+    if not hasattr(module, attr):
+        public = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+        raise ModelSpecError(f"{module_part!r} has no {attr!r}.{_closest(attr, public)}")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ModelSpecError(f"{module_part}:{attr} is not callable.")
+    return fn  # type: ignore[no-any-return]
+
+
+def _call_factory(fn: Callable[..., Any], spec: ModelSpec) -> Any:
+    try:
+        inspect.signature(fn).bind(**spec.kwargs)
+    except TypeError as e:
+        raise ModelSpecError(f"The factory {spec.source!r} does not accept {dict(spec.kwargs)}: {e}. "
+                             f"Check --model-arg.") from None
+    except ValueError:  # signature not introspectable: just call it
+        pass
+    return fn(**spec.kwargs)
+
+
+def _load_pickled(path: str, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        raise ModelSpecError(f"Loading a pickled model ({path!r}) runs code from the file. If you trust "
+                             f"it, pass --allow-pickle; otherwise give a model factory and a state dict.")
+    if not Path(path).is_file():
+        raise ModelSpecError(f"The pickled model file {path!r} does not exist.")
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, nn.Module):
+        raise ModelSpecError(f"{path!r} holds a {type(obj).__name__}, not a pickled nn.Module. "
+                             f"For a state dict, give the model factory as --model and the file as --weights.")
+    return obj
+
+
+_NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "ema", "module")
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint with ``weights_only=True``; unwrap common nesting and ``module.`` prefixes."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"The weights file {str(p)!r} does not exist. Check the path.")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{str(p)!r} holds more than tensors (probably a whole pickled model), which sensplan "
+                f"does not unpickle by default. If you trust the file, use --model pickle:{p} "
+                f"--allow-pickle; or save model.state_dict() instead.") from None
+        raise CheckpointError(f"Cannot read the weights file {str(p)!r}: {msg}") from None
+    for _ in range(3):
+        if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
+            inner = next((obj[k] for k in _NESTING_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, Mapping) or not _is_tensor_dict(obj):
+        keys = list(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"{str(p)!r} is not a state dict (found {keys}). Save model.state_dict(), "
+                              f"or a dict with the state dict under 'state_dict'.")
+    sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def _is_tensor_dict(obj: Mapping[Any, Any]) -> bool:
+    vals = list(obj.values())
+    return bool(vals) and sum(isinstance(v, torch.Tensor) for v in vals) >= max(1, len(vals) // 2)
+
+
+def load_weights_(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a checkpoint into ``model`` in place (strict); explain mismatches."""
+    sd = read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {_few(missing)}")
+        if unexpected:
+            parts.append(f"not in the model: {_few(unexpected)}")
+        if wrong:
+            parts.append(f"shape mismatch: {_few(wrong)}")
+        raise CheckpointError(f"The weights in {str(path)!r} do not fit the model ({'; '.join(parts)}). "
+                              f"Check that --model builds the architecture the checkpoint was saved from "
+                              f"(e.g. num_classes via --model-arg).")
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def load_model(spec: ModelSpec, weights: str | os.PathLike[str] | None = None, *,
+               allow_pickle: bool = False) -> nn.Module:
+    """Build the model a spec names and load ``weights`` into it; returns it in eval mode on the CPU."""
+    model = build_model(spec, allow_pickle=allow_pickle)
+    if weights is not None:
+        load_weights_(model, weights)
+    return model.eval()
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """A digest of the model's state-dict names and shapes: equal for the same architecture."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A digest of the model's state-dict values: equal only for bit-identical weights."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,75 @@
+"""Per-channel symmetric weight quantization, shared by the scanner's probes and the executor.
+
+A weight ``w`` of shape (out, ...) at ``bits`` bits becomes integers ``q`` in
+``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` and one float32 ``scale`` per output channel, with
+``w ≈ q * scale``. The scale of each channel is chosen from a grid of clipping ratios of its
+largest magnitude to minimise the squared rounding error (at 8 bits this is nearly ``max|w|``; at 2-4
+bits clipping the outliers lowers the error a lot). The range is symmetric (2 bits → {-1, 0, 1}).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: Bit widths the quantizer supports; 32 in a plan means "kept in float32".
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+FLOAT_BITS = 32
+_CLIP_GRID = torch.linspace(0.2, 1.0, 33)
+
+
+def qmax(bits: int) -> int:
+    return int(2 ** (bits - 1) - 1)
+
+
+@torch.no_grad()
+def quantize_per_channel(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(q, scale)``: int8 codes of ``w``'s shape and float32 scales of shape (out,).
+
+    Example: ``q, s = quantize_per_channel(conv.weight, 4)``; ``q * s.view(-1, 1, 1, 1)`` is the
+    4-bit weight.
+    """
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"The 'bits' parameter must be one of {SUPPORTED_BITS}. Got {bits!r} instead.")
+    wf = w.detach().float().reshape(w.shape[0], -1)
+    m = qmax(bits)
+    amax = wf.abs().amax(dim=1).clamp_min(1e-12)
+    best_err = torch.full_like(amax, float("inf"))
+    best_scale = amax / m
+    for ratio in _CLIP_GRID:
+        s = (amax * ratio / m).unsqueeze(1)
+        err = ((torch.clamp(torch.round(wf / s), -m, m) * s - wf) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, s.squeeze(1), best_scale)
+    q = torch.clamp(torch.round(wf / best_scale.unsqueeze(1)), -m, m).to(torch.int8)
+    return q.reshape(w.shape), best_scale.float()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.view(-1, *([1] * (q.dim() - 1)))).to(dtype)
+
+
+def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``w`` rounded to ``bits`` bits per channel and returned in ``w``'s dtype (a new tensor)."""
+    q, s = quantize_per_channel(w, bits)
+    return dequantize(q, s, w.dtype)
+
+
+def pack_codes(q: torch.Tensor, bits: int) -> bytes:
+    """Pack signed codes into ``ceil(numel * bits / 8)`` bytes (offset binary, little-endian bits)."""
+    u = (q.detach().reshape(-1).to(torch.int16) + qmax(bits)).numpy().astype(np.uint8)
+    planes = ((u[:, None] >> np.arange(bits, dtype=np.uint8)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_codes(data: bytes, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int8 codes of ``shape``."""
+    n = int(np.prod(shape)) if shape else 1
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: n * bits]
+    u = (planes.reshape(n, bits).astype(np.int16) << np.arange(bits, dtype=np.int16)).sum(axis=1)
+    return torch.from_numpy((u - qmax(bits)).astype(np.int8)).reshape(shape)
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    return (numel * bits + 7) // 8

@@ -1,0 +1,118 @@
+"""Plain-file artifacts: atomic writes, versioned JSON, digests and provenance.
+
+Every JSON artifact is an object with ``format`` (e.g. ``"sensplan.scan"``) and ``schema_version``
+(an integer). Readers accept only the formats and versions they know and say so loudly otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sensplan._errors import ArtifactError
+from sensplan._version import __version__
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees either the old file or the whole new one."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Any], object]) -> None:
+    """Call ``writer(binary_file)`` on a temporary file beside ``path``, then rename it into place.
+
+    If ``writer`` raises, ``path`` is left untouched and the temporary file is removed.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: store them as null so other tools can parse the file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
+def write_json(path: str | os.PathLike[str], obj: dict[str, Any]) -> str:
+    """Atomically write ``obj`` as JSON; return the sha256 of the bytes written."""
+    data = dumps(obj).encode()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_json(path: str | os.PathLike[str], fmt: str, versions: tuple[int, ...]) -> dict[str, Any]:
+    """Read a JSON artifact of format ``fmt`` whose schema_version is one of ``versions``."""
+    p = Path(path)
+    what = fmt.split(".")[-1]
+    if not p.is_file():
+        raise ArtifactError(f"The {what} file {str(p)!r} does not exist. Check the path, or create it "
+                            f"with `sensplan {what if what != 'metrics' else 'apply'}`.")
+    try:
+        obj = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{str(p)!r} is not valid JSON ({e}). Was it written by sensplan?") from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ArtifactError(f"{str(p)!r} is not a {fmt} file (its format is {got!r}). "
+                            f"Pass the file written by `sensplan {what}`.")
+    v = obj.get("schema_version")
+    if v not in versions:
+        raise ArtifactError(
+            f"{str(p)!r} has {fmt} schema_version {v!r}, but this sensplan {__version__} reads "
+            f"version(s) {', '.join(map(str, versions))}. Re-create it with this sensplan, or "
+            f"install the sensplan version that wrote it.")
+    return obj
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def versions() -> dict[str, str]:
+    """Versions of everything that changes results, recorded in every artifact."""
+    out = {"sensplan": __version__, "python": platform.python_version()}
+    for mod in ("torch", "torchvision", "torch_pruning", "numpy", "scipy"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "?"))
+        except ImportError:  # pragma: no cover - all are dependencies
+            out[mod] = "missing"
+    return out
