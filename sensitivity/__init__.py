@@ -1,0 +1,49 @@
+"""The scanner: per-unit sensitivity to weight quantization and structured (group) pruning."""
+
+from sensplan.sensitivity._data import (
+    DataSpec,
+    EvalSet,
+    Preprocess,
+    load_eval_set,
+    stratified_indices,
+)
+from sensplan.sensitivity._eval import EvalResult, evaluate
+from sensplan.sensitivity._groups import PruningGraph, check_group, count_macs, n_remove_for
+from sensplan.sensitivity._models import (
+    ModelSpec,
+    architecture_digest,
+    build_model,
+    list_models,
+    load_model,
+    read_state_dict,
+    register_model,
+)
+from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize, quantize_per_channel
+from sensplan.sensitivity._scan import Scan, ScanConfig, scan
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "DataSpec",
+    "EvalResult",
+    "EvalSet",
+    "ModelSpec",
+    "Preprocess",
+    "PruningGraph",
+    "Scan",
+    "ScanConfig",
+    "architecture_digest",
+    "build_model",
+    "check_group",
+    "count_macs",
+    "evaluate",
+    "fake_quantize",
+    "list_models",
+    "load_eval_set",
+    "load_model",
+    "n_remove_for",
+    "quantize_per_channel",
+    "read_state_dict",
+    "register_model",
+    "scan",
+    "stratified_indices",
+]

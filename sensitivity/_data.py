@@ -228,6 +228,7 @@ class EvalSet:
     y: torch.Tensor
     classes: list[str]
     description: dict[str, Any]
+    indices: np.ndarray | None = None  # positions in the source data set
 
     def __len__(self) -> int:
         return len(self.y)
@@ -241,16 +242,21 @@ class EvalSet:
         return self.x[:1].clone()
 
 
-def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: int = 2) -> EvalSet:
+def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: int = 2,
+                  exclude: np.ndarray | None = None) -> EvalSet:
     """Decode a stratified, seeded sample of ``n`` items once and keep it in memory as tensors.
 
     Keeping the decoded tensors makes the hundreds of evaluations of a scan cost only the forward
-    passes, not JPEG decoding.
+    passes, not JPEG decoding. ``exclude`` removes positions from the candidates (e.g. to draw
+    calibration data disjoint from the evaluation sample).
     """
     ds, labels, classes = open_dataset(spec)
-    if len(labels) == 0:
-        raise DataSpecError(f"The data {spec} holds no samples.")
-    idx = stratified_indices(labels, n, seed)
+    candidates = np.arange(len(labels))
+    if exclude is not None and len(exclude):
+        candidates = np.setdiff1d(candidates, exclude)
+    if len(candidates) == 0:
+        raise DataSpecError(f"The data {spec} holds no samples" + (" outside the evaluation sample." if exclude is not None else "."))
+    idx = candidates[stratified_indices(labels[candidates], n, seed)]
     if isinstance(ds, _Normalized):
         x, y = ds.x[torch.from_numpy(idx)], ds.y[torch.from_numpy(idx)]
     else:
@@ -262,10 +268,32 @@ def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: 
             ys.append(yb)
         x, y = torch.cat(xs), torch.cat(ys)
     counts = np.bincount(y.numpy(), minlength=len(classes)).tolist()
-    desc = {**spec.to_dict(), "n_available": int(len(labels)), "n": int(len(y)), "seed": seed,
+    desc = {**spec.to_dict(), "n_available": int(len(candidates)), "n": int(len(y)), "seed": seed,
             "per_class": counts, "input_shape": list(x.shape[1:]),
             "indices_sha256": _digest(idx)}
-    return EvalSet(x.contiguous(), y, classes, desc)
+    return EvalSet(x.contiguous(), y, classes, desc, idx)
+
+
+def load_calibration_set(eval_set: EvalSet, n: int, seed: int, source: DataSpec | None = None) -> EvalSet:
+    """Calibration data for BatchNorm adaptation: ``n`` stratified samples from ``source`` (e.g. the
+    training data) or, without one, from the evaluation data's source outside the evaluation sample.
+    Falls back to the evaluation sample itself when nothing else is left (recorded in the description).
+    """
+    if source is not None:
+        cal = load_eval_set(source, n, seed)
+        cal.description["role"] = "calibration"
+        return cal
+    spec = DataSpec.from_dict(eval_set.description)
+    try:
+        cal = load_eval_set(spec, n, seed + 1, exclude=eval_set.indices)
+        cal.description["role"] = "calibration (disjoint from the evaluation sample)"
+    except DataSpecError:
+        k = min(n, len(eval_set))
+        cal = EvalSet(eval_set.x[:k], eval_set.y[:k], eval_set.classes,
+                      {**eval_set.description, "n": k,
+                       "role": "calibration (the evaluation sample itself: no other data was left)"},
+                      None if eval_set.indices is None else eval_set.indices[:k])
+    return cal
 
 
 def _digest(idx: np.ndarray) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +67,84 @@ def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500) -> EvalResu
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
     n = len(data)
     return EvalResult(correct / n, loss_sum / n, n)
+
+
+def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats]
+
+
+@contextmanager
+def batchnorm_state_restored(model: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm's running statistics and momentum on exit (bit-exactly)."""
+    saved = [(m, m.momentum, {k: v.clone() for k, v in m.named_buffers(recurse=False)})
+             for m in batchnorm_modules(model)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, momentum, bufs in saved:
+                m.momentum = momentum
+                for k, v in bufs.items():
+                    getattr(m, k).copy_(v)
+
+
+BNStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256) -> BNStats:
+    """Mean and variance of every BatchNorm's input over ``calib`` (FQN -> (mean, var)), measured
+    with every BatchNorm normalising by batch statistics. The model is left bit-identical."""
+    tune_malloc()
+    names = {m: n for n, m in model.named_modules()}
+    bns = batchnorm_modules(model)
+    if not bns:
+        return {}
+    was_training = model.training
+    with batchnorm_state_restored(model):
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # exact average over the calibration batches
+        model.eval()
+        for m in bns:
+            m.train()
+        try:
+            for x, _ in calib.batches(batch_size):
+                model(x)
+            stats = {names[m]: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
+        finally:
+            model.train(was_training)
+    return stats
+
+
+@torch.no_grad()
+def recalibrate_batchnorm_(model: nn.Module, calib: EvalSet | None, reference: BNStats,
+                           batch_size: int = 256) -> bool:
+    """Shift every BatchNorm's running statistics by how much its input statistics moved.
+
+    Pruning channels or rounding weights shifts what each later BatchNorm sees, and its stored
+    statistics go stale; re-estimating them from scratch on a few hundred images loses accuracy even
+    on an unchanged model (measured: -1.7 points on ResNet-20). So we keep the trained statistics and
+    correct them: ``mean += mean_now - mean_ref``, ``var *= var_now / var_ref``, with ``*_ref``
+    measured the same way on ``model``'s reference (the original; ``reference``). An unchanged
+    model is left exactly as it was. Returns False when there is nothing to recalibrate.
+    """
+    if calib is None or not reference:
+        return False
+    current = batchnorm_statistics(model, calib, batch_size)
+    mods = dict(model.named_modules())
+    for name, (mean_now, var_now) in current.items():
+        if name not in reference:
+            continue
+        mean_ref, var_ref = reference[name]
+        bn = mods[name]
+        if mean_ref.shape != bn.running_mean.shape:
+            raise ValueError(f"BatchNorm {name} has {bn.running_mean.numel()} channels but the reference "
+                             f"statistics have {mean_ref.numel()}: recalibrate before structural pruning.")
+        bn.running_mean.add_(mean_now - mean_ref)
+        live = var_ref > 1e-12
+        ratio = torch.where(live, var_now / torch.where(live, var_ref, torch.ones_like(var_ref)), torch.ones_like(var_ref))
+        new_var = torch.where(live, bn.running_var * ratio, bn.running_var + (var_now - var_ref))
+        bn.running_var.copy_(new_var.clamp_min(0.0))
+    return True

@@ -127,19 +127,27 @@ class PruningGraph:
         """
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
-            with torch.no_grad():
-                for dep, midx in self._group(gid, idxs):
-                    mod = dep.target.module
-                    if isinstance(mod, nn.Module):
-                        out = self.dg.is_out_channel_pruning_fn(dep.handler)
-                        for param, dim in _zero_targets(mod, out):
-                            saved.append((param, param.detach().clone()))
-                            param.index_fill_(dim, torch.as_tensor(midx, dtype=torch.long), 0.0)
+            saved = self.zero_(gid, idxs)
             yield
         finally:
             with torch.no_grad():
                 for param, value in reversed(saved):
                     param.copy_(value)
+
+    @torch.no_grad()
+    def zero_(self, gid: str, idxs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zero channels ``idxs`` of group ``gid`` in place; return (tensor, previous value) pairs."""
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not idxs:
+            return saved
+        for dep, midx in self._group(gid, idxs):
+            mod = dep.target.module
+            if isinstance(mod, nn.Module):
+                out = self.dg.is_out_channel_pruning_fn(dep.handler)
+                for param, dim in _zero_targets(mod, out):
+                    saved.append((param, param.detach().clone()))
+                    param.index_fill_(dim, torch.as_tensor(midx, dtype=torch.long), 0.0)
+        return saved
 
     # -- real structural pruning -----------------------------------------------------------------
     def prune_(self, gid: str, idxs: list[int]) -> None:

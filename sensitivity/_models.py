@@ -229,6 +229,9 @@ def load_weights_(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     """Load a checkpoint into ``model`` in place (strict); explain mismatches."""
     sd = read_state_dict(path)
     own = model.state_dict()
+    for k in own:  # checkpoints from PyTorch < 0.4.1 have no BatchNorm step counters
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k].clone()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"

@@ -1,0 +1,311 @@
+"""The exact allocation: a multiple-choice knapsack with coupled costs, solved as a MILP (HiGHS).
+
+One option per block (a pruning ratio per group, bits per layer). The drop is additive over blocks
+(the scan's per-unit envelope drops). Costs are sums of terms over a few blocks each (see
+``_costs``). A term over several blocks uses continuous variables ``z`` over the product of their
+options, constrained so that their marginals equal the blocks' binary choice variables; with binary
+choices this forces ``z`` to the indicator of the chosen combination, so the linearisation is exact
+and its LP relaxation tight.
+
+Two modes:
+- ``budget``: minimise the predicted drop subject to every budget;
+- ``max_drop``: minimise one metric's cost subject to the predicted drop <= max_drop (and budgets).
+
+:func:`brute_force` enumerates every choice (small instances) and exists to check the MILP.
+:func:`uniform_choice` gives the same-ratio-everywhere / same-bits-everywhere baseline.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+from sensplan._errors import InfeasibleBudgetError, InternalError
+from sensplan.planner._budget import Budget
+from sensplan.planner._costs import CostModel
+from sensplan.sensitivity._groups import n_remove_for
+from sensplan.sensitivity._quant import FLOAT_BITS
+
+# Among plans of equal predicted top-1 drop, prefer the one with the smaller loss increase: on a
+# few thousand samples many settings tie at a drop of exactly 0, while the loss still tells them
+# apart. The weight keeps the tie-break below one sample's worth of accuracy in practice.
+LOSS_TIEBREAK = 1e-4
+# Then prefer the milder option: a unit whose compression buys nothing under the budget (e.g. bits
+# under a MACs budget) stays uncompressed instead of taking an arbitrary zero-drop setting.
+MILD_TIEBREAK = 1e-7
+
+
+def objective_table(cm: CostModel, tiebreak: bool = True) -> list[np.ndarray]:
+    """Per block, the objective of each option: envelope drop (+ the tie-breaks)."""
+    drops = cm.drop_table("drop")
+    if not tiebreak:
+        return drops
+    losses = cm.drop_table("loss_increase")
+    return [d + LOSS_TIEBREAK * lo + MILD_TIEBREAK * np.arange(len(d)) for d, lo in zip(drops, losses, strict=True)]
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A choice (block index -> option index) with its predicted drop and costs."""
+
+    choice: dict[int, int]
+    predicted_drop: float
+    costs: dict[str, float]
+
+
+def _fmt(metric: str, v: float) -> str:
+    if metric == "size":
+        return f"{v / 1e6:.4g} MB"
+    return f"{v / 1e6:.4g} M"
+
+
+class _Problem:
+    def __init__(self, cm: CostModel) -> None:
+        self.cm = cm
+        self.offset: list[int] = []
+        n = 0
+        for b in cm.blocks:
+            self.offset.append(n)
+            n += len(b.options)
+        self.n_x = n
+        # one z-block per distinct multi-block factor tuple, shared by every metric
+        self.zoff: dict[tuple[int, ...], int] = {}
+        for metric_terms in cm.terms.values():
+            for t in metric_terms:
+                if len(t.factors) > 1 and t.factors not in self.zoff:
+                    self.zoff[t.factors] = n
+                    n += int(np.prod([len(cm.blocks[f].options) for f in t.factors]))
+        self.n = n
+
+    def x(self, block: int, option: int) -> int:
+        return self.offset[block] + option
+
+    def cost_row(self, metric: str) -> tuple[np.ndarray, float]:
+        row = np.zeros(self.n)
+        const = 0.0
+        for t in self.cm.terms[metric]:
+            if len(t.factors) == 0:
+                const += float(t.table)
+            elif len(t.factors) == 1:
+                f = t.factors[0]
+                row[self.offset[f]: self.offset[f] + len(t.table)] += t.table
+            else:
+                z0 = self.zoff[t.factors]
+                row[z0: z0 + t.table.size] += t.table.reshape(-1)
+        return row, const
+
+    def structure(self) -> tuple[coo_matrix, np.ndarray, np.ndarray]:
+        rows, cols, vals = [], [], []
+        lo, hi = [], []
+        r = 0
+        for bi, b in enumerate(self.cm.blocks):  # one option per block
+            for o in range(len(b.options)):
+                rows.append(r)
+                cols.append(self.x(bi, o))
+                vals.append(1.0)
+            lo.append(1.0)
+            hi.append(1.0)
+            r += 1
+        for factors, z0 in self.zoff.items():  # marginals of z equal the block choices
+            sizes = [len(self.cm.blocks[f].options) for f in factors]
+            for pos, f in enumerate(factors):
+                for o in range(sizes[pos]):
+                    for flat, combo in enumerate(itertools.product(*[range(s) for s in sizes])):
+                        if combo[pos] == o:
+                            rows.append(r)
+                            cols.append(z0 + flat)
+                            vals.append(1.0)
+                    rows.append(r)
+                    cols.append(self.x(f, o))
+                    vals.append(-1.0)
+                    lo.append(0.0)
+                    hi.append(0.0)
+                    r += 1
+        return coo_matrix((vals, (rows, cols)), shape=(r, self.n)), np.array(lo), np.array(hi)
+
+    def drop_row(self, tiebreak: bool) -> np.ndarray:
+        row = np.zeros(self.n)
+        for bi, vals in enumerate(objective_table(self.cm, tiebreak)):
+            row[self.offset[bi]: self.offset[bi] + len(vals)] = vals
+        return row
+
+    def solve(self, objective: np.ndarray, extra: list[tuple[np.ndarray, float, float]],
+              time_limit: float) -> dict[int, int] | None:
+        a, lo, hi = self.structure()
+        constraints = [LinearConstraint(a, lo, hi)]
+        for row, low, high in extra:
+            constraints.append(LinearConstraint(row.reshape(1, -1), low, high))
+        integrality = np.zeros(self.n)
+        integrality[: self.n_x] = 1
+        res = milp(objective, constraints=constraints, integrality=integrality,
+                   bounds=Bounds(np.zeros(self.n), np.ones(self.n)),
+                   options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        if res.x is None:
+            if res.status == 2:  # infeasible
+                return None
+            raise InternalError(f"The MILP solver stopped without a solution: {res.message}")
+        choice = {}
+        for bi, b in enumerate(self.cm.blocks):
+            vals = res.x[self.offset[bi]: self.offset[bi] + len(b.options)]
+            choice[bi] = int(np.argmax(vals))
+        return choice
+
+
+def _limits(cm: CostModel, budgets: Sequence[Budget]) -> dict[str, float]:
+    lim: dict[str, float] = {}
+    for b in budgets:
+        v = b.limit(cm.original)
+        lim[b.metric] = min(v, lim.get(b.metric, float("inf")))
+    return lim
+
+
+def _solution(cm: CostModel, choice: dict[int, int]) -> Solution:
+    return Solution(choice, cm.predicted_drop(choice), cm.evaluate(choice))
+
+
+def _relative_slack(limit: float) -> float:
+    # the cost rows are sums of floats; allow rounding at the last digits, never more
+    return abs(limit) * 1e-9 + 1e-6
+
+
+def min_cost(cm: CostModel, metric: str, time_limit: float = 60.0) -> Solution:
+    """The cheapest reachable choice for ``metric`` (ignoring accuracy)."""
+    p = _Problem(cm)
+    row, const = p.cost_row(metric)
+    choice = p.solve(row, [], time_limit)
+    if choice is None:  # pragma: no cover - "one option per block" is always feasible
+        raise InternalError("no choice satisfies one option per block")
+    return _solution(cm, choice)
+
+
+def solve(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+          minimize: str | None = None, time_limit: float = 60.0) -> Solution:
+    """The optimal choice: least predicted drop within ``budgets``; or, with ``max_drop``, the least
+    ``minimize`` cost whose predicted drop is at most ``max_drop`` (and within ``budgets``).
+
+    Raises :class:`InfeasibleBudgetError` stating the smallest reachable cost.
+    """
+    p = _Problem(cm)
+    lim = _limits(cm, budgets)
+    extra = []
+    for metric, v in lim.items():
+        row, const = p.cost_row(metric)
+        extra.append((row, -np.inf, v - const + _relative_slack(v)))
+    if max_drop is not None:
+        metric = minimize or (budgets[0].metric if budgets else "macs")
+        row, const = p.cost_row(metric)
+        scale = cm.original[metric] or 1.0
+        objective = row / scale + 1e-6 * p.drop_row(tiebreak=False)
+        extra.append((p.drop_row(tiebreak=False), -np.inf, max_drop + 1e-12))
+    else:
+        objective = p.drop_row(tiebreak=True)
+    choice = p.solve(objective, extra, time_limit)
+    if choice is None:
+        raise _infeasible(cm, lim)
+    return _solution(cm, choice)
+
+
+def _infeasible(cm: CostModel, lim: Mapping[str, float]) -> InfeasibleBudgetError:
+    parts = []
+    for metric, v in lim.items():
+        best = min_cost(cm, metric).costs[metric]
+        orig = cm.original[metric]
+        parts.append(f"{metric} budget {_fmt(metric, v)} ({v / orig:.3f} of the original) is below the smallest "
+                     f"reachable {metric}: {_fmt(metric, best)} ({best / orig:.3f} of the original)"
+                     if best > v * (1 + 1e-9) else
+                     f"{metric} budget {_fmt(metric, v)} ({v / orig:.3f}) is reachable alone")
+    return InfeasibleBudgetError(
+        "No plan meets the budget with the scanned settings: " + "; ".join(parts) +
+        ". Raise the budget, or scan larger pruning ratios / fewer bits (sensplan scan --ratios/--bits).")
+
+
+def brute_force(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+                minimize: str | None = None) -> Solution | None:
+    """Enumerate every choice; the reference the MILP is tested against (small instances only)."""
+    lim = _limits(cm, budgets)
+    drops = cm.drop_table("drop")
+    objective = objective_table(cm)
+    best: tuple[float, dict[int, int]] | None = None
+    metric = minimize or (budgets[0].metric if budgets else "macs")
+    for combo in itertools.product(*[range(len(b.options)) for b in cm.blocks]):
+        choice = dict(enumerate(combo))
+        costs = cm.evaluate(choice)
+        if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
+            continue
+        drop = float(sum(drops[i][o] for i, o in choice.items()))
+        if max_drop is not None:
+            if drop > max_drop + 1e-12:
+                continue
+            key = costs[metric] / (cm.original[metric] or 1.0) + 1e-6 * drop
+        else:
+            key = float(sum(objective[i][o] for i, o in choice.items()))
+        if best is None or key < best[0] - 1e-12:
+            best = (key, choice)
+    return None if best is None else _solution(cm, best[1])
+
+
+@dataclass(frozen=True)
+class UniformSolution:
+    """The uniform baseline: one ``ratio`` for every scanned group, one ``bits`` for every layer."""
+
+    ratio: float
+    bits: int
+    removed: dict[str, int]
+    layer_bits: dict[str, int]
+    predicted_drop: float
+    costs: dict[str, float]
+
+
+def _interp_drop(cm: CostModel, block: int, k: int) -> float:
+    b = cm.blocks[block]
+    env = cm.drop_table("drop")[block]
+    return float(np.interp(k, np.array(b.options, dtype=float), env))
+
+
+def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+                   minimize: str | None = None, step: float = 0.01) -> UniformSolution | None:
+    """The uniform plan at the same budget: every scanned group pruned at one ratio (a fine grid up
+    to the largest scanned ratio, so it can meet the budget closely) and every layer at one bit width.
+
+    Budget mode: the least compression that meets the budget, for each bit width, then the one of
+    those with the smallest predicted drop (the drop interpolated between scanned ratios). Max-drop
+    mode: the cheapest uniform plan whose predicted drop is within ``max_drop``.
+    Returns None when no uniform plan meets the budget.
+    """
+    lim = _limits(cm, budgets)
+    prune_blocks = [i for i, b in enumerate(cm.blocks) if b.kind == "prune"]
+    quant_blocks = [i for i, b in enumerate(cm.blocks) if b.kind == "quantize"]
+    max_ratio = max((max(cm.blocks[i].ratios) for i in prune_blocks), default=0.0)
+    ratios = np.round(np.arange(0.0, max_ratio + 1e-9, step), 6) if prune_blocks else np.array([0.0])
+    bit_opts = sorted({o for i in quant_blocks for o in cm.blocks[i].options}, reverse=True) or [FLOAT_BITS]
+    metric = minimize or (budgets[0].metric if budgets else "macs")
+    best: tuple[float, UniformSolution] | None = None
+    for bits in bit_opts:
+        if any(bits not in cm.blocks[i].options for i in quant_blocks):
+            continue
+        for r in ratios:
+            removed = {cm.blocks[i].unit: n_remove_for(float(r), cm.blocks[i].channels) if r > 0 else 0
+                       for i in prune_blocks}
+            layer_bits = {cm.blocks[i].unit: bits for i in quant_blocks}
+            costs = cm.evaluate_settings(removed, layer_bits)
+            if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
+                continue
+            drop = sum(_interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in prune_blocks)
+            drop += sum(float(cm.drop_table("drop")[i][cm.blocks[i].options.index(bits)]) for i in quant_blocks)
+            sol = UniformSolution(float(r), bits, removed, layer_bits, float(drop), costs)
+            if max_drop is not None:
+                if drop > max_drop + 1e-12:
+                    continue
+                key = costs[metric] / (cm.original[metric] or 1.0)
+                if best is None or key < best[0]:
+                    best = (key, sol)
+            else:
+                if best is None or drop < best[0] - 1e-12:
+                    best = (drop, sol)
+                break  # larger ratios at these bits only cost accuracy
+    return None if best is None else best[1]
