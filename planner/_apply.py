@@ -159,7 +159,7 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
             opt.step()
             sched.step()
             step += 1
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "train_top1": correct / max(1, seen),

@@ -35,18 +35,32 @@ from sensplan.sensitivity._quant import FLOAT_BITS
 # few thousand samples many settings tie at a drop of exactly 0, while the loss still tells them
 # apart. The weight keeps the tie-break below one sample's worth of accuracy in practice.
 LOSS_TIEBREAK = 1e-4
-# Then prefer the milder option: a unit whose compression buys nothing under the budget (e.g. bits
-# under a MACs budget) stays uncompressed instead of taking an arbitrary zero-drop setting.
-MILD_TIEBREAK = 1e-7
 
 
 def objective_table(cm: CostModel, tiebreak: bool = True) -> list[np.ndarray]:
-    """Per block, the objective of each option: envelope drop (+ the tie-breaks)."""
+    """Per block, the objective of each option: envelope drop (+ the loss tie-break)."""
     drops = cm.drop_table("drop")
     if not tiebreak:
         return drops
     losses = cm.drop_table("loss_increase")
-    return [d + LOSS_TIEBREAK * lo + MILD_TIEBREAK * np.arange(len(d)) for d, lo in zip(drops, losses, strict=True)]
+    return [d + LOSS_TIEBREAK * lo for d, lo in zip(drops, losses, strict=True)]
+
+
+def _polish(cm: CostModel, choice: dict[int, int], lim: Mapping[str, float]) -> dict[int, int]:
+    """Move each block to its mildest option that keeps every budget.
+
+    Envelope drops never rise as compression falls, so this never makes the plan worse; it undoes
+    compression that buys nothing (e.g. bits chosen among zero-drop ties under a MACs budget).
+    """
+    out = dict(choice)
+    for bi in range(len(cm.blocks)):
+        for o in range(out[bi]):
+            trial = {**out, bi: o}
+            costs = cm.evaluate(trial)
+            if all(costs[m] <= v + _relative_slack(v) for m, v in lim.items()):
+                out = trial
+                break
+    return out
 
 
 @dataclass(frozen=True)
@@ -207,6 +221,8 @@ def solve(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = 
     choice = p.solve(objective, extra, time_limit)
     if choice is None:
         raise _infeasible(cm, lim)
+    if max_drop is None:
+        choice = _polish(cm, choice, lim)
     return _solution(cm, choice)
 
 

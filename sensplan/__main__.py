@@ -1,0 +1,5 @@
+import sys
+
+from sensplan.planner._cli import main
+
+sys.exit(main())
