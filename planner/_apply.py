@@ -68,13 +68,25 @@ class FineTuneConfig:
             raise UserInputError(f"The 'lr' parameter must be > 0. Got {self.lr} instead.")
 
 
-def check_compatible(model: nn.Module, plan: Plan) -> None:
+def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor | None = None) -> None:
+    """Fail before any expensive step if ``plan`` does not belong to ``model``: architecture digest,
+    layer names and (given ``example_input``) every pruned group of every allocation."""
     want = plan.data["model"].get("architecture_digest")
     got = architecture_digest(model)
     if want and want != got:
         raise IncompatibleModelError(
             f"The plan was made for a model with architecture digest {want}, but this model has {got}: "
             f"the layer names or shapes differ. Pass the same --model (and --model-arg) used for the scan.")
+    modules = dict(model.named_modules())
+    for name, alloc in plan.data["plans"].items():
+        if alloc is None:
+            continue
+        missing = [q for q in alloc["quantize"] if q not in modules]
+        if missing:
+            raise IncompatibleModelError(f"The plan's {name!r} allocation quantizes {missing[:3]}, which this model "
+                                         f"does not have. Was the plan made from a scan of this model?")
+        if example_input is not None:
+            _choose(PruningGraph(model, example_input), alloc)
 
 
 def _choose(graph: PruningGraph, allocation: Mapping[str, Any]) -> dict[str, list[int]]:

@@ -270,6 +270,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     check_compatible(model, plan)
     loader, ft = _train(args)
     data, calib = _eval_data(args)
+    check_compatible(model, plan, data.example_input)
     out = Path(args.out)
     _say("measuring the original model")
     before = measure_original(model, data, spec, timing=not args.no_timing)

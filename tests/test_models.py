@@ -1,0 +1,96 @@
+import sys
+
+import pytest
+import torch
+
+from sensplan import CheckpointError, ModelSpecError
+from sensplan.sensitivity import ModelSpec, build_model, list_models, load_model, read_state_dict
+from tests.conftest import CIFAR_RESNET, seeded_model
+
+
+@pytest.fixture
+def state(tmp_path):
+    model = seeded_model("tiny_convnet")
+    return model, model.state_dict()
+
+
+@pytest.mark.parametrize("wrap", ["plain", "nested", "module_prefix", "nested_prefix", "model_key"])
+def test_checkpoint_layouts_load(tmp_path, state, wrap):
+    model, sd = state
+    obj = {
+        "plain": sd,
+        "nested": {"state_dict": sd, "epoch": 3, "best_prec1": 91.7},
+        "module_prefix": {f"module.{k}": v for k, v in sd.items()},
+        "nested_prefix": {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+        "model_key": {"model": sd, "optimizer": {"lr": 0.1}},
+    }[wrap]
+    torch.save(obj, tmp_path / "w.pt")
+    loaded = load_model(ModelSpec("sensplan:tiny_convnet"), tmp_path / "w.pt")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k])
+    assert not loaded.training
+
+
+def test_old_checkpoints_without_batchnorm_counters_load(tmp_path, state):
+    _, sd = state
+    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.th")
+    load_model(ModelSpec("sensplan:tiny_convnet"), tmp_path / "old.th")
+
+
+def test_mismatched_checkpoint_is_explained(tmp_path, state):
+    _, sd = state
+    torch.save(sd, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="shape mismatch.*--model-arg"):
+        load_model(ModelSpec("sensplan:tiny_convnet", {"num_classes": 7}), tmp_path / "w.pt")
+
+
+def test_pickled_model_needs_the_explicit_flag(tmp_path, state):
+    model, _ = state
+    torch.save(model, tmp_path / "whole.pt")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        read_state_dict(tmp_path / "whole.pt")
+    with pytest.raises(ModelSpecError, match="--allow-pickle"):
+        build_model(ModelSpec(f"pickle:{tmp_path / 'whole.pt'}"))
+    loaded = build_model(ModelSpec(f"pickle:{tmp_path / 'whole.pt'}"), allow_pickle=True)
+    assert isinstance(loaded, torch.nn.Module)
+
+
+def test_model_from_a_file_factory_and_an_import_path(tmp_path, monkeypatch):
+    model = build_model(ModelSpec(f"{CIFAR_RESNET}:resnet20"))
+    assert sum(p.numel() for p in model.parameters()) == 269722  # the published ResNet-20 size
+    pkg = tmp_path / "mypkg_sensplan_test"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models.py").write_text("import torch\ndef build(width=4):\n    return torch.nn.Linear(width, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = build_model(ModelSpec("mypkg_sensplan_test.models:build", {"width": 6}))
+    assert m.in_features == 6
+    sys.modules.pop("mypkg_sensplan_test.models", None)
+
+
+def test_torchvision_model_by_name():
+    m = build_model(ModelSpec("torchvision:resnet18", {"num_classes": 10}))
+    assert m.fc.out_features == 10
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("torchvision:resnet19", "Did you mean 'resnet18'"),
+    ("sensplan:tiny_resnt", "Did you mean 'tiny_resnet'"),
+    ("nonexistent/file.py:build", "does not exist"),
+    ("no_such_package_xyz.models:build", "Cannot import"),
+    ("resnet18", "has no ':'"),
+])
+def test_bad_model_specs_are_explained(spec, fragment):
+    with pytest.raises(ModelSpecError) as e:
+        build_model(ModelSpec(spec))
+    assert fragment in str(e.value)
+
+
+def test_missing_factory_suggests_a_close_name():
+    with pytest.raises(ModelSpecError, match="Did you mean .*'resnet20'"):
+        build_model(ModelSpec(f"{CIFAR_RESNET}:resnet2O"))
+
+
+def test_registry_lists_the_demo_model():
+    assert "digits_cnn" in list_models()
+    assert list_models("tiny_*") == ["tiny_convnet", "tiny_resnet"]

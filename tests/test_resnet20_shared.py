@@ -1,0 +1,42 @@
+"""The pipeline on the real ResNet-20 and CIFAR-10 JPEG test set from ../shared (skipped without it)."""
+
+import json
+
+import pytest
+
+from sensplan.planner._cli import main
+from tests.conftest import CIFAR_RESNET, CIFAR_TEST, RESNET20_JPEG, RESNET20_ORIG, needs_shared
+
+pytestmark = [needs_shared, pytest.mark.shared, pytest.mark.slow]
+
+
+def test_resnet20_scan_plan_apply_at_half_the_macs(tmp_path, capsys):
+    model = ["--model", f"{CIFAR_RESNET}:resnet20", "--weights", str(RESNET20_JPEG),
+             "--data", str(CIFAR_TEST), "--samples", "500", "--calib-samples", "256"]
+    code = main(["run", *model, "--bits", "8,4", "--ratios", "0.3,0.6", "--budget", "macs=0.5",
+                 "--variants", "planned", "--no-timing", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    scan = json.loads((tmp_path / "scan.json").read_text())
+    skipped = {g: v["reason"] for g, v in scan["groups"].items() if v["status"] == "skipped"}
+    # the zero-padding shortcuts merge the residual streams into one group: found and skipped
+    assert "conv1" in skipped and "breaks the model" in skipped["conv1"]
+    assert len(scan["groups"]["conv1"]["members"]) > 20
+    assert "linear" in skipped
+    scanned = [g for g, v in scan["groups"].items() if v["status"] == "scanned"]
+    assert sorted(scanned) == sorted(f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3))
+    assert scan["baseline"]["top1"] > 0.8
+    metrics = json.loads((tmp_path / "result" / "metrics.json").read_text())
+    assert metrics["after"]["macs"] <= 0.5 * metrics["before"]["macs"]
+    assert metrics["comparison"]["macs"]["ratio"] == pytest.approx(1.0)
+    assert metrics["budgets"][0]["met"]
+    assert "skipped" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_original_checkpoint_with_module_prefix_and_old_buffers_loads():
+    if not RESNET20_ORIG.is_file():
+        pytest.skip("resnet20.th is not in ../shared")
+    from sensplan.sensitivity import ModelSpec, load_model
+
+    model = load_model(ModelSpec(f"{CIFAR_RESNET}:resnet20"), RESNET20_ORIG)
+    assert sum(p.numel() for p in model.parameters()) == 269722
