@@ -78,7 +78,7 @@ def _data_args(p: argparse.ArgumentParser, *, calib: bool = True) -> None:
         c.add_argument("--calib-data", metavar="SPEC",
                        help="data for BatchNorm recalibration (default: --train-data if given, else samples of "
                             "--data outside the evaluation sample)")
-        c.add_argument("--calib-samples", type=int, default=1000, metavar="N", help="default 1000")
+        c.add_argument("--calib-samples", type=int, default=500, metavar="N", help="default 500")
         c.add_argument("--no-bn-recalibration", action="store_true",
                        help="do not recalibrate BatchNorm statistics after pruning/quantizing")
 

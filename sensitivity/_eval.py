@@ -39,22 +39,37 @@ def tune_malloc() -> None:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """``top1`` in [0, 1], ``loss`` the mean cross-entropy (nats), over ``n`` samples."""
+    """``top1`` in [0, 1], ``loss`` the mean cross-entropy (nats), over ``n`` samples; ``correct``
+    the per-sample hits (bool tensor) when asked for."""
 
     top1: float
     loss: float
     n: int
+    correct: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, float | int]:
         return {"top1": self.top1, "loss": self.loss, "n": self.n}
 
 
+def paired_drop_se(base: torch.Tensor, probe: torch.Tensor) -> tuple[int, int, float]:
+    """Prediction flips between two evaluations of the same samples, and the standard error of the
+    top-1 difference they imply: ``(lost, gained, se)``, with ``lost`` the samples that went from
+    right to wrong. ``se = sqrt(lost + gained - (lost - gained)**2 / n) / n`` (paired, McNemar-style).
+    """
+    n = len(base)
+    lost = int((base & ~probe).sum())
+    gained = int((~base & probe).sum())
+    var = max(0.0, lost + gained - (lost - gained) ** 2 / n)
+    return lost, gained, var ** 0.5 / n
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500) -> EvalResult:
+def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500, *, per_sample: bool = False) -> EvalResult:
     """Top-1 and mean loss of ``model`` (put in eval mode) on ``data``."""
     tune_malloc()
     model.eval()
     correct = 0
+    hits = []
     loss_sum = 0.0
     for x, y in data.batches(batch_size):
         logits = model(x)
@@ -63,10 +78,13 @@ def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500) -> EvalResu
 
             raise UserInputError(f"The model must return a (batch, classes) tensor of logits; it returned "
                                  f"{getattr(logits, 'shape', type(logits).__name__)}.")
-        correct += int((logits.argmax(1) == y).sum())
+        hit = logits.argmax(1) == y
+        correct += int(hit.sum())
+        if per_sample:
+            hits.append(hit)
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
     n = len(data)
-    return EvalResult(correct / n, loss_sum / n, n)
+    return EvalResult(correct / n, loss_sum / n, n, torch.cat(hits) if per_sample else None)
 
 
 def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write_json
-from sensplan._errors import UserInputError
+from sensplan._errors import InternalError, UserInputError
 from sensplan.sensitivity._data import EvalSet
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
     batchnorm_statistics,
     evaluate,
+    paired_drop_se,
     recalibrate_batchnorm_,
 )
 from sensplan.sensitivity._groups import (
@@ -182,7 +183,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     was_training = model.training
     model.eval()
     example = data.example_input
-    base = evaluate(model, data, cfg.batch_size)
+    base = evaluate(model, data, cfg.batch_size, per_sample=True)
     graph = PruningGraph(model, example)
     layers, groups, tensors = describe_model(model, graph, example)
     check_inputs = data.x[: max(1, cfg.check_samples)]
@@ -222,9 +223,13 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     def record(unit: str, kind: str, setting: dict[str, Any], t_start: float) -> None:
         with batchnorm_state_restored(model):
             recalibrate_batchnorm_(model, calib, reference)
-            ev = evaluate(model, data, cfg.batch_size)
+            ev = evaluate(model, data, cfg.batch_size, per_sample=True)
+        if base.correct is None or ev.correct is None:  # pragma: no cover - per_sample=True above
+            raise InternalError("evaluate(per_sample=True) returned no per-sample results")
+        lost, gained, se = paired_drop_se(base.correct, ev.correct)
         results.append({"unit": unit, "kind": kind, **setting, "top1": ev.top1, "loss": ev.loss,
-                        "drop": base.top1 - ev.top1, "loss_increase": ev.loss - base.loss,
+                        "drop": base.top1 - ev.top1, "drop_se": se, "lost": lost, "gained": gained,
+                        "loss_increase": ev.loss - base.loss,
                         "seconds": round(time.perf_counter() - t_start, 4)})
 
     with _progress(total, progress) as bar:
