@@ -67,3 +67,24 @@ def test_bad_scan_settings_are_explained():
         ScanConfig(ratios=(0.5, 1.2))
     with pytest.raises(UserInputError, match="bits"):
         ScanConfig(bits=(16,))
+
+
+def test_paired_standard_error_from_prediction_flips():
+    from sensplan.sensitivity._eval import paired_drop_se
+
+    base = torch.tensor([True] * 80 + [False] * 20)
+    probe = base.clone()
+    probe[:6] = False  # six right -> wrong
+    probe[80:82] = True  # two wrong -> right
+    lost, gained, se = paired_drop_se(base, probe)
+    assert (lost, gained) == (6, 2)
+    assert se == pytest.approx((8 - 16 / 100) ** 0.5 / 100)
+    assert paired_drop_se(base, base) == (0, 0, 0.0)
+
+
+def test_scan_rows_carry_their_standard_error(tiny_resnet):
+    data = self_labelled(tiny_resnet, 64)
+    table = scan(tiny_resnet, data, ScanConfig(bits=(2,), ratios=(0.75,)), progress=False)
+    for r in table.results:
+        assert r["lost"] - r["gained"] == round(r["drop"] * 64)
+        assert r["drop_se"] >= 0
