@@ -16,7 +16,14 @@ from sensplan.planner._budget import Budget, parse_max_drop
 from sensplan.planner._compressed import CompressedModel, load_compressed, save_compressed
 from sensplan.planner._costs import METRICS, CostModel
 from sensplan.planner._plan import Plan, make_plan
-from sensplan.planner._solver import Solution, brute_force, min_cost, solve, uniform_choice
+from sensplan.planner._solver import (
+    Solution,
+    brute_force,
+    min_cost,
+    solve,
+    uniform_candidates,
+    uniform_choice,
+)
 
 __all__ = [
     "METRICS",
@@ -42,5 +49,6 @@ __all__ = [
     "quantize_",
     "save_compressed",
     "solve",
+    "uniform_candidates",
     "uniform_choice",
 ]

@@ -317,8 +317,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    budgets, max_drop = _budgets(args)  # fail on a bad budget before anything expensive
-    del budgets, max_drop
+    _budgets(args)  # fail on a bad budget before anything expensive
     args.scan = str(out / "scan.json")
     args.plan = str(out / "plan.json")
     args.result = str(out / "result")

@@ -283,15 +283,14 @@ def _interp_drop(cm: CostModel, block: int, k: int) -> float:
     return float(np.interp(k, np.array(b.options, dtype=float), env))
 
 
-def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
-                   minimize: str | None = None, step: float = 0.01) -> UniformSolution | None:
-    """The uniform plan at the same budget: every scanned group pruned at one ratio (a fine grid up
-    to the largest scanned ratio, so it can meet the budget closely) and every layer at one bit width.
+def uniform_candidates(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+                       minimize: str | None = None, step: float = 0.01) -> list[UniformSolution]:
+    """One uniform plan per bit width: every scanned group pruned at one ratio (a fine grid up to the
+    largest scanned ratio, so it can meet the budget closely), every layer at those bits.
 
-    Budget mode: the least compression that meets the budget, for each bit width, then the one of
-    those with the smallest predicted drop (the drop interpolated between scanned ratios). Max-drop
-    mode: the cheapest uniform plan whose predicted drop is within ``max_drop``.
-    Returns None when no uniform plan meets the budget.
+    Budget mode: for each bit width, the least pruning that meets the budget. Max-drop mode: for each
+    bit width, the most pruning whose predicted drop (interpolated between scanned ratios) stays
+    within ``max_drop``. Bit widths that cannot meet the budget are left out.
     """
     lim = _limits(cm, budgets)
     prune_blocks = [i for i, b in enumerate(cm.blocks) if b.kind == "prune"]
@@ -300,10 +299,11 @@ def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float 
     ratios = np.round(np.arange(0.0, max_ratio + 1e-9, step), 6) if prune_blocks else np.array([0.0])
     bit_opts = sorted({o for i in quant_blocks for o in cm.blocks[i].options}, reverse=True) or [FLOAT_BITS]
     metric = minimize or (budgets[0].metric if budgets else "macs")
-    best: tuple[float, UniformSolution] | None = None
+    out: list[UniformSolution] = []
     for bits in bit_opts:
         if any(bits not in cm.blocks[i].options for i in quant_blocks):
             continue
+        best: UniformSolution | None = None
         for r in ratios:
             removed = {cm.blocks[i].unit: n_remove_for(float(r), cm.blocks[i].channels) if r > 0 else 0
                        for i in prune_blocks}
@@ -314,14 +314,24 @@ def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float 
             drop = sum(_interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in prune_blocks)
             drop += sum(float(cm.drop_table("drop")[i][cm.blocks[i].options.index(bits)]) for i in quant_blocks)
             sol = UniformSolution(float(r), bits, removed, layer_bits, float(drop), costs)
-            if max_drop is not None:
-                if drop > max_drop + 1e-12:
-                    continue
-                key = costs[metric] / (cm.original[metric] or 1.0)
-                if best is None or key < best[0]:
-                    best = (key, sol)
-            else:
-                if best is None or drop < best[0] - 1e-12:
-                    best = (drop, sol)
+            if max_drop is None:
+                best = sol
                 break  # larger ratios at these bits only cost accuracy
-    return None if best is None else best[1]
+            if drop <= max_drop + 1e-12 and (best is None or costs[metric] < best.costs[metric]):
+                best = sol
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+                   minimize: str | None = None, step: float = 0.01) -> UniformSolution | None:
+    """The uniform plan at the same budget: of :func:`uniform_candidates`, the one with the smallest
+    predicted drop (budget mode) or the smallest ``minimize`` cost (max-drop mode); None if none."""
+    cands = uniform_candidates(cm, budgets, max_drop=max_drop, minimize=minimize, step=step)
+    if not cands:
+        return None
+    if max_drop is None:
+        return min(cands, key=lambda c: c.predicted_drop)
+    metric = minimize or (budgets[0].metric if budgets else "macs")
+    return min(cands, key=lambda c: c.costs[metric])

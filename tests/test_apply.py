@@ -33,14 +33,14 @@ def setup():
     return model, data, calib, table
 
 
-@pytest.mark.parametrize("budget", ["macs=0.6", "size=0.3", "params=0.5"])
+@pytest.mark.parametrize("budget", ["macs=0.6", "size=0.3", "params=0.5", "bops=0.2"])
 def test_measured_costs_equal_the_plans_prediction(tmp_path, setup, budget):
     model, data, calib, table = setup
     before = weights_digest(model)
     plan = make_plan(table, [Budget.parse(budget)]).save(tmp_path / "plan.json")
     m = apply_plan(model, plan, data, tmp_path / "out", calib=calib, model_spec=SPEC, timing=False)
     assert weights_digest(model) == before  # the user's model is never modified
-    for metric in ("macs", "params", "size"):
+    for metric in ("macs", "params", "size", "bops"):
         assert m["comparison"][metric]["ratio"] == pytest.approx(1.0, abs=1e-6), metric
     assert all(b["met"] for b in m["budgets"])
     # the file holds what was promised, plus a small header
