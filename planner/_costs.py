@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -186,16 +185,3 @@ class CostModel:
             vals = np.array(b.drops if what == "drop" else b.loss_increases, dtype=float)
             out.append(np.maximum.accumulate(np.maximum(vals, 0.0)))
         return out
-
-    def describe(self, choice: Mapping[int, int]) -> dict[str, Any]:
-        """The plan's per-unit entries for ``choice``: prune ratios and quantize bits, every unit."""
-        prune: dict[str, Any] = {}
-        quant: dict[str, Any] = {}
-        for i, b in enumerate(self.blocks):
-            o = choice.get(i, 0)
-            if b.kind == "prune":
-                prune[b.unit] = {"ratio": b.ratios[o], "n_remove": b.options[o], "channels": b.channels,
-                                 "predicted_drop": float(self._drops[i][o])}
-            else:
-                quant[b.unit] = {"bits": b.options[o], "predicted_drop": float(self._drops[i][o])}
-        return {"prune": prune, "quantize": quant}
