@@ -187,13 +187,11 @@ def _eval_data(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _budgets(args: argparse.Namespace) -> tuple[list[Any], float | None]:
     from sensplan.planner import Budget, parse_max_drop
+    from sensplan.planner._plan import check_objective
 
     budgets = [Budget.parse(b) for b in args.budget]
     max_drop = parse_max_drop(args.max_drop) if args.max_drop is not None else None
-    if not budgets and max_drop is None:
-        raise UserInputError("Give a budget, e.g. --budget macs=0.5 or --budget size=25%, or --max-drop 0.01.")
-    if max_drop is not None and not budgets and not args.minimize:
-        raise UserInputError("With --max-drop, say which cost to minimise: --minimize size|macs|bops|params.")
+    check_objective(budgets, max_drop, args.minimize)
     return budgets, max_drop
 
 

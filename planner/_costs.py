@@ -121,6 +121,7 @@ class CostModel:
 
     def _terms(self, metric: str) -> list[Term]:
         acc: dict[tuple[int, ...], np.ndarray] = {}
+        keeps = [self._keep(i) for i in range(len(self.blocks))]
         for key, t in self.scan.tensors.items():
             gfactors = sorted(self.index[f"prune:{g}"] for g in t["shrinks"] if f"prune:{g}" in self.index)
             layer = t.get("layer")
@@ -132,7 +133,7 @@ class CostModel:
             grids = [range(len(self.blocks[f].options)) for f in factors]
             table = np.zeros([len(g) for g in grids])
             for combo in itertools.product(*grids):
-                keep = {self.blocks[f].unit: self._keep(f)[o]
+                keep = {self.blocks[f].unit: keeps[f][o]
                         for f, o in zip(factors, combo, strict=True) if f != qi}
                 bits = self.blocks[qi].options[combo[-1]] if qi is not None else FLOAT_BITS
                 table[combo] = self.tensor_cost(metric, key, keep, bits)

@@ -17,7 +17,7 @@ from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write
 from sensplan._errors import ArtifactError, UserInputError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import METRICS, CostModel
-from sensplan.planner._solver import solve, uniform_choice
+from sensplan.planner._solver import cost_metric, solve, uniform_choice
 from sensplan.sensitivity import Scan
 
 PLAN_FORMAT = "sensplan.plan"
@@ -82,16 +82,21 @@ def _allocation(cm: CostModel, scan: Scan, removed: Mapping[str, int], bits: Map
             "unit_drops": unit_drops}
 
 
+def check_objective(budgets: Sequence[Budget], max_drop: float | None, minimize: str | None) -> None:
+    """Raise a UserInputError unless there is a budget, or a max-drop with a cost to minimise."""
+    if not budgets and max_drop is None:
+        raise UserInputError("Give a budget, e.g. --budget macs=0.5 or --budget size=25%, or --max-drop 0.01.")
+    if max_drop is not None and not budgets and not minimize:
+        raise UserInputError("With --max-drop, say which cost to minimise: --minimize size|macs|bops|params.")
+
+
 def make_plan(scan: Scan, budgets: Sequence[Budget], *, max_drop: float | None = None,
               minimize: str | None = None, time_limit: float = 60.0) -> Plan:
     """Solve the allocation for ``budgets`` (or ``max_drop``) and compute the uniform baseline.
 
     Example: ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")]).save("plan.json")``.
     """
-    if not budgets and max_drop is None:
-        raise UserInputError("Give a budget (e.g. --budget macs=0.5) or a tolerated drop (--max-drop 0.01).")
-    if max_drop is not None and not minimize and not budgets:
-        raise UserInputError("With --max-drop, say which cost to minimise: --minimize macs|size|bops|params.")
+    check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
     cm = CostModel(scan)
     sol = solve(cm, budgets, max_drop=max_drop, minimize=minimize, time_limit=time_limit)
@@ -118,7 +123,7 @@ def make_plan(scan: Scan, budgets: Sequence[Budget], *, max_drop: float | None =
             "mode": "max_drop" if max_drop is not None else "budget",
             "budgets": [b.to_dict(cm.original) for b in budgets],
             "max_drop": max_drop,
-            "minimize": (minimize or (budgets[0].metric if budgets else None)) if max_drop is not None else None,
+            "minimize": cost_metric(budgets, minimize) if max_drop is not None else None,
             "drop_model": "sum of per-unit drops (monotone envelope of the scan)",
         },
         "solver": {"method": "milp (scipy.optimize.milp / HiGHS)", "seconds": round(solve_seconds, 4)},

@@ -127,13 +127,14 @@ class _Problem:
             r += 1
         for factors, z0 in self.zoff.items():  # marginals of z equal the block choices
             sizes = [len(self.cm.blocks[f].options) for f in factors]
+            # combos[pos, flat]: the option of factor ``pos`` in the flat (C-order) combination
+            combos = np.indices(sizes).reshape(len(sizes), -1)
             for pos, f in enumerate(factors):
                 for o in range(sizes[pos]):
-                    for flat, combo in enumerate(itertools.product(*[range(s) for s in sizes])):
-                        if combo[pos] == o:
-                            rows.append(r)
-                            cols.append(z0 + flat)
-                            vals.append(1.0)
+                    flats = np.flatnonzero(combos[pos] == o)
+                    rows.extend([r] * len(flats))
+                    cols.extend((z0 + flats).tolist())
+                    vals.extend([1.0] * len(flats))
                     rows.append(r)
                     cols.append(self.x(f, o))
                     vals.append(-1.0)
@@ -168,6 +169,11 @@ class _Problem:
             vals = res.x[self.offset[bi]: self.offset[bi] + len(b.options)]
             choice[bi] = int(np.argmax(vals))
         return choice
+
+
+def cost_metric(budgets: Sequence[Budget], minimize: str | None) -> str:
+    """The cost that max-drop mode minimises: ``minimize``, else the first budget's metric."""
+    return minimize or (budgets[0].metric if budgets else "macs")
 
 
 def _limits(cm: CostModel, budgets: Sequence[Budget]) -> dict[str, float]:
@@ -211,7 +217,7 @@ def solve(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = 
         row, const = p.cost_row(metric)
         extra.append((row, -np.inf, v - const + _relative_slack(v)))
     if max_drop is not None:
-        metric = minimize or (budgets[0].metric if budgets else "macs")
+        metric = cost_metric(budgets, minimize)
         row, const = p.cost_row(metric)
         scale = cm.original[metric] or 1.0
         objective = row / scale + 1e-6 * p.drop_row(tiebreak=False)
@@ -247,7 +253,7 @@ def brute_force(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | N
     drops = cm.drop_table("drop")
     objective = objective_table(cm)
     best: tuple[float, dict[int, int]] | None = None
-    metric = minimize or (budgets[0].metric if budgets else "macs")
+    metric = cost_metric(budgets, minimize)
     for combo in itertools.product(*[range(len(b.options)) for b in cm.blocks]):
         choice = dict(enumerate(combo))
         costs = cm.evaluate(choice)
@@ -298,7 +304,7 @@ def uniform_candidates(cm: CostModel, budgets: Sequence[Budget], *, max_drop: fl
     max_ratio = max((max(cm.blocks[i].ratios) for i in prune_blocks), default=0.0)
     ratios = np.round(np.arange(0.0, max_ratio + 1e-9, step), 6) if prune_blocks else np.array([0.0])
     bit_opts = sorted({o for i in quant_blocks for o in cm.blocks[i].options}, reverse=True) or [FLOAT_BITS]
-    metric = minimize or (budgets[0].metric if budgets else "macs")
+    metric = cost_metric(budgets, minimize)
     out: list[UniformSolution] = []
     for bits in bit_opts:
         if any(bits not in cm.blocks[i].options for i in quant_blocks):
@@ -333,5 +339,5 @@ def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float 
         return None
     if max_drop is None:
         return min(cands, key=lambda c: c.predicted_drop)
-    metric = minimize or (budgets[0].metric if budgets else "macs")
+    metric = cost_metric(budgets, minimize)
     return min(cands, key=lambda c: c.costs[metric])

@@ -162,7 +162,7 @@ def recalibrate_batchnorm_(model: nn.Module, calib: EvalSet | None, reference: B
                              f"statistics have {mean_ref.numel()}: recalibrate before structural pruning.")
         bn.running_mean.add_(mean_now - mean_ref)
         live = var_ref > 1e-12
-        ratio = torch.where(live, var_now / torch.where(live, var_ref, torch.ones_like(var_ref)), torch.ones_like(var_ref))
-        new_var = torch.where(live, bn.running_var * ratio, bn.running_var + (var_now - var_ref))
+        safe_ref = torch.where(live, var_ref, torch.ones_like(var_ref))
+        new_var = torch.where(live, bn.running_var * var_now / safe_ref, bn.running_var + (var_now - var_ref))
         bn.running_var.copy_(new_var.clamp_min(0.0))
     return True

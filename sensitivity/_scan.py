@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write_json
-from sensplan._errors import InternalError, UserInputError
+from sensplan._errors import ArtifactError, InternalError, UserInputError
 from sensplan.sensitivity._data import EvalSet
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
@@ -128,8 +128,6 @@ class Scan:
         obj = read_json(path, SCAN_FORMAT, (SCAN_SCHEMA_VERSION,))
         for key in ("baseline", "layers", "groups", "tensors", "results"):
             if key not in obj:
-                from sensplan._errors import ArtifactError
-
                 raise ArtifactError(f"{str(path)!r} lacks the {key!r} section of a scan. Re-run `sensplan scan`.")
         return cls(obj, file_sha256(path), str(path))
 
@@ -234,13 +232,11 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
 
     with _progress(total, progress) as bar:
         for gid, settings in plans.items():
-            # Least important first: each ratio removes a superset of the smaller ratio's channels,
-            # exactly the channels PruningGraph.select (the executor's choice) returns.
-            ranked = torch.argsort(graph.importance(gid), stable=True).tolist()
             for ratio, k in settings:
                 bar.set_postfix_str(f"prune {gid} {ratio:.2f}", refresh=False)
                 t = time.perf_counter()
-                with graph.zeroed(gid, sorted(ranked[:k])):
+                # the executor's own choice of channels (PruningGraph.select)
+                with graph.zeroed(gid, graph.select(gid, k)):
                     record(gid, "prune", {"ratio": ratio, "n_remove": k}, t)
                 bar.update(1)
         for name in q_layers:
