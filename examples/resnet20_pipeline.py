@@ -31,7 +31,7 @@ def main() -> int:
         print(f"skipped: {shared} does not hold resnet20_jpeg.pt and cifar10-jpg/test")
         return 0
 
-    from sensplan.planner._cli import main as sensplan
+    from sensplan.cli import main as sensplan
 
     code = sensplan(["run", "--model", f"{HERE / 'cifar_resnet.py'}:resnet20", "--weights", str(weights),
                      "--data", str(test), "--samples", args.samples, "--budget", args.budget,

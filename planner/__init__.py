@@ -1,23 +1,27 @@
-"""The planner: cost models, the exact budget solver, the executor that applies plans, and the CLI."""
+"""The planner: decision blocks and cost models, the exact budget solver, and the executor.
 
-from sensplan.planner._apply import (
-    FineTuneConfig,
-    apply_plan,
-    compress,
-    distill_,
-    latency,
-    load_metrics,
-    measure,
-    measure_original,
-    prune_,
-    quantize_,
+``make_plan``, ``Budget``, the cost models and the solver need only numpy and scipy (no torch);
+the executor names (``apply_plan``, ``compress``, ``load_compressed`` ...) import torch on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sensplan._tables import load_metrics
+from sensplan.planner._budget import METRICS, Budget, parse_max_drop
+from sensplan.planner._costs import (
+    AnalyticCosts,
+    Block,
+    CostModel,
+    Costs,
+    Option,
+    TableCosts,
 )
-from sensplan.planner._budget import Budget, parse_max_drop
-from sensplan.planner._compressed import CompressedModel, load_compressed, save_compressed
-from sensplan.planner._costs import METRICS, CostModel
-from sensplan.planner._plan import Plan, make_plan
+from sensplan.planner._plan import Plan, assignments, make_plan
 from sensplan.planner._solver import (
     Solution,
+    UniformSolution,
     brute_force,
     min_cost,
     solve,
@@ -25,15 +29,46 @@ from sensplan.planner._solver import (
     uniform_choice,
 )
 
+_EXECUTOR = {
+    "FineTuneConfig": "sensplan.planner._apply",
+    "apply_plan": "sensplan.planner._apply",
+    "compress": "sensplan.planner._apply",
+    "distill_": "sensplan.planner._apply",
+    "latency": "sensplan.planner._apply",
+    "measure": "sensplan.planner._apply",
+    "measure_original": "sensplan.planner._apply",
+    "missed_budgets": "sensplan.planner._apply",
+    "CompressedModel": "sensplan.planner._compressed",
+    "load_compressed": "sensplan.planner._compressed",
+    "save_compressed": "sensplan.planner._compressed",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The executor's names load torch lazily, so the planner itself stays torch-free."""
+    if name in _EXECUTOR:
+        import importlib
+
+        return getattr(importlib.import_module(_EXECUTOR[name]), name)
+    raise AttributeError(f"module 'sensplan.planner' has no attribute {name!r}")
+
+
 __all__ = [
     "METRICS",
+    "AnalyticCosts",
+    "Block",
     "Budget",
     "CompressedModel",
     "CostModel",
+    "Costs",
     "FineTuneConfig",
+    "Option",
     "Plan",
     "Solution",
+    "TableCosts",
+    "UniformSolution",
     "apply_plan",
+    "assignments",
     "brute_force",
     "compress",
     "distill_",
@@ -44,9 +79,8 @@ __all__ = [
     "measure",
     "measure_original",
     "min_cost",
+    "missed_budgets",
     "parse_max_drop",
-    "prune_",
-    "quantize_",
     "save_compressed",
     "solve",
     "uniform_candidates",

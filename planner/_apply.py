@@ -1,9 +1,9 @@
 """The executor: apply a plan to a copy of the model, fine-tune with distillation, measure, save.
 
 Order (as the field learned it): prune structurally -> fine-tune with the original model as teacher
--> quantize weights. Pruning uses the scanner's channel-selection criterion
-(``PruningGraph.select``) and Torch-Pruning's structural surgery, so the channels the scan removed
-are the channels the executor removes; quantization uses the scanner's quantizer.
+-> quantize and sparsify. The executor calls the same method plug-ins the scanner probed
+(:mod:`sensplan.sensitivity.methods`), so the channels the scan removed are the channels the
+executor removes and the quantizer is the same; it never branches on a method's name.
 """
 
 from __future__ import annotations
@@ -22,24 +22,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan._artifacts import now_iso, read_json, versions, write_json
+from sensplan._artifacts import now_iso, versions, write_json
+from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
+from sensplan._effects import LAYER_DEFAULTS, merge
 from sensplan._errors import IncompatibleModelError, UserInputError
 from sensplan.planner._compressed import CompressedModel, load_compressed, save_compressed
-from sensplan.planner._costs import ACTIVATION_BITS
-from sensplan.planner._plan import Plan
+from sensplan.planner._plan import Plan, assignments
 from sensplan.sensitivity._data import EvalSet
 from sensplan.sensitivity._eval import (
     batchnorm_statistics,
-    evaluate,
     recalibrate_batchnorm_,
     tune_malloc,
 )
 from sensplan.sensitivity._groups import PruningGraph, count_macs
 from sensplan.sensitivity._models import ModelSpec, architecture_digest
-from sensplan.sensitivity._quant import FLOAT_BITS, dequantize, quantize_per_channel
+from sensplan.sensitivity.methods import Method, MethodContext, get_method
+from sensplan.sensitivity.tasks import Task, get_task
 
-METRICS_FORMAT = "sensplan.metrics"
-METRICS_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -78,60 +77,60 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
             f"The plan was made for a model with architecture digest {want}, but this model has {got}: "
             f"the layer names or shapes differ. Pass the same --model (and --model-arg) used for the scan.")
     modules = dict(model.named_modules())
+    graph = None
     for name, alloc in plan.data["plans"].items():
         if alloc is None:
             continue
-        missing = [q for q in alloc["quantize"] if q not in modules]
-        if missing:
-            raise IncompatibleModelError(f"The plan's {name!r} allocation quantizes {missing[:3]}, which this model "
-                                         f"does not have. Was the plan made from a scan of this model?")
-        if example_input is not None:
-            _choose(PruningGraph(model, example_input), alloc)
+        for method, units in assignments(alloc).items():
+            m = get_method(method)
+            if m.unit_kind == "layer":
+                missing = [u for u in units if u not in modules]
+                if missing:
+                    raise IncompatibleModelError(
+                        f"The plan's {name!r} allocation applies {method} to {missing[:3]}, which this "
+                        f"model does not have. Was the plan made from a scan of this model?")
+            elif example_input is not None and units:
+                graph = graph or PruningGraph(model, example_input)
+                _check_groups(graph, alloc, units)
 
 
-def _choose(graph: PruningGraph, allocation: Mapping[str, Any]) -> dict[str, list[int]]:
-    """Validate the plan's pruning entries against ``graph`` and pick each group's channels."""
-    entries = {g: e for g, e in allocation["prune"].items() if int(e.get("n_remove", 0)) > 0}
+def _check_groups(graph: PruningGraph, alloc: Mapping[str, Any], units: Mapping[str, Any]) -> None:
     known = set(graph.group_ids())
-    for gid, e in entries.items():
+    channels = {c["unit"]: c.get("channels") for c in alloc["choices"].values() if c["kind"] == "group"}
+    for gid in units:
         if gid not in known:
             raise IncompatibleModelError(f"The plan prunes group {gid!r}, which this model does not have. "
                                          f"Was the plan made from a scan of this model?")
-        if e.get("status", "scanned") != "scanned":
-            raise UserInputError(f"The plan prunes group {gid!r}, which the scan skipped "
-                                 f"({e.get('reason', 'unsafe')}). Remove it from the plan.")
-        if graph.channels(gid) != int(e["channels"]):
+        if channels.get(gid) is not None and graph.channels(gid) != int(channels[gid]):
             raise IncompatibleModelError(f"Group {gid!r} has {graph.channels(gid)} channels in this model but "
-                                         f"{e['channels']} in the plan.")
-    # every choice is made on the unpruned weights, as the scan saw them
-    return {gid: graph.select(gid, int(e["n_remove"])) for gid, e in entries.items()}
+                                         f"{channels[gid]} in the plan.")
 
 
-def prune_(model: nn.Module, allocation: Mapping[str, Any], example_input: torch.Tensor) -> dict[str, list[int]]:
-    """Structurally prune ``model`` in place as ``allocation["prune"]`` says; return removed indices."""
-    graph = PruningGraph(model, example_input)
-    chosen = _choose(graph, allocation)
-    for gid, idxs in chosen.items():
-        graph.prune_(gid, idxs)
-    return chosen
+def _context(model: nn.Module, example_input: torch.Tensor, calib: EvalSet | None,
+             data: EvalSet | None) -> MethodContext:
+    from sensplan.sensitivity._scan import describe_model
+
+    layers, tensors, graph, error = describe_model(model, example_input)
+    groups = ({g: {"channels": graph.channels(g)} for g in graph.group_ids()} if graph is not None else {})
+    return MethodContext(model, example_input, layers, groups, tensors, calib=calib, eval_data=data,
+                         graph=graph, graph_error=error, device=example_input.device)
 
 
-@torch.no_grad()
-def quantize_(model: nn.Module, allocation: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-    """Round the weights of every layer with bits < 32 in place; return their codes and scales."""
-    modules = dict(model.named_modules())
-    codes = {}
-    for layer, e in allocation["quantize"].items():
-        bits = int(e["bits"])
-        if bits == FLOAT_BITS:
-            continue
-        if layer not in modules or not hasattr(modules[layer], "weight"):
-            raise IncompatibleModelError(f"The plan quantizes {layer!r}, which this model does not have.")
-        w = modules[layer].weight
-        q, s = quantize_per_channel(w, bits)
-        w.copy_(dequantize(q, s, w.dtype))
-        codes[layer] = (q, s, bits)
-    return codes
+def _run(ctx: MethodContext, methods: list[tuple[Method, dict[str, Any]]], step: str) -> None:
+    for m, units in methods:
+        if step == "apply":
+            m.apply_(ctx, units)
+        else:
+            m.finalize_(ctx, units)
+
+
+def layer_effects(plan_alloc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per layer, the merged effect of the allocation's layer choices."""
+    per: dict[str, list[Mapping[str, Any]]] = {}
+    for c in plan_alloc["choices"].values():
+        if c.get("method") and c["kind"] == "layer":
+            per.setdefault(c["unit"], []).append(c.get("effect", {}))
+    return {u: merge(e) for u, e in per.items()}
 
 
 def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneConfig,
@@ -202,18 +201,20 @@ def latency(model: nn.Module, example_input: torch.Tensor, *, warmup: int = 10, 
             "iters": len(times), "threads": torch.get_num_threads()}
 
 
-def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, layer_bits: Mapping[str, int] | None = None,
+def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | None = None,
+            task_state: Any = None, effects: Mapping[str, Mapping[str, Any]] | None = None,
             batch_size: int = 500, timing: bool = True) -> dict[str, Any]:
-    """What a model really costs and scores: top-1, loss, params, MACs, BOPs (layers not in
-    ``layer_bits`` count as float32), file size, latency."""
-    ev = evaluate(model, data, batch_size)
+    """What a model really costs and scores: the task's score and loss, params, MACs, BOPs (layers
+    without an effect count as float32 weights and activations), file size, latency."""
+    t = task or get_task("classification")
+    ev = t.evaluate(model, data, task_state, batch_size)
     layer_macs = count_macs(model, data.example_input)
-    bits = layer_bits or {}
-    out: dict[str, Any] = {"top1": ev.top1, "loss": ev.loss, "n": ev.n,
+    eff = {k: merge([v]) for k, v in (effects or {}).items()}
+    bops = sum(v * eff.get(k, LAYER_DEFAULTS)["weight_bits"] * eff.get(k, LAYER_DEFAULTS)["act_bits"]
+               for k, v in layer_macs.items())
+    out: dict[str, Any] = {"score": ev.score, "loss": ev.loss, "n": ev.n,
                            "params": int(sum(p.numel() for p in model.parameters())),
-                           "macs": int(sum(layer_macs.values())),
-                           "bops": int(sum(v * bits.get(k, FLOAT_BITS) * ACTIVATION_BITS
-                                           for k, v in layer_macs.items())),
+                           "macs": int(sum(layer_macs.values())), "bops": int(bops),
                            "file_bytes": int(file_bytes)}
     if timing:
         out["latency"] = latency(model, data.example_input)
@@ -221,41 +222,50 @@ def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, layer_bits: Map
 
 
 def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Tensor, *,
-             calib: EvalSet | None = None, train_loader: Any = None, finetune: FineTuneConfig | None = None,
-             model_spec: ModelSpec | None = None, progress: bool | None = None) -> tuple[CompressedModel, list[dict[str, float]]]:
-    """Prune, optionally distil, quantize and recalibrate a deep copy of ``model`` (never modified).
+             calib: EvalSet | None = None, data: EvalSet | None = None, train_loader: Any = None,
+             finetune: FineTuneConfig | None = None, model_spec: ModelSpec | None = None,
+             progress: bool | None = None) -> tuple[CompressedModel, list[dict[str, float]]]:
+    """Apply one allocation to a deep copy of ``model`` (never modified).
 
-    Without fine-tuning, the executor does exactly what the scan's probes measured: zero the chosen
-    channels, quantize, recalibrate BatchNorm against the original (``calib``), and only then remove
-    the zeroed channels structurally (zeroing equals removal; the scan checked that per group).
-    With fine-tuning: prune, distil from ``model``, quantize, recalibrate against the fine-tuned
-    float model.
+    Without fine-tuning, the executor does exactly what the scan's probes measured: every method's
+    ``apply_`` in stage order (pruning zeroes its channels), BatchNorm recalibration against the
+    original (``calib``), then every ``finalize_`` (pruning removes the zeroed channels
+    structurally: zeroing equals removal, the scan checked that per group). With fine-tuning:
+    structural methods first, distillation from ``model``, then the others, recalibrated against the
+    fine-tuned float model.
     """
     check_compatible(model, plan)
     alloc = plan.variant(variant)
     student = copy.deepcopy(model).eval()
-    graph = PruningGraph(student, example_input)
-    chosen = _choose(graph, alloc)
+    ctx = _context(student, example_input, calib, data)
+    methods = sorted(((get_method(m), u) for m, u in assignments(alloc).items()), key=lambda mu: mu[0].stage)
+    if any(m.unit_kind == "group" for m, _ in methods) and ctx.graph is None:
+        raise UserInputError(f"The plan prunes channel groups, but {ctx.graph_error}")
+    if any(m.unit_kind == "group" for m, _ in methods):
+        _check_groups(ctx.graph, alloc, {u: s for m, us in methods if m.unit_kind == "group" for u, s in us.items()})
     history: list[dict[str, float]] = []
     if train_loader is not None and finetune is not None and finetune.epochs > 0:
-        for gid, idxs in chosen.items():
-            graph.prune_(gid, idxs)
+        first = [(m, u) for m, u in methods if m.structural]
+        rest = [(m, u) for m, u in methods if not m.structural]
+        _run(ctx, first, "apply")
+        _run(ctx, first, "finalize")
         history = distill_(student, model, train_loader, finetune, progress)
         reference = batchnorm_statistics(student, calib) if calib is not None else {}
-        quantize_(student, alloc)
+        _run(ctx, rest, "apply")
         recalibrate_batchnorm_(student, calib, reference)
+        _run(ctx, rest, "finalize")
     else:
         reference = batchnorm_statistics(model, calib) if calib is not None else {}
-        for gid, idxs in chosen.items():
-            graph.zero_(gid, idxs)
-        quantize_(student, alloc)
+        _run(ctx, methods, "apply")
         recalibrate_batchnorm_(student, calib, reference)
-        for gid, idxs in chosen.items():
-            graph.prune_(gid, idxs)
-    # Codes of the final (pruned) weights. Re-quantizing an already quantized channel returns the
-    # same codes: its largest code sits at the range's end, so the clipping search picks ratio 1.
-    codes = quantize_(student, alloc)
-    cm = CompressedModel(student, chosen, codes, model_spec, architecture_digest(model),
+        _run(ctx, methods, "finalize")
+    effects = layer_effects(alloc)
+    original_layers = {name: info for name, info in ctx.layers.items()}
+    weight_effects = {original_layers[k]["weight"]: v for k, v in effects.items() if k in original_layers}
+    row_lens = {original_layers[k]["weight"]: int(math.prod(original_layers[k]["weight_shape"][1:]))
+                for k in effects if k in original_layers}
+    cm = CompressedModel(student, dict(ctx.records.get("removed", {})), weight_effects, row_lens,
+                         dict(ctx.records.get("input_quant", {})), model_spec, architecture_digest(model),
                          tuple(example_input.shape[1:]), {"variant": variant, **alloc})
     return cm, history
 
@@ -268,7 +278,8 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     """Apply one allocation of ``plan`` and measure it against the original; write to ``out_dir``:
     ``model.sensplan`` (the compressed model), ``metrics.json`` and ``plan.json`` (the plan applied).
 
-    ``model`` is never modified. Returns the metrics dictionary. Example::
+    ``model`` is never modified. Returns the metrics dictionary; ``metrics["budgets"]`` says which
+    budgets were met (the CLI exits non-zero when one is missed). Example::
 
         metrics = apply_plan(model, Plan.load("plan.json"), load_eval_set(DataSpec.parse("digits")), "out")
     """
@@ -276,36 +287,40 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     example = data.example_input
+    task = get_task(plan.data["task"]["name"])
+    state = task.prepare(model, data)
     if before is None:
-        before = measure_original(model, data, model_spec, timing=timing)
-    cm, history = compress(model, plan, variant, example, calib=calib, train_loader=train_loader,
+        before = measure_original(model, data, model_spec, timing=timing, task=task, task_state=state)
+    cm, history = compress(model, plan, variant, example, calib=calib, data=data, train_loader=train_loader,
                            finetune=finetune, model_spec=model_spec, progress=progress)
     no_ft = None
     if history:  # what the scan predicts is the drop before fine-tuning: measure that too
-        raw, _ = compress(model, plan, variant, example, calib=calib, model_spec=model_spec)
-        no_ft = evaluate(raw.module, data).to_dict()
+        raw, _ = compress(model, plan, variant, example, calib=calib, data=data, model_spec=model_spec)
+        no_ft = task.evaluate(raw.module, data, state).to_dict()
     file_bytes = save_compressed(cm, out / "model.sensplan")
     reloaded = load_compressed(out / "model.sensplan", copy.deepcopy(model))
-    after = measure(reloaded, data, file_bytes, layer_bits={k: b for k, (_, _, b) in cm.codes.items()},
+    alloc = plan.variant(variant)
+    after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
                     timing=timing)
     after["payload_bytes"] = cm.payload_bytes()
     with torch.inference_mode():
         gap = float((reloaded(example) - cm.module(example)).abs().max())
     after["reload_max_abs_diff"] = gap
-    alloc = plan.variant(variant)
     predicted = dict(alloc["predicted"])
-    comparison = {}
-    for m, measured in (("macs", after["macs"]), ("params", after["params"]), ("size", after["payload_bytes"]),
-                        ("bops", after["bops"])):
-        comparison[m] = {"predicted": predicted[m], "measured": measured,
-                         "ratio": measured / predicted[m] if predicted[m] else None}
-    measured_drop_no_ft = before["top1"] - (no_ft["top1"] if no_ft else after["top1"])
+    measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
+                      "bops": after["bops"]}
+    comparison = {m: {"predicted": predicted[m], "measured": v,
+                      "ratio": v / predicted[m] if predicted.get(m) else None}
+                  for m, v in measured_costs.items() if m in predicted}
+    metric = plan.metric
+    measured_drop_no_ft = metric.drop(before["score"], no_ft["score"] if no_ft else after["score"])
     comparison["drop_without_finetune"] = {"predicted": predicted["drop"], "measured": measured_drop_no_ft}
     budgets = []
     for b in plan.data["objective"]["budgets"]:
-        value = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
-                 "bops": after["bops"]}[b["metric"]]
-        budgets.append({**b, "measured": value, "met": value <= b["absolute"] * (1 + 1e-6)})
+        value = measured_costs.get(b["metric"])
+        met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
+        budgets.append({**b, "measured": value, "met": met,
+                        **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})
     metrics = {
         "format": METRICS_FORMAT,
         "schema_version": METRICS_SCHEMA_VERSION,
@@ -313,6 +328,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
         "versions": versions(),
         "variant": variant,
         "plan": {"path": plan.path or None, "sha256": plan.sha256 or None},
+        "task": dict(plan.data["task"]),
         "data": data.description.get("spec"),
         "before": dict(before),
         "after_without_finetune": no_ft,
@@ -329,20 +345,21 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     return metrics
 
 
+def missed_budgets(metrics: Mapping[str, Any]) -> list[str]:
+    """Human-readable lines for every budget the measured model missed."""
+    return [f"{b['metric']}: measured {b['measured']:.6g} > budget {b['absolute']:.6g}"
+            for b in metrics.get("budgets", []) if b.get("met") is False]
+
+
 def measure_original(model: nn.Module, data: EvalSet, model_spec: ModelSpec | None, *,
-                     timing: bool = True) -> dict[str, Any]:
+                     timing: bool = True, task: Task | None = None, task_state: Any = None) -> dict[str, Any]:
     """The uncompressed model measured the same way (its file: the same container, all float)."""
-    cm = CompressedModel(model, {}, {}, model_spec, architecture_digest(model), tuple(data.example_input.shape[1:]))
+    t = task or get_task("classification")
+    state = task_state if task_state is not None or task is not None else t.prepare(model, data)
+    cm = CompressedModel(model, {}, model_spec=model_spec, original_digest=architecture_digest(model),
+                         input_shape=tuple(data.example_input.shape[1:]))
     with tempfile.TemporaryDirectory() as tmp:
         size = save_compressed(cm, Path(tmp) / "original.sensplan")
-    m = measure(model, data, size, timing=timing)
+    m = measure(model, data, size, timing=timing, task=t, task_state=state)
     m["payload_bytes"] = cm.payload_bytes()
     return m
-
-
-def load_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "metrics.json"
-    return read_json(p, METRICS_FORMAT, (METRICS_SCHEMA_VERSION,))
-

@@ -1,24 +1,27 @@
-"""The compressed-model file (``model.sensplan``): packed integer weights with their scales.
+"""The compressed-model file (``model.sensplan``): each weight stored in the format its plan chose.
 
 Layout (little-endian)::
 
     b"SENSPLAN"  8 bytes magic
-    uint32       container version (1)
+    uint32       container version (2)
     uint64       header length H
     H bytes      zlib-compressed JSON header
-    ...          tensor payload: each tensor's bytes at header["tensors"][key]["offset"]
+    ...          tensor payload: each tensor's parts at header["tensors"][key]["parts"][i]["offset"]
 
-A quantized weight is stored as its codes packed at ``bits`` bits each (offset binary, see
-``sensitivity._quant.pack_codes``) followed by one float32 scale per output channel; every other
-tensor as raw bytes of its dtype. The header also records the model spec, the channels removed
-from each group (root indices, in the original model's numbering) and the plan that was applied,
-so :func:`load_compressed` can rebuild the pruned architecture and load the weights.
+A weight's *values* are float32, float16/bfloat16, or integer codes packed at ``bits`` bits (offset
+binary) with one float32 scale per output channel. Its *layout* (see :mod:`sensplan._effects`) is
+dense, a bitmask (one bit per position, then the kept values), CSR (int32 row pointers, 16/32-bit
+column indices, values) or N:M (the kept values plus ceil(log2 M) bits of position each). The
+header also records the model spec, the channels removed from each group (root indices in the
+original numbering), activation quantization parameters and the applied plan, so
+:func:`load_compressed` can rebuild the pruned, quantized architecture.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import zlib
@@ -32,19 +35,20 @@ import torch
 from torch import nn
 
 from sensplan._artifacts import atomic_write
+from sensplan._effects import FLOAT_BITS, index_bits, merge, sparse_layout
 from sensplan._errors import ArtifactError, IncompatibleModelError
 from sensplan.sensitivity._groups import PruningGraph
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, build_model
 from sensplan.sensitivity._quant import (
-    FLOAT_BITS,
     dequantize,
+    install_input_quant,
     pack_codes,
-    packed_nbytes,
+    quantize_per_channel,
     unpack_codes,
 )
 
 MAGIC = b"SENSPLAN"
-CONTAINER_VERSION = 1
+CONTAINER_VERSION = 2
 COMPRESSED_FORMAT = "sensplan.compressed"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -54,16 +58,19 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class CompressedModel:
-    """A pruned, quantized model and what is needed to store it compactly.
+    """A compressed model and what is needed to store it compactly.
 
-    ``module`` runs like any model (quantized weights are held dequantized in float32);
-    ``removed`` maps group root FQN -> removed channel indices; ``codes`` maps layer FQN ->
-    ``(int8 codes, float32 scales, bits)`` for every quantized layer.
+    ``module`` runs like any model (stored values are held dequantized in float32); ``removed``
+    maps group root FQN -> removed channel indices; ``effects`` maps a weight's state-dict key to its
+    merged effect (how it is stored) and ``row_lens`` to the original row length (the CSR index
+    rule); ``input_quant`` maps layer FQN -> activation quantization parameters.
     """
 
     module: nn.Module
     removed: dict[str, list[int]]
-    codes: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    effects: dict[str, dict[str, Any]] = field(default_factory=dict)
+    row_lens: dict[str, int] = field(default_factory=dict)
+    input_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_spec: ModelSpec | None = None
     original_digest: str = ""
     input_shape: tuple[int, ...] = ()
@@ -71,48 +78,141 @@ class CompressedModel:
 
     def payload_bytes(self) -> int:
         """Bytes of tensor data the file holds (without the header)."""
-        total = 0
-        quantized = {f"{k}.weight" for k in self.codes}
-        for key, t in self.module.state_dict().items():
-            if key in quantized:
-                q, s, b = self.codes[key[: -len(".weight")]]
-                total += packed_nbytes(q.numel(), b) + s.numel() * 4
-            else:
-                total += t.numel() * t.element_size()
-        return total
+        return len(_encode(self)[1])
 
 
-def save_compressed(cm: CompressedModel, path: str | os.PathLike[str]) -> int:
-    """Atomically write ``cm`` to ``path``; return the file size in bytes."""
+def _pack_uint(values: np.ndarray, bits: int) -> bytes:
+    planes = ((values.astype(np.uint32)[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_uint(data: bytes, bits: int, n: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: n * bits]
+    return (planes.reshape(n, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    data = t.detach().cpu().contiguous()
+    if data.dtype == torch.bfloat16:
+        return data.view(torch.int16).numpy().tobytes()
+    return data.numpy().tobytes()
+
+
+def _from_raw(chunk: bytes, dtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    dtype = _DTYPES[dtype_name]
+    if dtype == torch.bfloat16:
+        t = torch.from_numpy(np.frombuffer(chunk, dtype=np.int16).copy()).view(torch.bfloat16)
+    else:
+        t = torch.frombuffer(bytearray(chunk), dtype=dtype) if chunk else torch.empty(0, dtype=dtype)
+    return t.reshape(shape).clone()
+
+
+def _values(w: torch.Tensor, effect: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Integer codes and scales (int), or the values in their storage dtype (float)."""
+    if effect["weight_dtype"] == "int":
+        q, s = quantize_per_channel(w, int(effect["weight_bits"]))
+        return q, s
+    return w.detach().to(_DTYPES[effect["weight_dtype"]]), None
+
+
+def _value_bytes(v: torch.Tensor, effect: Mapping[str, Any]) -> bytes:
+    if effect["weight_dtype"] == "int":
+        return pack_codes(v.reshape(-1), int(effect["weight_bits"]))
+    return _raw(v.reshape(-1))
+
+
+def _nm_positions(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    from sensplan.sensitivity.methods.nm_sparsity import nm_mask
+
+    return nm_mask(w, n, m)
+
+
+def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> tuple[dict[str, Any], list[bytes]]:
+    layout = sparse_layout(effect, row_len)
+    values, scales = _values(w, effect)
+    entry: dict[str, Any] = {"layout": layout, "value_dtype": effect["weight_dtype"],
+                             "bits": int(effect["weight_bits"]), "shape": list(w.shape)}
+    parts: list[tuple[str, bytes]] = []
+    flat = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(1, -1)
+    if layout == "dense":
+        parts.append(("values", _value_bytes(values, effect)))
+    elif layout == "nm":
+        n, m = (int(v) for v in effect["nm"])
+        mask = _nm_positions(w, n, m)
+        from sensplan.sensitivity.methods.nm_sparsity import to_rows
+
+        rows = to_rows(mask.to(torch.uint8))
+        pad = (-rows.shape[-1]) % m
+        padded = torch.nn.functional.pad(rows, (0, pad)) if pad else rows
+        pos = torch.nonzero(padded.reshape(-1, m), as_tuple=False)[:, 1].numpy()
+        vals = to_rows(values)
+        vals = torch.nn.functional.pad(vals, (0, pad)) if pad else vals
+        kept = vals.reshape(-1, m)[padded.reshape(-1, m).bool()]
+        entry["nm"] = [n, m]
+        parts += [("meta", _pack_uint(pos, math.ceil(math.log2(m)))), ("values", _value_bytes(kept, effect))]
+        entry["nnz"] = int(kept.numel())
+    else:
+        mask = (w.detach() != 0).reshape(flat.shape)
+        kept = flat[mask]
+        entry["nnz"] = int(kept.numel())
+        if layout == "bitmask":
+            parts.append(("mask", np.packbits(mask.reshape(-1).numpy(), bitorder="little").tobytes()))
+        else:
+            counts = mask.sum(dim=1).numpy().astype(np.int64)
+            rowptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+            cols = torch.nonzero(mask, as_tuple=False)[:, 1].numpy()
+            ib = index_bits(row_len)
+            entry["index_bits"] = ib
+            parts += [("rowptr", rowptr.tobytes()),
+                      ("colidx", cols.astype(np.uint16 if ib == 16 else np.uint32).tobytes())]
+        parts.append(("values", _value_bytes(kept, effect)))
+    if scales is not None:
+        parts.append(("scales", scales.detach().float().contiguous().numpy().tobytes()))
+    return entry, _named(entry, parts)
+
+
+def _named(entry: dict[str, Any], parts: list[tuple[str, bytes]]) -> list[bytes]:
+    entry["part_names"] = [name for name, _ in parts]
+    return [b for _, b in parts]
+
+
+def _encode(cm: CompressedModel) -> tuple[dict[str, Any], bytes]:
     blob = io.BytesIO()
     entries: dict[str, Any] = {}
-    quantized = {f"{k}.weight": k for k in cm.codes}
     for key, t in cm.module.state_dict().items():
-        entry: dict[str, Any] = {"offset": blob.tell(), "shape": list(t.shape)}
-        if key in quantized:
-            q, scale, bits = cm.codes[quantized[key]]
-            if tuple(q.shape) != tuple(t.shape):
-                raise ArtifactError(f"Internal: codes of {key} have shape {tuple(q.shape)}, weight {tuple(t.shape)}.")
-            blob.write(pack_codes(q, bits))
-            entry.update(dtype="float32", bits=bits, scales_offset=blob.tell())
-            blob.write(scale.detach().float().contiguous().numpy().tobytes())
+        eff = cm.effects.get(key)
+        if eff is not None and t.is_floating_point() and _stores_specially(eff):
+            entry, parts = _encode_tensor(t.float(), merge([eff]), cm.row_lens.get(key, 1))
         else:
             dtype = str(t.dtype).replace("torch.", "")
             if dtype not in _DTYPES:
                 raise ArtifactError(f"Cannot store tensor {key} of dtype {dtype}.")
-            entry.update(dtype=dtype, bits=FLOAT_BITS if t.is_floating_point() else t.element_size() * 8)
-            data = t.detach().contiguous()
-            raw = data.view(torch.int16).numpy().tobytes() if data.dtype == torch.bfloat16 else data.numpy().tobytes()
-            blob.write(raw)
-        entry["nbytes"] = blob.tell() - entry["offset"]
+            entry = {"layout": "raw", "dtype": dtype, "shape": list(t.shape), "part_names": ["raw"]}
+            parts = [_raw(t)]
+        offsets = []
+        for b in parts:
+            offsets.append([blob.tell(), len(b)])
+            blob.write(b)
+        entry["parts"] = offsets
         entries[key] = entry
-    header = {"format": COMPRESSED_FORMAT, "schema_version": 1,
+    return entries, blob.getvalue()
+
+
+def _stores_specially(eff: Mapping[str, Any]) -> bool:
+    e = merge([eff])
+    return e["weight_dtype"] != "float32" or e["weight_bits"] != FLOAT_BITS or e["density"] < 1.0
+
+
+def save_compressed(cm: CompressedModel, path: str | os.PathLike[str]) -> int:
+    """Atomically write ``cm`` to ``path``; return the file size in bytes."""
+    entries, payload = _encode(cm)
+    header = {"format": COMPRESSED_FORMAT, "schema_version": CONTAINER_VERSION,
               "model": {"spec": cm.model_spec.to_dict() if cm.model_spec else None,
                         "architecture_digest": cm.original_digest,
                         "input_shape": list(cm.input_shape)},
-              "removed": cm.removed, "tensors": entries, "plan": dict(cm.plan)}
+              "removed": cm.removed, "input_quant": cm.input_quant, "tensors": entries,
+              "plan": dict(cm.plan)}
     head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    payload = blob.getvalue()
 
     def write(f: Any) -> None:
         f.write(MAGIC)
@@ -131,15 +231,66 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     raw = p.read_bytes()
     if raw[:8] != MAGIC:
         raise ArtifactError(f"{str(p)!r} is not a sensplan compressed model (bad magic bytes).")
+    if len(raw) < 20:
+        raise ArtifactError(f"{str(p)!r} is truncated (only {len(raw)} bytes).")
     version, hlen = struct.unpack("<IQ", raw[8:20])
     if version != CONTAINER_VERSION:
         raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads version "
                             f"{CONTAINER_VERSION}. Use the sensplan version that wrote it.")
     try:
         header = json.loads(zlib.decompress(raw[20:20 + hlen]))
-    except (zlib.error, json.JSONDecodeError) as e:
+    except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{str(p)!r} has a corrupt header ({e}).") from None
-    return header, raw[20 + hlen:]
+    payload = raw[20 + hlen:]
+    end = max((o + n for e in header.get("tensors", {}).values() for o, n in e.get("parts", [])), default=0)
+    if end > len(payload):
+        raise ArtifactError(f"{str(p)!r} is truncated: its tensors need {end} bytes of payload, the file "
+                            f"has {len(payload)}. Re-create it with `sensplan apply`.")
+    return header, payload
+
+
+def _decode_values(chunk: bytes, e: Mapping[str, Any], n: int) -> torch.Tensor:
+    if e["value_dtype"] == "int":
+        return unpack_codes(chunk, int(e["bits"]), (n,)).float()
+    return _from_raw(chunk, e["value_dtype"], (n,)).float()
+
+
+def _decode_tensor(e: Mapping[str, Any], parts: dict[str, bytes]) -> torch.Tensor:
+    shape = tuple(e["shape"])
+    numel = int(np.prod(shape)) if shape else 1
+    rows = shape[0] if shape else 1
+    layout = e["layout"]
+    if layout == "dense":
+        dense = _decode_values(parts["values"], e, numel).reshape(rows, -1)
+    elif layout == "nm":
+        from sensplan.sensitivity.methods.nm_sparsity import from_rows
+
+        n, m = e["nm"]
+        row_shape = (shape[0], 1, shape[1]) if len(shape) == 2 else (shape[0], int(np.prod(shape[2:])), shape[1])
+        pad = (-row_shape[-1]) % m
+        nnz = int(e["nnz"])
+        pos = torch.from_numpy(_unpack_uint(parts["meta"], math.ceil(math.log2(m)), nnz))
+        vals = _decode_values(parts["values"], e, nnz)
+        groups = torch.zeros(nnz // n, m)
+        groups.scatter_(1, pos.reshape(-1, n), vals.reshape(-1, n))
+        padded = groups.reshape(*row_shape[:-1], row_shape[-1] + pad)
+        dense = from_rows(padded[..., : row_shape[-1]], torch.Size(shape)).reshape(rows, -1)
+    else:
+        nnz = int(e["nnz"])
+        vals = _decode_values(parts["values"], e, nnz)
+        dense = torch.zeros(rows, numel // max(1, rows))
+        if layout == "bitmask":
+            mask = np.unpackbits(np.frombuffer(parts["mask"], dtype=np.uint8), bitorder="little")[:numel]
+            dense.reshape(-1)[torch.from_numpy(mask.astype(bool))] = vals
+        else:
+            rowptr = np.frombuffer(parts["rowptr"], dtype=np.int32)
+            cols = np.frombuffer(parts["colidx"], dtype=np.uint16 if e.get("index_bits") == 16 else np.uint32)
+            r = np.repeat(np.arange(rows), np.diff(rowptr))
+            dense[torch.from_numpy(r), torch.from_numpy(cols.astype(np.int64))] = vals
+    if "scales" in parts:
+        scales = torch.from_numpy(np.frombuffer(parts["scales"], dtype=np.float32).copy())
+        dense = dequantize(dense.reshape(shape), scales)
+    return dense.reshape(shape).float()
 
 
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,
@@ -147,8 +298,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     """Rebuild a runnable model from a ``.sensplan`` file.
 
     ``model`` is a fresh instance of the *original* architecture (it is pruned in place); if omitted,
-    it is built from the model spec recorded in the file (the factory must be importable). Quantized
-    weights are dequantized to float32. Example::
+    it is built from the model spec recorded in the file (the factory must be importable). Stored
+    values are dequantized to float32; activation quantization is re-installed. Example::
 
         model = load_compressed("out/model.sensplan")            # spec from the file
         model = load_compressed("out/model.sensplan", resnet20())  # or bring the architecture
@@ -168,24 +319,32 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         for gid, idxs in header["removed"].items():
             graph.prune_(gid, list(idxs))
     state = {}
-    for key, e in header["tensors"].items():
-        chunk = payload[e["offset"]: e["offset"] + e["nbytes"]]
-        shape = tuple(e["shape"])
-        if "scales_offset" in e:
-            code_bytes = e["scales_offset"] - e["offset"]
-            q = unpack_codes(chunk[:code_bytes], e["bits"], shape)
-            scales = torch.from_numpy(np.frombuffer(chunk[code_bytes:], dtype=np.float32).copy())
-            state[key] = dequantize(q, scales)
-        else:
-            dtype = _DTYPES[e["dtype"]]
-            if dtype == torch.bfloat16:
-                t = torch.from_numpy(np.frombuffer(chunk, dtype=np.int16).copy()).view(torch.bfloat16)
-            else:
-                t = torch.frombuffer(bytearray(chunk), dtype=dtype) if chunk else torch.empty(0, dtype=dtype)
-            state[key] = t.reshape(shape).clone()
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise IncompatibleModelError(f"The weights in {str(path)!r} do not fit the rebuilt model: "
-                                     f"{str(e).splitlines()[0]}") from None
+        for key, e in header["tensors"].items():
+            parts = {name: payload[o:o + n] for name, (o, n) in zip(e["part_names"], e["parts"], strict=True)}
+            if e["layout"] == "raw":
+                state[key] = _from_raw(parts["raw"], e["dtype"], tuple(e["shape"]))
+            else:
+                state[key] = _decode_tensor(e, parts)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise ArtifactError(f"{str(path)!r} is corrupt: a tensor cannot be decoded ({type(err).__name__}: "
+                            f"{err}). Re-create it with `sensplan apply`.") from None
+    _load_state_preserving_metadata(model, state, str(path))
+    for layer, qp in header.get("input_quant", {}).items():
+        install_input_quant(model.get_submodule(layer), qp)
     return model.eval()
+
+
+def _load_state_preserving_metadata(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    # keep the module versions (``_metadata``) that some models' loaders check (e.g. MNASNet)
+    meta = getattr(model.state_dict(), "_metadata", None)
+    from collections import OrderedDict
+
+    sd: Any = OrderedDict(state)
+    if meta is not None:
+        sd._metadata = meta
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise IncompatibleModelError(f"The weights in {path!r} do not fit the rebuilt model: "
+                                     f"{str(e).splitlines()[0]}") from None

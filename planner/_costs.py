@@ -1,49 +1,109 @@
-"""Cost models computed from a scan table alone (no model): size, MACs, bit-operations, parameters.
+"""Decision blocks and cost models, computed from files alone (numpy only: no torch, no model).
 
-A *choice* is one option per decision block:
+A *block* is one decision: a unit (a layer or a channel group) on one *axis* (``channels``,
+``weight``, ``sparsity``, ``activation``, ...). Its options are "none" plus every scanned option of
+every method on that axis; a choice picks one option per block. Each option carries its measured
+drop and its cost *effect* (see :mod:`sensplan._effects`).
 
-- a pruning block per scanned group: how many of its channels are removed (0 = none);
-- a quantization block per Conv/Linear layer: weight bits (32 = kept in float32).
+Cost models turn choices into costs. Each is a sum of *terms*, each depending on a few blocks only,
+so the MILP stays exact (see ``_solver``):
 
-Every state-dict tensor shrinks along the dims the scan's safety check saw shrink with each group,
-by ``keep = (channels - removed) / channels`` of that group. So each cost is a sum of *terms*, each
-term depending on a few blocks only (a conv weight: its output group, its input group, its bits).
+- :class:`AnalyticCosts` (built in): ``size`` in bytes (packed codes, scales, sparse formats),
+  ``macs`` per sample (Conv/Linear), ``bops`` (MACs x weight bits x activation bits) and ``params``,
+  computed from the tensor shapes the scan recorded;
+- :class:`TableCosts`: a measured table (unit x option -> cost, plus a fixed overhead) read from a
+  documented JSON file, e.g. per-layer latency measured on a runtime (see docs/formats.md).
 
-Units: ``size`` in bytes (quantized weights: packed codes plus one float32 scale per output channel;
-everything else at its storage width), ``macs`` per sample (Conv/Linear only), ``bops`` =
-MACs x weight bits x activation bits (activations stay float: 32 bits), ``params`` = parameter count.
+Pruning shrinks tensors additively: a dim shared by several groups (a concatenation) loses the sum
+of what each group removes. A tensor's element count is a product over dims of such sums; it is
+expanded into monomials with at most one group per dim, each an exact term.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
-from dataclasses import dataclass
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
-from sensplan.sensitivity import Scan
-from sensplan.sensitivity._quant import FLOAT_BITS
+from sensplan._effects import FLOAT_BITS, LAYER_DEFAULTS, merge, weight_coefficients
+from sensplan._errors import ArtifactError
 
-METRICS = ("size", "macs", "bops", "params")
-ACTIVATION_BITS = 32  # weight-only quantization: activations stay float32
-SCALE_BITS = 32  # one float32 scale per output channel of a quantized weight
+ANALYTIC_METRICS = ("size", "macs", "bops", "params")
+#: kept for the public API: the built-in cost metrics
+METRICS = ANALYTIC_METRICS
+COST_TABLE_FORMAT = "sensplan.cost_table"
+NONE = "none"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a block: ``method`` (None for no compression), its ``setting``, display
+    ``label``, cost ``effect``, strength ``level`` and the measured ``drop``/``loss_increase``."""
+
+    method: str | None
+    setting: Mapping[str, Any]
+    label: str
+    effect: Mapping[str, Any]
+    level: float = 0.0
+    drop: float = 0.0
+    drop_se: float = 0.0
+    loss_increase: float = 0.0
+
+    @property
+    def key(self) -> str:
+        """Canonical identity: ``method:{setting json}`` or ``none``."""
+        if self.method is None:
+            return NONE
+        return f"{self.method}:{json.dumps(dict(self.setting), sort_keys=True, separators=(',', ':'))}"
 
 
 @dataclass(frozen=True)
 class Block:
-    """A decision: ``name`` is ``"prune:<group>"`` or ``"quantize:<layer>"``; ``options`` are removed
-    channel counts (prune) or bits (quantize), first option = no compression; ``ratios`` the
-    nominal ratio of each pruning option; ``drops``/``loss_increases`` the measured values."""
+    """A decision on ``unit`` along ``axis``; ``kind`` is "group" or "layer"; option 0 is none."""
 
-    name: str
     unit: str
+    axis: str
     kind: str
-    options: tuple[int, ...]
-    ratios: tuple[float, ...]
-    drops: tuple[float, ...]
-    loss_increases: tuple[float, ...]
+    options: tuple[Option, ...]
     channels: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.axis}:{self.unit}"
+
+
+def option_key(method: str | None, setting: Mapping[str, Any]) -> str:
+    return Option(method, setting, "", {}).key
+
+
+def blocks_from_scan(scan: Any) -> list[Block]:
+    """One block per (unit, axis) with results, options ordered by method then strength."""
+    kinds = {name: m.get("unit_kind", "layer") for name, m in scan.methods.items()}
+    order = {name: i for i, name in enumerate(scan.methods)}
+    by_block: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in scan.results:
+        by_block.setdefault((r["unit"], r["axis"]), []).append(r)
+    blocks = []
+    for (unit, axis), rows in by_block.items():
+        rows = sorted(rows, key=lambda r: (order.get(r["method"], 99), float(r.get("level", 0.0))))
+        kind = kinds.get(rows[0]["method"], "layer")
+        opts = [Option(None, {}, "none", {})]
+        opts += [Option(r["method"], dict(r["setting"]), str(r.get("label", r["method"])),
+                        dict(r.get("effect", {})), float(r.get("level", 0.0)), float(r["drop"]),
+                        float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase", 0.0)))
+                 for r in rows]
+        channels = int(scan.groups[unit]["channels"]) if kind == "group" and unit in scan.groups else 0
+        blocks.append(Block(unit, axis, kind, tuple(opts), channels))
+    # groups first (they shape the tensors), then layers, each in the scan's unit order
+    unit_order = {u: i for i, u in enumerate([*scan.groups, *scan.layers])}
+    blocks.sort(key=lambda b: (b.kind != "group", unit_order.get(b.unit, 10**9), b.axis))
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -54,116 +114,300 @@ class Term:
     table: np.ndarray
 
 
-class CostModel:
-    """Blocks and cost terms of one scan. ``evaluate(choice)`` gives every metric of a choice.
+class CostModel(Protocol):
+    """A cost-model plug-in: which metrics it provides and their terms over the blocks."""
 
-    ``choice`` maps block index -> option index. Example::
+    metrics: tuple[str, ...]
 
-        cm = CostModel(scan)
+    def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _reduce(factors: tuple[int, ...], table: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """Drop the factors the table does not depend on, and sort the rest."""
+    keep = []
+    for ax in range(table.ndim):
+        if np.ptp(table, axis=ax).max(initial=0.0) > 0:
+            keep.append(ax)
+    drop_axes = tuple(a for a in range(table.ndim) if a not in keep)
+    t = table
+    for ax in sorted(drop_axes, reverse=True):
+        t = np.take(t, 0, axis=ax)
+    fs = [factors[a] for a in keep]
+    perm = np.argsort(fs)
+    return tuple(fs[i] for i in perm), np.transpose(t, perm) if t.ndim > 1 else t
+
+
+def _outer(vecs: Sequence[tuple[int, np.ndarray]]) -> tuple[tuple[int, ...], np.ndarray]:
+    """Product table of per-block vectors (a block may repeat: its vectors multiply elementwise)."""
+    merged: dict[int, np.ndarray] = {}
+    for f, v in vecs:
+        merged[f] = merged[f] * v if f in merged else np.asarray(v, dtype=float)
+    factors = tuple(sorted(merged))
+    table = np.ones([len(merged[f]) for f in factors]) if factors else np.ones(())
+    for pos, f in enumerate(factors):
+        shape = [1] * len(factors)
+        shape[pos] = len(merged[f])
+        table = table * merged[f].reshape(shape)
+    return factors, table
+
+
+class _Acc:
+    def __init__(self) -> None:
+        self.terms: dict[tuple[int, ...], np.ndarray] = {}
+
+    def add(self, factors: tuple[int, ...], table: np.ndarray) -> None:
+        factors, table = _reduce(factors, table)
+        if factors in self.terms:
+            self.terms[factors] = self.terms[factors] + table
+        else:
+            self.terms[factors] = np.array(table, dtype=float)
+
+    def result(self) -> list[Term]:
+        return [Term(f, t) for f, t in self.terms.items()]
+
+
+class AnalyticCosts:
+    """Size (bytes), MACs, BOPs and parameters from the scan's tensor shapes (exact).
+
+    Example::
+
+        cm = Costs(scan)                  # AnalyticCosts is always included
         cm.evaluate(cm.no_compression())["macs"] == cm.original["macs"]
     """
 
-    def __init__(self, scan: Scan) -> None:
+    metrics = ANALYTIC_METRICS
+
+    def __init__(self, scan: Any) -> None:
         self.scan = scan
-        blocks: list[Block] = []
-        for gid in scan.scanned_groups():
-            rows = sorted(scan.results_for(gid, "prune"), key=lambda r: r["n_remove"])
-            if not rows:
-                continue
-            blocks.append(Block(f"prune:{gid}", gid, "prune", (0, *(int(r["n_remove"]) for r in rows)),
-                                (0.0, *(float(r["ratio"]) for r in rows)),
-                                (0.0, *(float(r["drop"]) for r in rows)),
-                                (0.0, *(float(r["loss_increase"]) for r in rows)),
-                                int(scan.groups[gid]["channels"])))
-        for layer in scan.layers:
-            rows = sorted(scan.results_for(layer, "quantize"), key=lambda r: -r["bits"])
-            blocks.append(Block(f"quantize:{layer}", layer, "quantize",
-                                (FLOAT_BITS, *(int(r["bits"]) for r in rows)),
-                                (0.0,) * (len(rows) + 1),
-                                (0.0, *(float(r["drop"]) for r in rows)),
-                                (0.0, *(float(r["loss_increase"]) for r in rows))))
-        self.blocks = blocks
-        self.index = {b.name: i for i, b in enumerate(blocks)}
-        self._drops = self._envelope("drop")
-        self._loss_increases = self._envelope("loss_increase")
-        self.terms: dict[str, list[Term]] = {m: self._terms(m) for m in METRICS}
-        self.original = self.evaluate(self.no_compression())
 
-    # -- building terms -------------------------------------------------------------------------
-    def _keep(self, bi: int) -> list[float]:
-        """Fraction of its channels block ``bi``'s group keeps, per option."""
-        b = self.blocks[bi]
-        return [(b.channels - k) / b.channels for k in b.options] if b.kind == "prune" else [1.0] * len(b.options)
+    def describe(self) -> dict[str, Any]:
+        return {"name": "analytic", "metrics": list(self.metrics),
+                "units": {"size": "bytes", "macs": "per sample", "bops": "per sample",
+                          "params": "count"}}
 
-    def tensor_cost(self, metric: str, key: str, keep: Mapping[str, float], bits: int) -> float:
-        """Cost of one state-dict tensor when group ``g`` keeps ``keep[g]`` of its channels and the
-        tensor's layer (if it is a Conv/Linear weight) has ``bits``-bit weights."""
-        t = self.scan.tensors[key]
-        layer = t.get("layer")
-        if metric == "params" and t.get("kind", "parameter") != "parameter":
-            return 0.0
-        if metric in ("macs", "bops") and layer is None:
-            return 0.0
-        shape = np.array(t["shape"], dtype=float)
-        s = shape.copy()
-        for gid, dims in t["shrinks"].items():
-            for d in dims:
-                s[d] *= keep.get(gid, 1.0)
-        numel = float(np.prod(s)) if len(s) else 1.0
-        if metric == "params":
-            return numel
-        if metric == "size":
-            if layer is not None and bits != FLOAT_BITS:
-                return numel * bits / 8 + s[0] * SCALE_BITS / 8
-            return numel * t["storage_bits"] / 8
-        macs = self.scan.layers[layer]["macs"] * numel / max(1.0, float(np.prod(shape)))
-        return macs * bits * ACTIVATION_BITS if metric == "bops" else macs
-
-    def _terms(self, metric: str) -> list[Term]:
-        acc: dict[tuple[int, ...], np.ndarray] = {}
-        keeps = [self._keep(i) for i in range(len(self.blocks))]
+    def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]:
+        group_block = {b.unit: i for i, b in enumerate(blocks) if b.kind == "group"}
+        local: dict[str, list[int]] = {}
+        for i, b in enumerate(blocks):
+            if b.kind == "layer":
+                local.setdefault(b.unit, []).append(i)
+        acc = {m: _Acc() for m in self.metrics}
         for key, t in self.scan.tensors.items():
-            gfactors = sorted(self.index[f"prune:{g}"] for g in t["shrinks"] if f"prune:{g}" in self.index)
+            shape = [float(s) for s in t["shape"]]
+            # per dim: the constant size and, per group block, the size change by option
+            pieces: list[list[tuple[int | None, np.ndarray]]] = []
+            for d, s in enumerate(shape):
+                row: list[tuple[int | None, np.ndarray]] = [(None, np.array(s))]
+                for gid, dims in t["shrinks"].items():
+                    per = dims.get(str(d)) if isinstance(dims, Mapping) else None
+                    if per and gid in group_block:
+                        bi = group_block[gid]
+                        removed = np.array([o.effect.get("removed", 0) for o in blocks[bi].options], float)
+                        row.append((bi, -removed * float(per)))
+                pieces.append(row)
+            numel = _expand(pieces)
+            rows = _expand(pieces[:1]) if pieces else [((), np.ones(()))]
             layer = t.get("layer")
-            qi = self.index.get(f"quantize:{layer}") if layer else None
-            if metric in ("size", "bops") and qi is not None:
-                factors = (*gfactors, qi)
-            else:
-                factors, qi = tuple(gfactors), None
-            grids = [range(len(self.blocks[f].options)) for f in factors]
-            table = np.zeros([len(g) for g in grids])
-            for combo in itertools.product(*grids):
-                keep = {self.blocks[f].unit: keeps[f][o]
-                        for f, o in zip(factors, combo, strict=True) if f != qi}
-                bits = self.blocks[qi].options[combo[-1]] if qi is not None else FLOAT_BITS
-                table[combo] = self.tensor_cost(metric, key, keep, bits)
-            acc[factors] = acc[factors] + table if factors in acc else table
-        return [Term(f, tab) for f, tab in acc.items()]
+            is_param = t.get("kind", "parameter") == "parameter"
+            if is_param:
+                for f, tab in numel:
+                    acc["params"].add(f, tab)
+            if layer is None or layer not in self.scan.layers:
+                for f, tab in numel:
+                    acc["size"].add(f, tab * float(t["storage_bits"]) / 8)
+                continue
+            lb = local.get(layer, [])
+            grids = self._local_grids(blocks, lb, int(np.prod(t["shape"][1:])) if len(shape) > 1 else 1)
+            numel0 = float(np.prod(shape)) if shape else 1.0
+            macs_per = float(self.scan.layers[layer]["macs"]) / max(1.0, numel0)
+            for f, tab in numel:
+                acc["macs"].add(f, tab * macs_per)
+                self._add_local(acc["size"], f, tab, lb, grids["a"] / 8)
+                self._add_local(acc["bops"], f, tab * macs_per, lb, grids["wb"] * grids["ab"])
+            for f, tab in rows:
+                self._add_local(acc["size"], f, tab, lb, grids["b"] / 8)
+            self._add_local(acc["size"], (), np.ones(()), lb, grids["c"] / 8)
+        return {m: a.result() for m, a in acc.items()}
 
-    def evaluate_settings(self, removed: Mapping[str, int], bits: Mapping[str, int]) -> dict[str, float]:
-        """Every metric when group ``g`` loses ``removed[g]`` channels and layer ``l`` has ``bits[l]``
-        (any counts, not only scanned ones; missing entries = no compression)."""
-        keep = {g: (v["channels"] - removed.get(g, 0)) / v["channels"] for g, v in self.scan.groups.items()}
-        out = {}
-        for metric in METRICS:
-            out[metric] = float(sum(self.tensor_cost(metric, k, keep, bits.get(t.get("layer") or "", FLOAT_BITS))
-                                    for k, t in self.scan.tensors.items()))
+    def direct(self, removed: Mapping[str, float], effects: Mapping[str, Mapping[str, Any]]
+               ) -> dict[str, float]:
+        """Every metric computed tensor by tensor (no terms) when group ``g`` loses ``removed[g]``
+        channels (any count) and layer ``l`` has the merged effect ``effects[l]``. Used for the
+        uniform baseline's fine ratio grid, and by the tests to check the term expansion."""
+        out = dict.fromkeys(self.metrics, 0.0)
+        for key, t in self.scan.tensors.items():
+            shape = [float(s) for s in t["shape"]]
+            for gid, dims in t["shrinks"].items():
+                for d, per in (dims.items() if isinstance(dims, Mapping) else []):
+                    shape[int(d)] -= float(removed.get(gid, 0)) * float(per)
+            numel = float(np.prod(shape)) if shape else 1.0
+            if t.get("kind", "parameter") == "parameter":
+                out["params"] += numel
+            layer = t.get("layer")
+            if layer is None or layer not in self.scan.layers:
+                out["size"] += numel * float(t["storage_bits"]) / 8
+                continue
+            eff = merge([effects.get(layer, {})])
+            a, b, c = weight_coefficients(eff, int(np.prod(t["shape"][1:])) if len(shape) > 1 else 1)
+            rows = shape[0] if shape else 1.0
+            out["size"] += (a * numel + b * rows + c) / 8
+            numel0 = float(np.prod(t["shape"])) if shape else 1.0
+            macs = float(self.scan.layers[layer]["macs"]) * numel / max(1.0, numel0)
+            out["macs"] += macs
+            out["bops"] += macs * float(eff["weight_bits"]) * float(eff["act_bits"])
         return out
 
-    # -- evaluating choices -----------------------------------------------------------------------
+    @staticmethod
+    def _add_local(acc: _Acc, factors: tuple[int, ...], table: np.ndarray, lb: Sequence[int],
+                   grid: np.ndarray) -> None:
+        """Add ``table`` (over ``factors``) times ``grid`` (over the layer's own blocks ``lb``)."""
+        t = np.asarray(table, dtype=float)
+        full = t.reshape(t.shape + (1,) * len(lb)) * grid.reshape((1,) * t.ndim + grid.shape)
+        acc.add((*factors, *lb), full)
+
+    @staticmethod
+    def _local_grids(blocks: Sequence[Block], lb: Sequence[int], row_len: int) -> dict[str, np.ndarray]:
+        """Per combination of the layer's own options: size coefficients a, b, c (bits) and the
+        weight and activation bits that BOPs use."""
+        dims = [len(blocks[i].options) for i in lb]
+        out = {k: np.zeros(dims) for k in ("a", "b", "c", "wb", "ab")}
+        for combo in itertools.product(*[range(d) for d in dims]):
+            eff = merge(blocks[i].options[o].effect for i, o in zip(lb, combo, strict=True))
+            a, b, c = weight_coefficients(eff, row_len)
+            out["a"][combo], out["b"][combo], out["c"][combo] = a, b, c
+            out["wb"][combo] = float(eff.get("weight_bits", FLOAT_BITS))
+            out["ab"][combo] = float(eff.get("act_bits", FLOAT_BITS))
+        return out
+
+
+def _expand(pieces: Sequence[Sequence[tuple[int | None, np.ndarray]]]) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """Expand a product over dims of (constant + per-group changes) into monomial tables."""
+    out = []
+    for combo in itertools.product(*pieces):
+        const = 1.0
+        vecs = []
+        for f, v in combo:
+            if f is None:
+                const *= float(v)
+            else:
+                vecs.append((f, v))
+        factors, table = _outer(vecs)
+        out.append((factors, table * const))
+    return out
+
+
+@dataclass
+class TableCosts:
+    """A measured cost table: ``metric``, a fixed ``overhead`` and per unit, per option key, the
+    unit's cost (the key ``none`` = uncompressed). The total is the overhead plus every unit's cost
+    at its chosen option; a unit or option missing from the table costs as ``none`` (or 0).
+
+    File format (JSON; see docs/formats.md)::
+
+        {"format": "sensplan.cost_table", "schema_version": 1, "metric": "latency_ms",
+         "unit": "ms", "overhead": 0.31,
+         "entries": {"layer1.0.conv1": {"axis": "channels",
+                                        "costs": {"none": 0.12, "prune:{\\"n_remove\\":4,...}": 0.09}}}}
+    """
+
+    metric: str
+    overhead: float
+    entries: Mapping[str, Mapping[str, Any]]
+    unit: str = ""
+    path: str = ""
+    metrics: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.metric or self.metric in ANALYTIC_METRICS:
+            raise ArtifactError(f"A cost table's metric must be a new name (not one of "
+                                f"{', '.join(ANALYTIC_METRICS)}). Got {self.metric!r}.")
+        self.metrics = (self.metric,)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TableCosts:
+        from sensplan._artifacts import read_json
+
+        obj = read_json(path, COST_TABLE_FORMAT, (1,))
+        try:
+            entries = obj["entries"]
+            for unit, e in entries.items():
+                for k, v in e["costs"].items():
+                    float(v)
+            return cls(str(obj["metric"]), float(obj.get("overhead", 0.0)), entries,
+                       str(obj.get("unit", "")), str(Path(path)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ArtifactError(f"{str(path)!r} is not a valid cost table ({type(e).__name__}: {e}). "
+                                f"See docs/formats.md for its fields.") from None
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": "table", "metrics": [self.metric], "unit": self.unit, "path": self.path,
+                "overhead": self.overhead}
+
+    def unit_cost(self, block: Block, option: Option) -> float:
+        e = self.entries.get(block.unit)
+        if e is None or e.get("axis", block.axis) != block.axis:
+            return 0.0
+        costs = e["costs"]
+        return float(costs.get(option.key, costs.get(NONE, 0.0)))
+
+    def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]:
+        acc = _Acc()
+        acc.add((), np.array(self.overhead))
+        for i, b in enumerate(blocks):
+            acc.add((i,), np.array([self.unit_cost(b, o) for o in b.options], dtype=float))
+        # units in the table that no block decides: a constant
+        decided = {b.unit for b in blocks}
+        rest = sum(float(e["costs"].get(NONE, 0.0)) for u, e in self.entries.items() if u not in decided)
+        acc.add((), np.array(rest))
+        return {self.metric: acc.result()}
+
+
+class Costs:
+    """Blocks of one scan plus the terms of every cost model; evaluates choices.
+
+    ``choice`` maps block index -> option index (missing blocks = option 0, no compression).
+    Example::
+
+        cm = Costs(scan, [TableCosts.load("latency.json")])
+        cm.evaluate(cm.no_compression())["latency_ms"]
+    """
+
+    def __init__(self, scan: Any, extra: Sequence[CostModel] = ()) -> None:
+        self.scan = scan
+        self.blocks = blocks_from_scan(scan)
+        self.index = {b.name: i for i, b in enumerate(self.blocks)}
+        self.models: list[CostModel] = [AnalyticCosts(scan), *extra]
+        self.terms: dict[str, list[Term]] = {}
+        for model in self.models:
+            for metric, terms in model.terms(self.blocks).items():
+                if metric in self.terms:
+                    raise ArtifactError(f"Two cost models provide the metric {metric!r}. Give each cost "
+                                        f"table its own metric name.")
+                self.terms[metric] = terms
+        self.metrics = tuple(self.terms)
+        self._drops = self._envelope("drop")
+        self._loss_increases = self._envelope("loss_increase")
+        self.original = self.evaluate(self.no_compression())
+
     def no_compression(self) -> dict[int, int]:
         return {i: 0 for i in range(len(self.blocks))}
 
     def evaluate(self, choice: Mapping[int, int]) -> dict[str, float]:
-        """Every metric of ``choice`` (block index -> option index; missing blocks = option 0)."""
+        """Every metric of ``choice``."""
         out = {}
         for metric, terms in self.terms.items():
             out[metric] = float(sum(t.table[tuple(choice.get(f, 0) for f in t.factors)] for t in terms))
         return out
 
     def predicted_drop(self, choice: Mapping[int, int]) -> float:
-        """Sum of the units' envelope drops (see :meth:`drop_table`): additive prediction."""
+        """Sum of the blocks' envelope drops (see :meth:`drop_table`): the additive prediction."""
         return float(sum(self._drops[i][choice.get(i, 0)] for i in range(len(self.blocks))))
+
+    def predicted_se(self, choice: Mapping[int, int]) -> float:
+        """Standard error of the additive prediction (independent probes: root sum of squares)."""
+        return float(np.sqrt(sum(self.blocks[i].options[o].drop_se ** 2 for i, o in choice.items())))
 
     def drop_table(self, what: str = "drop") -> list[np.ndarray]:
         """Per block, the envelope drops (``what="drop"``) or loss increases, by option index."""
@@ -172,17 +416,48 @@ class CostModel:
     def _envelope(self, what: str) -> list[np.ndarray]:
         """Per block, the monotone envelope of the measured drops (or loss increases).
 
-        More compression of one unit is assumed never to help: each option's value is the largest
-        measured at that or any milder setting, and never below 0 (no compression). This removes
-        evaluation noise (a lucky probe at 60% pruning that beats 50%) from the planner's input.
+        Within one method, stronger compression of one unit is assumed never to help: each option's
+        value is the largest measured at that or any milder setting of the same method, and never
+        below 0 (no compression). This removes evaluation noise (a lucky probe at 60% pruning that
+        beats 50%) from the planner's input.
 
         Drops are otherwise used as measured. Shrinking them toward zero by their standard error
-        (recorded in the scan as ``drop_se``) was tried and measured worse on ResNet-20 (held-out
-        top-1 -1.6 points at size=0.25): it made many small but real degradations look free, and the
-        planner stacked them.
+        (recorded as ``drop_se``) was tried and measured worse on ResNet-20 (held-out top-1 -1.6
+        points at size=0.25): it made many small but real degradations look free.
         """
         out = []
         for b in self.blocks:
-            vals = np.array(b.drops if what == "drop" else b.loss_increases, dtype=float)
-            out.append(np.maximum.accumulate(np.maximum(vals, 0.0)))
+            vals = np.zeros(len(b.options))
+            best: dict[str | None, float] = {}
+            for i, o in enumerate(b.options):
+                v = max(0.0, o.drop if what == "drop" else o.loss_increase)
+                best[o.method] = max(v, best.get(o.method, 0.0))
+                vals[i] = best[o.method]
+            out.append(vals)
         return out
+
+    def choice_of(self, selected: Mapping[str, str]) -> dict[int, int]:
+        """A choice from block name -> option key (unknown keys raise KeyError)."""
+        out = {}
+        for name, key in selected.items():
+            bi = self.index[name]
+            keys = [o.key for o in self.blocks[bi].options]
+            out[bi] = keys.index(key)
+        return out
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [m.describe() for m in self.models]
+
+
+def merged_effects(blocks: Sequence[Block], choice: Mapping[int, int]) -> dict[str, dict[str, Any]]:
+    """Per layer, the merged effect of its chosen options (layers with none chosen are omitted)."""
+    per: dict[str, list[Mapping[str, Any]]] = {}
+    for i, b in enumerate(blocks):
+        if b.kind == "layer" and choice.get(i, 0):
+            per.setdefault(b.unit, []).append(b.options[choice[i]].effect)
+    return {u: merge(effs) for u, effs in per.items()}
+
+
+__all__ = ["ANALYTIC_METRICS", "COST_TABLE_FORMAT", "LAYER_DEFAULTS", "METRICS", "AnalyticCosts", "Block",
+           "CostModel", "Costs", "Option", "TableCosts", "Term", "blocks_from_scan", "merged_effects",
+           "option_key"]

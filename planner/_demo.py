@@ -44,7 +44,7 @@ def train_digits_model(seed: int = 0, epochs: int = 30) -> nn.Module:
 def run_demo(out: str | Path, budgets: Sequence[str] = ("macs=0.5",), epochs: int = 2, seed: int = 0,
              timing: bool = True) -> Path:
     """Train, save the weights, then ``sensplan run`` on them; return the report's path."""
-    from sensplan.planner._cli import main
+    from sensplan.cli import main
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

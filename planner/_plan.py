@@ -1,8 +1,7 @@
 """``plan.json``: the per-unit allocation, its predicted cost and drop, and the uniform baseline.
 
-See docs/formats.md for the schema. Every unit of the scan is listed explicitly: each channel group
-with its ``ratio`` / ``n_remove`` (0 for none, skipped groups included with their reason) and each
-Conv/Linear layer with its weight ``bits`` (32 = kept in float32).
+See docs/formats.md for the schema. Every decision block of the scan is listed explicitly, with
+``method: null`` where nothing is applied, and every unit a method skipped is listed with the reason.
 """
 
 from __future__ import annotations
@@ -14,14 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write_json
-from sensplan._errors import ArtifactError, UserInputError
+from sensplan._errors import ArtifactError, BudgetError, UserInputError
+from sensplan._metric import Metric
 from sensplan.planner._budget import Budget
-from sensplan.planner._costs import METRICS, CostModel
+from sensplan.planner._costs import Costs, CostModel
 from sensplan.planner._solver import cost_metric, solve, uniform_choice
-from sensplan.sensitivity import Scan
 
 PLAN_FORMAT = "sensplan.plan"
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 VARIANTS = ("planned", "uniform")
 
 
@@ -44,41 +43,54 @@ class Plan:
     def original(self) -> Mapping[str, float]:
         return self.data["original"]  # type: ignore[no-any-return]
 
+    @property
+    def metric(self) -> Metric:
+        return Metric.from_dict(self.data["task"]["metric"])
+
     def save(self, path: str | os.PathLike[str]) -> Plan:
         return Plan(self.data, write_json(path, dict(self.data)), str(path))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
         obj = read_json(path, PLAN_FORMAT, (PLAN_SCHEMA_VERSION,))
-        for key in ("plans", "original", "scan", "model"):
-            if key not in obj:
-                raise ArtifactError(f"{str(path)!r} lacks the {key!r} section of a plan. Re-run `sensplan plan`.")
-        for name, v in obj["plans"].items():
-            if v is not None and not {"prune", "quantize", "predicted"} <= set(v):
-                raise ArtifactError(f"The {name!r} allocation in {str(path)!r} lacks prune/quantize/predicted.")
+        from sensplan._validate import check_plan
+
+        problems = check_plan(obj)
+        if problems:
+            raise ArtifactError(f"{str(path)!r} is not a valid plan: {problems[0]}. Re-run `sensplan "
+                                f"plan`, or check it with `sensplan validate`.")
         return cls(obj, file_sha256(path), str(path))
 
 
-def _allocation(cm: CostModel, scan: Scan, removed: Mapping[str, int], bits: Mapping[str, int],
-                ratios: Mapping[str, float], drop: float, costs: Mapping[str, float]) -> dict[str, Any]:
-    prune: dict[str, Any] = {}
-    for gid, g in scan.groups.items():
-        entry: dict[str, Any] = {"ratio": float(ratios.get(gid, 0.0)), "n_remove": int(removed.get(gid, 0)),
-                                 "channels": int(g["channels"]), "status": g["status"]}
-        if g["status"] != "scanned":
-            entry["reason"] = g["reason"]
-        prune[gid] = entry
-    quant = {layer: {"bits": int(bits.get(layer, 32))} for layer in scan.layers}
-    unit_drops = {}
+def assignments(allocation: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Method -> unit -> setting, for every block of ``allocation`` that applies a method."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for c in allocation["choices"].values():
+        if c.get("method"):
+            out.setdefault(c["method"], {})[c["unit"]] = dict(c["setting"])
+    return out
+
+
+def _allocation(cm: Costs, choice: Mapping[int, int], costs: Mapping[str, float], drop: float,
+                scan: Any) -> dict[str, Any]:
+    choices: dict[str, Any] = {}
+    unit_drops: dict[str, float] = {}
+    drops = cm.drop_table("drop")
     for i, b in enumerate(cm.blocks):
-        opt = removed.get(b.unit, 0) if b.kind == "prune" else bits.get(b.unit, 32)
-        if opt in b.options:
-            unit_drops[b.name] = float(cm.drop_table("drop")[i][b.options.index(opt)])
-    return {"prune": prune, "quantize": quant,
-            "predicted": {"drop": drop, "top1": scan.baseline["top1"] - drop,
-                          **{m: costs[m] for m in METRICS},
+        o = b.options[choice.get(i, 0)]
+        choices[b.name] = {"unit": b.unit, "axis": b.axis, "kind": b.kind, "method": o.method,
+                           "setting": dict(o.setting), "label": o.label, "effect": dict(o.effect)}
+        if b.kind == "group":
+            choices[b.name]["channels"] = b.channels
+        unit_drops[b.name] = float(drops[i][choice.get(i, 0)])
+    metric = scan.metric
+    return {"choices": choices,
+            "skipped": {m: v for m, v in scan.skipped().items() if v},
+            "predicted": {"drop": drop, "drop_se": cm.predicted_se(choice),
+                          "score": metric.after_drop(scan.baseline["score"], drop),
+                          **{m: costs[m] for m in cm.metrics},
                           **{f"{m}_fraction": costs[m] / cm.original[m] if cm.original[m] else None
-                             for m in METRICS}},
+                             for m in cm.metrics}},
             "unit_drops": unit_drops}
 
 
@@ -90,27 +102,44 @@ def check_objective(budgets: Sequence[Budget], max_drop: float | None, minimize:
         raise UserInputError("With --max-drop, say which cost to minimise: --minimize size|macs|bops|params.")
 
 
-def make_plan(scan: Scan, budgets: Sequence[Budget], *, max_drop: float | None = None,
-              minimize: str | None = None, time_limit: float = 60.0) -> Plan:
+def _check_metrics(cm: Costs, budgets: Sequence[Budget], minimize: str | None) -> None:
+    for b in budgets:
+        if b.metric not in cm.metrics:
+            raise BudgetError(f"The budget metric {b.metric!r} is not known. Use one of "
+                              f"{', '.join(cm.metrics)} (a measured metric needs its --cost-table).")
+    if minimize and minimize not in cm.metrics:
+        raise BudgetError(f"--minimize {minimize} is not a known metric. Use one of {', '.join(cm.metrics)}.")
+
+
+def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = None,
+              minimize: str | None = None, time_limit: float = 60.0,
+              cost_models: Sequence[CostModel] = ()) -> Plan:
     """Solve the allocation for ``budgets`` (or ``max_drop``) and compute the uniform baseline.
 
-    Example: ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")]).save("plan.json")``.
+    ``cost_models`` adds measured cost tables (:class:`~sensplan.planner.TableCosts`) to the
+    analytic costs. Example: ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")])``.
     """
     check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
-    cm = CostModel(scan)
+    cm = Costs(scan, cost_models)
+    _check_metrics(cm, budgets, minimize)
     sol = solve(cm, budgets, max_drop=max_drop, minimize=minimize, time_limit=time_limit)
     solve_seconds = time.perf_counter() - t0
-    removed = {b.unit: b.options[sol.choice[i]] for i, b in enumerate(cm.blocks) if b.kind == "prune"}
-    ratios = {b.unit: b.ratios[sol.choice[i]] for i, b in enumerate(cm.blocks) if b.kind == "prune"}
-    bits = {b.unit: b.options[sol.choice[i]] for i, b in enumerate(cm.blocks) if b.kind == "quantize"}
-    planned = _allocation(cm, scan, removed, bits, ratios, sol.predicted_drop, sol.costs)
+    planned = _allocation(cm, sol.choice, sol.costs, sol.predicted_drop, scan)
+    planned["solver"] = {"status": sol.status, "optimal": sol.optimal, "gap": sol.gap}
     uni = uniform_choice(cm, budgets, max_drop=max_drop, minimize=minimize)
     uniform = None
     if uni is not None:
-        uniform = _allocation(cm, scan, uni.removed, uni.layer_bits,
-                              {g: uni.ratio for g in uni.removed}, uni.predicted_drop, uni.costs)
-        uniform["uniform"] = {"ratio": uni.ratio, "bits": uni.bits}
+        uniform = _allocation(cm, uni.choice, uni.costs, uni.predicted_drop, scan)
+        # off-grid pruning ratios are exact channel counts, not scanned options
+        for i, b in enumerate(cm.blocks):
+            if b.kind == "group":
+                k = uni.removed[b.unit]
+                c = uniform["choices"][b.name]
+                if k and c.get("effect", {}).get("removed") != k:
+                    c.update(method=_group_method(cm, i), setting={"ratio": uni.ratio, "n_remove": k},
+                             label=f"prune {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
+        uniform["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uni.label}
     data = {
         "format": PLAN_FORMAT,
         "schema_version": PLAN_SCHEMA_VERSION,
@@ -119,6 +148,7 @@ def make_plan(scan: Scan, budgets: Sequence[Budget], *, max_drop: float | None =
         "scan": {"path": scan.path, "sha256": scan.sha256 or None,
                  "baseline": dict(scan.baseline), "data": scan.data.get("data", {}).get("spec")},
         "model": dict(scan.data["model"]),
+        "task": dict(scan.data["task"]),
         "objective": {
             "mode": "max_drop" if max_drop is not None else "budget",
             "budgets": [b.to_dict(cm.original) for b in budgets],
@@ -126,8 +156,14 @@ def make_plan(scan: Scan, budgets: Sequence[Budget], *, max_drop: float | None =
             "minimize": cost_metric(budgets, minimize) if max_drop is not None else None,
             "drop_model": "sum of per-unit drops (monotone envelope of the scan)",
         },
-        "solver": {"method": "milp (scipy.optimize.milp / HiGHS)", "seconds": round(solve_seconds, 4)},
-        "original": {m: cm.original[m] for m in METRICS},
+        "cost_models": cm.describe(),
+        "solver": {"method": "milp (scipy.optimize.milp / HiGHS)", "seconds": round(solve_seconds, 4),
+                   "status": sol.status, "optimal": sol.optimal},
+        "original": {m: cm.original[m] for m in cm.metrics},
         "plans": {"planned": planned, "uniform": uniform},
     }
     return Plan(data)
+
+
+def _group_method(cm: Costs, i: int) -> str | None:
+    return next((o.method for o in cm.blocks[i].options if o.method), None)

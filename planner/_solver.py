@@ -25,11 +25,10 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
+from sensplan._effects import n_remove_for
 from sensplan._errors import InfeasibleBudgetError, InternalError
 from sensplan.planner._budget import Budget
-from sensplan.planner._costs import CostModel
-from sensplan.sensitivity._groups import n_remove_for
-from sensplan.sensitivity._quant import FLOAT_BITS
+from sensplan.planner._costs import Costs, merged_effects
 
 # Among plans of equal predicted top-1 drop, prefer the one with the smaller loss increase: on a
 # few thousand samples many settings tie at a drop of exactly 0, while the loss still tells them
@@ -37,7 +36,7 @@ from sensplan.sensitivity._quant import FLOAT_BITS
 LOSS_TIEBREAK = 1e-4
 
 
-def objective_table(cm: CostModel, tiebreak: bool = True) -> list[np.ndarray]:
+def objective_table(cm: Costs, tiebreak: bool = True) -> list[np.ndarray]:
     """Per block, the objective of each option: envelope drop (+ the loss tie-break)."""
     drops = cm.drop_table("drop")
     if not tiebreak:
@@ -46,7 +45,7 @@ def objective_table(cm: CostModel, tiebreak: bool = True) -> list[np.ndarray]:
     return [d + LOSS_TIEBREAK * lo for d, lo in zip(drops, losses, strict=True)]
 
 
-def _polish(cm: CostModel, choice: dict[int, int], lim: Mapping[str, float]) -> dict[int, int]:
+def _polish(cm: Costs, choice: dict[int, int], lim: Mapping[str, float]) -> dict[int, int]:
     """Move each block to its mildest option that keeps every budget.
 
     Envelope drops never rise as compression falls, so this never makes the plan worse; it undoes
@@ -70,16 +69,24 @@ class Solution:
     choice: dict[int, int]
     predicted_drop: float
     costs: dict[str, float]
+    status: str = "optimal"
+    gap: float = 0.0
+
+    @property
+    def optimal(self) -> bool:
+        return self.status == "optimal"
 
 
 def _fmt(metric: str, v: float) -> str:
     if metric == "size":
         return f"{v / 1e6:.4g} MB"
-    return f"{v / 1e6:.4g} M"
+    if metric in ("macs", "bops", "params"):
+        return f"{v / 1e6:.4g} M"
+    return f"{v:.4g}"
 
 
 class _Problem:
-    def __init__(self, cm: CostModel) -> None:
+    def __init__(self, cm: Costs) -> None:
         self.cm = cm
         self.offset: list[int] = []
         n = 0
@@ -160,6 +167,9 @@ class _Problem:
         res = milp(objective, constraints=constraints, integrality=integrality,
                    bounds=Bounds(np.zeros(self.n), np.ones(self.n)),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        self.optimal = res.status == 0
+        self.status = "optimal" if res.status == 0 else f"not proven optimal ({res.message})"
+        self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
         if res.x is None:
             if res.status == 2:  # infeasible
                 return None
@@ -176,7 +186,7 @@ def cost_metric(budgets: Sequence[Budget], minimize: str | None) -> str:
     return minimize or (budgets[0].metric if budgets else "macs")
 
 
-def _limits(cm: CostModel, budgets: Sequence[Budget]) -> dict[str, float]:
+def _limits(cm: Costs, budgets: Sequence[Budget]) -> dict[str, float]:
     lim: dict[str, float] = {}
     for b in budgets:
         v = b.limit(cm.original)
@@ -184,7 +194,7 @@ def _limits(cm: CostModel, budgets: Sequence[Budget]) -> dict[str, float]:
     return lim
 
 
-def _solution(cm: CostModel, choice: dict[int, int]) -> Solution:
+def _solution(cm: Costs, choice: dict[int, int]) -> Solution:
     return Solution(choice, cm.predicted_drop(choice), cm.evaluate(choice))
 
 
@@ -193,7 +203,7 @@ def _relative_slack(limit: float) -> float:
     return abs(limit) * 1e-9 + 1e-6
 
 
-def min_cost(cm: CostModel, metric: str, time_limit: float = 60.0) -> Solution:
+def min_cost(cm: Costs, metric: str, time_limit: float = 60.0) -> Solution:
     """The cheapest reachable choice for ``metric`` (ignoring accuracy)."""
     p = _Problem(cm)
     row, const = p.cost_row(metric)
@@ -203,7 +213,7 @@ def min_cost(cm: CostModel, metric: str, time_limit: float = 60.0) -> Solution:
     return _solution(cm, choice)
 
 
-def solve(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
           minimize: str | None = None, time_limit: float = 60.0) -> Solution:
     """The optimal choice: least predicted drop within ``budgets``; or, with ``max_drop``, the least
     ``minimize`` cost whose predicted drop is at most ``max_drop`` (and within ``budgets``).
@@ -229,10 +239,11 @@ def solve(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = 
         raise _infeasible(cm, lim)
     if max_drop is None:
         choice = _polish(cm, choice, lim)
-    return _solution(cm, choice)
+    sol = _solution(cm, choice)
+    return Solution(sol.choice, sol.predicted_drop, sol.costs, p.status, p.gap)
 
 
-def _infeasible(cm: CostModel, lim: Mapping[str, float]) -> InfeasibleBudgetError:
+def _infeasible(cm: Costs, lim: Mapping[str, float]) -> InfeasibleBudgetError:
     parts = []
     for metric, v in lim.items():
         best = min_cost(cm, metric).costs[metric]
@@ -243,10 +254,11 @@ def _infeasible(cm: CostModel, lim: Mapping[str, float]) -> InfeasibleBudgetErro
                      f"{metric} budget {_fmt(metric, v)} ({v / orig:.3f}) is reachable alone")
     return InfeasibleBudgetError(
         "No plan meets the budget with the scanned settings: " + "; ".join(parts) +
-        ". Raise the budget, or scan larger pruning ratios / fewer bits (sensplan scan --ratios/--bits).")
+        ". Raise the budget, or scan stronger settings or more methods (sensplan scan --ratios, --bits, "
+        "--methods).")
 
 
-def brute_force(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
                 minimize: str | None = None) -> Solution | None:
     """Enumerate every choice; the reference the MILP is tested against (small instances only)."""
     lim = _limits(cm, budgets)
@@ -271,58 +283,99 @@ def brute_force(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | N
     return None if best is None else _solution(cm, best[1])
 
 
+
+
 @dataclass(frozen=True)
 class UniformSolution:
-    """The uniform baseline: one ``ratio`` for every scanned group, one ``bits`` for every layer."""
+    """The uniform baseline: one option per layer axis for every layer that has it (``layer_options``:
+    axis -> option key), and one pruning ``ratio`` for every scanned group (``removed`` channels)."""
 
     ratio: float
-    bits: int
+    layer_options: dict[str, str]
     removed: dict[str, int]
-    layer_bits: dict[str, int]
+    choice: dict[int, int]
     predicted_drop: float
     costs: dict[str, float]
 
+    @property
+    def label(self) -> str:
+        parts = [f"prune {self.ratio:.0%}"] if self.ratio else []
+        parts += [f"{k.split(':', 1)[0]} {v}" for k, v in self.layer_options.items() if v != "none"]
+        return ", ".join(parts) or "no compression"
 
-def _interp_drop(cm: CostModel, block: int, k: int) -> float:
+
+def _interp_drop(cm: Costs, block: int, k: float) -> float:
     b = cm.blocks[block]
-    env = cm.drop_table("drop")[block]
-    return float(np.interp(k, np.array(b.options, dtype=float), env))
+    removed = np.array([o.effect.get("removed", 0) for o in b.options], dtype=float)
+    return float(np.interp(k, removed, cm.drop_table("drop")[block]))
 
 
-def uniform_candidates(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+def uniform_candidates(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
                        minimize: str | None = None, step: float = 0.01) -> list[UniformSolution]:
-    """One uniform plan per bit width: every scanned group pruned at one ratio (a fine grid up to the
-    largest scanned ratio, so it can meet the budget closely), every layer at those bits.
+    """One uniform plan per combination of layer options (e.g. every layer at int4; or int8 and 50%
+    sparse), each with the single pruning ratio (on a fine grid up to the largest scanned ratio)
+    that meets the budget with the least pruning. In max-drop mode, the most pruning whose
+    predicted drop stays within ``max_drop``. Combinations that cannot meet the budget are left out.
 
-    Budget mode: for each bit width, the least pruning that meets the budget. Max-drop mode: for each
-    bit width, the most pruning whose predicted drop (interpolated between scanned ratios) stays
-    within ``max_drop``. Bit widths that cannot meet the budget are left out.
+    Off-grid ratios are costed exactly (analytic metrics) and their drops interpolated between the
+    scanned ratios; a measured cost table is used at the scanned options only.
     """
+    from sensplan.planner._costs import NONE, AnalyticCosts
+
     lim = _limits(cm, budgets)
-    prune_blocks = [i for i, b in enumerate(cm.blocks) if b.kind == "prune"]
-    quant_blocks = [i for i, b in enumerate(cm.blocks) if b.kind == "quantize"]
-    max_ratio = max((max(cm.blocks[i].ratios) for i in prune_blocks), default=0.0)
-    ratios = np.round(np.arange(0.0, max_ratio + 1e-9, step), 6) if prune_blocks else np.array([0.0])
-    bit_opts = sorted({o for i in quant_blocks for o in cm.blocks[i].options}, reverse=True) or [FLOAT_BITS]
+    groups = [i for i, b in enumerate(cm.blocks) if b.kind == "group"]
+    by_axis: dict[str, list[int]] = {}
+    for i, b in enumerate(cm.blocks):
+        if b.kind == "layer":
+            by_axis.setdefault(b.axis, []).append(i)
+    axis_keys = {ax: [NONE] + sorted({o.key for i in bis for o in cm.blocks[i].options[1:]})
+                 for ax, bis in by_axis.items()}
+    max_ratio = max((float(o.setting.get("ratio", 0.0)) for i in groups for o in cm.blocks[i].options),
+                    default=0.0)
+    table_metrics = [m for m in lim if m not in AnalyticCosts.metrics] + (
+        [minimize] if minimize and minimize not in AnalyticCosts.metrics else [])
+    if table_metrics:  # measured tables are known at the scanned ratios only
+        ratios = sorted({float(o.setting["ratio"]) for i in groups for o in cm.blocks[i].options[1:]})
+        ratios = [0.0, *ratios]
+    else:
+        ratios = [float(r) for r in np.round(np.arange(0.0, max_ratio + 1e-9, step), 6)] if groups else [0.0]
+    analytic = next(m for m in cm.models if isinstance(m, AnalyticCosts))
     metric = cost_metric(budgets, minimize)
+    drops = cm.drop_table("drop")
     out: list[UniformSolution] = []
-    for bits in bit_opts:
-        if any(bits not in cm.blocks[i].options for i in quant_blocks):
-            continue
+    for combo in itertools.product(*axis_keys.values()):
+        layer_opts = dict(zip(axis_keys, combo, strict=True))
+        choice: dict[int, int] = {}
+        for ax, key in layer_opts.items():
+            for i in by_axis[ax]:
+                keys = [o.key for o in cm.blocks[i].options]
+                choice[i] = keys.index(key) if key in keys else 0
+        layer_drop = float(sum(drops[i][o] for i, o in choice.items()))
+        effects = merged_effects(cm.blocks, choice)
         best: UniformSolution | None = None
         for r in ratios:
-            removed = {cm.blocks[i].unit: n_remove_for(float(r), cm.blocks[i].channels) if r > 0 else 0
-                       for i in prune_blocks}
-            layer_bits = {cm.blocks[i].unit: bits for i in quant_blocks}
-            costs = cm.evaluate_settings(removed, layer_bits)
+            removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels) if r > 0 else 0
+                       for i in groups}
+            gchoice = dict(choice)
+            exact = True
+            for i in groups:
+                rem = [o.effect.get("removed", 0) for o in cm.blocks[i].options]
+                if removed[cm.blocks[i].unit] in rem:
+                    gchoice[i] = rem.index(removed[cm.blocks[i].unit])
+                else:
+                    exact = False
+            if exact:
+                costs = cm.evaluate(gchoice)
+            else:
+                costs = {**cm.evaluate(gchoice), **analytic.direct(removed, effects)}
             if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
                 continue
-            drop = sum(_interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in prune_blocks)
-            drop += sum(float(cm.drop_table("drop")[i][cm.blocks[i].options.index(bits)]) for i in quant_blocks)
-            sol = UniformSolution(float(r), bits, removed, layer_bits, float(drop), costs)
+            drop = layer_drop + sum(_interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
+            sol = UniformSolution(float(r), {f"{ax}:uniform": k for ax, k in layer_opts.items()},
+                                  removed, gchoice, float(drop), costs)
             if max_drop is None:
                 best = sol
-                break  # larger ratios at these bits only cost accuracy
+                break  # larger ratios with these layer options only cost accuracy
             if drop <= max_drop + 1e-12 and (best is None or costs[metric] < best.costs[metric]):
                 best = sol
         if best is not None:
@@ -330,7 +383,7 @@ def uniform_candidates(cm: CostModel, budgets: Sequence[Budget], *, max_drop: fl
     return out
 
 
-def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float | None = None,
+def uniform_choice(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
                    minimize: str | None = None, step: float = 0.01) -> UniformSolution | None:
     """The uniform plan at the same budget: of :func:`uniform_candidates`, the one with the smallest
     predicted drop (budget mode) or the smallest ``minimize`` cost (max-drop mode); None if none."""
@@ -338,6 +391,6 @@ def uniform_choice(cm: CostModel, budgets: Sequence[Budget], *, max_drop: float 
     if not cands:
         return None
     if max_drop is None:
-        return min(cands, key=lambda c: c.predicted_drop)
+        return min(cands, key=lambda c: (c.predicted_drop, c.costs.get(cost_metric(budgets, minimize), 0.0)))
     metric = cost_metric(budgets, minimize)
     return min(cands, key=lambda c: c.costs[metric])

@@ -9,6 +9,15 @@ from sensplan.sensitivity._data import (
 )
 from sensplan.sensitivity._eval import EvalResult, evaluate
 from sensplan.sensitivity._groups import PruningGraph, check_group, count_macs, n_remove_for
+from sensplan.sensitivity.methods import (
+    METHODS,
+    Method,
+    MethodContext,
+    WeightMethod,
+    all_methods,
+    get_method,
+)
+from sensplan.sensitivity.tasks import TASKS, Task, TaskResult, get_task
 from sensplan.sensitivity._models import (
     ModelSpec,
     architecture_digest,
@@ -19,10 +28,21 @@ from sensplan.sensitivity._models import (
     register_model,
 )
 from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize, quantize_per_channel
-from sensplan.sensitivity._scan import Scan, ScanConfig, scan
+from sensplan.sensitivity._scan import Scan, ScanConfig, default_settings, scan
 
 __all__ = [
+    "METHODS",
     "SUPPORTED_BITS",
+    "TASKS",
+    "Method",
+    "MethodContext",
+    "Task",
+    "TaskResult",
+    "WeightMethod",
+    "all_methods",
+    "default_settings",
+    "get_method",
+    "get_task",
     "DataSpec",
     "EvalResult",
     "EvalSet",

@@ -241,6 +241,13 @@ class EvalSet:
     def example_input(self) -> torch.Tensor:
         return self.x[:1].clone()
 
+    def to(self, device: torch.device | str) -> EvalSet:
+        """The same data with its tensors on ``device`` (itself when already there)."""
+        dev = torch.device(device)
+        if self.x.device == dev:
+            return self
+        return EvalSet(self.x.to(dev), self.y.to(dev), self.classes, self.description, self.indices)
+
 
 def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: int = 2,
                   exclude: np.ndarray | None = None) -> EvalSet:

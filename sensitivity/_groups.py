@@ -23,6 +23,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from sensplan._effects import n_remove_for
+
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -30,12 +32,7 @@ QUANTIZABLE = (*_CONV, *_CONVT, nn.Linear)
 
 CRITERION = "group_l2_magnitude"
 
-
-def n_remove_for(ratio: float, channels: int) -> int:
-    """Channels removed at ``ratio`` of a group of ``channels``: round half up, at least one kept."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"The 'ratio' parameter must be a float in the range [0.0, 1.0). Got {ratio!r} instead.")
-    return min(channels - 1, int(math.floor(ratio * channels + 0.5)))
+__all__ = ["CRITERION", "QUANTIZABLE", "PruningGraph", "check_group", "count_macs", "n_remove_for"]
 
 
 @dataclass(frozen=True)
@@ -194,7 +191,7 @@ class GroupCheck:
 
     ok: bool
     reason: str
-    shrinks: dict[str, list[int]]  # state-dict key -> dims that shrink with this group
+    shrinks: dict[str, dict[str, float]]  # state-dict key -> {dim: elements removed per channel}
 
 
 def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
@@ -204,7 +201,8 @@ def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
     A group is safe to scan when (1) structural pruning of a copy runs and the forward pass works,
     (2) the output keeps its shape, and (3) the zeroing probe on ``model`` gives the same outputs as
     the pruned copy (within ``rtol`` of the output scale). ``model`` is left bit-identical.
-    Also returns which dims of which state-dict tensors shrink with this group (for the cost model).
+    Also returns how many elements each state-dict tensor loses per removed channel along each dim
+    (for the cost model).
     """
     idxs = graph.select(gid, n_remove)
     with torch.no_grad():
@@ -235,7 +233,10 @@ def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
                                  "so its scan would not measure what the executor does.", {})
     before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     after = {k: tuple(v.shape) for k, v in clone.state_dict().items()}
-    shrinks = {k: [d for d, (a, b) in enumerate(zip(before[k], after[k], strict=True)) if a != b]
+    # Elements removed per channel along each dim: additive, so a dim shared by several groups
+    # (a concatenation) shrinks by the sum of what each removes.
+    shrinks = {k: {str(d): (a - b) / n_remove
+                   for d, (a, b) in enumerate(zip(before[k], after[k], strict=True)) if a != b}
                for k in before if k in after and before[k] != after[k]}
     return GroupCheck(True, "", shrinks)
 

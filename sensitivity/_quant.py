@@ -9,6 +9,9 @@ bits clipping the outliers lowers the error a lot). The range is symmetric (2 bi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -73,3 +76,35 @@ def unpack_codes(data: bytes, bits: int, shape: tuple[int, ...]) -> torch.Tensor
 
 def packed_nbytes(numel: int, bits: int) -> int:
     return (numel * bits + 7) // 8
+
+
+def act_qparams(lo: float, hi: float, bits: int) -> dict[str, Any]:
+    """Affine per-tensor parameters for values in ``[lo, hi]`` (widened to include 0):
+    ``q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``."""
+    lo, hi = min(0.0, float(lo)), max(0.0, float(hi))
+    levels = 2 ** bits - 1
+    scale = (hi - lo) / levels if hi > lo else 1.0
+    zero_point = int(min(levels, max(0, round(-lo / scale))))
+    return {"bits": int(bits), "scale": float(scale), "zero_point": zero_point}
+
+
+def fake_quantize_activation(x: torch.Tensor, qp: Mapping[str, Any]) -> torch.Tensor:
+    levels = 2 ** int(qp["bits"]) - 1
+    scale, zp = float(qp["scale"]), int(qp["zero_point"])
+    q = torch.clamp(torch.round(x / scale) + zp, 0, levels)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+class _InputQuant:
+    """A forward pre-hook that fake-quantizes a module's first input (picklable, deep-copyable)."""
+
+    def __init__(self, qp: Mapping[str, Any]) -> None:
+        self.qp = dict(qp)
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (fake_quantize_activation(args[0], self.qp), *args[1:])
+
+
+def install_input_quant(module: torch.nn.Module, qp: Mapping[str, Any]) -> Any:
+    """Fake-quantize ``module``'s input with ``qp`` from now on; returns the removable handle."""
+    return module.register_forward_pre_hook(_InputQuant(qp))

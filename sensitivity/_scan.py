@@ -1,151 +1,143 @@
-"""The sensitivity scan: perturb one unit at a time, evaluate, restore; write the table.
+"""The sensitivity scan: compress one unit at a time with each method and setting, evaluate, restore.
 
-Units:
-- every Conv/Linear layer, for weight quantization at each of ``ScanConfig.bits``;
-- every channel group (Torch-Pruning DependencyGraph), for structured pruning at each of
-  ``ScanConfig.ratios``, with the executor's channel-selection criterion.
+The methods (:mod:`sensplan.sensitivity.methods`) say which units they apply to and how to probe
+them; the task (:mod:`sensplan.sensitivity.tasks`) says how to score the model. Each probe is
+reversible: after :func:`scan` the model's state dict is bit-identical to before. A ``drop`` is
+positive when the model got worse (``Metric.drop``); ``loss_increase`` is probe loss - baseline loss.
 
-Each probe is reversible: after :func:`scan` the model's state dict is bit-identical to before.
-A ``drop`` is ``baseline top-1 - probe top-1`` (a fraction; positive = worse); ``loss_increase``
-is ``probe loss - baseline loss`` (nats).
+Every finished probe is appended to a journal (``<out>.journal``) when one is given, so a killed
+scan re-run with the same command redoes no finished probe (see :mod:`sensplan._journal`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write_json
-from sensplan._errors import ArtifactError, InternalError, UserInputError
+from sensplan._artifacts import file_sha256, now_iso, versions
+from sensplan._errors import UserInputError
+from sensplan._tables import SCAN_FORMAT, SCAN_SCHEMA_VERSION, Scan
+from sensplan._metric import Metric
 from sensplan.sensitivity._data import EvalSet
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
     batchnorm_statistics,
-    evaluate,
-    paired_drop_se,
     recalibrate_batchnorm_,
 )
-from sensplan.sensitivity._groups import (
-    CRITERION,
-    QUANTIZABLE,
-    PruningGraph,
-    check_group,
-    count_macs,
-    n_remove_for,
-)
-from sensplan.sensitivity._models import ModelSpec, architecture_digest
-from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize
+from sensplan.sensitivity._groups import QUANTIZABLE, PruningGraph, count_macs
+from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
+from sensplan.sensitivity.methods import Method, MethodContext, Setting, all_methods, get_method
+from sensplan.sensitivity.tasks import Task, TaskResult, get_task, paired_se
 
-SCAN_FORMAT = "sensplan.scan"
-SCAN_SCHEMA_VERSION = 1
-QUANT_METHOD = "per_channel_symmetric_mse_clip"
+
+
+def default_settings() -> dict[str, tuple[Setting, ...]]:
+    """The methods ``sensplan scan`` runs without ``--methods``, with their default settings."""
+    return {m.name: tuple(m.default_settings) for m in all_methods() if m.default_on}
 
 
 @dataclass(frozen=True)
 class ScanConfig:
-    """What to scan: weight ``bits`` and pruning ``ratios`` (fraction of a group's channels removed).
+    """What to scan: ``settings`` maps a method name to its settings; the ``task`` scores the model.
 
-    Example: ``ScanConfig(bits=(8, 4), ratios=(0.25, 0.5))``.
+    Example: ``ScanConfig({"prune": [{"ratio": 0.25}], "weight_quant": [{"bits": 4}]})``;
+    ``ScanConfig.of(bits=(8, 4), ratios=(0.25, 0.5))`` is the same for the two default methods.
     """
 
-    bits: tuple[int, ...] = (8, 6, 4, 3, 2)
-    ratios: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    settings: Mapping[str, Sequence[Setting]] = field(default_factory=default_settings)
+    task: str = "classification"
     batch_size: int = 500
     check_samples: int = 8
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bits", tuple(sorted(set(int(b) for b in self.bits), reverse=True)))
-        object.__setattr__(self, "ratios", tuple(sorted(set(float(r) for r in self.ratios))))
-        for b in self.bits:
-            if b not in SUPPORTED_BITS:
-                raise UserInputError(f"The 'bits' parameter of ScanConfig must hold values in "
-                                     f"{SUPPORTED_BITS}. Got {b} instead.")
-        for r in self.ratios:
-            if not 0.0 < r < 1.0:
-                raise UserInputError(f"The 'ratios' parameter of ScanConfig must hold floats in the range "
-                                     f"(0.0, 1.0). Got {r} instead.")
-        if self.batch_size <= 0:
-            raise UserInputError(f"The 'batch_size' parameter must be positive. Got {self.batch_size}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bits": list(self.bits), "ratios": list(self.ratios), "batch_size": self.batch_size,
-                "check_samples": self.check_samples}
-
-
-@dataclass(frozen=True)
-class Scan:
-    """The scan table (``scan.json``): baseline, units, their measured drops, cost structure, provenance.
-
-    Plain data keyed by module FQN; see docs/formats.md for every field.
-    """
-
-    data: Mapping[str, Any]
-    sha256: str = ""
-    path: str = ""
-
-    # convenient views -----------------------------------------------------------------------------
-    @property
-    def baseline(self) -> Mapping[str, Any]:
-        return self.data["baseline"]  # type: ignore[no-any-return]
-
-    @property
-    def layers(self) -> Mapping[str, Any]:
-        return self.data["layers"]  # type: ignore[no-any-return]
-
-    @property
-    def groups(self) -> Mapping[str, Any]:
-        return self.data["groups"]  # type: ignore[no-any-return]
-
-    @property
-    def tensors(self) -> Mapping[str, Any]:
-        return self.data["tensors"]  # type: ignore[no-any-return]
-
-    @property
-    def results(self) -> Sequence[Mapping[str, Any]]:
-        return self.data["results"]  # type: ignore[no-any-return]
-
-    def scanned_groups(self) -> list[str]:
-        return [g for g, v in self.groups.items() if v["status"] == "scanned"]
-
-    def skipped_groups(self) -> dict[str, str]:
-        return {g: v["reason"] for g, v in self.groups.items() if v["status"] == "skipped"}
-
-    def results_for(self, unit: str, kind: str) -> list[Mapping[str, Any]]:
-        return [r for r in self.results if r["unit"] == unit and r["kind"] == kind]
-
-    def save(self, path: str | os.PathLike[str]) -> Scan:
-        digest = write_json(path, dict(self.data))
-        return Scan(self.data, digest, str(path))
+        norm: dict[str, tuple[Setting, ...]] = {}
+        if not self.settings:
+            raise UserInputError("The scan has no method to run. Give at least one, e.g. "
+                                 "--methods prune,weight_quant.")
+        for name, settings in self.settings.items():
+            method = get_method(name)
+            try:
+                checked = [method.check_setting(s) for s in settings]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserInputError(f"Bad setting for {name}: {e}") from None
+            if not checked:
+                raise UserInputError(f"The method {name!r} has no settings to scan. Give at least one.")
+            unique = {_setting_key(s): s for s in checked}
+            norm[name] = tuple(sorted(unique.values(), key=method.level))
+        object.__setattr__(self, "settings", norm)
+        get_task(self.task)
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise UserInputError(f"The batch size must be a positive integer (--batch-size). Got "
+                                 f"{self.batch_size!r} instead.")
+        if not isinstance(self.check_samples, int) or self.check_samples <= 0:
+            raise UserInputError(f"check_samples must be a positive integer. Got {self.check_samples!r}.")
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> Scan:
-        obj = read_json(path, SCAN_FORMAT, (SCAN_SCHEMA_VERSION,))
-        for key in ("baseline", "layers", "groups", "tensors", "results"):
-            if key not in obj:
-                raise ArtifactError(f"{str(path)!r} lacks the {key!r} section of a scan. Re-run `sensplan scan`.")
-        return cls(obj, file_sha256(path), str(path))
+    def of(cls, *, bits: Sequence[int] = (8, 6, 4, 3, 2),
+           ratios: Sequence[float] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+           prune: bool = True, quantize: bool = True, **kwargs: Any) -> ScanConfig:
+        """The two default methods with these weight ``bits`` and pruning ``ratios``."""
+        settings: dict[str, list[Setting]] = {}
+        if prune and ratios:
+            settings["prune"] = [{"ratio": float(r)} for r in ratios]
+        if quantize and bits:
+            settings["weight_quant"] = [{"bits": int(b)} for b in bits]
+        return cls(settings, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"settings": {k: [dict(s) for s in v] for k, v in self.settings.items()},
+                "task": self.task, "batch_size": self.batch_size, "check_samples": self.check_samples}
 
 
-def _progress(total: int, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="scan", unit="probe", disable=None if enabled is None else not enabled,
-                dynamic_ncols=True, leave=True)
+def _setting_key(setting: Mapping[str, Any]) -> str:
+    return json.dumps(dict(setting), sort_keys=True, separators=(",", ":"))
 
 
-def describe_model(model: nn.Module, graph: PruningGraph, example_input: torch.Tensor) -> tuple[
-        dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The static structure the planner's cost model needs: layers, groups, tensors (no results)."""
+class _Progress:
+    """tqdm on a terminal; a line every ``every`` seconds when stderr is a file or a pipe."""
+
+    def __init__(self, total: int, enabled: bool | None, every: float = 30.0) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.every = total, 0, every
+        self.tty = sys.stderr.isatty() if enabled is None else enabled
+        self.quiet = enabled is False
+        self.bar = tqdm(total=total, desc="scan", unit="probe", dynamic_ncols=True, leave=True,
+                        disable=not self.tty)
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, what: str) -> None:
+        self.done += 1
+        self.bar.set_postfix_str(what, refresh=False)
+        self.bar.update(1)
+        now = time.perf_counter()
+        if not self.tty and not self.quiet and (now - self.last >= self.every or self.done == self.total):
+            self.last = now
+            rate = self.done / max(1e-9, now - self.t0)
+            eta = (self.total - self.done) / max(1e-9, rate)
+            print(f"scan: {self.done}/{self.total} probes, {now - self.t0:.0f} s, about {eta:.0f} s "
+                  f"left ({what})", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
+        dict[str, Any], dict[str, Any], PruningGraph | None, str]:
+    """The static structure the cost model needs: layers and tensors; plus the channel-group graph
+    (None with the reason when Torch-Pruning cannot trace the model)."""
     macs = count_macs(model, example_input)
-    modules = dict(model.named_modules())
     layers: dict[str, Any] = {}
-    for name, mod in modules.items():
+    for name, mod in model.named_modules():
         if isinstance(mod, QUANTIZABLE) and name in macs:
             layers[name] = {"type": type(mod).__name__, "weight": f"{name}.weight",
                             "weight_shape": list(mod.weight.shape), "macs": int(macs[name]),
@@ -156,130 +148,195 @@ def describe_model(model: nn.Module, graph: PruningGraph, example_input: torch.T
                    "kind": "parameter" if k in params else "buffer",
                    "layer": weight_of.get(k), "shrinks": {}}
                for k, v in model.state_dict().items()}
-    groups = {gid: {"channels": graph.channels(gid),
-                    "members": [[m.module, m.side, m.kind] for m in graph.members(gid)],
-                    "status": "pending", "reason": ""}
-              for gid in graph.group_ids()}
-    return layers, groups, tensors
+    try:
+        graph: PruningGraph | None = PruningGraph(model, example_input)
+        error = ""
+    except Exception as e:  # Torch-Pruning cannot trace every model; quantization goes on
+        graph = None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        error = (f"Torch-Pruning could not build the channel dependency graph "
+                 f"({type(e).__name__}: {first}); channel pruning is unavailable for this model.")
+    return layers, tensors, graph, error
 
 
 def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
          calib: EvalSet | None = None, model_spec: ModelSpec | None = None, weights: str | None = None,
-         prune: bool = True, quantize: bool = True, progress: bool | None = None) -> Scan:
-    """Measure the accuracy drop of every (unit, setting) on ``data``; return the table (unsaved).
+         progress: bool | None = None, journal: str | os.PathLike[str] | None = None,
+         resume: bool = True, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> Scan:
+    """Measure the drop of every (unit, method, setting) on ``data``; return the table (unsaved).
 
     With ``calib`` (calibration data, ideally disjoint from ``data``), every probe recalibrates the
-    BatchNorm statistics as the executor will (``recalibrate_batchnorm_``) before evaluating.
-    ``model`` is evaluated in eval mode and restored after every probe: its state dict is
-    bit-identical afterwards. Example::
+    BatchNorm statistics as the executor will before evaluating. With ``journal`` (a path), every
+    finished probe is appended there and, with ``resume``, probes already in it are not redone.
+    ``device`` runs the scan there (on a copy of the model when it is not already there). ``model``
+    is restored after every probe: its state dict is bit-identical afterwards. Example::
 
-        table = scan(model, load_eval_set(DataSpec.parse("digits")), ScanConfig(bits=(8, 4)))
+        table = scan(model, load_eval_set(DataSpec.parse("digits")), ScanConfig.of(bits=(8, 4)))
         table.save("scan.json")
     """
     cfg = config or ScanConfig()
+    task = get_task(cfg.task)
+    dev = torch.device(device) if device is not None else _device_of(model)
     started, t0 = now_iso(), time.perf_counter()
+    if dev != _device_of(model):
+        model = copy.deepcopy(model).to(dev)
+    data_dev, calib_dev = data.to(dev), calib.to(dev) if calib is not None else None
     was_training = model.training
     model.eval()
-    example = data.example_input
-    base = evaluate(model, data, cfg.batch_size, per_sample=True)
-    graph = PruningGraph(model, example)
-    layers, groups, tensors = describe_model(model, graph, example)
-    check_inputs = data.x[: max(1, cfg.check_samples)]
+    _check_labels(task, data)
+    example = data_dev.example_input
+    state = task.prepare(model, data_dev, cfg.batch_size, dev, dtype)
+    base = task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype)
+    layers, tensors, graph, graph_error = describe_model(model, example)
+    groups = ({gid: {"channels": graph.channels(gid),
+                     "members": [[m.module, m.side, m.kind] for m in graph.members(gid)],
+                     "status": "skipped", "reason": "no group method was scanned."}
+               for gid in graph.group_ids()} if graph is not None else {})
+    ctx = MethodContext(model, example, layers, groups, tensors, calib=calib_dev, eval_data=data_dev,
+                        check_inputs=data_dev.x[: cfg.check_samples], graph=graph,
+                        graph_error=graph_error, device=dev)
+    reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
 
-    # Which groups are safe, and what each ratio removes (distinct, non-empty channel counts only).
-    plans: dict[str, list[tuple[float, int]]] = {}
-    if prune and cfg.ratios:
-        for gid, g in groups.items():
-            settings: list[tuple[float, int]] = []
-            for r in cfg.ratios:
-                k = n_remove_for(r, g["channels"])
-                if k > 0 and all(k != k0 for _, k0 in settings):
-                    settings.append((r, k))
-            if not settings:
-                g.update(status="skipped", reason=f"only {g['channels']} channel(s): no scanned ratio "
-                                                  f"removes a channel while keeping one.")
-                continue
-            chk = check_group(model, graph, gid, settings[-1][1], check_inputs)
-            if not chk.ok:
-                g.update(status="skipped", reason=chk.reason)
-                continue
-            g.update(status="scanned")
-            for key, dims in chk.shrinks.items():
-                tensors[key]["shrinks"][gid] = dims
-            plans[gid] = settings
-    else:
-        for g in groups.values():
-            g.update(status="skipped", reason="pruning was not scanned (--no-prune).")
+    header = _journal_header(model, data, calib if reference else None, cfg, weights)
+    jr = _open_journal(journal, header, resume)
+    methods_info: dict[str, Any] = {}
+    todo: list[tuple[Method, str, Setting]] = []
+    for name, settings in cfg.settings.items():
+        method = get_method(name)
+        if method.unit_kind == "group" and graph is None:
+            units = {}
+        else:
+            units = method.units(ctx, settings)
+        skipped = {u: why for u, why in units.items() if why}
+        if method.unit_kind == "group":
+            for gid, why in units.items():
+                groups[gid].update(status="skipped" if why else "scanned", reason=why)
+        methods_info[name] = {**method.describe(), "settings": [dict(s) for s in settings],
+                              "skipped": skipped,
+                              **({"unavailable": graph_error} if method.unit_kind == "group" and graph is None
+                                 else {})}
+        for unit, why in units.items():
+            if not why:
+                todo.extend((method, unit, s) for s in method.unit_settings(ctx, unit, settings))
 
-    q_layers = list(layers) if quantize else []
-    total = sum(len(s) for s in plans.values()) + len(q_layers) * len(cfg.bits)
     results: list[dict[str, Any]] = []
-    module = dict(model.named_modules())
-
-    reference = batchnorm_statistics(model, calib) if calib is not None else {}
-
-    def record(unit: str, kind: str, setting: dict[str, Any], t_start: float) -> None:
-        with batchnorm_state_restored(model):
-            recalibrate_batchnorm_(model, calib, reference)
-            ev = evaluate(model, data, cfg.batch_size, per_sample=True)
-        if base.correct is None or ev.correct is None:  # pragma: no cover - per_sample=True above
-            raise InternalError("evaluate(per_sample=True) returned no per-sample results")
-        lost, gained, se = paired_drop_se(base.correct, ev.correct)
-        results.append({"unit": unit, "kind": kind, **setting, "top1": ev.top1, "loss": ev.loss,
-                        "drop": base.top1 - ev.top1, "drop_se": se, "lost": lost, "gained": gained,
-                        "loss_increase": ev.loss - base.loss,
-                        "seconds": round(time.perf_counter() - t_start, 4)})
-
-    with _progress(total, progress) as bar:
-        for gid, settings in plans.items():
-            for ratio, k in settings:
-                bar.set_postfix_str(f"prune {gid} {ratio:.2f}", refresh=False)
+    bar = _Progress(len(todo), progress)
+    try:
+        for method, unit, setting in todo:
+            row = jr.get(unit, method.name, setting) if jr is not None else None
+            if row is None:
                 t = time.perf_counter()
-                # the executor's own choice of channels (PruningGraph.select)
-                with graph.zeroed(gid, graph.select(gid, k)):
-                    record(gid, "prune", {"ratio": ratio, "n_remove": k}, t)
-                bar.update(1)
-        for name in q_layers:
-            w = module[name].weight
-            original = w.detach().clone()
-            for b in cfg.bits:
-                bar.set_postfix_str(f"quantize {name} {b}b", refresh=False)
-                t = time.perf_counter()
-                with torch.no_grad():
-                    w.copy_(fake_quantize(original, b))
-                try:
-                    record(name, "quantize", {"bits": b}, t)
-                finally:
-                    with torch.no_grad():
-                        w.copy_(original)
-                bar.update(1)
-    model.train(was_training)
+                with method.probe(ctx, unit, setting), batchnorm_state_restored(model):
+                    recalibrate_batchnorm_(model, calib_dev, reference)
+                    ev = task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype)
+                row = _row(task.metric, base, ev, method, unit, setting, time.perf_counter() - t)
+                if jr is not None:
+                    jr.append(unit, method.name, setting, row)
+            results.append(row)
+            bar.update(f"{method.label(setting)} {unit}")
+    finally:
+        bar.close()
+        if jr is not None:
+            jr.close()
+        model.train(was_training)
 
     spec = model_spec.to_dict() if model_spec else None
     table = {
         "format": SCAN_FORMAT,
         "schema_version": SCAN_SCHEMA_VERSION,
         "provenance": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
-                       "versions": versions(), "torch_threads": torch.get_num_threads()},
+                       "versions": versions(), "torch_threads": torch.get_num_threads(),
+                       "device": str(dev), "dtype": str(dtype or torch.float32).replace("torch.", ""),
+                       "journal": str(journal) if journal else None,
+                       "probes_from_journal": sum(1 for r in results if r.get("from_journal"))},
         "model": {"spec": spec, "weights": weights,
                   "weights_sha256": file_sha256(weights) if weights else None,
                   "architecture_digest": architecture_digest(model),
                   "input_shape": list(example.shape[1:]),
-                  "num_classes": int(base_logits_classes(model, example))},
+                  "outputs": int(_outputs(model, example))},
         "data": data.description,
-        "config": {**cfg.to_dict(), "prune": prune, "quantize": quantize,
-                   "prune_criterion": CRITERION, "quant_method": QUANT_METHOD,
-                   "bn_recalibration": bool(reference)},
+        "task": task.to_dict(),
+        "config": {**cfg.to_dict(), "bn_recalibration": bool(reference)},
         "calibration": calib.description if calib is not None and reference else None,
         "baseline": base.to_dict(),
+        "methods": methods_info,
+        "pruning_graph": {"available": graph is not None, "reason": graph_error},
         "layers": layers,
         "groups": groups,
         "tensors": tensors,
-        "results": results,
+        "results": [{k: v for k, v in r.items() if k != "from_journal"} for r in results],
     }
     return Scan(table)
 
 
-def base_logits_classes(model: nn.Module, example: torch.Tensor) -> int:
+def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, unit: str,
+         setting: Setting, seconds: float) -> dict[str, Any]:
+    lost = gained = 0
+    se = 0.0
+    if base.per_sample is not None and ev.per_sample is not None:
+        # lost/gained count samples that got worse/better whatever the metric's direction
+        lost, gained, se = paired_se(base.per_sample, ev.per_sample)
+        if not metric.higher_is_better:
+            lost, gained = gained, lost
+    return {"unit": unit, "method": method.name, "axis": method.axis, "setting": dict(setting),
+            "label": method.label(setting), "level": method.level(setting),
+            "effect": method.effect(setting), "score": ev.score, "loss": ev.loss,
+            "drop": metric.drop(base.score, ev.score), "drop_se": se, "lost": lost, "gained": gained,
+            "loss_increase": ev.loss - base.loss, "seconds": round(seconds, 4)}
+
+
+def _check_labels(task: Task, data: EvalSet) -> None:
+    if task.needs_labels and bool((data.y < 0).any()):
+        raise UserInputError(f"The task {task.name!r} needs labels, but the data has none (an "
+                             f"unlabelled image folder). Use --task agreement, which compares with the "
+                             f"original model instead.")
+
+
+def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: ScanConfig,
+                    weights: str | None) -> dict[str, Any]:
+    def digest(es: EvalSet | None) -> str | None:
+        if es is None:
+            return None
+        d = es.description
+        return f"{d.get('spec')}|{d.get('indices_sha256')}|{d.get('n')}|{d.get('preprocess')}"
+
+    return {"architecture_digest": architecture_digest(model), "weights_digest": weights_digest(model),
+            "data": digest(data), "calibration": digest(calib), "task": cfg.task,
+            "batch_size": cfg.batch_size}
+
+
+def _open_journal(path: str | os.PathLike[str] | None, header: dict[str, Any], resume: bool) -> Any:
+    if path is None:
+        return None
+    from sensplan._journal import Journal
+
+    return _MarkingJournal(Journal.open(path, header, resume=resume))
+
+
+class _MarkingJournal:
+    """Marks rows read back from the journal (for the provenance count)."""
+
+    def __init__(self, jr: Any) -> None:
+        self.jr = jr
+
+    def get(self, unit: str, method: str, setting: Setting) -> dict[str, Any] | None:
+        row = self.jr.get(unit, method, setting)
+        return None if row is None else {**row, "from_journal": True}
+
+    def append(self, unit: str, method: str, setting: Setting, row: dict[str, Any]) -> None:
+        self.jr.append(unit, method, setting, row)
+
+    def close(self) -> None:
+        self.jr.close()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _outputs(model: nn.Module, example: torch.Tensor) -> int:
     with torch.no_grad():
         return int(model(example).shape[-1])

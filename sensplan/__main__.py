@@ -1,5 +1,5 @@
 import sys
 
-from sensplan.planner._cli import main
+from sensplan.cli import main
 
 sys.exit(main())

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from sensplan.planner._cli import main
+from sensplan.cli import main
 from tests.conftest import seeded_model
 from tests.tables import synthetic_scan
 

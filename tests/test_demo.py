@@ -1,6 +1,6 @@
 import json
 
-from sensplan.planner._cli import main
+from sensplan.cli import main
 
 
 def test_demo_runs_end_to_end_offline(tmp_path, capsys):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sensplan.planner._cli import main
+from sensplan.cli import main
 from tests.conftest import CIFAR_RESNET, CIFAR_TEST, RESNET20_JPEG, RESNET20_ORIG, needs_shared
 
 pytestmark = [needs_shared, pytest.mark.shared, pytest.mark.slow]

@@ -1,0 +1,119 @@
+"""Tasks: how data is batched, how the model is run, and how it is scored.
+
+A task turns a model and an :class:`~sensplan.sensitivity.EvalSet` into a :class:`TaskResult`: one
+score (a :class:`~sensplan._metric.Metric` with a name, a unit and a direction), a mean loss, and
+per-sample scores for paired standard errors. Register a new task with ``TASKS.register``::
+
+    @TASKS.register
+    class MyTask(Task):
+        name = "my_task"
+        metric = Metric("my_score", higher_is_better=True, unit="fraction")
+        def evaluate(self, model, data, state, batch_size=500, device=None, dtype=None): ...
+
+Built in: ``classification`` (top-1 against labels) and ``agreement`` (top-1 agreement with the
+original model plus KL divergence; needs no labels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from sensplan._metric import Metric
+from sensplan._registry import Registry
+from sensplan.sensitivity._data import EvalSet
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """``score`` in the metric's unit, mean ``loss``, ``n`` samples, ``per_sample`` scores (float
+    tensor, same order every call) and task-specific ``extra`` numbers."""
+
+    score: float
+    loss: float
+    n: int
+    per_sample: torch.Tensor | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"score": self.score, "loss": self.loss, "n": self.n, **self.extra}
+
+
+def paired_se(base: torch.Tensor, probe: torch.Tensor) -> tuple[int, int, float]:
+    """Per-sample score changes between two evaluations of the same samples: ``(lost, gained, se)``
+    with ``lost``/``gained`` the samples whose score fell/rose and ``se`` the standard error of the
+    mean difference (for 0/1 scores this is McNemar's paired formula)."""
+    d = (probe.double() - base.double())
+    n = max(1, d.numel())
+    lost, gained = int((d < 0).sum()), int((d > 0).sum())
+    var = max(0.0, float((d * d).sum()) - float(d.sum()) ** 2 / n)
+    return lost, gained, var ** 0.5 / n
+
+
+class Task:
+    """Base class: subclasses set ``name``, ``metric``, ``needs_labels`` and implement ``evaluate``."""
+
+    name: ClassVar[str] = ""
+    metric: ClassVar[Metric]
+    needs_labels: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
+                device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+        """Per-run state computed once on the original model (e.g. its reference outputs)."""
+        return None
+
+    def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "metric": self.metric.to_dict()}
+
+
+def run_batches(model: nn.Module, data: EvalSet, batch_size: int, device: torch.device | None,
+                dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(logits as float32 on the CPU, labels, index slice start)`` for every batch, in order.
+
+    Inputs move to ``device``; with a 16-bit ``dtype`` the forward runs under autocast.
+    """
+    from sensplan.sensitivity._eval import tune_malloc
+
+    tune_malloc()
+    model.eval()
+    dev = device or _model_device(model)
+    use_autocast = dtype is not None and dtype != torch.float32
+    with torch.inference_mode():
+        for i, (x, y) in enumerate(data.batches(batch_size)):
+            ctx = torch.autocast(dev.type, dtype=dtype) if use_autocast else nullcontext()
+            with ctx:
+                out = model(x.to(dev, non_blocking=True))
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                from sensplan._errors import UserInputError
+
+                raise UserInputError(f"The model must return a (batch, classes) tensor of logits; it "
+                                     f"returned {getattr(out, 'shape', type(out).__name__)}.")
+            yield out.float().cpu(), y.cpu(), torch.tensor(i * batch_size)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+TASKS: Registry[Task] = Registry("task", flag="--task")
+
+
+def get_task(name: str) -> Task:
+    from sensplan.sensitivity.tasks import agreement, classification  # noqa: F401  (register)
+
+    return TASKS.get(name)
+
+
+__all__ = ["TASKS", "Task", "TaskResult", "get_task", "paired_se", "run_batches"]
