@@ -1,5 +1,7 @@
-"""Benchmark on the real ResNet-20 (../shared): scan wall time, and planned vs uniform top-1 without
-fine-tuning at macs=0.5 and size=0.25. Every number is measured in this run.
+"""Benchmark on the real ResNet-20 (../shared): scan wall time, planned vs uniform top-1 without
+fine-tuning at macs=0.5 and size=0.25 (prune + int weight bits), and at size=0.125 the weight-bits-only
+plan next to plans that mix bits with unstructured and 2:4 sparsity, fp16 and int8 activations.
+Every number is measured in this run.
 
     python bench/bench_resnet20.py [--samples 2000] [--shared ../shared]
 
@@ -16,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,7 @@ def main() -> int:
         DataSpec,
         ModelSpec,
         ScanConfig,
+        all_methods,
         evaluate,
         load_eval_set,
         load_model,
@@ -64,8 +68,11 @@ def main() -> int:
           f"{len(calib)}, held-out {len(held)} images (decoded in {load_s:.1f} s)")
 
     # -- scan wall time vs. re-decoding the data for every probe ---------------------------------------
+    tmpdir = tempfile.TemporaryDirectory()
+    journal = Path(tmpdir.name) / "scan.json.journal"
     t = time.perf_counter()
-    table = scan(model, data, ScanConfig(), calib=calib, model_spec=spec, weights=str(weights), progress=False)
+    table = scan(model, data, ScanConfig(), calib=calib, model_spec=spec, weights=str(weights),
+                 progress=False, journal=journal)
     scan_s = time.perf_counter() - t
     probes = len(table.results)
     ds, _, _ = open_dataset(data_spec)
@@ -82,84 +89,107 @@ def main() -> int:
         cached_times.append(time.perf_counter() - t)
     decode_eval, cached_eval = statistics.median(decode_times), statistics.median(cached_times)
     naive_s = probes * decode_eval
-    print(f"\nscan: {probes} probes in {scan_s:.1f} s ({scan_s / probes:.2f} s/probe incl. BN recalibration); "
-          f"baseline (decode JPEGs per probe, no recalibration): {naive_s:.1f} s estimated from a median "
-          f"{decode_eval:.2f} s/eval -> {naive_s / scan_s:.2f}x; in-memory eval {cached_eval:.2f} s "
-          f"({decode_eval / cached_eval:.1f}x faster than decoding)")
+    print(f"\nscan (prune + weight_quant): {probes} probes in {scan_s:.1f} s ({scan_s / probes:.2f} s/probe "
+          f"incl. BN recalibration); baseline (decode JPEGs per probe, no recalibration): {naive_s:.1f} s "
+          f"estimated from a median {decode_eval:.2f} s/eval -> {naive_s / scan_s:.2f}x; in-memory eval "
+          f"{cached_eval:.2f} s ({decode_eval / cached_eval:.1f}x faster than decoding)")
     skipped = [f"{g} ({len(table.groups[g]['members'])} members)" for g in table.skipped_groups()]
     print(f"skipped groups: {', '.join(skipped)}")
+
+    # -- the new methods: the same journal, so the first scan's probes are reused, not redone -------------
+    all_settings = {m.name: m.default_settings for m in all_methods()}
+    t = time.perf_counter()
+    full = scan(model, data, ScanConfig(all_settings), calib=calib, model_spec=spec, weights=str(weights),
+                progress=False, journal=journal)
+    full_s = time.perf_counter() - t
+    reused = full.data["provenance"]["probes_from_journal"]
+    per_method = Counter(r["method"] for r in full.results)
+    print(f"scan (all {len(all_settings)} methods): {len(full.results)} probes in {full_s:.1f} s, {reused} "
+          f"reused from the journal; per method: " + ", ".join(f"{k} {v}" for k, v in per_method.items()))
 
     # -- planned vs uniform, no fine-tuning --------------------------------------------------------------
     before = measure_original(model, data, spec, timing=True)
     base_held = evaluate(model, held).top1
-    print(f"\noriginal: top-1 {before['top1']:.4f} (sample) / {base_held:.4f} (held-out), "
+    print(f"\noriginal: top-1 {before['score']:.4f} (sample) / {base_held:.4f} (held-out), "
           f"{before['macs'] / 1e6:.2f} M MACs, {before['payload_bytes'] / 1e6:.3f} MB, "
           f"p50 {before['latency']['p50_ms']:.2f} ms")
+    cases = [("macs=0.5", table, "prune + int bits"), ("size=0.25", table, "prune + int bits"),
+             ("size=0.125", full.restricted(["weight_quant"]), "int bits only"),
+             ("size=0.125", full.restricted(["weight_quant", "sparsity", "sparsity_2_4"]),
+              "int bits + sparsity"),
+             ("size=0.125", full, "all methods"),
+             ("bops=0.03", full, "all methods")]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for budget in ("macs=0.5", "size=0.25"):
-            plan = make_plan(table, [Budget.parse(budget)])
-            for variant in ("planned", "uniform"):
-                alloc = plan.data["plans"][variant]
-                if alloc is None:
-                    rows.append((budget, variant, None))
-                    continue
-                out = Path(tmp) / budget / variant
-                m = apply_plan(model, plan, data, out, variant=variant, calib=calib, model_spec=spec,
-                               timing=True, before=before)
-                compressed = load_compressed(out / "model.sensplan", load_model(spec))
-                m["held_top1"] = evaluate(compressed, held).top1
-                m["_alloc"] = alloc
-                rows.append((budget, variant, m))
-    print(f"\n{'budget':<10} {'plan':<8} {'pred top1':>9} {'top1':>7} {'held top1':>9} {'MACs':>7} {'size':>7} "
-          f"{'p50 ms':>7}  allocation")
-    for budget, variant, m in rows:
+    for budget, tab, what in cases:
+        plan = make_plan(tab, [Budget.parse(budget)])
+        for variant in ("planned", "uniform"):
+            alloc = plan.data["plans"][variant]
+            if alloc is None:
+                rows.append((budget, what, variant, None))
+                continue
+            out = Path(tmpdir.name) / budget / what.replace(" ", "_") / variant
+            m = apply_plan(model, plan, data, out, variant=variant, calib=calib, model_spec=spec,
+                           timing=True, before=before)
+            compressed = load_compressed(out / "model.sensplan", load_model(spec))
+            m["held_top1"] = evaluate(compressed, held).top1
+            m["_alloc"] = alloc
+            rows.append((budget, what, variant, m))
+    print(f"\n{'budget':<10} {'methods':<20} {'plan':<8} {'pred':>7} {'top1':>7} {'held':>7} {'MACs':>6} "
+          f"{'size':>6} {'BOPs':>6} {'p50 ms':>7}  allocation")
+    for budget, what, variant, m in rows:
         if m is None:
-            print(f"{budget:<10} {variant:<8} no uniform plan meets the budget")
+            print(f"{budget:<10} {what:<20} {variant:<8} no uniform plan meets the budget")
             continue
-        pred = m["predicted"]
-        print(f"{budget:<10} {variant:<8} {pred['top1']:>9.4f} {m['after']['top1']:>7.4f} {m['held_top1']:>9.4f} "
-              f"{m['after']['macs'] / before['macs']:>7.3f} {m['after']['payload_bytes'] / before['payload_bytes']:>7.3f} "
-              f"{m['after']['latency']['p50_ms']:>7.2f}  {_summary(m)}")
+        pred, a = m["predicted"], m["after"]
+        print(f"{budget:<10} {what:<20} {variant:<8} {pred['score']:>7.4f} {a['score']:>7.4f} "
+              f"{m['held_top1']:>7.4f} {a['macs'] / before['macs']:>6.3f} "
+              f"{a['payload_bytes'] / before['payload_bytes']:>6.3f} {a['bops'] / before['bops']:>6.3f} "
+              f"{a['latency']['p50_ms']:>7.2f}  {_summary(m)}")
+    exact = all(abs(c["ratio"] - 1) < 1e-4 for _, _, _, m in rows if m
+                for k, c in m["comparison"].items() if k in ("macs", "params", "bops"))
+    size_ratios = [m["comparison"]["size"]["ratio"] for _, _, _, m in rows if m]
+    print(f"measured / predicted: MACs, params, BOPs exact: {exact}; size {min(size_ratios):.5f} .. "
+          f"{max(size_ratios):.5f}")
 
-    # -- every uniform candidate (one per bit width), measured: the best uniform plan in hindsight --------
-    from sensplan.planner import CostModel, Plan, compress, uniform_candidates
+    # -- every uniform candidate, measured: the best uniform plan in hindsight ----------------------------
+    from sensplan.planner import Costs, Plan, compress, uniform_candidates
     from sensplan.planner._plan import _allocation
 
-    cm = CostModel(table)
-    print("\nevery uniform candidate, measured on the held-out images (no fine-tuning):")
-    best_uniform = {}
+    print("\nevery uniform candidate (prune + int bits), measured on the held-out images (no fine-tuning):")
+    best_uniform: dict[str, float] = {}
+    cm = Costs(table)
     for budget in ("macs=0.5", "size=0.25"):
+        plan = make_plan(table, [Budget.parse(budget)])
         for cand in uniform_candidates(cm, [Budget.parse(budget)]):
-            plan = make_plan(table, [Budget.parse(budget)])
             data_ = dict(plan.data)
-            data_["plans"] = {"planned": _allocation(cm, table, cand.removed, cand.layer_bits,
-                                                     {g: cand.ratio for g in cand.removed}, cand.predicted_drop,
-                                                     cand.costs), "uniform": None}
+            alloc = _allocation(cm, cand.choice, cand.costs, cand.predicted_drop, table)
+            data_["plans"] = {"planned": alloc, "uniform": None}
             cmod, _ = compress(model, Plan(data_), "planned", data.example_input, calib=calib)
             held_top1 = evaluate(cmod.module, held).top1
             best_uniform[budget] = max(best_uniform.get(budget, 0.0), held_top1)
-            print(f"  {budget:<10} {cand.bits:>2} bits, ratio {cand.ratio:.2f}: predicted top-1 "
-                  f"{table.baseline['top1'] - cand.predicted_drop:.4f}, held-out {held_top1:.4f}")
+            print(f"  {budget:<10} {cand.label:<28}: predicted top-1 "
+                  f"{table.baseline['score'] - cand.predicted_drop:.4f}, held-out {held_top1:.4f}")
 
     print("\nplanned minus uniform (held-out top-1, points):")
-    for budget in ("macs=0.5", "size=0.25"):
-        got = {v: m for b, v, m in rows if b == budget and m is not None}
+    for budget, what, _v, _m in rows[::2]:
+        got = {v: m for b, w, v, m in rows if b == budget and w == what and m is not None}
         if "planned" in got and "uniform" in got:
-            print(f"  {budget}: {100 * (got['planned']['held_top1'] - got['uniform']['held_top1']):+.2f} vs the "
-                  f"uniform plan chosen by prediction; {100 * (got['planned']['held_top1'] - best_uniform[budget]):+.2f} "
-                  f"vs the best uniform plan in hindsight")
+            line = (f"  {budget} ({what}): {100 * (got['planned']['held_top1'] - got['uniform']['held_top1']):+.2f} "
+                    f"vs the uniform plan chosen by prediction")
+            if budget in best_uniform and what == "prune + int bits":
+                gap = 100 * (got["planned"]["held_top1"] - best_uniform[budget])
+                line += f"; {gap:+.2f} vs the best uniform in hindsight"
+            print(line)
+    tmpdir.cleanup()
     return 0
 
 
 def _summary(m: dict) -> str:
-    """Removed channels per group and the bit widths used, in one line."""
+    """What the allocation applies, counted per option label, in one line."""
     from collections import Counter
 
-    alloc = m["_alloc"]
-    pruned = [f"{e['n_remove']}/{e['channels']}" for e in alloc["prune"].values() if e["n_remove"]]
-    bits = Counter(e["bits"] for e in alloc["quantize"].values())
-    return f"pruned {' '.join(pruned) or 'none'}; bits " + ", ".join(f"{b}x{n}" for b, n in sorted(bits.items()))
+    labels = Counter(c["label"] for c in m["_alloc"]["choices"].values() if c["method"])
+    return ", ".join(f"{k} x{n}" for k, n in sorted(labels.items(), key=lambda kv: -kv[1])) or "none"
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def main() -> int:
             print(f"skipped group {gid} ({len(g['members'])} members): {g['reason']}")
     for sub in ("", "uniform"):
         m = json.loads((out / "result" / sub / "metrics.json").read_text())
-        print(f"{m['variant']:>8}: top-1 {m['before']['top1']:.4f} -> {m['after']['top1']:.4f}; MACs "
+        print(f"{m['variant']:>8}: top-1 {m['before']['score']:.4f} -> {m['after']['score']:.4f}; MACs "
               f"{m['after']['macs'] / m['before']['macs']:.3f} of the original; budget met: "
               f"{all(b['met'] for b in m['budgets'])}")
     print(f"report: {out / 'report' / 'report.html'}")

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from sensplan._artifacts import now_iso, versions, write_json
-from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
 from sensplan._effects import LAYER_DEFAULTS, merge
 from sensplan._errors import IncompatibleModelError, UserInputError
+from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
 from sensplan.planner._compressed import CompressedModel, load_compressed, save_compressed
 from sensplan.planner._plan import Plan, assignments
 from sensplan.sensitivity._data import EvalSet
@@ -38,7 +38,6 @@ from sensplan.sensitivity._groups import PruningGraph, count_macs
 from sensplan.sensitivity._models import ModelSpec, architecture_digest
 from sensplan.sensitivity.methods import Method, MethodContext, get_method
 from sensplan.sensitivity.tasks import Task, get_task
-
 
 
 @dataclass(frozen=True)
@@ -60,11 +59,20 @@ class FineTuneConfig:
         if self.epochs < 0:
             raise UserInputError(f"The 'epochs' parameter must be >= 0. Got {self.epochs} instead.")
         if not 0.0 <= self.alpha <= 1.0:
-            raise UserInputError(f"The 'alpha' parameter must be a float in the range [0.0, 1.0]. Got {self.alpha} instead.")
+            raise UserInputError(f"The 'alpha' parameter must be a float in the range [0.0, 1.0]. "
+                                 f"Got {self.alpha} instead.")
         if self.temperature <= 0:
             raise UserInputError(f"The 'temperature' parameter must be > 0. Got {self.temperature} instead.")
         if self.lr <= 0:
             raise UserInputError(f"The 'lr' parameter must be > 0. Got {self.lr} instead.")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise UserInputError(f"The 'batch_size' parameter must be a positive integer. Got "
+                                 f"{self.batch_size!r} instead.")
+        if self.weight_decay < 0:
+            raise UserInputError(f"The 'weight_decay' parameter must be >= 0. Got {self.weight_decay} instead.")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise UserInputError(f"The 'max_steps' parameter must be a positive integer or None. Got "
+                                 f"{self.max_steps} instead.")
 
 
 def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor | None = None) -> None:
@@ -143,12 +151,14 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
 
     torch.manual_seed(cfg.seed)
     teacher.eval()
+    dev = _device_of(student)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(loader)
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / max(1, total))))
     t = cfg.temperature
     history = []
     step = 0
@@ -159,6 +169,7 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
                          disable=None if progress is None else not progress, leave=False):
             if step >= total:
                 break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             with torch.no_grad():
                 soft = torch.log_softmax(teacher(x) / t, dim=1)
             logits = student(x)
@@ -183,22 +194,26 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
 
 @torch.inference_mode()
 def latency(model: nn.Module, example_input: torch.Tensor, *, warmup: int = 10, iters: int = 100,
-            max_seconds: float = 10.0) -> dict[str, float]:
-    """CPU latency of one forward pass at batch 1: p50 and p95 in milliseconds (wall clock)."""
+            max_seconds: float = 10.0) -> dict[str, Any]:
+    """Latency of one forward pass at batch 1 on the model's device: p50 and p95 in milliseconds
+    (wall clock; CUDA is synchronised after each pass)."""
     tune_malloc()
     model.eval()
     x = example_input[:1]
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)
+    sync()
     times: list[float] = []
     deadline = time.perf_counter() + max_seconds
     while len(times) < iters and (len(times) < 10 or time.perf_counter() < deadline):
         t0 = time.perf_counter()
         model(x)
+        sync()
         times.append((time.perf_counter() - t0) * 1000.0)
     times.sort()
     return {"p50_ms": statistics.median(times), "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
-            "iters": len(times), "threads": torch.get_num_threads()}
+            "iters": len(times), "threads": torch.get_num_threads(), "device": str(x.device)}
 
 
 def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | None = None,
@@ -274,10 +289,12 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
                variant: str = "planned", calib: EvalSet | None = None, train_loader: Any = None,
                finetune: FineTuneConfig | None = None,
                model_spec: ModelSpec | None = None, timing: bool = True, progress: bool | None = None,
-               before: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               before: Mapping[str, Any] | None = None,
+               device: str | torch.device | None = None) -> dict[str, Any]:
     """Apply one allocation of ``plan`` and measure it against the original; write to ``out_dir``:
     ``model.sensplan`` (the compressed model), ``metrics.json`` and ``plan.json`` (the plan applied).
 
+    ``device`` runs everything there (on a copy of ``model``); the file is the same on any device.
     ``model`` is never modified. Returns the metrics dictionary; ``metrics["budgets"]`` says which
     budgets were met (the CLI exits non-zero when one is missed). Example::
 
@@ -286,6 +303,11 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if device is not None and torch.device(device) != _device_of(model):
+        model = copy.deepcopy(model).to(device)  # the user's model stays where it is
+    dev = _device_of(model)
+    data = data.to(dev)
+    calib = calib.to(dev) if calib is not None else None
     example = data.example_input
     task = get_task(plan.data["task"]["name"])
     state = task.prepare(model, data)
@@ -345,6 +367,10 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     return metrics
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def missed_budgets(metrics: Mapping[str, Any]) -> list[str]:
     """Human-readable lines for every budget the measured model missed."""
     return [f"{b['metric']}: measured {b['measured']:.6g} > budget {b['absolute']:.6g}"
@@ -355,7 +381,7 @@ def measure_original(model: nn.Module, data: EvalSet, model_spec: ModelSpec | No
                      timing: bool = True, task: Task | None = None, task_state: Any = None) -> dict[str, Any]:
     """The uncompressed model measured the same way (its file: the same container, all float)."""
     t = task or get_task("classification")
-    state = task_state if task_state is not None or task is not None else t.prepare(model, data)
+    state = task_state if task_state is not None else t.prepare(model, data)
     cm = CompressedModel(model, {}, model_spec=model_spec, original_digest=architecture_digest(model),
                          input_shape=tuple(data.example_input.shape[1:]))
     with tempfile.TemporaryDirectory() as tmp:

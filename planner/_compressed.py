@@ -88,7 +88,8 @@ def _pack_uint(values: np.ndarray, bits: int) -> bytes:
 
 def _unpack_uint(data: bytes, bits: int, n: int) -> np.ndarray:
     planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: n * bits]
-    return (planes.reshape(n, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    out: np.ndarray = (planes.reshape(n, bits).astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    return out
 
 
 def _raw(t: torch.Tensor) -> bytes:
@@ -152,7 +153,11 @@ def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> 
         parts += [("meta", _pack_uint(pos, math.ceil(math.log2(m)))), ("values", _value_bytes(kept, effect))]
         entry["nnz"] = int(kept.numel())
     else:
-        mask = (w.detach() != 0).reshape(flat.shape)
+        # exactly the kept_values(numel, density) positions the plan priced: every non-zero, and
+        # where quantization rounded kept values to zero, the next positions as explicit zeros
+        from sensplan.sensitivity.methods.sparsity import magnitude_mask
+
+        mask = (magnitude_mask(w, float(effect["density"])) | (w.detach() != 0)).reshape(flat.shape)
         kept = flat[mask]
         entry["nnz"] = int(kept.numel())
         if layout == "bitmask":
@@ -180,6 +185,7 @@ def _encode(cm: CompressedModel) -> tuple[dict[str, Any], bytes]:
     blob = io.BytesIO()
     entries: dict[str, Any] = {}
     for key, t in cm.module.state_dict().items():
+        t = t.detach().cpu()
         eff = cm.effects.get(key)
         if eff is not None and t.is_floating_point() and _stores_specially(eff):
             entry, parts = _encode_tensor(t.float(), merge([eff]), cm.row_lens.get(key, 1))
@@ -200,7 +206,7 @@ def _encode(cm: CompressedModel) -> tuple[dict[str, Any], bytes]:
 
 def _stores_specially(eff: Mapping[str, Any]) -> bool:
     e = merge([eff])
-    return e["weight_dtype"] != "float32" or e["weight_bits"] != FLOAT_BITS or e["density"] < 1.0
+    return bool(e["weight_dtype"] != "float32" or e["weight_bits"] != FLOAT_BITS or e["density"] < 1.0)
 
 
 def save_compressed(cm: CompressedModel, path: str | os.PathLike[str]) -> int:
@@ -229,18 +235,26 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     if not p.is_file():
         raise ArtifactError(f"The compressed model {str(p)!r} does not exist. Create it with `sensplan apply`.")
     raw = p.read_bytes()
+    again = "Re-create it with `sensplan apply`."
+    if len(raw) < 20 and MAGIC.startswith(raw[:8]):  # cut inside the magic, version or length
+        raise ArtifactError(f"{str(p)!r} is truncated (only {len(raw)} bytes). {again}")
     if raw[:8] != MAGIC:
         raise ArtifactError(f"{str(p)!r} is not a sensplan compressed model (bad magic bytes).")
-    if len(raw) < 20:
-        raise ArtifactError(f"{str(p)!r} is truncated (only {len(raw)} bytes).")
     version, hlen = struct.unpack("<IQ", raw[8:20])
     if version != CONTAINER_VERSION:
         raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads version "
                             f"{CONTAINER_VERSION}. Use the sensplan version that wrote it.")
+    if len(raw) < 20 + hlen:
+        raise ArtifactError(f"{str(p)!r} is truncated: its header needs {hlen} bytes, the file has "
+                            f"{len(raw) - 20}. {again}")
     try:
         header = json.loads(zlib.decompress(raw[20:20 + hlen]))
     except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{str(p)!r} has a corrupt header ({e}).") from None
+        raise ArtifactError(f"{str(p)!r} has a corrupt header ({e}). {again}") from None
+    if (not isinstance(header, dict) or header.get("format") != COMPRESSED_FORMAT
+            or any(k not in header for k in ("model", "removed", "tensors"))):
+        raise ArtifactError(f"{str(p)!r} has a corrupt header (not a {COMPRESSED_FORMAT} header "
+                            f"with model, removed and tensors). {again}")
     payload = raw[20 + hlen:]
     end = max((o + n for e in header.get("tensors", {}).values() for o, n in e.get("parts", [])), default=0)
     if end > len(payload):
@@ -315,7 +329,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         raise IncompatibleModelError(f"The model given to load {str(path)!r} is not the architecture it was "
                                      f"compressed from. Pass a fresh instance of the original model.")
     if header["removed"]:
-        graph = PruningGraph(model, torch.zeros(1, *info["input_shape"]))
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        graph = PruningGraph(model, torch.zeros(1, *info["input_shape"], device=device))
         for gid, idxs in header["removed"].items():
             graph.prune_(gid, list(idxs))
     state = {}

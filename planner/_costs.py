@@ -177,7 +177,7 @@ class AnalyticCosts:
         cm.evaluate(cm.no_compression())["macs"] == cm.original["macs"]
     """
 
-    metrics = ANALYTIC_METRICS
+    metrics: tuple[str, ...] = ANALYTIC_METRICS
 
     def __init__(self, scan: Any) -> None:
         self.scan = scan
@@ -194,7 +194,7 @@ class AnalyticCosts:
             if b.kind == "layer":
                 local.setdefault(b.unit, []).append(i)
         acc = {m: _Acc() for m in self.metrics}
-        for key, t in self.scan.tensors.items():
+        for t in self.scan.tensors.values():
             shape = [float(s) for s in t["shape"]]
             # per dim: the constant size and, per group block, the size change by option
             pieces: list[list[tuple[int | None, np.ndarray]]] = []
@@ -237,7 +237,7 @@ class AnalyticCosts:
         channels (any count) and layer ``l`` has the merged effect ``effects[l]``. Used for the
         uniform baseline's fine ratio grid, and by the tests to check the term expansion."""
         out = dict.fromkeys(self.metrics, 0.0)
-        for key, t in self.scan.tensors.items():
+        for t in self.scan.tensors.values():
             shape = [float(s) for s in t["shape"]]
             for gid, dims in t["shrinks"].items():
                 for d, per in (dims.items() if isinstance(dims, Mapping) else []):
@@ -332,8 +332,8 @@ class TableCosts:
         obj = read_json(path, COST_TABLE_FORMAT, (1,))
         try:
             entries = obj["entries"]
-            for unit, e in entries.items():
-                for k, v in e["costs"].items():
+            for e in entries.values():
+                for v in e["costs"].values():
                     float(v)
             return cls(str(obj["metric"]), float(obj.get("overhead", 0.0)), entries,
                        str(obj.get("unit", "")), str(Path(path)))
@@ -345,22 +345,33 @@ class TableCosts:
         return {"name": "table", "metrics": [self.metric], "unit": self.unit, "path": self.path,
                 "overhead": self.overhead}
 
-    def unit_cost(self, block: Block, option: Option) -> float:
-        e = self.entries.get(block.unit)
-        if e is None or e.get("axis", block.axis) != block.axis:
-            return 0.0
-        costs = e["costs"]
-        return float(costs.get(option.key, costs.get(NONE, 0.0)))
+    @staticmethod
+    def _block_of(unit: str, entry: Mapping[str, Any], blocks: Sequence[Block]) -> int | None:
+        """The block an entry prices: its unit on its ``axis``; without an axis, the unit's block
+        whose options the entry names. None when no block decides it (it always costs 'none')."""
+        if "axis" in entry:
+            return next((i for i, b in enumerate(blocks) if b.unit == unit and b.axis == entry["axis"]),
+                        None)
+        named = [i for i, b in enumerate(blocks)
+                 if b.unit == unit and any(o.key in entry["costs"] for o in b.options[1:])]
+        if len(named) > 1:
+            raise ArtifactError(f"The cost table's entry {unit!r} names options of several axes "
+                                f"({', '.join(blocks[i].axis for i in named)}); give it an \"axis\".")
+        return named[0] if named else None
 
     def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]:
         acc = _Acc()
-        acc.add((), np.array(self.overhead))
-        for i, b in enumerate(blocks):
-            acc.add((i,), np.array([self.unit_cost(b, o) for o in b.options], dtype=float))
-        # units in the table that no block decides: a constant
-        decided = {b.unit for b in blocks}
-        rest = sum(float(e["costs"].get(NONE, 0.0)) for u, e in self.entries.items() if u not in decided)
-        acc.add((), np.array(rest))
+        constant = self.overhead
+        # each entry counts once: on the block that decides its unit and axis, else as a constant
+        for unit, e in self.entries.items():
+            costs = e["costs"]
+            none = float(costs.get(NONE, 0.0))
+            i = self._block_of(unit, e, blocks)
+            if i is None:
+                constant += none
+            else:
+                acc.add((i,), np.array([float(costs.get(o.key, none)) for o in blocks[i].options]))
+        acc.add((), np.array(constant))
         return {self.metric: acc.result()}
 
 
@@ -378,7 +389,8 @@ class Costs:
         self.scan = scan
         self.blocks = blocks_from_scan(scan)
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
-        self.models: list[CostModel] = [AnalyticCosts(scan), *extra]
+        self.analytic = AnalyticCosts(scan)
+        self.models: list[CostModel] = [self.analytic, *extra]
         self.terms: dict[str, list[Term]] = {}
         for model in self.models:
             for metric, terms in model.terms(self.blocks).items():

@@ -16,8 +16,8 @@ from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write
 from sensplan._errors import ArtifactError, BudgetError, UserInputError
 from sensplan._metric import Metric
 from sensplan.planner._budget import Budget
-from sensplan.planner._costs import Costs, CostModel
-from sensplan.planner._solver import cost_metric, solve, uniform_choice
+from sensplan.planner._costs import CostModel, Costs
+from sensplan.planner._solver import cost_metric, interp_drop, solve, uniform_choice
 
 PLAN_FORMAT = "sensplan.plan"
 PLAN_SCHEMA_VERSION = 2
@@ -48,6 +48,8 @@ class Plan:
         return Metric.from_dict(self.data["task"]["metric"])
 
     def save(self, path: str | os.PathLike[str]) -> Plan:
+        """Write the file atomically; return the saved view, which carries the file's digest (use it:
+        what is made from it then chains to the file)."""
         return Plan(self.data, write_json(path, dict(self.data)), str(path))
 
     @classmethod
@@ -139,6 +141,7 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
                 if k and c.get("effect", {}).get("removed") != k:
                     c.update(method=_group_method(cm, i), setting={"ratio": uni.ratio, "n_remove": k},
                              label=f"prune {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
+                    uniform["unit_drops"][b.name] = interp_drop(cm, i, k)
         uniform["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uni.label}
     data = {
         "format": PLAN_FORMAT,

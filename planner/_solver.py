@@ -52,8 +52,13 @@ def _polish(cm: Costs, choice: dict[int, int], lim: Mapping[str, float]) -> dict
     compression that buys nothing (e.g. bits chosen among zero-drop ties under a MACs budget).
     """
     out = dict(choice)
+    objective = objective_table(cm)
     for bi in range(len(cm.blocks)):
         for o in range(out[bi]):
+            # a lower index is milder only within one method: never trade up in objective (e.g. a
+            # block's fp16 option for its int8 option, which comes first but drops more)
+            if objective[bi][o] > objective[bi][out[bi]]:
+                continue
             trial = {**out, bi: o}
             costs = cm.evaluate(trial)
             if all(costs[m] <= v + _relative_slack(v) for m, v in lim.items()):
@@ -236,6 +241,12 @@ def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None
         objective = p.drop_row(tiebreak=True)
     choice = p.solve(objective, extra, time_limit)
     if choice is None:
+        if max_drop is not None:  # the budgets alone may be reachable: then the max-drop is the cause
+            least = solve(cm, budgets, time_limit=time_limit).predicted_drop
+            raise InfeasibleBudgetError(
+                f"No plan within the budget keeps the predicted drop within the max-drop "
+                f"{max_drop:g}: the least predicted drop within the budget is {least:.4g}. Raise "
+                f"--max-drop or the budget.")
         raise _infeasible(cm, lim)
     if max_drop is None:
         choice = _polish(cm, choice, lim)
@@ -304,7 +315,9 @@ class UniformSolution:
         return ", ".join(parts) or "no compression"
 
 
-def _interp_drop(cm: Costs, block: int, k: float) -> float:
+def interp_drop(cm: Costs, block: int, k: float) -> float:
+    """The predicted drop of group ``block`` with ``k`` channels removed, interpolated linearly
+    between its scanned settings (for off-grid uniform ratios)."""
     b = cm.blocks[block]
     removed = np.array([o.effect.get("removed", 0) for o in b.options], dtype=float)
     return float(np.interp(k, removed, cm.drop_table("drop")[block]))
@@ -339,7 +352,7 @@ def uniform_candidates(cm: Costs, budgets: Sequence[Budget], *, max_drop: float 
         ratios = [0.0, *ratios]
     else:
         ratios = [float(r) for r in np.round(np.arange(0.0, max_ratio + 1e-9, step), 6)] if groups else [0.0]
-    analytic = next(m for m in cm.models if isinstance(m, AnalyticCosts))
+    analytic = cm.analytic
     metric = cost_metric(budgets, minimize)
     drops = cm.drop_table("drop")
     out: list[UniformSolution] = []
@@ -370,7 +383,7 @@ def uniform_candidates(cm: Costs, budgets: Sequence[Budget], *, max_drop: float 
                 costs = {**cm.evaluate(gchoice), **analytic.direct(removed, effects)}
             if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
                 continue
-            drop = layer_drop + sum(_interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
+            drop = layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
             sol = UniformSolution(float(r), {f"{ax}:uniform": k for ax, k in layer_opts.items()},
                                   removed, gchoice, float(drop), costs)
             if max_drop is None:

@@ -1,4 +1,5 @@
-"""Reports: a self-contained HTML page and PNG charts rendered from the artifacts (never a model)."""
+"""Reports: a self-contained HTML page and PNG charts rendered from the artifacts alone (never a
+model, never torch)."""
 
 from sensplan.reports._render import FIGURES, render_report
 

@@ -1,17 +1,25 @@
 """Render ``report.html`` (self-contained, opens offline) and PNG charts from the artifacts alone.
 
-Reads ``scan.json``, optionally ``plan.json`` and an ``apply`` result directory (``metrics.json`` and
-``uniform/metrics.json``). Never loads a model. Every name taken from the model is HTML-escaped.
-Percentages appear only here; the artifacts hold fractions.
+Reads ``scan.json``, optionally ``plan.json`` and an ``apply`` result directory (``metrics.json``
+and ``uniform/metrics.json``). Never loads a model and never imports torch: everything comes from
+the torch-free artifact views (:mod:`sensplan._tables`, :mod:`sensplan.planner._plan`). Methods,
+axes and settings are shown generically, as the artifacts describe them; nothing here depends on a
+method's name. Every string taken from the model or the artifacts is HTML-escaped. Percentages
+appear only here; the artifacts hold fractions. A drop is positive when the model got worse.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,326 +28,859 @@ import matplotlib
 matplotlib.use("Agg")  # no screen on these machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import numpy.typing as npt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
-from sensplan._artifacts import atomic_write, atomic_write_bytes  # noqa: E402
-from sensplan._errors import ArtifactError  # noqa: E402
-from sensplan.planner import Plan, load_metrics  # noqa: E402
-from sensplan.sensitivity import Scan  # noqa: E402
+from sensplan._artifacts import atomic_write, atomic_write_bytes, dumps  # noqa: E402
+from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
+from sensplan._metric import Metric  # noqa: E402
+from sensplan._tables import Scan, load_metrics  # noqa: E402
+from sensplan.planner._plan import Plan  # noqa: E402
 
 FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "before_after")
+"""The PNG files written beside ``report.html`` (``allocation`` only with a plan). The first two
+hold one panel per scanned method, ``allocation`` one panel per axis."""
+
+VARIANTS = ("planned", "uniform")
+_DASH = "–"
+_Matrix = npt.NDArray[np.float64]
 
 
-def _pp(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}"
+# -- the task's metric, shown in its own words -------------------------------------------------
+@dataclass(frozen=True)
+class _Fmt:
+    """How the report writes the task's metric: a fraction as percent (scores) and points (drops);
+    any other unit as is. ``title`` is the metric's name for headings ("top1" -> "top-1")."""
+
+    metric: Metric
+
+    @property
+    def title(self) -> str:
+        return re.sub(r"(?<=[A-Za-z])(?=\d)", "-", self.metric.name).replace("_", " ")
+
+    @property
+    def percent(self) -> bool:
+        return self.metric.unit == "fraction"
+
+    @property
+    def factor(self) -> float:
+        return 100.0 if self.percent else 1.0
+
+    @property
+    def drop_unit(self) -> str:
+        return "points" if self.percent else (self.metric.unit or "score units")
+
+    def score(self, x: Any) -> str:
+        if not _isnum(x):
+            return _DASH
+        if self.percent:
+            return f"{100 * float(x):.2f}%"
+        return f"{float(x):.4g} {self.metric.unit}".strip()
+
+    def drop(self, x: Any, se: Any = None) -> str:
+        if not _isnum(x):
+            return _DASH
+        out = f"{self.factor * float(x):.2f}" if self.percent else f"{float(x):.4g}"
+        if _isnum(se) and float(se) > 0:
+            out += f" ± {self.factor * float(se):.2f}" if self.percent else f" ± {float(se):.2g}"
+        return out
 
 
-def _mb(x: float | None) -> str:
-    return "–" if x is None else f"{x / 1e6:.3f} MB"
+def _isnum(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
-def _mega(x: float | None) -> str:
-    return "–" if x is None else f"{x / 1e6:.2f} M"
+def _si(x: Any, unit: str = "") -> str:
+    """``70208`` -> ``70.2 k``; ``9640, "B"`` -> ``9.64 kB``."""
+    if not _isnum(x):
+        return _DASH
+    v = float(x)
+    for f, p in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= f:
+            return f"{v / f:.3g} {p}{unit}"
+    return f"{v:.4g} {unit}".strip()
 
 
-def _png(fig: Any) -> bytes:
+def _cost(metric: str, x: Any, units: Mapping[str, str]) -> str:
+    unit = units.get(metric, "")
+    if unit == "bytes":
+        return _si(x, "B")
+    if unit in ("", "count", "per sample"):
+        return _si(x)
+    return f"{float(x):.4g} {unit}" if _isnum(x) else _DASH
+
+
+def _cost_units(plan: Plan | None) -> dict[str, str]:
+    """Metric -> unit, from the cost models the plan records (analytic: a dict; a table: one)."""
+    out: dict[str, str] = {}
+    for cm in (plan.data.get("cost_models") or []) if plan is not None else []:
+        units = cm.get("units")
+        if isinstance(units, Mapping):
+            out.update({str(k): str(v) for k, v in units.items()})
+        for m in cm.get("metrics", []):
+            if isinstance(cm.get("unit"), str):
+                out.setdefault(str(m), cm["unit"])
+    return out
+
+
+def _tx(s: Any) -> str:
+    """Text for a figure: a ``$`` in a module name must not start matplotlib's mathtext."""
+    return str(s).replace("$", r"\$")
+
+
+def _setting_text(setting: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in setting.items())
+
+
+# -- the scan, per method: units x settings -----------------------------------------------------
+@dataclass(frozen=True)
+class _Sensitivity:
+    """One method's scan results as a matrix: ``drops[i, j]`` is the drop (a fraction of the metric,
+    NaN where not probed) of ``units[i]`` at ``columns[j]``; columns ordered by ``level``."""
+
+    method: str
+    info: Mapping[str, Any]
+    units: list[str]
+    columns: list[str]
+    drops: _Matrix
+    levels: dict[str, dict[str, float]]  # unit -> label -> level: how strong each probe was
+
+
+def _column_of(setting: Mapping[str, Any], declared: Sequence[Mapping[str, Any]]) -> str:
+    """The declared setting a probe's (possibly refined) setting comes from, as a key."""
+    for i, d in enumerate(declared):
+        if all(setting.get(k) == v for k, v in d.items()):
+            return f"#{i}"
+    return json.dumps(dict(setting), sort_keys=True, default=str)
+
+
+def _column_label(labels: Iterable[str], fallback: str) -> str:
+    """One label for a column: the probes' label, or what the labels share ("prune 25% (4 ch)" and
+    "prune 25% (2 ch)" -> "prune 25%"), else the declared setting."""
+    uniq = sorted(set(labels))
+    if len(uniq) == 1:
+        return uniq[0]
+    prefix = os.path.commonprefix(uniq).rstrip(" ([{=:,;")
+    return prefix if len(prefix) >= 2 else fallback
+
+
+def _mean_level(rows: Iterable[Mapping[str, Any]]) -> float:
+    lv = [float(r["level"]) for r in rows if _isnum(r.get("level"))]
+    return sum(lv) / len(lv) if lv else 0.0
+
+
+def _column_order(cols: Mapping[str, Sequence[Mapping[str, Any]]], n_declared: int) -> list[str]:
+    """Columns from weaker to stronger: by the mean ``level`` of the units probed in every column
+    (a level, such as channels removed, compares only within one unit), else in declared order
+    (the scanner sorts a method's settings by level)."""
+
+    def declared(k: str) -> int:
+        return int(k[1:]) if k.startswith("#") else n_declared
+
+    common = set.intersection(*({str(r["unit"]) for r in v} for v in cols.values()))
+    if common:
+        return sorted(cols, key=lambda k: (
+            _mean_level(r for r in cols[k] if str(r["unit"]) in common), declared(k)))
+    return sorted(cols, key=lambda k: (declared(k), _mean_level(cols[k])))
+
+
+def sensitivities(scan: Scan) -> list[_Sensitivity]:
+    """Per scanned method (in the scan's order), its results as a units x settings matrix."""
+    out = []
+    for method, info in scan.methods.items():
+        rows = [r for r in scan.results if r.get("method") == method]
+        if not rows:
+            continue
+        declared = list(info.get("settings") or [])
+        cols: dict[str, list[Mapping[str, Any]]] = {}
+        for r in rows:
+            cols.setdefault(_column_of(r.get("setting") or {}, declared), []).append(r)
+
+        keys = _column_order(cols, len(declared))
+        labels: list[str] = []
+        for k in keys:
+            fallback = _setting_text(declared[int(k[1:])]) if k.startswith("#") else k
+            label = _column_label((str(r.get("label") or fallback) for r in cols[k]), fallback)
+            labels.append(label if label not in labels else f"{label} ({fallback})")
+        units = list(dict.fromkeys(str(r["unit"]) for r in rows))
+        m = np.full((len(units), len(keys)), np.nan)
+        levels: dict[str, dict[str, float]] = {}
+        for j, k in enumerate(keys):
+            for r in cols[k]:
+                if _isnum(r.get("drop")):
+                    m[units.index(str(r["unit"])), j] = float(r["drop"])
+                lv = float(r["level"]) if _isnum(r.get("level")) else float(j)
+                levels.setdefault(str(r["unit"]), {})[str(r.get("label", ""))] = lv
+        out.append(_Sensitivity(method, info, units, labels, m, levels))
+    return out
+
+
+# -- figures -----------------------------------------------------------------------------------
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    w, h = fig.get_size_inches()
+    dpi = max(40, min(110, int(15000 / max(w, h, 1.0))))  # keep a huge model's figure openable
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 
 
-# -- figures -----------------------------------------------------------------------------------------
-def _matrix(scan: Scan, kind: str) -> tuple[list[str], list[Any], np.ndarray]:
-    key = "ratio" if kind == "prune" else "bits"
-    units = scan.scanned_groups() if kind == "prune" else list(scan.layers)
-    settings = sorted({r[key] for r in scan.results if r["kind"] == kind}, reverse=(kind == "quantize"))
-    units = [u for u in units if scan.results_for(u, kind)]
-    m = np.full((len(units), len(settings)), np.nan)
-    for i, u in enumerate(units):
-        for r in scan.results_for(u, kind):
-            m[i, settings.index(r[key])] = r["drop"]
-    return units, settings, m
+def _empty(text: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.text(0.5, 0.5, _tx(text), ha="center", va="center")
+    ax.axis("off")
+    return _png(fig)
 
 
-def fig_heatmap(scan: Scan) -> bytes:
-    parts = [(k, *_matrix(scan, k)) for k in ("prune", "quantize")]
-    parts = [p for p in parts if p[1]]
-    if not parts:
-        fig, ax = plt.subplots(figsize=(6, 1.5))
-        ax.text(0.5, 0.5, "nothing was scanned", ha="center", va="center")
-        ax.axis("off")
-        return _png(fig)
-    heights = [max(1.5, 0.28 * len(p[1]) + 1.0) for p in parts]
-    fig, axes = plt.subplots(len(parts), 1, figsize=(9, sum(heights)), squeeze=False,
+def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt) -> bytes:
+    """One panel per method: units x settings, the drop in the metric's points (one colour scale
+    for all methods, so their sensitivities compare)."""
+    if not sens:
+        return _empty("nothing was scanned")
+    heights = [max(1.6, 0.26 * len(s.units) + 1.1) for s in sens]
+    width = min(16.0, max(6.0, 3.0 + 1.1 * max(len(s.columns) for s in sens)))
+    fig, axes = plt.subplots(len(sens), 1, figsize=(width, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    vmax = max(0.01, float(np.nanmax([np.nanmax(p[3]) for p in parts])))
-    for ax, (kind, units, settings, m) in zip(axes[:, 0], parts, strict=True):
-        im = ax.imshow(np.clip(m, 0, None) * 100, aspect="auto", cmap="magma_r", vmin=0, vmax=vmax * 100)
-        ax.set_yticks(range(len(units)), units, fontsize=7)
-        labels = [f"{s:.0%}" if kind == "prune" else f"{s}b" for s in settings]
-        ax.set_xticks(range(len(settings)), labels, fontsize=8)
-        ax.set_xlabel("channels removed" if kind == "prune" else "weight bits")
-        ax.set_title("pruning: top-1 drop per channel group (points)" if kind == "prune"
-                     else "quantization: top-1 drop per layer (points)", fontsize=10)
-        if len(units) * len(settings) <= 400:
-            for i in range(len(units)):
-                for j in range(len(settings)):
-                    if not np.isnan(m[i, j]):
-                        v = m[i, j] * 100
-                        ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6,
-                                color="white" if v > 0.6 * vmax * 100 else "black")
+    finite = [float(np.nanmax(s.drops)) for s in sens if np.isfinite(s.drops).any()]
+    vmax = max(0.01, *finite) * fmt.factor if finite else 0.01 * fmt.factor
+    cmap = plt.get_cmap("magma_r").with_extremes(bad="0.92")
+    for ax, s in zip(axes[:, 0], sens, strict=True):
+        v = s.drops * fmt.factor
+        im = ax.imshow(np.ma.masked_invalid(np.clip(v, 0, None)), aspect="auto", cmap=cmap, vmin=0,
+                       vmax=vmax)
+        ax.set_yticks(range(len(s.units)), [_tx(u) for u in s.units], fontsize=7)
+        ax.set_xticks(range(len(s.columns)), [_tx(c) for c in s.columns], fontsize=7,
+                      rotation=20 if max(len(c) for c in s.columns) > 8 else 0, ha="right"
+                      if max(len(c) for c in s.columns) > 8 else "center")
+        ax.set_title(_tx(f"{s.method} ({s.info.get('axis', '?')}): {fmt.title} drop per "
+                         f"{s.info.get('unit_kind', 'unit')} ({fmt.drop_unit})"), fontsize=9)
+        if v.size <= 600:
+            for i in range(len(s.units)):
+                for j in range(len(s.columns)):
+                    x = v[i, j]
+                    ax.text(j, i, _DASH if np.isnan(x) else f"{x:.1f}", ha="center", va="center",
+                            fontsize=6, color="white" if x > 0.6 * vmax else "black")
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     fig.tight_layout()
     return _png(fig)
 
 
-def fig_curves(scan: Scan) -> bytes:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, kind in zip(axes, ("prune", "quantize"), strict=True):
-        units, settings, m = _matrix(scan, kind)
-        if not units:
-            ax.text(0.5, 0.5, f"no {kind} results", ha="center", va="center", transform=ax.transAxes)
-            ax.axis("off")
-            continue
-        worst = set(np.argsort(-np.nan_to_num(np.nanmax(m, axis=1), nan=0))[:8])
-        xs = [s * 100 for s in settings] if kind == "prune" else list(settings)
-        for i, u in enumerate(units):
-            if i in worst:
-                ax.plot(xs, m[i] * 100, marker="o", ms=3, lw=1.4, label=u)
+def fig_curves(sens: Sequence[_Sensitivity], fmt: _Fmt, highlight: int = 6) -> bytes:
+    """One panel per method: the drop of every unit against its settings, ordered by strength; the
+    ``highlight`` most sensitive units in colour."""
+    if not sens:
+        return _empty("nothing was scanned")
+    ncols = min(3, len(sens))
+    nrows = math.ceil(len(sens) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(sens):]:
+        ax.axis("off")
+    for ax, s in zip(axes.flat, sens, strict=False):
+        v = s.drops * fmt.factor
+        worst = np.nan_to_num(np.nanmax(np.where(np.isnan(v), -np.inf, v), axis=1), neginf=0.0)
+        top = set(np.argsort(-worst, kind="stable")[:highlight].tolist())
+        xs = np.arange(len(s.columns))
+        for i, u in enumerate(s.units):
+            ok = ~np.isnan(v[i])
+            if i in top:
+                ax.plot(xs[ok], v[i][ok], marker="o", ms=3, lw=1.4, label=_tx(u))
             else:
-                ax.plot(xs, m[i] * 100, color="0.7", lw=0.8)
+                ax.plot(xs[ok], v[i][ok], color="0.72", lw=0.8, marker="." if ok.sum() == 1 else "")
         ax.axhline(0, color="black", lw=0.5)
-        ax.set_xlabel("channels removed (%)" if kind == "prune" else "weight bits")
-        ax.set_ylabel("top-1 drop (points)")
-        if kind == "quantize":
-            ax.invert_xaxis()
-        ax.set_title("pruning sensitivity per group" if kind == "prune" else "quantization sensitivity per layer",
-                     fontsize=10)
+        ax.set_xticks(xs, [_tx(c) for c in s.columns], fontsize=7, rotation=20, ha="right")
+        ax.set_xlabel("setting (weaker → stronger)", fontsize=8)
+        ax.set_ylabel(_tx(f"{fmt.title} drop ({fmt.drop_unit})"), fontsize=8)
+        ax.set_title(_tx(f"{s.method}: {fmt.title} drop per {s.info.get('unit_kind', 'unit')}"),
+                     fontsize=9)
+        if len(xs) == 1:
+            ax.set_xlim(-0.5, 0.5)
         ax.legend(fontsize=6, title="most sensitive", title_fontsize=7)
     fig.tight_layout()
     return _png(fig)
 
 
-def fig_allocation(scan: Scan, plan: Plan) -> bytes:
-    planned = plan.data["plans"]["planned"]
-    uniform = plan.data["plans"].get("uniform")
-    groups = list(planned["prune"])
-    layers = list(planned["quantize"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, max(3.5, 0.22 * max(len(groups), len(layers)) + 1.5)))
-    y = np.arange(len(groups))
-    axes[0].barh(y - 0.2, [planned["prune"][g]["n_remove"] / planned["prune"][g]["channels"] * 100 for g in groups],
-                 height=0.4, label="planned", color="tab:blue")
-    if uniform:
-        axes[0].barh(y + 0.2, [uniform["prune"][g]["n_remove"] / uniform["prune"][g]["channels"] * 100
-                               for g in groups], height=0.4, label="uniform", color="tab:gray")
-    for i, g in enumerate(groups):
-        if planned["prune"][g]["status"] != "scanned":
-            axes[0].text(1, i, "skipped", va="center", fontsize=7, color="tab:red")
-    axes[0].set_yticks(y, groups, fontsize=7)
-    axes[0].invert_yaxis()
-    axes[0].set_xlabel("channels removed (%)")
-    axes[0].set_title("pruning per channel group", fontsize=10)
-    axes[0].legend(fontsize=8)
-    y = np.arange(len(layers))
-    axes[1].barh(y - 0.2, [planned["quantize"][q]["bits"] for q in layers], height=0.4, label="planned",
-                 color="tab:orange")
-    if uniform:
-        axes[1].barh(y + 0.2, [uniform["quantize"][q]["bits"] for q in layers], height=0.4, label="uniform",
-                     color="tab:gray")
-    axes[1].set_yticks(y, layers, fontsize=7)
-    axes[1].invert_yaxis()
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xticks([2, 3, 4, 6, 8, 32], ["2", "3", "4", "6", "8", "32 (float)"])
-    axes[1].set_xlabel("weight bits")
-    axes[1].set_title("weight bits per layer", fontsize=10)
-    axes[1].legend(fontsize=8)
+def _blocks(plan: Plan) -> dict[str, Mapping[str, Any]]:
+    """Every decision block of the plan (planned, then any only the uniform plan lists)."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for name in VARIANTS:
+        alloc = plan.data["plans"].get(name)
+        if alloc:
+            for b, c in alloc["choices"].items():
+                out.setdefault(b, c)
+    return out
+
+
+def _by_axis(plan: Plan) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for b, c in _blocks(plan).items():
+        out.setdefault(str(c.get("axis") or "?"), []).append(b)
+    return out
+
+
+def _strength(sens: Mapping[str, _Sensitivity], choice: Mapping[str, Any]) -> float:
+    """How strong a chosen option is among the unit's scanned options of its method, in (0, 1]
+    (0 = nothing applied; 0.6 when the option was not scanned, e.g. an off-grid uniform ratio)."""
+    method = choice.get("method")
+    if not method:
+        return 0.0
+    s = sens.get(str(method))
+    levels = s.levels.get(str(choice.get("unit")), {}) if s else {}
+    label = str(choice.get("label", ""))
+    if label not in levels:
+        return 0.6
+    ranked = sorted(set(levels.values()))
+    return 0.3 + 0.7 * (ranked.index(levels[label]) + 1) / len(ranked)
+
+
+def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[str]) -> bytes:
+    """One panel per axis: a row per unit, a column per allocation (planned, uniform), each cell the
+    chosen option's label, coloured by method and darker for stronger settings."""
+    by_axis = _by_axis(plan)
+    if not by_axis:
+        return _empty("the plan has no decision blocks")
+    shown = [(n, a) for n in VARIANTS if (a := plan.data["plans"].get(n))]
+    every = _blocks(plan)
+    palette = plt.get_cmap("tab10")
+    color = {m: np.array(palette(i % 10)[:3]) for i, m in enumerate(methods)}
+    bysens = {s.method: s for s in sens}
+    n_max = max(len(v) for v in by_axis.values())
+    fig, axes = plt.subplots(1, len(by_axis), figsize=(4.3 * len(by_axis), 0.27 * n_max + 1.6),
+                             squeeze=False)
+    for ax, (axis, blocks) in zip(axes[0], by_axis.items(), strict=True):
+        img = np.ones((len(blocks), len(shown), 3))
+        for i, b in enumerate(blocks):
+            for j, (_, a) in enumerate(shown):
+                c = a["choices"].get(b)
+                if c is None:
+                    img[i, j] = 0.85
+                    txt = "not listed"
+                else:
+                    s = _strength(bysens, c)
+                    base = color.get(str(c.get("method")), np.array([0.5, 0.5, 0.5]))
+                    img[i, j] = 1.0 - s * 0.75 * (1.0 - base) if s else 0.97
+                    txt = str(c.get("label") or (c.get("method") or "none"))
+                ax.text(j, i, _tx(txt), ha="center", va="center", fontsize=6,
+                        color="white" if float(img[i, j].mean()) < 0.45 else "black")
+        ax.imshow(img, aspect="auto", interpolation="nearest")
+        units = [str(every[b].get("unit", b)) for b in blocks]
+        ax.set_yticks(range(len(blocks)), [_tx(u) for u in units], fontsize=7)
+        ax.set_xticks(range(len(shown)), [n for n, _ in shown], fontsize=8)
+        ax.xaxis.tick_top()
+        ax.set_xticks(np.arange(len(shown) + 1) - 0.5, minor=True)
+        ax.set_yticks(np.arange(len(blocks) + 1) - 0.5, minor=True)
+        ax.grid(which="minor", color="white", lw=1.5)
+        ax.tick_params(which="minor", length=0)
+        ax.set_title(_tx(f"axis: {axis}"), fontsize=9, pad=18)
     fig.tight_layout()
     return _png(fig)
 
 
-def _comparison_rows(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str, Any]]) -> tuple[
-        list[str], list[list[str]]]:
-    """Rows: metric; columns: original, then predicted/measured for planned and uniform."""
-    cols = ["original"]
-    data: list[dict[str, str]] = []
-    before = next((r["before"] for r in results.values()), None)
-    orig = plan.original if plan else {}
-    fine_tuned = any(r.get("after_without_finetune") for r in results.values())
-    data.append({
-        "top-1 (%)": _pp(before["top1"] if before else scan.baseline["top1"]),
-        **({"top-1 before fine-tuning (%)": "–"} if fine_tuned else {}),
-        "size": _mb(before["payload_bytes"] if before else orig.get("size")),
-        "file on disk": _mb(before["file_bytes"]) if before else "–",
-        "MACs": _mega(before["macs"] if before else orig.get("macs")),
-        "params": _mega(before["params"] if before else orig.get("params")),
-        "latency p50 / p95": (f"{before['latency']['p50_ms']:.2f} / {before['latency']['p95_ms']:.2f} ms"
-                              if before and "latency" in before else "–"),
-    })
-    for name in ("planned", "uniform"):
-        alloc = plan.data["plans"].get(name) if plan else None
-        if alloc is None:
-            continue
-        p = alloc["predicted"]
-        cols.append(f"{name} (predicted)")
-        data.append({"top-1 (%)": _pp(p["top1"]),
-                     **({"top-1 before fine-tuning (%)": _pp(p["top1"])} if fine_tuned else {}),
-                     "size": _mb(p["size"]), "file on disk": "–",
-                     "MACs": _mega(p["macs"]), "params": _mega(p["params"]), "latency p50 / p95": "–"})
-        r = results.get(name)
-        if r is not None:
-            a = r["after"]
-            no_ft = r.get("after_without_finetune")
-            cols.append(f"{name} (measured)")
-            data.append({"top-1 (%)": _pp(a["top1"]),
-                         **({"top-1 before fine-tuning (%)": _pp(no_ft["top1"]) if no_ft else "–"}
-                            if fine_tuned else {}),
-                         "size": _mb(a["payload_bytes"]), "file on disk": _mb(a["file_bytes"]),
-                         "MACs": _mega(a["macs"]), "params": _mega(a["params"]),
-                         "latency p50 / p95": (f"{a['latency']['p50_ms']:.2f} / {a['latency']['p95_ms']:.2f} ms"
-                                               if "latency" in a else "–")})
-    metrics = list(data[0])
-    rows = [[m] + [d[m] for d in data] for m in metrics]
-    return ["metric", *cols], rows
-
-
-def fig_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> bytes:
-    fig, ax = plt.subplots(figsize=(min(16, 2.6 + 1.9 * (len(headers) - 1)), 0.3 * (len(rows) + 1) + 0.3))
+def fig_table(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(min(16, 2.8 + 1.9 * (len(headers) - 1)),
+                                    0.3 * (len(rows) + 1) + 0.4))
     ax.axis("off")
-    t = ax.table(cellText=[list(r) for r in rows], colLabels=list(headers), loc="center", cellLoc="center")
+    t = ax.table(cellText=[[_tx(c) for c in r] for r in rows], colLabels=[_tx(h) for h in headers],
+                 loc="center", cellLoc="center")
     t.auto_set_font_size(False)
     t.set_fontsize(8)
     t.auto_set_column_width(list(range(len(headers))))
     t.scale(1, 1.4)
-    ax.set_title("before / after", fontsize=10)
+    ax.set_title(_tx(title), fontsize=10)
     return _png(fig)
 
 
-# -- html ----------------------------------------------------------------------------------------------
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;
-color:#222;padding:0 1em}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.85em;margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .6em;
-text-align:left}th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;
-padding:0 .2em}.bad{color:#b00}.ok{color:#070}.muted{color:#777;font-size:.85em}"""
+# -- the numbers -------------------------------------------------------------------------------
+_BEFORE_KEY = {"size": "payload_bytes"}  # the measured counterpart of a predicted cost, where named
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _comparison_rows(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str, Any]],
+                     fmt: _Fmt) -> tuple[list[str], list[list[str]]]:
+    """Rows: quantities; columns: original, then predicted and measured for each allocation."""
+    before = next((r["before"] for r in results.values()), None)
+    units = _cost_units(plan)
+    original = dict(plan.original) if plan is not None else {}
+    costs = list(original) or ["size", "macs", "bops", "params"]
+    fine_tuned = any(r.get("after_without_finetune") for r in results.values())
+    title = fmt.title
+    drop_row = f"{title} drop ({fmt.drop_unit})"
+    names = [title, *([f"{title} before fine-tuning"] if fine_tuned else []), drop_row, "loss",
+             *costs, "file on disk", "latency p50 / p95"]
+
+    def lat(d: Mapping[str, Any] | None) -> str:
+        la = (d or {}).get("latency")
+        if not isinstance(la, Mapping) or not _isnum(la.get("p50_ms")):
+            return _DASH
+        return f"{la['p50_ms']:.2f} / {la.get('p95_ms', float('nan')):.2f} ms"
+
+    def measured_cost(d: Mapping[str, Any] | None, m: str) -> Any:
+        return None if d is None else d.get(_BEFORE_KEY.get(m, m))
+
+    cols: list[tuple[str, dict[str, str]]] = []
+    base_score = before["score"] if before else scan.baseline.get("score")
+    col = {title: fmt.score(base_score), drop_row: fmt.drop(0.0),
+           "loss": f"{before['loss']:.4f}" if before and _isnum(before.get("loss")) else
+           (f"{scan.baseline['loss']:.4f}" if _isnum(scan.baseline.get("loss")) else _DASH),
+           "file on disk": _si(before.get("file_bytes"), "B") if before else _DASH,
+           "latency p50 / p95": lat(before)}
+    for m in costs:
+        v = measured_cost(before, m)
+        col[m] = _cost(m, v if _isnum(v) else original.get(m), units)
+    cols.append(("original", col))
+    for name in VARIANTS:
+        alloc = plan.data["plans"].get(name) if plan is not None else None
+        res = results.get(name)
+        pred = alloc["predicted"] if alloc else (res or {}).get("predicted")
+        if pred is None:
+            continue
+        col = {title: fmt.score(pred.get("score")),
+               drop_row: fmt.drop(pred.get("drop"), pred.get("drop_se"))}
+        if fine_tuned:
+            col[f"{title} before fine-tuning"] = fmt.score(pred.get("score"))
+        for m in costs:
+            frac = pred.get(f"{m}_fraction")
+            col[m] = _cost(m, pred.get(m), units) + (f" ({frac:.3f}×)" if _isnum(frac) else "")
+        cols.append((f"{name} (predicted)", col))
+        if res is None:
+            continue
+        a, b = res["after"], res["before"]
+        no_ft = res.get("after_without_finetune")
+        comp = res.get("comparison") or {}
+        col = {title: fmt.score(a.get("score")),
+               "loss": f"{a['loss']:.4f}" if _isnum(a.get("loss")) else _DASH,
+               "file on disk": _si(a.get("file_bytes"), "B"), "latency p50 / p95": lat(a)}
+        if _isnum(a.get("score")) and _isnum(b.get("score")):
+            col[drop_row] = fmt.drop(fmt.metric.drop(b["score"], a["score"]))
+        if fine_tuned:
+            col[f"{title} before fine-tuning"] = fmt.score(no_ft.get("score")) if no_ft else _DASH
+        for m in costs:
+            v = (comp.get(m) or {}).get("measured", measured_cost(a, m))
+            o = measured_cost(b, m) if _isnum(measured_cost(b, m)) else original.get(m)
+            ratio = f" ({v / o:.3f}×)" if _isnum(v) and _isnum(o) and o else ""
+            col[m] = _cost(m, v, units) + ratio
+        cols.append((f"{name} (measured)", col))
+    rows = [[n] + [c.get(n, _DASH) for _, c in cols] for n in names]
+    return ["quantity", *[h for h, _ in cols]], rows
 
 
-def _img(name: str, png: bytes, alt: str) -> str:
-    b64 = base64.b64encode(png).decode()
-    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}"></figure>'
+def _budget_rows(plan: Plan | None, results: Mapping[str, Mapping[str, Any]],
+                 units: Mapping[str, str]) -> list[list[str]]:
+    """One line per (budget, allocation): the limit, predicted and measured cost, met / MISSED."""
+    if plan is None:
+        return []
+    rows = []
+    for b in plan.data["objective"].get("budgets") or []:
+        metric = str(b.get("metric"))
+        absolute = _cost(metric, b.get("absolute"), units)
+        limit = (f"{metric} ≤ {b['fraction']:.3f} × original ({absolute})"
+                 if _isnum(b.get("fraction")) else f"{metric} ≤ {absolute}")
+        for name in VARIANTS:
+            alloc = plan.data["plans"].get(name)
+            if alloc is None:
+                continue
+            pv = alloc["predicted"].get(metric)
+            pred = _cost(metric, pv, units)
+            res = results.get(name)
+            line = next((x for x in (res or {}).get("budgets") or [] if x.get("metric") == metric),
+                        None)
+            if res is None:
+                meas, status = _DASH, "not applied"
+            elif line is None:
+                meas, status = _DASH, "not recorded"
+            else:
+                meas = _cost(metric, line.get("measured"), units)
+                met = line.get("met")
+                status = ("met" if met else "MISSED") if met is not None else (
+                    "not measured" + (f" ({line['note']})" if line.get("note") else ""))
+            pred_ok = _isnum(pv) and _isnum(b.get("absolute")) and pv <= b["absolute"] * (1 + 1e-6)
+            rows.append([limit, name, pred + (" ✓" if pred_ok else " ✗"), meas, status])
+    return rows
 
 
-def _load_results(result: str | os.PathLike[str] | None) -> dict[str, dict[str, Any]]:
-    if result is None:
-        return {}
-    root = Path(result)
-    if not root.is_dir():
-        raise ArtifactError(f"The result directory {str(root)!r} does not exist. Pass the --out of `sensplan apply`.")
-    out = {}
-    if (root / "metrics.json").is_file():
-        m = load_metrics(root / "metrics.json")
-        out[m["variant"]] = m
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (sub / "metrics.json").is_file():
-            m = load_metrics(sub / "metrics.json")
-            out[m["variant"]] = m
-    if not out:
-        raise ArtifactError(f"{str(root)!r} holds no metrics.json. Pass the --out of `sensplan apply`.")
+def _comparisons(res: Mapping[str, Any], fmt: _Fmt, units: Mapping[str, str]) -> list[list[str]]:
+    rows = []
+    for k, v in (res.get("comparison") or {}).items():
+        if not isinstance(v, Mapping):
+            continue
+        if k.startswith("drop"):
+            rows.append([f"{fmt.title} {k.replace('_', ' ')} ({fmt.drop_unit})",
+                         fmt.drop(v.get("predicted"), (res.get("predicted") or {}).get("drop_se")),
+                         fmt.drop(v.get("measured")), _DASH])
+        else:
+            r = v.get("ratio")
+            rows.append([k, _cost(k, v.get("predicted"), units), _cost(k, v.get("measured"), units),
+                         f"{r:.4f}" if _isnum(r) else _DASH])
+    return rows
+
+
+# -- digests and inputs ------------------------------------------------------------------------
+def _digest(obj: Scan | Plan) -> str:
+    """The sha256 of the artifact's file, or of the bytes it would be saved as when in memory."""
+    return obj.sha256 or hashlib.sha256(dumps(dict(obj.data)).encode()).hexdigest()
+
+
+def _where(obj: Scan | Plan, what: str) -> str:
+    return f"{what} {obj.path!r}" if obj.path else f"the in-memory {what}"
+
+
+def _short(sha: Any) -> str:
+    return f"{str(sha)[:12]}…" if sha else "none"
+
+
+def chain_problems(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str, Any]],
+                   paths: Mapping[str, str]) -> list[str]:
+    """Where the digest chain scan -> plan -> metrics is broken (empty = every link holds).
+
+    A plan records the sha256 of its scan file and a metrics.json the sha256 of its plan file. A
+    link between two unsaved (in-memory) objects has nothing to compare and is accepted.
+    """
+    out = []
+    if plan is not None:
+        want = (plan.data.get("scan") or {}).get("sha256")
+        unsaved = not scan.sha256 and not scan.path
+        if (want or not unsaved) and want != _digest(scan):
+            out.append(f"{_where(plan, 'plan')} was made from a scan with sha256 {_short(want)}, "
+                       f"but {_where(scan, 'scan')} has sha256 {_short(_digest(scan))}")
+        for name, res in results.items():
+            want = (res.get("plan") or {}).get("sha256")
+            unsaved = not plan.sha256 and not plan.path
+            if (want or not unsaved) and want != _digest(plan):
+                out.append(f"the {name} result {paths.get(name, '?')!r} applied a plan with sha256 "
+                           f"{_short(want)}, but {_where(plan, 'plan')} has sha256 "
+                           f"{_short(_digest(plan))}")
     return out
+
+
+def _load_results(result: str | os.PathLike[str] | None) -> tuple[dict[str, dict[str, Any]],
+                                                                  dict[str, str]]:
+    """Variant -> metrics, and variant -> the metrics file, from an apply output directory (its
+    ``metrics.json`` and those of its sub-directories) or one metrics.json."""
+    if result is None:
+        return {}, {}
+    root = Path(result)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = [root / "metrics.json"] + [p / "metrics.json" for p in sorted(root.iterdir())
+                                           if p.is_dir()]
+        files = [f for f in files if f.is_file()]
+    else:
+        raise ArtifactError(f"The result directory {str(root)!r} does not exist. Pass the --out of "
+                            f"`sensplan apply`.")
+    if not files:
+        raise ArtifactError(f"{str(root)!r} holds no metrics.json. Pass the --out of "
+                            f"`sensplan apply`.")
+    out: dict[str, dict[str, Any]] = {}
+    paths: dict[str, str] = {}
+    for f in files:
+        m = load_metrics(f)
+        variant = str(m["variant"])
+        if variant in out:
+            raise ArtifactError(f"{str(root)!r} holds two results for the {variant} allocation "
+                                f"({paths[variant]!r} and {str(f)!r}). Pass one apply output.")
+        out[variant], paths[variant] = m, str(f)
+    return out, paths
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before rendering when ``out`` cannot be created or written (the CLI's --out)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserInputError(f"Cannot write the report into {str(out)!r} (--out): "
+                             f"{str(probe)!r} is a file, not a directory. Pass another --out.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"Cannot write the report into {str(out)!r} (--out): "
+                             f"{str(probe)!r} is not writable. Pass a writable directory with "
+                             f"--out.")
+
+
+# -- html --------------------------------------------------------------------------------------
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
+max-width:1150px;color:#222;padding:0 1em}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;
+border-bottom:1px solid #ddd}h3{font-size:1.02em}table{border-collapse:collapse;font-size:.85em;
+margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}
+code{background:#f4f4f4;padding:0 .2em}
+.bad{color:#b00;font-weight:600}.ok{color:#070}.muted{color:#777;font-size:.85em}
+.warn{border:2px solid #b00;background:#fff3f3;padding:.6em 1em;margin:1em 0}"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
+           cls: Callable[[int, Any], str] | None = None) -> str:
+    """An HTML table; every cell escaped; ``cls(column, value)`` may name a CSS class for a cell."""
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for r in rows:
+        cells = []
+        for j, c in enumerate(r):
+            k = cls(j, c) if cls else ""
+            cells.append(f"<td class='{k}'>{_e(c)}</td>" if k else f"<td>{_e(c)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    b64 = base64.b64encode(png).decode()
+    return f'<figure><img alt="{_e(alt)}" src="data:image/png;base64,{b64}"></figure>'
+
+
+def _status_class(_: int, v: Any) -> str:
+    s = str(v)
+    return "bad" if s.startswith("MISSED") else "ok" if s == "met" else ""
+
+
+def _goal(plan: Plan, fmt: _Fmt, units: Mapping[str, str]) -> str:
+    obj = plan.data["objective"]
+    if obj.get("mode") == "max_drop":
+        goal = (f"the least {obj.get('minimize')} with a predicted {fmt.title} drop of at most "
+                f"{fmt.drop(obj.get('max_drop'))} {fmt.drop_unit}")
+    else:
+        goal = ", ".join(f"{b['metric']} ≤ {b['fraction']:.3f} of the original "
+                         f"({_cost(str(b['metric']), b.get('absolute'), units)})"
+                         if _isnum(b.get("fraction")) else
+                         f"{b['metric']} ≤ {_cost(str(b['metric']), b.get('absolute'), units)}"
+                         for b in obj.get("budgets") or [])
+    models = ", ".join(f"{c.get('name', '?')} ({', '.join(map(str, c.get('metrics', [])))})"
+                       for c in plan.data.get("cost_models") or [])
+    drop_model = obj.get("drop_model", "?")
+    return (f"<p><b>Goal:</b> {_e(goal)}.</p><p>{_e(f'Drop model: {drop_model}.')} "
+            f"{_e('Costs: ' + (models or 'analytic') + '.')}</p>")
+
+
+def _solver(plan: Plan) -> tuple[str, bool]:
+    """The solver's section and whether the planned allocation is proven optimal."""
+    sv = dict(plan.data.get("solver") or {})
+    planned = plan.data["plans"].get("planned") or {}
+    sv.update({k: v for k, v in (planned.get("solver") or {}).items()
+               if k not in sv or v is not None})
+    optimal = bool(sv.get("optimal"))
+    rows = [["method", sv.get("method", "?")], ["status", sv.get("status", "?")],
+            ["proven optimal", "yes" if optimal else "NO"],
+            ["gap", f"{sv['gap']:.3g}" if _isnum(sv.get("gap")) else _DASH],
+            ["seconds", f"{sv['seconds']:.3f}" if _isnum(sv.get("seconds")) else _DASH]]
+    note = ("<p class='ok'>The planned allocation is proven optimal for the scan's drop model.</p>"
+            if optimal else
+            f"<p class='bad'>The solve is not proven optimal (status {_e(sv.get('status', '?'))}): "
+            f"the planned allocation meets the objective, but a better one may exist. Re-plan "
+            f"with a longer time limit (make_plan's time_limit).</p>")
+    return note + _table(["", "value"], rows), optimal
+
+
+def _methods_section(scan: Scan, sens: Mapping[str, _Sensitivity]) -> str:
+    rows = []
+    for name, info in scan.methods.items():
+        s = sens.get(name)
+        settings = ", ".join(s.columns) if s else ", ".join(
+            _setting_text(x) for x in info.get("settings") or [])
+        n_skip = len(info.get("skipped") or {})
+        units = (f"{len(s.units) if s else 0} {info.get('unit_kind', 'unit')}(s) scanned"
+                 + (f", {n_skip} skipped" if n_skip else ""))
+        if info.get("unavailable"):
+            units = f"unavailable: {info['unavailable']}"
+        rows.append([name, f"{info.get('axis', '?')} ({info.get('unit_kind', '?')})",
+                     "yes" if info.get("structural") else "no", info.get("description", ""),
+                     info.get("speed_note", ""), settings, units])
+    return ("<h2>Methods</h2><p>What each scanned method does, and what it does (or does not do) "
+            "for speed. Methods on different axes combine on one unit; methods sharing an axis are "
+            "alternatives.</p>"
+            + _table(["method", "axis (unit)", "structural", "what", "speed", "settings scanned",
+                      "units"], rows))
+
+
+def _skipped_section(scan: Scan) -> str:
+    parts = ["<h2>Skipped units</h2>"]
+    graph = scan.data.get("pruning_graph") or {}
+    if graph and not graph.get("available", True):
+        parts.append(f"<p class='bad'>Channel dependency graph unavailable: "
+                     f"{_e(graph.get('reason') or 'no reason recorded')}</p>")
+    rows = [[m, "(every unit)", info["unavailable"]] for m, info in scan.methods.items()
+            if info.get("unavailable")]
+    rows += [[m, u, why] for m, sk in scan.skipped().items() for u, why in sk.items()]
+    parts.append(_table(["method", "unit", "reason"], rows) if rows else
+                 "<p>None: every method scanned every unit it applies to.</p>")
+    return "".join(parts)
+
+
+def _allocation_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
+    planned = plan.data["plans"].get("planned") or {}
+    uniform = plan.data["plans"].get("uniform")
+    parts = ["<h2>Allocation</h2>"]
+    if uniform is None:
+        parts.append("<p>No uniform allocation meets the objective: only the planned one is "
+                     "shown.</p>")
+    else:
+        u = uniform.get("uniform") or {}
+        desc = ("The uniform baseline applies the same option to every unit of an axis: "
+                f"{u.get('label', '?')}")
+        if _isnum(u.get("ratio")) and u["ratio"]:
+            desc += f"; {u['ratio']:.0%} of every channel group removed"
+        parts.append(f"<p>{_e(desc)}.</p>")
+    parts.append(_img(png, "per-unit allocation, planned vs uniform"))
+    rows = []
+    blocks = _blocks(plan)
+    for b in (b for axis_blocks in _by_axis(plan).values() for b in axis_blocks):
+        c = blocks[b]
+        pc = (planned.get("choices") or {}).get(b)
+        uc = (uniform or {}).get("choices", {}).get(b) if uniform else None
+        rows.append([b, c.get("unit", "?"), c.get("axis", "?"),
+                     pc.get("label", pc.get("method") or "none") if pc else _DASH,
+                     uc.get("label", uc.get("method") or "none") if uc else _DASH,
+                     fmt.drop((planned.get("unit_drops") or {}).get(b)),
+                     fmt.drop((uniform or {}).get("unit_drops", {}).get(b)) if uniform else _DASH])
+    parts.append(_table(["block", "unit", "axis", "planned", "uniform",
+                         f"planned predicted drop ({fmt.drop_unit})",
+                         f"uniform predicted drop ({fmt.drop_unit})"], rows))
+    return "".join(parts)
+
+
+def _provenance(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str, Any]],
+                paths: Mapping[str, str]) -> str:
+    prov = scan.data.get("provenance") or {}
+    rows = [["scan", scan.path or "(in memory)", _short(_digest(scan)), prov.get("started", "?"),
+             (prov.get("versions") or {}).get("sensplan", "?")]]
+    if plan is not None:
+        rows.append(["plan", plan.path or "(in memory)", _short(_digest(plan)),
+                     plan.data.get("created", "?"),
+                     (plan.data.get("versions") or {}).get("sensplan", "?")])
+    for name, r in results.items():
+        applied = _short((r.get("plan") or {}).get("sha256"))
+        rows.append([f"{name} result", paths.get(name, "?"), f"{applied} (plan applied)",
+                     r.get("created", "?"),
+                     (r.get("versions") or {}).get("sensplan", "?")])
+    model = scan.data.get("model") or {}
+    spec = model.get("spec") or {}
+    data = scan.data.get("data") or {}
+    calib = scan.data.get("calibration") or {}
+    facts = [
+        ["model", f"{spec.get('source', '?')} {json.dumps(spec.get('kwargs') or {}, default=str)}"],
+        ["weights", f"{model.get('weights')} (sha256 {_short(model.get('weights_sha256'))})"],
+        ["architecture digest", model.get("architecture_digest", "?")],
+        ["evaluation data", f"{data.get('spec', '?')}: {data.get('n', '?')} samples, seed "
+                            f"{data.get('seed', '?')}, indices {data.get('indices_sha256', '?')}"],
+        ["BatchNorm calibration", f"{calib.get('spec')}: {calib.get('n')} samples, seed "
+                                  f"{calib.get('seed')}" if calib else "none"],
+        ["scan run", f"{prov.get('seconds', '?')} s on {prov.get('device', '?')} "
+                     f"({prov.get('dtype', '?')}, {prov.get('torch_threads', '?')} threads)"],
+        ["versions", ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items())],
+    ]
+    return ("<h2>Provenance</h2>"
+            + _table(["artifact", "file", "sha256", "created", "sensplan"], rows)
+            + _table(["what", "value"], facts))
 
 
 def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLike[str], *,
                   plan: str | os.PathLike[str] | Plan | None = None,
-                  result: str | os.PathLike[str] | None = None) -> Path:
-    """Write ``report.html`` and the PNG figures into ``out_dir``; return the HTML's path.
+                  result: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+    """Write ``report.html`` and the PNG figures (:data:`FIGURES`) into ``out_dir``; return the
+    HTML's path.
+
+    ``result`` is the output directory of ``sensplan apply`` (or one ``metrics.json``). The
+    digest chain must hold: the plan records the sha256 of the scan file, each metrics.json that
+    of the plan file. A broken link raises :class:`~sensplan._errors.ArtifactError`; with
+    ``force=True`` the report is rendered anyway, with a warning at its top. An ``out_dir`` that
+    cannot be written raises :class:`~sensplan._errors.UserInputError` before anything is
+    rendered.
 
     Example: ``render_report("scan.json", "report/", plan="plan.json", result="result/")``.
     """
     s = scan if isinstance(scan, Scan) else Scan.load(scan)
     p = plan if isinstance(plan, Plan) or plan is None else Plan.load(plan)
-    results = _load_results(result)
+    results, paths = _load_results(result)
+    broken = chain_problems(s, p, results, paths)
+    if broken and not force:
+        raise ArtifactError("The artifacts do not belong together: " + "; ".join(broken)
+                            + ". Pass the files of one run, or pass --force to render anyway.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
 
-    figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(s), "drop_curves": fig_curves(s)}
-    headers, rows = _comparison_rows(s, p, results)
+    fmt = _Fmt(s.metric)
+    units = _cost_units(p)
+    sens = sensitivities(s)
+    bysens = {x.method: x for x in sens}
+    figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(sens, fmt),
+                              "drop_curves": fig_curves(sens, fmt)}
     if p is not None:
-        figs["allocation"] = fig_allocation(s, p)
-    figs["before_after"] = fig_table(headers, rows)
+        figs["allocation"] = fig_allocation(p, sens, list(s.methods))
+    headers, rows = _comparison_rows(s, p, results, fmt)
+    figs["before_after"] = fig_table(headers, rows, f"before / after ({fmt.title})")
+    out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         atomic_write_bytes(out / f"{name}.png", png)
+    stale = out / "allocation.png"
+    if p is None and stale.is_file():  # a previous render's chart would contradict this page
+        stale.unlink()
 
-    model = s.data["model"]
-    spec = (model.get("spec") or {}).get("source", "?")
-    data = s.data.get("data", {})
-    prov = s.data.get("provenance", {})
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sensplan report: {html.escape(spec)}</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>sensplan report: <code>{html.escape(spec)}</code></h1>",
-             "<p>" + html.escape(
-                 f"Evaluated on {data.get('n', '?')} samples of {data.get('spec', '?')} (stratified, seed "
-                 f"{data.get('seed', '?')}); baseline top-1 {_pp(s.baseline['top1'])}%, loss "
-                 f"{s.baseline['loss']:.4f}. Scan: {len(s.results)} probes in {prov.get('seconds', 0):.1f} s.")
-             + "</p>"]
+    model = s.data.get("model") or {}
+    spec = str((model.get("spec") or {}).get("source", "?"))
+    data = s.data.get("data") or {}
+    prov = s.data.get("provenance") or {}
+    task = s.data.get("task") or {}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sensplan report: {_e(spec)}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>sensplan report: <code>{_e(spec)}</code></h1>"]
+    if broken:
+        parts.append("<div class='warn'><b>Warning: the digest chain is broken</b> (rendered with "
+                     "--force). These files do not come from one run, so predictions and "
+                     "measurements may not match:<ul>"
+                     + "".join(f"<li>{_e(b)}</li>" for b in broken) + "</ul></div>")
+    better = "higher" if fmt.metric.higher_is_better else "lower"
+    parts.append("<p>" + _e(
+        f"Task {task.get('name', '?')}: {fmt.title} ({better} is better). Evaluated on "
+        f"{data.get('n', '?')} samples of {data.get('spec', '?')} (seed {data.get('seed', '?')}); "
+        f"baseline {fmt.title} {fmt.score(s.baseline.get('score'))}. "
+        f"Scan: {len(s.results)} probes over {len(s.methods)} method(s) in "
+        f"{float(prov.get('seconds') or 0):.1f} s.") + "</p>")
+    solver_html = ""
     if p is not None:
-        obj = p.data["objective"]
-        if obj["mode"] == "budget":
-            goal = ", ".join(f"{b['metric']} ≤ {b['fraction']:.3f} of the original" for b in obj["budgets"])
-        else:
-            goal = f"least {obj['minimize']} with predicted drop ≤ {_pp(obj['max_drop'])} points"
-        parts.append(f"<p><b>Goal:</b> {html.escape(goal)}. The predicted drop adds the per-unit drops of the "
-                     f"scan; costs are computed exactly from the tensor shapes.</p>")
-    parts.append("<h2>Before / after</h2>" + _table(headers, rows))
+        parts.append("<h2>Goal</h2>" + _goal(p, fmt, units))
+        solver_html, optimal = _solver(p)
+        if not optimal:
+            parts.append("<p class='bad'>The solve is not proven optimal: see Solver below.</p>")
+
+    parts.append(f"<h2>Before / after</h2><p>{_e(fmt.title)} and costs of the original model, "
+                 f"then for each allocation what the scan predicts and what applying it measured. "
+                 f"A drop is positive when the model got worse.</p>" + _table(headers, rows))
+    before = next((r["before"] for r in results.values()), None)
+    if before and before.get("score") != s.baseline.get("score"):
+        parts.append("<p class='muted'>" + _e(
+            f"The scan measured the original at {fmt.score(s.baseline.get('score'))} on its "
+            f"{s.baseline.get('n', '?')} samples; apply measured {fmt.score(before.get('score'))} "
+            f"on {before.get('n', '?')}. Predicted scores start from the scan's baseline; "
+            f"measured drops from apply's.") + "</p>")
+    budget_rows = _budget_rows(p, results, units)
+    if budget_rows:
+        parts.append("<h3>Budgets</h3>" + _table(["budget", "allocation", "predicted", "measured",
+                                                  "status"], budget_rows, _status_class))
     for name, r in results.items():
-        checks = []
-        for b in r.get("budgets", []):
-            cls = "ok" if b["met"] else "bad"
-            checks.append(f"<span class='{cls}'>{html.escape(b['metric'])} budget "
-                          f"{'met' if b['met'] else 'MISSED'}</span>")
-        comp = r.get("comparison", {})
-        cmp_rows = [[k, f"{v['predicted']:.6g}", f"{v['measured']:.6g}",
-                     f"{v['ratio']:.4f}" if v.get("ratio") is not None else "–"]
-                    for k, v in comp.items() if k != "drop_without_finetune"]
-        d = comp.get("drop_without_finetune")
-        if d:
-            cmp_rows.append(["top-1 drop without fine-tuning (points)", _pp(d["predicted"]), _pp(d["measured"]), "–"])
-        parts.append(f"<h3>{html.escape(name)}: predicted vs measured</h3><p>{' · '.join(checks)}</p>"
-                     + _table(["quantity", "predicted", "measured", "measured / predicted"], cmp_rows))
-    parts.append("<h2>Sensitivity</h2><p>Top-1 drop in percentage points when one unit alone is compressed "
-                 "(positive = worse). Pruning probes remove a whole coupled channel group.</p>")
-    parts.append(_img("sensitivity_heatmap", figs["sensitivity_heatmap"], "sensitivity heatmap"))
-    parts.append(_img("drop_curves", figs["drop_curves"], "per-unit drop curves"))
+        ft = r.get("after_without_finetune")
+        note = (f"Fine-tuned; {fmt.title} before fine-tuning {fmt.score(ft.get('score'))}. "
+                if ft else "")
+        diff = (r.get("after") or {}).get("reload_max_abs_diff")
+        note += (f"The saved file reloads to outputs within {diff:.3g} of the in-memory model."
+                 if _isnum(diff) else "")
+        parts.append(f"<h3>{_e(name)}: predicted vs measured</h3>"
+                     + (f"<p class='muted'>{_e(note)}</p>" if note else "")
+                     + _table(["quantity", "predicted", "measured", "measured / predicted"],
+                              _comparisons(r, fmt, units)))
+
+    parts.append(_methods_section(s, bysens))
+    parts.append(f"<h2>Sensitivity</h2><p>{_e(fmt.title)} drop in {_e(fmt.drop_unit)} when one "
+                 f"unit alone is compressed by one method at one setting (positive = worse). "
+                 f"Settings run from weaker to stronger; a grey cell was not probed.</p>")
+    parts.append(_img(figs["sensitivity_heatmap"], f"{fmt.title} drop per unit and setting"))
+    parts.append(_img(figs["drop_curves"], f"{fmt.title} drop curves per method"))
     if p is not None:
-        parts.append("<h2>Allocation</h2>" + _img("allocation", figs["allocation"], "per-unit allocation"))
-        planned = p.data["plans"]["planned"]
-        uni = p.data["plans"].get("uniform") or {"prune": {}, "quantize": {}}
-        unit_rows = []
-        for g, e in planned["prune"].items():
-            ue = uni["prune"].get(g, {})
-            unit_rows.append([g, "prune", f"{e['n_remove']}/{e['channels']} channels",
-                              f"{ue.get('n_remove', 0)}/{e['channels']}" if ue else "–",
-                              _pp(planned.get("unit_drops", {}).get(f"prune:{g}")), e["status"]])
-        for q, e in planned["quantize"].items():
-            ue = uni["quantize"].get(q, {})
-            unit_rows.append([q, "quantize", "float32" if e["bits"] == 32 else f"{e['bits']} bits",
-                              ("float32" if ue.get("bits") == 32 else f"{ue.get('bits')} bits") if ue else "–",
-                              _pp(planned.get("unit_drops", {}).get(f"quantize:{q}")), ""])
-        parts.append(_table(["unit", "kind", "planned", "uniform", "predicted drop (points)", "status"], unit_rows))
-    skipped = s.skipped_groups()
-    parts.append("<h2>Skipped channel groups</h2>")
-    if skipped:
-        parts.append(_table(["group (root)", "members", "reason"],
-                            [[g, len(s.groups[g]["members"]), why] for g, why in skipped.items()]))
-    else:
-        parts.append("<p>None: every channel group was scanned.</p>")
-    versions = prov.get("versions", {})
-    parts.append("<h2>Provenance</h2><p class='muted'>" + html.escape(
-        f"model {spec}; weights {model.get('weights')} (sha256 {str(model.get('weights_sha256'))[:16]}); "
-        f"scan started {prov.get('started')}; " + ", ".join(f"{k} {v}" for k, v in versions.items())) + "</p>")
+        parts.append(_allocation_section(p, fmt, figs["allocation"]))
+    parts.append(_skipped_section(s))
+    if p is not None:
+        parts.append("<h2>Solver</h2>" + solver_html)
+    parts.append(_provenance(s, p, results, paths))
     parts.append("</body></html>")
     doc = "\n".join(parts)
     path = out / "report.html"

@@ -1,5 +1,6 @@
 """The scanner: per-unit sensitivity to weight quantization and structured (group) pruning."""
 
+from sensplan._tables import Scan
 from sensplan.sensitivity._data import (
     DataSpec,
     EvalSet,
@@ -9,15 +10,6 @@ from sensplan.sensitivity._data import (
 )
 from sensplan.sensitivity._eval import EvalResult, evaluate
 from sensplan.sensitivity._groups import PruningGraph, check_group, count_macs, n_remove_for
-from sensplan.sensitivity.methods import (
-    METHODS,
-    Method,
-    MethodContext,
-    WeightMethod,
-    all_methods,
-    get_method,
-)
-from sensplan.sensitivity.tasks import TASKS, Task, TaskResult, get_task
 from sensplan.sensitivity._models import (
     ModelSpec,
     architecture_digest,
@@ -28,35 +20,44 @@ from sensplan.sensitivity._models import (
     register_model,
 )
 from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize, quantize_per_channel
-from sensplan.sensitivity._scan import Scan, ScanConfig, default_settings, scan
+from sensplan.sensitivity._scan import ScanConfig, default_settings, scan
+from sensplan.sensitivity.methods import (
+    METHODS,
+    Method,
+    MethodContext,
+    WeightMethod,
+    all_methods,
+    get_method,
+)
+from sensplan.sensitivity.tasks import TASKS, Task, TaskResult, get_task
 
 __all__ = [
     "METHODS",
     "SUPPORTED_BITS",
     "TASKS",
-    "Method",
-    "MethodContext",
-    "Task",
-    "TaskResult",
-    "WeightMethod",
-    "all_methods",
-    "default_settings",
-    "get_method",
-    "get_task",
     "DataSpec",
     "EvalResult",
     "EvalSet",
+    "Method",
+    "MethodContext",
     "ModelSpec",
     "Preprocess",
     "PruningGraph",
     "Scan",
     "ScanConfig",
+    "Task",
+    "TaskResult",
+    "WeightMethod",
+    "all_methods",
     "architecture_digest",
     "build_model",
     "check_group",
     "count_macs",
+    "default_settings",
     "evaluate",
     "fake_quantize",
+    "get_method",
+    "get_task",
     "list_models",
     "load_eval_set",
     "load_model",

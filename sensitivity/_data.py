@@ -198,7 +198,9 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
 
 def stratified_indices(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     """A seeded sample of ``n`` indices with each class in proportion (all indices if ``n`` is None
-    or at least the data size). Classes keep at least one sample where ``n`` allows.
+    or at least the data size), by largest remainder: a class gets ``floor(n * share)`` samples plus
+    one if its remainder is among the largest. A class whose share of ``n`` is below one sample can
+    get none (e.g. 10 classes and ``n=5``).
 
     Example: 10 classes of 1,000 and ``n=1000`` give 100 of each class, in a seeded random order.
     """
@@ -262,7 +264,8 @@ def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: 
     if exclude is not None and len(exclude):
         candidates = np.setdiff1d(candidates, exclude)
     if len(candidates) == 0:
-        raise DataSpecError(f"The data {spec} holds no samples" + (" outside the evaluation sample." if exclude is not None else "."))
+        where = " outside the evaluation sample." if exclude is not None else "."
+        raise DataSpecError(f"The data {spec} holds no samples{where}")
     idx = candidates[stratified_indices(labels[candidates], n, seed)]
     if isinstance(ds, _Normalized):
         x, y = ds.x[torch.from_numpy(idx)], ds.y[torch.from_numpy(idx)]

@@ -110,6 +110,12 @@ def batchnorm_state_restored(model: nn.Module) -> Iterator[None]:
 BNStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
+def _buffer(t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:  # batchnorm_modules() returns only layers that track running statistics
+        raise TypeError("a BatchNorm layer without running statistics")
+    return t.clone()
+
+
 @torch.no_grad()
 def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256) -> BNStats:
     """Mean and variance of every BatchNorm's input over ``calib`` (FQN -> (mean, var)), measured
@@ -130,7 +136,7 @@ def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256
         try:
             for x, _ in calib.batches(batch_size):
                 model(x)
-            stats = {names[m]: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
+            stats = {names[m]: (_buffer(m.running_mean), _buffer(m.running_var)) for m in bns}
         finally:
             model.train(was_training)
     return stats

@@ -13,7 +13,6 @@ p=2, mean over the group's members); the ``n_remove`` channels with the smallest
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ QUANTIZABLE = (*_CONV, *_CONVT, nn.Linear)
 
 CRITERION = "group_l2_magnitude"
 
-__all__ = ["CRITERION", "QUANTIZABLE", "PruningGraph", "check_group", "count_macs", "n_remove_for"]
+__all__ = ["CRITERION", "QUANTIZABLE", "PruningGraph", "check_group", "count_macs", "layer_weight_key", "n_remove_for"]
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,15 @@ class PruningGraph:
     model's parameters and buffers are not changed (the model is put in eval mode first).
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, dg: Any = None) -> None:
         model.eval()
         self.model = model
         self.example_input = example_input
-        with torch.enable_grad():
-            self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
-                                                            verbose=False)
+        if dg is None:
+            with torch.enable_grad():
+                dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input,
+                                                           verbose=False)
+        self.dg = dg
         self._name = {m: n for n, m in model.named_modules()}
         self._module = dict(model.named_modules())
         self._roots: dict[str, nn.Module] = {}
@@ -69,6 +70,28 @@ class PruningGraph:
             self._roots[gid] = root
             self._channels[gid] = len(group[0].idxs)
             self._members[gid] = tuple(self._members_of(group))
+
+    def copy(self) -> PruningGraph:
+        """A deep copy of the model with its graph, without tracing again: one ``deepcopy`` of the
+        pair keeps the graph's references pointing at the copied modules."""
+        # Torch-Pruning's graph refers to its ops module and to autograd nodes: share, don't copy
+        memo: dict[int, Any] = {id(self.dg.ops): self.dg.ops}
+        # ... and its pruning functions: Torch-Pruning compares a dependency's handler with its
+        # module-level functions (e.g. ``prune_depthwise_conv_out_channels``); a copied handler
+        # is bound to a copied pruner and never equal, so a depthwise conv's group would lose
+        # every member but the conv itself
+        pruners = [*self.dg.REGISTERED_PRUNERS.values(), *self.dg.CUSTOMIZED_PRUNERS.values(),
+                   *getattr(tp.pruner.function, "PrunerBox", {}).values()]
+        for fn in (*getattr(self.dg, "_in_channel_pruning_fn", ()),
+                   *getattr(self.dg, "_out_channel_pruning_fn", ())):
+            pruners.append(getattr(fn, "__self__", None))
+        memo.update({id(p): p for p in pruners if p is not None})
+        for node in self.dg.module2node.values():
+            for value in vars(node).values():
+                if hasattr(value, "next_functions"):  # an autograd node (grad_fn)
+                    memo[id(value)] = value
+        model, dg = copy.deepcopy((self.model, self.dg), memo)
+        return PruningGraph(model.eval(), self.example_input, dg)
 
     # -- discovery -----------------------------------------------------------------------------
     def group_ids(self) -> list[str]:
@@ -105,7 +128,7 @@ class PruningGraph:
         imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)(group)
         if imp is None:  # a group with no weights of its own: nothing to rank by, keep order
             return torch.arange(self._channels[gid], 0, -1, dtype=torch.float32)
-        return imp.detach().float()
+        return torch.as_tensor(imp).detach().float()
 
     def select(self, gid: str, n_remove: int) -> list[int]:
         """The ``n_remove`` least important channels of group ``gid`` (sorted root indices)."""
@@ -155,8 +178,8 @@ class PruningGraph:
 
 def _zero_targets(mod: nn.Module, out: bool) -> list[tuple[torch.Tensor, int]]:
     """(tensor, dim) pairs that hold one slice per channel of ``mod``'s output (out) or input side."""
-    w = getattr(mod, "weight", None)
-    b = getattr(mod, "bias", None)
+    w: Any = getattr(mod, "weight", None)
+    b: Any = getattr(mod, "bias", None)
     targets: list[tuple[torch.Tensor, int]] = []
     if isinstance(mod, (*_CONV, nn.Linear)):
         depthwise = isinstance(mod, _CONV) and mod.groups > 1 and mod.groups == mod.in_channels
@@ -207,9 +230,9 @@ def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
     idxs = graph.select(gid, n_remove)
     with torch.no_grad():
         reference = model(inputs)
-    clone = copy.deepcopy(model).eval()
     try:
-        clone_graph = PruningGraph(clone, graph.example_input)
+        clone_graph = graph.copy()
+        clone = clone_graph.model
         clone_graph.prune_(gid, idxs)
         with torch.no_grad():
             pruned_out = clone(inputs)
@@ -245,7 +268,11 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     """Multiply-accumulates per sample of each Conv/Linear layer (FQN -> MACs) for one forward.
 
     A conv costs (output positions) x (weight elements); a linear (output rows) x (weight elements).
-    Other operations (norms, activations, pooling, additions) are not counted.
+    ``nn.MultiheadAttention`` runs its projections without calling its submodules, so it is
+    counted by its own hook: the packed input projection (query, key and value tokens x E x E each)
+    plus the two attention products (2 x L x S x E) under the attention module's name, and the
+    output projection (L x E x E) under ``<name>.out_proj``. Other operations (norms, activations,
+    pooling, additions) are not counted.
     """
     macs: dict[str, int] = {}
     hooks = []
@@ -253,7 +280,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
 
     def hook(name: str) -> Callable[..., None]:
         def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            w = mod.weight
+            w: torch.Tensor = mod.weight  # type: ignore[assignment]
             if isinstance(mod, _CONV):
                 positions = out.numel() // (batch * out.shape[1])
             elif isinstance(mod, _CONVT):
@@ -263,8 +290,25 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
             macs[name] = macs.get(name, 0) + positions * w.numel()
         return fn
 
+    def mha_hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.MultiheadAttention, args: Any, kwargs: Any, out: Any) -> None:
+            names = ("query", "key", "value")
+            q, k, v = (args[i] if len(args) > i else kwargs.get(names[i]) for i in range(3))
+            e = mod.embed_dim
+            tokens = [t.numel() // (batch * t.shape[-1]) for t in (q, k, v)]
+            proj = tokens[0] * e * e + tokens[1] * e * mod.kdim + tokens[2] * e * mod.vdim
+            attention = 2 * tokens[0] * tokens[1] * e
+            macs[name] = macs.get(name, 0) + proj + attention
+            macs[f"{name}.out_proj"] = macs.get(f"{name}.out_proj", 0) + tokens[0] * e * e
+        return fn
+
+    attention_parts = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, QUANTIZABLE):
+        if isinstance(mod, nn.MultiheadAttention):
+            attention_parts.add(f"{name}.out_proj")
+            hooks.append(mod.register_forward_hook(mha_hook(name), with_kwargs=True))
+    for name, mod in model.named_modules():
+        if isinstance(mod, QUANTIZABLE) and name not in attention_parts:
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
@@ -273,3 +317,11 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
     return macs
+
+
+def layer_weight_key(name: str, mod: nn.Module) -> str | None:
+    """The state-dict key of a layer's weight: ``.weight``, or the packed ``in_proj_weight`` of an
+    attention module (None when it has separate q/k/v projection weights)."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return f"{name}.in_proj_weight" if mod.in_proj_weight is not None else None
+    return f"{name}.weight" if isinstance(getattr(mod, "weight", None), torch.Tensor) else None

@@ -34,7 +34,12 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: make ``fn`` available as the model spec ``sensplan:<fn.__name__>``."""
+    """Decorator: make ``fn`` available as the model spec ``sensplan:<fn.__name__>``.
+
+    A name that is already taken raises ``ValueError`` instead of silently replacing the model.
+    """
+    if fn.__name__ in _REGISTRY and _REGISTRY[fn.__name__] is not fn:
+        raise ValueError(f"A model named {fn.__name__!r} is already registered. Rename the factory.")
     _REGISTRY[fn.__name__] = fn
     return fn
 
@@ -119,7 +124,8 @@ def _build_torchvision(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
                              "'weights' and pass a local checkpoint with --weights FILE.")
     kw = {k: v for k, v in kwargs.items() if k != "weights"}
     try:
-        return torchvision.models.get_model(name, weights=None, **kw)
+        model: nn.Module = torchvision.models.get_model(name, weights=None, **kw)
+        return model
     except TypeError as e:
         raise ModelSpecError(f"torchvision:{name} does not accept {kw}: {e}") from None
 

@@ -102,7 +102,9 @@ class _InputQuant:
         self.qp = dict(qp)
 
     def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (fake_quantize_activation(args[0], self.qp), *args[1:])
+        # attention takes (query, key, value): quantize every floating input tensor
+        return tuple(fake_quantize_activation(a, self.qp)
+                     if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def install_input_quant(module: torch.nn.Module, qp: Mapping[str, Any]) -> Any:

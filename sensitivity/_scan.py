@@ -25,19 +25,18 @@ from torch import nn
 
 from sensplan._artifacts import file_sha256, now_iso, versions
 from sensplan._errors import UserInputError
-from sensplan._tables import SCAN_FORMAT, SCAN_SCHEMA_VERSION, Scan
 from sensplan._metric import Metric
+from sensplan._tables import SCAN_FORMAT, SCAN_SCHEMA_VERSION, Scan
 from sensplan.sensitivity._data import EvalSet
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
     batchnorm_statistics,
     recalibrate_batchnorm_,
 )
-from sensplan.sensitivity._groups import QUANTIZABLE, PruningGraph, count_macs
+from sensplan.sensitivity._groups import PruningGraph, count_macs, layer_weight_key
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
 from sensplan.sensitivity.methods import Method, MethodContext, Setting, all_methods, get_method
 from sensplan.sensitivity.tasks import Task, TaskResult, get_task, paired_se
-
 
 
 def default_settings() -> dict[str, tuple[Setting, ...]]:
@@ -93,6 +92,14 @@ class ScanConfig:
             settings["weight_quant"] = [{"bits": int(b)} for b in bits]
         return cls(settings, **kwargs)
 
+    @classmethod
+    def defaults(cls, methods: Sequence[str] | None = None, **kwargs: Any) -> ScanConfig:
+        """``methods`` (names; default: those ``sensplan scan`` runs without ``--methods``), each with
+        its default settings, e.g. ``ScanConfig.defaults(["prune", "weight_quant", "act_quant"])``."""
+        if methods is None:
+            return cls(dict(default_settings()), **kwargs)
+        return cls({m: tuple(get_method(m).default_settings) for m in methods}, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         return {"settings": {k: [dict(s) for s in v] for k, v in self.settings.items()},
                 "task": self.task, "batch_size": self.batch_size, "check_samples": self.check_samples}
@@ -137,11 +144,13 @@ def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
     (None with the reason when Torch-Pruning cannot trace the model)."""
     macs = count_macs(model, example_input)
     layers: dict[str, Any] = {}
+    state = model.state_dict()
     for name, mod in model.named_modules():
-        if isinstance(mod, QUANTIZABLE) and name in macs:
-            layers[name] = {"type": type(mod).__name__, "weight": f"{name}.weight",
-                            "weight_shape": list(mod.weight.shape), "macs": int(macs[name]),
-                            "bias": mod.bias is not None}
+        key = layer_weight_key(name, mod)
+        if name in macs and key is not None and key in state:
+            layers[name] = {"type": type(mod).__name__, "weight": key,
+                            "weight_shape": list(state[key].shape), "macs": int(macs[name]),
+                            "bias": getattr(mod, "bias", None) is not None}
     weight_of = {v["weight"]: k for k, v in layers.items()}
     params = {n for n, _ in model.named_parameters()}
     tensors = {k: {"shape": list(v.shape), "storage_bits": v.element_size() * 8,

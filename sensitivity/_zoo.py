@@ -46,7 +46,8 @@ class DigitsNet(nn.Module):
         x = torch.relu(self.stem(x))
         x = self.block(x)
         x = torch.relu(self.down(x))
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        out: torch.Tensor = self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+        return out
 
 
 @register_model

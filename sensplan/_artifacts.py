@@ -74,9 +74,11 @@ def read_json(path: str | os.PathLike[str], fmt: str, versions: tuple[int, ...])
     """Read a JSON artifact of format ``fmt`` whose schema_version is one of ``versions``."""
     p = Path(path)
     what = fmt.split(".")[-1]
+    verb = {"scan": "sensplan scan", "plan": "sensplan plan", "metrics": "sensplan apply"}.get(what)
+    made_by = f"`{verb}`" if verb else "the tool that measures it (see docs/formats.md)"
     if not p.is_file():
         raise ArtifactError(f"The {what} file {str(p)!r} does not exist. Check the path, or create it "
-                            f"with `sensplan {what if what != 'metrics' else 'apply'}`.")
+                            f"with {made_by}.")
     try:
         obj = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -84,7 +86,7 @@ def read_json(path: str | os.PathLike[str], fmt: str, versions: tuple[int, ...])
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise ArtifactError(f"{str(p)!r} is not a {fmt} file (its format is {got!r}). "
-                            f"Pass the file written by `sensplan {what}`.")
+                            f"Pass the file written by {made_by}.")
     v = obj.get("schema_version")
     if v not in versions:
         raise ArtifactError(

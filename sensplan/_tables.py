@@ -77,7 +77,21 @@ class Scan:
     def results_for(self, unit: str, method: str) -> list[Mapping[str, Any]]:
         return [r for r in self.results if r["unit"] == unit and r["method"] == method]
 
+    def restricted(self, methods: Sequence[str]) -> Scan:
+        """The same table with only the results of ``methods`` (to plan with a subset of what was
+        scanned, e.g. weight bits alone). Unknown names raise ArtifactError listing the scanned ones."""
+        unknown = [m for m in methods if m not in self.methods]
+        if unknown:
+            raise ArtifactError(f"The scan has no results for {', '.join(unknown)}; it scanned "
+                                f"{', '.join(self.methods)}.")
+        data = dict(self.data)
+        data["methods"] = {k: v for k, v in self.methods.items() if k in methods}
+        data["results"] = [r for r in self.results if r["method"] in methods]
+        return Scan(data, self.sha256, self.path)
+
     def save(self, path: str | os.PathLike[str]) -> Scan:
+        """Write the file atomically; return the saved view, which carries the file's digest (use it:
+        what is made from it then chains to the file)."""
         digest = write_json(path, dict(self.data))
         return Scan(self.data, digest, str(path))
 

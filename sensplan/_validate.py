@@ -110,7 +110,7 @@ def validate_files(paths: list[str]) -> list[str]:
             problems.append(f"{raw}: unknown format {fmt!r} (expected one of {', '.join(_CHECKS)})")
             continue
         if fmt == "sensplan.cost_table":
-            from sensplan.planner._costs import TableCosts
+            from sensplan.planner import TableCosts
 
             try:
                 TableCosts.load(path)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real models with seeded weights, seeded synthetic data, and ../shared paths."""
+"""Shared fixtures: tiny real models with seeded weights, seeded synthetic data, ../shared paths."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ CIFAR_TEST = SHARED / "data" / "cifar10-jpg" / "test"
 CIFAR_TRAIN = SHARED / "data" / "cifar10-jpg" / "train"
 CIFAR_RESNET = ROOT / "examples" / "cifar_resnet.py"
 
-needs_shared = pytest.mark.skipif(not (RESNET20_JPEG.is_file() and CIFAR_TEST.is_dir()),
-                                  reason="../shared (CIFAR-10 JPEG data and ResNet weights) is not present")
+needs_shared = pytest.mark.skipif(
+    not (RESNET20_JPEG.is_file() and CIFAR_TEST.is_dir()),
+    reason="../shared (CIFAR-10 JPEG data and ResNet weights) is not present")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -39,8 +40,8 @@ def seeded_model(name: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
     return model.eval()
 
 
-def self_labelled(model: torch.nn.Module, n: int = 96, shape: tuple[int, ...] = (3, 8, 8), seed: int = 0,
-                  spec: str = "synthetic") -> EvalSet:
+def self_labelled(model: torch.nn.Module, n: int = 96, shape: tuple[int, ...] = (3, 8, 8),
+                  seed: int = 0, spec: str = "synthetic") -> EvalSet:
     """Seeded random inputs labelled by the model's own predictions: baseline top-1 is exactly 1.0,
     so every perturbation that changes a prediction shows up as a drop.
 

@@ -32,6 +32,14 @@ def test_stratified_sample_of_uneven_classes_sums_exactly():
     assert len(idx) == 11 and np.bincount(labels[idx]).tolist() == [6, 3, 2]
 
 
+def test_a_class_whose_share_is_below_one_sample_can_get_none():
+    labels = np.repeat(np.arange(10), 7)
+    idx = stratified_indices(labels, 5, seed=0)
+    assert len(idx) == len(set(idx)) == 5
+    assert np.bincount(labels[idx], minlength=10).max() == 1
+    assert len(stratified_indices(labels, None, seed=0)) == 70
+
+
 def test_image_folder_loads_with_preprocessing(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     ev = load_eval_set(DataSpec.parse(str(root), Preprocess(resize=8, crop=8)), n=9, seed=0)
@@ -67,7 +75,18 @@ def test_calibration_sample_is_disjoint_from_the_evaluation_sample(tmp_path):
 def test_train_loader_is_seeded():
     a = [y.tolist() for _, y in train_loader(DataSpec.parse("digits:train"), 100, seed=4)]
     b = [y.tolist() for _, y in train_loader(DataSpec.parse("digits:train"), 100, seed=4)]
-    assert a == b
+    c = [y.tolist() for _, y in train_loader(DataSpec.parse("digits:train"), 100, seed=5)]
+    assert a == b and a != c
+    assert sum(len(y) for y in a) == 1257
+
+
+def test_eval_set_moves_to_a_device_and_stays_put_when_there():
+    ev = load_eval_set(DataSpec.parse("digits"), 20, seed=0)
+    assert ev.to("cpu") is ev
+    moved = ev.to("meta")  # a device that holds shapes only: the data is copied, not shared
+    assert moved.x.device.type == moved.y.device.type == "meta"
+    assert moved.x.shape == ev.x.shape and moved.description == ev.description
+    assert np.array_equal(moved.indices, ev.indices) and ev.x.device.type == "cpu"
 
 
 @pytest.mark.parametrize("spec,fragment", [

@@ -1,7 +1,12 @@
+"""The Torch-Pruning adapter: the zeroing probe equals real pruning, is reversible, is checked."""
+
+from __future__ import annotations
+
 import copy
 
 import pytest
 import torch
+from torch import nn
 
 from sensplan.sensitivity import (
     ModelSpec,
@@ -15,29 +20,163 @@ from sensplan.sensitivity._models import weights_digest
 from tests.conftest import CIFAR_RESNET, seeded_model
 
 
+def _bn(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return bn
+
+
+def _head(channels: int) -> list[nn.Module]:
+    return [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 4)]
+
+
+def depthwise_net() -> nn.Module:
+    """conv -> BN -> depthwise conv -> BN -> pointwise conv: one group couples the first conv's
+    outputs with the depthwise conv's channels (its weight's dim 0, for input and output)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=8), _bn(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 1), _bn(8), nn.ReLU(), *_head(8)).eval()
+
+
+def transpose_net() -> nn.Module:
+    """conv -> BN -> ConvTranspose (its weight is (in, out, ...): inputs on dim 0, outputs on 1)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU(),
+                         nn.ConvTranspose2d(8, 6, 2, stride=2), _bn(6), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), *_head(6)).eval()
+
+
+def norm_net(norm: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), norm, nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), *_head(8)).eval()
+
+
+def probe_and_real(model: nn.Module, graph: PruningGraph, gid: str, k: int, x: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    idxs = graph.select(gid, k)
+    with graph.zeroed(gid, idxs), torch.no_grad():
+        probe = model(x)
+    pruned = copy.deepcopy(model)
+    PruningGraph(pruned, x[:1]).prune_(gid, idxs)
+    with torch.no_grad():
+        real = pruned(x)
+    return probe, real, pruned
+
+
+def _inputs(n: int = 6, px: int = 8) -> torch.Tensor:
+    return torch.randn(n, 3, px, px, generator=torch.Generator().manual_seed(1))
+
+
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_convnet"])
 def test_zeroing_probe_equals_structural_pruning_for_every_group(name):
     model = seeded_model(name)
-    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = _inputs()
     graph = PruningGraph(model, x[:1])
     checked = 0
     for gid in graph.group_ids():
         k = n_remove_for(0.5, graph.channels(gid))
         chk = check_group(model, graph, gid, k, x)
         if not chk.ok:
+            assert "output shape" in chk.reason, (gid, chk.reason)  # only the classifier
             continue
         checked += 1
-        idxs = graph.select(gid, k)
-        with graph.zeroed(gid, idxs), torch.no_grad():
-            probe = model(x)
-        pruned = copy.deepcopy(model)
-        PruningGraph(pruned, x[:1]).prune_(gid, idxs)
-        with torch.no_grad():
-            real = pruned(x)
+        probe, real, pruned = probe_and_real(model, graph, gid, k, x)
         assert torch.allclose(probe, real, atol=1e-5), gid
-        # the tensors really shrink
-        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+        # the tensors really shrink, as check_group recorded
+        before, after = model.state_dict(), pruned.state_dict()
+        for key, dims in chk.shrinks.items():
+            for d, per in dims.items():
+                assert before[key].shape[int(d)] - after[key].shape[int(d)] == per * k, key
+        assert sum(p.numel() for p in pruned.parameters()) < \
+            sum(p.numel() for p in model.parameters())
     assert checked >= 2
+
+
+def test_depthwise_conv_channels_are_zeroed_and_pruned_with_their_producer():
+    model = depthwise_net()
+    x = _inputs()
+    graph = PruningGraph(model, x[:1])
+    gid = next(g for g in graph.group_ids() if "3" in {m.module for m in graph.members(g)})
+    members = {(m.module, m.kind) for m in graph.members(gid)}
+    assert {("0", "Conv2d"), ("3", "Conv2d"), ("6", "Conv2d")} <= members
+    chk = check_group(model, graph, gid, 4, x)
+    assert chk.ok, chk.reason
+    # the depthwise weight (8, 1, 3, 3) and its bias lose rows; the pointwise conv loses inputs
+    assert chk.shrinks["3.weight"] == {"0": 1.0} and chk.shrinks["3.bias"] == {"0": 1.0}
+    assert chk.shrinks["0.weight"] == {"0": 1.0} and chk.shrinks["6.weight"] == {"1": 1.0}
+    idxs = graph.select(gid, 4)
+    with graph.zeroed(gid, idxs):
+        w = model[3].weight
+        assert torch.all(w[idxs] == 0) and torch.all(model[3].bias[idxs] == 0)
+        assert torch.all(w[[i for i in range(8) if i not in idxs]] != 0)
+    probe, real, pruned = probe_and_real(model, graph, gid, 4, x)
+    assert pruned[3].groups == pruned[3].in_channels == pruned[3].out_channels == 4
+    assert torch.allclose(probe, real, atol=1e-5)
+
+
+def test_conv_transpose_channels_are_zeroed_on_the_right_dims():
+    model = transpose_net()
+    x = _inputs()
+    graph = PruningGraph(model, x[:1])
+    # the producer's group reaches the ConvTranspose's inputs (weight dim 0) ...
+    chk_in = check_group(model, graph, "0", 4, x)
+    assert chk_in.ok, chk_in.reason
+    assert chk_in.shrinks["3.weight"] == {"0": 1.0} and "3.bias" not in chk_in.shrinks
+    # ... and its own group is its outputs (weight dim 1, bias, BatchNorm, the next conv's inputs)
+    chk_out = check_group(model, graph, "3", 3, x)
+    assert chk_out.ok, chk_out.reason
+    assert chk_out.shrinks["3.weight"] == {"1": 1.0} and chk_out.shrinks["3.bias"] == {"0": 1.0}
+    assert chk_out.shrinks["6.weight"] == {"1": 1.0}
+    for gid, k, dim in (("0", 4, 0), ("3", 3, 1)):
+        idxs = graph.select(gid, k)
+        with graph.zeroed(gid, idxs):
+            assert torch.all(model[3].weight.index_select(dim, torch.tensor(idxs)) == 0)
+        probe, real, pruned = probe_and_real(model, graph, gid, k, x)
+        assert torch.allclose(probe, real, atol=1e-5), gid
+    assert tuple(pruned[3].weight.shape) == (8, 3, 2, 2)
+
+
+def test_instance_norm_channels_are_zeroed_and_pruned():
+    model = norm_net(nn.InstanceNorm2d(8, affine=True))
+    x = _inputs()
+    graph = PruningGraph(model, x[:1])
+    chk = check_group(model, graph, "0", 4, x)
+    assert chk.ok, chk.reason
+    assert chk.shrinks["1.weight"] == {"0": 1.0} and chk.shrinks["1.bias"] == {"0": 1.0}
+    probe, real, _ = probe_and_real(model, graph, "0", 4, x)
+    assert torch.allclose(probe, real, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_group_norm_channels_are_zeroed_but_the_group_is_refused(groups):
+    """Zeroing a GroupNorm's scale and offset silences the channel, but its zero input still
+    counts in its norm group's statistics, so the probe cannot equal real pruning (or Torch-Pruning
+    keeps ``num_groups`` and breaks the model). The safety check must refuse the group, leave the
+    model untouched, and keep the group that does not pass through the norm."""
+    model = norm_net(nn.GroupNorm(groups, 8))
+    x = _inputs()
+    graph = PruningGraph(model, x[:1])
+    before = weights_digest(model)
+    idxs = graph.select("0", 2)
+    with graph.zeroed("0", idxs), torch.no_grad():
+        norm_out = model[1](model[0](x))
+        assert torch.all(norm_out[:, idxs] == 0)
+        assert torch.all(model[1].weight[idxs] == 0) and torch.all(model[1].bias[idxs] == 0)
+    chk = check_group(model, graph, "0", 2, x)
+    assert not chk.ok
+    assert "does not reproduce" in chk.reason or "breaks the model" in chk.reason
+    assert chk.shrinks == {}
+    assert weights_digest(model) == before
+    assert check_group(model, graph, "3", 2, x).ok
 
 
 def test_zeroed_restores_bit_identically_even_on_error(tiny_resnet):
@@ -55,16 +194,17 @@ def test_residual_stream_is_one_group(tiny_resnet):
     stream = graph.members("stem.0")
     outs = {m.module for m in stream if m.side == "out"}
     # the stem and the block's second conv write into the same residual stream
-    assert {"stem.0", "block.conv2"} <= outs
-    assert "block.conv1" in graph.group_ids()
-    assert "block.conv2" not in graph.group_ids()
+    assert {"stem.0", "stem.1", "block.conv2", "block.bn2"} <= outs
+    assert {m.module for m in stream if m.side == "in"} >= {"block.conv1", "down.0"}
+    assert set(graph.group_ids()) == {"stem.0", "block.conv1", "down.0", "head"}
+    assert graph.channels("stem.0") == 8 and graph.channels("down.0") == 16
 
 
 def test_classifier_group_is_refused(tiny_resnet):
     x = torch.randn(4, 3, 8, 8)
     graph = PruningGraph(tiny_resnet, x[:1])
     chk = check_group(tiny_resnet, graph, "head", 2, x)
-    assert not chk.ok and "output shape" in chk.reason
+    assert not chk.ok and "output shape (4, 4) -> (4, 2)" in chk.reason
 
 
 def test_zero_padding_shortcut_group_is_found_unsafe_and_model_untouched():
@@ -78,7 +218,8 @@ def test_zero_padding_shortcut_group_is_found_unsafe_and_model_untouched():
     assert "breaks the model" in stream.reason and "zero-padding" in stream.reason
     inner = check_group(model, graph, "layer2.1.conv1", 16, x)
     assert inner.ok
-    assert inner.shrinks["layer2.1.conv1.weight"] == [0] and inner.shrinks["layer2.1.conv2.weight"] == [1]
+    assert inner.shrinks["layer2.1.conv1.weight"] == {"0": 1.0}
+    assert inner.shrinks["layer2.1.conv2.weight"] == {"1": 1.0}
     assert weights_digest(model) == before
 
 
@@ -87,21 +228,25 @@ def test_select_is_the_lowest_group_magnitude(tiny_convnet):
     gid = graph.group_ids()[0]
     imp = graph.importance(gid)
     chosen = graph.select(gid, 3)
-    assert len(chosen) == 3
+    assert len(chosen) == 3 and chosen == sorted(chosen)
     assert max(imp[chosen]) <= min(imp[[i for i in range(len(imp)) if i not in chosen]])
     # a larger ratio removes a superset: the scan's probes are nested like the executor's choices
     assert set(chosen) <= set(graph.select(gid, 5))
+    assert graph.select(gid, 0) == []
 
 
 def test_count_macs_matches_hand_count():
-    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 5))
-    macs = count_macs(conv, torch.randn(1, 3, 6, 6))
-    assert macs == {"0": 36 * 4 * 3 * 9, "2": 4 * 36 * 5}
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 5))
+    assert count_macs(conv, torch.randn(1, 3, 6, 6)) == {"0": 36 * 4 * 3 * 9, "2": 4 * 36 * 5}
+    # per sample, whatever the batch; a transposed conv counts its input positions
+    convt = nn.Sequential(nn.ConvTranspose2d(3, 4, 2, stride=2))
+    assert count_macs(convt, torch.randn(5, 3, 6, 6)) == {"0": 36 * 3 * 4 * 4}
 
 
 def test_n_remove_for_keeps_one_channel():
     assert n_remove_for(0.5, 16) == 8
     assert n_remove_for(0.1, 4) == 0
+    assert n_remove_for(0.3, 5) == 2  # 1.5 rounds half up
     assert n_remove_for(0.99, 3) == 2
-    with pytest.raises(ValueError, match="range"):
+    with pytest.raises(ValueError, match=r"range \[0.0, 1.0\)\. Got 1.0"):
         n_remove_for(1.0, 4)

@@ -32,9 +32,27 @@ def test_checkpoint_layouts_load(tmp_path, state, wrap):
 
 
 def test_old_checkpoints_without_batchnorm_counters_load(tmp_path, state):
+    model, sd = state
+    old = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(sd)  # the model does have counters to leave out
+    torch.save(old, tmp_path / "old.th")
+    loaded = load_model(ModelSpec("sensplan:tiny_convnet"), tmp_path / "old.th")
+    got = loaded.state_dict()
+    assert list(got) == list(sd)
+    for k, v in old.items():
+        assert torch.equal(got[k], v), k
+    counters = [k for k in got if k.endswith("num_batches_tracked")]
+    assert counters and all(got[k].dtype == torch.long and int(got[k]) == 0 for k in counters)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_a_checkpoint_missing_other_buffers_is_still_refused(tmp_path, state):
     _, sd = state
-    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, tmp_path / "old.th")
-    load_model(ModelSpec("sensplan:tiny_convnet"), tmp_path / "old.th")
+    torch.save({k: v for k, v in sd.items() if not k.endswith("running_var")}, tmp_path / "bad.th")
+    with pytest.raises(CheckpointError, match=r"missing from the file: 1\.running_var"):
+        load_model(ModelSpec("sensplan:tiny_convnet"), tmp_path / "bad.th")
 
 
 def test_mismatched_checkpoint_is_explained(tmp_path, state):
@@ -52,7 +70,8 @@ def test_pickled_model_needs_the_explicit_flag(tmp_path, state):
     with pytest.raises(ModelSpecError, match="--allow-pickle"):
         build_model(ModelSpec(f"pickle:{tmp_path / 'whole.pt'}"))
     loaded = build_model(ModelSpec(f"pickle:{tmp_path / 'whole.pt'}"), allow_pickle=True)
-    assert isinstance(loaded, torch.nn.Module)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_model_from_a_file_factory_and_an_import_path(tmp_path, monkeypatch):
@@ -61,7 +80,8 @@ def test_model_from_a_file_factory_and_an_import_path(tmp_path, monkeypatch):
     pkg = tmp_path / "mypkg_sensplan_test"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "models.py").write_text("import torch\ndef build(width=4):\n    return torch.nn.Linear(width, 2)\n")
+    (pkg / "models.py").write_text(
+        "import torch\ndef build(width=4):\n    return torch.nn.Linear(width, 2)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     m = build_model(ModelSpec("mypkg_sensplan_test.models:build", {"width": 6}))
     assert m.in_features == 6

@@ -1,10 +1,15 @@
+import copy
+
 import pytest
 import torch
 
 from sensplan.sensitivity._quant import (
     SUPPORTED_BITS,
+    act_qparams,
     dequantize,
     fake_quantize,
+    fake_quantize_activation,
+    install_input_quant,
     pack_codes,
     packed_nbytes,
     qmax,
@@ -41,7 +46,7 @@ def test_error_shrinks_with_more_bits():
 
 
 def test_two_bits_is_ternary():
-    q, _ = quantize_per_channel(torch.randn(8, 64), 2)
+    q, _ = quantize_per_channel(torch.randn(8, 64, generator=torch.Generator().manual_seed(0)), 2)
     assert set(q.unique().tolist()) <= {-1, 0, 1}
 
 
@@ -59,3 +64,44 @@ def test_requantizing_quantized_weights_returns_the_same_codes(bits):
 def test_unsupported_bits_are_rejected():
     with pytest.raises(ValueError, match="'bits' parameter"):
         quantize_per_channel(torch.randn(2, 2), 1)
+
+
+def test_activation_range_always_includes_zero():
+    qp = act_qparams(0.5, 2.0, 8)  # a post-ReLU range widened down to 0
+    assert qp == {"bits": 8, "scale": pytest.approx(2.0 / 255), "zero_point": 0}
+    qp = act_qparams(-1.0, 3.0, 4)
+    assert qp["scale"] == pytest.approx(4.0 / 15) and qp["zero_point"] == round(1.0 / (4.0 / 15))
+    assert act_qparams(0.0, 0.0, 8) == {"bits": 8, "scale": 1.0, "zero_point": 0}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fake_activation_quantization_rounds_to_the_grid_and_clamps(bits):
+    qp = act_qparams(-1.0, 3.0, bits)
+    scale, zp = qp["scale"], qp["zero_point"]
+    x = torch.linspace(-1.0, 3.0, 1001)
+    y = fake_quantize_activation(x, qp)
+    assert (y - x).abs().max() <= scale / 2 + 1e-6
+    levels = torch.round(y / scale) + zp
+    assert torch.allclose(y, (levels - zp) * scale, atol=1e-6)
+    assert int(levels.min()) >= 0 and int(levels.max()) <= 2 ** bits - 1
+    assert len(torch.unique(levels)) <= 2 ** bits
+    assert float(fake_quantize_activation(torch.tensor([0.0]), qp)) == 0.0  # zero is exact
+    outside = fake_quantize_activation(torch.tensor([-50.0, 50.0]), qp)
+    assert torch.allclose(outside, torch.tensor([-zp * scale, (2 ** bits - 1 - zp) * scale]))
+
+
+def test_input_quantization_hook_quantizes_the_input_and_is_removable():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 4)
+    x = torch.randn(8, 16)
+    qp = act_qparams(float(x.min()), float(x.max()), 4)
+    with torch.no_grad():
+        plain = layer(x)
+        handle = install_input_quant(layer, qp)
+        hooked = layer(x)
+        assert torch.equal(hooked, layer.forward(fake_quantize_activation(x, qp)))
+        assert not torch.equal(hooked, plain)
+        copied = copy.deepcopy(layer)  # the executor deep-copies models with hooks installed
+        assert torch.equal(copied(x), hooked)
+        handle.remove()
+        assert torch.equal(layer(x), plain)

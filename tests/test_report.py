@@ -1,44 +1,267 @@
+"""The report, rendered from real artifacts of a tiny model (scan -> plan -> apply in ~2 s)."""
+
+from __future__ import annotations
+
 import base64
 import copy
+import html
+import json
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
-from sensplan.planner import Budget, make_plan
+import pytest
+from PIL import Image
+
+from sensplan._errors import ArtifactError, UserInputError
+from sensplan._tables import Scan, load_metrics
+from sensplan.planner import Budget, Plan, apply_plan, make_plan
 from sensplan.reports import FIGURES, render_report
-from sensplan.sensitivity import Scan
-from tests.tables import synthetic_scan
+from sensplan.sensitivity import ModelSpec, ScanConfig, scan
+from tests.conftest import seeded_model, self_labelled
 
-EVIL = '<img src=x onerror="alert(1)">'
-
-
-def _evil_scan() -> Scan:
-    """A scan whose unit names carry HTML: a model's module names are user data."""
-    data = copy.deepcopy(dict(synthetic_scan().data))
-    data["groups"][EVIL] = {"channels": 4, "members": [], "status": "skipped", "reason": f"because {EVIL}"}
-    data["model"] = {"spec": {"source": f"evil.py:{EVIL}", "kwargs": {}}}
-    return Scan(data)
+EVIL = '<img src=x onerror="alert(1)">$x$'
+SETTINGS = {"prune": [{"ratio": 0.25}, {"ratio": 0.5}], "weight_quant": [{"bits": 8}, {"bits": 4}],
+            "sparsity": [{"ratio": 0.5}]}
+BUDGETS = ("macs=0.8", "size=0.5")
 
 
-def test_report_is_self_contained_and_escaped(tmp_path):
-    scan = _evil_scan()
-    plan = make_plan(scan, [Budget.parse("size=0.4")])
-    path = render_report(scan, tmp_path, plan=plan)
-    doc = path.read_text()
-    assert EVIL not in doc and "&lt;img src=x onerror=" in doc
-    assert "<script" not in doc
-    # no external resources: every image is embedded and decodes as PNG
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """scan.json, plan.json (two budgets) and result/ (planned) + result/uniform/ on disk."""
+    root = tmp_path_factory.mktemp("run")
+    spec = ModelSpec("sensplan:tiny_convnet", {})
+    model = seeded_model("tiny_convnet")
+    data = self_labelled(model, n=64)
+    table = scan(model, data, ScanConfig(SETTINGS), model_spec=spec, progress=False)
+    table = table.save(root / "scan.json")
+    plan = make_plan(table, [Budget.parse(b) for b in BUDGETS]).save(root / "plan.json")
+    assert plan.data["plans"]["uniform"] is not None
+    for variant in ("planned", "uniform"):
+        out = root / "result" / ("" if variant == "planned" else variant)
+        apply_plan(model, plan, data, out, variant=variant, model_spec=spec, timing=False)
+    return {"root": root, "scan": root / "scan.json", "plan": root / "plan.json",
+            "result": root / "result"}
+
+
+def _render(run: dict[str, Path], out: Path, **kw: object) -> str:
+    kw.setdefault("plan", run["plan"])
+    kw.setdefault("result", run["result"])
+    return render_report(run["scan"], out, **kw).read_text()  # type: ignore[arg-type]
+
+
+def _is_png(data: bytes) -> bool:
+    import io
+
+    Image.open(io.BytesIO(data)).verify()  # raises on a truncated or corrupt file
+    return data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_methods_budgets_numbers_and_skips(run, tmp_path):
+    doc = _render(run, tmp_path)
+    s, p = Scan.load(run["scan"]), Plan.load(run["plan"])
+    # every scanned method with what it does and its speed note
+    assert set(s.methods) == set(SETTINGS)
+    for name, info in s.methods.items():
+        assert f"<td>{html.escape(name)}</td>" in doc
+        assert html.escape(info["description"]) in doc
+        assert info["speed_note"] and html.escape(info["speed_note"]) in doc
+    # every budget, for both allocations, with its status
+    for b in p.data["objective"]["budgets"]:
+        line = f"{b['metric']} ≤ {b['fraction']:.3f} × original"
+        assert doc.count(line) == 2, line
+    assert doc.count("<td class='ok'>met</td>") == 4 and "MISSED" not in doc
+    # predicted and measured numbers of both allocations
+    for variant in ("planned", "uniform"):
+        m = load_metrics(run["result"] / ("" if variant == "planned" else variant) / "metrics.json")
+        assert f"{100 * m['after']['score']:.2f}%" in doc
+        assert f"{100 * p.data['plans'][variant]['predicted']['score']:.2f}%" in doc
+        assert f"<h3>{variant}: predicted vs measured</h3>" in doc
+        for k, v in m["comparison"].items():
+            if "ratio" in v:
+                assert f"<td>{k}</td>" in doc and f"{v['ratio']:.4f}" in doc
+    for col in ("planned (predicted)", "planned (measured)", "uniform (predicted)",
+                "uniform (measured)"):
+        assert f"<th>{col}</th>" in doc
+    # skipped units with their reasons
+    skipped = {(m, u): why for m, sk in s.skipped().items() for u, why in sk.items()}
+    assert skipped, "the tiny convnet's output group is never prunable"
+    for (m, u), why in skipped.items():
+        cells = "".join(f"<td>{html.escape(x)}</td>" for x in (m, u, why))
+        assert cells in doc
+    # the allocation lists every block, with both option labels
+    for block, c in p.variant("planned")["choices"].items():
+        u = p.variant("uniform")["choices"][block]
+        assert (f"<td>{html.escape(block)}</td><td>{html.escape(c['unit'])}</td>"
+                f"<td>{html.escape(c['axis'])}</td><td>{html.escape(c['label'])}</td>"
+                f"<td>{html.escape(u['label'])}</td>") in doc
+    assert "proven optimal" in doc and "not proven optimal" not in doc
+    assert "top-1" in doc and "Provenance" in doc and str(run["scan"]) in doc
+    for h in ("Goal", "Before / after", "Methods", "Sensitivity", "Allocation", "Skipped units",
+              "Solver"):
+        assert f"<h2>{h}</h2>" in doc
+
+
+def test_report_is_self_contained_with_valid_pngs(run, tmp_path):
+    doc = _render(run, tmp_path)
     srcs = re.findall(r'src="([^"]+)"', doc)
-    assert len(srcs) == len(FIGURES) - 1  # before/after is an HTML table on the page, a PNG beside it
+    assert len(srcs) == len(FIGURES) - 1  # before/after is a table on the page, a PNG beside it
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not re.search(r'(href|src)="https?:', doc)
+        assert _is_png(base64.b64decode(src.split(",", 1)[1]))
+    assert not re.search(r'(href|src)="https?:', doc) and "<script" not in doc
     for name in FIGURES:
-        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Skipped channel groups" in doc and "because &lt;img" in doc
+        assert _is_png((tmp_path / f"{name}.png").read_bytes()), name
 
 
-def test_report_from_a_scan_alone(tmp_path):
-    path = render_report(synthetic_scan(), tmp_path)
-    doc = path.read_text()
-    assert "Sensitivity" in doc and "Allocation" not in doc
-    assert (tmp_path / "sensitivity_heatmap.png").is_file() and not (tmp_path / "allocation.png").exists()
+def test_report_from_a_scan_alone(run, tmp_path):
+    (tmp_path / "allocation.png").write_bytes(b"stale")
+    doc = render_report(run["scan"], tmp_path).read_text()
+    assert "<h2>Sensitivity</h2>" in doc and "<h2>Allocation</h2>" not in doc
+    assert "<h2>Methods</h2>" in doc and "Solver" not in doc
+    assert _is_png((tmp_path / "sensitivity_heatmap.png").read_bytes())
+    assert not (tmp_path / "allocation.png").exists()
+
+
+def test_results_without_a_plan_show_what_the_metrics_record(run, tmp_path):
+    doc = render_report(run["scan"], tmp_path, result=run["result"]).read_text()
+    assert "<th>planned (predicted)</th>" in doc and "<th>uniform (measured)</th>" in doc
+    assert "<h2>Allocation</h2>" not in doc and "<h2>Goal</h2>" not in doc
+
+
+def test_an_unavailable_pruning_graph_is_explained(run, tmp_path):
+    data = copy.deepcopy(dict(Scan.load(run["scan"]).data))
+    why = "Torch-Pruning could not build the channel dependency graph (<boom>)"
+    data["pruning_graph"] = {"available": False, "reason": why}
+    data["methods"]["prune"].update(unavailable=why, skipped={})
+    data["results"] = [r for r in data["results"] if r["method"] != "prune"]
+    doc = render_report(Scan(data), tmp_path).read_text()
+    assert f"Channel dependency graph unavailable: {html.escape(why)}" in doc
+    assert f"<td>prune</td><td>(every unit)</td><td>{html.escape(why)}</td>" in doc
+
+
+def test_settings_run_from_weaker_to_stronger_whatever_the_file_order(run):
+    from sensplan.reports._render import sensitivities
+
+    data = copy.deepcopy(dict(Scan.load(run["scan"]).data))
+    for info in data["methods"].values():
+        info["settings"].reverse()
+    data["results"].reverse()
+    columns = {s.method: s.columns for s in sensitivities(Scan(data))}
+    assert columns == {"prune": ["prune 25%", "prune 50%"], "weight_quant": ["int8", "int4"],
+                       "sparsity": ["sparse 50%"]}
+
+
+def test_everything_from_the_model_is_escaped(run, tmp_path):
+    data = copy.deepcopy(dict(Scan.load(run["scan"]).data))
+    data["model"]["spec"]["source"] = f"evil.py:{EVIL}"
+    data["methods"]["weight_quant"]["skipped"][EVIL] = f"because {EVIL}"
+    data["methods"]["weight_quant"]["description"] = f"does {EVIL}"
+    row = dict(next(r for r in data["results"] if r["method"] == "weight_quant"))
+    data["results"].append({**row, "unit": EVIL, "label": EVIL})
+    data["layers"][EVIL] = dict(data["layers"][row["unit"]])
+    doc = render_report(Scan(data), tmp_path).read_text()
+    assert "<img src=x" not in doc and "&lt;img src=x onerror=" in doc
+    assert "because &lt;img" in doc and "does &lt;img" in doc and "<script" not in doc
+    assert _is_png((tmp_path / "sensitivity_heatmap.png").read_bytes())
+
+
+def test_metric_name_comes_from_the_task(run, tmp_path):
+    data = copy.deepcopy(dict(Scan.load(run["scan"]).data))
+    data["task"] = {"name": "agreement",
+                    "metric": {"name": "agreement", "higher_is_better": True, "unit": "fraction"}}
+    doc = render_report(Scan(data), tmp_path).read_text()
+    assert "agreement drop in points" in doc and "top-1" not in doc
+
+
+def test_missed_and_unmeasured_budgets_are_shown(run, tmp_path):
+    result = tmp_path / "result"
+    shutil.copytree(run["result"], result)
+    path = result / "metrics.json"
+    m = json.loads(path.read_text())
+    assert [b["metric"] for b in m["budgets"]] == ["macs", "size"]
+    m["budgets"][0]["met"] = False
+    m["budgets"][1].update(met=None, note="a cost-table metric")
+    path.write_text(json.dumps(m))  # the plan digest it records is unchanged: the chain holds
+    doc = _render(run, tmp_path / "report", result=result)
+    assert "<td class='bad'>MISSED</td>" in doc
+    assert "not measured (a cost-table metric)" in doc
+
+
+def test_a_solve_not_proven_optimal_says_so(run, tmp_path):
+    plan = Plan.load(run["plan"])
+    data = copy.deepcopy(dict(plan.data))
+    data["solver"].update(status="time_limit", optimal=False)
+    data["plans"]["planned"]["solver"].update(status="time_limit", optimal=False, gap=0.03)
+    doc = render_report(run["scan"], tmp_path, plan=Plan(data)).read_text()
+    assert doc.count("not proven optimal") == 2 and "time_limit" in doc
+
+
+def test_a_broken_digest_chain_is_refused_unless_forced(run, tmp_path):
+    # a scan that is not the one the plan was made from
+    other = json.loads(run["scan"].read_text())
+    other["provenance"]["started"] = "2000-01-01T00:00:00+00:00"
+    other_scan = tmp_path / "other_scan.json"
+    Scan(other).save(other_scan)
+    with pytest.raises(ArtifactError) as e:
+        render_report(other_scan, tmp_path / "a", plan=run["plan"])
+    msg = str(e.value)
+    assert str(other_scan) in msg and str(run["plan"]) in msg
+    assert "pass --force to render anyway" in msg
+    assert not (tmp_path / "a").exists()
+    doc = render_report(other_scan, tmp_path / "a", plan=run["plan"], force=True).read_text()
+    assert "<div class='warn'><b>Warning: the digest chain is broken</b>" in doc
+
+    # results that applied another plan
+    other_plan = make_plan(Scan.load(run["scan"]), [Budget.parse("macs=0.6")])
+    other_plan = other_plan.save(tmp_path / "p2.json")
+    with pytest.raises(ArtifactError, match="pass --force to render anyway") as e:
+        render_report(run["scan"], tmp_path / "b", plan=other_plan.path, result=run["result"])
+    assert str(run["result"] / "metrics.json") in str(e.value)
+    assert str(other_plan.path) in str(e.value)
+    doc = render_report(run["scan"], tmp_path / "b", plan=other_plan.path, result=run["result"],
+                        force=True).read_text()
+    assert "digest chain is broken" in doc and "uniform result" in doc
+
+
+def test_an_unwritable_out_dir_is_a_user_error(run, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out in (blocker, blocker / "report"):
+        with pytest.raises(UserInputError, match="--out"):
+            render_report(run["scan"], out, plan=run["plan"])
+
+
+def test_a_missing_result_dir_is_an_artifact_error(run, tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        render_report(run["scan"], tmp_path, plan=run["plan"], result=tmp_path / "nope")
+
+
+def test_rendering_imports_no_torch(run, tmp_path):
+    out = tmp_path / "report"
+    code = textwrap.dedent(f"""
+        import sys
+
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torch_pruning", "torchvision"):
+                    raise ImportError("blocked in this test: " + name)
+                return None
+
+        sys.meta_path.insert(0, NoTorch())
+        from sensplan.reports import render_report
+
+        path = render_report({str(run["scan"])!r}, {str(out)!r}, plan={str(run["plan"])!r},
+                             result={str(run["result"])!r})
+        loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "torch_pruning")
+                  or m.startswith("sensplan.sensitivity")]
+        assert not loaded, loaded
+        print("rendered", path)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "rendered" in proc.stdout and (out / "report.html").is_file()

@@ -1,21 +1,76 @@
-import itertools
+"""The exact solver and the cost model on hand-built scan tables (no model, milliseconds each)."""
+
+from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from sensplan import BudgetError, InfeasibleBudgetError
-from sensplan.planner import Budget, CostModel, brute_force, min_cost, solve, uniform_choice
+from sensplan._effects import n_remove_for
+from sensplan.planner import (
+    AnalyticCosts,
+    Budget,
+    Costs,
+    brute_force,
+    make_plan,
+    min_cost,
+    solve,
+    uniform_candidates,
+    uniform_choice,
+)
+from sensplan.planner._costs import merged_effects
+from sensplan.planner._solver import objective_table
 from tests.tables import synthetic_scan
 
-CASES = [
-    ["macs=0.6"], ["size=0.3"], ["bops=0.25"], ["params=0.7"], ["size=0.4", "macs=0.8"], ["macs=0.45", "bops=0.3"],
-]
+#: small instances brute force can enumerate (a few thousand choices each):
+#: - "chain": three convs, two groups, a concatenating 1x1 conv with weight and sparsity options;
+#: - "mixed": the head's input shrinks by 4 per channel, and four axes: weight (int or float16),
+#:   sparsity (unstructured or 2:4) and activation bits
+INSTANCES = {
+    "chain": {},
+    "mixed": {"n_layers": 2, "nm_layers": ("cat",), "half_layers": ("l1",), "act_layers": ("fc",)},
+}
+#: a larger instance with every axis and both sparse layouts (bitmask at 50/90%, CSR at 95%)
+RICH = {"n_groups": 3, "n_layers": 3, "sparsity": (0.5, 0.9, 0.95), "sparse_layers": ("l2", "cat"),
+        "nm_layers": ("cat",), "half_layers": ("l1",), "act_layers": ("l0", "fc")}
+
+CASES = [["macs=0.6"], ["size=0.3"], ["bops=0.25"], ["params=0.7"], ["size=0.4", "macs=0.8"],
+         ["macs=0.45", "bops=0.3"], ["size=3000", "params=0.8"]]
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("budgets", CASES)
-def test_milp_matches_brute_force(seed, budgets):
-    cm = CostModel(synthetic_scan(seed=seed))
+def costs_of(instance: str, seed: int) -> Costs:
+    return Costs(synthetic_scan(seed=seed, **INSTANCES[instance]))
+
+
+def objective(cm: Costs, choice) -> float:
+    table = objective_table(cm)
+    return float(sum(table[i][o] for i, o in choice.items()))
+
+
+def within(cm: Costs, costs, budgets) -> bool:
+    return all(costs[b.metric] <= b.limit(cm.original) * (1 + 1e-9) for b in budgets)
+
+
+def test_the_instances_have_what_the_tests_claim():
+    cm = costs_of("mixed", 0)
+    axes = {b.unit: set() for b in cm.blocks}
+    for b in cm.blocks:
+        axes[b.unit].add(b.axis)
+    assert axes["cat"] == {"weight", "sparsity"}
+    assert axes["l1"] == {"channels", "weight"} and axes["fc"] == {"weight", "activation"}
+    assert {o.method for b in cm.blocks for o in b.options} == {
+        None, "prune", "weight_quant", "half", "sparsity", "sparsity_2_4", "act_quant"}
+    shrinks = cm.scan.tensors
+    assert shrinks["cat.weight"]["shrinks"] == {"l0": {"1": 1.0}, "l1": {"1": 1.0}}
+    assert shrinks["fc.weight"]["shrinks"] == {"l1": {"1": 4.0}}
+    assert "fc" not in {b.unit for b in cm.blocks if b.kind == "group"}  # the skipped classifier
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("instance", INSTANCES)
+@pytest.mark.parametrize("budgets", CASES, ids=["+".join(c) for c in CASES])
+def test_milp_matches_brute_force(instance, seed, budgets):
+    cm = costs_of(instance, seed)
     bs = [Budget.parse(b) for b in budgets]
     ref = brute_force(cm, bs)
     if ref is None:
@@ -23,96 +78,222 @@ def test_milp_matches_brute_force(seed, budgets):
             solve(cm, bs)
         return
     got = solve(cm, bs)
+    assert got.optimal
+    assert objective(cm, got.choice) == pytest.approx(objective(cm, ref.choice), abs=1e-12)
     assert got.predicted_drop == pytest.approx(ref.predicted_drop, abs=1e-9)
-    for b in bs:
-        assert got.costs[b.metric] <= b.limit(cm.original) * (1 + 1e-9)
+    assert within(cm, got.costs, bs)
+    assert got.costs == cm.evaluate(got.choice)
+    assert got.predicted_drop == pytest.approx(cm.predicted_drop(got.choice))
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("instance", INSTANCES)
 @pytest.mark.parametrize("max_drop", [0.0, 0.02, 0.08])
 @pytest.mark.parametrize("metric", ["macs", "size"])
-def test_max_drop_mode_matches_brute_force(seed, max_drop, metric):
-    cm = CostModel(synthetic_scan(seed=seed))
+def test_max_drop_mode_matches_brute_force(instance, seed, max_drop, metric):
+    cm = costs_of(instance, seed)
     ref = brute_force(cm, [], max_drop=max_drop, minimize=metric)
     got = solve(cm, [], max_drop=max_drop, minimize=metric)
-    assert ref is not None
+    assert ref is not None  # "no compression" always meets a max-drop
     assert got.predicted_drop <= max_drop + 1e-12
     assert got.costs[metric] == pytest.approx(ref.costs[metric], rel=1e-9)
+    if max_drop == 0.0:  # nothing with a positive envelope drop may be chosen
+        drops = cm.drop_table()
+        assert all(drops[i][o] == 0.0 for i, o in got.choice.items())
+
+
+def test_max_drop_mode_respects_a_budget_too():
+    cm = costs_of("chain", 1)
+    budget = [Budget.parse("macs=0.7")]
+    least = solve(cm, budget).predicted_drop
+    ref = brute_force(cm, budget, max_drop=least + 0.05, minimize="size")
+    got = solve(cm, budget, max_drop=least + 0.05, minimize="size")
+    assert ref is not None and within(cm, got.costs, budget)
+    assert got.costs["size"] == pytest.approx(ref.costs["size"], rel=1e-9)
+    assert got.predicted_drop <= least + 0.05 + 1e-12
+
+
+def test_a_max_drop_below_what_the_budget_needs_is_explained():
+    cm = costs_of("chain", 1)
+    budget = [Budget.parse("macs=0.7")]
+    least = solve(cm, budget).predicted_drop
+    assert brute_force(cm, budget, max_drop=least / 2, minimize="size") is None
+    with pytest.raises(InfeasibleBudgetError, match="max-drop") as e:
+        solve(cm, budget, max_drop=least / 2, minimize="size")
+    assert f"least predicted drop within the budget is {least:.4g}" in str(e.value)
 
 
 def test_milp_on_a_larger_instance_beats_every_sampled_choice():
-    cm = CostModel(synthetic_scan(n_groups=4, n_layers=5, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), seed=7))
+    cm = Costs(synthetic_scan(seed=7, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), **RICH))
     budget = [Budget.parse("size=0.3")]
     got = solve(cm, budget)
+    assert got.optimal and within(cm, got.costs, budget)
     rng = np.random.default_rng(0)
     limit = budget[0].limit(cm.original)
-    for _ in range(3000):
+    feasible = 0
+    for _ in range(2000):
         choice = {i: int(rng.integers(len(b.options))) for i, b in enumerate(cm.blocks)}
         if cm.evaluate(choice)["size"] <= limit:
-            assert cm.predicted_drop(choice) >= got.predicted_drop - 1e-12
+            feasible += 1
+            assert objective(cm, choice) >= objective(cm, got.choice) - 1e-12
+    assert feasible > 50
 
 
-def test_costs_of_terms_equal_direct_evaluation():
-    scan = synthetic_scan(n_groups=3, n_layers=4, seed=3)
-    cm = CostModel(scan)
-    for combo in itertools.islice(itertools.product(*[range(len(b.options)) for b in cm.blocks]), 0, None, 37):
-        choice = dict(enumerate(combo))
-        removed = {b.unit: b.options[o] for b, o in zip(cm.blocks, combo, strict=True) if b.kind == "prune"}
-        bits = {b.unit: b.options[o] for b, o in zip(cm.blocks, combo, strict=True) if b.kind == "quantize"}
-        direct = cm.evaluate_settings(removed, bits)
-        for m, v in cm.evaluate(choice).items():
-            assert v == pytest.approx(direct[m], rel=1e-12)
+@pytest.mark.parametrize("seed", range(3))
+def test_term_expansion_equals_direct_evaluation(seed):
+    """``Costs.evaluate`` sums the expanded terms; ``AnalyticCosts.direct`` shrinks every tensor and
+    prices it from its merged effect. They must agree for any choice."""
+    scan = synthetic_scan(seed=seed, ratios=(0.25, 0.5, 0.75), **RICH)
+    cm = Costs(scan)
+    direct = AnalyticCosts(scan)
+    rng = np.random.default_rng(seed)
+    choices = [cm.no_compression(), {i: len(b.options) - 1 for i, b in enumerate(cm.blocks)}]
+    choices += [{i: int(rng.integers(len(b.options))) for i, b in enumerate(cm.blocks)}
+                for _ in range(300)]
+    for choice in choices:
+        removed = {b.unit: b.options[choice[i]].effect.get("removed", 0)
+                   for i, b in enumerate(cm.blocks) if b.kind == "group"}
+        want = direct.direct(removed, merged_effects(cm.blocks, choice))
+        got = cm.evaluate(choice)
+        for metric in AnalyticCosts.metrics:
+            assert got[metric] == pytest.approx(want[metric], rel=1e-12, abs=1e-9), (metric, choice)
 
 
 def test_original_costs_by_hand():
-    cm = CostModel(synthetic_scan(n_groups=1, n_layers=2))
-    # l0: 8x3x3x3 weight + 8 bias; l1: 8x8x3x3 + 8; two 8-element BN buffers (not parameters)
-    assert cm.original["params"] == 8 * 27 + 8 + 8 * 72 + 8
-    assert cm.original["size"] == (8 * 27 + 8 + 8 * 72 + 8 + 16) * 4
-    assert cm.original["macs"] == (8 * 27 + 8 * 72) * 16
+    cm = Costs(synthetic_scan(n_groups=1, n_layers=2, concat=False, sparse_layers=()))
+    # l0: 8x3x3x3 weight + 8 bias + 8 BN scale; l1: 8x8x3x3 + 8 + 8; fc: 4x32 + 4.
+    # Buffers (not parameters): two 8-element running means, two int64 counters.
+    params = (216 + 8 + 8) + (576 + 8 + 8) + (128 + 4)
+    assert cm.original["params"] == params
+    assert cm.original["size"] == params * 4 + 2 * 8 * 4 + 2 * 8
+    assert cm.original["macs"] == (216 + 576) * 16 + 128
     assert cm.original["bops"] == cm.original["macs"] * 32 * 32
 
 
-def test_envelope_makes_drops_monotone_and_non_negative():
-    scan = synthetic_scan(seed=1)
-    cm = CostModel(scan)
-    for env in cm.drop_table():
-        assert env[0] == 0.0
-        assert np.all(np.diff(env) >= 0)
+def test_a_compressed_choice_by_hand():
+    cm = Costs(synthetic_scan(n_groups=1, n_layers=2, concat=False, sparse_layers=()))
+    options = cm.blocks[cm.index["channels:l0"]].options
+    half = next(o for o in options if o.effect.get("removed") == 4)
+    choice = cm.choice_of({"channels:l0": half.key, "weight:l1": 'weight_quant:{"bits":4}'})
+    got = cm.evaluate(choice)
+    # l0 keeps 4 output channels; l1 keeps 4 input channels, as 4-bit codes + 8 float32 scales
+    l0, l1 = 4 * 27, 8 * 4 * 9
+    assert got["params"] == (l0 + 4 + 4) + (l1 + 8 + 8) + (128 + 4)
+    assert got["size"] == (l0 + 4 + 4 + 4) * 4 + 8 + (l1 * 4 / 8 + 8 * 4) + (8 + 8 + 8) * 4 + 8 \
+        + (128 + 4) * 4
+    assert got["macs"] == (l0 + l1) * 16 + 128
+    assert got["bops"] == (l0 * 16 * 32 + l1 * 16 * 4 + 128 * 32) * 32
+
+
+def test_a_concatenated_dim_loses_what_each_group_removes():
+    scan = synthetic_scan()
+    cm = Costs(scan)
+    keys = {g: {o.effect.get("removed"): o.key
+                for o in cm.blocks[cm.index[f"channels:{g}"]].options} for g in ("l0", "l1")}
+    choice = cm.choice_of({"channels:l0": keys["l0"][4], "channels:l1": keys["l1"][2]})
+    # l0 [4,3,3,3] + 4 + 4; l1 [6,4,3,3] + 6 + 6; l2 [8,6,3,3] + 8 + 8;
+    # cat [8, 16 - 4 - 2, 1, 1] + 8; fc [4, 32] + 4
+    assert cm.evaluate(choice)["params"] == (108 + 8) + (216 + 12) + (432 + 16) + (80 + 8) + 132
+    assert cm.evaluate(choice)["macs"] == (108 + 216 + 432 + 80) * 16 + 128
+
+
+def test_envelope_makes_drops_monotone_per_method_and_non_negative():
+    cm = Costs(synthetic_scan(seed=1, **RICH))
+    noisy = 0
+    for b, env in zip(cm.blocks, cm.drop_table(), strict=True):
+        assert env[0] == 0.0 and np.all(env >= 0)
+        for method in {o.method for o in b.options[1:]}:
+            idx = [i for i, o in enumerate(b.options) if o.method == method]
+            assert np.all(np.diff(env[idx]) >= 0), (b.name, method)
+            raw = [b.options[i].drop for i in idx]
+            assert np.all(env[idx] >= np.maximum(raw, 0))
+            noisy += bool(np.any(np.diff(raw) < 0) or min(raw) < 0)
+    assert noisy > 0  # the table does have noise for the envelope to repair
 
 
 def test_infeasible_budget_states_the_smallest_reachable_cost():
-    cm = CostModel(synthetic_scan())
+    cm = costs_of("chain", 0)
     best = min_cost(cm, "macs").costs["macs"] / cm.original["macs"]
+    assert 0 < best < 1
     with pytest.raises(InfeasibleBudgetError, match=r"smallest reachable macs") as e:
         solve(cm, [Budget.parse(f"macs={best / 2:.4f}")])
-    assert f"{best:.3f} of the original" in str(e.value)
+    assert f"({best:.3f} of the original)" in str(e.value)
+    assert "Raise the budget" in str(e.value)
+
+
+def test_min_cost_equals_brute_force_minimum():
+    cm = costs_of("mixed", 0)
+    for metric in AnalyticCosts.metrics:
+        ref = brute_force(cm, [], max_drop=1.0, minimize=metric)
+        assert min_cost(cm, metric).costs[metric] == pytest.approx(ref.costs[metric], rel=1e-9)
 
 
 def test_budget_mode_does_not_compress_what_the_budget_does_not_need():
-    cm = CostModel(synthetic_scan(seed=2))
+    cm = costs_of("mixed", 2)
     got = solve(cm, [Budget.parse("macs=0.8")])
     for i, b in enumerate(cm.blocks):
-        if b.kind == "quantize":  # bits do not change MACs: they must stay float
-            assert got.choice[i] == 0
+        if b.kind == "layer":  # bits, sparsity and activation bits do not change MACs
+            assert got.choice[i] == 0, b.name
+    assert any(got.choice[i] for i, b in enumerate(cm.blocks) if b.kind == "group")
 
 
-@pytest.mark.parametrize("budget", ["macs=0.6", "size=0.3"])
-def test_uniform_plan_meets_the_budget_and_is_uniform(budget):
-    cm = CostModel(synthetic_scan(seed=0))
+@pytest.mark.parametrize("budget", ["macs=0.6", "size=0.3", "bops=0.2"])
+@pytest.mark.parametrize("seed", range(2))
+def test_uniform_plan_meets_the_budget_and_is_uniform(budget, seed):
+    scan = synthetic_scan(seed=seed, **INSTANCES["mixed"])
+    cm = Costs(scan)
     b = Budget.parse(budget)
     uni = uniform_choice(cm, [b])
     assert uni is not None
-    assert uni.costs[b.metric] <= b.limit(cm.original) * (1 + 1e-9)
-    assert len(set(uni.layer_bits.values())) == 1
-    assert len({round(k / 8, 6) for k in uni.removed.values()}) == 1
-    assert solve(cm, [b]).predicted_drop <= uni.predicted_drop + 1e-12
+    assert within(cm, uni.costs, [b])
+    # one ratio for every group, one option per layer axis (where the layer has it)
+    for i, blk in enumerate(cm.blocks):
+        if blk.kind == "group":
+            assert uni.removed[blk.unit] == n_remove_for(uni.ratio, blk.channels)
+        else:
+            key = uni.layer_options[f"{blk.axis}:uniform"]
+            keys = [o.key for o in blk.options]
+            assert blk.options[uni.choice.get(i, 0)].key == (key if key in keys else "none")
+    # off-grid ratios are costed exactly
+    direct = AnalyticCosts(scan).direct(uni.removed, merged_effects(cm.blocks, uni.choice))
+    for metric in AnalyticCosts.metrics:
+        assert uni.costs[metric] == pytest.approx(direct[metric], rel=1e-12)
+    on_grid = all(uni.removed[blk.unit] in [o.effect.get("removed", 0) for o in blk.options]
+                  for blk in cm.blocks if blk.kind == "group")
+    if on_grid:  # the optimum over the same options can only be better
+        assert solve(cm, [b]).predicted_drop <= uni.predicted_drop + 1e-12
+    # the least pruning that meets the budget with these layer options
+    if uni.ratio > 0:
+        smaller = {g: n_remove_for(uni.ratio - 0.01, 8) if uni.ratio > 0.01 else 0
+                   for g in uni.removed}
+        costs = AnalyticCosts(scan).direct(smaller, merged_effects(cm.blocks, uni.choice))
+        assert costs[b.metric] > b.limit(cm.original)
+
+
+def test_uniform_candidates_cover_each_layer_option_and_max_drop_holds():
+    cm = costs_of("chain", 0)
+    cands = uniform_candidates(cm, [Budget.parse("size=0.5")])
+    assert len({tuple(sorted(c.layer_options.items())) for c in cands}) == len(cands)
+    best = uniform_choice(cm, [Budget.parse("size=0.5")])
+    assert best.predicted_drop == min(c.predicted_drop for c in cands)
+    for max_drop in (0.0, 0.03):
+        uni = uniform_choice(cm, [], max_drop=max_drop, minimize="size")
+        assert uni is not None and uni.predicted_drop <= max_drop + 1e-12
+        others = uniform_candidates(cm, [], max_drop=max_drop, minimize="size")
+        assert uni.costs["size"] == min(c.costs["size"] for c in others)
+
+
+def test_an_unreachable_uniform_budget_gives_none():
+    cm = costs_of("chain", 0)
+    assert uniform_choice(cm, [Budget.parse("params=0.01")]) is None
 
 
 @pytest.mark.parametrize("text,metric,value,relative", [
-    ("macs=0.5", "macs", 0.5, True), ("size=25%", "size", 0.25, True), ("size=2MB", "size", 2e6, False),
-    ("size=1.5MiB", "size", 1.5 * 2**20, False), ("macs=20M", "macs", 20e6, False), ("bops<=0.1", "bops", 0.1, True),
+    ("macs=0.5", "macs", 0.5, True), ("size=25%", "size", 0.25, True),
+    ("size=2MB", "size", 2e6, False), ("size=1.5MiB", "size", 1.5 * 2**20, False),
+    ("macs=20M", "macs", 20e6, False), ("bops<=0.1", "bops", 0.1, True),
     ("params=1", "params", 1.0, True), ("params=1000", "params", 1000.0, False),
+    ("latency_ms=0.5", "latency_ms", 0.5, True),
 ])
 def test_budget_parsing(text, metric, value, relative):
     b = Budget.parse(text)
@@ -121,10 +302,16 @@ def test_budget_parsing(text, metric, value, relative):
 
 
 @pytest.mark.parametrize("text,fragment", [
-    ("macs", "Write METRIC=VALUE"), ("latency=0.5", "must be one of"), ("macs=150%", "range (0.0, 1.0]"),
-    ("size=abc", "Cannot read"), ("size=3 parsecs", "Unknown unit"), ("size=3XB", "Unknown unit"), ("macs=0", "range (0.0, 1.0]"),
+    ("macs", "Write METRIC=VALUE"), ("macs=150%", "range (0.0, 1.0]"),
+    ("size=abc", "Cannot read"), ("size=3 parsecs", "Unknown unit"), ("size=3XB", "Unknown unit"),
+    ("macs=0", "range (0.0, 1.0]"),
 ])
 def test_bad_budgets_are_explained(text, fragment):
     with pytest.raises(BudgetError) as e:
         Budget.parse(text)
     assert fragment in str(e.value)
+
+
+def test_a_budget_on_an_unknown_metric_names_the_known_ones():
+    with pytest.raises(BudgetError, match=r"'latency' is not known.*size, macs, bops, params"):
+        make_plan(synthetic_scan(), [Budget.parse("latency=0.5")])

@@ -73,6 +73,18 @@ class MethodContext:
         return self.model.get_parameter(self.layers[layer]["weight"])
 
 
+def ratio_setting(method: str, value: Any) -> float:
+    """A fraction setting in (0, 1), with a message naming the method and the expected form."""
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        r = float("nan")
+    if not 0.0 < r < 1.0:
+        raise ValueError(f"The ratio setting of {method} must be a fraction in (0, 1), e.g. "
+                         f"{method}=0.5. Got {value!r} instead.")
+    return r
+
+
 def _fmt(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 

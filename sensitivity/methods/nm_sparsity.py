@@ -82,9 +82,8 @@ class SemiStructured24(WeightMethod):
         for name, info in ctx.layers.items():
             shape = info["weight_shape"]
             mod = ctx.module(name)
-            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or not \
-                    info["weight"].endswith(".weight"):
-                out[name] = "2:4 sparsity covers Linear and Conv weights only."
+            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)):
+                out[name] = "2:4 sparsity covers Linear, Conv and attention projection weights only."
             elif shape[1] % M:
                 out[name] = (f"{shape[1]} input channels per group is not a multiple of {M}, so the "
                              f"layer has no 2:4 layout.")

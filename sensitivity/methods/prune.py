@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sensplan.sensitivity._groups import check_group, n_remove_for
-from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting
+from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, ratio_setting
 
 
 @METHODS.register
@@ -31,10 +31,7 @@ class Prune(Method):
     speed_note = "removes channels for real: fewer MACs and smaller tensors on every runtime"
 
     def check_setting(self, setting: Mapping[str, Any]) -> Setting:
-        r = float(setting["ratio"])
-        if not 0.0 < r < 1.0:
-            raise ValueError(f"The 'ratio' setting of prune must be a float in the range (0.0, 1.0). "
-                             f"Got {r} instead.")
+        r = ratio_setting("prune", setting["ratio"])
         out: Setting = {"ratio": r}
         if "n_remove" in setting:
             out["n_remove"] = int(setting["n_remove"])
@@ -67,6 +64,8 @@ class Prune(Method):
                 out[gid] = (f"only {g['channels']} channel(s): no scanned ratio removes a channel "
                             f"while keeping one.")
                 continue
+            if ctx.check_inputs is None:
+                raise TypeError("MethodContext.check_inputs is needed to check channel groups")
             chk = check_group(ctx.model, ctx.graph, gid, opts[-1]["n_remove"], ctx.check_inputs)
             out[gid] = chk.reason
             if chk.ok:

@@ -14,18 +14,39 @@ from typing import Any
 import torch
 
 from sensplan._effects import kept_values
-from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, WeightMethod
+from sensplan.sensitivity.methods import (
+    METHODS,
+    MethodContext,
+    Setting,
+    WeightMethod,
+    ratio_setting,
+)
 
 
-def magnitude_mask(w: torch.Tensor, density: float) -> torch.Tensor:
+def magnitude_mask(w: torch.Tensor, density: float, *, numel: int | None = None) -> torch.Tensor:
     """A boolean mask keeping the ``kept_values(numel, density)`` largest-magnitude entries
-    (ties broken by position, so the mask is deterministic)."""
+    (ties broken by position, so the mask is deterministic); ``numel`` defaults to ``w.numel()``."""
     flat = w.detach().abs().reshape(-1).float()
-    keep = kept_values(flat.numel(), density)
+    keep = kept_values(flat.numel() if numel is None else numel, density)
     order = torch.argsort(flat, descending=True, stable=True)
     mask = torch.zeros_like(flat, dtype=torch.bool)
     mask[order[:keep]] = True
     return mask.reshape(w.shape)
+
+
+def live_count(w: torch.Tensor) -> int:
+    """Entries outside all-zero output channels (dim 0) and all-zero input channels (dim 1).
+
+    The executor zeroes a pruned channel in every member before it removes the channel, so when
+    sparsity runs after pruning these are the entries the stored (pruned) tensor keeps: the
+    ``density`` of a setting is a fraction of them, as the planner prices it.
+    """
+    nz = w.detach() != 0
+    if nz.dim() < 2:
+        return int(nz.numel())
+    rows = nz.reshape(nz.shape[0], -1).any(dim=1)
+    cols = nz.transpose(0, 1).reshape(nz.shape[1], -1).any(dim=1)
+    return int(rows.sum()) * int(cols.sum()) * (nz[0, 0].numel() if nz.dim() > 2 else 1)
 
 
 @METHODS.register
@@ -40,10 +61,7 @@ class UnstructuredSparsity(WeightMethod):
                   "latency do not fall")
 
     def check_setting(self, setting: Mapping[str, Any]) -> Setting:
-        r = float(setting["ratio"])
-        if not 0.0 < r < 1.0:
-            raise ValueError(f"The 'ratio' setting of sparsity must be a float in the range (0.0, 1.0). "
-                             f"Got {r} instead.")
+        r = ratio_setting("sparsity", setting["ratio"])
         return {"ratio": r}
 
     def label(self, setting: Mapping[str, Any]) -> str:
@@ -57,4 +75,5 @@ class UnstructuredSparsity(WeightMethod):
 
     def transform(self, ctx: MethodContext, layer: str, w: torch.Tensor, setting: Mapping[str, Any]
                   ) -> torch.Tensor:
-        return w * magnitude_mask(w, 1.0 - float(setting["ratio"])).to(w.dtype)
+        mask = magnitude_mask(w, 1.0 - float(setting["ratio"]), numel=live_count(w))
+        return w * mask.to(w.dtype)

@@ -1,0 +1,324 @@
+"""What the verbs share: argument groups, checks that speak in the user's flags, loading helpers.
+
+Nothing here imports torch at module level; the loading helpers import it when they run, so
+``sensplan --help`` and the torch-free verbs (plan, validate) start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import shlex
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sensplan._errors import InternalError, UserInputError
+
+if TYPE_CHECKING:
+    import torch
+
+    from sensplan.sensitivity import EvalSet, ModelSpec
+
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+EXIT_USER_ERROR = 2
+EXIT_BUDGET_MISSED = 3
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+
+class Interrupted(Exception):
+    """Raised by a verb that has already told the user how to resume; ``main`` exits 130."""
+
+
+def need(value: T | None) -> T:
+    """``value`` after ``Problems.raise_if_any``: a check returns None only with a problem."""
+    if value is None:
+        raise InternalError("a check returned nothing without reporting a problem")
+    return value
+
+
+# -- output --------------------------------------------------------------------------------------
+def say(msg: str) -> None:
+    """Progress and summaries go to stderr; stdout carries only the command's result (a path)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def command_line(argv: Sequence[str], *, drop: Iterable[str] = ()) -> str:
+    """``argv`` as a shell command starting with ``sensplan``, without the flags in ``drop``."""
+    skip = set(drop)
+    return "sensplan " + shlex.join(a for a in argv if a not in skip)
+
+
+# -- collecting problems -------------------------------------------------------------------------
+class Problems:
+    """User mistakes found before any expensive work, reported together as one error."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        if message not in self.messages:
+            self.messages.append(message)
+
+    def check(self, fn: Callable[[], T], prefix: str = "") -> T | None:
+        """``fn()``, or None after recording its UserInputError (prefixed with ``prefix``)."""
+        try:
+            return fn()
+        except UserInputError as e:
+            self.add(f"{prefix}{e}")
+            return None
+
+    def at_least(self, value: float | None, low: float, flag: str, *, strict: bool = False,
+                 note: str = "") -> None:
+        """Record a problem unless ``value`` is None, or >= ``low`` (> ``low`` when ``strict``)."""
+        if value is None:
+            return
+        if value < low or (strict and value == low):
+            rel = ">" if strict else ">="
+            self.add(f"{flag} must be {rel} {low:g}{note}. Got {value:g}.")
+
+    def raise_if_any(self) -> None:
+        if len(self.messages) == 1:
+            raise UserInputError(self.messages[0])
+        if self.messages:
+            raise UserInputError(f"{len(self.messages)} problems:\n  - "
+                                 + "\n  - ".join(self.messages))
+
+
+# -- output paths --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Output:
+    """A path a verb will write: a ``file`` or a directory (``is_dir``), named by ``flag``."""
+
+    path: Path
+    flag: str
+    is_dir: bool = False
+
+
+def output_problem(out: Output) -> str | None:
+    """Why ``out`` cannot be written, or None. Checks without writing anything."""
+    p = Path(os.path.abspath(out.path))
+    fix = f"Choose another {out.flag}."
+    if out.is_dir and p.exists() and not p.is_dir():
+        return f"{out.flag}: {out.path} is an existing file, but a directory goes there. {fix}"
+    if not out.is_dir and p.is_dir():
+        return f"{out.flag}: {out.path} is an existing directory, but a file goes there. {fix}"
+    probe = p if out.is_dir else p.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{out.flag}: cannot create {out.path}: {probe} is a file, not a directory. {fix}"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{out.flag}: cannot write {out.path}: the directory {probe} is not writable. {fix}"
+    return None
+
+
+def check_outputs(problems: Problems, outputs: Sequence[Output]) -> None:
+    """Record the first unwritable output (the later ones usually fail for the same reason)."""
+    for out in outputs:
+        why = output_problem(out)
+        if why:
+            problems.add(why)
+            return
+
+
+# -- argparse helpers ----------------------------------------------------------------------------
+def add_verb(sub: SubParsers, name: str, summary: str, example: str) -> argparse.ArgumentParser:
+    """A subparser whose ``--help`` ends with ``example``; no prefix matching of flags."""
+    p = sub.add_parser(name, help=summary, description=summary,
+                       epilog="example:\n" + example.strip("\n"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    # SUPPRESS: absent here, the global `sensplan --verbose VERB` value stays in the namespace
+    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (also `sensplan --verbose VERB`)")
+    return p
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    # more threads than 4 rarely speed up the small batches of a scan, and a shared machine suffers
+    return max(1, min(4, available_cores()))
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, metavar="SPEC",
+                   help="torchvision:NAME | sensplan:NAME | path/file.py:FACTORY | "
+                        "package.module:FACTORY | pickle:FILE")
+    g.add_argument("--weights", metavar="FILE",
+                   help="checkpoint: a state dict; {'state_dict': ...} nesting and 'module.' "
+                        "prefixes are handled (loaded with weights_only=True)")
+    g.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the model factory, e.g. num_classes=10 (repeatable)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow --model pickle:FILE (unpickling runs code from the file: trusted "
+                        "files only)")
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation data")
+    g.add_argument("--data", required=True, metavar="SPEC",
+                   help="DIR or imagefolder:DIR (class subfolders) | cifar10:ROOT[:train|test] | "
+                        "digits[:train|test]")
+    g.add_argument("--samples", type=int, default=2000, metavar="N",
+                   help="size of the stratified, seeded evaluation sample (default 2000; 0 = all)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default 0)")
+    g.add_argument("--resize", type=int, metavar="PX", help="resize the shorter image side to PX")
+    g.add_argument("--crop", type=int, metavar="PX", help="center-crop to PX x PX")
+    g.add_argument("--mean", metavar="M1,M2,M3",
+                   help="normalisation mean (default ImageNet's; digits 0.5)")
+    g.add_argument("--std", metavar="S1,S2,S3",
+                   help="normalisation std (default ImageNet's; digits 0.5)")
+    c = p.add_argument_group("BatchNorm recalibration")
+    c.add_argument("--calib-data", metavar="SPEC",
+                   help="data for BatchNorm recalibration (default: --train-data if given, else "
+                        "samples of --data outside the evaluation sample)")
+    c.add_argument("--calib-samples", type=int, default=500, metavar="N",
+                   help="calibration samples (default 500)")
+    c.add_argument("--no-bn-recalibration", action="store_true",
+                   help="do not recalibrate BatchNorm statistics after compressing")
+
+
+def add_runtime_args(p: argparse.ArgumentParser, *, dtype: bool) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu", metavar="DEVICE",
+                   help="cpu | cuda | cuda:N | mps (default cpu)")
+    if dtype:
+        g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="evaluate in this precision; 16-bit runs under autocast "
+                            "(default float32)")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help=f"CPU threads for torch (default: min(4, available cores) = "
+                        f"{default_threads()} here)")
+
+
+# -- checks --------------------------------------------------------------------------------------
+def check_data_args(args: argparse.Namespace, problems: Problems) -> None:
+    """Checks of the evaluation-data flags that need no data."""
+    problems.at_least(args.samples, 0, "--samples", note=" (0 = all)")
+    problems.at_least(args.calib_samples, 0, "--calib-samples", strict=True)
+    before = len(problems.messages)
+    problems.at_least(args.resize, 1, "--resize")
+    problems.at_least(args.crop, 1, "--crop")
+    problems.check(partial(floats, args.mean, "--mean"))
+    problems.check(partial(floats, args.std, "--std"))
+    if len(problems.messages) > before:
+        return  # the data specs below need valid preprocessing flags
+    if problems.check(partial(preprocess, args)) is None:
+        return
+    for flag, text in (("--data", args.data), ("--calib-data", args.calib_data)):
+        if text:
+            problems.check(partial(data_spec, text, args, flag))
+
+
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def check_runtime_args(args: argparse.Namespace, problems: Problems) -> None:
+    problems.at_least(args.threads, 1, "--threads")
+    problems.check(lambda: device(args.device))
+
+
+def device(text: str) -> torch.device:
+    """``--device`` as a torch device, refused when this machine does not have it."""
+    if not _DEVICE.match(text):
+        raise UserInputError(f"--device takes cpu, cuda, cuda:N or mps. Got {text!r}.")
+    import torch
+
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError(f"--device {text}: CUDA is not available here "
+                                 f"(torch.cuda.is_available() is False). Use --device cpu.")
+        n = torch.cuda.device_count()
+        index = int(text.partition(":")[2] or 0)
+        if index >= n:
+            raise UserInputError(f"--device {text}: this machine has {n} CUDA device(s), "
+                                 f"cuda:0 to cuda:{n - 1}.")
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError("--device mps: MPS is not available here. Use --device cpu.")
+    return torch.device(text)
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads or default_threads())
+
+
+def floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserInputError(f"{flag} takes comma-separated numbers such as 0.5,0.5,0.5. "
+                             f"Got {text!r}.") from None
+
+
+# -- loading -------------------------------------------------------------------------------------
+def model_spec(args: argparse.Namespace) -> ModelSpec:
+    from sensplan.sensitivity import ModelSpec
+
+    kwargs = {}
+    for item in args.model_arg:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise UserInputError(f"--model-arg takes KEY=VALUE, e.g. num_classes=10. Got {item!r}.")
+        try:
+            kwargs[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            kwargs[key] = raw
+    return ModelSpec(args.model, kwargs)
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, ModelSpec]:
+    """The model (on the CPU, eval mode) and its spec."""
+    from sensplan.sensitivity import load_model as _load
+
+    spec = model_spec(args)
+    return _load(spec, args.weights, allow_pickle=args.allow_pickle), spec
+
+
+def preprocess(args: argparse.Namespace) -> Any:
+    from sensplan.sensitivity import Preprocess
+
+    return Preprocess(resize=args.resize, crop=args.crop, mean=floats(args.mean, "--mean"),
+                      std=floats(args.std, "--std"))
+
+
+def data_spec(text: str, args: argparse.Namespace, flag: str) -> Any:
+    from sensplan.sensitivity import DataSpec
+
+    try:
+        return DataSpec.parse(text, preprocess(args))
+    except UserInputError as e:
+        raise UserInputError(f"{flag}: {e}") from None
+
+
+def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
+    """The evaluation sample, and the calibration data (None with --no-bn-recalibration)."""
+    from sensplan.sensitivity import load_eval_set
+    from sensplan.sensitivity._data import load_calibration_set
+
+    data = load_eval_set(data_spec(args.data, args, "--data"), args.samples or None, args.seed)
+    if args.no_bn_recalibration:
+        return data, None
+    flag = "--calib-data" if args.calib_data else "--train-data"
+    source = args.calib_data or getattr(args, "train_data", None)
+    calib = load_calibration_set(data, args.calib_samples, args.seed,
+                                 data_spec(source, args, flag) if source else None)
+    return data, calib

@@ -1,0 +1,229 @@
+"""``sensplan apply``: apply a plan to a copy of the model, fine-tune (optional), measure, save."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sensplan.cli._common import (
+    EXIT_BUDGET_MISSED,
+    Output,
+    Problems,
+    add_data_args,
+    add_model_args,
+    add_runtime_args,
+    add_verb,
+    check_data_args,
+    check_outputs,
+    check_runtime_args,
+    data_spec,
+    device,
+    load_data,
+    load_model,
+    need,
+    say,
+    set_threads,
+)
+
+if TYPE_CHECKING:
+    from sensplan.cli._common import SubParsers
+    from sensplan.planner import FineTuneConfig, Plan
+    from sensplan.sensitivity import EvalSet, ModelSpec
+
+EXAMPLE = """\
+  sensplan apply --model examples/cifar_resnet.py:resnet20 \\
+      --weights ../shared/models/cifar10/resnet20_jpeg.pt --plan plan.json \\
+      --data ../shared/data/cifar10-jpg/test --out result/
+  sensplan apply ... --train-data ../shared/data/cifar10-jpg/train --epochs 2 --out result/
+"""
+
+#: fine-tuning flags (dest, default): given without --train-data they would do nothing
+FINETUNE_DEFAULTS = {"epochs": 1, "train_samples": None, "lr": 0.01, "temperature": 4.0,
+                     "alpha": 0.7, "max_steps": None, "augment": False}
+#: the files apply writes into each variant's directory
+FILES = ("model.sensplan", "metrics.json", "plan.json")
+
+
+def register(sub: SubParsers) -> None:
+    p = add_verb(sub, "apply", "Apply a plan: prune structurally, fine-tune (optional), quantize, "
+                               "measure, save.", EXAMPLE)
+    add_model_args(p)
+    p.add_argument("--plan", required=True, metavar="FILE", help="plan.json from `sensplan plan`")
+    add_data_args(p)
+    add_apply_args(p)
+    add_runtime_args(p, dtype=False)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: model.sensplan, metrics.json, plan.json (the uniform "
+                        "allocation's in DIR/uniform/)")
+    p.set_defaults(fn=main)
+
+
+def add_apply_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (knowledge distillation from the original model)")
+    g.add_argument("--train-data", metavar="SPEC",
+                   help="training data; fine-tuning runs only when given")
+    g.add_argument("--epochs", type=int, metavar="N", help="fine-tuning epochs (default 1)")
+    g.add_argument("--train-samples", type=int, metavar="N",
+                   help="use a stratified sample of N training items (default all)")
+    g.add_argument("--lr", type=float, help="initial learning rate, cosine decay (default 0.01)")
+    g.add_argument("--temperature", type=float, help="distillation temperature T (default 4)")
+    g.add_argument("--alpha", type=float, help="weight of the soft-target loss (default 0.7)")
+    g.add_argument("--max-steps", type=int, metavar="N",
+                   help="stop fine-tuning after N optimizer steps")
+    g.add_argument("--augment", action="store_true", default=None,
+                   help="random crop (1/8 padding) and horizontal flip")
+    o = p.add_argument_group("execution")
+    o.add_argument("--variants", default="planned,uniform", metavar="LIST",
+                   help="which allocations of the plan to apply and measure (default "
+                        "planned,uniform)")
+    o.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
+
+
+# -- checks --------------------------------------------------------------------------------------
+def check_variants(args: argparse.Namespace, problems: Problems) -> list[str]:
+    from sensplan.planner._plan import VARIANTS
+
+    vs = list(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
+    if not vs or any(v not in VARIANTS for v in vs):
+        problems.add(f"--variants takes a comma-separated subset of {', '.join(VARIANTS)}. "
+                     f"Got {args.variants!r}.")
+        return []
+    return vs
+
+
+def check_finetune(args: argparse.Namespace, problems: Problems) -> FineTuneConfig | None:
+    """The fine-tuning configuration (None without --train-data)."""
+    from sensplan.planner import FineTuneConfig
+
+    given = [k for k in FINETUNE_DEFAULTS if getattr(args, k) is not None]
+    if not args.train_data:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            verb, them = ("matters", "it") if len(given) == 1 else ("matter", "them")
+            problems.add(f"{flags} only {verb} when fine-tuning. Add --train-data SPEC, or drop {them}.")
+        return None
+    for k, default in FINETUNE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    before = len(problems.messages)
+    problems.at_least(args.epochs, 0, "--epochs")
+    problems.at_least(args.train_samples, 1, "--train-samples")
+    problems.at_least(args.lr, 0, "--lr", strict=True)
+    problems.at_least(args.temperature, 0, "--temperature", strict=True)
+    problems.at_least(args.max_steps, 1, "--max-steps")
+    if not 0.0 <= args.alpha <= 1.0:
+        problems.add(f"--alpha must be in the range [0, 1]. Got {args.alpha:g}.")
+    problems.check(partial(data_spec, args.train_data, args, "--train-data"))
+    if len(problems.messages) > before:
+        return None
+    return problems.check(partial(FineTuneConfig, epochs=args.epochs, lr=args.lr,
+                                  temperature=args.temperature, alpha=args.alpha,
+                                  max_steps=args.max_steps, seed=args.seed))
+
+
+def result_outputs(out: Path, variants: list[str], flag: str = "--out") -> list[Output]:
+    outs = [Output(out, flag, is_dir=True)]
+    for v in variants:
+        d = out if v == "planned" else out / v
+        outs += [Output(d, flag, is_dir=True), *(Output(d / f, flag) for f in FILES)]
+    return outs
+
+
+def check(args: argparse.Namespace, problems: Problems
+          ) -> tuple[list[str], FineTuneConfig | None]:
+    """Every check of apply's flags that needs no model, no data and no plan."""
+    check_data_args(args, problems)
+    check_runtime_args(args, problems)
+    return check_variants(args, problems), check_finetune(args, problems)
+
+
+# -- running -------------------------------------------------------------------------------------
+def train_loader(args: argparse.Namespace, ft: FineTuneConfig | None) -> Any:
+    """The fine-tuning data loader (opening the data set checks it); None without --train-data."""
+    from sensplan.sensitivity._data import train_loader as _loader
+
+    if ft is None:
+        return None
+    return _loader(data_spec(args.train_data, args, "--train-data"), ft.batch_size, args.seed,
+                   augment=bool(args.augment), n=args.train_samples)
+
+
+def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: Any,
+            spec: ModelSpec, data: EvalSet, calib: EvalSet | None, loader: Any,
+            ft: FineTuneConfig | None, out: Path) -> list[str]:
+    """Apply and measure each variant; return the budgets missed (one line each)."""
+    from sensplan.planner import apply_plan, measure_original, missed_budgets
+    from sensplan.planner._apply import check_compatible
+    from sensplan.sensitivity import get_task
+
+    dev = device(args.device)
+    model = model.to(dev)
+    data = data.to(dev)
+    calib = calib.to(dev) if calib is not None else None
+    check_compatible(model, plan, data.example_input)
+    have = [v for v in variants if plan.data["plans"].get(v) is not None]
+    for v in variants:
+        if v not in have:
+            say(f"the plan has no {v} allocation (none meets the budget); skipping it")
+    task = get_task(plan.data["task"]["name"])
+    state = task.prepare(model, data)
+    say("measuring the original model")
+    before = measure_original(model, data, spec, timing=not args.no_timing, task=task,
+                              task_state=state)
+    missed: list[str] = []
+    for v in have:
+        say(f"applying the {v} allocation")
+        m = apply_plan(model, plan, data, out if v == "planned" else out / v, variant=v,
+                       calib=calib, train_loader=loader, finetune=ft, model_spec=spec,
+                       timing=not args.no_timing, before=before)
+        print_metrics(v, task.metric.name, m)
+        missed += [f"{v}: {line}" for line in missed_budgets(m)]
+    return missed
+
+
+def print_metrics(variant: str, metric: str, m: dict[str, Any]) -> None:
+    b, a = m["before"], m["after"]
+    lat = ""
+    if "latency" in a and "latency" in b:
+        lat = f", latency p50 {b['latency']['p50_ms']:.2f} -> {a['latency']['p50_ms']:.2f} ms"
+    met = ", ".join(f"{x['metric']} {_met(x['met'])}" for x in m["budgets"])
+    say(f"  {variant}: {metric} {b['score']:.4f} -> {a['score']:.4f}, size "
+        f"{b['payload_bytes'] / 1e6:.3f} -> {a['payload_bytes'] / 1e6:.3f} MB, MACs "
+        f"{b['macs'] / 1e6:.2f} -> {a['macs'] / 1e6:.2f} M{lat}"
+        + (f"; budget {met}" if met else ""))
+
+
+def _met(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "MISSED"
+
+
+def report_missed(command: str, missed: list[str]) -> int:
+    """Say which budgets the measured model missed; the exit code (0 when none)."""
+    if not missed:
+        return 0
+    say(f"sensplan {command}: budget missed: " + "; ".join(missed)
+        + ". The files are written (see metrics.json); plan again with a tighter budget.")
+    return EXIT_BUDGET_MISSED
+
+
+def main(args: argparse.Namespace) -> int:
+    from sensplan.planner import Plan
+    from sensplan.planner._apply import check_compatible
+
+    problems = Problems()
+    plan = problems.check(partial(Plan.load, args.plan))
+    variants, ft = check(args, problems)
+    out = Path(args.out)
+    check_outputs(problems, result_outputs(out, variants))
+    problems.raise_if_any()
+    set_threads(args)
+    model, spec = load_model(args)
+    check_compatible(model, need(plan))  # before loading data: a plan for another model fails fast
+    loader = train_loader(args, ft)
+    data, calib = load_data(args)
+    missed = execute(args, need(plan), variants, model, spec, data, calib, loader, ft, out)
+    print(os.fspath(out))
+    return report_missed("apply", missed)

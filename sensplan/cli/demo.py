@@ -1,0 +1,65 @@
+"""``sensplan demo``: train a small CNN on scikit-learn's digits, then run the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sensplan.cli._common import (
+    EXIT_BUDGET_MISSED,
+    Output,
+    Problems,
+    add_verb,
+    check_outputs,
+    default_threads,
+)
+
+if TYPE_CHECKING:
+    from sensplan.cli._common import SubParsers
+
+EXAMPLE = """\
+  sensplan demo        # trains a small CNN on scikit-learn's digits, then scan/plan/apply/report
+  sensplan demo --out /tmp/demo --budget size=0.25
+"""
+
+
+def register(sub: SubParsers) -> None:
+    p = add_verb(sub, "demo", "Offline demo: train a small CNN on scikit-learn's digits, then run "
+                              "the whole pipeline.", EXAMPLE)
+    p.add_argument("--out", default="sensplan-demo", metavar="DIR",
+                   help="output directory (default sensplan-demo/)")
+    p.add_argument("--budget", action="append", default=[], metavar="METRIC=VALUE",
+                   help="default macs=0.5 (repeatable)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="fine-tuning epochs after compression (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training and sampling (default 0)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help=f"CPU threads for torch (default: min(4, available cores) = "
+                        f"{default_threads()} here)")
+    p.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
+    p.set_defaults(fn=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from sensplan.cli import main as sensplan
+    from sensplan.planner import Budget
+    from sensplan.planner._demo import demo_argv, train_demo_model
+
+    problems = Problems()
+    problems.at_least(args.epochs, 0, "--epochs")
+    problems.at_least(args.threads, 1, "--threads")
+    budgets = args.budget or ["macs=0.5"]
+    for b in budgets:
+        problems.check(partial(Budget.parse, b))
+    check_outputs(problems, [Output(Path(args.out), "--out", is_dir=True)])
+    problems.raise_if_any()
+    weights = train_demo_model(args.out, args.seed, args.threads)
+    argv = demo_argv(args.out, weights, budgets, args.epochs, args.seed, not args.no_timing,
+                     args.threads)
+    # the pipeline is `sensplan run`: its exit code (2, 3, 130) is the demo's
+    code = sensplan(["--verbose", *argv] if args.verbose else argv)
+    if code in (0, EXIT_BUDGET_MISSED):
+        print(f"report: {Path(args.out) / 'report' / 'report.html'}")
+    return code

@@ -1,0 +1,140 @@
+"""``sensplan plan``: the best per-unit allocation for a budget (exact MILP) and the uniform plan.
+
+Torch-free: it reads scan.json and optional measured cost tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sensplan.cli._common import Output, Problems, add_verb, check_outputs, need, say
+
+if TYPE_CHECKING:
+    from sensplan._tables import Scan
+    from sensplan.cli._common import SubParsers
+    from sensplan.planner import Budget, Plan, TableCosts
+
+EXAMPLE = """\
+  sensplan plan --scan scan.json --budget macs=0.5 --out plan.json
+  sensplan plan --scan scan.json --budget size=25% --budget macs=0.8 --out plan.json
+  sensplan plan --scan scan.json --max-drop 0.01 --minimize size --out plan.json
+  sensplan plan --scan scan.json --cost-table latency.json --budget latency_ms=0.6 --out plan.json
+"""
+
+
+def register(sub: SubParsers) -> None:
+    p = add_verb(sub, "plan", "Solve the per-unit allocation for a budget (exact MILP), beside the "
+                              "uniform plan.", EXAMPLE)
+    p.add_argument("--scan", required=True, metavar="FILE", help="scan.json from `sensplan scan`")
+    add_budget_args(p)
+    p.add_argument("--out", default="plan.json", metavar="FILE",
+                   help="where to write the plan (default plan.json)")
+    p.set_defaults(fn=main)
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("budget")
+    g.add_argument("--budget", action="append", default=[], metavar="METRIC=VALUE",
+                   help="size|macs|bops|params (or a --cost-table metric); a fraction (0.5, 50%%) "
+                        "of the original or an absolute value (2MB, 20M). Repeat for several "
+                        "budgets.")
+    g.add_argument("--max-drop", metavar="DROP",
+                   help="instead: the cheapest plan whose predicted drop is at most DROP "
+                        "(0.01 or 1%%)")
+    g.add_argument("--minimize", metavar="METRIC",
+                   help="the cost to minimise with --max-drop: size|macs|bops|params or a "
+                        "--cost-table metric (default: the first budget's metric)")
+    g.add_argument("--cost-table", action="append", default=[], metavar="FILE",
+                   help="a measured cost table (sensplan.cost_table JSON, e.g. latency per unit "
+                        "and setting); its metric can then be budgeted (repeatable)")
+    g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
+                   help="stop the solver after this long; the plan is then feasible but maybe "
+                        "not optimal (default 60)")
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    budgets: list[Budget]
+    max_drop: float | None
+    minimize: str | None
+    cost_tables: list[TableCosts]
+    time_limit: float
+
+
+def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
+    """The budgets, objective and cost tables from the flags (no scan needed)."""
+    from sensplan.planner import METRICS, Budget, TableCosts, parse_max_drop
+    from sensplan.planner._plan import check_objective
+
+    problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
+    tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ")
+              for path in args.cost_table]
+    known = [*METRICS, *(t.metric for t in tables if t is not None)]
+    budgets = [problems.check(partial(Budget.parse, text)) for text in args.budget]
+    for text, b in zip(args.budget, budgets, strict=True):
+        if b is not None and b.metric not in known:
+            problems.add(f"--budget {text}: unknown metric {b.metric!r}. Use one of "
+                         f"{', '.join(known)}; a measured metric needs its --cost-table.")
+    if args.minimize is not None and args.minimize not in known:
+        problems.add(f"--minimize {args.minimize}: unknown metric. Use one of {', '.join(known)}.")
+    max_drop = (problems.check(partial(parse_max_drop, args.max_drop))
+                if args.max_drop is not None else None)
+    good = [b for b in budgets if b is not None]
+    if len(good) == len(budgets) and (args.max_drop is None or max_drop is not None):
+        problems.check(partial(check_objective, good, max_drop, args.minimize))
+    if problems.messages:
+        return None
+    return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit)
+
+
+def execute(scan: Scan, inputs: PlanInputs, out: Path) -> Plan:
+    from sensplan.planner import make_plan
+
+    plan = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
+                     time_limit=inputs.time_limit, cost_models=inputs.cost_tables).save(out)
+    print_plan(plan)
+    solver = plan.data["plans"]["planned"].get("solver", {})
+    if not solver.get("optimal", True):
+        say(f"note: the solver stopped before proving the plan optimal ({solver.get('status')}; "
+            f"relative gap {solver.get('gap', 0.0):.2g}). The plan meets the budget; raise "
+            f"--time-limit (now {inputs.time_limit:g} s) to search longer.")
+    return plan
+
+
+def print_plan(plan: Plan) -> None:
+    from tabulate import tabulate
+
+    metrics = list(plan.data["original"])
+    rows: list[list[Any]] = []
+    for name in ("planned", "uniform"):
+        v = plan.data["plans"].get(name)
+        if v is None:
+            rows.append([name, "no uniform plan meets the budget"])
+            continue
+        p = v["predicted"]
+        rows.append([name, f"{p['drop']:.4f}"]
+                    + [_fraction(p.get(f"{m}_fraction")) for m in metrics])
+    headers = ["allocation", "predicted drop", *(f"{m} fraction" for m in metrics)]
+    say(tabulate(rows, headers=headers, tablefmt="simple"))
+
+
+def _fraction(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from sensplan._tables import Scan
+
+    problems = Problems()
+    scan = problems.check(partial(Scan.load, args.scan))
+    inputs = check(args, problems)
+    check_outputs(problems, [Output(Path(args.out), "--out")])
+    problems.raise_if_any()
+    execute(need(scan), need(inputs), Path(args.out))
+    print(os.fspath(args.out))
+    return 0

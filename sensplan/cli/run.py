@@ -1,0 +1,88 @@
+"""``sensplan run``: scan + plan + apply + report into one directory.
+
+Every flag, budget, cost table, method setting and output path is checked before the scan starts,
+and all problems are reported together: a typo must not cost a scan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sensplan.cli import apply, plan, report, scan
+from sensplan.cli._common import (
+    Output,
+    Problems,
+    add_data_args,
+    add_model_args,
+    add_runtime_args,
+    add_verb,
+    check_outputs,
+    load_data,
+    load_model,
+    need,
+    say,
+    set_threads,
+)
+
+if TYPE_CHECKING:
+    from sensplan.cli._common import SubParsers
+
+EXAMPLE = """\
+  sensplan run --model examples/cifar_resnet.py:resnet20 \\
+      --weights ../shared/models/cifar10/resnet20_jpeg.pt \\
+      --data ../shared/data/cifar10-jpg/test --budget macs=0.5 --out runs/r20
+  # writes runs/r20/scan.json, plan.json, result/, report/report.html
+"""
+
+
+def register(sub: SubParsers) -> None:
+    p = add_verb(sub, "run", "scan + plan + apply + report in one go, into one directory.",
+                 EXAMPLE)
+    add_model_args(p)
+    add_data_args(p)
+    scan.add_scan_args(p)
+    plan.add_budget_args(p)
+    apply.add_apply_args(p)
+    add_runtime_args(p, dtype=True)
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: scan.json, plan.json, result/, report/")
+    p.set_defaults(fn=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from sensplan.reports import render_report
+
+    out = Path(args.out)
+    scan_out, plan_out, result_out, report_out = (out / "scan.json", out / "plan.json",
+                                                  out / "result", out / "report")
+    problems = Problems()
+    cfg = scan.check(args, problems)
+    inputs = plan.check(args, problems)
+    variants = apply.check_variants(args, problems)
+    ft = apply.check_finetune(args, problems)
+    check_outputs(problems, [Output(out, "--out", is_dir=True), *scan.scan_outputs(scan_out),
+                             Output(plan_out, "--out"), *apply.result_outputs(result_out, variants),
+                             *report.report_outputs(report_out)])
+    problems.raise_if_any()
+
+    t0 = time.perf_counter()
+    set_threads(args)
+    model, spec = load_model(args)
+    loader = apply.train_loader(args, ft)  # opens the training data: a bad one fails now
+    data, calib = load_data(args)
+    say("== scan ==")
+    table = scan.execute(args, need(cfg), model, spec, data, calib, scan_out)
+    say("== plan ==")
+    the_plan = plan.execute(table, need(inputs), plan_out)
+    say("== apply ==")
+    missed = apply.execute(args, the_plan, variants, model, spec, data, calib, loader, ft,
+                           result_out)
+    say("== report ==")
+    html = render_report(table, report_out, plan=the_plan, result=result_out)
+    say(f"done in {time.perf_counter() - t0:.0f} s; open {html}")
+    print(os.fspath(out))
+    return apply.report_missed("run", missed)

@@ -1,0 +1,141 @@
+"""Tasks: the labelled ``classification`` task against the label-free ``agreement`` task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from sensplan import UserInputError
+from sensplan.planner import Budget, Plan, apply_plan, load_metrics, make_plan
+from sensplan.sensitivity import TASKS, EvalSet, ModelSpec, ScanConfig, get_task, scan
+from tests.conftest import seeded_model, self_labelled
+
+SPEC = ModelSpec("sensplan:tiny_resnet")
+SETTINGS = {"prune": [{"ratio": 0.25}, {"ratio": 0.5}],
+            "weight_quant": [{"bits": 4}, {"bits": 3}, {"bits": 2}],
+            "half": [{"dtype": "bfloat16"}]}
+
+
+def relabelled(data: EvalSet, y: torch.Tensor, what: str) -> EvalSet:
+    return EvalSet(data.x, y, data.classes, {**data.description, "labels": what}, data.indices)
+
+
+def noisy_labels(data: EvalSet, fraction: float = 0.3, seed: int = 1) -> EvalSet:
+    """The model's own predictions with a seeded ``fraction`` moved to the next class: a labelled
+    set on which the model is 71% right, so top-1 and agreement differ but must still correlate."""
+    g = torch.Generator().manual_seed(seed)
+    flip = torch.rand(len(data.y), generator=g) < fraction
+    return relabelled(data, torch.where(flip, (data.y + 1) % len(data.classes), data.y), "noisy")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = seeded_model("tiny_resnet")
+    clean = self_labelled(model, 128)
+    calib = self_labelled(model, 48, seed=9)
+    data = noisy_labels(clean)
+    labelled = scan(model, data, ScanConfig(SETTINGS), calib=calib, model_spec=SPEC,
+                    progress=False)
+    agreement = scan(model, data, ScanConfig(SETTINGS, task="agreement"), calib=calib,
+                     model_spec=SPEC, progress=False)
+    return model, clean, data, calib, labelled, agreement
+
+
+def by_probe(table) -> dict[tuple[str, str], dict]:
+    return {(r["unit"], r["label"]): r for r in table.results}
+
+
+def test_both_tasks_are_registered():
+    # the built-in tasks register on the first get_task (TASKS is empty before it)
+    assert get_task("agreement").needs_labels is False
+    assert get_task("classification").needs_labels is True
+    assert {"classification", "agreement"} <= set(TASKS.names())
+
+
+def test_agreement_baseline_is_perfect_agreement_with_zero_divergence(setup):
+    _, _, _, _, labelled, agreement = setup
+    assert agreement.baseline["score"] == 1.0
+    assert agreement.baseline["loss"] == pytest.approx(0.0, abs=1e-12)
+    assert agreement.baseline["n"] == 128
+    # the labelled task sees the noisy labels: 30% of them disagree with the model
+    assert 0.6 < labelled.baseline["score"] < 0.8
+
+
+def test_agreement_drops_are_never_negative_and_grow_under_destructive_probes(setup):
+    _, _, _, _, _, agreement = setup
+    for r in agreement.results:
+        assert r["drop"] == pytest.approx(1.0 - r["score"])
+        assert r["drop"] >= 0.0, r["label"]
+        assert r["loss_increase"] >= -1e-9, r["label"]  # a KL divergence
+        assert r["gained"] == 0  # nothing agrees more than the original itself
+    pruned = [r for r in agreement.results if r["method"] == "prune"]
+    assert pruned and all(r["drop"] > 0 for r in pruned)
+    for unit in {r["unit"] for r in agreement.results}:
+        bits = {r["setting"]["bits"]: r for r in agreement.results
+                if r["unit"] == unit and r["method"] == "weight_quant"}
+        assert bits[2]["loss_increase"] > bits[4]["loss_increase"], unit
+
+
+def test_agreement_ranks_units_like_the_labelled_task(setup):
+    _, _, _, _, labelled, agreement = setup
+    a, b = by_probe(labelled), by_probe(agreement)
+    assert a.keys() == b.keys()
+    keys = sorted(a)
+    rho = spearmanr([a[k]["drop"] for k in keys], [b[k]["drop"] for k in keys]).statistic
+    assert rho > 0.8, rho  # 0.93 on this model and data
+
+
+def test_on_self_labelled_data_agreement_is_top1(setup):
+    """When the labels are the model's own predictions, agreement and top-1 are the same number."""
+    model, clean, _, calib, _, _ = setup
+    cfg = {"prune": [{"ratio": 0.5}], "weight_quant": [{"bits": 2}]}
+    top1 = scan(model, clean, ScanConfig(cfg), calib=calib, progress=False)
+    agree = scan(model, clean, ScanConfig(cfg, task="agreement"), calib=calib, progress=False)
+    for k, r in by_probe(top1).items():
+        assert by_probe(agree)[k]["score"] == r["score"], k
+
+
+def test_agreement_needs_no_labels(setup):
+    model, _, data, calib, _, agreement = setup
+    unlabelled = relabelled(data, torch.full_like(data.y, -1), "none")
+    table = scan(model, unlabelled, ScanConfig(SETTINGS, task="agreement"), calib=calib,
+                 model_spec=SPEC, progress=False)
+    assert table.baseline == agreement.baseline
+    assert [(r["unit"], r["label"], r["score"], r["loss"]) for r in table.results] == \
+        [(r["unit"], r["label"], r["score"], r["loss"]) for r in agreement.results]
+
+
+def test_classification_without_labels_points_to_the_agreement_task(setup):
+    model, _, data, _, _, _ = setup
+    unlabelled = relabelled(data, torch.full_like(data.y, -1), "none")
+    with pytest.raises(UserInputError, match="--task agreement"):
+        scan(model, unlabelled, ScanConfig(SETTINGS), progress=False)
+
+
+def test_an_unknown_task_suggests_the_closest():
+    with pytest.raises(UserInputError, match="Did you mean 'agreement'") as e:
+        ScanConfig({"weight_quant": [{"bits": 4}]}, task="agreemnt")
+    assert "classification" in str(e.value) and "--task" in str(e.value)
+
+
+def test_the_task_and_its_metric_travel_through_scan_plan_and_metrics(tmp_path, setup):
+    model, _, data, calib, labelled, agreement = setup
+    assert labelled.data["task"]["name"] == "classification" and labelled.metric.name == "top1"
+    assert agreement.data["task"]["name"] == "agreement"
+    assert agreement.metric.name == "agreement" and agreement.metric.higher_is_better
+    table = agreement.save(tmp_path / "scan.json")
+    make_plan(table, [Budget.parse("size=0.5")]).save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.data["task"] == agreement.data["task"]
+    assert loaded.metric.name == "agreement"
+    predicted = loaded.variant()["predicted"]
+    assert predicted["score"] == pytest.approx(1.0 - predicted["drop"])
+    unlabelled = relabelled(data, torch.full_like(data.y, -1), "none")
+    metrics = apply_plan(model, loaded, unlabelled, tmp_path / "out", calib=calib, model_spec=SPEC,
+                         timing=False)
+    stored = load_metrics(tmp_path / "out")
+    assert stored["task"]["name"] == "agreement"
+    assert stored["task"]["metric"]["name"] == "agreement"
+    assert metrics["before"]["score"] == 1.0 and metrics["before"]["loss"] == pytest.approx(0.0)
+    assert 0.0 <= metrics["after"]["score"] <= 1.0
