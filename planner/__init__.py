@@ -28,6 +28,7 @@ from sensplan.planner._solver import (
     uniform_candidates,
     uniform_choice,
 )
+from sensplan.planner._verify import Measured, Verifier, verifier_from_scan
 
 _EXECUTOR = {
     "FineTuneConfig": "sensplan.planner._apply",
@@ -62,11 +63,13 @@ __all__ = [
     "CostModel",
     "Costs",
     "FineTuneConfig",
+    "Measured",
     "Option",
     "Plan",
     "Solution",
     "TableCosts",
     "UniformSolution",
+    "Verifier",
     "apply_plan",
     "assignments",
     "brute_force",
@@ -85,4 +88,5 @@ __all__ = [
     "solve",
     "uniform_candidates",
     "uniform_choice",
+    "verifier_from_scan",
 ]

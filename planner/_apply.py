@@ -119,7 +119,8 @@ def _context(model: nn.Module, example_input: torch.Tensor, calib: EvalSet | Non
     from sensplan.sensitivity._scan import describe_model
 
     layers, tensors, graph, error = describe_model(model, example_input)
-    groups = ({g: {"channels": graph.channels(g)} for g in graph.group_ids()} if graph is not None else {})
+    groups = ({g: {"channels": graph.channels(g), "channel_step": graph.channel_step(g)}
+               for g in graph.group_ids()} if graph is not None else {})
     return MethodContext(model, example_input, layers, groups, tensors, calib=calib, eval_data=data,
                          graph=graph, graph_error=error, device=example_input.device)
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from sensplan._errors import BudgetError
@@ -14,7 +14,11 @@ METRICS = ("size", "macs", "bops", "params")
 
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
           "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30, "b": 1.0}
-_RE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|=)\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(%|[a-z]*)\s*$", re.I)
+_RE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|=)\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(%|[a-z]*)\s*$",
+                 re.I)
+#: what an absolute amount of each built-in metric counts, and an example with a unit
+_AMOUNTS = {"size": ("bytes", "size=2MB"), "macs": ("MACs", "macs=20M"), "bops": ("BOPs", "bops=2G"),
+            "params": ("parameters", "params=1.5M")}
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class Budget:
     metric: str
     value: float
     relative: bool
+    #: the unit as typed ("" for none, "%", "mb", ...); None when built in code, not parsed
+    unit: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.metric.replace("_", "").isalnum():
@@ -34,7 +40,8 @@ class Budget:
             raise BudgetError(f"A relative budget must be a fraction in the range (0.0, 1.0]. Got {self.value} "
                               f"instead. Use e.g. {self.metric}=0.5 or {self.metric}=50%.")
         if not self.relative and self.value <= 0:
-            raise BudgetError(f"An absolute budget must be positive. Got {self.value} instead.")
+            raise BudgetError(f"An absolute budget must be positive. Got {self.value} instead. Use e.g. "
+                              f"{self.metric}=0.5 for half of the original.")
 
     @classmethod
     def parse(cls, text: str) -> Budget:
@@ -45,18 +52,40 @@ class Budget:
             raise BudgetError(f"Cannot read the budget {text!r}. Write METRIC=VALUE with METRIC one of "
                               f"{', '.join(METRICS)}, e.g. macs=0.5, size=25%, size=2MB, macs=20M.")
         metric, _, num, unit = m.group(1).lower(), m.group(2), float(m.group(3)), m.group(4).lower()
+        if num < 0:
+            raise BudgetError(f"The budget {text.strip()} is negative: a budget is the most the "
+                              f"compressed model may cost. Give a fraction of the "
+                              f"original, e.g. {metric}=0.5 or {metric}=50%, or a positive amount with "
+                              f"a unit, e.g. {_AMOUNTS.get(metric, ('', 'size=2MB'))[1]}.")
         if unit == "%":
-            return cls(metric, num / 100.0, True)
+            return cls(metric, num / 100.0, True, unit)
         if unit not in _UNITS:
             raise BudgetError(f"Unknown unit {m.group(4)!r} in the budget {text!r}. Use %, B, KB, MB, GB, "
                               f"KiB, MiB, GiB, K, M or G.")
         if unit == "" and num <= 1.0:
-            return cls(metric, num, True)
-        return cls(metric, num * _UNITS[unit], False)
+            return cls(metric, num, True, unit)
+        return cls(metric, num * _UNITS[unit], False, unit)
 
     def limit(self, original: Mapping[str, float]) -> float:
-        """The budget in absolute units, given the original model's costs."""
-        return self.value * original[self.metric] if self.relative else self.value
+        """The budget in absolute units, given the original model's costs.
+
+        A parsed budget without a unit whose absolute value is below 1% of the original (``macs=2``:
+        2 MACs) is almost surely a fraction or a factor meant otherwise: a BudgetError suggests the
+        fraction instead of an infeasible plan.
+        """
+        if self.relative:
+            return self.value * original[self.metric]
+        orig = original.get(self.metric, 0.0)
+        if self.unit == "" and orig > 0 and self.value < 0.01 * orig:
+            what, example = _AMOUNTS.get(self.metric, ("", f"{self.metric}=0.5"))
+            what = f" {what}" if what else ""
+            raise BudgetError(
+                f"The budget {self.metric}={self.value:g} is read as an absolute {self.value:g}{what} "
+                f"(a number above 1 without % or a unit is an absolute amount), smaller than 1% of the "
+                f"original model's {orig:.6g}{what}. For a fraction of the original write "
+                f"{self.metric}=0.5 or {self.metric}=50%; for an absolute amount add a unit, e.g. "
+                f"{example}.")
+        return self.value
 
     def __str__(self) -> str:
         return f"{self.metric}={self.value:g}" if self.relative else f"{self.metric}={self.value:.6g}"
@@ -66,6 +95,19 @@ class Budget:
         return {"metric": self.metric, "value": self.value,
                 "kind": "fraction" if self.relative else "absolute",
                 "absolute": lim, "fraction": lim / original[self.metric] if original[self.metric] else None}
+
+    @staticmethod
+    def check_distinct(budgets: Sequence[Budget], texts: Sequence[str] | None = None) -> None:
+        """Raise a BudgetError when two budgets limit the same metric (one would silently win);
+        ``texts`` are the budgets as the user typed them, for the message."""
+        seen: dict[str, int] = {}
+        for i, b in enumerate(budgets):
+            if b.metric in seen:
+                j = seen[b.metric]
+                first, second = (texts[j], texts[i]) if texts is not None else (str(budgets[j]), str(b))
+                raise BudgetError(f"--budget {first} and --budget {second} both limit {b.metric}. Give "
+                                  f"one budget per metric.")
+            seen[b.metric] = i
 
 
 def parse_max_drop(text: str | float) -> float:
@@ -77,6 +119,6 @@ def parse_max_drop(text: str | float) -> float:
         raise BudgetError(f"Cannot read --max-drop {text!r}. Give a fraction such as 0.01 or a percentage "
                           f"such as 1%.") from None
     if not 0.0 <= v < 1.0:
-        raise BudgetError(f"The max-drop must be a fraction of top-1 accuracy in the range [0.0, 1.0). "
-                          f"Got {v} instead (1% is 0.01).")
+        raise BudgetError(f"--max-drop must be a fraction of the score in the range [0.0, 1.0), e.g. "
+                          f"0.01 or 1% (one point). Got {text}.")
     return v

@@ -21,6 +21,7 @@ expanded into monomials with at most one group per dim, each an exact term.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -72,6 +73,7 @@ class Block:
     kind: str
     options: tuple[Option, ...]
     channels: int = 0
+    channel_step: int = 1  # a group's channels go in multiples of this (grouped convs, GroupNorm)
 
     @property
     def name(self) -> str:
@@ -96,10 +98,11 @@ def blocks_from_scan(scan: Any) -> list[Block]:
         opts = [Option(None, {}, "none", {})]
         opts += [Option(r["method"], dict(r["setting"]), str(r.get("label", r["method"])),
                         dict(r.get("effect", {})), float(r.get("level", 0.0)), float(r["drop"]),
-                        float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase", 0.0)))
+                        float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase") or 0.0))
                  for r in rows]
         channels = int(scan.groups[unit]["channels"]) if kind == "group" and unit in scan.groups else 0
-        blocks.append(Block(unit, axis, kind, tuple(opts), channels))
+        step = int(scan.groups[unit].get("channel_step", 1)) if kind == "group" and unit in scan.groups else 1
+        blocks.append(Block(unit, axis, kind, tuple(opts), channels, step))
     # groups first (they shape the tensors), then layers, each in the scan's unit order
     unit_order = {u: i for i, u in enumerate([*scan.groups, *scan.layers])}
     blocks.sort(key=lambda b: (b.kind != "group", unit_order.get(b.unit, 10**9), b.axis))
@@ -425,7 +428,18 @@ class Costs:
         """Per block, the envelope drops (``what="drop"``) or loss increases, by option index."""
         return self._drops if what == "drop" else self._loss_increases
 
-    def _envelope(self, what: str) -> list[np.ndarray]:
+    def adjusted(self, surcharge: Mapping[int, np.ndarray] | None = None, *,
+                 noise_floor: bool = False) -> Costs:
+        """A copy whose drops are corrected: ``surcharge`` (block -> an addition per option, learned by
+        measuring plans; see ``_verify``) is added to the scanned drops, and with ``noise_floor`` a
+        drop within its standard error of zero counts as one standard error (not free). The
+        envelope is then taken again; costs are shared with this object."""
+        out = copy.copy(self)
+        out._drops = self._envelope("drop", surcharge, noise_floor)
+        return out
+
+    def _envelope(self, what: str, surcharge: Mapping[int, np.ndarray] | None = None,
+                  noise_floor: bool = False) -> list[np.ndarray]:
         """Per block, the monotone envelope of the measured drops (or loss increases).
 
         Within one method, stronger compression of one unit is assumed never to help: each option's
@@ -438,11 +452,17 @@ class Costs:
         points at size=0.25): it made many small but real degradations look free.
         """
         out = []
-        for b in self.blocks:
+        for bi, b in enumerate(self.blocks):
             vals = np.zeros(len(b.options))
             best: dict[str | None, float] = {}
+            extra = surcharge.get(bi) if surcharge else None
             for i, o in enumerate(b.options):
-                v = max(0.0, o.drop if what == "drop" else o.loss_increase)
+                raw = o.drop if what == "drop" else o.loss_increase
+                if i and noise_floor:
+                    raw = max(raw, o.drop_se)
+                if i and extra is not None:
+                    raw += float(extra[i])
+                v = max(0.0, raw)
                 best[o.method] = max(v, best.get(o.method, 0.0))
                 vals[i] = best[o.method]
             out.append(vals)

@@ -69,7 +69,7 @@ def demo_argv(out: str | Path, weights: str | Path, budgets: Sequence[str] = ("m
               threads: int | None = None) -> list[str]:
     """The ``sensplan run`` command line of the demo's pipeline."""
     argv = ["run", "--model", DEMO_MODEL, "--weights", str(weights), "--data", "digits:test",
-            "--samples", "0", "--train-data", "digits:train", "--epochs", str(epochs),
+            "--samples", "300", "--train-data", "digits:train", "--epochs", str(epochs),
             "--calib-samples", "500", "--seed", str(seed), "--out", str(out)]
     for b in budgets:
         argv += ["--budget", b]

@@ -17,9 +17,11 @@ from sensplan._errors import ArtifactError, BudgetError, UserInputError
 from sensplan._metric import Metric
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import CostModel, Costs
-from sensplan.planner._solver import cost_metric, interp_drop, solve, uniform_choice
+from sensplan.planner._solver import UniformSolution, cost_metric, interp_drop, solve, uniform_choice
 
 PLAN_FORMAT = "sensplan.plan"
+#: half-width of a 95% interval in standard errors
+Z95 = 1.96
 PLAN_SCHEMA_VERSION = 2
 VARIANTS = ("planned", "uniform")
 
@@ -89,6 +91,7 @@ def _allocation(cm: Costs, choice: Mapping[int, int], costs: Mapping[str, float]
     return {"choices": choices,
             "skipped": {m: v for m, v in scan.skipped().items() if v},
             "predicted": {"drop": drop, "drop_se": cm.predicted_se(choice),
+                          "drop_interval": [drop - Z95 * cm.predicted_se(choice), drop + Z95 * cm.predicted_se(choice)],
                           "score": metric.after_drop(scan.baseline["score"], drop),
                           **{m: costs[m] for m in cm.metrics},
                           **{f"{m}_fraction": costs[m] / cm.original[m] if cm.original[m] else None
@@ -115,11 +118,15 @@ def _check_metrics(cm: Costs, budgets: Sequence[Budget], minimize: str | None) -
 
 def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = None,
               minimize: str | None = None, time_limit: float = 60.0,
-              cost_models: Sequence[CostModel] = ()) -> Plan:
+              cost_models: Sequence[CostModel] = (), verifier: Any = None, rounds: int = 3) -> Plan:
     """Solve the allocation for ``budgets`` (or ``max_drop``) and compute the uniform baseline.
 
     ``cost_models`` adds measured cost tables (:class:`~sensplan.planner.TableCosts`) to the
-    analytic costs. Example: ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")])``.
+    analytic costs. With a ``verifier`` (:class:`~sensplan.planner.Verifier`: the model and data),
+    every plan is measured before it is written, the drop model is corrected and the allocation
+    solved again (up to ``rounds`` solves), the uniform candidates are measured too, and the best
+    measured candidate on held-out data becomes the plan (see ``_verify``). Example:
+    ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")])``.
     """
     check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
@@ -127,22 +134,10 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
     _check_metrics(cm, budgets, minimize)
     sol = solve(cm, budgets, max_drop=max_drop, minimize=minimize, time_limit=time_limit)
     solve_seconds = time.perf_counter() - t0
-    planned = _allocation(cm, sol.choice, sol.costs, sol.predicted_drop, scan)
+    planned = allocation(cm, sol.choice, scan)
     planned["solver"] = {"status": sol.status, "optimal": sol.optimal, "gap": sol.gap}
     uni = uniform_choice(cm, budgets, max_drop=max_drop, minimize=minimize)
-    uniform = None
-    if uni is not None:
-        uniform = _allocation(cm, uni.choice, uni.costs, uni.predicted_drop, scan)
-        # off-grid pruning ratios are exact channel counts, not scanned options
-        for i, b in enumerate(cm.blocks):
-            if b.kind == "group":
-                k = uni.removed[b.unit]
-                c = uniform["choices"][b.name]
-                if k and c.get("effect", {}).get("removed") != k:
-                    c.update(method=_group_method(cm, i), setting={"ratio": uni.ratio, "n_remove": k},
-                             label=f"prune {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
-                    uniform["unit_drops"][b.name] = interp_drop(cm, i, k)
-        uniform["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uni.label}
+    uniform = uniform_allocation(cm, uni, scan) if uni is not None else None
     data = {
         "format": PLAN_FORMAT,
         "schema_version": PLAN_SCHEMA_VERSION,
@@ -165,7 +160,40 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
         "original": {m: cm.original[m] for m in cm.metrics},
         "plans": {"planned": planned, "uniform": uniform},
     }
+    if verifier is not None:
+        from sensplan.planner._verify import verify
+
+        verify(data, cm, scan, budgets, verifier, max_drop=max_drop, minimize=minimize,
+               time_limit=time_limit, rounds=rounds)
     return Plan(data)
+
+
+def allocation(cm: Costs, choice: Mapping[int, int], scan: Any) -> dict[str, Any]:
+    """The plan.json allocation of ``choice`` with its predicted costs and drop (and interval)."""
+    return _allocation(cm, choice, cm.evaluate(choice), cm.predicted_drop(choice), scan)
+
+
+def uniform_allocation(cm: Costs, uni: UniformSolution, scan: Any) -> dict[str, Any]:
+    """The plan.json allocation of a uniform candidate (off-grid pruning ratios as exact counts)."""
+    out = _allocation(cm, uni.choice, uni.costs, uni.predicted_drop, scan)
+    for i, b in enumerate(cm.blocks):
+        if b.kind == "group":
+            k = uni.removed[b.unit]
+            c = out["choices"][b.name]
+            if k and c.get("effect", {}).get("removed") != k:
+                c.update(method=_group_method(cm, i), setting={"ratio": uni.ratio, "n_remove": k},
+                         label=f"prune {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
+                out["unit_drops"][b.name] = interp_drop(cm, i, k)
+    out["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uniform_label(cm, uni)}
+    return out
+
+
+def uniform_label(cm: Costs, uni: UniformSolution) -> str:
+    """A uniform candidate in words, with the methods' own labels: "prune 18%, int4"."""
+    labels = {o.key: o.label for b in cm.blocks for o in b.options}
+    parts = [f"prune {uni.ratio:.0%}"] if uni.ratio else []
+    parts += [labels.get(k, k) for k in uni.layer_options.values() if k != "none"]
+    return ", ".join(parts) or "no compression"
 
 
 def _group_method(cm: Costs, i: int) -> str | None:

@@ -82,6 +82,28 @@ class Solution:
         return self.status == "optimal"
 
 
+@dataclass(frozen=True)
+class CountPenalty:
+    """A drop that the additive model misses, learned by measuring: when ``k`` blocks choose the
+    option ``key`` (e.g. 2-bit weights), it adds ``rate * k * (k - 1) / 2``, one ``rate`` per pair of
+    them (errors that compound). Convex in ``k``, so the MILP prices it exactly with one continuous
+    variable and ``k - 1`` tangent constraints."""
+
+    key: str
+    rate: float
+
+    def count(self, cm: Costs, choice: Mapping[int, int]) -> int:
+        return sum(1 for i, b in enumerate(cm.blocks) if b.options[choice.get(i, 0)].key == self.key)
+
+    def value(self, k: int) -> float:
+        return self.rate * k * (k - 1) / 2
+
+
+def penalty(cm: Costs, choice: Mapping[int, int], penalties: Sequence[CountPenalty]) -> float:
+    """The learned penalties' total for ``choice``."""
+    return float(sum(p.value(p.count(cm, choice)) for p in penalties))
+
+
 def _fmt(metric: str, v: float) -> str:
     if metric == "size":
         return f"{v / 1e6:.4g} MB"
@@ -107,6 +129,28 @@ class _Problem:
                     self.zoff[t.factors] = n
                     n += int(np.prod([len(cm.blocks[f].options) for f in t.factors]))
         self.n = n
+        self.upper = np.ones(n)
+        self.penalty_cols: list[int] = []
+        self.penalty_rows: list[tuple[np.ndarray, float, float]] = []
+
+    def add_penalties(self, penalties: Sequence[CountPenalty]) -> None:
+        """One continuous variable per penalty, bounded below by the tangents of its convex value
+        at every count (call before building any row)."""
+        for pen in penalties:
+            col = self.n
+            self.n += 1
+            self.upper = np.append(self.upper, np.inf)
+            self.penalty_cols.append(col)
+            members = [self.x(i, o) for i, b in enumerate(self.cm.blocks)
+                       for o, opt in enumerate(b.options) if opt.key == pen.key]
+            for m in range(1, len(members)):
+                row = np.zeros(self.n)  # extended below to the final width
+                row[members] = pen.rate * m
+                row[col] = -1.0
+                self.penalty_rows.append((row, -np.inf, pen.rate * m * (m + 1) / 2))
+
+    def _widen(self, row: np.ndarray) -> np.ndarray:
+        return row if len(row) == self.n else np.concatenate([row, np.zeros(self.n - len(row))])
 
     def x(self, block: int, option: int) -> int:
         return self.offset[block] + option
@@ -159,18 +203,19 @@ class _Problem:
         row = np.zeros(self.n)
         for bi, vals in enumerate(objective_table(self.cm, tiebreak)):
             row[self.offset[bi]: self.offset[bi] + len(vals)] = vals
+        row[self.penalty_cols] = 1.0
         return row
 
     def solve(self, objective: np.ndarray, extra: list[tuple[np.ndarray, float, float]],
               time_limit: float) -> dict[int, int] | None:
         a, lo, hi = self.structure()
         constraints = [LinearConstraint(a, lo, hi)]
-        for row, low, high in extra:
-            constraints.append(LinearConstraint(row.reshape(1, -1), low, high))
+        for row, low, high in [*extra, *self.penalty_rows]:
+            constraints.append(LinearConstraint(self._widen(row).reshape(1, -1), low, high))
         integrality = np.zeros(self.n)
         integrality[: self.n_x] = 1
-        res = milp(objective, constraints=constraints, integrality=integrality,
-                   bounds=Bounds(np.zeros(self.n), np.ones(self.n)),
+        res = milp(self._widen(objective), constraints=constraints, integrality=integrality,
+                   bounds=Bounds(np.zeros(self.n), self.upper),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
         self.optimal = res.status == 0
         self.status = "optimal" if res.status == 0 else f"not proven optimal ({res.message})"
@@ -219,13 +264,16 @@ def min_cost(cm: Costs, metric: str, time_limit: float = 60.0) -> Solution:
 
 
 def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
-          minimize: str | None = None, time_limit: float = 60.0) -> Solution:
+          minimize: str | None = None, time_limit: float = 60.0,
+          penalties: Sequence[CountPenalty] = ()) -> Solution:
     """The optimal choice: least predicted drop within ``budgets``; or, with ``max_drop``, the least
-    ``minimize`` cost whose predicted drop is at most ``max_drop`` (and within ``budgets``).
+    ``minimize`` cost whose predicted drop is at most ``max_drop`` (and within ``budgets``). The
+    predicted drop includes the learned ``penalties`` (see :class:`CountPenalty`).
 
     Raises :class:`InfeasibleBudgetError` stating the smallest reachable cost.
     """
     p = _Problem(cm)
+    p.add_penalties(penalties)
     lim = _limits(cm, budgets)
     extra = []
     for metric, v in lim.items():
@@ -242,16 +290,17 @@ def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None
     choice = p.solve(objective, extra, time_limit)
     if choice is None:
         if max_drop is not None:  # the budgets alone may be reachable: then the max-drop is the cause
-            least = solve(cm, budgets, time_limit=time_limit).predicted_drop
+            least = solve(cm, budgets, time_limit=time_limit, penalties=penalties).predicted_drop
             raise InfeasibleBudgetError(
                 f"No plan within the budget keeps the predicted drop within the max-drop "
                 f"{max_drop:g}: the least predicted drop within the budget is {least:.4g}. Raise "
                 f"--max-drop or the budget.")
         raise _infeasible(cm, lim)
-    if max_drop is None:
+    if max_drop is None and not penalties:  # polishing could trade one penalised option for another
         choice = _polish(cm, choice, lim)
     sol = _solution(cm, choice)
-    return Solution(sol.choice, sol.predicted_drop, sol.costs, p.status, p.gap)
+    drop = sol.predicted_drop + penalty(cm, choice, penalties)
+    return Solution(sol.choice, drop, sol.costs, p.status, p.gap)
 
 
 def _infeasible(cm: Costs, lim: Mapping[str, float]) -> InfeasibleBudgetError:
@@ -270,7 +319,7 @@ def _infeasible(cm: Costs, lim: Mapping[str, float]) -> InfeasibleBudgetError:
 
 
 def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
-                minimize: str | None = None) -> Solution | None:
+                minimize: str | None = None, penalties: Sequence[CountPenalty] = ()) -> Solution | None:
     """Enumerate every choice; the reference the MILP is tested against (small instances only)."""
     lim = _limits(cm, budgets)
     drops = cm.drop_table("drop")
@@ -282,16 +331,20 @@ def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None 
         costs = cm.evaluate(choice)
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue
-        drop = float(sum(drops[i][o] for i, o in choice.items()))
+        extra = penalty(cm, choice, penalties)
+        drop = float(sum(drops[i][o] for i, o in choice.items())) + extra
         if max_drop is not None:
             if drop > max_drop + 1e-12:
                 continue
             key = costs[metric] / (cm.original[metric] or 1.0) + 1e-6 * drop
         else:
-            key = float(sum(objective[i][o] for i, o in choice.items()))
+            key = float(sum(objective[i][o] for i, o in choice.items())) + extra
         if best is None or key < best[0] - 1e-12:
             best = (key, choice)
-    return None if best is None else _solution(cm, best[1])
+    if best is None:
+        return None
+    sol = _solution(cm, best[1])
+    return Solution(sol.choice, sol.predicted_drop + penalty(cm, best[1], penalties), sol.costs)
 
 
 
@@ -367,8 +420,8 @@ def uniform_candidates(cm: Costs, budgets: Sequence[Budget], *, max_drop: float 
         effects = merged_effects(cm.blocks, choice)
         best: UniformSolution | None = None
         for r in ratios:
-            removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels) if r > 0 else 0
-                       for i in groups}
+            removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels, cm.blocks[i].channel_step)
+                       if r > 0 else 0 for i in groups}
             gchoice = dict(choice)
             exact = True
             for i in groups:

@@ -37,8 +37,9 @@ from sensplan._metric import Metric  # noqa: E402
 from sensplan._tables import Scan, load_metrics  # noqa: E402
 from sensplan.planner._plan import Plan  # noqa: E402
 
-FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "before_after")
-"""The PNG files written beside ``report.html`` (``allocation`` only with a plan). The first two
+FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "verification", "before_after")
+"""The PNG files written beside ``report.html`` (``allocation`` only with a plan, ``verification``
+only with a verified plan). The first two
 hold one panel per scanned method, ``allocation`` one panel per axis."""
 
 VARIANTS = ("planned", "uniform")
@@ -388,6 +389,85 @@ def fig_table(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str)
     t.scale(1, 1.4)
     ax.set_title(_tx(title), fontsize=10)
     return _png(fig)
+
+
+def fig_verification(plan: Plan, fmt: _Fmt) -> bytes:
+    """Predicted against measured drop: the plan's rounds (numbered) and the uniform candidates."""
+    ver = plan.data.get("verification") or {}
+    rounds = [r for r in ver.get("rounds", []) if "sample" in r]
+    unis = ver.get("uniform", [])
+    if not rounds and not unis:
+        return _empty("no verification")
+    f = fmt.factor
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+
+    def held_or_sample(r: Mapping[str, Any]) -> float:
+        return float((r.get("held_out") or r["sample"])["drop"])
+
+    xs = [f * float(r["predicted"]["drop"]) for r in rounds]
+    ys = [f * held_or_sample(r) for r in rounds]
+    ax.plot(xs, ys, "o-", color="tab:blue", label="plan rounds")
+    for r, x, y in zip(rounds, xs, ys, strict=True):
+        ax.annotate(str(r["round"]), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        lo, hi = r["predicted"]["drop_interval"]
+        ax.plot([f * lo, f * hi], [y, y], color="tab:blue", alpha=0.35, lw=3)
+    ux = [f * float(u["predicted"]["drop"]) for u in unis]
+    uy = [f * held_or_sample(u) for u in unis]
+    ax.scatter(ux, uy, marker="s", color="tab:orange", label="uniform candidates", zorder=3)
+    win = (ver.get("winner") or {}).get("name", "")
+    points = {f"plan round {r['round']}": (x, y) for r, x, y in zip(rounds, xs, ys, strict=True)}
+    points.update({f"uniform {u['label']}": (x, y) for u, x, y in zip(unis, ux, uy, strict=True)})
+    if win in points:
+        ax.scatter(*points[win], marker="*", s=220, color="black", label="chosen", zorder=4)
+    every = xs + ys + ux + uy
+    lo_, hi_ = min([0.0, *every]), max([0.0, *every])
+    ax.plot([lo_, hi_], [lo_, hi_], color="grey", lw=0.8, ls="--", label="measured = predicted")
+    split = "held-out" if any(r.get("held_out") for r in rounds + unis) else "scan sample"
+    ax.set_xlabel(f"predicted {fmt.title} drop ({fmt.drop_unit})")
+    ax.set_ylabel(f"measured {fmt.title} drop, {split} ({fmt.drop_unit})")
+    ax.legend(fontsize=8)
+    ax.set_title("verification: predicted vs measured", fontsize=10)
+    return _png(fig)
+
+
+def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
+    ver = plan.data.get("verification")
+    if not ver:
+        return ("<h2>Verification</h2><p class='muted'>This plan was not verified (planned with "
+                "--no-verify): its drop is the scan's additive prediction, unmeasured.</p>")
+    winner = ver.get("winner", {})
+    split = ver.get("split", {})
+    cls = "bad" if winner.get("kind") == "uniform" else "ok"
+    parts = ["<h2>Verification</h2>",
+             f"<p class='{cls}'><b>{_e(ver.get('verdict', ''))}</b></p>",
+             "<p>" + _e(f"Every candidate was applied as the executor applies it without fine-tuning and "
+                        f"measured on the scan's sample ({split.get('sample', '?')} items)"
+                        + (f" and on a held-out split ({split['held_out']} items) that the scan never saw"
+                           if split.get("held_out") else " (there was no held-out data)")
+                        + f"; the final choice was made on the {ver.get('chosen_on')}. Verification took "
+                        f"{float(ver.get('seconds') or 0):.1f} s.") + "</p>"]
+    rows = []
+    for r in ver.get("rounds", []):
+        if "sample" not in r:
+            rows.append([f"round {r['round']}", _DASH, _DASH, _DASH, str(r.get("stopped", ""))])
+            continue
+        lo, hi = r["predicted"]["drop_interval"]
+        held = r.get("held_out") or {}
+        rows.append([f"round {r['round']}", f"{fmt.drop(r['predicted']['drop'])} "
+                     f"[{fmt.drop(lo)}, {fmt.drop(hi)}]",
+                     fmt.drop(r["sample"]["drop"], r["sample"].get("drop_se")),
+                     fmt.drop(held.get("drop"), held.get("drop_se")),
+                     "within the interval" if r.get("within_interval")
+                     else "outside: corrected" if "correction" in r else "outside the interval"])
+    for u in ver.get("uniform", []):
+        held = u.get("held_out") or {}
+        rows.append([f"uniform {u['label']}", fmt.drop(u["predicted"]["drop"]),
+                     fmt.drop(u["sample"]["drop"], u["sample"].get("drop_se")),
+                     fmt.drop(held.get("drop"), held.get("drop_se")), ""])
+    parts.append(_table(["candidate", f"predicted drop ({fmt.drop_unit})", "measured, scan sample",
+                         "measured, held-out", "note"], rows))
+    parts.append(_img(png, "predicted against measured drop per candidate"))
+    return "".join(parts)
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -807,14 +887,17 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
                               "drop_curves": fig_curves(sens, fmt)}
     if p is not None:
         figs["allocation"] = fig_allocation(p, sens, list(s.methods))
+        if p.data.get("verification"):
+            figs["verification"] = fig_verification(p, fmt)
     headers, rows = _comparison_rows(s, p, results, fmt)
     figs["before_after"] = fig_table(headers, rows, f"before / after ({fmt.title})")
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         atomic_write_bytes(out / f"{name}.png", png)
-    stale = out / "allocation.png"
-    if p is None and stale.is_file():  # a previous render's chart would contradict this page
-        stale.unlink()
+    for name in ("allocation", "verification"):  # a previous render's chart would contradict this page
+        stale = out / f"{name}.png"
+        if name not in figs and stale.is_file():
+            stale.unlink()
 
     model = s.data.get("model") or {}
     spec = str((model.get("spec") or {}).get("source", "?"))
@@ -876,6 +959,7 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
     parts.append(_img(figs["sensitivity_heatmap"], f"{fmt.title} drop per unit and setting"))
     parts.append(_img(figs["drop_curves"], f"{fmt.title} drop curves per method"))
     if p is not None:
+        parts.append(_verification_section(p, fmt, figs.get("verification", b"")))
         parts.append(_allocation_section(p, fmt, figs["allocation"]))
     parts.append(_skipped_section(s))
     if p is not None:

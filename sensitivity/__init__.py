@@ -20,7 +20,7 @@ from sensplan.sensitivity._models import (
     register_model,
 )
 from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize, quantize_per_channel
-from sensplan.sensitivity._scan import ScanConfig, default_settings, scan
+from sensplan.sensitivity._scan import ScanConfig, check_model_and_data, default_settings, scan
 from sensplan.sensitivity.methods import (
     METHODS,
     Method,
@@ -52,6 +52,7 @@ __all__ = [
     "architecture_digest",
     "build_model",
     "check_group",
+    "check_model_and_data",
     "count_macs",
     "default_settings",
     "evaluate",

@@ -16,10 +16,10 @@ Preprocessing (:class:`Preprocess`): optional resize and center crop, then ``(x 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -74,12 +74,20 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A data source: ``kind`` ('digits', 'imagefolder', 'cifar10'), its ``root``, ``split``."""
+    """A data source: ``kind`` ('digits', 'imagefolder', 'cifar10'), its ``root``, ``split``.
+
+    ``class_map`` ((class name, output index) pairs, see :func:`load_class_map`) gives each class
+    of the data the model's output index; without it, classes are numbered in sorted order from 0.
+    With ``skip_unreadable``, images that cannot be decoded are left out and counted instead of
+    being an error.
+    """
 
     kind: str
     root: str = ""
     split: str = "test"
     preprocess: Preprocess = field(default_factory=Preprocess)
+    class_map: tuple[tuple[str, int], ...] | None = None
+    skip_unreadable: bool = False
 
     @classmethod
     def parse(cls, text: str, preprocess: Preprocess | None = None) -> DataSpec:
@@ -114,13 +122,77 @@ class DataSpec:
         return f"imagefolder:{self.root}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"spec": str(self), "kind": self.kind, "root": self.root, "split": self.split,
-                "preprocess": self.preprocess.to_dict()}
+        out: dict[str, Any] = {"spec": str(self), "kind": self.kind, "root": self.root, "split": self.split,
+               "preprocess": self.preprocess.to_dict()}
+        if self.class_map is not None:  # only when given: older files and digests stay the same
+            out["class_map"] = dict(self.class_map)
+        if self.skip_unreadable:
+            out["skip_unreadable"] = True
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataSpec:
+        cmap = d.get("class_map")
         return cls(d["kind"], d.get("root", ""), d.get("split", ""),
-                   Preprocess.from_dict(d.get("preprocess", {})))
+                   Preprocess.from_dict(d.get("preprocess", {})),
+                   tuple((str(k), int(v)) for k, v in cmap.items()) if cmap is not None else None,
+                   bool(d.get("skip_unreadable", False)))
+
+
+def load_class_map(path: str | os.PathLike[str]) -> tuple[tuple[str, int], ...]:
+    """Read a class map (``--class-map FILE.json``): which model output each class folder is.
+
+    Either an object ``{"cat": 3, "dog": 5}`` (class folder -> output index) or a list of class
+    names in the model's output order, ``["airplane", "automobile", ...]`` (index = position).
+    """
+    import json
+
+    flag = f"--class-map {path}"
+    p = Path(path)
+    if not p.is_file():
+        raise DataSpecError(f"{flag}: the file does not exist. Give a JSON file mapping each class "
+                            f"folder to the model's output index, e.g. {{\"cat\": 3, \"dog\": 5}}.")
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataSpecError(f"{flag}: not valid JSON ({e}). Write an object such as "
+                            f"{{\"cat\": 3, \"dog\": 5}} or a list of class names in output "
+                            f"order.") from None
+    if isinstance(obj, list) and all(isinstance(v, str) for v in obj):
+        dup = sorted({v for v in obj if obj.count(v) > 1})
+        if dup:
+            raise DataSpecError(f"{flag}: the class list names {', '.join(map(repr, dup[:3]))} "
+                                f"more than once; each class needs one output index.")
+        pairs = [(v, i) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        bad = [k for k, v in obj.items()
+               if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+        if bad:
+            raise DataSpecError(f"{flag}: the value of {bad[0]!r} is {obj[bad[0]]!r}; every value "
+                                f"must be an output index, an integer >= 0.")
+        pairs = [(str(k), int(v)) for k, v in obj.items()]
+    else:
+        raise DataSpecError(f"{flag}: expected an object {{\"folder\": index, ...}} or a list of "
+                            f"class names in output order. Got a {type(obj).__name__}.")
+    if not pairs:
+        raise DataSpecError(f"{flag}: the map is empty. Map each class folder to an output index.")
+    return tuple(pairs)
+
+
+def _mapped(targets: Sequence[int] | np.ndarray, classes: list[str], spec: DataSpec) -> np.ndarray:
+    """The labels under ``spec.class_map`` (the targets unchanged without one)."""
+    labels = np.asarray(targets, dtype=np.int64)
+    if spec.class_map is None:
+        return labels
+    cmap = dict(spec.class_map)
+    missing = [c for c in classes if c not in cmap]
+    if missing:
+        more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+        raise DataSpecError(f"The --class-map lacks {len(missing)} class(es) of {spec}: "
+                            f"{', '.join(map(repr, missing[:4]))}{more}. Map every class folder "
+                            f"to an output index.")
+    lut = np.array([cmap[c] for c in classes], dtype=np.int64)
+    return lut[labels] if len(labels) else labels
 
 
 def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -157,7 +229,8 @@ class _Normalized(Dataset[tuple[torch.Tensor, int]]):
         mean = torch.tensor(pp.mean or (0.5,) * x.shape[1]).view(-1, 1, 1)
         std = torch.tensor(pp.std or (0.5,) * x.shape[1]).view(-1, 1, 1)
         if mean.numel() != x.shape[1]:
-            raise DataSpecError(f"The digits have 1 channel, but mean has {mean.numel()} values.")
+            raise DataSpecError(f"The digits have 1 channel, but --mean and --std have "
+                                f"{mean.numel()} values. Give one each, e.g. --mean 0.5 --std 0.5.")
         self.x = (torch.from_numpy(x) - mean) / std
         self.y = torch.from_numpy(y)
 
@@ -168,11 +241,61 @@ class _Normalized(Dataset[tuple[torch.Tensor, int]]):
         return self.x[i], int(self.y[i])
 
 
+class _Unreadable(NamedTuple):
+    """Stands in for an image that cannot be decoded; the main process reports or skips it (an
+    exception raised in a DataLoader worker would reach the user wrapped in the worker's traceback)."""
+
+    path: str
+    reason: str
+
+
+def _reason(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:160]
+    first = first.split(" <_io.")[0]  # PIL names the file object; the message names the path
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+class _Images(Dataset[Any]):
+    """A torchvision ``ImageFolder`` whose undecodable images come back as :class:`_Unreadable`."""
+
+    def __init__(self, folder: Any) -> None:
+        self.folder = folder
+        self.classes: list[str] = list(folder.classes)
+        self.samples: list[tuple[str, int]] = list(folder.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.samples[index]
+        try:
+            image = self.folder.loader(path)
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ...
+            return _Unreadable(path, _reason(e))
+        return self.folder.transform(image), target
+
+
+def _check_channels(pp: Preprocess, channels: int, what: str) -> None:
+    n = len(pp.mean) if pp.mean is not None else None
+    if n is not None and n not in (1, channels):
+        raise DataSpecError(f"{what} have {channels} channels, but --mean and --std have {n} values. "
+                            f"Give {channels} values each, or 1 for all channels.")
+
+
 def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any], np.ndarray, list[str]]:
-    """The dataset a spec names, its integer labels (for stratification) and class names."""
+    """The dataset a spec names, its integer labels (for stratification) and class names.
+
+    Labels follow ``spec.class_map`` when it is given. An image folder's dataset returns an
+    :class:`_Unreadable` for an image it cannot decode.
+    """
     if spec.kind == "digits":
+        if spec.preprocess.resize or spec.preprocess.crop:
+            raise DataSpecError("--resize and --crop apply to image folders and CIFAR-10; the digits "
+                                "are always 8x8 pixels. Drop --resize and --crop.")
         x, y = _digits_arrays(spec.split)
-        return _Normalized(x, y, spec.preprocess), y, [str(i) for i in range(10)]
+        classes = [str(i) for i in range(10)]
+        y = _mapped(y, classes, spec)
+        return _Normalized(x, y, spec.preprocess), y, classes
     from torchvision import datasets
 
     tf = _image_transform(spec.preprocess, augment)
@@ -182,18 +305,24 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
             raise DataSpecError(f"{spec.root!r} has no cifar-10-batches-py folder (torchvision's CIFAR-10 "
                                 f"format); sensplan does not download it. For a folder of class "
                                 f"subfolders use 'imagefolder:DIR'.")
+        _check_channels(spec.preprocess, 3, "The CIFAR-10 images")
         ds = datasets.CIFAR10(spec.root, train=spec.split == "train", transform=tf, download=False)
-        return ds, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
+        labels = _mapped(ds.targets, list(ds.classes), spec)
+        ds.targets = labels.tolist()
+        return ds, labels, list(ds.classes)
     root = Path(spec.root)
     if not root.is_dir():
         raise DataSpecError(f"The image folder {spec.root!r} does not exist. Give a directory that "
                             f"holds one subfolder per class.")
+    _check_channels(spec.preprocess, 3, "The images (read as RGB)")
     try:
-        ds = datasets.ImageFolder(str(root), transform=tf)
+        images = _Images(datasets.ImageFolder(str(root), transform=tf))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataSpecError(f"{spec.root!r} is not an ImageFolder tree ({e}). It needs one subfolder "
                             f"per class with images inside, e.g. {spec.root}/cat/0001.jpg.") from None
-    return ds, np.asarray(ds.targets, dtype=np.int64), list(ds.classes)
+    labels = _mapped([t for _, t in images.samples], images.classes, spec)
+    images.samples = [(path, int(t)) for (path, _), t in zip(images.samples, labels, strict=True)]
+    return images, labels, images.classes
 
 
 def stratified_indices(labels: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -231,6 +360,7 @@ class EvalSet:
     classes: list[str]
     description: dict[str, Any]
     indices: np.ndarray | None = None  # positions in the source data set
+    unreadable: np.ndarray | None = None  # sampled positions left out by skip_unreadable
 
     def __len__(self) -> int:
         return len(self.y)
@@ -248,7 +378,8 @@ class EvalSet:
         dev = torch.device(device)
         if self.x.device == dev:
             return self
-        return EvalSet(self.x.to(dev), self.y.to(dev), self.classes, self.description, self.indices)
+        return EvalSet(self.x.to(dev), self.y.to(dev), self.classes, self.description, self.indices,
+                       self.unreadable)
 
 
 def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: int = 2,
@@ -265,23 +396,86 @@ def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: 
         candidates = np.setdiff1d(candidates, exclude)
     if len(candidates) == 0:
         where = " outside the evaluation sample." if exclude is not None else "."
-        raise DataSpecError(f"The data {spec} holds no samples{where}")
+        raise _NoSamples(f"The data {spec} holds no samples{where}")
     idx = candidates[stratified_indices(labels[candidates], n, seed)]
+    bad: list[_Unreadable] = []
+    unreadable = None
     if isinstance(ds, _Normalized):
         x, y = ds.x[torch.from_numpy(idx)], ds.y[torch.from_numpy(idx)]
     else:
+        # the workers only decode; batching and every error happen here, in the main process
         loader = DataLoader(Subset(ds, idx.tolist()), batch_size=256, shuffle=False,
-                            num_workers=_workers(workers, len(idx)), collate_fn=_collate)
-        xs, ys = [], []
-        for xb, yb in loader:
-            xs.append(xb)
-            ys.append(yb)
-        x, y = torch.cat(xs), torch.cat(ys)
+                            num_workers=_workers(workers, len(idx)), collate_fn=_as_list)
+        items: list[Any] = [item for batch in loader for item in batch]
+        keep = np.array([not isinstance(item, _Unreadable) for item in items], dtype=bool)
+        bad = [item for item in items if isinstance(item, _Unreadable)]
+        if bad and not spec.skip_unreadable:
+            raise DataSpecError(unreadable_message(bad, spec))
+        if not keep.any():
+            # outside an evaluation sample, "nothing readable left" is "nothing left"
+            error = _NoSamples if exclude is not None else DataSpecError
+            raise error(f"None of the {len(items)} sampled images of {spec} can be read "
+                        f"(e.g. {bad[0].path}: {bad[0].reason}).")
+        unreadable = idx[~keep]
+        idx = idx[keep]
+        x, y = _stack([item for item in items if not isinstance(item, _Unreadable)])
     counts = np.bincount(y.numpy(), minlength=len(classes)).tolist()
     desc = {**spec.to_dict(), "n_available": int(len(candidates)), "n": int(len(y)), "seed": seed,
             "per_class": counts, "input_shape": list(x.shape[1:]),
             "indices_sha256": _digest(idx)}
-    return EvalSet(x.contiguous(), y, classes, desc, idx)
+    if bad:
+        desc["unreadable_skipped"] = len(bad)
+        desc["unreadable"] = [f"{b.path}: {b.reason}" for b in bad[:10]]
+        desc["n_requested"] = n  # the sample drawn before the skipping: draw it again with this
+    return EvalSet(x.contiguous(), y, classes, desc, idx, unreadable)
+
+
+def check_classes_fit(classes: Sequence[str], spec: DataSpec | Mapping[str, Any], n_outputs: int,
+                      flag: str = "--data") -> None:
+    """Raise DataSpecError unless the data's labels are the model's ``n_outputs`` classes.
+
+    Without a class map the classes are numbered in sorted order from 0, which is right only when
+    they are exactly the model's classes: a different count is an error either way (more classes
+    than outputs would fail in the loss; fewer would silently score against the wrong outputs).
+    With a map, every mapped index must be an output of the model.
+    """
+    d = spec.to_dict() if isinstance(spec, DataSpec) else dict(spec)
+    where, k = d.get("spec", "the data"), len(classes)
+    names = ", ".join(classes[:4]) + (", ..." if k > 4 else "")
+    cmap = d.get("class_map")
+    if cmap is not None:
+        wrong = [(c, cmap[c]) for c in classes if c in cmap and int(cmap[c]) >= n_outputs]
+        if wrong:
+            c, i = wrong[0]
+            raise DataSpecError(f"--class-map maps {c!r} to output {i}, but the model has "
+                                f"{n_outputs} outputs (0 to {n_outputs - 1}). Fix the map, or "
+                                f"check --model.")
+        return
+    if k > n_outputs:
+        raise DataSpecError(f"{flag} {where} has {k} classes ({names}) but the model has {n_outputs} "
+                            f"outputs. Check {flag} and --model (e.g. --model-arg "
+                            f"num_classes={k}), or map each class folder to an output with "
+                            f"--class-map FILE.json.")
+    if k < n_outputs:
+        raise DataSpecError(f"{flag} {where} has {k} classes ({names}) but the model has {n_outputs} "
+                            f"outputs: numbered 0 to {k - 1} in sorted order, the labels are right "
+                            f"only if these are the model's first {k} classes. Pass --class-map "
+                            f"FILE.json to map each class folder to its output index, or use "
+                            f"--task agreement, which needs no labels.")
+
+
+class _NoSamples(DataSpecError):
+    """No candidate is left to sample (e.g. outside the evaluation sample)."""
+
+
+def unreadable_message(bad: Sequence[_Unreadable], spec: DataSpec) -> str:
+    """One line naming the images that cannot be read, and the two ways out."""
+    first = "; ".join(f"{b.path} ({b.reason})" for b in bad[:2])
+    more = f"; and {len(bad) - 2} more" if len(bad) > 2 else ""
+    n = f"{len(bad)} images" if len(bad) > 1 else "An image"
+    return (f"{n} of {spec} cannot be read: {first}{more}. Replace or delete "
+            f"{'them' if len(bad) > 1 else 'it'}, or pass --skip-bad-images to leave unreadable "
+            f"images out (they are counted and reported).")
 
 
 def load_calibration_set(eval_set: EvalSet, n: int, seed: int, source: DataSpec | None = None) -> EvalSet:
@@ -295,9 +489,12 @@ def load_calibration_set(eval_set: EvalSet, n: int, seed: int, source: DataSpec 
         return cal
     spec = DataSpec.from_dict(eval_set.description)
     try:
-        cal = load_eval_set(spec, n, seed + 1, exclude=eval_set.indices)
+        exclude = eval_set.indices
+        if exclude is not None and eval_set.unreadable is not None:
+            exclude = np.concatenate([exclude, eval_set.unreadable])  # known bad: not again
+        cal = load_eval_set(spec, n, seed + 1, exclude=exclude)
         cal.description["role"] = "calibration (disjoint from the evaluation sample)"
-    except DataSpecError:
+    except _NoSamples:
         k = min(n, len(eval_set))
         cal = EvalSet(eval_set.x[:k], eval_set.y[:k], eval_set.classes,
                       {**eval_set.description, "n": k,
@@ -316,23 +513,66 @@ def _workers(workers: int, n: int) -> int:
     return 0 if n < 512 else max(0, min(workers, os.cpu_count() or 1))
 
 
-def _collate(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    shapes = {tuple(b[0].shape) for b in batch}
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _stack(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    shapes = {tuple(b[0].shape) for b in items}
     if len(shapes) > 1:
         raise DataSpecError(f"The images have different sizes ({', '.join(map(str, sorted(shapes)[:3]))}), "
                             f"so they cannot be batched. Pass --resize N and --crop N.")
-    return torch.stack([b[0] for b in batch]), torch.tensor([int(b[1]) for b in batch])
+    return torch.stack([b[0] for b in items]), torch.tensor([int(b[1]) for b in items])
+
+
+def _collate(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack a batch; an unreadable image is an error naming the file."""
+    bad = [b for b in batch if isinstance(b, _Unreadable)]
+    if bad:
+        raise DataSpecError(f"Cannot read the image {bad[0].path} ({bad[0].reason}).")
+    return _stack(batch)
+
+
+class _TrainLoader(DataLoader[Any]):
+    """Batches the decoded items in the main process: an unreadable image is a clean error naming
+    the file (not a worker's traceback), or, with ``skip``, left out and listed in ``skipped``."""
+
+    def __init__(self, *args: Any, spec: DataSpec, classes: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.spec = spec
+        self.classes = classes
+        self.skipped: list[_Unreadable] = []
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # type: ignore[override]
+        for items in super().__iter__():
+            if not isinstance(items, list):  # tensors (digits): nothing to decode
+                yield items
+                continue
+            good = [item for item in items if not isinstance(item, _Unreadable)]
+            bad = [item for item in items if isinstance(item, _Unreadable)]
+            if bad and not self.spec.skip_unreadable:
+                raise DataSpecError(unreadable_message(bad, self.spec))
+            self.skipped += bad
+            if good:
+                yield _stack(good)
 
 
 def train_loader(spec: DataSpec, batch_size: int, seed: int, *, augment: bool = False,
                  n: int | None = None, workers: int = 2) -> DataLoader[Any]:
-    """A shuffled, seeded loader over the training data (optionally a stratified subset of ``n``)."""
-    ds, labels, _ = open_dataset(spec, augment=augment)
+    """A shuffled, seeded loader over the training data (optionally a stratified subset of ``n``).
+
+    Unreadable images are an error naming the file, or, with ``spec.skip_unreadable``, left out
+    of their batch and listed in the loader's ``skipped``.
+    """
+    ds, labels, classes = open_dataset(spec, augment=augment)
     if n is not None and n < len(labels):
         ds = Subset(ds, stratified_indices(labels, n, seed).tolist())
     g = torch.Generator().manual_seed(seed)
     if isinstance(ds, _Normalized):
-        ds = TensorDataset(ds.x, ds.y)
-    return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=False,
-                      num_workers=_workers(workers, len(labels)), collate_fn=_collate,
-                      persistent_workers=False)
+        return _TrainLoader(TensorDataset(ds.x, ds.y), batch_size=batch_size, shuffle=True,
+                            generator=g, drop_last=False, num_workers=_workers(workers, len(labels)),
+                            collate_fn=_collate, persistent_workers=False, spec=spec,
+                            classes=classes)
+    return _TrainLoader(ds, batch_size=batch_size, shuffle=True, generator=g, drop_last=False,
+                        num_workers=_workers(workers, len(labels)), collate_fn=_as_list,
+                        persistent_workers=False, spec=spec, classes=classes)

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -106,7 +107,7 @@ def build_model(spec: ModelSpec, *, allow_pickle: bool = False) -> nn.Module:
         module_part, _, attr = spec.source.rpartition(":")
         model = _call_factory(_resolve_factory(module_part, attr), spec)
     if not isinstance(model, nn.Module):
-        raise ModelSpecError(f"The model spec {spec.source!r} returned a {type(model).__name__}, "
+        raise ModelSpecError(f"The model spec {spec.source!r} returned an object of type {type(model).__name__}, "
                              f"not a torch.nn.Module. Point it at a function that builds the model.")
     return model.eval()
 
@@ -127,7 +128,10 @@ def _build_torchvision(name: str, kwargs: Mapping[str, Any]) -> nn.Module:
         model: nn.Module = torchvision.models.get_model(name, weights=None, **kw)
         return model
     except TypeError as e:
-        raise ModelSpecError(f"torchvision:{name} does not accept {kw}: {e}") from None
+        raise ModelSpecError(f"torchvision:{name} does not accept {kw}: {e}. Check --model-arg.") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a ValueError for an argument value it refuses
+        raise ModelSpecError(f"Building torchvision:{name} with {kw} failed: {_one_line(e)}. Check "
+                             f"--model-arg (--verbose shows the traceback).") from e
 
 
 def _resolve_factory(module_part: str, attr: str) -> Callable[..., Any]:
@@ -175,7 +179,23 @@ def _call_factory(fn: Callable[..., Any], spec: ModelSpec) -> Any:
                              f"Check --model-arg.") from None
     except ValueError:  # signature not introspectable: just call it
         pass
-    return fn(**spec.kwargs)
+    try:
+        return fn(**spec.kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's factory: any failure is theirs to fix
+        args = f" with {dict(spec.kwargs)}" if spec.kwargs else ""
+        raise ModelSpecError(f"Calling the model factory {spec.source!r}{args} failed: "
+                             f"{_one_line(e)}. Fix the factory or its --model-arg values "
+                             f"(--verbose shows the traceback).") from e
+
+
+def _one_line(e: BaseException) -> str:
+    """``Type: message`` shortened to its first line (its first sentence when that is long), for
+    errors that must fit one line."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if len(first) > 160 and ". " in first[:300]:
+        first = first[:first.index(". ") + 1]
+    first = (first if len(first) <= 300 else first[:297] + "...").rstrip(" .!?")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def _load_pickled(path: str, allow_pickle: bool) -> nn.Module:
@@ -184,7 +204,12 @@ def _load_pickled(path: str, allow_pickle: bool) -> nn.Module:
                              f"it, pass --allow-pickle; otherwise give a model factory and a state dict.")
     if not Path(path).is_file():
         raise ModelSpecError(f"The pickled model file {path!r} does not exist.")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a damaged file, or one whose classes cannot be imported
+        raise ModelSpecError(f"Cannot unpickle the model file {path!r}: {_one_line(e)}. If it needs "
+                             f"the module that defines the model class, make it importable; otherwise "
+                             f"give a model factory as --model and a state dict as --weights.") from e
     if not isinstance(obj, nn.Module):
         raise ModelSpecError(f"{path!r} holds a {type(obj).__name__}, not a pickled nn.Module. "
                              f"For a state dict, give the model factory as --model and the file as --weights.")
@@ -198,17 +223,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint with ``weights_only=True``; unwrap common nesting and ``module.`` prefixes."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"The weights file {str(p)!r} does not exist. Check the path.")
+        what = "is a directory, not a file" if p.is_dir() else "does not exist"
+        raise CheckpointError(f"The weights file {str(p)!r} {what}. Check --weights.")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"The weights file {str(p)!r} is empty (0 bytes): it was probably cut "
+                              f"off while being written or copied. Save or copy it again.")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{str(p)!r} holds more than tensors (probably a whole pickled model), which sensplan "
-                f"does not unpickle by default. If you trust the file, use --model pickle:{p} "
-                f"--allow-pickle; or save model.state_dict() instead.") from None
-        raise CheckpointError(f"Cannot read the weights file {str(p)!r}: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        raise CheckpointError(_unreadable_checkpoint(p, e)) from None
     for _ in range(3):
         if isinstance(obj, Mapping) and not _is_tensor_dict(obj):
             inner = next((obj[k] for k in _NESTING_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
@@ -224,6 +247,38 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
+
+
+def _unreadable_checkpoint(p: Path, e: Exception) -> str:
+    """Why ``torch.load(p, weights_only=True)`` failed, and what to do.
+
+    Only a file that is a real pickle of Python objects (the unpickler met a class it does not
+    allow: "Unsupported global") gets the advice to load it as a pickled model; random bytes, a
+    truncated download or another format are called what they are. Unpickling those would be
+    pointless, and unpickling a damaged file from an unknown source is dangerous.
+    """
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        cls = found.group(1)
+        return (f"{str(p)!r} holds Python objects besides tensors (it refers to {cls}), so it is "
+                f"probably a whole pickled model or a training checkpoint. sensplan reads state dicts "
+                f"with weights_only=True and does not unpickle objects by default. Save "
+                f"model.state_dict() instead; or, only if you trust the file, use --model pickle:{p} "
+                f"--allow-pickle.")
+    operand = re.search(r"Unsupported operand \d+", text)
+    if operand or isinstance(e, (EOFError, OSError, RuntimeError)):
+        # random bytes, a cut-off file, another format (a .npy, a .py file, an ONNX model). The
+        # first line of torch's own message would suggest weights_only=False: not for such a file.
+        detail = f"UnpicklingError: {operand.group(0)}" if operand else _one_line(e)
+        with open(p, "rb") as f:
+            zipped = f.read(2) == b"PK"
+        kind = ("a damaged or truncated zip archive" if zipped
+                else "not a PyTorch checkpoint, or it is damaged or truncated")
+        return (f"Cannot read the weights file {str(p)!r}: it is {kind} (torch.load: {detail}). "
+                f"Pass a file written by torch.save(model.state_dict(), PATH), or copy or download "
+                f"it again.")
+    return f"Cannot read the weights file {str(p)!r}: {_one_line(e)}. Check --weights."
 
 
 def _is_tensor_dict(obj: Mapping[Any, Any]) -> bool:
@@ -262,8 +317,15 @@ def _few(items: list[str], n: int = 4) -> str:
 
 
 def load_model(spec: ModelSpec, weights: str | os.PathLike[str] | None = None, *,
-               allow_pickle: bool = False) -> nn.Module:
-    """Build the model a spec names and load ``weights`` into it; returns it in eval mode on the CPU."""
+               allow_pickle: bool = False, init_seed: int = 0) -> nn.Module:
+    """Build the model a spec names and load ``weights`` into it; returns it in eval mode on the CPU.
+
+    Without ``weights`` the factory's random initialisation runs under ``torch.manual_seed(init_seed)``
+    (the global random state is left as it was), so every command builds the same random model."""
+    if weights is None and not spec.source.startswith("pickle:"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return build_model(spec, allow_pickle=allow_pickle).eval()
     model = build_model(spec, allow_pickle=allow_pickle)
     if weights is not None:
         load_weights_(model, weights)

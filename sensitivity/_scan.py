@@ -27,7 +27,7 @@ from sensplan._artifacts import file_sha256, now_iso, versions
 from sensplan._errors import UserInputError
 from sensplan._metric import Metric
 from sensplan._tables import SCAN_FORMAT, SCAN_SCHEMA_VERSION, Scan
-from sensplan.sensitivity._data import EvalSet
+from sensplan.sensitivity._data import EvalSet, check_classes_fit
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
     batchnorm_statistics,
@@ -193,12 +193,12 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     data_dev, calib_dev = data.to(dev), calib.to(dev) if calib is not None else None
     was_training = model.training
     model.eval()
-    _check_labels(task, data)
+    check_model_and_data(model, data_dev, task, dev, dtype)
     example = data_dev.example_input
     state = task.prepare(model, data_dev, cfg.batch_size, dev, dtype)
     base = task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype)
     layers, tensors, graph, graph_error = describe_model(model, example)
-    groups = ({gid: {"channels": graph.channels(gid),
+    groups = ({gid: {"channels": graph.channels(gid), "channel_step": graph.channel_step(gid),
                      "members": [[m.module, m.side, m.kind] for m in graph.members(gid)],
                      "status": "skipped", "reason": "no group method was scanned."}
                for gid in graph.group_ids()} if graph is not None else {})
@@ -295,6 +295,36 @@ def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, unit:
             "loss_increase": ev.loss - base.loss, "seconds": round(seconds, 4)}
 
 
+def check_model_and_data(model: nn.Module, data: EvalSet, task: Task,
+                         device: torch.device | None = None, dtype: torch.dtype | None = None) -> int | None:
+    """Check, on two samples, that ``model`` runs on ``data`` and, for a task scored against class
+    labels, that the data's classes are the model's outputs. Returns the number of outputs (None
+    when the output is not a (batch, classes) tensor: a task of another kind runs its model itself).
+    A mismatch is a UserInputError naming the flags that fix it."""
+    from contextlib import nullcontext
+
+    _check_labels(task, data)
+    dev = device or _device_of(model)
+    x = data.x[: min(2, len(data))].to(dev)
+    fp16 = dtype is not None and dtype != torch.float32
+    try:
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype) if fp16 else nullcontext():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001 - the user's model on the user's data
+        first = (str(e).strip().splitlines() or [""])[0][:300].rstrip(" .")
+        raise UserInputError(
+            f"The model cannot run on the data (inputs of shape {tuple(data.x.shape[1:])}): "
+            f"{type(e).__name__}: {first}. Check that --data fits the model: its channels (e.g. "
+            f"--model-arg in_channels=...), the image size (--resize, --crop) and "
+            f"--mean/--std.") from e
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        return None
+    n_outputs = int(out.shape[1])
+    if task.needs_labels and data.y.dim() == 1:  # class indices
+        check_classes_fit(data.classes, data.description, n_outputs)
+    return n_outputs
+
+
 def _check_labels(task: Task, data: EvalSet) -> None:
     if task.needs_labels and bool((data.y < 0).any()):
         raise UserInputError(f"The task {task.name!r} needs labels, but the data has none (an "
@@ -308,7 +338,9 @@ def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg:
         if es is None:
             return None
         d = es.description
-        return f"{d.get('spec')}|{d.get('indices_sha256')}|{d.get('n')}|{d.get('preprocess')}"
+        text = f"{d.get('spec')}|{d.get('indices_sha256')}|{d.get('n')}|{d.get('preprocess')}"
+        # the labels depend on a class map; without one, older journals keep matching
+        return text + (f"|{d['class_map']}" if d.get("class_map") is not None else "")
 
     return {"architecture_digest": architecture_digest(model), "weights_digest": weights_digest(model),
             "data": digest(data), "calibration": digest(calib), "task": cfg.task,

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import platform
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,22 +29,22 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Any], object]) -> None:
     """Call ``writer(binary_file)`` on a temporary file beside ``path``, then rename it into place.
 
-    If ``writer`` raises, ``path`` is left untouched and the temporary file is removed.
+    If ``writer`` raises (or the process dies), ``path`` is left untouched and the temporary file
+    is removed (or left as a hidden ``.NAME.*.tmp``). The file gets the permissions of the user's
+    umask, as any file the user creates: the temporary file is opened with mode ``"xb"``
+    (``tempfile.mkstemp`` would force 0600).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             writer(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
 
 

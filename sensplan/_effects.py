@@ -96,9 +96,16 @@ def kept_values(numel: int, density: float) -> int:
     return max(1, min(numel, int(math.floor(density * numel + 0.5))))
 
 
-def n_remove_for(ratio: float, channels: int) -> int:
-    """Channels removed at ``ratio`` of a group of ``channels``: round half up, at least one kept."""
+def n_remove_for(ratio: float, channels: int, step: int = 1) -> int:
+    """Channels removed at ``ratio`` of a group of ``channels``: round half up, at least one kept.
+
+    With ``step`` > 1 (a group holding a grouped convolution or a GroupNorm: the same positions go
+    from each of ``step`` equal chunks) the rounding is per chunk and the count a multiple of
+    ``step``, e.g. ``n_remove_for(0.3, 64, step=4) == 20`` (5 of each chunk of 16)."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"The 'ratio' parameter must be a float in the range [0.0, 1.0). Got {ratio!r} "
                          f"instead.")
-    return min(channels - 1, int(math.floor(ratio * channels + 0.5)))
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"The 'step' parameter must be a positive integer. Got {step!r} instead.")
+    per = channels // step
+    return step * max(0, min(per - 1, int(math.floor(ratio * per + 0.5))))

@@ -11,7 +11,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from sensplan._artifacts import file_sha256
 
@@ -26,18 +26,60 @@ def _need(obj: Mapping[str, Any], keys: tuple[str, ...], where: str) -> list[str
     return [f"{where} lacks {k!r}" for k in keys if k not in obj]
 
 
+def _map(v: Any) -> TypeGuard[Mapping[str, Any]]:
+    return isinstance(v, Mapping)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+#: optional numbers of a result row: absent, null (the scan writes a non-finite value as null), or
+#: a number
+_NULLABLE_NUMBERS = ("drop_se", "loss_increase", "score", "loss")
+
+
 def check_scan(obj: Mapping[str, Any]) -> list[str]:
+    """Problems of a scan.json object: every section, unit and result row the planner and the report
+    read (empty = valid). A result without a numeric ``drop`` is a problem, not a KeyError later."""
     p = _need(obj, ("task", "baseline", "methods", "layers", "groups", "tensors", "results", "model"),
               "the scan")
     if p:
         return p
+    task = obj["task"]
+    if not _map(task) or not _map(task.get("metric")) or not isinstance(task["metric"].get("name"), str):
+        p.append("task.metric.name is missing (the task's metric: name, higher_is_better, unit)")
     base = obj["baseline"]
-    if not isinstance(base, Mapping) or not _num(base.get("score")):
+    if not _map(base) or not _num(base.get("score")):
         p.append("baseline.score must be a number")
-    methods = obj["methods"]
+    for key in ("methods", "layers", "groups", "tensors"):
+        if not _map(obj[key]):
+            p.append(f"{key!r} must be an object keyed by name, not a {type(obj[key]).__name__}")
+    if not isinstance(obj["results"], list):
+        p.append(f"'results' must be a list of rows, not a {type(obj['results']).__name__}")
+    if p:
+        return p
+    methods, layers, groups = obj["methods"], obj["layers"], obj["groups"]
+    for name, m in methods.items():
+        if not _map(m):
+            p.append(f"methods[{name!r}] is not an object")
+    for name, layer in layers.items():
+        if not _map(layer) or not _num(layer.get("macs")):
+            p.append(f"layers[{name!r}] lacks a numeric 'macs'")
+            break
+    for gid, g in groups.items():
+        if not _map(g) or g.get("status") not in ("scanned", "skipped") or not _count(g.get("channels")):
+            p.append(f"groups[{gid!r}] needs 'status' (scanned or skipped) and a channel count")
+            break
+    for k, t in obj["tensors"].items():
+        if not _map(t) or not isinstance(t.get("shape"), list) or not _map(t.get("shrinks")):
+            p.append(f"tensors[{k!r}] lacks shape/shrinks")
+            break
     for i, r in enumerate(obj["results"]):
+        if len(p) > 20:
+            break
         where = f"results[{i}]"
-        if not isinstance(r, Mapping):
+        if not _map(r):
             p.append(f"{where} is not an object")
             continue
         for k in ("unit", "method", "axis", "setting", "drop"):
@@ -45,39 +87,85 @@ def check_scan(obj: Mapping[str, Any]) -> list[str]:
                 p.append(f"{where} has no {k!r}")
         if r.get("drop") is not None and not _num(r["drop"]):
             p.append(f"{where}.drop is {r['drop']!r}, not a number")
-        if r.get("method") is not None and r["method"] not in methods:
+        for k in ("unit", "method", "axis"):
+            if r.get(k) is not None and not isinstance(r[k], str):
+                p.append(f"{where}.{k} is {r[k]!r}, not a string")
+        if r.get("setting") is not None and not _map(r["setting"]):
+            p.append(f"{where}.setting is {r['setting']!r}, not an object")
+        if "effect" in r and not _map(r["effect"]):
+            p.append(f"{where}.effect is {r['effect']!r}, not an object")
+        if "level" in r and not _num(r["level"]):
+            p.append(f"{where}.level is {r['level']!r}, not a number")
+        for k in _NULLABLE_NUMBERS:
+            if r.get(k) is not None and not _num(r[k]):
+                p.append(f"{where}.{k} is {r[k]!r}, not a number")
+        if isinstance(r.get("method"), str) and r["method"] not in methods:
             p.append(f"{where} uses method {r['method']!r}, which the scan's methods section lacks")
         unit = r.get("unit")
-        if unit is not None and unit not in obj["layers"] and unit not in obj["groups"]:
+        if isinstance(unit, str) and unit not in layers and unit not in groups:
             p.append(f"{where} names unit {unit!r}, which is neither a layer nor a group of the scan")
-        if len(p) > 20:
-            break
-    for k, t in obj["tensors"].items():
-        if not isinstance(t, Mapping) or "shape" not in t or "shrinks" not in t:
-            p.append(f"tensors[{k!r}] lacks shape/shrinks")
-            break
     return p
 
 
+def _check_metric_of_task(obj: Mapping[str, Any], what: str) -> list[str]:
+    task = obj.get("task")
+    if not _map(task) or not _map(task.get("metric")) or not isinstance(task["metric"].get("name"), str):
+        return [f"{what} lacks task.metric.name (the task's metric: name, higher_is_better, unit)"]
+    return []
+
+
 def check_plan(obj: Mapping[str, Any]) -> list[str]:
+    """Problems of a plan.json object (empty = valid)."""
     p = _need(obj, ("plans", "original", "scan", "model", "task", "objective"), "the plan")
     if p:
         return p
+    p += _check_metric_of_task(obj, "the plan")
+    for key in ("plans", "original", "scan", "model", "objective"):
+        if not _map(obj[key]):
+            p.append(f"{key!r} must be an object, not {obj[key]!r}"[:200])
+    if p:
+        return p
+    bad = [k for k, v in obj["original"].items() if not _num(v)]
+    if bad:
+        p.append(f"original.{bad[0]} is {obj['original'][bad[0]]!r}, not a number")
     for name, v in obj["plans"].items():
         if v is None:
             continue
+        if not _map(v):
+            p.append(f"the {name!r} allocation is {v!r}, not an object"[:200])
+            continue
         for k in ("choices", "predicted"):
-            if k not in v:
+            if not _map(v.get(k)):
                 p.append(f"the {name!r} allocation lacks {k!r}")
-        for block, c in v.get("choices", {}).items():
-            if not isinstance(c, Mapping) or "unit" not in c or "method" not in c:
+        if _map(v.get("predicted")) and not _num(v["predicted"].get("drop")):
+            p.append(f"the {name!r} allocation's predicted drop is not a number")
+        for block, c in (v.get("choices") or {}).items() if _map(v.get("choices")) else ():
+            if not _map(c) or not isinstance(c.get("unit"), str) or "method" not in c:
                 p.append(f"the {name!r} allocation's choice {block!r} lacks unit/method")
+                break
+            if c["method"] is not None and (not isinstance(c["method"], str)
+                                            or not _map(c.get("setting"))):
+                p.append(f"the {name!r} allocation's choice {block!r} needs a method name and a "
+                         f"setting object")
                 break
     return p
 
 
 def check_metrics(obj: Mapping[str, Any]) -> list[str]:
-    return _need(obj, ("before", "after", "predicted", "plan", "variant"), "the metrics")
+    """Problems of an apply result's metrics.json object (empty = valid)."""
+    p = _need(obj, ("before", "after", "predicted", "plan", "variant"), "the metrics")
+    if p:
+        return p
+    for key in ("before", "after"):
+        if not _map(obj[key]) or not _num(obj[key].get("score")):
+            p.append(f"{key}.score must be a number")
+    for key in ("predicted", "plan"):
+        if not _map(obj[key]):
+            p.append(f"{key!r} must be an object, not {obj[key]!r}"[:200])
+    if "budgets" in obj and not (isinstance(obj["budgets"], list)
+                                 and all(_map(b) for b in obj["budgets"])):
+        p.append("'budgets' must be a list of objects")
+    return p
 
 
 _CHECKS = {"sensplan.scan": check_scan, "sensplan.plan": check_plan, "sensplan.metrics": check_metrics}

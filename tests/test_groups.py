@@ -156,27 +156,138 @@ def test_instance_norm_channels_are_zeroed_and_pruned():
     assert torch.allclose(probe, real, atol=1e-5)
 
 
-@pytest.mark.parametrize("groups", [1, 2, 4, 8])
-def test_group_norm_channels_are_zeroed_but_the_group_is_refused(groups):
-    """Zeroing a GroupNorm's scale and offset silences the channel, but its zero input still
-    counts in its norm group's statistics, so the probe cannot equal real pruning (or Torch-Pruning
-    keeps ``num_groups`` and breaks the model). The safety check must refuse the group, leave the
-    model untouched, and keep the group that does not pass through the norm."""
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_group_norm_groups_are_emulated_and_equal_real_pruning(groups):
+    """A zeroed channel still counts in its GroupNorm group's statistics, so while it is zeroed the
+    probe recomputes the norm over the kept channels; the same positions go from every norm group
+    (Torch-Pruning keeps ``num_groups``). Then the probe equals real pruning, and the hook is gone
+    afterwards."""
     model = norm_net(nn.GroupNorm(groups, 8))
     x = _inputs()
     graph = PruningGraph(model, x[:1])
     before = weights_digest(model)
-    idxs = graph.select("0", 2)
+    assert graph.channel_step("0") == groups
+    k = graph.n_remove_for("0", 0.5)
+    assert k == 4
+    idxs = graph.select("0", k)
+    chunk = 8 // groups
+    assert len({i % chunk for i in idxs}) == k // groups  # the same positions in every chunk
     with graph.zeroed("0", idxs), torch.no_grad():
         norm_out = model[1](model[0](x))
         assert torch.all(norm_out[:, idxs] == 0)
-        assert torch.all(model[1].weight[idxs] == 0) and torch.all(model[1].bias[idxs] == 0)
-    chk = check_group(model, graph, "0", 2, x)
-    assert not chk.ok
-    assert "does not reproduce" in chk.reason or "breaks the model" in chk.reason
-    assert chk.shrinks == {}
+    assert not model[1]._forward_hooks
+    chk = check_group(model, graph, "0", k, x)
+    assert chk.ok, chk.reason
+    probe, real, _ = probe_and_real(model, graph, "0", k, x)
+    assert torch.allclose(probe, real, atol=1e-5)
     assert weights_digest(model) == before
-    assert check_group(model, graph, "3", 2, x).ok
+    if groups > 1:
+        with pytest.raises(ValueError, match=f"multiples of {groups}"):
+            graph.select("0", k + 1)
+
+
+def test_group_norm_with_one_channel_per_group_cannot_lose_a_channel():
+    model = norm_net(nn.GroupNorm(8, 8))
+    graph = PruningGraph(model, _inputs()[:1])
+    assert graph.channel_step("0") == 8
+    assert graph.n_remove_for("0", 0.8) == 0
+    assert "GroupNorm '1' (8 groups)" in graph.step_cause("0")
+
+
+def grouped_net(groups: int = 4) -> nn.Module:
+    """A RegNet-style block: 1x1 conv -> BN -> grouped 3x3 conv -> BN -> 1x1 conv."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 1), _bn(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1, groups=groups), _bn(16), nn.ReLU(),
+                         nn.Conv2d(16, 8, 1), _bn(8), nn.ReLU(), *_head(8)).eval()
+
+
+@pytest.mark.parametrize("gid", ["0", "3"])
+def test_grouped_conv_groups_lose_the_same_positions_per_chunk_and_equal_real_pruning(gid):
+    """Both the group feeding a grouped conv (its inputs) and the group it writes (its outputs)
+    remove the same positions from each of its chunks, as Torch-Pruning's pruner does, so the conv
+    keeps equal chunks, its input weights are zeroed chunk by chunk, and the probe equals pruning."""
+    model = grouped_net(4)
+    x = _inputs()
+    graph = PruningGraph(model, x[:1])
+    assert graph.channel_step(gid) == 4 and "grouped convolution '3' (groups=4)" in graph.step_cause(gid)
+    assert [graph.n_remove_for(gid, r) for r in (0.1, 0.3, 0.5, 0.8)] == [0, 4, 8, 12]
+    idxs = graph.select(gid, 8)
+    assert len(idxs) == 8 and len({i % 4 for i in idxs}) == 2
+    chk = check_group(model, graph, gid, 8, x)
+    assert chk.ok, chk.reason
+    probe, real, pruned = probe_and_real(model, graph, gid, 8, x)
+    assert torch.allclose(probe, real, atol=1e-5)
+    assert pruned[3].groups == 4 and (pruned[3].in_channels, pruned[3].out_channels) == (
+        (8, 16) if gid == "0" else (16, 8))
+    if gid == "0":  # the grouped conv's input weights (16, 4, 3, 3): position i % 4 of chunk i // 4
+        with graph.zeroed(gid, idxs):
+            w = model[3].weight
+            for i in idxs:
+                assert torch.all(w[(i // 4) * 4:(i // 4 + 1) * 4, i % 4] == 0)
+            assert int((w == 0).sum()) == len(idxs) * 4 * 9
+
+
+def test_layer_norm_over_token_channels_is_emulated():
+    """A LayerNorm over the channels of tokens (ViT style): the probe normalises over the kept
+    channels only, as the pruned LayerNorm does."""
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.norm, self.fc2 = nn.Linear(6, 12), nn.LayerNorm(12), nn.Linear(12, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.norm(self.fc1(x)))).mean(1)
+
+    model = Tokens().eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(5, 7, 6)
+    graph = PruningGraph(model, x[:1])
+    before = weights_digest(model)
+    chk = check_group(model, graph, "fc1", 4, x)
+    assert chk.ok, chk.reason
+    assert chk.shrinks["norm.weight"] == {"0": 1.0}
+    probe, real, _ = probe_and_real(model, graph, "fc1", 4, x)
+    assert torch.allclose(probe, real, atol=1e-5)
+    assert weights_digest(model) == before and not model.norm._forward_hooks
+
+
+def test_safety_check_prunes_in_place_and_puts_every_member_back(tiny_resnet):
+    """check_group prunes the model itself (no copy, no new trace) and restores the very same
+    parameter objects, attributes and graph bookkeeping."""
+    x = torch.randn(4, 3, 8, 8)
+    graph = PruningGraph(tiny_resnet, x[:1])
+    params = {n: p for n, p in tiny_resnet.named_parameters()}
+    before = weights_digest(tiny_resnet)
+    with graph.pruned("stem.0", graph.select("stem.0", 4)):
+        assert tiny_resnet.stem[0].out_channels == 4 and tiny_resnet.block.conv1.in_channels == 4
+    assert tiny_resnet.stem[0].out_channels == 8 and tiny_resnet.block.conv1.in_channels == 8
+    assert all(p is params[n] for n, p in tiny_resnet.named_parameters())
+    assert weights_digest(tiny_resnet) == before and graph.dg._pruning_history == []
+    for gid in graph.group_ids():
+        check_group(tiny_resnet, graph, gid, 2, x)
+    assert weights_digest(tiny_resnet) == before
+    with pytest.raises(ValueError, match="graph.model"):
+        check_group(copy.deepcopy(tiny_resnet), graph, "stem.0", 2, x)
+
+
+def test_runaway_index_mapping_skips_the_group_not_the_model():
+    """Swin-style reshapes make Torch-Pruning's flatten index mapping multiply the indices at every
+    block; the guard turns that into a skip reason for the group instead of gigabytes of indices."""
+    from sensplan.sensitivity import _groups
+
+    model = norm_net(nn.BatchNorm2d(8))
+    x = _inputs()
+    graph = PruningGraph(model, x[:1])
+    mapping = _groups.tp.dependency.index_mapping._FlattenIndexMapping(stride=100)
+    with _groups._IndexGuard(150), pytest.raises(_groups._IndexExplosion, match="past 150 indices"):
+        mapping([_groups.tp._helpers._HybridIndex(i, i) for i in range(2)])
+    assert len(mapping([_groups.tp._helpers._HybridIndex(i, i) for i in range(2)])) == 200  # unpatched again
+    assert graph.unsafe_reason("0") == ""
 
 
 def test_zeroed_restores_bit_identically_even_on_error(tiny_resnet):

@@ -114,3 +114,26 @@ def test_missing_factory_suggests_a_close_name():
 def test_registry_lists_the_demo_model():
     assert "digits_cnn" in list_models()
     assert list_models("tiny_*") == ["tiny_convnet", "tiny_resnet"]
+
+
+def test_random_initialisation_is_seeded_and_leaves_the_global_random_state_alone():
+    """Without weights every command builds the same random model (scan, plan and apply agree)."""
+    from sensplan.sensitivity._models import weights_digest
+
+    spec = ModelSpec("sensplan:tiny_convnet")
+    state = torch.random.get_rng_state()
+    a, b = load_model(spec), load_model(spec)
+    assert weights_digest(a) == weights_digest(b)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert weights_digest(load_model(spec, init_seed=1)) != weights_digest(a)
+
+
+def test_cli_warns_loudly_without_weights(capsys):
+    import argparse
+
+    from sensplan.cli._common import load_model as cli_load_model
+
+    args = argparse.Namespace(model="sensplan:tiny_convnet", model_arg=[], weights=None, allow_pickle=False)
+    cli_load_model(args)
+    err = capsys.readouterr().err
+    assert "WARNING: no --weights" in err and "RANDOMLY INITIALISED" in err and "seeded" in err

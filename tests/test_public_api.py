@@ -34,6 +34,7 @@ NECESSARY = {
     # train_loader / load_calibration_set are not public yet (the README's Python API imports
     # load_calibration_set from sensitivity._data too)
     ("sensplan.planner._demo", "sensplan.sensitivity._data"),
+    ("sensplan.planner._verify", "sensplan.sensitivity._data"),
     ("sensplan.cli._common", "sensplan.sensitivity._data"),
     ("sensplan.cli.apply", "sensplan.sensitivity._data"),
     # CLI-only helpers of the planner: check_compatible, VARIANTS, check_objective, the demo

@@ -315,3 +315,32 @@ def test_bad_budgets_are_explained(text, fragment):
 def test_a_budget_on_an_unknown_metric_names_the_known_ones():
     with pytest.raises(BudgetError, match=r"'latency' is not known.*size, macs, bops, params"):
         make_plan(synthetic_scan(), [Budget.parse("latency=0.5")])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pair_penalties_are_priced_exactly(seed):
+    """A learned penalty per pair of blocks at one option (errors that compound) is convex in their
+    count; the MILP's tangent constraints price it exactly: same optimum as enumeration."""
+    from collections import Counter
+
+    from sensplan.planner._solver import CountPenalty, penalty
+
+    cm = costs_of("mixed", seed)
+    keys = Counter(o.key for b in cm.blocks for o in b.options[1:])
+    common = [k for k, n in keys.most_common(2) if n >= 2]
+    penalties = [CountPenalty(k, 0.01 * (j + 1)) for j, k in enumerate(common)]
+    objective = objective_table(cm)
+
+    def total(choice):
+        return float(sum(objective[i][o] for i, o in choice.items())) + penalty(cm, choice, penalties)
+
+    for budget in ("macs=0.7", "size=0.4"):
+        b = [Budget.parse(budget)]
+        got, ref = solve(cm, b, penalties=penalties), brute_force(cm, b, penalties=penalties)
+        assert total(got.choice) == pytest.approx(total(ref.choice), abs=1e-9)
+        assert got.predicted_drop == pytest.approx(cm.predicted_drop(got.choice) + penalty(cm, got.choice, penalties))
+        assert within(cm, got.costs, b)
+    # the penalties change the optimum somewhere: without them the solver uses the penalised options more
+    plain = solve(cm, [Budget.parse("size=0.4")])
+    assert sum(p.count(cm, plain.choice) for p in penalties) >= sum(
+        p.count(cm, solve(cm, [Budget.parse("size=0.4")], penalties=penalties).choice) for p in penalties)

@@ -99,3 +99,21 @@ def test_planning_from_files_works_without_torch(scan_dir):
     assert got["latency"] == pytest.approx(0.6)  # int8 head: 0.5 + 0.1, within 0.9 * 1.0
     assert got["executor"] == "refused"
     assert (scan_dir / "plan.json").is_file()
+
+
+CLI_PLAN = textwrap.dedent("""
+    import sys
+    from sensplan.cli import main
+    code = main(["plan", "--scan", sys.argv[1] + "/scan.json", "--budget", "macs=0.6", "--no-verify",
+                 "--out", sys.argv[1] + "/cli-plan.json"])
+    loaded = [m for m in sys.modules if m.split(".")[0] in ("torch", "torch_pruning", "torchvision")]
+    print("EXIT", code, loaded)
+""")
+
+
+def test_sensplan_plan_no_verify_runs_without_torch(scan_dir):
+    proc = run_blocked(CLI_PLAN, str(scan_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "EXIT 0 []"
+    plan = json.loads((scan_dir / "cli-plan.json").read_text())
+    assert "verification" not in plan and plan["plans"]["planned"]["predicted"]["drop_interval"]

@@ -3,8 +3,10 @@
 Setting: ``ratio``, the fraction of the group's channels removed (round half up, one kept). The
 probe zeroes the chosen channels in every member (conv outputs, BatchNorm scale and offset,
 consumers' inputs); the executor zeroes them, recalibrates, then removes them structurally. Both
-choose channels by the group L2 magnitude (``PruningGraph.select``). Before a group is scanned it
-is pruned for real on a copy and compared with the probe; unsafe groups are skipped with the reason.
+choose channels by the group L2 magnitude (``PruningGraph.select``). A group holding a grouped
+convolution or a GroupNorm loses the same positions from each of its ``channel_step`` chunks, so
+its ratio is rounded per chunk. Before a group is scanned it is pruned for real (in place, then put
+back) and compared with the probe; unsafe groups are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
+
+import torch
 
 from sensplan.sensitivity._groups import check_group, n_remove_for
 from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, ratio_setting
@@ -50,23 +54,34 @@ class Prune(Method):
     def unit_settings(self, ctx: MethodContext, unit: str, settings: Sequence[Setting]) -> list[Setting]:
         out: list[Setting] = []
         channels = int(ctx.groups[unit]["channels"])
+        step = int(ctx.groups[unit].get("channel_step", 1))
         for s in sorted(settings, key=lambda s: float(s["ratio"])):
-            k = n_remove_for(float(s["ratio"]), channels)
+            k = n_remove_for(float(s["ratio"]), channels, step)
             if k > 0 and all(k != o["n_remove"] for o in out):
                 out.append({"ratio": float(s["ratio"]), "n_remove": k})
         return out
 
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
         out: dict[str, str] = {}
+        if ctx.check_inputs is None:
+            raise TypeError("MethodContext.check_inputs is needed to check channel groups")
+        with torch.no_grad():
+            reference = ctx.model(ctx.check_inputs)  # once: every check compares with it
         for gid, g in ctx.groups.items():
+            if ctx.graph.unsafe_reason(gid):
+                out[gid] = ctx.graph.unsafe_reason(gid)
+                continue
             opts = self.unit_settings(ctx, gid, settings)
             if not opts:
-                out[gid] = (f"only {g['channels']} channel(s): no scanned ratio removes a channel "
-                            f"while keeping one.")
+                step = int(g.get("channel_step", 1))
+                out[gid] = (f"only {g['channels']} channel(s): no scanned ratio removes a channel while "
+                            f"keeping one." if step == 1 else
+                            f"its {g['channels']} channels form {step} equal chunks ({ctx.graph.step_cause(gid)}) "
+                            f"that must lose the same positions: no scanned ratio removes one channel per "
+                            f"chunk while keeping one.")
                 continue
-            if ctx.check_inputs is None:
-                raise TypeError("MethodContext.check_inputs is needed to check channel groups")
-            chk = check_group(ctx.model, ctx.graph, gid, opts[-1]["n_remove"], ctx.check_inputs)
+            chk = check_group(ctx.model, ctx.graph, gid, opts[-1]["n_remove"], ctx.check_inputs,
+                              reference=reference)
             out[gid] = chk.reason
             if chk.ok:
                 for key, dims in chk.shrinks.items():
@@ -86,6 +101,8 @@ class Prune(Method):
         ctx.records.setdefault("removed", {}).update(chosen)
 
     def finalize_(self, ctx: MethodContext, assignment: Mapping[str, Setting]) -> None:
-        for gid, idxs in ctx.records.get("removed", {}).items():
-            if gid in assignment:
-                ctx.graph.prune_(gid, idxs)
+        removed = {g: idxs for g, idxs in ctx.records.get("removed", {}).items() if g in assignment}
+        for gid, idxs in removed.items():  # stop emulating norms before any tensor shrinks
+            ctx.graph.unzero_(gid, idxs, [])
+        for gid, idxs in removed.items():
+            ctx.graph.prune_(gid, idxs)

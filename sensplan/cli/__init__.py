@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from sensplan._errors import SensplanError, UserInputError
 from sensplan._version import __version__
 from sensplan.cli import apply, demo, methods, models, plan, report, run, scan, validate
-from sensplan.cli._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted
+from sensplan.cli._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, clobber_problem
 
 VERBS = (scan, plan, apply, report, run, demo, validate, methods, models)
 
@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     args.argv = argv  # to print the command that resumes an interrupted scan
     try:
+        clobber = clobber_problem(args)
+        if clobber:
+            raise UserInputError(clobber)
         return int(args.fn(args))
     except Interrupted:
         return EXIT_INTERRUPTED
@@ -71,8 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sensplan {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        resume = (" Run the same command again: the scan resumes from its journal, redoing no "
+                  "finished probe." if args.command in ("scan", "run", "demo") else "")
         print(f"\nsensplan {args.command}: interrupted; the files already written are complete "
-              f"(every file is written atomically).", file=sys.stderr)
+              f"(every file is written atomically).{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SensplanError as e:
         traceback.print_exc()

@@ -121,6 +121,33 @@ def output_problem(out: Output) -> str | None:
     return None
 
 
+#: the flags (argparse dests) that name files a verb reads
+_INPUT_FLAGS = ("scan", "plan", "weights", "cost_table", "class_map")
+
+
+def clobber_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--out`` would overwrite one of the command's own input files, or None."""
+    out = getattr(args, "out", None)
+    if not out:
+        return None
+    inputs: list[tuple[str, str]] = []
+    for dest in _INPUT_FLAGS:
+        value = getattr(args, dest, None)
+        for path in value if isinstance(value, list) else [value] if value else []:
+            inputs.append((f"--{dest.replace('_', '-')}", str(path)))
+    spec = str(getattr(args, "model", "") or "")
+    if spec.startswith("pickle:"):
+        inputs.append(("--model", spec[len("pickle:"):]))
+    elif spec.rpartition(":")[0].endswith(".py"):
+        inputs.append(("--model", spec.rpartition(":")[0]))
+    target = os.path.realpath(out)
+    for flag, path in inputs:
+        if os.path.realpath(path) == target:
+            return (f"--out {out} is also the {flag} file: writing there would replace your input. "
+                    f"Choose another --out.")
+    return None
+
+
 def check_outputs(problems: Problems, outputs: Sequence[Output]) -> None:
     """Record the first unwritable output (the later ones usually fail for the same reason)."""
     for out in outputs:
@@ -177,6 +204,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--samples", type=int, default=2000, metavar="N",
                    help="size of the stratified, seeded evaluation sample (default 2000; 0 = all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default 0)")
+    g.add_argument("--class-map", metavar="FILE.json",
+                   help="which model output each class folder is: {\"cat\": 3, \"dog\": 5}, or a "
+                        "list of class names in output order. Needed when the folders are not "
+                        "exactly the model's classes in sorted order (applies to every data flag)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave images that cannot be decoded out (they are counted and reported) "
+                        "instead of stopping with an error that names them")
     g.add_argument("--resize", type=int, metavar="PX", help="resize the shorter image side to PX")
     g.add_argument("--crop", type=int, metavar="PX", help="center-crop to PX x PX")
     g.add_argument("--mean", metavar="M1,M2,M3",
@@ -211,6 +245,9 @@ def check_data_args(args: argparse.Namespace, problems: Problems) -> None:
     """Checks of the evaluation-data flags that need no data."""
     problems.at_least(args.samples, 0, "--samples", note=" (0 = all)")
     problems.at_least(args.calib_samples, 0, "--calib-samples", strict=True)
+    problems.at_least(args.seed, 0, "--seed")
+    if args.class_map is not None:
+        problems.check(partial(class_map, args))
     before = len(problems.messages)
     problems.at_least(args.resize, 1, "--resize")
     problems.at_least(args.crop, 1, "--crop")
@@ -269,6 +306,17 @@ def floats(text: str | None, flag: str) -> tuple[float, ...] | None:
                              f"Got {text!r}.") from None
 
 
+def check_budget_scale(scan: Any, budgets: Sequence[Any], cost_tables: Sequence[Any] = ()) -> None:
+    """Raise a BudgetError for a budget such as ``macs=2`` (an absolute 2 MACs, far below the
+    original model's cost: a fraction was meant), before any solving or measuring."""
+    from sensplan.planner import Costs
+
+    original = Costs(scan, list(cost_tables)).original
+    for b in budgets:
+        if b.metric in original:
+            b.limit(original)
+
+
 # -- loading -------------------------------------------------------------------------------------
 def model_spec(args: argparse.Namespace) -> ModelSpec:
     from sensplan.sensitivity import ModelSpec
@@ -290,23 +338,59 @@ def load_model(args: argparse.Namespace) -> tuple[Any, ModelSpec]:
     from sensplan.sensitivity import load_model as _load
 
     spec = model_spec(args)
-    return _load(spec, args.weights, allow_pickle=args.allow_pickle), spec
+    model = _load(spec, args.weights, allow_pickle=args.allow_pickle)
+    if args.weights is None and not spec.source.startswith("pickle:"):  # after: a failure stays one line
+        say("WARNING: no --weights: the model has RANDOMLY INITIALISED weights. Its drops, plan and "
+            "results say nothing about a trained model. The initialisation is seeded (0), so scan, plan "
+            "and apply see the same random model, but another torch version or a factory that draws "
+            "its own random numbers may build a different one. Pass --weights FILE for real results.")
+    return model, spec
 
 
 def preprocess(args: argparse.Namespace) -> Any:
     from sensplan.sensitivity import Preprocess
 
-    return Preprocess(resize=args.resize, crop=args.crop, mean=floats(args.mean, "--mean"),
-                      std=floats(args.std, "--std"))
+    mean, std = floats(args.mean, "--mean"), floats(args.std, "--std")
+    if (mean is None) != (std is None):
+        raise UserInputError("Give both --mean and --std (e.g. --mean 0.5,0.5,0.5 --std "
+                             "0.25,0.25,0.25), or neither for the defaults.")
+    if mean is not None and std is not None:
+        if len(mean) != len(std):
+            raise UserInputError(f"--mean has {len(mean)} value(s) but --std has {len(std)}; give "
+                                 f"one of each per input channel.")
+        if any(v <= 0 for v in std):
+            raise UserInputError(f"Every --std value must be > 0. Got {args.std}.")
+    return Preprocess(resize=args.resize, crop=args.crop, mean=mean, std=std)
+
+
+def class_map(args: argparse.Namespace) -> tuple[tuple[str, int], ...] | None:
+    """``--class-map`` read and checked (None without the flag)."""
+    from sensplan.sensitivity._data import load_class_map
+
+    return load_class_map(args.class_map) if getattr(args, "class_map", None) else None
 
 
 def data_spec(text: str, args: argparse.Namespace, flag: str) -> Any:
+    """The data spec of ``flag`` with the preprocessing, class map and skip flags applied."""
+    import dataclasses
+
     from sensplan.sensitivity import DataSpec
 
     try:
-        return DataSpec.parse(text, preprocess(args))
+        spec = DataSpec.parse(text, preprocess(args))
     except UserInputError as e:
         raise UserInputError(f"{flag}: {e}") from None
+    return dataclasses.replace(spec, class_map=class_map(args),
+                               skip_unreadable=bool(getattr(args, "skip_bad_images", False)))
+
+
+def report_skipped(desc: dict[str, Any], flag: str) -> None:
+    """Say how many unreadable images ``--skip-bad-images`` left out of a data set."""
+    n = desc.get("unreadable_skipped")
+    if n:
+        examples = "; ".join(desc.get("unreadable", [])[:3])
+        say(f"--skip-bad-images: left out {n} unreadable image(s) of {flag} "
+            f"({desc.get('spec')}), e.g. {examples}")
 
 
 def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
@@ -315,10 +399,13 @@ def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
     from sensplan.sensitivity._data import load_calibration_set
 
     data = load_eval_set(data_spec(args.data, args, "--data"), args.samples or None, args.seed)
+    report_skipped(data.description, "--data")
     if args.no_bn_recalibration:
         return data, None
     flag = "--calib-data" if args.calib_data else "--train-data"
     source = args.calib_data or getattr(args, "train_data", None)
     calib = load_calibration_set(data, args.calib_samples, args.seed,
                                  data_spec(source, args, flag) if source else None)
+    if "itself" not in str(calib.description.get("role", "")):  # else it is the sample above
+        report_skipped(calib.description, flag if source else "--data (calibration)")
     return data, calib

@@ -157,18 +157,22 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
     """Apply and measure each variant; return the budgets missed (one line each)."""
     from sensplan.planner import apply_plan, measure_original, missed_budgets
     from sensplan.planner._apply import check_compatible
-    from sensplan.sensitivity import get_task
+    from sensplan.sensitivity import check_model_and_data, get_task
+    from sensplan.sensitivity._data import check_classes_fit
 
     dev = device(args.device)
     model = model.to(dev)
     data = data.to(dev)
     calib = calib.to(dev) if calib is not None else None
+    task = get_task(plan.data["task"]["name"])
+    outputs = check_model_and_data(model, data, task, dev)
+    if loader is not None and outputs is not None:  # the fine-tuning loss uses its labels
+        check_classes_fit(loader.classes, loader.spec, outputs, "--train-data")
     check_compatible(model, plan, data.example_input)
     have = [v for v in variants if plan.data["plans"].get(v) is not None]
     for v in variants:
         if v not in have:
             say(f"the plan has no {v} allocation (none meets the budget); skipping it")
-    task = get_task(plan.data["task"]["name"])
     state = task.prepare(model, data)
     say("measuring the original model")
     before = measure_original(model, data, spec, timing=not args.no_timing, task=task,
@@ -181,6 +185,11 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
                        timing=not args.no_timing, before=before)
         print_metrics(v, task.metric.name, m)
         missed += [f"{v}: {line}" for line in missed_budgets(m)]
+    if loader is not None and getattr(loader, "skipped", None):
+        bad = {b.path: b.reason for b in loader.skipped}  # each epoch and variant meets them again
+        examples = "; ".join(f"{path}: {why}" for path, why in list(bad.items())[:3])
+        say(f"--skip-bad-images: left out {len(bad)} unreadable image(s) of --train-data during "
+            f"fine-tuning, e.g. {examples}")
     return missed
 
 

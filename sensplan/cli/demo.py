@@ -42,6 +42,23 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(fn=main)
 
 
+def check_pipeline(argv: list[str], problems: Problems) -> None:
+    """Every check ``sensplan run`` makes of ``argv`` (budgets, output paths), without running it:
+    a bad --budget or --out must not cost the training first."""
+    from sensplan.cli import apply, build_parser, plan, report, scan
+
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    scan.check(args, problems)
+    plan.check(args, problems)
+    variants = apply.check_variants(args, problems)
+    apply.check_finetune(args, problems)
+    check_outputs(problems, [Output(out, "--out", is_dir=True), Output(out / "digits_cnn.pt", "--out"),
+                             *scan.scan_outputs(out / "scan.json"), Output(out / "plan.json", "--out"),
+                             *apply.result_outputs(out / "result", variants),
+                             *report.report_outputs(out / "report")])
+
+
 def main(args: argparse.Namespace) -> int:
     from sensplan.cli import main as sensplan
     from sensplan.planner import Budget
@@ -50,10 +67,16 @@ def main(args: argparse.Namespace) -> int:
     problems = Problems()
     problems.at_least(args.epochs, 0, "--epochs")
     problems.at_least(args.threads, 1, "--threads")
+    problems.at_least(args.seed, 0, "--seed")
     budgets = args.budget or ["macs=0.5"]
     for b in budgets:
         problems.check(partial(Budget.parse, b))
-    check_outputs(problems, [Output(Path(args.out), "--out", is_dir=True)])
+    out = Path(args.out)
+    if not problems.messages:  # the pipeline's own checks, before the training
+        check_pipeline(demo_argv(out, out / "digits_cnn.pt", budgets, args.epochs, args.seed,
+                                 not args.no_timing, args.threads), problems)
+    else:
+        check_outputs(problems, [Output(out, "--out", is_dir=True)])
     problems.raise_if_any()
     weights = train_demo_model(args.out, args.seed, args.threads)
     argv = demo_argv(args.out, weights, budgets, args.epochs, args.seed, not args.no_timing,

@@ -1,18 +1,33 @@
 """``sensplan plan``: the best per-unit allocation for a budget (exact MILP) and the uniform plan.
 
-Torch-free: it reads scan.json and optional measured cost tables.
+It reads scan.json and optional measured cost tables, solves, then verifies the plan by measuring it
+on the scan's model and data (rebuilt from what scan.json records, checked by digest), corrects the
+drop model and solves again, and keeps the best measured candidate among its rounds and the uniform
+plans. With --no-verify it is torch-free: files in, file out.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sensplan.cli._common import Output, Problems, add_verb, check_outputs, need, say
+from sensplan.cli._common import (
+    Output,
+    Problems,
+    add_runtime_args,
+    add_verb,
+    check_budget_scale,
+    check_outputs,
+    check_runtime_args,
+    need,
+    say,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     from sensplan._tables import Scan
@@ -32,9 +47,31 @@ def register(sub: SubParsers) -> None:
                               "uniform plan.", EXAMPLE)
     p.add_argument("--scan", required=True, metavar="FILE", help="scan.json from `sensplan scan`")
     add_budget_args(p)
+    add_verify_args(p)
+    g = p.add_argument_group("the model and data for verification (default: what scan.json records)")
+    g.add_argument("--weights", metavar="FILE",
+                   help="the scan's checkpoint, if it moved (checked against the scan's sha256)")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow a pickle:FILE model spec (trusted files only)")
+    add_runtime_args(p, dtype=False)
     p.add_argument("--out", default="plan.json", metavar="FILE",
                    help="where to write the plan (default plan.json)")
     p.set_defaults(fn=main)
+
+
+def add_verify_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("verification (measure the plan before writing it)")
+    g.add_argument("--no-verify", action="store_true",
+                   help="write the solver's plan without measuring it (no model or data needed)")
+    g.add_argument("--verify-rounds", type=int, default=3, metavar="N",
+                   help="solves at most: each round measures the plan; when the measurement falls "
+                        "outside the prediction's interval the drop model is corrected and solved "
+                        "again (default 3)")
+    g.add_argument("--holdout-data", metavar="SPEC",
+                   help="held-out data to choose the final plan on (default: items of the scan's "
+                        "--data outside its sample and calibration)")
+    g.add_argument("--holdout-samples", type=int, default=5000, metavar="N",
+                   help="held-out items used (default 5000; 0 = all)")
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +122,8 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     max_drop = (problems.check(partial(parse_max_drop, args.max_drop))
                 if args.max_drop is not None else None)
     good = [b for b in budgets if b is not None]
+    if len(good) == len(budgets):
+        problems.check(partial(Budget.check_distinct, good, args.budget))
     if len(good) == len(budgets) and (args.max_drop is None or max_drop is not None):
         problems.check(partial(check_objective, good, max_drop, args.minimize))
     if problems.messages:
@@ -92,12 +131,26 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit)
 
 
-def execute(scan: Scan, inputs: PlanInputs, out: Path) -> Plan:
+def check_verify(args: argparse.Namespace, problems: Problems) -> None:
+    if args.no_verify:
+        return
+    problems.at_least(args.verify_rounds, 1, "--verify-rounds")
+    problems.at_least(args.holdout_samples, 0, "--holdout-samples")
+
+
+def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rounds: int = 3,
+            notes: Sequence[str] = ()) -> Plan:
     from sensplan.planner import make_plan
 
+    for n in notes:
+        say(f"note: {n}")
+    if verifier is not None:
+        say("verifying: measuring the plan, its corrections and the uniform candidates ...")
     plan = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
-                     time_limit=inputs.time_limit, cost_models=inputs.cost_tables).save(out)
+                     time_limit=inputs.time_limit, cost_models=inputs.cost_tables, verifier=verifier,
+                     rounds=rounds).save(out)
     print_plan(plan)
+    print_verification(plan)
     solver = plan.data["plans"]["planned"].get("solver", {})
     if not solver.get("optimal", True):
         say(f"note: the solver stopped before proving the plan optimal ({solver.get('status')}; "
@@ -123,6 +176,28 @@ def print_plan(plan: Plan) -> None:
     say(tabulate(rows, headers=headers, tablefmt="simple"))
 
 
+def print_verification(plan: Plan) -> None:
+    ver = plan.data.get("verification")
+    if not ver:
+        return
+    for r in ver["rounds"]:
+        if "stopped" in r:
+            say(f"  round {r['round']}: stopped: {r['stopped']}")
+            continue
+        held = r.get("held_out")
+        say(f"  round {r['round']}: predicted drop {r['predicted']['drop']:.4f} "
+            f"[{r['predicted']['drop_interval'][0]:.4f}, {r['predicted']['drop_interval'][1]:.4f}], "
+            f"measured {r['sample']['drop']:.4f} on the scan sample"
+            + (f", {held['drop']:.4f} held-out" if held else "")
+            + ("" if r["within_interval"] else " (outside: corrected)" if "correction" in r
+               else " (outside the interval)"))
+    for u in ver["uniform"]:
+        held = u.get("held_out")
+        say(f"  uniform {u['label']}: predicted {u['predicted']['drop']:.4f}, measured "
+            f"{u['sample']['drop']:.4f}" + (f", {held['drop']:.4f} held-out" if held else ""))
+    say(f"verdict: {ver['verdict']} ({ver['seconds']:.0f} s of verification)")
+
+
 def _fraction(v: float | None) -> str:
     return "–" if v is None else f"{v:.3f}"
 
@@ -133,8 +208,23 @@ def main(args: argparse.Namespace) -> int:
     problems = Problems()
     scan = problems.check(partial(Scan.load, args.scan))
     inputs = check(args, problems)
+    if scan is not None and inputs is not None:  # macs=2 (2 MACs) is caught before any work
+        problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.cost_tables))
+    check_verify(args, problems)
+    if not args.no_verify:  # --no-verify stays torch-free
+        check_runtime_args(args, problems)
     check_outputs(problems, [Output(Path(args.out), "--out")])
     problems.raise_if_any()
-    execute(need(scan), need(inputs), Path(args.out))
+    verifier: Any = None
+    notes: list[str] = []
+    if not args.no_verify:
+        from sensplan.planner import verifier_from_scan
+
+        set_threads(args)
+        verifier, notes = verifier_from_scan(need(scan), weights=args.weights, allow_pickle=args.allow_pickle,
+                                             holdout=args.holdout_data,
+                                             holdout_samples=args.holdout_samples or None,
+                                             device=args.device)
+    execute(need(scan), need(inputs), Path(args.out), verifier, args.verify_rounds, notes)
     print(os.fspath(args.out))
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sensplan._errors import UserInputError
 from sensplan.cli import apply, plan, report, scan
 from sensplan.cli._common import (
     Output,
@@ -21,6 +23,7 @@ from sensplan.cli._common import (
     add_runtime_args,
     add_verb,
     check_outputs,
+    data_spec,
     load_data,
     load_model,
     need,
@@ -46,6 +49,7 @@ def register(sub: SubParsers) -> None:
     add_data_args(p)
     scan.add_scan_args(p)
     plan.add_budget_args(p)
+    plan.add_verify_args(p)
     apply.add_apply_args(p)
     add_runtime_args(p, dtype=True)
     p.add_argument("--out", required=True, metavar="DIR",
@@ -62,6 +66,9 @@ def main(args: argparse.Namespace) -> int:
     problems = Problems()
     cfg = scan.check(args, problems)
     inputs = plan.check(args, problems)
+    plan.check_verify(args, problems)
+    holdout = (problems.check(partial(data_spec, args.holdout_data, args, "--holdout-data"))
+               if args.holdout_data and not args.no_verify else None)
     variants = apply.check_variants(args, problems)
     ft = apply.check_finetune(args, problems)
     check_outputs(problems, [Output(out, "--out", is_dir=True), *scan.scan_outputs(scan_out),
@@ -77,7 +84,8 @@ def main(args: argparse.Namespace) -> int:
     say("== scan ==")
     table = scan.execute(args, need(cfg), model, spec, data, calib, scan_out)
     say("== plan ==")
-    the_plan = plan.execute(table, need(inputs), plan_out)
+    verifier = None if args.no_verify else plan_verifier(args, model, spec, data, calib, holdout)
+    the_plan = plan.execute(table, need(inputs), plan_out, verifier, args.verify_rounds)
     say("== apply ==")
     missed = apply.execute(args, the_plan, variants, model, spec, data, calib, loader, ft,
                            result_out)
@@ -86,3 +94,29 @@ def main(args: argparse.Namespace) -> int:
     say(f"done in {time.perf_counter() - t0:.0f} s; open {html}")
     print(os.fspath(out))
     return apply.report_missed("run", missed)
+
+
+def plan_verifier(args: argparse.Namespace, model: Any, spec: Any, data: Any, calib: Any, holdout: Any) -> Any:
+    """The verifier of ``sensplan run``: the model and data in memory, and a held-out split
+    (--holdout-data, or items of --data outside the sample and the calibration data)."""
+    import numpy as np
+
+    from sensplan.planner import Verifier
+    from sensplan.sensitivity import load_eval_set
+
+    n = args.holdout_samples or None
+    used = [data.indices]
+    if calib is not None and calib.description.get("spec") == data.description.get("spec"):
+        used.append(calib.indices)
+    exclude = np.concatenate([u for u in used if u is not None])
+    spec_data = data_spec(args.data, args, "--data")
+    if holdout is not None:  # the scan's own data: only what the sample and calibration left
+        held = load_eval_set(holdout, n, args.seed + 2, exclude=exclude if holdout == spec_data else None)
+    else:
+        try:
+            held = load_eval_set(spec_data, n, args.seed + 2, exclude=exclude)
+        except UserInputError:
+            say(f"note: --data {args.data} has nothing outside the scan's sample and calibration: "
+                f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
+            held = None
+    return Verifier(model, data, calib, held, model_spec=spec, device=args.device)

@@ -1,0 +1,523 @@
+"""Verify a plan before it is written: measure it, correct the drop model, never lose to uniform.
+
+The additive drop model (a plan's drop = the sum of its units' scanned drops) cannot see that
+errors compound (ten layers at 2 bits, each nearly free alone) or cancel, and the solver prefers the
+units whose sample drops happened to be low (the winner's curse). So, with a :class:`Verifier`
+(the model and its data), :func:`verify`:
+
+1. measures the solved allocation exactly as the executor applies it without fine-tuning (the
+   methods' transformations, BatchNorm recalibration) on the scan's sample and on a held-out split
+   the scan never saw;
+2. when the sample measurement falls outside the prediction's 95% interval, measures the joint drop
+   of the chosen units per option (e.g. all layers chosen at 2 bits together), learns a surcharge
+   per option from how far each joint drop is from the sum of its units' drops (and spreads what
+   is still unexplained over the options by their joint drops), and solves again with the
+   corrected drops; up to ``rounds`` solves;
+3. measures the uniform candidates at the same budget (every combination of layer options, each
+   with the least pruning that fits) the same way;
+4. keeps the best *measured* candidate on the held-out split (on the sample when there is none):
+   a plan round or a uniform candidate, and records which won and by how much.
+
+Scanned drops within their standard error of zero are not taken as free: the corrected rounds use
+``max(drop, se)`` (:meth:`Costs.adjusted`). The first round uses the scan as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sensplan._errors import InfeasibleBudgetError
+from sensplan.planner._budget import Budget
+from sensplan.planner._costs import Costs
+from sensplan.planner._solver import CountPenalty, cost_metric, penalty, solve, uniform_candidates
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from sensplan.sensitivity import EvalSet, ModelSpec
+
+Z95 = 1.96
+#: a measurement within this of the prediction is never corrected (a tenth of a point)
+TOLERANCE = 0.001
+#: option groups whose joint drop is measured per correction round (the largest first)
+MAX_BUCKETS = 6
+#: uniform candidates measured (the best predicted first)
+MAX_UNIFORM = 8
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One allocation measured on one split: the drop from the original (and its paired standard
+    error), the score, and the number of samples."""
+
+    drop: float
+    se: float
+    score: float
+    n: int
+
+    def to_dict(self) -> dict[str, float]:
+        return {"drop": self.drop, "drop_se": self.se, "score": self.score, "n": self.n}
+
+
+class Verifier:
+    """The model and data a plan is verified on.
+
+    ``data`` is the scan's evaluation sample, ``calib`` its BatchNorm calibration data, ``held`` a
+    split of the same distribution that neither the scan nor the calibration saw (None: verify on
+    the sample only). ``model`` is never modified. Example::
+
+        v = Verifier(model, data, calib, held, model_spec=spec)
+        plan = make_plan(scan, [Budget.parse("size=0.125")], verifier=v)
+    """
+
+    def __init__(self, model: nn.Module, data: EvalSet, calib: EvalSet | None, held: EvalSet | None = None,
+                 *, model_spec: ModelSpec | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 500) -> None:
+        import torch
+
+        if device is not None and torch.device(device) != next(model.parameters()).device:
+            model = copy.deepcopy(model).to(device)
+        dev = next(model.parameters()).device
+        self.model = model.eval()
+        self.data = data.to(dev)
+        self.calib = calib.to(dev) if calib is not None else None
+        self.held = held.to(dev) if held is not None and len(held) else None
+        self.model_spec = model_spec
+        self.batch_size = batch_size
+        self._task_name = ""
+        self._base: dict[str, Any] = {}
+
+    def _prepare(self, task_name: str) -> None:
+        if task_name == self._task_name:
+            return
+        from sensplan.sensitivity import get_task
+
+        task = get_task(task_name)
+        self._base = {"task": task}
+        for split, ds in (("sample", self.data), ("held", self.held)):
+            if ds is None:
+                continue
+            state = task.prepare(self.model, ds, self.batch_size)
+            self._base[split] = (ds, state, task.evaluate(self.model, ds, state, self.batch_size))
+        self._task_name = task_name
+
+    def baseline(self, task_name: str) -> dict[str, float]:
+        self._prepare(task_name)
+        return {split: self._base[split][2].score for split in ("sample", "held") if split in self._base}
+
+    def measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], *,
+                held: bool = True) -> tuple[Measured, Measured | None]:
+        """``alloc`` applied as the executor does without fine-tuning, measured on the sample (and
+        on the held-out split when ``held``)."""
+        from sensplan.planner._apply import compress
+        from sensplan.planner._plan import Plan
+        from sensplan.sensitivity.tasks import paired_se
+
+        self._prepare(plan_data["task"]["name"])
+        task = self._base["task"]
+        plan = Plan({**plan_data, "plans": {"candidate": dict(alloc)}})
+        cm, _ = compress(self.model, plan, "candidate", self.data.example_input, calib=self.calib,
+                         data=self.data, model_spec=self.model_spec)
+        out: list[Measured | None] = []
+        for split in ("sample", "held"):
+            if split not in self._base or (split == "held" and not held):
+                out.append(None)
+                continue
+            ds, state, base = self._base[split]
+            ev = task.evaluate(cm.module, ds, state, self.batch_size)
+            se = 0.0
+            if base.per_sample is not None and ev.per_sample is not None:
+                se = paired_se(base.per_sample, ev.per_sample)[2]
+            out.append(Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n))
+        sample = out[0]
+        if sample is None:  # pragma: no cover - the sample is always there
+            raise RuntimeError("no evaluation sample")
+        return sample, out[1]
+
+
+def _subset(alloc: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """``alloc`` with every block outside ``names`` left uncompressed."""
+    keep = set(names)
+    choices = {}
+    for name, c in alloc["choices"].items():
+        if name in keep or not c.get("method"):
+            choices[name] = c
+        else:
+            choices[name] = {**c, "method": None, "setting": {}, "label": "none", "effect": {}}
+    return {**alloc, "choices": choices}
+
+
+def _interval(pred: float, meas_se: float, pred_se: float = 0.0) -> tuple[float, float]:
+    """The range in which a measurement confirms the prediction (95%, at least :data:`TOLERANCE`
+    either side). On the held-out split, the prediction's own noise (``pred_se``, from the scan's
+    probes) and the measurement's are independent; on the scan's sample the probes and the
+    measurement share the sample, so only the measurement's paired standard error is counted."""
+    half = max(Z95 * math.sqrt(pred_se ** 2 + meas_se ** 2), TOLERANCE)
+    return pred - half, pred + half
+
+
+def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget], verifier: Verifier, *,
+           max_drop: float | None = None, minimize: str | None = None, time_limit: float = 60.0,
+           rounds: int = 3) -> None:
+    """Measure, correct and re-solve, measure the uniform candidates, and keep the best measured
+    candidate as ``data["plans"]["planned"]``; record everything in ``data["verification"]``."""
+    from sensplan.planner._plan import allocation, uniform_allocation, uniform_label
+
+    t0 = time.perf_counter()
+    baseline = verifier.baseline(data["task"]["name"])
+    metric = cost_metric(budgets, minimize)
+    base = cm.adjusted(noise_floor=True)  # the corrected rounds' starting point
+    model = _Correction(cm, base)
+    candidates: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    seen: list[dict[int, int]] = []
+    current = cm
+    for k in range(max(1, rounds)):
+        tr = time.perf_counter()
+        if k == 0:
+            alloc = data["plans"]["planned"]
+            choice = cm.choice_of({name: _key(c) for name, c in alloc["choices"].items()})
+        else:
+            try:
+                sol = solve(current, budgets, max_drop=max_drop, minimize=minimize, time_limit=time_limit,
+                            penalties=model.penalties())
+            except InfeasibleBudgetError as e:  # the corrected drops exceed --max-drop everywhere
+                records.append({"round": k + 1, "stopped": f"no plan meets the corrected model: {e}"})
+                break
+            choice = sol.choice
+            alloc = allocation(current, choice, scan)
+            alloc["solver"] = {"status": sol.status, "optimal": sol.optimal, "gap": sol.gap}
+        full = {i: choice.get(i, 0) for i in range(len(cm.blocks))}
+        if full in seen:
+            records.append({"round": k + 1, "stopped": "the corrected model chose an allocation already measured"})
+            break
+        seen.append(full)
+        pred = current.predicted_drop(full) + penalty(cm, full, model.penalties())
+        pred_se = current.predicted_se(full)
+        sample, held = verifier.measure(data, alloc)
+        # judged where the winner's curse shows: on the held-out split when there is one
+        ref = held if held is not None else sample
+        lo, hi = _interval(pred, ref.se, pred_se if held is not None else 0.0)
+        within = lo <= ref.drop <= hi
+        rec: dict[str, Any] = {"round": k + 1, "predicted": {"drop": pred, "drop_se": pred_se,
+                                                             "drop_interval": [lo, hi]},
+                               "sample": sample.to_dict(), "held_out": held.to_dict() if held else None,
+                               "within_interval": within, "costs": cm.evaluate(full)}
+        alloc = dict(alloc)
+        alloc["predicted"] = {**alloc["predicted"], "drop": pred, "drop_se": pred_se, "drop_interval": [lo, hi]}
+        candidates.append({"name": f"plan round {k + 1}", "kind": "plan", "alloc": alloc,
+                           "sample": sample, "held": held, "costs": rec["costs"]})
+        if not within and k + 1 < rounds:
+            rec["correction"] = model.learn(full, alloc, ref.drop, data, verifier, held is not None)
+            current = cm.adjusted(model.surcharge(), noise_floor=True)
+        rec["seconds"] = round(time.perf_counter() - tr, 3)
+        records.append(rec)
+        if within:
+            break
+
+    tu = time.perf_counter()
+    uniform_recs = []
+    unis = uniform_candidates(cm, budgets, max_drop=max_drop, minimize=minimize)
+    # the uniform plan chosen by prediction (plans.uniform) first, then the most promising others
+    if max_drop is None:
+        unis.sort(key=lambda u: (u.predicted_drop, u.costs.get(metric, 0.0)))
+    else:
+        unis.sort(key=lambda u: (u.costs.get(metric, 0.0), u.predicted_drop))
+    for u in unis[:MAX_UNIFORM]:
+        ualloc = uniform_allocation(cm, u, scan)
+        sample, held = verifier.measure(data, ualloc)
+        label = uniform_label(cm, u)
+        candidates.append({"name": f"uniform {label}", "kind": "uniform", "alloc": ualloc,
+                           "sample": sample, "held": held, "costs": u.costs})
+        uniform_recs.append({"label": label, "predicted": {"drop": u.predicted_drop},
+                             "sample": sample.to_dict(), "held_out": held.to_dict() if held else None,
+                             "costs": u.costs})
+    uniform_seconds = time.perf_counter() - tu
+
+    split = "held" if verifier.held is not None else "sample"
+
+    def measured(c: Mapping[str, Any]) -> Measured:
+        m: Measured = c[split] if c[split] is not None else c["sample"]
+        return m
+
+    if max_drop is None:
+        winner = min(candidates, key=lambda c: (measured(c).drop, c["kind"] != "plan"))
+    else:
+        ok = [c for c in candidates if measured(c).drop <= max_drop]
+        winner = (min(ok, key=lambda c: (c["costs"][metric], measured(c).drop)) if ok
+                  else min(candidates, key=lambda c: measured(c).drop))
+    plans = [c for c in candidates if c["kind"] == "plan"]
+    unis_m = [c for c in candidates if c["kind"] == "uniform"]
+    best_plan = min(plans, key=lambda c: measured(c).drop)
+    best_uni = min(unis_m, key=lambda c: measured(c).drop) if unis_m else None
+    by_prediction = unis_m[0] if unis_m else None  # what uniform_choice picks: sorted that way
+
+    final = dict(winner["alloc"])
+    final["verified"] = {"sample": winner["sample"].to_dict(),
+                         "held_out": winner["held"].to_dict() if winner["held"] else None,
+                         "candidate": winner["name"]}
+    # what to expect of this allocation: its own measurement (on held-out data when there is one)
+    m = measured(winner)
+    final["expected"] = {"drop": m.drop, "drop_se": m.se,
+                         "drop_interval": [m.drop - Z95 * m.se, m.drop + Z95 * m.se],
+                         "score": m.score,
+                         "measured_on": "held-out split" if split == "held" else "scan sample"}
+    if winner["kind"] == "uniform":
+        first = dict(data["plans"]["planned"].get("solver", {}))
+        final["solver"] = {**first, "status": f"{first.get('status', '?')} (round 1); the plan is the "
+                                              f"uniform candidate that measured best"}
+        lo, hi = _interval(final["predicted"]["drop"], measured(winner).se,
+                           final["predicted"].get("drop_se", 0.0) if split == "held" else 0.0)
+        final["predicted"] = {**final["predicted"], "drop_interval": [lo, hi]}
+    if data["plans"].get("uniform") is not None and by_prediction is not None:
+        data["plans"]["uniform"] = {**data["plans"]["uniform"],
+                                    "verified": {"sample": by_prediction["sample"].to_dict(),
+                                                 "held_out": by_prediction["held"].to_dict()
+                                                 if by_prediction["held"] else None}}
+    data["plans"]["planned"] = final
+
+    def gap(c: Mapping[str, Any] | None) -> float | None:
+        return None if c is None else measured(c).drop - measured(best_plan).drop
+
+    vs_best = gap(best_uni)
+    if max_drop is not None:
+        verdict = _max_drop_verdict(winner, candidates, measured, metric, cm.original.get(metric) or 1.0,
+                                    max_drop, _split_name(split))
+    elif winner["kind"] == "uniform":
+        verdict = (f"uniform wins: {winner['name']} measured {_pts(-(gap(winner) or 0.0))} "
+                   f"better than the best planned round on the {_split_name(split)}; the plan is that "
+                   f"uniform allocation")
+    elif best_uni is None:
+        verdict = f"{winner['name']} kept; no uniform candidate meets the budget"
+    elif abs(vs_best or 0.0) < 1e-12:
+        verdict = (f"{winner['name']} ties with the best uniform ({best_uni['name']}) on the "
+                   f"{_split_name(split)}")
+    else:
+        verdict = (f"{winner['name']} wins: {_pts(vs_best or 0.0)} better than the best uniform "
+                   f"({best_uni['name']}) on the {_split_name(split)}")
+    data["verification"] = {
+        "rounds": records,
+        "uniform": uniform_recs,
+        "baseline": baseline,
+        "chosen_on": _split_name(split),
+        "split": {"sample": len(verifier.data), "held_out": len(verifier.held) if verifier.held is not None else 0},
+        "winner": {"name": winner["name"], "kind": winner["kind"]},
+        "vs_best_uniform": None if best_uni is None else {
+            "name": best_uni["name"], "drop": measured(best_uni).drop, "cost": best_uni["costs"].get(metric),
+            "advantage": measured(best_uni).drop - measured(winner).drop},
+        "vs_uniform_by_prediction": None if by_prediction is None else {
+            "name": by_prediction["name"], "drop": measured(by_prediction).drop,
+            "cost": by_prediction["costs"].get(metric),
+            "advantage": measured(by_prediction).drop - measured(winner).drop},
+        "cost_metric": metric, "winner_cost": winner["costs"].get(metric),
+        "verdict": verdict,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "uniform_seconds": round(uniform_seconds, 3),
+    }
+    corrected = any("correction" in r for r in records)
+    data["objective"]["drop_model"] = (
+        "sum of per-unit drops (monotone envelope of the scan)"
+        + (", corrected by measured joint drops (pair penalties per option, surcharges per unit)" if corrected
+           else "") + "; the candidates were measured")
+
+
+def _key(c: Mapping[str, Any]) -> str:
+    from sensplan.planner._costs import option_key
+
+    return option_key(c.get("method"), c.get("setting", {}))
+
+
+def _pts(v: float) -> str:
+    return f"{100 * v:.2f} pt"
+
+
+def _split_name(split: str) -> str:
+    return "held-out split" if split == "held" else "scan sample"
+
+
+class _Correction:
+    """What the measurements taught about the drop model, as two corrections the MILP can price:
+
+    - per option measured jointly on two or more units (e.g. the layers chosen at 2 bits), the
+      excess of the joint drop over the sum of the units' drops becomes a :class:`CountPenalty`: a
+      rate per pair of units that choose that option (errors that compound grow with the pairs);
+    - what the plan's measurement leaves unexplained after that is spread over the chosen options,
+      by their drops, as a surcharge per unit on every block that offers the option.
+
+    After learning from a plan, the corrected model predicts that plan's measured drop. A
+    cancellation (a joint drop below the sum) is not rewarded: it only lowers the surcharges.
+    """
+
+    def __init__(self, cm: Costs, base: Costs) -> None:
+        self.cm = cm
+        self.drops = base.drop_table("drop")
+        self.rates: dict[str, float] = {}
+        self.per_unit: dict[str, float] = {}
+
+    def penalties(self) -> list[CountPenalty]:
+        return [CountPenalty(k, r) for k, r in sorted(self.rates.items()) if r > 0]
+
+    def surcharge(self) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        for i, b in enumerate(self.cm.blocks):
+            for o, opt in enumerate(b.options):
+                if o and opt.key in self.per_unit:
+                    out.setdefault(i, np.zeros(len(b.options)))[o] = self.per_unit[opt.key]
+        return out
+
+    def learn(self, choice: Mapping[int, int], alloc: Mapping[str, Any], measured: float,
+              data: Mapping[str, Any], verifier: Verifier, on_held: bool) -> list[dict[str, Any]]:
+        """Learn from ``measured`` (the plan's drop, on the held-out split when ``on_held``);
+        joint drops are measured on the same split."""
+        cm = self.cm
+        buckets: dict[str, list[int]] = {}
+        for i, o in choice.items():
+            if o:
+                buckets.setdefault(cm.blocks[i].options[o].key, []).append(i)
+        additive = {key: float(sum(self.drops[i][choice[i]] for i in m)) for key, m in buckets.items()}
+        out: list[dict[str, Any]] = []
+        joint: dict[str, float] = {}
+        for key in sorted(buckets, key=lambda key: (-len(buckets[key]), -additive[key]))[:MAX_BUCKETS]:
+            members = buckets[key]
+            if len(members) < 2:
+                continue
+            ms, mh = verifier.measure(data, _subset(alloc, [cm.blocks[i].name for i in members]), held=on_held)
+            m = mh if on_held and mh is not None else ms
+            joint[key] = m.drop
+            pairs = len(members) * (len(members) - 1) / 2
+            self.rates[key] = max(0.0, m.drop - additive[key]) / pairs
+            out.append({"option": key, "units": len(members), "additive": additive[key], "joint": m.drop,
+                        "rate_per_pair": self.rates[key]})
+        pen = {key: CountPenalty(key, self.rates.get(key, 0.0)).value(len(m)) if self.rates.get(key, 0.0) > 0
+               else 0.0 for key, m in buckets.items()}
+        residual = measured - sum(additive[key] + pen[key] for key in buckets)
+        weights = {key: max(joint.get(key, additive[key] + pen[key]), 0.0) for key in buckets}
+        total = sum(weights.values())
+        n_units = sum(len(m) for m in buckets.values())
+        for key, members in buckets.items():
+            share = weights[key] / total if total > 0 else len(members) / n_units
+            self.per_unit[key] = residual * share / len(members)
+        for rec in out:
+            rec["surcharge_per_unit"] = self.per_unit[str(rec["option"])]
+        if residual:
+            out.append({"unexplained": residual, "spread_over": sorted(buckets)})
+        return out
+
+
+def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool = False,
+                       holdout: Any = None, holdout_samples: int | None = 5000,
+                       device: str | torch.device | None = None) -> tuple[Verifier, list[str]]:
+    """The model, sample and calibration data the scan measured, rebuilt from what ``scan.json``
+    records (each checked against its digest), plus a held-out split: ``holdout`` (a DataSpec), or
+    else up to ``holdout_samples`` items of the scan's data that neither the sample nor the
+    calibration used. Returns the verifier and notes for the user."""
+    from pathlib import Path
+
+    from sensplan._artifacts import file_sha256
+    from sensplan._errors import UserInputError
+    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
+    from sensplan.sensitivity._data import load_calibration_set
+
+    notes: list[str] = []
+    rec = scan.data["model"]
+    if not rec.get("spec") or not (scan.data.get("data") or {}).get("kind"):
+        raise UserInputError("This scan does not record how to rebuild its model and data (it was made "
+                             "from objects in Python). Pass --no-verify, or verify in Python with "
+                             "make_plan(..., verifier=Verifier(model, data, calib, held)).")
+    spec = ModelSpec(rec["spec"]["source"], dict(rec["spec"].get("kwargs", {})))
+    path = weights or rec.get("weights")
+    if path:
+        if not Path(path).is_file():
+            raise UserInputError(f"Verifying the plan needs the weights the scan measured, {path!r}, which "
+                                 f"is not there. Pass --weights FILE, or --no-verify to skip verification.")
+        if rec.get("weights_sha256") and file_sha256(path) != rec["weights_sha256"]:
+            raise UserInputError(f"The weights {path!r} are not the ones the scan measured (their sha256 "
+                                 f"differs). Pass the scan's --weights, or --no-verify.")
+    else:
+        notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
+    hint = " Run it where the scan ran (paths in scan.json are relative to there), or pass --no-verify."
+    try:
+        model = load_model(spec, path or None, allow_pickle=allow_pickle)
+    except UserInputError as e:
+        raise UserInputError(f"Verifying the plan needs the scan's model {spec.source!r}: {e}{hint}") from None
+    drec = scan.data["data"]
+    dspec = DataSpec.from_dict(drec)
+    n = drec.get("n_requested", drec.get("n"))  # the sample drawn, before unreadable images were left out
+    whole = n is None or n >= drec.get("n_available", 0)
+    try:
+        data = load_eval_set(dspec, None if whole else n, drec.get("seed", 0))
+    except UserInputError as e:
+        raise UserInputError(f"Verifying the plan needs the scan's data {drec.get('spec')!r}: {e}{hint}") from None
+    if data.description.get("indices_sha256") != drec.get("indices_sha256"):
+        raise UserInputError(f"The data {drec.get('spec')!r} is not what the scan measured (its sample "
+                             f"differs). Verify on the scan's data, or pass --no-verify.")
+    crec = scan.data.get("calibration")
+    calib = None
+    used = [data.indices]
+    if crec:
+        cspec = DataSpec.from_dict(crec)
+        cn = crec.get("n_requested", crec.get("n"))
+        # as load_calibration_set drew it: from its own source, or from --data outside the sample
+        drawn_from_data = str(crec.get("role", "")).startswith("calibration (")
+        calib = (load_calibration_set(data, cn, drec.get("seed", 0)) if drawn_from_data else
+                 load_calibration_set(data, cn, crec.get("seed", 0), cspec))
+        if calib.description.get("indices_sha256") != crec.get("indices_sha256"):
+            raise UserInputError(f"The calibration data {crec.get('spec')!r} is not what the scan used (its "
+                                 f"sample differs). Verify on the scan's data, or pass --no-verify.")
+        if cspec == dspec and calib.indices is not None:
+            used.append(calib.indices)
+    held = None
+    exclude = np.concatenate([u for u in used if u is not None])
+    if holdout is not None:
+        try:
+            hspec = holdout if isinstance(holdout, DataSpec) else DataSpec.parse(holdout, dspec.preprocess)
+            # the scan's labels and image handling apply to the held-out data too
+            hspec = dataclasses.replace(hspec, class_map=dspec.class_map, skip_unreadable=dspec.skip_unreadable)
+            held = load_eval_set(hspec, holdout_samples, drec.get("seed", 0) + 2,
+                                 exclude=exclude if hspec == dspec else None)
+        except UserInputError as e:
+            raise UserInputError(f"--holdout-data {holdout}: {e}") from None
+    else:
+        try:
+            held = load_eval_set(dspec, holdout_samples, drec.get("seed", 0) + 2, exclude=exclude)
+        except UserInputError:
+            notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration: "
+                         f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
+    verifier = Verifier(model, data, calib, held, model_spec=spec, device=device)
+    got = verifier.baseline(scan.data["task"]["name"])["sample"]
+    if abs(got - float(scan.baseline["score"])) > 1e-6:
+        notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "
+                     f"{float(scan.baseline['score']):.4f}: the predictions may not apply to this model")
+    return verifier, notes
+
+
+def _max_drop_verdict(winner: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]], measured: Any,
+                      metric: str, original: float, max_drop: float, split: str) -> str:
+    """In max-drop mode candidates compete on cost among those whose measured drop is within it."""
+    ok = [c for c in candidates if measured(c).drop <= max_drop]
+    if winner not in ok:
+        return (f"no candidate measured within the max-drop {_pts(max_drop)} on the {split}; kept the one "
+                f"that dropped least, {winner['name']} ({_pts(measured(winner).drop)})")
+    unis = [c for c in ok if c["kind"] == "uniform"]
+    text = (f"{winner['name']} wins: {metric} {winner['costs'][metric] / original:.3f} of the original at a "
+            f"measured drop of {_pts(measured(winner).drop)} on the {split}")
+    if winner["kind"] == "plan" and unis:
+        cheapest = min(unis, key=lambda c: c["costs"][metric])
+        text += (f"; the cheapest uniform plan within the max-drop ({cheapest['name']}) costs "
+                 f"{cheapest['costs'][metric] / original:.3f}")
+    elif winner["kind"] == "plan":
+        text += "; no uniform plan measured within the max-drop"
+    elif any(c["kind"] == "plan" for c in ok):
+        text += "; it is cheaper than every planned round within the max-drop"
+    else:
+        text += "; no planned round measured within the max-drop"
+    return text

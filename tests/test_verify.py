@@ -1,0 +1,273 @@
+"""The planner checks its own prediction: it measures the plan, corrects the additive drop model and
+solves again, measures the uniform candidates, and keeps the best measured candidate.
+
+The model is tiny and exact: logits = fc2(fc1(x)) with both layers the 2x2 identity, and the label
+says which of the two inputs is larger, by a margin of 0.35 to 0.55. Two toy methods, registered
+here, perturb a layer's weight by adding a multiple of one input to the other output:
+
+- ``nudge`` (8-bit weights): alone it shifts the first logit by at most 0.2 * 1.75 = 0.35, which no
+  sample's margin is below, so each layer's scanned drop is exactly 0; on both layers the shifts
+  add up to 0.4 * x1 >= 0.54 and flip most samples of one class. The additive model is provably wrong.
+- ``nudge`` with ``sign=cancel`` adds all of input 1 on the first layer and takes it away again on the
+  second: alone each layer flips many samples, together they cancel exactly (a drop of 0).
+- ``placebo`` (16-bit weights) flips the few samples of the other class whose margin is below 0.3 * x0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sensplan.planner import Budget, Verifier, make_plan
+from sensplan.sensitivity import METHODS, ScanConfig, WeightMethod, scan
+from sensplan.sensitivity._data import EvalSet
+
+
+class Nudge(WeightMethod):
+    name = "nudge"
+    axis = "weight"
+    stage = 30
+    default_settings = ({"sign": "same"},)
+    setting_key = "sign"
+    description = "adds 0.2 * input 1 to output 0 (toy)"
+
+    def check_setting(self, setting):
+        return {"sign": setting.get("sign", "same")}
+
+    def label(self, setting):
+        return f"nudge {setting['sign']}"
+
+    def effect(self, setting):
+        return {"weight_bits": 8}
+
+    def transform(self, ctx, layer, w, setting):
+        out = w.detach().clone()
+        if setting["sign"] == "cancel":
+            out[0, 1] += 1.0 if layer == "fc1" else -1.0
+        else:
+            out[0, 1] += 0.2
+        return out
+
+
+class Placebo(WeightMethod):
+    name = "placebo"
+    axis = "weight"
+    stage = 30
+    default_settings = ({"level": 1},)
+    setting_key = "level"
+    description = "adds 0.3 * input 0 to output 1 (toy)"
+
+    def check_setting(self, setting):
+        return {"level": 1}
+
+    def label(self, setting):
+        return "placebo"
+
+    def effect(self, setting):
+        return {"weight_bits": 16}
+
+    def transform(self, ctx, layer, w, setting):
+        out = w.detach().clone()
+        out[1, 0] += 0.3
+        return out
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(2, 2, bias=False)
+        self.fc2 = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.eye(2))
+            self.fc2.weight.copy_(torch.eye(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(x))
+
+
+def margin_data(n: int, seed: int) -> EvalSet:
+    g = torch.Generator().manual_seed(seed)
+    x0 = 1.0 + 0.2 * torch.rand(n, generator=g)
+    d = 0.35 + 0.2 * torch.rand(n, generator=g)
+    y = torch.arange(n) % 2  # class 1: x1 > x0
+    x1 = torch.where(y == 1, x0 + d, x0 - d)
+    return EvalSet(torch.stack([x0, x1], 1), y, ["0", "1"], {"spec": f"margins:{seed}", "n": n})
+
+
+@pytest.fixture
+def toys():
+    METHODS.register(Nudge)
+    METHODS.register(Placebo)
+    try:
+        yield
+    finally:
+        METHODS.remove("nudge")
+        METHODS.remove("placebo")
+
+
+def _scan(model, data, nudge_sign="same"):
+    config = ScanConfig({"nudge": [{"sign": nudge_sign}], "placebo": [{"level": 1}]})
+    return scan(model, data, config, progress=False)
+
+
+def _choices(plan):
+    return {c["unit"]: c["method"] for c in plan.variant()["choices"].values() if c.get("method")}
+
+
+def test_compounding_errors_are_measured_corrected_and_solved_again(toys):
+    model, data, held = Chain(), margin_data(400, 0), margin_data(400, 1)
+    table = _scan(model, data)
+    drops = {(r["unit"], r["method"]): r["drop"] for r in table.results}
+    assert drops[("fc1", "nudge")] == 0 and drops[("fc2", "nudge")] == 0  # each alone is free
+    assert drops[("fc1", "placebo")] > 0
+
+    # 12 bytes: both layers at 8 bits (8 B) or one at 8 and one at 16 bits (12 B)
+    budget = [Budget.parse("size=12B")]
+    unverified = make_plan(table, budget)
+    assert _choices(unverified) == {"fc1": "nudge", "fc2": "nudge"}
+    assert unverified.variant()["predicted"]["drop"] == 0
+
+    plan = make_plan(table, budget, verifier=Verifier(model, data, None, held), rounds=3)
+    ver = plan.data["verification"]
+    first = ver["rounds"][0]
+    assert first["predicted"]["drop"] == 0
+    assert first["sample"]["drop"] > 0.3  # the additive model missed half the samples
+    assert not first["within_interval"]
+    bucket = first["correction"][0]
+    assert bucket["units"] == 2 and bucket["additive"] == 0 and bucket["joint"] > 0.3
+    assert bucket["rate_per_pair"] == bucket["joint"]  # one pair of units
+    second = ver["rounds"][1]
+    # the corrected model prices the pair, and predicts the new plan within a few samples
+    assert second["predicted"]["drop"] > 0
+    assert abs(second["predicted"]["drop"] - second["sample"]["drop"]) < 0.03
+    # the re-solved plan keeps one nudge and measures far better than the first round
+    assert sorted(_choices(plan).values()) == ["nudge", "placebo"]
+    assert plan.variant()["verified"]["held_out"]["drop"] < 0.05
+    assert ver["winner"]["kind"] == "plan" and ver["winner"]["name"] != "plan round 1"
+    # the only uniform candidate within the budget is nudge everywhere: measured, and beaten
+    assert [u["label"] for u in ver["uniform"]] == ["nudge same"]
+    assert ver["vs_best_uniform"]["advantage"] > 0.3
+    assert "wins" in ver["verdict"]
+    assert plan.variant()["expected"]["measured_on"] == "held-out split"
+    assert all(r["seconds"] >= 0 for r in ver["rounds"] if "seconds" in r)
+
+
+def test_uniform_is_chosen_when_it_measures_better(toys):
+    model, data, held = Chain(), margin_data(400, 0), margin_data(400, 1)
+    table = _scan(model, data, nudge_sign="cancel")
+    drops = {(r["unit"], r["method"]): r["drop"] for r in table.results}
+    assert drops[("fc1", "nudge")] > 0.2 and drops[("fc2", "nudge")] > 0.2  # alone: harmful
+    plan = make_plan(table, [Budget.parse("size=16B")], verifier=Verifier(model, data, None, held))
+    ver = plan.data["verification"]
+    # the solver's plan (placebo everywhere) is what the additive model likes best ...
+    assert ver["rounds"][0]["predicted"]["drop"] < 0.1
+    # ... but nudging both layers cancels exactly, and that uniform candidate is measured
+    cancel = next(u for u in ver["uniform"] if u["label"] == "nudge cancel")
+    assert cancel["held_out"]["drop"] == 0 and cancel["predicted"]["drop"] > 0.4
+    assert ver["winner"] == {"name": "uniform nudge cancel", "kind": "uniform"}
+    assert ver["verdict"].startswith("uniform wins")
+    assert _choices(plan) == {"fc1": "nudge", "fc2": "nudge"}
+    assert plan.variant()["verified"]["held_out"]["drop"] == 0
+    assert plan.variant()["predicted"]["size"] <= 16
+
+
+def test_the_report_shows_rounds_uniform_points_and_the_verdict(toys, tmp_path):
+    from sensplan.reports import render_report
+
+    model, data, held = Chain(), margin_data(400, 0), margin_data(400, 1)
+    table = _scan(model, data).save(tmp_path / "scan.json")
+    plan = make_plan(table, [Budget.parse("size=12B")], verifier=Verifier(model, data, None, held))
+    plan = plan.save(tmp_path / "plan.json")
+    doc = render_report(tmp_path / "scan.json", tmp_path / "report", plan=tmp_path / "plan.json").read_text()
+    section = doc.split("<h2>Verification</h2>", 1)[1].split("<h2>", 1)[0]
+    assert plan.data["verification"]["verdict"] in section
+    assert "round 1" in section and "outside: corrected" in section and "uniform nudge same" in section
+    assert (tmp_path / "report" / "verification.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_max_drop_mode_and_a_single_round(toys):
+    model, data, held = Chain(), margin_data(400, 0), margin_data(400, 1)
+    table = _scan(model, data)
+    plan = make_plan(table, [], max_drop=0.1, minimize="size", rounds=1,
+                     verifier=Verifier(model, data, None, held))
+    ver = plan.data["verification"]
+    assert len(ver["rounds"]) == 1 and "correction" not in ver["rounds"][0]
+    # placebo on both layers compounds as well (0.3 * x0 twice): every compressed candidate measured
+    # here drops half the samples, far outside the max-drop, so the plan is to compress nothing
+    assert ver["rounds"][0]["held_out"]["drop"] > 0.4
+    assert {u["label"] for u in ver["uniform"]} == {"nudge same", "placebo", "no compression"}
+    assert ver["winner"] == {"name": "uniform no compression", "kind": "uniform"}
+    assert _choices(plan) == {} and plan.variant()["verified"]["held_out"]["drop"] == 0
+    assert ver["cost_metric"] == "size" and ver["winner_cost"] == plan.variant()["predicted"]["size"]
+    assert "no planned round measured within the max-drop" in ver["verdict"]
+
+
+def test_the_held_out_split_is_disjoint_and_the_sample_is_the_scans(tmp_path):
+    from sensplan.cli import main
+    from sensplan.planner import verifier_from_scan
+    from sensplan.sensitivity import Scan
+    from tests.conftest import seeded_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8",
+                 "--no-prune", "--out", str(tmp_path / "scan.json")]) == 0
+    table = Scan.load(tmp_path / "scan.json")
+    v, notes = verifier_from_scan(table, holdout_samples=None)
+    assert notes == []  # the rebuilt model scores what the scan measured
+    assert v.data.description["indices_sha256"] == table.data["data"]["indices_sha256"]
+    assert v.calib.description["indices_sha256"] == table.data["calibration"]["indices_sha256"]
+    sample, calib, held = (set(x.indices.tolist()) for x in (v.data, v.calib, v.held))
+    assert not (held & sample) and not (held & calib) and not (sample & calib)
+    assert len(sample | calib | held) == table.data["data"]["n_available"]  # everything else is held out
+    # --holdout-data naming the scan's own data still leaves the sample and calibration out
+    v2, _ = verifier_from_scan(table, holdout="digits", holdout_samples=None)
+    assert set(v2.held.indices.tolist()) == held
+
+
+def test_an_unverified_plan_still_carries_an_interval(toys):
+    model, data = Chain(), margin_data(200, 0)
+    plan = make_plan(_scan(model, data), [Budget.parse("size=16B")])
+    p = plan.variant()["predicted"]
+    lo, hi = p["drop_interval"]
+    assert lo <= p["drop"] <= hi
+    assert math.isclose(hi - p["drop"], 1.96 * p["drop_se"])
+    assert "verification" not in plan.data
+
+
+def test_sensplan_plan_verifies_on_the_scans_model_and_data_by_default(tmp_path, capsys):
+    from sensplan.cli import main
+    from tests.conftest import seeded_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    scan_args = ["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8,2",
+                 "--ratios", "0.5", "--out", str(tmp_path / "scan.json")]
+    assert main(scan_args) == 0
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3",
+                 "--verify-rounds", "2", "--holdout-samples", "200", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "round 1: predicted drop" in err and "verdict: " in err
+    plan = json.loads(out.read_text())
+    ver = plan["verification"]
+    assert ver["split"] == {"sample": 150, "held_out": 200} and ver["chosen_on"] == "held-out split"
+    assert 1 <= len(ver["rounds"]) <= 2 and ver["uniform"]
+    assert plan["plans"]["planned"]["verified"]["held_out"]["n"] == 200
+
+    # the checkpoint changed since the scan: verification refuses, naming the way out
+    torch.save(seeded_model("digits_cnn", width=8, seed=1).state_dict(), weights)
+    code = main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--out",
+                 str(tmp_path / "p2.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--no-verify" in err and "sha256" in err
+    assert not (tmp_path / "p2.json").exists()
+    assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--no-verify",
+                 "--out", str(tmp_path / "p2.json")]) == 0
+    assert "verification" not in json.loads((tmp_path / "p2.json").read_text())
