@@ -33,7 +33,7 @@ example (a typical session):
       --out result/
   sensplan report --scan scan.json --plan plan.json --result result/ --out report/
   sensplan run ... --budget macs=0.5 --out runs/r1      # all four at once
-  sensplan demo                                         # offline, about 15 s
+  sensplan demo                                         # offline, about a minute
 """
 
 
