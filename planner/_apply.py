@@ -28,14 +28,16 @@ from sensplan._errors import IncompatibleModelError, UserInputError
 from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
 from sensplan.planner._compressed import CompressedModel, load_compressed, save_compressed
 from sensplan.planner._plan import Plan, assignments
-from sensplan.sensitivity._data import EvalSet
-from sensplan.sensitivity._eval import (
+from sensplan.sensitivity import (
+    EvalSet,
+    ModelSpec,
+    PruningGraph,
+    architecture_digest,
     batchnorm_statistics,
+    count_macs,
     recalibrate_batchnorm_,
     tune_malloc,
 )
-from sensplan.sensitivity._groups import PruningGraph, count_macs
-from sensplan.sensitivity._models import ModelSpec, architecture_digest
 from sensplan.sensitivity.methods import Method, MethodContext, get_method
 from sensplan.sensitivity.tasks import Task, get_task
 
@@ -116,7 +118,7 @@ def _check_groups(graph: PruningGraph, alloc: Mapping[str, Any], units: Mapping[
 
 def _context(model: nn.Module, example_input: torch.Tensor, calib: EvalSet | None,
              data: EvalSet | None) -> MethodContext:
-    from sensplan.sensitivity._scan import describe_model
+    from sensplan.sensitivity import describe_model
 
     layers, tensors, graph, error = describe_model(model, example_input)
     groups = ({g: {"channels": graph.channels(g), "channel_step": graph.channel_step(g)}

@@ -37,9 +37,11 @@ from torch import nn
 from sensplan._artifacts import atomic_write
 from sensplan._effects import FLOAT_BITS, index_bits, merge, sparse_layout
 from sensplan._errors import ArtifactError, IncompatibleModelError
-from sensplan.sensitivity._groups import PruningGraph
-from sensplan.sensitivity._models import ModelSpec, architecture_digest, build_model
-from sensplan.sensitivity._quant import (
+from sensplan.sensitivity import (
+    ModelSpec,
+    PruningGraph,
+    architecture_digest,
+    build_model,
     dequantize,
     install_input_quant,
     pack_codes,

@@ -17,8 +17,7 @@ from torch import nn
 
 from sensplan._artifacts import atomic_write
 from sensplan._errors import UserInputError
-from sensplan.sensitivity import DataSpec, ModelSpec, build_model, evaluate, load_eval_set
-from sensplan.sensitivity._data import train_loader
+from sensplan.sensitivity import DataSpec, ModelSpec, build_model, evaluate, load_eval_set, train_loader
 
 DEMO_MODEL = "sensplan:digits_cnn"
 

@@ -424,8 +424,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
 
     from sensplan._artifacts import file_sha256
     from sensplan._errors import UserInputError
-    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
-    from sensplan.sensitivity._data import load_calibration_set
+    from sensplan.sensitivity import DataSpec, ModelSpec, load_calibration_set, load_eval_set, load_model
 
     notes: list[str] = []
     rec = scan.data["model"]

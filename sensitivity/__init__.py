@@ -5,10 +5,20 @@ from sensplan.sensitivity._data import (
     DataSpec,
     EvalSet,
     Preprocess,
+    check_classes_fit,
+    load_calibration_set,
+    load_class_map,
     load_eval_set,
     stratified_indices,
+    train_loader,
 )
-from sensplan.sensitivity._eval import EvalResult, evaluate
+from sensplan.sensitivity._eval import (
+    EvalResult,
+    batchnorm_statistics,
+    evaluate,
+    recalibrate_batchnorm_,
+    tune_malloc,
+)
 from sensplan.sensitivity._groups import PruningGraph, check_group, count_macs, n_remove_for
 from sensplan.sensitivity._models import (
     ModelSpec,
@@ -19,8 +29,16 @@ from sensplan.sensitivity._models import (
     read_state_dict,
     register_model,
 )
-from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize, quantize_per_channel
-from sensplan.sensitivity._scan import ScanConfig, check_model_and_data, default_settings, scan
+from sensplan.sensitivity._quant import (
+    SUPPORTED_BITS,
+    dequantize,
+    fake_quantize,
+    install_input_quant,
+    pack_codes,
+    quantize_per_channel,
+    unpack_codes,
+)
+from sensplan.sensitivity._scan import ScanConfig, check_model_and_data, default_settings, describe_model, scan
 from sensplan.sensitivity.methods import (
     METHODS,
     Method,
@@ -50,22 +68,34 @@ __all__ = [
     "WeightMethod",
     "all_methods",
     "architecture_digest",
+    "batchnorm_statistics",
     "build_model",
+    "check_classes_fit",
     "check_group",
     "check_model_and_data",
     "count_macs",
     "default_settings",
+    "dequantize",
+    "describe_model",
     "evaluate",
     "fake_quantize",
     "get_method",
     "get_task",
+    "install_input_quant",
     "list_models",
+    "load_calibration_set",
+    "load_class_map",
     "load_eval_set",
     "load_model",
     "n_remove_for",
+    "pack_codes",
     "quantize_per_channel",
     "read_state_dict",
+    "recalibrate_batchnorm_",
     "register_model",
     "scan",
     "stratified_indices",
+    "train_loader",
+    "tune_malloc",
+    "unpack_codes",
 ]

@@ -365,7 +365,7 @@ def preprocess(args: argparse.Namespace) -> Any:
 
 def class_map(args: argparse.Namespace) -> tuple[tuple[str, int], ...] | None:
     """``--class-map`` read and checked (None without the flag)."""
-    from sensplan.sensitivity._data import load_class_map
+    from sensplan.sensitivity import load_class_map
 
     return load_class_map(args.class_map) if getattr(args, "class_map", None) else None
 
@@ -395,8 +395,7 @@ def report_skipped(desc: dict[str, Any], flag: str) -> None:
 
 def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
     """The evaluation sample, and the calibration data (None with --no-bn-recalibration)."""
-    from sensplan.sensitivity import load_eval_set
-    from sensplan.sensitivity._data import load_calibration_set
+    from sensplan.sensitivity import load_calibration_set, load_eval_set
 
     data = load_eval_set(data_spec(args.data, args, "--data"), args.samples or None, args.seed)
     report_skipped(data.description, "--data")

@@ -143,7 +143,7 @@ def check(args: argparse.Namespace, problems: Problems
 # -- running -------------------------------------------------------------------------------------
 def train_loader(args: argparse.Namespace, ft: FineTuneConfig | None) -> Any:
     """The fine-tuning data loader (opening the data set checks it); None without --train-data."""
-    from sensplan.sensitivity._data import train_loader as _loader
+    from sensplan.sensitivity import train_loader as _loader
 
     if ft is None:
         return None
@@ -157,8 +157,7 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
     """Apply and measure each variant; return the budgets missed (one line each)."""
     from sensplan.planner import apply_plan, measure_original, missed_budgets
     from sensplan.planner._apply import check_compatible
-    from sensplan.sensitivity import check_model_and_data, get_task
-    from sensplan.sensitivity._data import check_classes_fit
+    from sensplan.sensitivity import check_classes_fit, check_model_and_data, get_task
 
     dev = device(args.device)
     model = model.to(dev)
