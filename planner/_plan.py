@@ -88,10 +88,10 @@ def _allocation(cm: Costs, choice: Mapping[int, int], costs: Mapping[str, float]
             choices[b.name]["channels"] = b.channels
         unit_drops[b.name] = float(drops[i][choice.get(i, 0)])
     metric = scan.metric
+    se = cm.predicted_se(choice)
     return {"choices": choices,
             "skipped": {m: v for m, v in scan.skipped().items() if v},
-            "predicted": {"drop": drop, "drop_se": cm.predicted_se(choice),
-                          "drop_interval": [drop - Z95 * cm.predicted_se(choice), drop + Z95 * cm.predicted_se(choice)],
+            "predicted": {"drop": drop, "drop_se": se, "drop_interval": [drop - Z95 * se, drop + Z95 * se],
                           "score": metric.after_drop(scan.baseline["score"], drop),
                           **{m: costs[m] for m in cm.metrics},
                           **{f"{m}_fraction": costs[m] / cm.original[m] if cm.original[m] else None

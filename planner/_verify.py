@@ -37,6 +37,7 @@ import numpy as np
 from sensplan._errors import InfeasibleBudgetError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs
+from sensplan.planner._plan import Z95
 from sensplan.planner._solver import CountPenalty, cost_metric, penalty, solve, uniform_candidates
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 
     from sensplan.sensitivity import EvalSet, ModelSpec
 
-Z95 = 1.96
 #: a measurement within this of the prediction is never corrected (a tenth of a point)
 TOLERANCE = 0.001
 #: option groups whose joint drop is measured per correction round (the largest first)
