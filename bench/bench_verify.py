@@ -106,7 +106,7 @@ def main() -> int:
             print(f"  verdict: {ver['verdict']}")
 
             def test_top1(alloc: dict, judge: Verifier = judge, data: dict = plan.data) -> float:
-                _, m = judge.measure(data, alloc, held=True)
+                _, m = judge.measure(data, alloc, held=True, sample=False)
                 return m.score if m is not None else float("nan")
 
             final = test_top1(plan.variant("planned"))

@@ -16,7 +16,9 @@ units whose sample drops happened to be low (the winner's curse). So, with a :cl
 3. measures the uniform candidates at the same budget (every combination of layer options, each
    with the least pruning that fits) the same way;
 4. keeps the best *measured* candidate on the held-out split (on the sample when there is none):
-   a plan round or a uniform candidate, and records which won and by how much.
+   a plan round or a uniform candidate, and records which won and by how much. A plan that beats
+   the best uniform candidate by no more than one paired standard error is a tie, and the uniform
+   allocation is kept (:func:`_within_noise`).
 
 Scanned drops within their standard error of zero are not taken as free: the corrected rounds use
 ``max(drop, se)`` (:meth:`Costs.adjusted`). The first round uses the scan as it is.
@@ -63,6 +65,8 @@ class Measured:
     se: float
     score: float
     n: int
+    #: per-sample scores (to compare two candidates on the same samples), not serialized
+    per_sample: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, float]:
         return {"drop": self.drop, "drop_se": self.se, "score": self.score, "n": self.n}
@@ -73,7 +77,8 @@ class Verifier:
 
     ``data`` is the scan's evaluation sample, ``calib`` its BatchNorm calibration data, ``held`` a
     split of the same distribution that neither the scan nor the calibration saw (None: verify on
-    the sample only). ``model`` is never modified. Example::
+    the sample only). ``dtype`` evaluates under autocast, as a scan with that ``dtype`` did (None:
+    float32). ``model`` is never modified (a model in training mode is copied). Example::
 
         v = Verifier(model, data, calib, held, model_spec=spec)
         plan = make_plan(scan, [Budget.parse("size=0.125")], verifier=v)
@@ -81,13 +86,17 @@ class Verifier:
 
     def __init__(self, model: nn.Module, data: EvalSet, calib: EvalSet | None, held: EvalSet | None = None,
                  *, model_spec: ModelSpec | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 500) -> None:
+                 batch_size: int = 500, dtype: torch.dtype | None = None) -> None:
         import torch
 
         if device is not None and torch.device(device) != next(model.parameters()).device:
             model = copy.deepcopy(model).to(device)
+        elif model.training:  # evaluation needs eval mode; the caller's model keeps its own
+            model = copy.deepcopy(model)
         dev = next(model.parameters()).device
         self.model = model.eval()
+        self.device = dev
+        self.dtype = None if dtype == torch.float32 else dtype
         self.data = data.to(dev)
         self.calib = calib.to(dev) if calib is not None else None
         self.held = held.to(dev) if held is not None and len(held) else None
@@ -106,18 +115,19 @@ class Verifier:
         for split, ds in (("sample", self.data), ("held", self.held)):
             if ds is None:
                 continue
-            state = task.prepare(self.model, ds, self.batch_size)
-            self._base[split] = (ds, state, task.evaluate(self.model, ds, state, self.batch_size))
+            state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
+            self._base[split] = (ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device,
+                                                          self.dtype))
         self._task_name = task_name
 
     def baseline(self, task_name: str) -> dict[str, float]:
         self._prepare(task_name)
         return {split: self._base[split][2].score for split in ("sample", "held") if split in self._base}
 
-    def measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], *,
-                held: bool = True) -> tuple[Measured, Measured | None]:
-        """``alloc`` applied as the executor does without fine-tuning, measured on the sample (and
-        on the held-out split when ``held``)."""
+    def measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], *, held: bool = True,
+                sample: bool = True) -> tuple[Measured | None, Measured | None]:
+        """``alloc`` applied as the executor does without fine-tuning, measured on the sample when
+        ``sample`` (or when there is no held-out split) and on the held-out split when ``held``."""
         from sensplan.planner._apply import compress
         from sensplan.planner._plan import Plan
         from sensplan.sensitivity.tasks import paired_se
@@ -129,19 +139,17 @@ class Verifier:
                          data=self.data, model_spec=self.model_spec)
         out: list[Measured | None] = []
         for split in ("sample", "held"):
-            if split not in self._base or (split == "held" and not held):
+            wanted = held if split == "held" else sample or not held or "held" not in self._base
+            if split not in self._base or not wanted:
                 out.append(None)
                 continue
             ds, state, base = self._base[split]
-            ev = task.evaluate(cm.module, ds, state, self.batch_size)
+            ev = task.evaluate(cm.module, ds, state, self.batch_size, self.device, self.dtype)
             se = 0.0
             if base.per_sample is not None and ev.per_sample is not None:
                 se = paired_se(base.per_sample, ev.per_sample)[2]
-            out.append(Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n))
-        sample = out[0]
-        if sample is None:  # pragma: no cover - the sample is always there
-            raise RuntimeError("no evaluation sample")
-        return sample, out[1]
+            out.append(Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n, ev.per_sample))
+        return out[0], out[1]
 
 
 def _subset(alloc: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -204,6 +212,8 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         pred = current.predicted_drop(full) + penalty(cm, full, model.penalties())
         pred_se = current.predicted_se(full)
         sample, held = verifier.measure(data, alloc)
+        if sample is None:  # pragma: no cover - measured on the sample unless told otherwise
+            raise RuntimeError("no measurement on the sample")
         # judged where the winner's curse shows: on the held-out split when there is one
         ref = held if held is not None else sample
         lo, hi = _interval(pred, ref.se, pred_se if held is not None else 0.0)
@@ -234,13 +244,14 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         unis.sort(key=lambda u: (u.costs.get(metric, 0.0), u.predicted_drop))
     for u in unis[:MAX_UNIFORM]:
         ualloc = uniform_allocation(cm, u, scan)
-        sample, held = verifier.measure(data, ualloc)
+        # uniform candidates compete on the held-out split only (the sample too when there is none)
+        sample, held = verifier.measure(data, ualloc, sample=False)
         label = uniform_label(cm, u)
         candidates.append({"name": f"uniform {label}", "kind": "uniform", "alloc": ualloc,
                            "sample": sample, "held": held, "costs": u.costs})
         uniform_recs.append({"label": label, "predicted": {"drop": u.predicted_drop},
-                             "sample": sample.to_dict(), "held_out": held.to_dict() if held else None,
-                             "costs": u.costs})
+                             "sample": sample.to_dict() if sample else None,
+                             "held_out": held.to_dict() if held else None, "costs": u.costs})
     uniform_seconds = time.perf_counter() - tu
 
     split = "held" if verifier.held is not None else "sample"
@@ -249,20 +260,26 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         m: Measured = c[split] if c[split] is not None else c["sample"]
         return m
 
-    if max_drop is None:
-        winner = min(candidates, key=lambda c: (measured(c).drop, c["kind"] != "plan"))
-    else:
-        ok = [c for c in candidates if measured(c).drop <= max_drop]
-        winner = (min(ok, key=lambda c: (c["costs"][metric], measured(c).drop)) if ok
-                  else min(candidates, key=lambda c: measured(c).drop))
     plans = [c for c in candidates if c["kind"] == "plan"]
     unis_m = [c for c in candidates if c["kind"] == "uniform"]
     best_plan = min(plans, key=lambda c: measured(c).drop)
     best_uni = min(unis_m, key=lambda c: measured(c).drop) if unis_m else None
     by_prediction = unis_m[0] if unis_m else None  # what uniform_choice picks: sorted that way
+    tie: dict[str, Any] | None = None
+    if max_drop is None:
+        winner = min(candidates, key=lambda c: (measured(c).drop, c["kind"] != "plan"))
+        if winner["kind"] == "plan" and best_uni is not None:
+            tie = _within_noise(measured(winner), measured(best_uni))
+            if tie is not None:
+                tie.update(plan=winner["name"], uniform=best_uni["name"])
+                winner = best_uni
+    else:
+        ok = [c for c in candidates if measured(c).drop <= max_drop]
+        winner = (min(ok, key=lambda c: (c["costs"][metric], measured(c).drop)) if ok
+                  else min(candidates, key=lambda c: measured(c).drop))
 
     final = dict(winner["alloc"])
-    final["verified"] = {"sample": winner["sample"].to_dict(),
+    final["verified"] = {"sample": winner["sample"].to_dict() if winner["sample"] else None,
                          "held_out": winner["held"].to_dict() if winner["held"] else None,
                          "candidate": winner["name"]}
     # what to expect of this allocation: its own measurement (on held-out data when there is one)
@@ -280,7 +297,8 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         final["predicted"] = {**final["predicted"], "drop_interval": [lo, hi]}
     if data["plans"].get("uniform") is not None and by_prediction is not None:
         data["plans"]["uniform"] = {**data["plans"]["uniform"],
-                                    "verified": {"sample": by_prediction["sample"].to_dict(),
+                                    "verified": {"sample": by_prediction["sample"].to_dict()
+                                                 if by_prediction["sample"] else None,
                                                  "held_out": by_prediction["held"].to_dict()
                                                  if by_prediction["held"] else None}}
     data["plans"]["planned"] = final
@@ -292,6 +310,10 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
     if max_drop is not None:
         verdict = _max_drop_verdict(winner, candidates, measured, metric, cm.original.get(metric) or 1.0,
                                     max_drop, _split_name(split))
+    elif tie is not None:
+        verdict = (f"uniform kept: {tie['plan']} measured {_pts(tie['advantage'])} better than {winner['name']} "
+                   f"on the {_split_name(split)}, within one paired standard error ({_pts(tie['se'])}); "
+                   f"the plan is that uniform allocation")
     elif winner["kind"] == "uniform":
         verdict = (f"uniform wins: {winner['name']} measured {_pts(-(gap(winner) or 0.0))} "
                    f"better than the best planned round on the {_split_name(split)}; the plan is that "
@@ -318,6 +340,7 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
             "name": by_prediction["name"], "drop": measured(by_prediction).drop,
             "cost": by_prediction["costs"].get(metric),
             "advantage": measured(by_prediction).drop - measured(winner).drop},
+        "within_noise": tie,
         "cost_metric": metric, "winner_cost": winner["costs"].get(metric),
         "verdict": verdict,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -328,6 +351,20 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         "sum of per-unit drops (monotone envelope of the scan)"
         + (", corrected by measured joint drops (pair penalties per option, surcharges per unit)" if corrected
            else "") + "; the candidates were measured")
+
+
+def _within_noise(plan: Measured, uniform: Measured) -> dict[str, float] | None:
+    """When a plan measures better than the best uniform candidate by no more than one standard error
+    of their paired difference (same samples), the two are a tie and the uniform allocation is
+    kept: it is simpler, and the plan, picked from many, is the likelier of the two to have been
+    lucky on these samples. Returns the advantage and the standard error for a tie, else None."""
+    from sensplan.sensitivity.tasks import paired_se
+
+    if plan.per_sample is None or uniform.per_sample is None or len(plan.per_sample) != len(uniform.per_sample):
+        return None
+    se = paired_se(uniform.per_sample, plan.per_sample)[2]
+    advantage = uniform.drop - plan.drop
+    return {"advantage": advantage, "se": se} if advantage <= se else None
 
 
 def _key(c: Mapping[str, Any]) -> str:
@@ -390,8 +427,12 @@ class _Correction:
             members = buckets[key]
             if len(members) < 2:
                 continue
-            ms, mh = verifier.measure(data, _subset(alloc, [cm.blocks[i].name for i in members]), held=on_held)
+            # on the split the plan's drop was judged on, only
+            ms, mh = verifier.measure(data, _subset(alloc, [cm.blocks[i].name for i in members]), held=on_held,
+                                      sample=not on_held)
             m = mh if on_held and mh is not None else ms
+            if m is None:  # pragma: no cover - one of the two is always measured
+                raise RuntimeError("no joint measurement")
             joint[key] = m.drop
             pairs = len(members) * (len(members) - 1) / 2
             self.rates[key] = max(0.0, m.drop - additive[key]) / pairs
@@ -491,7 +532,11 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         except UserInputError:
             notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration: "
                          f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
-    verifier = Verifier(model, data, calib, held, model_spec=spec, device=device)
+    import torch
+
+    dtype = getattr(torch, str(scan.data.get("provenance", {}).get("dtype") or "float32"), None)
+    verifier = Verifier(model, data, calib, held, model_spec=spec, device=device,
+                        dtype=dtype if isinstance(dtype, torch.dtype) else None)
     got = verifier.baseline(scan.data["task"]["name"])["sample"]
     if abs(got - float(scan.baseline["score"])) > 1e-6:
         notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "

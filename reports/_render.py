@@ -460,9 +460,9 @@ def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
                      "within the interval" if r.get("within_interval")
                      else "outside: corrected" if "correction" in r else "outside the interval"])
     for u in ver.get("uniform", []):
-        held = u.get("held_out") or {}
+        held, sample = u.get("held_out") or {}, u.get("sample") or {}
         rows.append([f"uniform {u['label']}", fmt.drop(u["predicted"]["drop"]),
-                     fmt.drop(u["sample"]["drop"], u["sample"].get("drop_se")),
+                     fmt.drop(sample.get("drop"), sample.get("drop_se")),
                      fmt.drop(held.get("drop"), held.get("drop_se")), ""])
     parts.append(_table(["candidate", f"predicted drop ({fmt.drop_unit})", "measured, scan sample",
                          "measured, held-out", "note"], rows))

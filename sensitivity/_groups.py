@@ -451,7 +451,8 @@ class _IndexExplosion(RuntimeError):
 class _IndexGuard:
     """While active, Torch-Pruning's group walk raises :class:`_IndexExplosion` instead of running
     away: a flatten index mapping may return at most ``limit`` indices, a group may collect at most
-    ``deps`` dependencies (None: no bound).
+    ``deps`` dependencies (None: no bound), and hold at most ``TOTAL_FACTOR * limit`` indices over
+    all of them.
 
     Through a chain of reshapes (Swin's window partition and reverse, at every block) each mapping
     multiplies the indices by its stride; Torch-Pruning then built lists of millions of indices,
@@ -463,6 +464,10 @@ class _IndexGuard:
 
     _depth = 0
     _originals: tuple[Any, Any] = (None, None)
+    #: a group may hold this many times ``limit`` indices over all its steps (the largest group in
+    #: the torchvision zoo, a ConvNeXt or ViT residual stream, holds a few hundred thousand); past
+    #: it MaxViT's groups grew to gigabytes
+    TOTAL_FACTOR = 8
 
     def __init__(self, limit: int, deps: int | None = None) -> None:
         self.limit, self.deps = limit, deps
@@ -471,7 +476,7 @@ class _IndexGuard:
         mapping_cls, group_cls = tp.dependency.index_mapping._FlattenIndexMapping, tp.dependency.group.Group
         if _IndexGuard._depth == 0:
             call, add_dep = mapping_cls.__call__, group_cls.add_dep
-            limit, deps = self.limit, self.deps
+            limit, deps, total = self.limit, self.deps, self.TOTAL_FACTOR * self.limit
 
             def guarded_call(mapping: Any, idxs: Any) -> Any:
                 # a forward flatten returns len(idxs) * stride indices: refuse before building them
@@ -487,6 +492,14 @@ class _IndexGuard:
                     raise _IndexExplosion(f"its dependency walk passes {deps:,} steps without closing, "
                                           "as when channels are partly added to themselves (e.g. "
                                           "ReXNet's x[:, :c] += shortcut)")
+                # every index is a Python object (~170 bytes): bound what one group may hold in all
+                held = getattr(group, "_sensplan_indices", 0) + len(idxs)
+                if held > total:
+                    raise _IndexExplosion(f"its dependency walk collects more than {total:,} channel indices "
+                                          "over its steps, as when tokens or windows are folded into the "
+                                          "channel dim at every block (e.g. MaxViT's window and grid "
+                                          "partitions)")
+                group._sensplan_indices = held
                 return add_dep(group, dep, idxs)
 
             _IndexGuard._originals = (call, add_dep)
@@ -703,12 +716,34 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     ``nn.MultiheadAttention`` runs its projections without calling its submodules, so it is
     counted by its own hook: the packed input projection (query, key and value tokens x E x E each)
     plus the two attention products (2 x L x S x E) under the attention module's name, and the
-    output projection (L x E x E) under ``<name>.out_proj``. Other operations (norms, activations,
-    pooling, additions) are not counted.
+    output projection (L x E x E) under ``<name>.out_proj``. A Conv/Linear whose forward never runs
+    but whose weight a parent passes to ``F.linear`` / ``F.conv*`` itself (torchvision's Swin
+    attention: ``F.linear(x, self.qkv.weight)``) is counted from those calls. Other operations
+    (norms, activations, pooling, additions) are not counted.
     """
     macs: dict[str, int] = {}
     hooks = []
     batch = example_input.shape[0]
+    functional: dict[str, int] = {}
+    owner = {id(mod.weight): name for name, mod in model.named_modules()
+             if isinstance(mod, QUANTIZABLE) and isinstance(getattr(mod, "weight", None), torch.Tensor)}
+
+    class Functional(torch.overrides.TorchFunctionMode):
+        """Counts F.linear / F.conv* calls on a layer's weight (the layer's own forward included:
+        only layers whose hook never fires use these counts)."""
+
+        def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if func in _FUNCTIONAL and len(args) > 1 and id(args[1]) in owner and isinstance(out, torch.Tensor):
+                w = args[1]
+                if func is F.linear:
+                    positions = out.numel() // (batch * out.shape[-1])
+                else:
+                    positions = out.numel() // (batch * out.shape[1])
+                name = owner[id(w)]
+                functional[name] = functional.get(name, 0) + positions * w.numel()
+            return out
 
     def hook(name: str) -> Callable[..., None]:
         def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
@@ -743,12 +778,18 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
         if isinstance(mod, QUANTIZABLE) and name not in attention_parts:
             hooks.append(mod.register_forward_hook(hook(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), Functional():
             model.eval()(example_input)
     finally:
         for h in hooks:
             h.remove()
+    for name, v in functional.items():
+        macs.setdefault(name, v)  # attention's out_proj is in already, from its module's hook
     return macs
+
+
+#: the functional forms whose calls on a layer's weight are counted by :func:`count_macs`
+_FUNCTIONAL = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 
 
 def layer_weight_key(name: str, mod: nn.Module) -> str | None:

@@ -361,3 +361,55 @@ def test_n_remove_for_keeps_one_channel():
     assert n_remove_for(0.99, 3) == 2
     with pytest.raises(ValueError, match=r"range \[0.0, 1.0\)\. Got 1.0"):
         n_remove_for(1.0, 4)
+
+
+def test_a_group_holding_too_many_indices_in_all_is_skipped(tiny_resnet, monkeypatch):
+    """MaxViT's groups pass windows and grids folded into the channel dim at every block: each
+    mapping stays under the limit, but the group's indices added up to gigabytes. The guard bounds
+    the indices one group holds in all and skips that group with the reason."""
+    from sensplan.sensitivity import _groups
+
+    x = torch.randn(1, 3, 8, 8)
+    whole = PruningGraph(tiny_resnet, x)
+    held = {g: whole._group(g, list(range(whole.channels(g))))._sensplan_indices for g in whole.group_ids()}
+    assert all(whole.unsafe_reason(g) == "" for g in whole.group_ids())
+    # a budget just below the largest group's total skips that group alone
+    top = max(held, key=held.get)
+    budget = max(v for g, v in held.items() if g != top)
+    assert budget < held[top]
+    monkeypatch.setattr(_groups._IndexGuard, "TOTAL_FACTOR", budget / whole._index_limit)
+    graph = PruningGraph(tiny_resnet, x)
+    assert "collects more than" in graph.unsafe_reason(top)
+    assert all(graph.unsafe_reason(g) == "" for g in graph.group_ids() if g != top)
+
+
+class FunctionalAttention(nn.Module):
+    """Like torchvision's Swin attention: the parent passes its Linear children's weights to
+    F.linear itself, so the children's forward (and hooks) never run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 5 tokens, 8)
+        q, k, v = nn.functional.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, -1)
+        a = torch.softmax(q @ k.transpose(1, 2), -1) @ v
+        return self.head(nn.functional.linear(a, self.proj.weight, self.proj.bias).mean(1))
+
+
+def test_layers_used_through_their_weight_are_counted_and_scanned():
+    from sensplan.sensitivity import EvalSet, ScanConfig, scan
+
+    model = FunctionalAttention()
+    x = torch.randn(2, 5, 8)
+    # tokens x weight elements per sample; the head runs as a module: 1 x 24
+    assert count_macs(model, x) == {"qkv": 5 * 8 * 24, "proj": 5 * 8 * 8, "head": 8 * 3}
+    g = torch.Generator().manual_seed(0)
+    data = EvalSet(torch.randn(40, 5, 8, generator=g), torch.arange(40) % 3, ["a", "b", "c"], {"spec": "tokens"})
+    table = scan(model, data, ScanConfig({"weight_quant": [{"bits": 2}]}), progress=False)
+    probes = {r["unit"]: r for r in table.results}
+    assert set(table.layers) == {"qkv", "proj", "head"}
+    # quantizing the weight changes what the parent computes with it: the probe measured it
+    assert probes["qkv"]["lost"] + probes["qkv"]["gained"] > 0

@@ -271,3 +271,45 @@ def test_sensplan_plan_verifies_on_the_scans_model_and_data_by_default(tmp_path,
     assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--no-verify",
                  "--out", str(tmp_path / "p2.json")]) == 0
     assert "verification" not in json.loads((tmp_path / "p2.json").read_text())
+
+
+def test_verification_measures_in_the_scans_dtype_and_leaves_the_model_alone(tmp_path):
+    from sensplan.cli import main
+    from sensplan.planner import verifier_from_scan
+    from sensplan.sensitivity import Scan
+    from tests.conftest import seeded_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8",
+                 "--no-prune", "--dtype", "bfloat16", "--out", str(tmp_path / "scan.json")]) == 0
+    table = Scan.load(tmp_path / "scan.json")
+    v, notes = verifier_from_scan(table, holdout_samples=200)
+    assert v.dtype == torch.bfloat16
+    # evaluated under bfloat16 autocast as the scan was, the rebuilt model scores what the scan measured
+    assert notes == [] and v.baseline("classification")["sample"] == table.baseline["score"]
+
+    model = seeded_model("digits_cnn", width=8).train()
+    before = {k: t.clone() for k, t in model.state_dict().items()}
+    Verifier(model, v.data, v.calib, v.held).baseline("classification")
+    assert model.training
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+
+
+def test_a_plan_within_one_paired_standard_error_of_uniform_is_a_tie():
+    from sensplan.planner._verify import Measured, _within_noise
+
+    def measured(wrong):
+        per = torch.ones(1000)
+        per[list(wrong)] = 0
+        return Measured(drop=len(wrong) / 1000, se=0.0, score=1 - len(wrong) / 1000, n=1000, per_sample=per)
+
+    # the plan gets 10 samples more right than uniform: 0.01 against a paired se of sqrt(9.9) / 1000
+    assert _within_noise(measured([]), measured(range(10))) is None
+    # 5 right that uniform gets wrong, 3 wrong that uniform gets right: 0.002 within sqrt(7.996) / 1000
+    tie = _within_noise(measured(range(100, 103)), measured(range(5)))
+    assert tie is not None and math.isclose(tie["advantage"], 0.002)
+    assert math.isclose(tie["se"], math.sqrt(8 - 4 / 1000) / 1000)
+    # without per-sample scores there is nothing to pair: no tie is declared
+    assert _within_noise(Measured(0.0, 0.0, 1.0, 10), Measured(0.001, 0.0, 0.999, 10)) is None

@@ -90,3 +90,17 @@ def test_skip_reasons_are_counted_without_names_or_numbers():
                                       "Torch-Pruning does not map channel by channel (reshape, permute, roll)")
     assert zoo.reason_kind("pruning this group changes the model's output shape (8, 10) -> (8, 5): it "
                            "produces the model's outputs.").startswith("produces the model's outputs")
+
+
+def test_the_time_limit_counts_the_models_cpu_time(monkeypatch):
+    """A model is killed at ``--time-limit`` CPU seconds (not wall seconds: a model waiting for a
+    shared CPU is not killed for it), and the record says where it was."""
+    import argparse
+
+    monkeypatch.setattr(zoo, "WALL_FACTOR", 1000)  # however busy the machine, the CPU limit acts first
+
+    args = argparse.Namespace(samples=4, ratios="0.5", bits="4", variants="planned", threads=1,
+                              time_limit=1.0, memory_limit=8.0)
+    rec = zoo.run_isolated("resnet18", args)
+    assert rec["status"] == "timeout" and "time limit" in rec["error"]
+    assert 1.0 <= rec["cpu_seconds"] < 10.0 and rec["wall_seconds"] >= rec["cpu_seconds"] / 2

@@ -192,9 +192,10 @@ def print_verification(plan: Plan) -> None:
             + ("" if r["within_interval"] else " (outside: corrected)" if "correction" in r
                else " (outside the interval)"))
     for u in ver["uniform"]:
-        held = u.get("held_out")
+        held, sample = u.get("held_out"), u.get("sample")
         say(f"  uniform {u['label']}: predicted {u['predicted']['drop']:.4f}, measured "
-            f"{u['sample']['drop']:.4f}" + (f", {held['drop']:.4f} held-out" if held else ""))
+            + ", ".join([*([f"{sample['drop']:.4f} on the scan sample"] if sample else []),
+                         *([f"{held['drop']:.4f} held-out"] if held else [])]))
     say(f"verdict: {ver['verdict']} ({ver['seconds']:.0f} s of verification)")
 
 
