@@ -248,7 +248,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
                "--variants", args.variants, "--threads", str(args.threads)]
         if name in PX_OVERRIDE:
             cmd += ["--px", str(PX_OVERRIDE[name])]
-        t0, peak, killed, cpu = time.perf_counter(), 0, "", 0.0
+        t0, peak, killed, cpu, limit = time.perf_counter(), 0, "", 0.0, "memory limit"
         with open(Path(tmp) / "log.txt", "w") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             while p.poll() is None:
@@ -257,9 +257,11 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 cpu = max(cpu, _cpu_seconds(p.pid))
                 if rss > args.memory_limit * 2**30:
                     killed = "memory-limit"
-                elif (cpu > args.time_limit * max(1, args.threads)
-                      or time.perf_counter() - t0 > WALL_FACTOR * args.time_limit):
-                    killed = "timeout"
+                elif cpu > args.time_limit * max(1, args.threads):
+                    killed, limit = "timeout", f"CPU-time limit ({cpu:.0f} CPU s)"
+                elif time.perf_counter() - t0 > WALL_FACTOR * args.time_limit:
+                    killed, limit = "timeout", (f"wall-time cap ({WALL_FACTOR}x the time limit; it had used "
+                                                f"{cpu:.0f} CPU s: the machine was busy)")
                 if killed:
                     p.kill()
                     p.wait()
@@ -271,8 +273,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
     rec["cpu_seconds"] = round(cpu, 1)
     if killed:
-        rec.update(status=killed, error=f"killed at the {'memory limit' if killed == 'memory-limit' else 'time limit'}"
-                                        f" during {rec.get('stage')}")
+        rec.update(status=killed, error=f"killed at the {limit} during {rec.get('stage')}")
     elif rec.get("status") in (None, "running"):
         rec.update(status="crash", error=f"the process exited with {p.returncode}", log=log_tail)
     return rec

@@ -91,7 +91,7 @@ class Verifier:
 
         if device is not None and torch.device(device) != next(model.parameters()).device:
             model = copy.deepcopy(model).to(device)
-        elif model.training:  # evaluation needs eval mode; the caller's model keeps its own
+        elif any(m.training for m in model.modules()):  # eval mode needed; the caller's model keeps its own
             model = copy.deepcopy(model)
         dev = next(model.parameters()).device
         self.model = model.eval()
@@ -290,8 +290,10 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
                          "measured_on": "held-out split" if split == "held" else "scan sample"}
     if winner["kind"] == "uniform":
         first = dict(data["plans"]["planned"].get("solver", {}))
-        final["solver"] = {**first, "status": f"{first.get('status', '?')} (round 1); the plan is the "
-                                              f"uniform candidate that measured best"}
+        why = ("the plan is the uniform candidate: the best planned round measured within one paired "
+               "standard error of it (a tie)" if tie is not None else
+               "the plan is the uniform candidate that measured best")
+        final["solver"] = {**first, "status": f"{first.get('status', '?')} (round 1); {why}"}
         lo, hi = _interval(final["predicted"]["drop"], measured(winner).se,
                            final["predicted"].get("drop_se", 0.0) if split == "held" else 0.0)
         final["predicted"] = {**final["predicted"], "drop_interval": [lo, hi]}

@@ -437,15 +437,20 @@ def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
                 "--no-verify): its drop is the scan's additive prediction, unmeasured.</p>")
     winner = ver.get("winner", {})
     split = ver.get("split", {})
-    cls = "bad" if winner.get("kind") == "uniform" else "ok"
+    # uniform winning outright is a finding to see; a tie (the plan within noise of uniform) is not
+    cls = ("bad" if winner.get("kind") == "uniform" and not ver.get("within_noise")
+           else "muted" if winner.get("kind") == "uniform" else "ok")
+    held_n = split.get("held_out")
+    measured_on = (f"Each planned round was applied as the executor applies it without fine-tuning and "
+                   f"measured on the scan's sample ({split.get('sample', '?')} items)"
+                   + (f" and on a held-out split ({held_n} items) that the scan never saw; the uniform "
+                      f"candidates (and the joint measurements behind a correction) on the held-out split "
+                      f"only" if held_n else "; so were the uniform candidates (there was no held-out data)")
+                   + f". The final choice was made on the {ver.get('chosen_on')}. Verification took "
+                   f"{float(ver.get('seconds') or 0):.1f} s.")
     parts = ["<h2>Verification</h2>",
              f"<p class='{cls}'><b>{_e(ver.get('verdict', ''))}</b></p>",
-             "<p>" + _e(f"Every candidate was applied as the executor applies it without fine-tuning and "
-                        f"measured on the scan's sample ({split.get('sample', '?')} items)"
-                        + (f" and on a held-out split ({split['held_out']} items) that the scan never saw"
-                           if split.get("held_out") else " (there was no held-out data)")
-                        + f"; the final choice was made on the {ver.get('chosen_on')}. Verification took "
-                        f"{float(ver.get('seconds') or 0):.1f} s.") + "</p>"]
+             "<p>" + _e(measured_on) + "</p>"]
     rows = []
     for r in ver.get("rounds", []):
         if "sample" not in r:

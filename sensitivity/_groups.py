@@ -496,9 +496,11 @@ class _IndexGuard:
                 held = getattr(group, "_sensplan_indices", 0) + len(idxs)
                 if held > total:
                     raise _IndexExplosion(f"its dependency walk collects more than {total:,} channel indices "
-                                          "over its steps, as when tokens or windows are folded into the "
-                                          "channel dim at every block (e.g. MaxViT's window and grid "
-                                          "partitions)")
+                                          f"over its steps (a size bound: {self.TOTAL_FACTOR} x the "
+                                          "per-mapping limit), as when tokens or windows are folded into "
+                                          "the channel dim at every block (e.g. MaxViT's window and grid "
+                                          "partitions); a very deep residual stream (a large LLM's hidden "
+                                          "size) can reach it too")
                 group._sensplan_indices = held
                 return add_dep(group, dep, idxs)
 
@@ -725,24 +727,34 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     hooks = []
     batch = example_input.shape[0]
     functional: dict[str, int] = {}
-    owner = {id(mod.weight): name for name, mod in model.named_modules()
-             if isinstance(mod, QUANTIZABLE) and isinstance(getattr(mod, "weight", None), torch.Tensor)}
+    owners: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        w = getattr(mod, "weight", None)
+        if isinstance(mod, QUANTIZABLE) and isinstance(w, torch.Tensor):
+            owners.setdefault(id(w), []).append((name, w))
 
     class Functional(torch.overrides.TorchFunctionMode):
         """Counts F.linear / F.conv* calls on a layer's weight (the layer's own forward included:
-        only layers whose hook never fires use these counts)."""
+        only layers whose hook never fires use these counts). A weight shared by several layers is
+        not attributed to any of them: which layer "ran" is ambiguous."""
 
         def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if func in _FUNCTIONAL and len(args) > 1 and id(args[1]) in owner and isinstance(out, torch.Tensor):
-                w = args[1]
-                if func is F.linear:
-                    positions = out.numel() // (batch * out.shape[-1])
-                else:
-                    positions = out.numel() // (batch * out.shape[1])
-                name = owner[id(w)]
-                functional[name] = functional.get(name, 0) + positions * w.numel()
+            if func not in _FUNCTIONAL or not isinstance(out, torch.Tensor):
+                return out
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            entries = owners.get(id(w)) if isinstance(w, torch.Tensor) else None
+            if not entries or len(entries) != 1 or entries[0][1] is not w:
+                return out
+            if func is F.linear:
+                positions = out.numel() // (batch * out.shape[-1])
+            elif out.dim() < w.dim():  # an unbatched convolution: not a per-sample cost
+                return out
+            else:
+                positions = out.numel() // (batch * out.shape[1])
+            name = entries[0][0]
+            functional[name] = functional.get(name, 0) + positions * w.numel()
             return out
 
     def hook(name: str) -> Callable[..., None]:

@@ -402,6 +402,7 @@ class FunctionalAttention(nn.Module):
 def test_layers_used_through_their_weight_are_counted_and_scanned():
     from sensplan.sensitivity import EvalSet, ScanConfig, scan
 
+    torch.manual_seed(0)  # the weights: whether 2-bit qkv flips a prediction depends on them
     model = FunctionalAttention()
     x = torch.randn(2, 5, 8)
     # tokens x weight elements per sample; the head runs as a module: 1 x 24
@@ -413,3 +414,27 @@ def test_layers_used_through_their_weight_are_counted_and_scanned():
     assert set(table.layers) == {"qkv", "proj", "head"}
     # quantizing the weight changes what the parent computes with it: the probe measured it
     assert probes["qkv"]["lost"] + probes["qkv"]["gained"] > 0
+
+
+class SharedWeight(nn.Module):
+    """Two Linear layers sharing one weight (tied projections); only ``used`` runs as a module,
+    and the parent also calls F.linear with the shared weight (keyword form)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(8, 8)
+        self.tied = nn.Linear(8, 8)
+        self.tied.weight = self.used.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.used(x), weight=self.used.weight)
+
+
+def test_shared_weights_are_not_attributed_to_a_layer_that_never_ran():
+    model = SharedWeight()
+    # only the module call counts: the functional call's weight has two owners (ambiguous), and
+    # the tied layer never ran, so it has no MACs (not the used layer's, counted twice)
+    assert count_macs(model, torch.randn(3, 8)) == {"used": 64}
+    before = model.used.weight.clone()
+    count_macs(model, torch.randn(3, 8))
+    assert torch.equal(model.used.weight, before)
