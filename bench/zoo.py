@@ -54,6 +54,8 @@ PX = (32, 64, 96, 128, 160, 224, 256, 299)
 # models scanned at a larger input on purpose: swin_t at 224 px is the memory benchmark of issue 6
 # vit_h_14 (632M parameters, patch 14) accepts no size of PX below 224: 28 px keeps it at 2x2 patches
 PX_OVERRIDE = {"swin_t": 224, "vit_h_14": 28}
+# maxvit_t takes nothing below 224 px; at 8 images its ~200 probes need more than 900 CPU s
+SAMPLES_OVERRIDE = {"maxvit_t": 4}
 WALL_FACTOR = 4  # a model waiting for CPU is still killed at this many times the time limit in wall time
 BUDGETS = (("macs=0.75", "size=0.3"), ("macs=0.9",), ("size=0.3",))
 
@@ -244,7 +246,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--record", str(out),
-               "--samples", str(args.samples), "--ratios", args.ratios, "--bits", args.bits,
+               "--samples", str(SAMPLES_OVERRIDE.get(name, args.samples)), "--ratios", args.ratios, "--bits", args.bits,
                "--variants", args.variants, "--threads", str(args.threads)]
         if name in PX_OVERRIDE:
             cmd += ["--px", str(PX_OVERRIDE[name])]
@@ -449,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     records_path = Path(args.records)
     records = load_records(records_path)
     settings = (f"{args.samples} random images at the smallest of {list(PX)} px the model accepts "
-                f"({', '.join(f'{k}: {v} px' for k, v in PX_OVERRIDE.items())}), 10 classes, task `agreement`; "
+                f"({', '.join(f'{k}: {v} px' for k, v in PX_OVERRIDE.items())}; "
+                f"{', '.join(f'{k}: {v} images' for k, v in SAMPLES_OVERRIDE.items())}), 10 classes, "
+                f"task `agreement`; "
                 f"prune ratios {list(ratios)}, weight bits "
                 f"{list(bits)}; budgets {' / then '.join(' + '.join(b) for b in BUDGETS)} / then a size halfway "
                 f"between the smallest reachable and the original; variants "

@@ -444,6 +444,26 @@ class PruningGraph:
         return {k: v for k, v in found.items() if v}
 
 
+def _guarded_concat_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Torch-Pruning's ``update_concat_index_mapping``, except that a concatenation whose input
+    channel counts it cannot infer (its recursive shape inference stops at a depth limit and
+    returns None) gets no index mapping, as Torch-Pruning itself does for it a few lines later,
+    instead of a TypeError from ``sum`` over the None (torchvision's swin_s / swin_b at small
+    inputs: the patch-merging concat after 18 blocks). The safety check then decides whether the
+    groups through that concat prune consistently."""
+
+    def guarded(graph: Any, cat_node: Any) -> Any:
+        if cat_node.type == tp.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None:
+            chs = [tp.dependency.shape_infer.infer_channels_between(graph, n, cat_node)
+                   for n in cat_node.inputs]
+            cat_node.module.concat_sizes = chs
+        if cat_node.type == tp.ops.OPTYPE.CONCAT and any(c is None for c in cat_node.module.concat_sizes):
+            return None
+        return original(graph, cat_node)
+
+    return guarded
+
+
 class _IndexExplosion(RuntimeError):
     """Torch-Pruning's flatten index mapping produced more indices than any tensor has."""
 
@@ -458,12 +478,13 @@ class _IndexGuard:
     multiplies the indices by its stride; Torch-Pruning then built lists of millions of indices,
     and the graph of ``swin_t`` alone took over 7.5 GB before finishing. Where channels are partly
     added to themselves (ReXNet's ``x[:, :c] += shortcut``) the walk revisits nodes with ever new
-    index lists and never ends. The guard patches the two methods for the duration of our own calls
+    index lists and never ends. The guard patches these two methods (and the concat mapping, see
+    :func:`_guarded_concat_mapping`) for the duration of our own calls
     only, and nests (the outermost limits hold).
     """
 
     _depth = 0
-    _originals: tuple[Any, Any] = (None, None)
+    _originals: tuple[Any, Any, Any] = (None, None, None)
     #: a group may hold this many times ``limit`` indices over all its steps (the largest group in
     #: the torchvision zoo, a ConvNeXt or ViT residual stream, holds a few hundred thousand); past
     #: it MaxViT's groups grew to gigabytes
@@ -504,9 +525,11 @@ class _IndexGuard:
                 group._sensplan_indices = held
                 return add_dep(group, dep, idxs)
 
-            _IndexGuard._originals = (call, add_dep)
+            im = tp.dependency.index_mapping
+            _IndexGuard._originals = (call, add_dep, im.update_concat_index_mapping)
             mapping_cls.__call__ = guarded_call
             group_cls.add_dep = guarded_add_dep
+            im.update_concat_index_mapping = _guarded_concat_mapping(im.update_concat_index_mapping)
         _IndexGuard._depth += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -514,6 +537,7 @@ class _IndexGuard:
         if _IndexGuard._depth == 0:
             tp.dependency.index_mapping._FlattenIndexMapping.__call__ = _IndexGuard._originals[0]
             tp.dependency.group.Group.add_dep = _IndexGuard._originals[1]
+            tp.dependency.index_mapping.update_concat_index_mapping = _IndexGuard._originals[2]
 
 
 def _norm_channel_dim(mod: nn.Module, x: torch.Tensor | None = None) -> int | None:

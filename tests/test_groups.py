@@ -438,3 +438,28 @@ def test_shared_weights_are_not_attributed_to_a_layer_that_never_ran():
     before = model.used.weight.clone()
     count_macs(model, torch.randn(3, 8))
     assert torch.equal(model.used.weight, before)
+
+
+def test_a_concat_whose_channels_torch_pruning_cannot_infer_does_not_break_the_graph():
+    """Torch-Pruning's recursive shape inference stops at a depth limit; past 8 Swin blocks the
+    patch-merging concat's input channels come back None and its ``update_concat_index_mapping``
+    raises TypeError (swin_s / swin_b lost pruning entirely). The guard leaves that concat unmapped,
+    as Torch-Pruning does for other unknown sizes, and the safety checks judge the groups."""
+    import torch_pruning as tp
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1, 8, 1], num_heads=[1, 1, 1, 1],
+                            window_size=[2, 2], num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(TypeError):  # Torch-Pruning alone
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    graph = PruningGraph(model, x)
+    mapped = [g for g in graph.group_ids() if not graph.unsafe_reason(g)]
+    assert len(mapped) >= 8
+    assert sum(g.endswith("mlp.0") for g in mapped) == 11  # every block's MLP hidden channels
+    # blocks after the unmapped patch-merging concats prune exactly as the probe predicts
+    for gid in ("features.5.0.mlp.0", "features.5.7.mlp.0", "features.7.0.mlp.0"):
+        assert check_group(model, graph, gid, 1, x).ok
+    # the patched function is Torch-Pruning's own again outside our calls
+    assert tp.dependency.index_mapping.update_concat_index_mapping.__name__ == "update_concat_index_mapping"
