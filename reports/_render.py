@@ -439,7 +439,7 @@ def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
     split = ver.get("split", {})
     # uniform winning outright is a finding to see; a tie (the plan within noise of uniform) is not
     cls = ("bad" if winner.get("kind") == "uniform" and not ver.get("within_noise")
-           else "muted" if winner.get("kind") == "uniform" else "ok")
+           else "tie" if winner.get("kind") == "uniform" else "ok")
     held_n = split.get("held_out")
     measured_on = (f"Each planned round was applied as the executor applies it without fine-tuning and "
                    f"measured on the scan's sample ({split.get('sample', '?')} items)"
@@ -688,7 +688,7 @@ border-bottom:1px solid #ddd}h3{font-size:1.02em}table{border-collapse:collapse;
 margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
 th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}
 code{background:#f4f4f4;padding:0 .2em}
-.bad{color:#b00;font-weight:600}.ok{color:#070}.muted{color:#777;font-size:.85em}
+.bad{color:#b00;font-weight:600}.ok{color:#070}.tie{color:#333}.muted{color:#777;font-size:.85em}
 .warn{border:2px solid #b00;background:#fff3f3;padding:.6em 1em;margin:1em 0}"""
 
 

@@ -158,6 +158,14 @@ class PruningGraph:
             for dep, _ in group:
                 if self.dg.is_out_channel_pruning_fn(dep.handler):
                     visited.add(id(dep.target.module))
+            unmapped: set[Any] = getattr(self.dg, "_sensplan_unmapped", set())
+            through = [n for dep, _ in group for n in (dep.source, dep.target) if n in unmapped]
+            if through:
+                yield m, None, (f"Torch-Pruning cannot map this group's channels: they pass through a "
+                                f"concatenation ({through[0].name}) whose input channel counts it cannot "
+                                "infer (its shape inference stops at a depth limit). The group is not "
+                                "scanned or pruned.")
+                continue
             yield m, group, ""
 
     def group_ids(self) -> list[str]:
@@ -376,7 +384,9 @@ class PruningGraph:
             elif isinstance(t, nn.Module):
                 for m in t.modules():
                     mods[id(m)] = m
-        kept = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in mods.values()]
+        # list attributes are copied: Torch-Pruning shrinks some in place (a concat's ``concat_sizes``)
+        kept = [(m, {k: list(v) if isinstance(v, list) else v for k, v in vars(m).items()}, dict(m._parameters),
+                 dict(m._buffers), dict(m._modules)) for m in mods.values()]
         dg = self.dg
         param_names, module2node = dict(dg._param_to_name), dict(dg.module2node)
         node_modules = [(n, n.module) for n in module2node.values() if isinstance(n.module, nn.Parameter)]
@@ -453,11 +463,17 @@ def _guarded_concat_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
     groups through that concat prune consistently."""
 
     def guarded(graph: Any, cat_node: Any) -> Any:
-        if cat_node.type == tp.ops.OPTYPE.CONCAT and cat_node.module.concat_sizes is None:
-            chs = [tp.dependency.shape_infer.infer_channels_between(graph, n, cat_node)
-                   for n in cat_node.inputs]
-            cat_node.module.concat_sizes = chs
-        if cat_node.type == tp.ops.OPTYPE.CONCAT and any(c is None for c in cat_node.module.concat_sizes):
+        if cat_node.type != tp.ops.OPTYPE.CONCAT:
+            return original(graph, cat_node)
+        dim = getattr(cat_node.grad_fn, "_saved_dim", 1)
+        if dim != 1 and dim < tp.dependency.constants.MAX_VALID_DIM:
+            return original(graph, cat_node)  # not on the channel dim: Torch-Pruning leaves it alone
+        if cat_node.module.concat_sizes is None:
+            cat_node.module.concat_sizes = [tp.dependency.shape_infer.infer_channels_between(graph, n, cat_node)
+                                            for n in cat_node.inputs]
+        if any(c is None for c in cat_node.module.concat_sizes):
+            # no mapping: groups through it are marked unsafe (PruningGraph._all_groups)
+            graph._sensplan_unmapped = getattr(graph, "_sensplan_unmapped", set()) | {cat_node}
             return None
         return original(graph, cat_node)
 
@@ -750,9 +766,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     macs: dict[str, int] = {}
     hooks = []
     batch = example_input.shape[0]
-    functional: dict[str, int] = {}
+    functional: dict[str, float] = {}
+    # weight -> the distinct layers owning it (a module registered under two names counts once)
     owners: dict[int, list[tuple[str, torch.Tensor]]] = {}
-    for name, mod in model.named_modules(remove_duplicate=False):
+    for name, mod in model.named_modules():
         w = getattr(mod, "weight", None)
         if isinstance(mod, QUANTIZABLE) and isinstance(w, torch.Tensor):
             owners.setdefault(id(w), []).append((name, w))
@@ -772,13 +789,13 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
             if not entries or len(entries) != 1 or entries[0][1] is not w:
                 return out
             if func is F.linear:
-                positions = out.numel() // (batch * out.shape[-1])
-            elif out.dim() < w.dim():  # an unbatched convolution: not a per-sample cost
-                return out
+                positions = out.numel() / (batch * out.shape[-1])
+            elif out.dim() < w.dim():  # an unbatched convolution (a loop over samples): its share
+                positions = out.numel() / (batch * out.shape[0])
             else:
-                positions = out.numel() // (batch * out.shape[1])
+                positions = out.numel() / (batch * out.shape[1])
             name = entries[0][0]
-            functional[name] = functional.get(name, 0) + positions * w.numel()
+            functional[name] = functional.get(name, 0.0) + positions * w.numel()
             return out
 
     def hook(name: str) -> Callable[..., None]:
@@ -820,7 +837,7 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
         for h in hooks:
             h.remove()
     for name, v in functional.items():
-        macs.setdefault(name, v)  # attention's out_proj is in already, from its module's hook
+        macs.setdefault(name, round(v))  # attention's out_proj is in already, from its module's hook
     return macs
 
 

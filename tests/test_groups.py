@@ -458,8 +458,29 @@ def test_a_concat_whose_channels_torch_pruning_cannot_infer_does_not_break_the_g
     mapped = [g for g in graph.group_ids() if not graph.unsafe_reason(g)]
     assert len(mapped) >= 8
     assert sum(g.endswith("mlp.0") for g in mapped) == 11  # every block's MLP hidden channels
+    # groups through the unmapped concat are unsafe, with that reason (not pruned through it)
+    through = [g for g in graph.group_ids() if "concatenation" in graph.unsafe_reason(g)]
+    assert through and all("cannot infer" in graph.unsafe_reason(g) for g in through)
     # blocks after the unmapped patch-merging concats prune exactly as the probe predicts
     for gid in ("features.5.0.mlp.0", "features.5.7.mlp.0", "features.7.0.mlp.0"):
         assert check_group(model, graph, gid, 1, x).ok
     # the patched function is Torch-Pruning's own again outside our calls
     assert tp.dependency.index_mapping.update_concat_index_mapping.__name__ == "update_concat_index_mapping"
+
+
+class PerSampleConv(nn.Module):
+    """A parent that runs its conv's weight one sample at a time (unbatched F.conv2d), with the
+    conv also registered under a second name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.alias = self.conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([nn.functional.conv2d(s, self.conv.weight, self.conv.bias, padding=1) for s in x])
+
+
+def test_unbatched_functional_convs_cost_their_per_sample_share():
+    # 36 positions x 4 x 3 x 9 weights per sample, whatever the loop; the alias is the same layer
+    assert count_macs(PerSampleConv(), torch.randn(3, 3, 6, 6)) == {"conv": 36 * 4 * 3 * 9}
