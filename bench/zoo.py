@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="models run at the same time")
     ap.add_argument("--time-limit", type=float, default=900.0,
                     help="CPU seconds per model and thread (wall time on an idle machine)")
-    ap.add_argument("--memory-limit", type=float, default=8.0, help="GiB of resident memory per model")
+    ap.add_argument("--memory-limit", type=float, default=12.0, help="GiB of resident memory per model")
     ap.add_argument("--records", default=str(RECORDS), help="JSON lines, one per model (resumable)")
     ap.add_argument("--out", default=str(MARKDOWN), help="the Markdown table")
     ap.add_argument("--rerun", action="store_true", help="run models that already have a record again")
