@@ -458,9 +458,10 @@ def _guarded_concat_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
     """Torch-Pruning's ``update_concat_index_mapping``, except that a concatenation whose input
     channel counts it cannot infer (its recursive shape inference stops at a depth limit and
     returns None) gets no index mapping, as Torch-Pruning itself does for it a few lines later,
-    instead of a TypeError from ``sum`` over the None (torchvision's swin_s / swin_b at small
-    inputs: the patch-merging concat after 18 blocks). The safety check then decides whether the
-    groups through that concat prune consistently."""
+    instead of a TypeError from ``sum`` over the None that lost the whole graph (torchvision's
+    swin_s / swin_b at small inputs: the patch-merging concat after more than 7 blocks). The groups
+    through that concat are marked unsafe with the reason (:meth:`PruningGraph._all_groups`); the
+    others stay scannable."""
 
     def guarded(graph: Any, cat_node: Any) -> Any:
         if cat_node.type != tp.ops.OPTYPE.CONCAT:
