@@ -2,7 +2,7 @@
 
 Reads ``scan.json``, optionally ``plan.json`` and an ``apply`` result directory (``metrics.json``
 and ``uniform/metrics.json``). Never loads a model and never imports torch: everything comes from
-the torch-free artifact views (:mod:`sensplan._tables`, :mod:`sensplan.planner._plan`). Methods,
+the torch-free artifact views (:mod:`sensplan._tables`, :mod:`sensplan.planner`). Methods,
 axes and settings are shown generically, as the artifacts describe them; nothing here depends on a
 method's name. Every string taken from the model or the artifacts is HTML-escaped. Percentages
 appear only here; the artifacts hold fractions. A drop is positive when the model got worse.
@@ -35,7 +35,7 @@ from sensplan._artifacts import atomic_write, atomic_write_bytes, dumps  # noqa:
 from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
 from sensplan._metric import Metric  # noqa: E402
 from sensplan._tables import Scan, load_metrics  # noqa: E402
-from sensplan.planner._plan import Plan  # noqa: E402
+from sensplan.planner import Plan  # noqa: E402
 
 FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "verification", "before_after")
 """The PNG files written beside ``report.html`` (``allocation`` only with a plan, ``verification``

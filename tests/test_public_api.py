@@ -34,8 +34,6 @@ NECESSARY = {
 #: edges that exist today although the names are public (or point the wrong way); each should
 #: become a public import, then leave this list
 PENDING = {
-    # Plan is exported by sensplan.planner
-    ("sensplan.reports._render", "sensplan.planner._plan"),
     # the planner's demo reaches into the CLI (default_threads): the layering runs backwards
     ("sensplan.planner._demo", "sensplan.cli._common"),
 }
