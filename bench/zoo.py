@@ -55,8 +55,8 @@ PX = (32, 64, 96, 128, 160, 224, 256, 299)
 # vit_h_14 (632M parameters, patch 14) accepts no size of PX below 224: 28 px keeps it at 2x2 patches
 PX_OVERRIDE = {"swin_t": 224, "vit_h_14": 28}
 # maxvit_t takes nothing below 224 px; at 8 images its ~200 probes need more than 900 CPU s.
-# regnet_y_128gf (644M parameters): at 8 images its ~320 probes and 54 safety checks are forward
-# passes worth about 1,800 CPU s (profiled: 97% of the scan in conv2d)
+# regnet_y_128gf (644M parameters): at 8 images, 93% of its first 300 s of scan went to the forward
+# passes of 54 safety checks; at 2 images it still runs past 900 CPU s (its record says timeout)
 SAMPLES_OVERRIDE = {"maxvit_t": 4, "regnet_y_128gf": 2}
 WALL_FACTOR = 4  # a model waiting for CPU is still killed at this many times the time limit in wall time
 BUDGETS = (("macs=0.75", "size=0.3"), ("macs=0.9",), ("size=0.3",))
@@ -245,10 +245,11 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     The time limit counts the child's CPU time (all its threads), not wall time: on a machine shared
     with other work a model is not killed for waiting its turn. Both are recorded."""
+    samples = SAMPLES_OVERRIDE.get(name, args.samples)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--record", str(out),
-               "--samples", str(SAMPLES_OVERRIDE.get(name, args.samples)), "--ratios", args.ratios, "--bits", args.bits,
+               "--samples", str(samples), "--ratios", args.ratios, "--bits", args.bits,
                "--variants", args.variants, "--threads", str(args.threads)]
         if name in PX_OVERRIDE:
             cmd += ["--px", str(PX_OVERRIDE[name])]
@@ -259,13 +260,14 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
                 rss = _rss(p.pid)
                 peak = max(peak, rss)
                 cpu = max(cpu, _cpu_seconds(p.pid))
+                wall = time.perf_counter() - t0
                 if rss > args.memory_limit * 2**30:
                     killed = "memory-limit"
                 elif cpu > args.time_limit * max(1, args.threads):
                     killed, limit = "timeout", f"CPU-time limit ({cpu:.0f} CPU s)"
-                elif time.perf_counter() - t0 > WALL_FACTOR * args.time_limit:
+                elif wall > WALL_FACTOR * args.time_limit:
                     killed, limit = "timeout", (f"wall-time cap ({WALL_FACTOR}x the time limit; it had used "
-                                                f"{cpu:.0f} CPU s in {time.perf_counter() - t0:.0f} s of wall time)")
+                                                f"{cpu:.0f} CPU s in {wall:.0f} s of wall time)")
                 if killed:
                     p.kill()
                     p.wait()
@@ -276,7 +278,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rec["peak_rss_mb"] = max(int(rec.get("peak_rss_mb", 0)), round(peak / 2**20))
     rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
     rec["cpu_seconds"] = round(cpu, 1)
-    rec["samples"] = SAMPLES_OVERRIDE.get(name, args.samples)
+    rec["samples"] = samples
     if killed:
         rec.update(status=killed, error=f"killed at the {limit} during {rec.get('stage')}")
     elif rec.get("status") in (None, "running"):

@@ -444,7 +444,7 @@ def test_a_concat_whose_channels_torch_pruning_cannot_infer_does_not_break_the_g
     """Torch-Pruning's recursive shape inference stops at a depth limit; past 8 Swin blocks the
     patch-merging concat's input channels come back None and its ``update_concat_index_mapping``
     raises TypeError (swin_s / swin_b lost pruning entirely). The guard leaves that concat unmapped,
-    as Torch-Pruning does for other unknown sizes, and the safety checks judge the groups."""
+    as Torch-Pruning does for other unknown sizes, and marks the groups through it unsafe."""
     import torch_pruning as tp
     from torchvision.models.swin_transformer import SwinTransformer
 
