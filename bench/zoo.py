@@ -55,9 +55,12 @@ PX = (32, 64, 96, 128, 160, 224, 256, 299)
 # vit_h_14 (632M parameters, patch 14) accepts no size of PX below 224: 28 px keeps it at 2x2 patches
 PX_OVERRIDE = {"swin_t": 224, "vit_h_14": 28}
 # maxvit_t takes nothing below 224 px; at 8 images its ~200 probes need more than 900 CPU s.
-# regnet_y_128gf (644M parameters): at 8 images, 93% of its first 300 s of scan went to the forward
-# passes of 54 safety checks; at 2 images it still runs past 900 CPU s (its record says timeout)
+# regnet_y_128gf (644M parameters): its forward pass costs 0.6 s per 32-px image on one thread (linear
+# in the batch), and the scan runs two per probe (recalibrate, evaluate) and two per safety check; at
+# 2 images and 2 check images it ran past 900 CPU s in scan (profile of the first 500 s: 85% in the
+# model's conv2d; the 87 safety checks 218 s before the first probe), so its checks run on one image
 SAMPLES_OVERRIDE = {"maxvit_t": 4, "regnet_y_128gf": 2}
+CHECK_SAMPLES_OVERRIDE = {"regnet_y_128gf": 1}  # otherwise min(4, samples)
 WALL_FACTOR = 4  # a model waiting for CPU is still killed at this many times the time limit in wall time
 BUDGETS = (("macs=0.75", "size=0.3"), ("macs=0.9",), ("size=0.3",))
 
@@ -132,7 +135,7 @@ def reason_kind(reason: str) -> str:
 def run_model(name: str, *, px: int | None = None, samples: int = 8, ratios: tuple[float, ...] = (0.5,),
               bits: tuple[int, ...] = (4,), variants: tuple[str, ...] = ("planned", "uniform"),
               plan_time_limit: float = 20.0, record: dict[str, Any] | None = None,
-              save: Any = None) -> dict[str, Any]:
+              save: Any = None, check_samples: int | None = None) -> dict[str, Any]:
     """scan -> plan -> apply one model in this process; return (and keep updating) its record."""
     from sensplan._errors import InfeasibleBudgetError, SensplanError
     from sensplan.planner import Budget, Costs, apply_plan, make_plan, min_cost
@@ -158,7 +161,8 @@ def run_model(name: str, *, px: int | None = None, samples: int = 8, ratios: tup
         t = time.perf_counter()
         data, calib = synthetic(samples, used_px, 0), synthetic(samples, used_px, 1)
         cfg = ScanConfig({"prune": [{"ratio": r} for r in ratios], "weight_quant": [{"bits": b} for b in bits]},
-                         task="agreement", batch_size=max(1, samples), check_samples=min(4, samples))
+                         task="agreement", batch_size=max(1, samples),
+                         check_samples=check_samples or min(4, samples))
         table = scan(model, data, cfg, calib=calib, model_spec=spec, progress=False)
         groups = table.groups
         skipped = {g: v["reason"] for g, v in groups.items() if v["status"] == "skipped"}
@@ -246,10 +250,12 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
     The time limit counts the child's CPU time (all its threads), not wall time: on a machine shared
     with other work a model is not killed for waiting its turn. Both are recorded."""
     samples = SAMPLES_OVERRIDE.get(name, args.samples)
+    checks = CHECK_SAMPLES_OVERRIDE.get(name, min(4, samples))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--record", str(out),
-               "--samples", str(samples), "--ratios", args.ratios, "--bits", args.bits,
+               "--samples", str(samples), "--check-samples", str(checks), "--ratios", args.ratios,
+               "--bits", args.bits,
                "--variants", args.variants, "--threads", str(args.threads)]
         if name in PX_OVERRIDE:
             cmd += ["--px", str(PX_OVERRIDE[name])]
@@ -278,7 +284,7 @@ def run_isolated(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rec["peak_rss_mb"] = max(int(rec.get("peak_rss_mb", 0)), round(peak / 2**20))
     rec["wall_seconds"] = round(time.perf_counter() - t0, 1)
     rec["cpu_seconds"] = round(cpu, 1)
-    rec["samples"] = samples
+    rec["samples"], rec["check_samples"] = samples, checks
     if killed:
         rec.update(status=killed, error=f"killed at the {limit} during {rec.get('stage')}")
     elif rec.get("status") in (None, "running"):
@@ -431,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--record", help=argparse.SUPPRESS)
     ap.add_argument("--px", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--check-samples", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     ratios = tuple(float(r) for r in args.ratios.split(",") if r)
     bits = tuple(int(b) for b in args.bits.split(",") if b)
@@ -448,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(tmp, path)
 
         run_model(args.worker, px=args.px, samples=args.samples, ratios=ratios, bits=bits,
-                  variants=variants, save=save)
+                  variants=variants, save=save, check_samples=args.check_samples)
         return 0
 
     timm_sample = tuple(n for n in args.timm.split(",") if n)
@@ -457,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     records = load_records(records_path)
     settings = (f"{args.samples} random images at the smallest of {list(PX)} px the model accepts "
                 f"({', '.join(f'{k}: {v} px' for k, v in PX_OVERRIDE.items())}; "
-                f"{', '.join(f'{k}: {v} images' for k, v in SAMPLES_OVERRIDE.items())}), 10 classes, "
+                f"{', '.join(f'{k}: {v} images' for k, v in SAMPLES_OVERRIDE.items())}), the safety "
+                f"checks on min(4, images) of them ("
+                f"{', '.join(f'{k}: {v}' for k, v in CHECK_SAMPLES_OVERRIDE.items())}), 10 classes, "
                 f"task `agreement`; "
                 f"prune ratios {list(ratios)}, weight bits "
                 f"{list(bits)}; budgets {' / then '.join(' + '.join(b) for b in BUDGETS)} / then a size halfway "

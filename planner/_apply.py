@@ -12,7 +12,6 @@ import copy
 import math
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from torch import nn
 
 from sensplan._artifacts import now_iso, versions, write_json
 from sensplan._effects import LAYER_DEFAULTS, merge
-from sensplan._errors import IncompatibleModelError, UserInputError
+from sensplan._errors import ArtifactError, IncompatibleModelError, UserInputError
 from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
-from sensplan.planner._compressed import CompressedModel, load_compressed, save_compressed
+from sensplan.planner._compressed import CompressedModel, load_compressed, payload_size, save_compressed
 from sensplan.planner._plan import Plan, assignments
 from sensplan.sensitivity import (
     EvalSet,
@@ -93,6 +92,7 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
             continue
         for method, units in assignments(alloc).items():
             m = get_method(method)
+            _check_settings(name, m, units, alloc)
             if m.unit_kind == "layer":
                 missing = [u for u in units if u not in modules]
                 if missing:
@@ -102,6 +102,25 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
             elif example_input is not None and units:
                 graph = graph or PruningGraph(model, example_input)
                 _check_groups(graph, alloc, units)
+
+
+def _check_settings(name: str, method: Method, units: Mapping[str, Any], alloc: Mapping[str, Any]) -> None:
+    """Every setting is one the method accepts, and every pruning removes some channels and keeps
+    some (a plan edited by hand, or corrupt, fails here rather than half-way through apply)."""
+    again = "The plan file was edited or is corrupt: make it again with `sensplan plan`."
+    channels = {c["unit"]: c.get("channels") for c in alloc["choices"].values() if c["kind"] == "group"}
+    for unit, setting in units.items():
+        try:
+            method.check_setting(setting)
+        except (ValueError, TypeError, KeyError, UserInputError) as e:
+            raise ArtifactError(f"The plan's {name!r} allocation sets {method.name} on {unit!r} to "
+                                f"{dict(setting)}, which is not a valid setting ({e}). {again}") from None
+        if method.unit_kind == "group" and "n_remove" in setting:
+            k, n = setting["n_remove"], channels.get(unit)
+            if not isinstance(k, int) or k < 1 or (n is not None and k >= int(n)):
+                raise ArtifactError(f"The plan's {name!r} allocation removes {k!r} channels of group {unit!r}"
+                                    f"{f', which has {n}' if n is not None else ''}: it must remove at least "
+                                    f"one and keep at least one. {again}")
 
 
 def _check_groups(graph: PruningGraph, alloc: Mapping[str, Any], units: Mapping[str, Any]) -> None:
@@ -322,51 +341,63 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     if history:  # what the scan predicts is the drop before fine-tuning: measure that too
         raw, _ = compress(model, plan, variant, example, calib=calib, data=data, model_spec=model_spec)
         no_ft = task.evaluate(raw.module, data, state).to_dict()
-    file_bytes = save_compressed(cm, out / "model.sensplan")
-    reloaded = load_compressed(out / "model.sensplan", copy.deepcopy(model))
-    alloc = plan.variant(variant)
-    after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
-                    timing=timing)
-    after["payload_bytes"] = cm.payload_bytes()
-    with torch.inference_mode():
-        gap = float((reloaded(example) - cm.module(example)).abs().max())
-    after["reload_max_abs_diff"] = gap
-    predicted = dict(alloc["predicted"])
-    measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
-                      "bops": after["bops"]}
-    comparison = {m: {"predicted": predicted[m], "measured": v,
-                      "ratio": v / predicted[m] if predicted.get(m) else None}
-                  for m, v in measured_costs.items() if m in predicted}
-    metric = plan.metric
-    measured_drop_no_ft = metric.drop(before["score"], no_ft["score"] if no_ft else after["score"])
-    comparison["drop_without_finetune"] = {"predicted": predicted["drop"], "measured": measured_drop_no_ft}
-    budgets = []
-    for b in plan.data["objective"]["budgets"]:
-        value = measured_costs.get(b["metric"])
-        met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
-        budgets.append({**b, "measured": value, "met": met,
-                        **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})
-    metrics = {
-        "format": METRICS_FORMAT,
-        "schema_version": METRICS_SCHEMA_VERSION,
-        "created": now_iso(),
-        "versions": versions(),
-        "variant": variant,
-        "plan": {"path": plan.path or None, "sha256": plan.sha256 or None},
-        "task": dict(plan.data["task"]),
-        "data": data.description.get("spec"),
-        "before": dict(before),
-        "after_without_finetune": no_ft,
-        "after": after,
-        "predicted": predicted,
-        "comparison": comparison,
-        "budgets": budgets,
-        "fine_tune": ({"config": finetune.__dict__, "history": history} if history and finetune else None),
-        "bn_recalibration": calib.description if calib is not None else None,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    write_json(out / "plan.json", dict(plan.data))
-    write_json(out / "metrics.json", metrics)
+        del raw
+    # The model file is written under a temporary name and takes its place after metrics.json and
+    # plan.json: a failure before then leaves the previous result's three files as they were
+    staged = out / f".model.sensplan.{os.getpid()}.partial"
+    try:
+        file_bytes = save_compressed(cm, staged)
+        payload_bytes = payload_size(staged)  # encoding again would quantize again
+        with torch.inference_mode():
+            compressed_out = cm.module(example)
+        del cm  # one model fewer in memory while the file is reloaded (a 630M-parameter ViT: 2.5 GB)
+        reloaded = load_compressed(staged, copy.deepcopy(model))
+        alloc = plan.variant(variant)
+        after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
+                        timing=timing)
+        after["payload_bytes"] = payload_bytes
+        with torch.inference_mode():
+            gap = float((reloaded(example) - compressed_out).abs().max())
+        after["reload_max_abs_diff"] = gap
+        predicted = dict(alloc["predicted"])
+        measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
+                          "bops": after["bops"]}
+        comparison = {m: {"predicted": predicted[m], "measured": v,
+                          "ratio": v / predicted[m] if predicted.get(m) else None}
+                      for m, v in measured_costs.items() if m in predicted}
+        metric = plan.metric
+        measured_drop_no_ft = metric.drop(before["score"], no_ft["score"] if no_ft else after["score"])
+        comparison["drop_without_finetune"] = {"predicted": predicted["drop"], "measured": measured_drop_no_ft}
+        budgets = []
+        for b in plan.data["objective"]["budgets"]:
+            value = measured_costs.get(b["metric"])
+            met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
+            budgets.append({**b, "measured": value, "met": met,
+                            **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})
+        metrics = {
+            "format": METRICS_FORMAT,
+            "schema_version": METRICS_SCHEMA_VERSION,
+            "created": now_iso(),
+            "versions": versions(),
+            "variant": variant,
+            "plan": {"path": plan.path or None, "sha256": plan.sha256 or None},
+            "task": dict(plan.data["task"]),
+            "data": data.description.get("spec"),
+            "before": dict(before),
+            "after_without_finetune": no_ft,
+            "after": after,
+            "predicted": predicted,
+            "comparison": comparison,
+            "budgets": budgets,
+            "fine_tune": ({"config": finetune.__dict__, "history": history} if history and finetune else None),
+            "bn_recalibration": calib.description if calib is not None else None,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json(out / "plan.json", dict(plan.data))
+        write_json(out / "metrics.json", metrics)
+        os.replace(staged, out / "model.sensplan")
+    finally:
+        staged.unlink(missing_ok=True)
     return metrics
 
 
@@ -387,8 +418,6 @@ def measure_original(model: nn.Module, data: EvalSet, model_spec: ModelSpec | No
     state = task_state if task_state is not None else t.prepare(model, data)
     cm = CompressedModel(model, {}, model_spec=model_spec, original_digest=architecture_digest(model),
                          input_shape=tuple(data.example_input.shape[1:]))
-    with tempfile.TemporaryDirectory() as tmp:
-        size = save_compressed(cm, Path(tmp) / "original.sensplan")
-    m = measure(model, data, size, timing=timing, task=t, task_state=state)
+    m = measure(model, data, cm.file_bytes(), timing=timing, task=t, task_state=state)
     m["payload_bytes"] = cm.payload_bytes()
     return m

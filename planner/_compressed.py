@@ -80,7 +80,12 @@ class CompressedModel:
 
     def payload_bytes(self) -> int:
         """Bytes of tensor data the file holds (without the header)."""
-        return len(_encode(self)[1])
+        return _encode(self, keep_bytes=False)[2]
+
+    def file_bytes(self) -> int:
+        """Bytes of the file :func:`save_compressed` writes, without writing it."""
+        entries, _, payload = _encode(self, keep_bytes=False)
+        return 20 + len(_header_blob(self, entries)) + payload
 
 
 def _pack_uint(values: np.ndarray, bits: int) -> bytes:
@@ -183,27 +188,34 @@ def _named(entry: dict[str, Any], parts: list[tuple[str, bytes]]) -> list[bytes]
     return [b for _, b in parts]
 
 
-def _encode(cm: CompressedModel) -> tuple[dict[str, Any], bytes]:
+def _encode(cm: CompressedModel, keep_bytes: bool = True) -> tuple[dict[str, Any], bytes, int]:
+    """(header entries, payload, payload length). With ``keep_bytes=False`` the payload is not
+    assembled (b""): raw tensors are only measured, not copied, and the sizes are the same."""
     blob = io.BytesIO()
     entries: dict[str, Any] = {}
+    at = 0
     for key, t in cm.module.state_dict().items():
-        t = t.detach().cpu()
+        t = t.detach()
         eff = cm.effects.get(key)
         if eff is not None and t.is_floating_point() and _stores_specially(eff):
-            entry, parts = _encode_tensor(t.float(), merge([eff]), cm.row_lens.get(key, 1))
+            entry, parts = _encode_tensor(t.cpu().float(), merge([eff]), cm.row_lens.get(key, 1))
+            lengths = [len(b) for b in parts]
         else:
             dtype = str(t.dtype).replace("torch.", "")
             if dtype not in _DTYPES:
                 raise ArtifactError(f"Cannot store tensor {key} of dtype {dtype}.")
             entry = {"layout": "raw", "dtype": dtype, "shape": list(t.shape), "part_names": ["raw"]}
-            parts = [_raw(t)]
-        offsets = []
-        for b in parts:
-            offsets.append([blob.tell(), len(b)])
-            blob.write(b)
-        entry["parts"] = offsets
+            parts = [_raw(t)] if keep_bytes else []
+            lengths = [t.numel() * t.element_size()]
+        entry["parts"] = []
+        for n in lengths:
+            entry["parts"].append([at, n])
+            at += n
+        if keep_bytes:
+            for b in parts:
+                blob.write(b)
         entries[key] = entry
-    return entries, blob.getvalue()
+    return entries, blob.getvalue(), at
 
 
 def _stores_specially(eff: Mapping[str, Any]) -> bool:
@@ -213,14 +225,8 @@ def _stores_specially(eff: Mapping[str, Any]) -> bool:
 
 def save_compressed(cm: CompressedModel, path: str | os.PathLike[str]) -> int:
     """Atomically write ``cm`` to ``path``; return the file size in bytes."""
-    entries, payload = _encode(cm)
-    header = {"format": COMPRESSED_FORMAT, "schema_version": CONTAINER_VERSION,
-              "model": {"spec": cm.model_spec.to_dict() if cm.model_spec else None,
-                        "architecture_digest": cm.original_digest,
-                        "input_shape": list(cm.input_shape)},
-              "removed": cm.removed, "input_quant": cm.input_quant, "tensors": entries,
-              "plan": dict(cm.plan)}
-    head = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    entries, payload, _ = _encode(cm)
+    head = _header_blob(cm, entries)
 
     def write(f: Any) -> None:
         f.write(MAGIC)
@@ -230,6 +236,25 @@ def save_compressed(cm: CompressedModel, path: str | os.PathLike[str]) -> int:
 
     atomic_write(path, write)
     return Path(path).stat().st_size
+
+
+def _header_blob(cm: CompressedModel, entries: dict[str, Any]) -> bytes:
+    header = {"format": COMPRESSED_FORMAT, "schema_version": CONTAINER_VERSION,
+              "model": {"spec": cm.model_spec.to_dict() if cm.model_spec else None,
+                        "architecture_digest": cm.original_digest,
+                        "input_shape": list(cm.input_shape)},
+              "removed": cm.removed, "input_quant": cm.input_quant, "tensors": entries,
+              "plan": dict(cm.plan)}
+    return zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+
+
+def payload_size(path: str | os.PathLike[str]) -> int:
+    """Bytes of tensor data in a file :func:`save_compressed` wrote (its size less the header)."""
+    with open(path, "rb") as f:
+        start = f.read(20)
+    if len(start) < 20 or start[:8] != MAGIC:
+        raise ArtifactError(f"{str(path)!r} is not a sensplan compressed model.")
+    return Path(path).stat().st_size - 20 - int(struct.unpack("<IQ", start[8:20])[1])
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
@@ -346,6 +371,7 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     except (KeyError, ValueError, RuntimeError) as err:
         raise ArtifactError(f"{str(path)!r} is corrupt: a tensor cannot be decoded ({type(err).__name__}: "
                             f"{err}). Re-create it with `sensplan apply`.") from None
+    del payload  # the decoded tensors own their memory: the file's bytes go before the state loads
     _load_state_preserving_metadata(model, state, str(path))
     for layer, qp in header.get("input_quant", {}).items():
         install_input_quant(model.get_submodule(layer), qp)

@@ -131,6 +131,14 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
     check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
     cm = Costs(scan, cost_models)
+    if not any(len(b.options) > 1 for b in cm.blocks):
+        skipped = [f"{unit}: {why}" for info in scan.data.get("methods", {}).values()
+                   for unit, why in (info.get("skipped") or {}).items()]
+        raise UserInputError(
+            "The scan measured no unit, so there is nothing to plan"
+            + (f" (every unit was skipped; e.g. {skipped[0][:200].rstrip('.')})" if skipped else "")
+            + ". Scan with other --methods (e.g. --methods prune,weight_quant), or see each skip's reason "
+              "in scan.json.")
     _check_metrics(cm, budgets, minimize)
     sol = solve(cm, budgets, max_drop=max_drop, minimize=minimize, time_limit=time_limit)
     solve_seconds = time.perf_counter() - t0

@@ -534,6 +534,10 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         except UserInputError:
             notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration: "
                          f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
+    if held is not None and len(held) < 200:
+        notes.append(f"the held-out split has only {len(held)} items: differences between candidates of "
+                     f"less than about {100 * 2 / len(held) ** 0.5:.0f} points there may be noise (more data "
+                     f"outside the scan's sample, or --holdout-data SPEC, makes the verdict firmer)")
     import torch
 
     dtype = getattr(torch, str(scan.data.get("provenance", {}).get("dtype") or "float32"), None)

@@ -255,6 +255,20 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _visible_folder(base: Any) -> Any:
+    """``ImageFolder`` that ignores hidden class folders (``.ipynb_checkpoints``, ``.DS_Store``
+    directories, ``.git``): they are not classes, and counting one would shift every label."""
+
+    class VisibleImageFolder(base):  # type: ignore[misc, valid-type]
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {c: i for i, c in enumerate(classes)}
+
+    return VisibleImageFolder
+
+
 class _Images(Dataset[Any]):
     """A torchvision ``ImageFolder`` whose undecodable images come back as :class:`_Unreadable`."""
 
@@ -316,7 +330,7 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
                             f"holds one subfolder per class.")
     _check_channels(spec.preprocess, 3, "The images (read as RGB)")
     try:
-        images = _Images(datasets.ImageFolder(str(root), transform=tf))
+        images = _Images(_visible_folder(datasets.ImageFolder)(str(root), transform=tf))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataSpecError(f"{spec.root!r} is not an ImageFolder tree ({e}). It needs one subfolder "
                             f"per class with images inside, e.g. {spec.root}/cat/0001.jpg.") from None
@@ -521,7 +535,8 @@ def _stack(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
     shapes = {tuple(b[0].shape) for b in items}
     if len(shapes) > 1:
         raise DataSpecError(f"The images have different sizes ({', '.join(map(str, sorted(shapes)[:3]))}), "
-                            f"so they cannot be batched. Pass --resize N and --crop N.")
+                            f"so they cannot be batched. Pass --crop N to cut them to one size (with --resize N "
+                            f"to scale the shorter side first).")
     return torch.stack([b[0] for b in items]), torch.tensor([int(b[1]) for b in items])
 
 

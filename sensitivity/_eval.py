@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -133,13 +134,42 @@ def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256
         model.eval()
         for m in bns:
             m.train()
+        hooks = [m.register_forward_pre_hook(_one_value_guard(names[m])) for m in bns]
         try:
-            for x, _ in calib.batches(batch_size):
+            for x in _calibration_batches(calib.x, batch_size):
                 model(x)
             stats = {names[m]: (_buffer(m.running_mean), _buffer(m.running_var)) for m in bns}
         finally:
+            for h in hooks:
+                h.remove()
             model.train(was_training)
     return stats
+
+
+def _calibration_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """``x`` in batches of ``batch_size``, except that a last batch of one sample joins the one
+    before it: a BatchNorm seeing one value per channel (BatchNorm1d, or a 1x1 feature map) has
+    no batch variance, and torch refuses it."""
+    n = len(x)
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    for i, start in enumerate(starts):
+        yield x[start:starts[i + 1] if i + 1 < len(starts) else n]
+
+
+def _one_value_guard(name: str) -> Any:
+    def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1]:
+            from sensplan._errors import UserInputError
+
+            raise UserInputError(
+                f"BatchNorm recalibration cannot measure {name}: it sees one value per channel "
+                f"(input shape {tuple(x.shape)}) from a batch of one calibration sample. Give at least 2 "
+                f"calibration samples (--calib-samples), or turn recalibration off "
+                f"(--no-bn-recalibration).")
+    return hook
 
 
 @torch.no_grad()

@@ -207,7 +207,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
                         graph_error=graph_error, device=dev)
     reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
 
-    header = _journal_header(model, data, calib if reference else None, cfg, weights)
+    header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
     jr = _open_journal(journal, header, resume)
     methods_info: dict[str, Any] = {}
     todo: list[tuple[Method, str, Setting]] = []
@@ -333,7 +333,7 @@ def _check_labels(task: Task, data: EvalSet) -> None:
 
 
 def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: ScanConfig,
-                    weights: str | None) -> dict[str, Any]:
+                    weights: str | None, dtype: torch.dtype | None = None) -> dict[str, Any]:
     def digest(es: EvalSet | None) -> str | None:
         if es is None:
             return None
@@ -344,7 +344,9 @@ def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg:
 
     return {"architecture_digest": architecture_digest(model), "weights_digest": weights_digest(model),
             "data": digest(data), "calibration": digest(calib), "task": cfg.task,
-            "batch_size": cfg.batch_size}
+            "batch_size": cfg.batch_size,
+            # rows measured under autocast differ from float32 ones; float32 journals keep matching
+            **({"dtype": str(dtype).replace("torch.", "")} if dtype not in (None, torch.float32) else {})}
 
 
 def _open_journal(path: str | os.PathLike[str] | None, header: dict[str, Any], resume: bool) -> Any:

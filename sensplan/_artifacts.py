@@ -34,7 +34,7 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Any], object]) 
     umask, as any file the user creates: the temporary file is opened with mode ``"xb"``
     (``tempfile.mkstemp`` would force 0600).
     """
-    target = Path(path)
+    target = Path(os.path.realpath(path))  # through a symlink: the file it points to is replaced
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:

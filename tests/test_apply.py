@@ -26,7 +26,7 @@ from sensplan.planner import (
     missed_budgets,
     save_compressed,
 )
-from sensplan.planner._compressed import read_header
+from sensplan.planner._compressed import payload_size, read_header
 from sensplan.planner._costs import option_key
 from sensplan.sensitivity import ModelSpec, ScanConfig, count_macs, evaluate, get_task, scan
 from sensplan.sensitivity._models import weights_digest
@@ -171,8 +171,9 @@ def test_sizes_are_exact_without_sub_byte_packing(tmp_path, setup, choices):
                            for b, c in alloc["choices"].items()})
     predicted = cm.evaluate(choice)
     compressed, _ = compress(model, Plan(data_), "planned", data.example_input, calib=calib)
-    save_compressed(compressed, tmp_path / "m.sensplan")
-    assert compressed.payload_bytes() == predicted["size"]
+    size = save_compressed(compressed, tmp_path / "m.sensplan")
+    assert compressed.payload_bytes() == predicted["size"] == payload_size(tmp_path / "m.sensplan")
+    assert compressed.file_bytes() == size == (tmp_path / "m.sensplan").stat().st_size
     assert sum(p.numel() for p in compressed.module.parameters()) == predicted["params"]
 
 

@@ -162,10 +162,10 @@ def test_global_verbose_shows_the_traceback(tmp_path, capsys):
     ["--verb", "plan", "--scan", "scan.json", "--budget", "macs=0.5"],
 ])
 def test_flag_prefixes_are_rejected(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    assert e.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and "--help" in err
+    assert len(err.strip().splitlines()) == 1, err  # one line, no usage block
 
 
 def test_run_reports_every_problem_before_any_work(tmp_path, capsys, weights):
@@ -287,8 +287,11 @@ def test_wrong_weights_for_the_model_exit_2(tmp_path, capsys, weights):
 
 
 def test_apply_with_a_plan_for_another_model_exits_2(scan_file, tmp_path, capsys, weights):
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["model"].update(weights=None, weights_sha256=None)  # as if scanned with random weights
+    (tmp_path / "plan_random.json").write_text(json.dumps(plan))
     code, _, err = run(["apply", "--model", "sensplan:digits_cnn", "--data", "digits", *FAST,
-                        "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "o")],
+                        "--plan", str(tmp_path / "plan_random.json"), "--out", str(tmp_path / "o")],
                        capsys)
     assert code == 2 and "architecture digest" in err and "measuring" not in err
 
@@ -362,8 +365,7 @@ def test_methods_lists_every_method_and_task(capsys):
 
 
 def test_help_states_the_methods_real_defaults(capsys):
-    with pytest.raises(SystemExit):
-        main(["scan", "--help"])
+    assert main(["scan", "--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     defaults = {m.name: m for m in all_methods() if m.default_on}
     assert f"(default: {','.join(sorted(defaults))})" in out
@@ -447,9 +449,7 @@ def test_an_interrupted_scan_says_how_to_resume_and_resumes(tmp_path, monkeypatc
 @pytest.mark.parametrize("verb", [None, "scan", "plan", "apply", "report", "run", "demo",
                                   "validate", "methods", "models"])
 def test_every_help_ends_with_an_example(verb, capsys):
-    with pytest.raises(SystemExit) as e:
-        main([verb, "--help"] if verb else ["--help"])
-    assert e.value.code == 0
+    assert main([verb, "--help"] if verb else ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: sensplan" + (f" {verb}" if verb else ""))
     example = out[out.rindex("\nexample"):]
@@ -467,3 +467,27 @@ def test_the_cli_imports_no_torch_and_the_console_script_works():
     proc = subprocess.run([sys.executable, "-m", "sensplan", "plan", "--scan", "nope.json",
                            "--budget", "macs=1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_check_samples_sets_the_safety_checks_input_and_is_recorded(tmp_path, capsys, weights, monkeypatch):
+    from sensplan.sensitivity import _groups
+
+    seen: list[int] = []
+    real = _groups.check_group
+
+    def spy(model, graph, gid, n_remove, inputs, *a, **k):
+        seen.append(len(inputs))
+        return real(model, graph, gid, n_remove, inputs, *a, **k)
+
+    monkeypatch.setattr("sensplan.sensitivity.methods.prune.check_group", spy)
+    statuses = []
+    for n in ("1", "8"):
+        out = tmp_path / f"scan{n}.json"
+        code, _, err = run(["scan", *model_args(weights), "--no-quantize", "--ratios", "0.5",
+                            "--check-samples", n, "--out", str(out)], capsys)
+        assert code == 0, err
+        scan = json.loads(out.read_text())
+        assert scan["config"]["check_samples"] == int(n)
+        statuses.append({g: v["status"] for g, v in scan["groups"].items()})
+    assert seen and set(seen[: len(seen) // 2]) == {1} and set(seen[len(seen) // 2:]) == {8}
+    assert statuses[0] == statuses[1] and "scanned" in statuses[0].values()

@@ -49,11 +49,18 @@ def test_image_folder_loads_with_preprocessing(tmp_path):
     assert ev.description["n_available"] == 16
 
 
+def test_hidden_folders_are_not_classes(tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    _image_folder(root / ".ipynb_checkpoints", classes=("x",), per_class=(2,))
+    ev = load_eval_set(DataSpec.parse(str(root)), n=None, seed=0)
+    assert ev.classes == ["cat", "dog", "emu"] and len(ev.y) == 16
+
+
 def test_images_of_different_sizes_ask_for_resize(tmp_path):
     root = _image_folder(tmp_path / "a", classes=("x",), per_class=(2,), size=(10, 12))
     _image_folder(tmp_path / "b", classes=("y",), per_class=(2,), size=(8, 8))
     (root / "y").symlink_to(tmp_path / "b" / "y")
-    with pytest.raises(DataSpecError, match="--resize"):
+    with pytest.raises(DataSpecError, match="--crop N to cut them to one size"):
         load_eval_set(DataSpec.parse(str(root)), n=None)
 
 

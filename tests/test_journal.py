@@ -250,3 +250,13 @@ def test_file_mode_follows_umask(tmp_path: Path, umask: int, mode: int) -> None:
         assert path.stat().st_mode & 0o777 == mode
     finally:
         os.umask(old)
+
+
+def test_header_mismatch_shows_where_two_long_values_with_the_same_start_differ(tmp_path: Path) -> None:
+    path = tmp_path / "scan.json.journal"
+    with Journal.open(path, {**HEADER, "data": "digits:test|7f3a9c|n=100|none"}) as jr:
+        _fill(jr, 1)
+    with pytest.raises(ArtifactError) as err:
+        Journal.open(path, {**HEADER, "data": "digits:test|7f3a9c|n=200|none"})
+    msg = str(err.value)
+    assert "'...c|n=100|none'" in msg and "'...c|n=200|none'" in msg, msg

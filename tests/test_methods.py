@@ -205,7 +205,7 @@ def stored_parts(cm) -> int:
     """Parts (mask, values, scales, ...) of the specially stored tensors: each is padded to a
     whole byte, so the payload may exceed the prediction by less than a byte per part, plus the
     rounding of the kept-value count to an integer."""
-    entries, _ = _encode(cm)
+    entries, _, _ = _encode(cm)
     return sum(len(e["parts"]) for e in entries.values() if e["layout"] != "raw")
 
 
@@ -276,7 +276,7 @@ def test_sparse_int2_weights_store_exactly_the_priced_values(tmp_path, setup):
     plan = plan_of(s, {f"sparsity:{layer}": option_key("sparsity", {"ratio": 0.5}),
                        f"weight:{layer}": option_key("weight_quant", {"bits": 2})})
     cm, _ = compress(model, plan, "planned", s["data"].example_input, calib=s["calib"])
-    entries, _ = _encode(cm)
+    entries, _, _ = _encode(cm)
     numel = math.prod(table.layers[layer]["weight_shape"])
     nonzero = int((cm.module.get_parameter(key) != 0).sum())
     assert nonzero < numel // 2  # quantization did zero some kept values

@@ -109,12 +109,25 @@ def ws(tmp_path_factory) -> Path:
     _edited(scan, ws / "scan_nulldrop.json", lambda o: o["results"][0].update(drop=None))
     _edited(scan, ws / "scan_strdrop.json", lambda o: o["results"][0].update(drop="0.1"))
     _edited(scan, ws / "scan_dictresults.json", lambda o: o.update(results={}))
+    _edited(scan, ws / "scan_measured_nothing.json", lambda o: o.update(results=[]))
     _edited(scan, ws / "scan_nomacs.json", lambda o: next(iter(o["layers"].values())).pop("macs"))
     _edited(scan, ws / "scan_nometric.json", lambda o: o["task"].pop("metric"))
     (ws / "scan_cut.json").write_text(scan.read_text()[:500])
     plan = ws / "plan.json"
     _edited(plan, ws / "plan_nullpred.json", lambda o: o["plans"]["planned"].update(predicted=None))
     _edited(plan, ws / "plan_str.json", lambda o: o["plans"].update(planned="x"))
+
+    def _set(kind, method, setting):
+        def edit(o):
+            c = next(c for c in o["plans"]["planned"]["choices"].values() if c["kind"] == kind)
+            c.update(method=method, setting=setting(c))
+        return edit
+
+    _edited(plan, ws / "plan_bits1.json", _set("layer", "weight_quant", lambda c: {"bits": 1}))
+    _edited(plan, ws / "plan_prune_all.json",
+            _set("group", "prune", lambda c: {"ratio": 0.5, "n_remove": int(c["channels"])}))
+    state = torch.load(ws / "w.pt")
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, ws / "w_other.pt")
     (ws / "bad_result").mkdir()
     (ws / "bad_result" / "metrics.json").write_text(json.dumps(
         {"format": "sensplan.metrics", "schema_version": 2, "before": {"score": 0.5}, "after": None,
@@ -172,6 +185,8 @@ CASES = [
      ["cannot run on the data", "channels"]),
     ("mean-std-per-channel", [*SCAN, *IMAGES, "--data", "{ws}/img4", "--mean", "0.5,0.5",
                               "--std", "0.2,0.2"], ["3 channels", "--mean and --std have 2 values"]),
+    ("mean-std-on-the-0-255-scale", [*SCAN, *IMAGES, "--data", "{ws}/img4", "--mean", "123,117,104",
+                                     "--std", "58,57,57"], ["0-255 scale", "divide them by 255"]),
     ("resize-on-digits", [*SCAN, *DIGITS, "--resize", "16"], ["--resize and --crop", "digits"]),
     # numbers out of range
     ("negative-seed", [*SCAN, *DIGITS, "--seed", "-1"], ["--seed must be >= 0"]),
@@ -180,6 +195,14 @@ CASES = [
      ["--calib-samples must be > 0. Got -3"]),
     ("zero-calib-samples", [*APPLY, "--calib-samples", "0"], ["--calib-samples must be > 0"]),
     ("zero-batch-size", [*SCAN, *DIGITS, "--batch-size", "0"], ["--batch-size must be >= 1"]),
+    ("samples-in-float-notation", [*SCAN, *DIGITS, "--samples", "1e3"],
+     ["--samples: invalid int value: '1e3'", "sensplan scan --help"]),
+    ("std-value-starting-with-a-dash", [*SCAN, *DIGITS, "--std", "-1,1,1"], ["--std=VALUE"]),
+    ("holdout-of-one-item", [*PLAN, "--budget", "macs=0.7", "--holdout-samples", "1"],
+     ["--holdout-samples 1 is too few", "at least 50", "--no-verify"]),
+    ("plan-out-with-a-trailing-slash", [*PLAN[:-1], "{out}/newdir/", "--budget", "macs=0.7"],
+     ["ends with '/'", "names a file"]),
+    ("zero-check-samples", [*SCAN, *DIGITS, "--check-samples", "0"], ["--check-samples must be >= 1"]),
     ("zero-train-samples", [*APPLY, "--train-data", "digits:train", "--train-samples", "0"],
      ["--train-samples must be >= 1"]),
     ("negative-epochs", [*APPLY, "--train-data", "digits:train", "--epochs", "-1"],
@@ -211,9 +234,18 @@ CASES = [
     ("scan-without-metric", ["report", "--scan", "{ws}/scan_nometric.json", "--out", "{out}"],
      ["task.metric.name"]),
     ("scan-cut-off", [*PLAN, "--budget", "macs=0.5"], ["is not valid JSON"]),
+    ("scan-measured-nothing", [*PLAN, "--budget", "macs=0.5"], ["measured no unit", "--methods"]),
     ("plan-as-scan", ["report", "--scan", "{ws}/plan.json", "--out", "{out}"],
      ["is not a sensplan.scan file"]),
     ("plan-without-prediction", [*APPLY, "--plan", "{ws}/plan_nullpred.json"], ["lacks 'predicted'"]),
+    ("plan-edited-to-1-bit", [*APPLY, "--plan", "{ws}/plan_bits1.json"],
+     ["sets weight_quant on", "{'bits': 1}", "not a valid setting", "sensplan plan"]),
+    ("plan-edited-to-prune-every-channel", [*APPLY, "--plan", "{ws}/plan_prune_all.json"],
+     ["removes", "channels of group", "keep at least one", "sensplan plan"]),
+    ("apply-with-other-weights", [*APPLY, "--weights", "{ws}/w_other.pt"],
+     ["--weights", "w_other.pt are not the weights the plan was made from", "sha256"]),
+    ("apply-without-the-plans-weights", [a for a in APPLY if a not in ("--weights", "{ws}/w.pt")],
+     ["The plan was made from a scan of the weights", "pass them with --weights"]),
     ("plan-allocation-not-an-object", ["report", "--scan", "{ws}/scan.json", "--plan",
                                        "{ws}/plan_str.json", "--out", "{out}"], ["not an object"]),
     ("metrics-without-after", ["report", "--scan", "{ws}/scan.json", "--plan", "{ws}/plan.json",
@@ -253,7 +285,8 @@ CASES = [
 #: the damaged scan each --scan case of `plan` reads
 SCAN_FILES = {"scan-without-drop": "scan_nodrop", "scan-with-null-drop": "scan_nulldrop",
               "scan-with-text-drop": "scan_strdrop", "scan-results-not-a-list": "scan_dictresults",
-              "scan-layer-without-macs": "scan_nomacs", "scan-cut-off": "scan_cut"}
+              "scan-layer-without-macs": "scan_nomacs", "scan-cut-off": "scan_cut",
+              "scan-measured-nothing": "scan_measured_nothing"}
 
 
 @pytest.mark.parametrize("argv,fragments", [pytest.param(a, f, id=i) for i, a, f in CASES])
@@ -263,7 +296,7 @@ def test_a_mistake_is_one_line_exit_2_and_nothing_is_lost(request, ws, out, monk
     argv = [a.format(ws=ws, out=out) for a in argv]
     if case in SCAN_FILES:
         argv[argv.index("--scan") + 1] = str(ws / f"{SCAN_FILES[case]}.json")
-    if argv[0] == "plan":
+    if argv[0] == "plan" and case != "holdout-of-one-item":  # that one is about verification
         argv += NO_VERIFY
     if case == "run-result-is-a-file":
         (out / "run").mkdir()
@@ -430,3 +463,15 @@ sys.exit(main({[a.format(ws=ws, out=out) for a in [*SCAN, *DIGITS]]!r}))
     assert json.loads((out / "scan.json").read_text())["format"] == "sensplan.scan"
     # the half-written temporary file is hidden beside it; the finished probes are in the journal
     assert [p.name for p in out.glob(".scan.json.*.tmp")]
+
+
+def test_an_artifact_written_through_a_symlink_replaces_the_file_it_points_to(tmp_path):
+    from sensplan._artifacts import atomic_write_bytes
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "scan.json").write_text("old")
+    link = tmp_path / "scan.json"
+    link.symlink_to(tmp_path / "real" / "scan.json")
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and (tmp_path / "real" / "scan.json").read_bytes() == b"new"
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["scan.json"]  # no temporary left

@@ -105,3 +105,33 @@ def test_input_quantization_hook_quantizes_the_input_and_is_removable():
         assert torch.equal(copied(x), hooked)
         handle.remove()
         assert torch.equal(layer(x), plain)
+
+
+def _whole_tensor_search(w, bits):
+    """The clipping search written on the whole tensor at once (the definition)."""
+    from sensplan.sensitivity._quant import _CLIP_GRID
+
+    wf = w.float().reshape(w.shape[0], -1)
+    m = qmax(bits)
+    amax = wf.abs().amax(dim=1).clamp_min(1e-12)
+    best_err, best_scale = torch.full_like(amax, float("inf")), amax / m
+    for ratio in _CLIP_GRID:
+        s = (amax * ratio / m).unsqueeze(1)
+        err = ((torch.clamp(torch.round(wf / s), -m, m) * s - wf) ** 2).sum(dim=1)
+        better = err < best_err
+        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, s.squeeze(1), best_scale)
+    return torch.clamp(torch.round(wf / best_scale.unsqueeze(1)), -m, m).to(torch.int8).reshape(w.shape), best_scale
+
+
+@pytest.mark.parametrize("block", [1, 7 * 9, 1 << 20])  # a row per block, 7 rows and a partial last block, one block
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_blocked_clipping_search_is_bit_identical_to_the_whole_tensor_search(monkeypatch, block, bits):
+    import sensplan.sensitivity._quant as quant
+
+    monkeypatch.setattr(quant, "_BLOCK_CPU", block)
+    g = torch.Generator().manual_seed(bits)
+    for shape in [(50, 3, 3), (1, 40), (13, 1)]:
+        w = torch.randn(*shape, generator=g) * torch.rand(shape[0], *[1] * (len(shape) - 1), generator=g)
+        q, s = quantize_per_channel(w, bits)
+        q_ref, s_ref = _whole_tensor_search(w, bits)
+        assert torch.equal(q, q_ref) and torch.equal(s, s_ref), shape

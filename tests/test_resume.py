@@ -97,3 +97,15 @@ def test_more_settings_reuse_rows_and_other_data_is_refused(tmp_path: Path) -> N
     fresh = scan(model, other, ScanConfig({"weight_quant": [{"bits": 8}]}), progress=False,
                  journal=journal, resume=False)
     assert fresh.data["provenance"]["probes_from_journal"] == 0
+
+
+def test_a_journal_from_float32_is_not_reused_under_another_dtype(tmp_path):
+    model = seeded_model("digits_cnn", width=8)
+    data = load_eval_set(DataSpec.parse("digits:test"), 60, seed=0)
+    cfg = ScanConfig({"weight_quant": [{"bits": 4}]})
+    journal = tmp_path / "scan.json.journal"
+    first = scan(model, data, cfg, progress=False, journal=journal)
+    again = scan(model, data, cfg, progress=False, journal=journal)  # float32 again: every row reused
+    assert again.data["provenance"]["probes_from_journal"] == len(first.results) > 0
+    with pytest.raises(ArtifactError, match=r"dtype: was \(absent\), now 'bfloat16'"):
+        scan(model, data, cfg, progress=False, journal=journal, dtype=torch.bfloat16)

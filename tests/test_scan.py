@@ -212,3 +212,38 @@ def test_scan_config_defaults_takes_each_methods_default_settings():
                                         key=method.level)
     with pytest.raises(UserInputError, match="sparsty"):
         ScanConfig.defaults(["sparsty"])
+
+
+def _bn1d_model_and_calib(n: int):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    from sensplan.sensitivity import EvalSet
+
+    return model, EvalSet(torch.randn(n, 4), torch.zeros(n, dtype=torch.long), ["a", "b", "c"], {})
+
+
+def test_batchnorm_statistics_fold_a_last_batch_of_one_sample_into_the_one_before():
+    # 257 = 256 + 1: torch refuses a BatchNorm1d batch of one sample in training mode
+    from sensplan.sensitivity import batchnorm_statistics
+
+    model, calib = _bn1d_model_and_calib(257)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mean, var = batchnorm_statistics(model, calib)["2"]
+    with torch.no_grad():
+        h = model[1](calib.x)
+    torch.testing.assert_close(mean, h.mean(0))
+    torch.testing.assert_close(var, h.var(0, unbiased=True))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m.training for m in model.modules())
+
+
+def test_batchnorm_statistics_of_one_sample_per_channel_name_the_layer_and_the_flags():
+    from sensplan.sensitivity import batchnorm_statistics
+
+    model, calib = _bn1d_model_and_calib(1)
+    with pytest.raises(UserInputError, match=r"cannot measure 2: it sees one value per channel.*"
+                                             r"--calib-samples.*--no-bn-recalibration"):
+        batchnorm_statistics(model, calib)
+    assert not any(m.training for m in model.modules())
+    assert model[2]._forward_pre_hooks == {}

@@ -17,6 +17,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import NoReturn
 
 from sensplan._errors import SensplanError, UserInputError
 from sensplan._version import __version__
@@ -37,8 +38,19 @@ example (a typical session):
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) that points at ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if "expected one argument" in message:  # e.g. --std -1,1,1: argparse reads it as a flag
+            flag = message.split(":")[0].replace("argument ", "").split("/")[-1].strip()
+            hint = f" (a value that starts with '-' is written {flag}=VALUE)"
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{hint}. See `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sensplan", allow_abbrev=False, epilog=EPILOG,
         description="Measure which layers of a PyTorch model can take how much compression, plan "
                     "the best allocation for a budget, apply it, and report.",
@@ -56,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a flag argparse refused (one line, printed)
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     if not getattr(args, "fn", None):
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR

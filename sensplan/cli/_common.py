@@ -148,6 +148,13 @@ def clobber_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_file_out(problems: Problems, text: str, flag: str = "--out") -> None:
+    """A file output written with a trailing separator names a directory: say so, do not write a file."""
+    if text.endswith(("/", os.sep)):
+        problems.add(f"{flag} {text} ends with {text[-1]!r}, a directory, but {flag} names a file here "
+                     f"(e.g. {text.rstrip('/' + os.sep) or '.'}/scan.json).")
+
+
 def check_outputs(problems: Problems, outputs: Sequence[Output]) -> None:
     """Record the first unwritable output (the later ones usually fail for the same reason)."""
     for out in outputs:
@@ -360,6 +367,10 @@ def preprocess(args: argparse.Namespace) -> Any:
                                  f"one of each per input channel.")
         if any(v <= 0 for v in std):
             raise UserInputError(f"Every --std value must be > 0. Got {args.std}.")
+        if any(v > 1 for v in (*mean, *std)):  # images load as values in [0, 1]
+            raise UserInputError(f"--mean {args.mean} --std {args.std} look like the 0-255 scale, but images "
+                                 f"load as values in [0, 1]: divide them by 255 (ImageNet's are --mean "
+                                 f"0.485,0.456,0.406 --std 0.229,0.224,0.225).")
     return Preprocess(resize=args.resize, crop=args.crop, mean=mean, std=std)
 
 
@@ -399,6 +410,9 @@ def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
 
     data = load_eval_set(data_spec(args.data, args, "--data"), args.samples or None, args.seed)
     report_skipped(data.description, "--data")
+    available = data.description.get("n_available")
+    if args.samples and available is not None and args.samples > int(available):
+        say(f"--samples {args.samples}: --data has {available} items; all of them are used.")
     if args.no_bn_recalibration:
         return data, None
     flag = "--calib-data" if args.calib_data else "--train-data"

@@ -217,6 +217,26 @@ def report_missed(command: str, missed: list[str]) -> int:
     return EXIT_BUDGET_MISSED
 
 
+def check_weights_match(args: argparse.Namespace, plan: Plan, problems: Problems) -> None:
+    """The plan's predictions hold for the weights its scan measured: --weights must be those."""
+    from sensplan._artifacts import file_sha256
+
+    rec = plan.data.get("model") or {}
+    want, was = rec.get("weights_sha256"), rec.get("weights")
+    if args.weights is None and was:
+        problems.add(f"The plan was made from a scan of the weights {was!r}; pass them with --weights "
+                     f"(its predictions do not hold for other weights).")
+    elif args.weights is not None and want and Path(args.weights).is_file() \
+            and file_sha256(args.weights) != want:
+        problems.add(f"--weights {args.weights} are not the weights the plan was made from ({was!r}; the "
+                     f"sha256 differs): its predicted drops and choices are for those. Pass the scan's "
+                     f"--weights, or scan and plan again with these.")
+    elif args.weights is not None and not want and not was:
+        problems.add(f"The plan was made from a scan of randomly initialised weights, not --weights "
+                     f"{args.weights}: its predicted drops are for those. Scan and plan again with "
+                     f"--weights {args.weights}.")
+
+
 def main(args: argparse.Namespace) -> int:
     from sensplan.planner import Plan
     from sensplan.planner._apply import check_compatible
@@ -226,6 +246,8 @@ def main(args: argparse.Namespace) -> int:
     variants, ft = check(args, problems)
     out = Path(args.out)
     check_outputs(problems, result_outputs(out, variants))
+    if plan is not None and not problems.messages:
+        check_weights_match(args, plan, problems)
     problems.raise_if_any()
     set_threads(args)
     model, spec = load_model(args)

@@ -22,6 +22,7 @@ from sensplan.cli._common import (
     add_runtime_args,
     add_verb,
     check_budget_scale,
+    check_file_out,
     check_outputs,
     check_runtime_args,
     need,
@@ -131,11 +132,19 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit)
 
 
+#: the fewest held-out items a verdict may rest on
+MIN_HOLDOUT = 50
+
+
 def check_verify(args: argparse.Namespace, problems: Problems) -> None:
     if args.no_verify:
         return
     problems.at_least(args.verify_rounds, 1, "--verify-rounds")
     problems.at_least(args.holdout_samples, 0, "--holdout-samples")
+    if 0 < args.holdout_samples < MIN_HOLDOUT:
+        problems.add(f"--holdout-samples {args.holdout_samples} is too few to choose between plans: a "
+                     f"difference measured on so few items is noise (one item is {100 / args.holdout_samples:.0f} "
+                     f"points). Give at least {MIN_HOLDOUT}, 0 for all, or --no-verify.")
 
 
 def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rounds: int = 3,
@@ -214,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
     check_verify(args, problems)
     if not args.no_verify:  # --no-verify stays torch-free
         check_runtime_args(args, problems)
+    check_file_out(problems, args.out)
     check_outputs(problems, [Output(Path(args.out), "--out")])
     problems.raise_if_any()
     verifier: Any = None

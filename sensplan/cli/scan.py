@@ -19,6 +19,7 @@ from sensplan.cli._common import (
     add_runtime_args,
     add_verb,
     check_data_args,
+    check_file_out,
     check_outputs,
     check_runtime_args,
     command_line,
@@ -81,6 +82,10 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                         "default) | agreement (top-1 agreement with the original model; no labels)")
     g.add_argument("--batch-size", type=int, default=500, metavar="N",
                    help="evaluation batch size (default 500)")
+    g.add_argument("--check-samples", type=int, default=8, metavar="N",
+                   help="images the pruning safety check runs per channel group, twice (pruned and "
+                        "zeroed; default 8). On a very large model the checks can take a large part "
+                        "of the scan: 1 or 2 are usually enough to catch a group that cannot be pruned")
     g.add_argument("--no-resume", action="store_true",
                    help="start afresh instead of reusing the finished probes in the journal "
                         "(<out>.journal)")
@@ -156,6 +161,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
     from sensplan.sensitivity.methods import Setting, get_method
 
     problems.at_least(args.batch_size, 1, "--batch-size")
+    problems.at_least(args.check_samples, 1, "--check-samples")
     task = problems.check(lambda: get_task(args.task))
     names = _method_names(args, problems)
     if names is None:
@@ -181,7 +187,8 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
         settings[name] = parsed
     if problems.messages or task is None:
         return None
-    return problems.check(lambda: ScanConfig(settings, task=args.task, batch_size=args.batch_size))
+    return problems.check(lambda: ScanConfig(settings, task=args.task, batch_size=args.batch_size,
+                                            check_samples=args.check_samples))
 
 
 def _values(settings: Any, key: str) -> str:
@@ -259,12 +266,16 @@ def _summarize(table: Scan) -> None:
             say(f"  {method} skipped {unit}: {why}")
         if len(skipped) > 5:
             say(f"  {method} skipped {len(skipped) - 5} more unit(s); the report lists them")
+    if not table.results:
+        say("WARNING: nothing was measured: every unit was skipped, so no plan can be made from this "
+            "scan. Scan other --methods (e.g. --methods prune,weight_quant).")
 
 
 def main(args: argparse.Namespace) -> int:
     problems = Problems()
     cfg = check(args, problems)
     out = Path(args.out)
+    check_file_out(problems, args.out)
     check_outputs(problems, scan_outputs(out))
     problems.raise_if_any()
     set_threads(args)
