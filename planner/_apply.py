@@ -117,7 +117,7 @@ def _check_settings(name: str, method: Method, units: Mapping[str, Any], alloc: 
                                 f"{dict(setting)}, which is not a valid setting ({e}). {again}") from None
         if method.unit_kind == "group" and "n_remove" in setting:
             k, n = setting["n_remove"], channels.get(unit)
-            if not isinstance(k, int) or k < 1 or (n is not None and k >= int(n)):
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or (n is not None and k >= int(n)):
                 raise ArtifactError(f"The plan's {name!r} allocation removes {k!r} channels of group {unit!r}"
                                     f"{f', which has {n}' if n is not None else ''}: it must remove at least "
                                     f"one and keep at least one. {again}")
@@ -395,7 +395,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
         }
         write_json(out / "plan.json", dict(plan.data))
         write_json(out / "metrics.json", metrics)
-        os.replace(staged, out / "model.sensplan")
+        os.replace(staged, os.path.realpath(out / "model.sensplan"))  # through a symlink, as the JSON files
     finally:
         staged.unlink(missing_ok=True)
     return metrics

@@ -28,6 +28,7 @@ from sensplan.sensitivity._models import (
     load_model,
     read_state_dict,
     register_model,
+    weights_digest,
 )
 from sensplan.sensitivity._quant import (
     SUPPORTED_BITS,
@@ -98,4 +99,5 @@ __all__ = [
     "train_loader",
     "tune_malloc",
     "unpack_codes",
+    "weights_digest",
 ]

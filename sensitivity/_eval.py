@@ -161,14 +161,16 @@ def _calibration_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Ten
 def _one_value_guard(name: str) -> Any:
     def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1]:
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() == x.shape[1] > 0:
             from sensplan._errors import UserInputError
 
             raise UserInputError(
                 f"BatchNorm recalibration cannot measure {name}: it sees one value per channel "
-                f"(input shape {tuple(x.shape)}) from a batch of one calibration sample. Give at least 2 "
-                f"calibration samples (--calib-samples), or turn recalibration off "
-                f"(--no-bn-recalibration).")
+                f"(input shape {tuple(x.shape)})"
+                + (" from a batch of one calibration sample" if x.shape[0] == 1 else "")
+                + ". Give at least 2 "
+                "calibration samples (--calib-samples), or turn recalibration off "
+                "(--no-bn-recalibration).")
     return hook
 
 

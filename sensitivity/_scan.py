@@ -261,6 +261,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
                        "probes_from_journal": sum(1 for r in results if r.get("from_journal"))},
         "model": {"spec": spec, "weights": weights,
                   "weights_sha256": file_sha256(weights) if weights else None,
+                  "weights_digest": header["weights_digest"],  # of the values, whatever the file
                   "architecture_digest": architecture_digest(model),
                   "input_shape": list(example.shape[1:]),
                   "outputs": int(_outputs(model, example))},
@@ -346,6 +347,10 @@ def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg:
             "data": digest(data), "calibration": digest(calib), "task": cfg.task,
             "batch_size": cfg.batch_size,
             # rows measured under autocast differ from float32 ones; float32 journals keep matching
+            # BatchNorm statistics fold a last calibration batch of one sample into the one before
+            # (since 2026-11-25): only a calibration count of 256k+1 measures differently than before
+            **({"calibration_batches": "last-single-folded"}
+               if calib is not None and len(calib) % 256 == 1 and len(calib) > 1 else {}),
             **({"dtype": str(dtype).replace("torch.", "")} if dtype not in (None, torch.float32) else {})}
 
 

@@ -266,7 +266,8 @@ def _header_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
         if a != b:
             if isinstance(a, str) and isinstance(b, str) and _short(a) == _short(b):
                 i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-                a, b = "..." + a[max(0, i - 4):i + 12], "..." + b[max(0, i - 4):i + 12]  # where they differ
+                cut = "..." if i > 4 else ""  # show where they differ
+                a, b = cut + a[max(0, i - 4):i + 12], cut + b[max(0, i - 4):i + 12]
             parts.append(f"{k}: was {_short(a)}, now {_short(b)}")
     return "; ".join(parts)
 

@@ -319,3 +319,22 @@ def test_latency_is_measured(tmp_path, setup):
         lat = m[side]["latency"]
         assert 0 < lat["p50_ms"] <= lat["p95_ms"] and lat["iters"] >= 10
         assert lat["device"] == "cpu" and lat["threads"] == torch.get_num_threads()
+
+
+def test_a_failure_while_apply_measures_leaves_the_previous_result_whole(tmp_path, setup, monkeypatch):
+    import sensplan.planner._apply as apply_mod
+
+    model, data, calib, table = setup
+    plan = make_plan(table, [Budget.parse("macs=0.8")])
+    apply_plan(model, plan, data, tmp_path, calib=calib, model_spec=SPEC, timing=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"model.sensplan", "metrics.json", "plan.json"}
+
+    def broken(*a, **k):
+        raise RuntimeError("the measurement failed")
+
+    monkeypatch.setattr(apply_mod, "measure", broken)
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        apply_plan(model, make_plan(table, [Budget.parse("macs=0.6")]), data, tmp_path, calib=calib,
+                   model_spec=SPEC, timing=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no .partial left either

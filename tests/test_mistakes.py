@@ -243,7 +243,7 @@ CASES = [
     ("plan-edited-to-prune-every-channel", [*APPLY, "--plan", "{ws}/plan_prune_all.json"],
      ["removes", "channels of group", "keep at least one", "sensplan plan"]),
     ("apply-with-other-weights", [*APPLY, "--weights", "{ws}/w_other.pt"],
-     ["--weights", "w_other.pt are not the weights the plan was made from", "sha256"]),
+     ["--weights", "w_other.pt) are not the ones the plan was made from", "Pass the scan's --weights"]),
     ("apply-without-the-plans-weights", [a for a in APPLY if a not in ("--weights", "{ws}/w.pt")],
      ["The plan was made from a scan of the weights", "pass them with --weights"]),
     ("plan-allocation-not-an-object", ["report", "--scan", "{ws}/scan.json", "--plan",

@@ -123,7 +123,7 @@ def _whole_tensor_search(w, bits):
     return torch.clamp(torch.round(wf / best_scale.unsqueeze(1)), -m, m).to(torch.int8).reshape(w.shape), best_scale
 
 
-@pytest.mark.parametrize("block", [1, 7 * 9, 1 << 20])  # a row per block, 7 rows and a partial last block, one block
+@pytest.mark.parametrize("block", [1, 7 * 9, 1 << 20])  # 2 rows per block, 7 rows and a partial last block, one block
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_blocked_clipping_search_is_bit_identical_to_the_whole_tensor_search(monkeypatch, block, bits):
     import sensplan.sensitivity._quant as quant
@@ -135,3 +135,19 @@ def test_blocked_clipping_search_is_bit_identical_to_the_whole_tensor_search(mon
         q, s = quantize_per_channel(w, bits)
         q_ref, s_ref = _whole_tensor_search(w, bits)
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref), shape
+
+
+def test_blocked_search_matches_the_whole_tensor_on_two_threads_with_long_rows(monkeypatch):
+    """A lone long row would be summed in parallel: the last single row joins the block before."""
+    import sensplan.sensitivity._quant as quant
+
+    monkeypatch.setattr(quant, "_BLOCK_CPU", 40000 * 2)  # blocks of 2 rows: 27 rows end in one
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(27, 40000, generator=torch.Generator().manual_seed(0))
+        q, s = quantize_per_channel(w, 4)
+        q_ref, s_ref = _whole_tensor_search(w, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)

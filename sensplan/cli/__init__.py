@@ -38,14 +38,18 @@ example (a typical session):
 """
 
 
+_ARGV: list[str] = []  # the command line being parsed, for the error hint
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage block) that points at ``--help``."""
 
     def error(self, message: str) -> NoReturn:
         hint = ""
-        if "expected one argument" in message:  # e.g. --std -1,1,1: argparse reads it as a flag
-            flag = message.split(":")[0].replace("argument ", "").split("/")[-1].strip()
-            hint = f" (a value that starts with '-' is written {flag}=VALUE)"
+        flag = message.split(":")[0].replace("argument ", "").split("/")[-1].strip()
+        following = _ARGV[_ARGV.index(flag) + 1:_ARGV.index(flag) + 2] if flag in _ARGV else []
+        if "expected one argument" in message and following and following[0].startswith("-"):
+            hint = f" (a value that starts with '-' is written {flag}=VALUE)"  # e.g. --std -1,1,1
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{hint}. See `{self.prog} --help`.\n")
 
 
@@ -68,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    _ARGV[:] = argv
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, or a flag argparse refused (one line, printed)

@@ -148,11 +148,11 @@ def clobber_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def check_file_out(problems: Problems, text: str, flag: str = "--out") -> None:
+def check_file_out(problems: Problems, text: str, name: str, flag: str = "--out") -> None:
     """A file output written with a trailing separator names a directory: say so, do not write a file."""
     if text.endswith(("/", os.sep)):
         problems.add(f"{flag} {text} ends with {text[-1]!r}, a directory, but {flag} names a file here "
-                     f"(e.g. {text.rstrip('/' + os.sep) or '.'}/scan.json).")
+                     f"(e.g. {text.rstrip('/' + os.sep) or '.'}/{name}).")
 
 
 def check_outputs(problems: Problems, outputs: Sequence[Output]) -> None:
@@ -411,7 +411,8 @@ def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
     data = load_eval_set(data_spec(args.data, args, "--data"), args.samples or None, args.seed)
     report_skipped(data.description, "--data")
     available = data.description.get("n_available")
-    if args.samples and available is not None and args.samples > int(available):
+    given = any(a == "--samples" or a.startswith("--samples=") for a in getattr(args, "argv", []))
+    if given and args.samples and available is not None and args.samples > int(available):
         say(f"--samples {args.samples}: --data has {available} items; all of them are used.")
     if args.no_bn_recalibration:
         return data, None

@@ -8,6 +8,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sensplan._errors import UserInputError
 from sensplan.cli._common import (
     EXIT_BUDGET_MISSED,
     Output,
@@ -218,23 +219,33 @@ def report_missed(command: str, missed: list[str]) -> int:
 
 
 def check_weights_match(args: argparse.Namespace, plan: Plan, problems: Problems) -> None:
-    """The plan's predictions hold for the weights its scan measured: --weights must be those."""
-    from sensplan._artifacts import file_sha256
-
-    rec = plan.data.get("model") or {}
-    want, was = rec.get("weights_sha256"), rec.get("weights")
+    """Before loading: a plan whose scan read a weights file needs --weights."""
+    was = (plan.data.get("model") or {}).get("weights")
     if args.weights is None and was:
         problems.add(f"The plan was made from a scan of the weights {was!r}; pass them with --weights "
                      f"(its predictions do not hold for other weights).")
-    elif args.weights is not None and want and Path(args.weights).is_file() \
-            and file_sha256(args.weights) != want:
-        problems.add(f"--weights {args.weights} are not the weights the plan was made from ({was!r}; the "
-                     f"sha256 differs): its predicted drops and choices are for those. Pass the scan's "
-                     f"--weights, or scan and plan again with these.")
-    elif args.weights is not None and not want and not was:
-        problems.add(f"The plan was made from a scan of randomly initialised weights, not --weights "
-                     f"{args.weights}: its predicted drops are for those. Scan and plan again with "
-                     f"--weights {args.weights}.")
+
+
+def check_weights_values(args: argparse.Namespace, plan: Plan, model: Any) -> None:
+    """After loading: the model's weight values are those the plan's scan measured (by the digest of
+    the values, so the same weights saved in another file still match; by the file's sha256 for
+    plans from before the digest was recorded)."""
+    from sensplan._artifacts import file_sha256
+    from sensplan.sensitivity import weights_digest
+
+    rec = plan.data.get("model") or {}
+    was = rec.get("weights") or "weights set in Python"
+    got = f"--weights {args.weights}" if args.weights else "randomly initialised weights (no --weights)"
+    if rec.get("weights_digest"):
+        same = weights_digest(model) == rec["weights_digest"]
+    elif rec.get("weights_sha256") and args.weights:
+        same = file_sha256(args.weights) == rec["weights_sha256"]
+    else:
+        return
+    if not same:
+        raise UserInputError(f"The model's weights ({got}) are not the ones the plan was made from ({was}): "
+                             f"its predicted drops and choices are for those. Pass the scan's --weights, "
+                             f"or scan and plan again with these.")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -252,6 +263,7 @@ def main(args: argparse.Namespace) -> int:
     set_threads(args)
     model, spec = load_model(args)
     check_compatible(model, need(plan))  # before loading data: a plan for another model fails fast
+    check_weights_values(args, need(plan), model)
     loader = train_loader(args, ft)
     data, calib = load_data(args)
     missed = execute(args, need(plan), variants, model, spec, data, calib, loader, ft, out)

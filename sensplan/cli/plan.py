@@ -223,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
     check_verify(args, problems)
     if not args.no_verify:  # --no-verify stays torch-free
         check_runtime_args(args, problems)
-    check_file_out(problems, args.out)
+    check_file_out(problems, args.out, "plan.json")
     check_outputs(problems, [Output(Path(args.out), "--out")])
     problems.raise_if_any()
     verifier: Any = None

@@ -275,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
     problems = Problems()
     cfg = check(args, problems)
     out = Path(args.out)
-    check_file_out(problems, args.out)
+    check_file_out(problems, args.out, "scan.json")
     check_outputs(problems, scan_outputs(out))
     problems.raise_if_any()
     set_threads(args)
