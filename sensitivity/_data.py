@@ -269,6 +269,16 @@ def _visible_folder(base: Any) -> Any:
     return VisibleImageFolder
 
 
+def _visible_image(root: Path) -> Any:
+    """An image file whose path below ``root`` has no hidden part (``cat/.ipynb_checkpoints/x.jpg``)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    def ok(path: str) -> bool:
+        parts = Path(os.path.relpath(path, root)).parts
+        return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(p.startswith(".") for p in parts)
+    return ok
+
+
 class _Images(Dataset[Any]):
     """A torchvision ``ImageFolder`` whose undecodable images come back as :class:`_Unreadable`."""
 
@@ -330,7 +340,8 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
                             f"holds one subfolder per class.")
     _check_channels(spec.preprocess, 3, "The images (read as RGB)")
     try:
-        images = _Images(_visible_folder(datasets.ImageFolder)(str(root), transform=tf))
+        images = _Images(_visible_folder(datasets.ImageFolder)(str(root), transform=tf,
+                                                              is_valid_file=_visible_image(root)))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataSpecError(f"{spec.root!r} is not an ImageFolder tree ({e}). It needs one subfolder "
                             f"per class with images inside, e.g. {spec.root}/cat/0001.jpg.") from None

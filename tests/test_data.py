@@ -49,9 +49,10 @@ def test_image_folder_loads_with_preprocessing(tmp_path):
     assert ev.description["n_available"] == 16
 
 
-def test_hidden_folders_are_not_classes(tmp_path):
+def test_hidden_folders_are_not_classes_and_their_images_are_not_loaded(tmp_path):
     root = _image_folder(tmp_path / "imgs")
     _image_folder(root / ".ipynb_checkpoints", classes=("x",), per_class=(2,))
+    _image_folder(root / "cat" / ".ipynb_checkpoints", classes=("y",), per_class=(2,))  # inside a class
     ev = load_eval_set(DataSpec.parse(str(root)), n=None, seed=0)
     assert ev.classes == ["cat", "dog", "emu"] and len(ev.y) == 16
 
