@@ -207,6 +207,22 @@ def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return (xtr, ytr) if split == "train" else (xte, yte)
 
 
+class _CropFits:
+    """Refuse a center crop larger than the image: torchvision would zero-pad it silently."""
+
+    def __init__(self, crop: int, resize: int | None) -> None:
+        self.crop, self.resize = crop, resize
+
+    def __call__(self, image: Any) -> Any:
+        w, h = image.size
+        if min(w, h) < self.crop:
+            after = f" after --resize {self.resize}" if self.resize else ""
+            raise DataSpecError(f"--crop {self.crop} is larger than an image ({w}x{h}{after}), which would be "
+                                f"zero-padded. Pass a smaller --crop, or --resize {self.crop} to scale the "
+                                f"images up first.")
+        return image
+
+
 def _image_transform(pp: Preprocess, augment: bool) -> Any:
     from torchvision import transforms as T
 
@@ -214,7 +230,7 @@ def _image_transform(pp: Preprocess, augment: bool) -> Any:
     if pp.resize:
         ops.append(T.Resize(pp.resize))
     if pp.crop:
-        ops.append(T.CenterCrop(pp.crop))
+        ops += [_CropFits(pp.crop, pp.resize), T.CenterCrop(pp.crop)]
     if augment:
         size = pp.crop or pp.resize
         if size:
@@ -247,6 +263,19 @@ class _Unreadable(NamedTuple):
 
     path: str
     reason: str
+
+
+class _Refused(NamedTuple):
+    """Stands in for an image the preprocessing refuses (a user error, e.g. ``--crop`` too large);
+    the main process raises it, as one message (see :class:`_Unreadable`)."""
+
+    message: str
+
+
+def _raise_refused(items: Sequence[Any]) -> None:
+    refused = next((i for i in items if isinstance(i, _Refused)), None)
+    if refused is not None:
+        raise DataSpecError(refused.message)
 
 
 def _reason(e: BaseException) -> str:
@@ -296,7 +325,10 @@ class _Images(Dataset[Any]):
             image = self.folder.loader(path)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ...
             return _Unreadable(path, _reason(e))
-        return self.folder.transform(image), target
+        try:
+            return self.folder.transform(image), target
+        except DataSpecError as e:
+            return _Refused(str(e))
 
 
 def _check_channels(pp: Preprocess, channels: int, what: str) -> None:
@@ -432,6 +464,7 @@ def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: 
         loader = DataLoader(Subset(ds, idx.tolist()), batch_size=256, shuffle=False,
                             num_workers=_workers(workers, len(idx)), collate_fn=_as_list)
         items: list[Any] = [item for batch in loader for item in batch]
+        _raise_refused(items)
         keep = np.array([not isinstance(item, _Unreadable) for item in items], dtype=bool)
         bad = [item for item in items if isinstance(item, _Unreadable)]
         if bad and not spec.skip_unreadable:
@@ -553,6 +586,7 @@ def _stack(items: Sequence[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, tor
 
 def _collate(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack a batch; an unreadable image is an error naming the file."""
+    _raise_refused(batch)
     bad = [b for b in batch if isinstance(b, _Unreadable)]
     if bad:
         raise DataSpecError(f"Cannot read the image {bad[0].path} ({bad[0].reason}).")
@@ -574,6 +608,7 @@ class _TrainLoader(DataLoader[Any]):
             if not isinstance(items, list):  # tensors (digits): nothing to decode
                 yield items
                 continue
+            _raise_refused(items)
             good = [item for item in items if not isinstance(item, _Unreadable)]
             bad = [item for item in items if isinstance(item, _Unreadable)]
             if bad and not self.spec.skip_unreadable:

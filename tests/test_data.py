@@ -114,3 +114,11 @@ def test_bad_preprocessing_is_explained():
         Preprocess(mean=(0.5,))
     with pytest.raises(DataSpecError, match="positive integer"):
         Preprocess(resize=0)
+
+
+def test_a_crop_larger_than_the_images_is_refused_also_when_workers_decode(tmp_path):
+    root = _image_folder(tmp_path / "imgs", classes=("a", "b"), per_class=(300, 300), size=(8, 8))
+    with pytest.raises(DataSpecError, match=r"--crop 16 is larger than an image \(8x8\)"):
+        load_eval_set(DataSpec.parse(str(root), Preprocess(crop=16)), n=None, workers=2)  # 600 >= 512: workers
+    ev = load_eval_set(DataSpec.parse(str(root), Preprocess(resize=16, crop=16)), n=20)
+    assert ev.x.shape[1:] == (3, 16, 16)

@@ -187,6 +187,8 @@ CASES = [
                               "--std", "0.2,0.2"], ["3 channels", "--mean and --std have 2 values"]),
     ("mean-std-on-the-0-255-scale", [*SCAN, *IMAGES, "--data", "{ws}/img4", "--mean", "123,117,104",
                                      "--std", "58,57,57"], ["0-255 scale", "divide them by 255"]),
+    ("crop-larger-than-the-images", [*SCAN, *IMAGES, "--data", "{ws}/img4", "--crop", "64"],
+     ["--crop 64 is larger than an image (8x8)", "zero-padded", "--resize 64"]),
     ("resize-on-digits", [*SCAN, *DIGITS, "--resize", "16"], ["--resize and --crop", "digits"]),
     # numbers out of range
     ("negative-seed", [*SCAN, *DIGITS, "--seed", "-1"], ["--seed must be >= 0"]),
