@@ -104,11 +104,16 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
                 _check_groups(graph, alloc, units)
 
 
+def _group_channels(alloc: Mapping[str, Any]) -> dict[str, Any]:
+    """Group -> its channel count as the plan records it."""
+    return {c["unit"]: c.get("channels") for c in alloc["choices"].values() if c["kind"] == "group"}
+
+
 def _check_settings(name: str, method: Method, units: Mapping[str, Any], alloc: Mapping[str, Any]) -> None:
     """Every setting is one the method accepts, and every pruning removes some channels and keeps
     some (a plan edited by hand, or corrupt, fails here rather than half-way through apply)."""
     again = "The plan file was edited or is corrupt: make it again with `sensplan plan`."
-    channels = {c["unit"]: c.get("channels") for c in alloc["choices"].values() if c["kind"] == "group"}
+    channels = _group_channels(alloc)
     for unit, setting in units.items():
         try:
             method.check_setting(setting)
@@ -125,7 +130,7 @@ def _check_settings(name: str, method: Method, units: Mapping[str, Any], alloc: 
 
 def _check_groups(graph: PruningGraph, alloc: Mapping[str, Any], units: Mapping[str, Any]) -> None:
     known = set(graph.group_ids())
-    channels = {c["unit"]: c.get("channels") for c in alloc["choices"].values() if c["kind"] == "group"}
+    channels = _group_channels(alloc)
     for gid in units:
         if gid not in known:
             raise IncompatibleModelError(f"The plan prunes group {gid!r}, which this model does not have. "
@@ -418,6 +423,7 @@ def measure_original(model: nn.Module, data: EvalSet, model_spec: ModelSpec | No
     state = task_state if task_state is not None else t.prepare(model, data)
     cm = CompressedModel(model, {}, model_spec=model_spec, original_digest=architecture_digest(model),
                          input_shape=tuple(data.example_input.shape[1:]))
-    m = measure(model, data, cm.file_bytes(), timing=timing, task=t, task_state=state)
-    m["payload_bytes"] = cm.payload_bytes()
+    file_bytes, payload_bytes = cm.sizes()
+    m = measure(model, data, file_bytes, timing=timing, task=t, task_state=state)
+    m["payload_bytes"] = payload_bytes
     return m

@@ -82,10 +82,11 @@ class CompressedModel:
         """Bytes of tensor data the file holds (without the header)."""
         return _encode(self, keep_bytes=False)[2]
 
-    def file_bytes(self) -> int:
-        """Bytes of the file :func:`save_compressed` writes, without writing it."""
+    def sizes(self) -> tuple[int, int]:
+        """(bytes of the file :func:`save_compressed` writes, bytes of its tensor data), without
+        writing it."""
         entries, _, payload = _encode(self, keep_bytes=False)
-        return 20 + len(_header_blob(self, entries)) + payload
+        return 20 + len(_header_blob(self, entries)) + payload, payload
 
 
 def _pack_uint(values: np.ndarray, bits: int) -> bytes:

@@ -207,6 +207,16 @@ def _digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     return (xtr, ytr) if split == "train" else (xte, yte)
 
 
+def block_spans(n: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` spans of ``range(n)`` in blocks of ``size``, except that a last block of one
+    item joins the one before it. A BatchNorm seeing one value per channel has no batch variance
+    (torch refuses it), and torch may sum a lone long row in another order than a matrix's rows."""
+    starts = list(range(0, n, max(1, size)))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n], strict=True))
+
+
 class _CropFits:
     """Refuse a center crop larger than the image: torchvision would zero-pad it silently."""
 
@@ -312,7 +322,9 @@ class _Images(Dataset[Any]):
     """A torchvision ``ImageFolder`` whose undecodable images come back as :class:`_Unreadable`."""
 
     def __init__(self, folder: Any) -> None:
-        self.folder = folder
+        # only what __getitem__ needs: a worker started by spawn pickles this dataset, and the
+        # ImageFolder subclass made in _visible_folder cannot be pickled
+        self.loader, self.transform = folder.loader, folder.transform
         self.classes: list[str] = list(folder.classes)
         self.samples: list[tuple[str, int]] = list(folder.samples)
 
@@ -322,11 +334,11 @@ class _Images(Dataset[Any]):
     def __getitem__(self, index: int) -> Any:
         path, target = self.samples[index]
         try:
-            image = self.folder.loader(path)
+            image = self.loader(path)
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ...
             return _Unreadable(path, _reason(e))
         try:
-            return self.folder.transform(image), target
+            return self.transform(image), target
         except DataSpecError as e:
             return _Refused(str(e))
 

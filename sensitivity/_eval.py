@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan.sensitivity._data import EvalSet
+from sensplan.sensitivity._data import EvalSet, block_spans
 
 _MALLOC_TUNED = False
 
@@ -136,26 +136,14 @@ def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256
             m.train()
         hooks = [m.register_forward_pre_hook(_one_value_guard(names[m])) for m in bns]
         try:
-            for x in _calibration_batches(calib.x, batch_size):
-                model(x)
+            for start, end in block_spans(len(calib.x), batch_size):
+                model(calib.x[start:end])
             stats = {names[m]: (_buffer(m.running_mean), _buffer(m.running_var)) for m in bns}
         finally:
             for h in hooks:
                 h.remove()
             model.train(was_training)
     return stats
-
-
-def _calibration_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """``x`` in batches of ``batch_size``, except that a last batch of one sample joins the one
-    before it: a BatchNorm seeing one value per channel (BatchNorm1d, or a 1x1 feature map) has
-    no batch variance, and torch refuses it."""
-    n = len(x)
-    starts = list(range(0, n, batch_size))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    for i, start in enumerate(starts):
-        yield x[start:starts[i + 1] if i + 1 < len(starts) else n]
 
 
 def _one_value_guard(name: str) -> Any:

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sensplan.sensitivity._data import block_spans
+
 #: Bit widths the quantizer supports; 32 in a plan means "kept in float32".
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 FLOAT_BITS = 32
@@ -45,16 +47,11 @@ def quantize_per_channel(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     # a fresh tensor of the weight's size per op and clipping ratio (bench/bench_quant.py: 15-18x
     # faster on weights of 2M+ values on one CPU thread)
     n, cols = wf.shape
-    # at least 2 rows per block, and a last block of one row joins the one before: torch may sum a
-    # lone long row in another order (in parallel) than the rows of a matrix
-    rows = max(2, (_BLOCK_CPU if wf.device.type == "cpu" else _BLOCK_ACCEL) // max(1, cols))
-    starts = list(range(0, n, rows))
-    if len(starts) > 1 and n - starts[-1] == 1:
-        starts.pop()
-    ends = [*starts[1:], n]
-    buf = torch.empty((max((e - b for b, e in zip(starts, ends, strict=True)), default=0), cols),
-                      dtype=wf.dtype, device=wf.device)
-    for r0, r1 in zip(starts, ends, strict=True):
+    # at least 2 rows per block, and no lone last row: torch may sum a lone long row in another
+    # order (in parallel) than the rows of a matrix
+    spans = block_spans(n, max(2, (_BLOCK_CPU if wf.device.type == "cpu" else _BLOCK_ACCEL) // max(1, cols)))
+    buf = torch.empty((max((r1 - r0 for r0, r1 in spans), default=0), cols), dtype=wf.dtype, device=wf.device)
+    for r0, r1 in spans:
         blk, a = wf[r0:r1], amax[r0:r1]
         t = buf[: len(blk)]
         be, bs = best_err[r0:r1], best_scale[r0:r1]

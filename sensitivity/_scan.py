@@ -346,11 +346,11 @@ def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg:
     return {"architecture_digest": architecture_digest(model), "weights_digest": weights_digest(model),
             "data": digest(data), "calibration": digest(calib), "task": cfg.task,
             "batch_size": cfg.batch_size,
-            # rows measured under autocast differ from float32 ones; float32 journals keep matching
             # BatchNorm statistics fold a last calibration batch of one sample into the one before
             # (since 2026-11-25): only a calibration count of 256k+1 measures differently than before
             **({"calibration_batches": "last-single-folded"}
                if calib is not None and len(calib) % 256 == 1 and len(calib) > 1 else {}),
+            # rows measured under autocast differ from float32 ones; float32 journals keep matching
             **({"dtype": str(dtype).replace("torch.", "")} if dtype not in (None, torch.float32) else {})}
 
 

@@ -1,4 +1,6 @@
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,20 +109,18 @@ def test_input_quantization_hook_quantizes_the_input_and_is_removable():
         assert torch.equal(layer(x), plain)
 
 
-def _whole_tensor_search(w, bits):
-    """The clipping search written on the whole tensor at once (the definition)."""
-    from sensplan.sensitivity._quant import _CLIP_GRID
+def _bench_quant():
+    """bench/bench_quant.py, whose ``whole_tensor`` is the search as written on the whole tensor at
+    once (the definition, and the bench's baseline)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("sensplan_bench_quant", root / "bench" / "bench_quant.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    wf = w.float().reshape(w.shape[0], -1)
-    m = qmax(bits)
-    amax = wf.abs().amax(dim=1).clamp_min(1e-12)
-    best_err, best_scale = torch.full_like(amax, float("inf")), amax / m
-    for ratio in _CLIP_GRID:
-        s = (amax * ratio / m).unsqueeze(1)
-        err = ((torch.clamp(torch.round(wf / s), -m, m) * s - wf) ** 2).sum(dim=1)
-        better = err < best_err
-        best_err, best_scale = torch.where(better, err, best_err), torch.where(better, s.squeeze(1), best_scale)
-    return torch.clamp(torch.round(wf / best_scale.unsqueeze(1)), -m, m).to(torch.int8).reshape(w.shape), best_scale
+
+_whole_tensor_search = _bench_quant().whole_tensor
 
 
 @pytest.mark.parametrize("block", [1, 7 * 9, 1 << 20])  # 2 rows per block, 7 rows and a partial last block, one block
