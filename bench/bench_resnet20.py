@@ -13,7 +13,6 @@ held-out test images that neither the scan nor the BatchNorm calibration saw.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,24 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _shared import ROOT, parser, resnet20_files  # bench/ is on sys.path when run as a script
 from torch.utils.data import DataLoader, Subset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
-    ap.add_argument("--samples", type=int, default=2000)
-    ap.add_argument("--calib-samples", type=int, default=500)
-    args = ap.parse_args()
-
-    shared = Path(args.shared)
-    weights = shared / "models" / "cifar10" / "resnet20_jpeg.pt"
-    test_dir = shared / "data" / "cifar10-jpg" / "test"
-    if not weights.is_file() or not test_dir.is_dir():
-        print(f"skipped: {shared} has no ResNet-20 weights or CIFAR-10 JPEG test set")
+    args = parser(__doc__).parse_args()
+    files = resnet20_files(args.shared)
+    if files is None:
         return 0
+    weights, test_dir = files
 
     from sensplan.planner import Budget, apply_plan, load_compressed, make_plan, measure_original
     from sensplan.sensitivity import (
@@ -154,6 +145,7 @@ def main() -> int:
     # -- every uniform candidate, measured: the best uniform plan in hindsight ----------------------------
     from sensplan.planner import Costs, Plan, compress, uniform_candidates
     from sensplan.planner._plan import _allocation
+    from sensplan.planner._solver import uniform_label
 
     print("\nevery uniform candidate (prune + int bits), measured on the held-out images (no fine-tuning):")
     best_uniform: dict[str, float] = {}
@@ -167,7 +159,7 @@ def main() -> int:
             cmod, _ = compress(model, Plan(data_), "planned", data.example_input, calib=calib)
             held_top1 = evaluate(cmod.module, held).top1
             best_uniform[budget] = max(best_uniform.get(budget, 0.0), held_top1)
-            print(f"  {budget:<10} {cand.label:<28}: predicted top-1 "
+            print(f"  {budget:<10} {uniform_label(cm, cand):<28}: predicted top-1 "
                   f"{table.baseline['score'] - cand.predicted_drop:.4f}, held-out {held_top1:.4f}")
 
     print("\nplanned minus uniform (held-out top-1, points):")

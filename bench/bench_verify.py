@@ -114,7 +114,8 @@ def main() -> int:
             uni_pred = plain.data["plans"]["uniform"]
             by_pred = test_top1(uni_pred) if uni_pred else float("nan")
             from sensplan.planner import Costs, uniform_candidates
-            from sensplan.planner._plan import uniform_allocation, uniform_label
+            from sensplan.planner._plan import uniform_allocation
+            from sensplan.planner._solver import uniform_label
 
             cm = Costs(table)
             hindsight, best_label = float("nan"), "-"

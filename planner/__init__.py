@@ -11,12 +11,17 @@ from typing import Any
 from sensplan._tables import load_metrics
 from sensplan.planner._budget import METRICS, Budget, parse_max_drop
 from sensplan.planner._costs import (
+    COST_MODELS,
     AnalyticCosts,
     Block,
     CostModel,
     Costs,
     Option,
     TableCosts,
+    Term,
+    cost_model_metrics,
+    make_cost_model,
+    option_key,
 )
 from sensplan.planner._plan import Plan, assignments, make_plan
 from sensplan.planner._solver import (
@@ -55,6 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "COST_MODELS",
     "METRICS",
     "AnalyticCosts",
     "Block",
@@ -68,21 +74,25 @@ __all__ = [
     "Plan",
     "Solution",
     "TableCosts",
+    "Term",
     "UniformSolution",
     "Verifier",
     "apply_plan",
     "assignments",
     "brute_force",
     "compress",
+    "cost_model_metrics",
     "distill_",
     "latency",
     "load_compressed",
     "load_metrics",
+    "make_cost_model",
     "make_plan",
     "measure",
     "measure_original",
     "min_cost",
     "missed_budgets",
+    "option_key",
     "parse_max_drop",
     "save_compressed",
     "solve",

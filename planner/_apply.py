@@ -9,6 +9,7 @@ executor removes and the quantizer is the same; it never branches on a method's 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import statistics
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from sensplan._artifacts import now_iso, versions, write_json
-from sensplan._effects import LAYER_DEFAULTS, merge
+from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length
 from sensplan._errors import ArtifactError, IncompatibleModelError, UserInputError
 from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
 from sensplan.planner._compressed import CompressedModel, load_compressed, payload_size, save_compressed
@@ -34,10 +35,11 @@ from sensplan.sensitivity import (
     architecture_digest,
     batchnorm_statistics,
     count_macs,
+    device_of,
     recalibrate_batchnorm_,
     tune_malloc,
 )
-from sensplan.sensitivity.methods import Method, MethodContext, get_method
+from sensplan.sensitivity.methods import Method, MethodContext, compatible, execution_order, get_method
 from sensplan.sensitivity.tasks import Task, get_task
 
 
@@ -90,6 +92,7 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
     for name, alloc in plan.data["plans"].items():
         if alloc is None:
             continue
+        _check_pairs(name, alloc)
         for method, units in assignments(alloc).items():
             m = get_method(method)
             _check_settings(name, m, units, alloc)
@@ -128,6 +131,21 @@ def _check_settings(name: str, method: Method, units: Mapping[str, Any], alloc: 
                                     f"one and keep at least one. {again}")
 
 
+def _check_pairs(name: str, alloc: Mapping[str, Any]) -> None:
+    """No unit gets two methods that cannot change it together (the planner never chooses such a
+    pair; a plan edited by hand might)."""
+    per_unit: dict[str, list[str]] = {}
+    for c in alloc["choices"].values():
+        if c.get("method"):
+            per_unit.setdefault(c["unit"], []).append(c["method"])
+    for unit, names in per_unit.items():
+        for a, b in itertools.combinations(names, 2):
+            if not compatible(get_method(a), get_method(b)):
+                raise ArtifactError(f"The plan's {name!r} allocation applies both {a} and {b} to {unit!r}, which "
+                                    f"cannot change one unit together. The plan file was edited or is corrupt: "
+                                    f"make it again with `sensplan plan`.")
+
+
 def _check_groups(graph: PruningGraph, alloc: Mapping[str, Any], units: Mapping[str, Any]) -> None:
     known = set(graph.group_ids())
     channels = _group_channels(alloc)
@@ -161,11 +179,8 @@ def _run(ctx: MethodContext, methods: list[tuple[Method, dict[str, Any]]], step:
 
 def layer_effects(plan_alloc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per layer, the merged effect of the allocation's layer choices."""
-    per: dict[str, list[Mapping[str, Any]]] = {}
-    for c in plan_alloc["choices"].values():
-        if c.get("method") and c["kind"] == "layer":
-            per.setdefault(c["unit"], []).append(c.get("effect", {}))
-    return {u: merge(e) for u, e in per.items()}
+    return merge_per_unit((c["unit"], c.get("effect", {})) for c in plan_alloc["choices"].values()
+                          if c.get("method") and c["kind"] == "layer")
 
 
 def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneConfig,
@@ -178,7 +193,7 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
 
     torch.manual_seed(cfg.seed)
     teacher.eval()
-    dev = _device_of(student)
+    dev = device_of(student)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(loader)
@@ -247,13 +262,16 @@ def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | No
             task_state: Any = None, effects: Mapping[str, Mapping[str, Any]] | None = None,
             batch_size: int = 500, timing: bool = True) -> dict[str, Any]:
     """What a model really costs and scores: the task's score and loss, params, MACs, BOPs (layers
-    without an effect count as float32 weights and activations), file size, latency."""
+    without an effect count as float32 weights and activations; the layers inside a restructured
+    unit take the unit's effect), file size, latency."""
     t = task or get_task("classification")
     ev = t.evaluate(model, data, task_state, batch_size)
     layer_macs = count_macs(model, data.example_input)
     eff = {k: merge([v]) for k, v in (effects or {}).items()}
-    bops = sum(v * eff.get(k, LAYER_DEFAULTS)["weight_bits"] * eff.get(k, LAYER_DEFAULTS)["act_bits"]
-               for k, v in layer_macs.items())
+    bops = 0.0
+    for name, macs in layer_macs.items():
+        e = eff.get(_unit_of(name, eff), LAYER_DEFAULTS)
+        bops += macs * e["weight_bits"] * e["act_bits"]
     out: dict[str, Any] = {"score": ev.score, "loss": ev.loss, "n": ev.n,
                            "params": int(sum(p.numel() for p in model.parameters())),
                            "macs": int(sum(layer_macs.values())), "bops": int(bops),
@@ -261,6 +279,15 @@ def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | No
     if timing:
         out["latency"] = latency(model, data.example_input)
     return out
+
+
+def _unit_of(module: str, units: Mapping[str, Any]) -> str:
+    """The unit a module belongs to: itself, or the longest unit name it sits inside (a layer a
+    structural method replaced by several)."""
+    name = module
+    while name and name not in units:
+        name = name.rpartition(".")[0]
+    return name or module
 
 
 def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Tensor, *,
@@ -280,11 +307,13 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
     alloc = plan.variant(variant)
     student = copy.deepcopy(model).eval()
     ctx = _context(student, example_input, calib, data)
-    methods = sorted(((get_method(m), u) for m, u in assignments(alloc).items()), key=lambda mu: mu[0].stage)
-    if any(m.unit_kind == "group" for m, _ in methods) and ctx.graph is None:
+    methods = sorted(((get_method(m), u) for m, u in assignments(alloc).items()),
+                     key=lambda mu: execution_order(mu[0]))
+    groups = {u: s for m, us in methods if m.unit_kind == "group" for u, s in us.items()}
+    if groups and ctx.graph is None:
         raise UserInputError(f"The plan prunes channel groups, but {ctx.graph_error}")
-    if any(m.unit_kind == "group" for m, _ in methods):
-        _check_groups(ctx.graph, alloc, {u: s for m, us in methods if m.unit_kind == "group" for u, s in us.items()})
+    if groups:
+        _check_groups(ctx.graph, alloc, groups)
     history: list[dict[str, float]] = []
     if train_loader is not None and finetune is not None and finetune.epochs > 0:
         first = [(m, u) for m, u in methods if m.structural]
@@ -301,13 +330,15 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
         _run(ctx, methods, "apply")
         recalibrate_batchnorm_(student, calib, reference)
         _run(ctx, methods, "finalize")
-    effects = layer_effects(alloc)
-    original_layers = {name: info for name, info in ctx.layers.items()}
-    weight_effects = {original_layers[k]["weight"]: v for k, v in effects.items() if k in original_layers}
-    row_lens = {original_layers[k]["weight"]: int(math.prod(original_layers[k]["weight_shape"][1:]))
-                for k in effects if k in original_layers}
-    cm = CompressedModel(student, dict(ctx.records.get("removed", {})), weight_effects, row_lens,
-                         dict(ctx.records.get("input_quant", {})), model_spec, architecture_digest(model),
+    weight_effects: dict[str, dict[str, Any]] = {}
+    row_lens: dict[str, int] = {}
+    for layer, effect in layer_effects(alloc).items():
+        if layer in ctx.layers:
+            for key, _ in ctx.unit_weights(layer):  # a restructured layer stores several weights
+                weight_effects[key] = effect
+                row_lens[key] = row_length(ctx.layers[layer]["weight_shape"])
+    records = [(m.name, ctx.records[m.name]) for m, _ in methods if m.name in ctx.records]
+    cm = CompressedModel(student, records, weight_effects, row_lens, model_spec, architecture_digest(model),
                          tuple(example_input.shape[1:]), {"variant": variant, **alloc})
     return cm, history
 
@@ -330,9 +361,9 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if device is not None and torch.device(device) != _device_of(model):
+    if device is not None and torch.device(device) != device_of(model):
         model = copy.deepcopy(model).to(device)  # the user's model stays where it is
-    dev = _device_of(model)
+    dev = device_of(model)
     data = data.to(dev)
     calib = calib.to(dev) if calib is not None else None
     example = data.example_input
@@ -351,34 +382,9 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     # plan.json: a failure before then leaves the previous result's three files as they were
     staged = out / f".model.sensplan.{os.getpid()}.partial"
     try:
-        file_bytes = save_compressed(cm, staged)
-        payload_bytes = payload_size(staged)  # encoding again would quantize again
-        with torch.inference_mode():
-            compressed_out = cm.module(example)
-        del cm  # one model fewer in memory while the file is reloaded (a 630M-parameter ViT: 2.5 GB)
-        reloaded = load_compressed(staged, copy.deepcopy(model))
-        alloc = plan.variant(variant)
-        after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
-                        timing=timing)
-        after["payload_bytes"] = payload_bytes
-        with torch.inference_mode():
-            gap = float((reloaded(example) - compressed_out).abs().max())
-        after["reload_max_abs_diff"] = gap
-        predicted = dict(alloc["predicted"])
-        measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
-                          "bops": after["bops"]}
-        comparison = {m: {"predicted": predicted[m], "measured": v,
-                          "ratio": v / predicted[m] if predicted.get(m) else None}
-                      for m, v in measured_costs.items() if m in predicted}
-        metric = plan.metric
-        measured_drop_no_ft = metric.drop(before["score"], no_ft["score"] if no_ft else after["score"])
-        comparison["drop_without_finetune"] = {"predicted": predicted["drop"], "measured": measured_drop_no_ft}
-        budgets = []
-        for b in plan.data["objective"]["budgets"]:
-            value = measured_costs.get(b["metric"])
-            met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
-            budgets.append({**b, "measured": value, "met": met,
-                            **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})
+        after = _save_and_measure(cm, staged, model, data, task, state, plan.variant(variant), timing)
+        del cm
+        comparison, budgets = _compare(plan, plan.variant(variant), before, after, no_ft)
         metrics = {
             "format": METRICS_FORMAT,
             "schema_version": METRICS_SCHEMA_VERSION,
@@ -391,7 +397,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
             "before": dict(before),
             "after_without_finetune": no_ft,
             "after": after,
-            "predicted": predicted,
+            "predicted": dict(plan.variant(variant)["predicted"]),
             "comparison": comparison,
             "budgets": budgets,
             "fine_tune": ({"config": finetune.__dict__, "history": history} if history and finetune else None),
@@ -406,8 +412,43 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     return metrics
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data: EvalSet, task: Task,
+                      state: Any, alloc: Mapping[str, Any], timing: bool) -> dict[str, Any]:
+    """Write the compressed model to ``staged``, reload it into a copy of the original
+    architecture and measure what was reloaded (the file is what a user deploys)."""
+    example = data.example_input
+    file_bytes = save_compressed(cm, staged)
+    payload_bytes = payload_size(staged)  # encoding again would quantize again
+    with torch.inference_mode():
+        compressed_out = cm.module(example)
+    cm.module = nn.Module()  # one model fewer in memory while the file is reloaded (a 630M ViT: 2.5 GB)
+    reloaded = load_compressed(staged, copy.deepcopy(model))
+    after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
+                    timing=timing)
+    after["payload_bytes"] = payload_bytes
+    with torch.inference_mode():
+        after["reload_max_abs_diff"] = float((reloaded(example) - compressed_out).abs().max())
+    return after
+
+
+def _compare(plan: Plan, alloc: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
+             no_ft: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Predicted against measured, per cost and for the drop; and every budget, met or not."""
+    predicted = dict(alloc["predicted"])
+    measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
+                      "bops": after["bops"]}
+    comparison: dict[str, Any] = {m: {"predicted": predicted[m], "measured": v,
+                                      "ratio": v / predicted[m] if predicted.get(m) else None}
+                                  for m, v in measured_costs.items() if m in predicted}
+    drop = plan.metric.drop(before["score"], no_ft["score"] if no_ft else after["score"])
+    comparison["drop_without_finetune"] = {"predicted": predicted["drop"], "measured": drop}
+    budgets = []
+    for b in plan.data["objective"]["budgets"]:
+        value = measured_costs.get(b["metric"])
+        met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
+        budgets.append({**b, "measured": value, "met": met,
+                        **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})
+    return comparison, budgets
 
 
 def missed_budgets(metrics: Mapping[str, Any]) -> list[str]:
@@ -421,7 +462,7 @@ def measure_original(model: nn.Module, data: EvalSet, model_spec: ModelSpec | No
     """The uncompressed model measured the same way (its file: the same container, all float)."""
     t = task or get_task("classification")
     state = task_state if task_state is not None else t.prepare(model, data)
-    cm = CompressedModel(model, {}, model_spec=model_spec, original_digest=architecture_digest(model),
+    cm = CompressedModel(model, [], model_spec=model_spec, original_digest=architecture_digest(model),
                          input_shape=tuple(data.example_input.shape[1:]))
     file_bytes, payload_bytes = cm.sizes()
     m = measure(model, data, file_bytes, timing=timing, task=t, task_state=state)

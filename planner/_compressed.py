@@ -12,9 +12,11 @@ A weight's *values* are float32, float16/bfloat16, or integer codes packed at ``
 binary) with one float32 scale per output channel. Its *layout* (see :mod:`sensplan._effects`) is
 dense, a bitmask (one bit per position, then the kept values), CSR (int32 row pointers, 16/32-bit
 column indices, values) or N:M (the kept values plus ceil(log2 M) bits of position each). The
-header also records the model spec, the channels removed from each group (root indices in the
-original numbering), activation quantization parameters and the applied plan, so
-:func:`load_compressed` can rebuild the pruned, quantized architecture.
+header also records the model spec, what each method recorded when it was applied (``records``, in
+the order they were applied: the channels a group method removed, a factorized layer's rank, input
+quantization parameters) and the applied plan. :func:`load_compressed` builds the original
+architecture and lets each method replay its record (``Method.rebuild_``), then loads the tensors:
+it knows no method by name.
 """
 
 from __future__ import annotations
@@ -36,21 +38,25 @@ from torch import nn
 
 from sensplan._artifacts import atomic_write
 from sensplan._effects import FLOAT_BITS, index_bits, merge, sparse_layout
-from sensplan._errors import ArtifactError, IncompatibleModelError
+from sensplan._errors import ArtifactError, IncompatibleModelError, first_line
 from sensplan.sensitivity import (
+    MethodContext,
     ModelSpec,
-    PruningGraph,
     architecture_digest,
     build_model,
     dequantize,
-    install_input_quant,
+    from_rows,
+    get_method,
+    magnitude_mask,
+    nm_mask,
     pack_codes,
     quantize_per_channel,
+    to_rows,
     unpack_codes,
 )
 
 MAGIC = b"SENSPLAN"
-CONTAINER_VERSION = 2
+CONTAINER_VERSION = 3
 COMPRESSED_FORMAT = "sensplan.compressed"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -62,17 +68,16 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class CompressedModel:
     """A compressed model and what is needed to store it compactly.
 
-    ``module`` runs like any model (stored values are held dequantized in float32); ``removed``
-    maps group root FQN -> removed channel indices; ``effects`` maps a weight's state-dict key to its
-    merged effect (how it is stored) and ``row_lens`` to the original row length (the CSR index
-    rule); ``input_quant`` maps layer FQN -> activation quantization parameters.
+    ``module`` runs like any model (stored values are held dequantized in float32); ``records`` is
+    ``[(method name, record), ...]`` in the order the methods were applied (what each replays on
+    load); ``effects`` maps a weight's state-dict key to its merged effect (how it is stored) and
+    ``row_lens`` to the original layer's row length (the CSR index rule).
     """
 
     module: nn.Module
-    removed: dict[str, list[int]]
+    records: list[tuple[str, Any]]
     effects: dict[str, dict[str, Any]] = field(default_factory=dict)
     row_lens: dict[str, int] = field(default_factory=dict)
-    input_quant: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_spec: ModelSpec | None = None
     original_digest: str = ""
     input_shape: tuple[int, ...] = ()
@@ -130,12 +135,6 @@ def _value_bytes(v: torch.Tensor, effect: Mapping[str, Any]) -> bytes:
     return _raw(v.reshape(-1))
 
 
-def _nm_positions(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    from sensplan.sensitivity.methods.nm_sparsity import nm_mask
-
-    return nm_mask(w, n, m)
-
-
 def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> tuple[dict[str, Any], list[bytes]]:
     layout = sparse_layout(effect, row_len)
     values, scales = _values(w, effect)
@@ -147,9 +146,7 @@ def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> 
         parts.append(("values", _value_bytes(values, effect)))
     elif layout == "nm":
         n, m = (int(v) for v in effect["nm"])
-        mask = _nm_positions(w, n, m)
-        from sensplan.sensitivity.methods.nm_sparsity import to_rows
-
+        mask = nm_mask(w, n, m)
         rows = to_rows(mask.to(torch.uint8))
         pad = (-rows.shape[-1]) % m
         padded = torch.nn.functional.pad(rows, (0, pad)) if pad else rows
@@ -163,8 +160,6 @@ def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> 
     else:
         # exactly the kept_values(numel, density) positions the plan priced: every non-zero, and
         # where quantization rounded kept values to zero, the next positions as explicit zeros
-        from sensplan.sensitivity.methods.sparsity import magnitude_mask
-
         mask = (magnitude_mask(w, float(effect["density"])) | (w.detach() != 0)).reshape(flat.shape)
         kept = flat[mask]
         entry["nnz"] = int(kept.numel())
@@ -244,7 +239,7 @@ def _header_blob(cm: CompressedModel, entries: dict[str, Any]) -> bytes:
               "model": {"spec": cm.model_spec.to_dict() if cm.model_spec else None,
                         "architecture_digest": cm.original_digest,
                         "input_shape": list(cm.input_shape)},
-              "removed": cm.removed, "input_quant": cm.input_quant, "tensors": entries,
+              "records": [[name, record] for name, record in cm.records], "tensors": entries,
               "plan": dict(cm.plan)}
     return zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
 
@@ -280,9 +275,9 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{str(p)!r} has a corrupt header ({e}). {again}") from None
     if (not isinstance(header, dict) or header.get("format") != COMPRESSED_FORMAT
-            or any(k not in header for k in ("model", "removed", "tensors"))):
+            or any(k not in header for k in ("model", "records", "tensors"))):
         raise ArtifactError(f"{str(p)!r} has a corrupt header (not a {COMPRESSED_FORMAT} header "
-                            f"with model, removed and tensors). {again}")
+                            f"with model, records and tensors). {again}")
     payload = raw[20 + hlen:]
     end = max((o + n for e in header.get("tensors", {}).values() for o, n in e.get("parts", [])), default=0)
     if end > len(payload):
@@ -305,8 +300,6 @@ def _decode_tensor(e: Mapping[str, Any], parts: dict[str, bytes]) -> torch.Tenso
     if layout == "dense":
         dense = _decode_values(parts["values"], e, numel).reshape(rows, -1)
     elif layout == "nm":
-        from sensplan.sensitivity.methods.nm_sparsity import from_rows
-
         n, m = e["nm"]
         row_shape = (shape[0], 1, shape[1]) if len(shape) == 2 else (shape[0], int(np.prod(shape[2:])), shape[1])
         pad = (-row_shape[-1]) % m
@@ -339,9 +332,11 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
                     allow_pickle: bool = False) -> nn.Module:
     """Rebuild a runnable model from a ``.sensplan`` file.
 
-    ``model`` is a fresh instance of the *original* architecture (it is pruned in place); if omitted,
-    it is built from the model spec recorded in the file (the factory must be importable). Stored
-    values are dequantized to float32; activation quantization is re-installed. Example::
+    ``model`` is a fresh instance of the *original* architecture (it is changed in place); if
+    omitted, it is built from the model spec recorded in the file (its factory file is looked for
+    beside the file first, then where it was when the file was written). Every method that was
+    applied replays its record on it (pruning, factorization, activation quantization); then the
+    stored values are loaded, dequantized to float32. Example::
 
         model = load_compressed("out/model.sensplan")            # spec from the file
         model = load_compressed("out/model.sensplan", resnet20())  # or bring the architecture
@@ -351,16 +346,14 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     if model is None:
         if not info.get("spec"):
             raise ArtifactError(f"{str(path)!r} records no model spec; pass the original architecture as `model`.")
-        model = build_model(ModelSpec.from_dict(info["spec"]), allow_pickle=allow_pickle)
+        spec = ModelSpec.from_record(info["spec"], beside=os.path.dirname(os.path.abspath(path)),
+                                     artifact=repr(str(path)))
+        model = build_model(spec, allow_pickle=allow_pickle)
     model.eval()
     if info.get("architecture_digest") and architecture_digest(model) != info["architecture_digest"]:
         raise IncompatibleModelError(f"The model given to load {str(path)!r} is not the architecture it was "
                                      f"compressed from. Pass a fresh instance of the original model.")
-    if header["removed"]:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        graph = PruningGraph(model, torch.zeros(1, *info["input_shape"], device=device))
-        for gid, idxs in header["removed"].items():
-            graph.prune_(gid, list(idxs))
+    _replay(model, header, str(path))
     state = {}
     try:
         for key, e in header["tensors"].items():
@@ -374,9 +367,24 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
                             f"{err}). Re-create it with `sensplan apply`.") from None
     del payload  # the decoded tensors own their memory: the file's bytes go before the state loads
     _load_state_preserving_metadata(model, state, str(path))
-    for layer, qp in header.get("input_quant", {}).items():
-        install_input_quant(model.get_submodule(layer), qp)
     return model.eval()
+
+
+def _replay(model: nn.Module, header: Mapping[str, Any], path: str) -> None:
+    """Every method's record, replayed in the order the methods were applied."""
+    records = header["records"]
+    if not records:
+        return
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    ctx = MethodContext(model, torch.zeros(1, *header["model"]["input_shape"], device=device), {}, {}, {},
+                        device=device)
+    for name, record in records:
+        method = get_method(name)  # an unknown name says which methods exist
+        try:
+            method.rebuild_(ctx, record)
+        except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
+            raise ArtifactError(f"{path!r}: replaying what {name} recorded failed ({type(e).__name__}: "
+                                f"{first_line(e)}). Re-create it with `sensplan apply`.") from None
 
 
 def _load_state_preserving_metadata(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
@@ -391,4 +399,4 @@ def _load_state_preserving_metadata(model: nn.Module, state: dict[str, torch.Ten
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise IncompatibleModelError(f"The weights in {path!r} do not fit the rebuilt model: "
-                                     f"{str(e).splitlines()[0]}") from None
+                                     f"{first_line(e)}") from None

@@ -22,18 +22,22 @@ expanded into monomials with at most one group per dim, each an exact term.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from sensplan._effects import FLOAT_BITS, LAYER_DEFAULTS, merge, weight_coefficients
+from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length, weight_coefficients
 from sensplan._errors import ArtifactError
+from sensplan._expr import ParsedStructure, default_structure, parse_structure
+from sensplan._registry import Registry
 
 ANALYTIC_METRICS = ("size", "macs", "bops", "params")
 #: kept for the public API: the built-in cost metrics
@@ -142,20 +146,6 @@ def _reduce(factors: tuple[int, ...], table: np.ndarray) -> tuple[tuple[int, ...
     return tuple(fs[i] for i in perm), np.transpose(t, perm) if t.ndim > 1 else t
 
 
-def _outer(vecs: Sequence[tuple[int, np.ndarray]]) -> tuple[tuple[int, ...], np.ndarray]:
-    """Product table of per-block vectors (a block may repeat: its vectors multiply elementwise)."""
-    merged: dict[int, np.ndarray] = {}
-    for f, v in vecs:
-        merged[f] = merged[f] * v if f in merged else np.asarray(v, dtype=float)
-    factors = tuple(sorted(merged))
-    table = np.ones([len(merged[f]) for f in factors]) if factors else np.ones(())
-    for pos, f in enumerate(factors):
-        shape = [1] * len(factors)
-        shape[pos] = len(merged[f])
-        table = table * merged[f].reshape(shape)
-    return factors, table
-
-
 class _Acc:
     def __init__(self) -> None:
         self.terms: dict[tuple[int, ...], np.ndarray] = {}
@@ -171,10 +161,138 @@ class _Acc:
         return [Term(f, t) for f, t in self.terms.items()]
 
 
+#: the most table entries one tensor's joint pricing may take (groups sharing a dim, tabulated
+#: together because a restructured layer's cost is not linear in that dim); beyond it the option
+#: is left out of the plan with the reason
+JOINT_LIMIT = 200_000
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One state-dict tensor as the analytic costs see it: its scanned ``shape``, the groups that
+    shrink each dim (``dims[d]``: (group block, elements per channel)), and, for a layer's weight,
+    the ``layer``, its own blocks ``local`` and its original ``macs``."""
+
+    key: str
+    shape: tuple[int, ...]
+    dims: tuple[tuple[tuple[int, float], ...], ...]
+    storage_bits: float
+    is_param: bool
+    layer: str | None = None
+    local: tuple[int, ...] = ()
+    macs: float = 0.0
+
+    @property
+    def multi(self) -> tuple[int, ...]:
+        """Dims shared by several groups (a concatenation): each group removes its own channels."""
+        return tuple(d for d, gs in enumerate(self.dims) if len(gs) > 1)
+
+
+def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
+    group_block = {b.unit: i for i, b in enumerate(blocks) if b.kind == "group"}
+    local: dict[str, list[int]] = {}
+    for i, b in enumerate(blocks):
+        if b.kind == "layer":
+            local.setdefault(b.unit, []).append(i)
+    out = []
+    for key, t in scan.tensors.items():
+        per_dim: list[list[tuple[int, float]]] = [[] for _ in t["shape"]]
+        for gid, dims in t["shrinks"].items():
+            if gid in group_block and isinstance(dims, Mapping):
+                for d, per in dims.items():
+                    if per:
+                        per_dim[int(d)].append((group_block[gid], float(per)))
+        layer = t.get("layer")
+        is_layer = layer is not None and layer in scan.layers
+        out.append(_Tensor(key, tuple(int(s) for s in t["shape"]), tuple(tuple(g) for g in per_dim),
+                           float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
+                           layer if is_layer else None, tuple(local.get(layer, ())) if is_layer else (),
+                           float(scan.layers[layer]["macs"]) if is_layer else 0.0))
+    return out
+
+
+class _Pricing:
+    """The one description of what a tensor costs: :meth:`metrics` maps its pruned dims (numbers or
+    arrays, broadcast) and the merged effects of its layer's options to size (bytes), params,
+    MACs and BOPs. The MILP's terms tabulate it; :meth:`AnalyticCosts.direct` evaluates it."""
+
+    def __init__(self, t: _Tensor) -> None:
+        self.t = t
+        self._structures: dict[str, ParsedStructure] = {}
+
+    def structure(self, effect: Mapping[str, Any]) -> ParsedStructure:
+        data = effect.get("structure")
+        key = "" if data is None else json.dumps(data, sort_keys=True)
+        if key not in self._structures:
+            self._structures[key] = (default_structure(self.t.shape, self.t.macs) if data is None
+                                     else parse_structure(data))
+        return self._structures[key]
+
+    def metrics(self, env: Mapping[str, Any], effects: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+        """Per metric, an array with a leading axis over ``effects`` (one merged effect each)."""
+        t = self.t
+        if t.layer is None:
+            numel = np.asarray(_numel(env, len(t.shape)), dtype=float)[None]
+            return {"size": numel * t.storage_bits / 8, "params": numel if t.is_param else numel * 0.0,
+                    "macs": numel * 0.0, "bops": numel * 0.0}
+        row_len = row_length(t.shape)
+        parts: dict[str, tuple[Any, Any, int, Any]] = {}
+        for e in effects:
+            key = json.dumps(e.get("structure"), sort_keys=True)
+            if key not in parts:
+                st = self.structure(e)
+                parts[key] = (st.numel().evaluate(env), st.rows().evaluate(env), len(st.tensors),
+                              st.macs.evaluate(env))
+        out: dict[str, list[Any]] = {m: [] for m in ANALYTIC_METRICS}
+        for e in effects:
+            numel, rows, count, macs = parts[json.dumps(e.get("structure"), sort_keys=True)]
+            a, b, c = weight_coefficients(e, row_len)
+            out["size"].append((a * numel + b * rows + c * count) / 8)
+            out["params"].append(numel if t.is_param else numel * 0.0)
+            out["macs"].append(macs)
+            out["bops"].append(macs * float(e["weight_bits"]) * float(e["act_bits"]))
+        return {m: np.stack(np.broadcast_arrays(*[np.asarray(v, dtype=float) for v in vals]))
+                for m, vals in out.items()}
+
+    def linear_in(self, effect: Mapping[str, Any], d: int) -> bool:
+        """Whether the cost is linear in dim ``d`` (then a dim shared by several groups is priced
+        exactly by expanding the product, each term over one of its groups)."""
+        st = self.structure(effect)
+        name = f"d{d}"
+        return all(x.degree(name) <= 1 for x in (st.numel(), st.rows(), st.macs))
+
+
+def _numel(env: Mapping[str, Any], n: int) -> Any:
+    out: Any = 1.0
+    for d in range(n):
+        out = out * env[f"d{d}"]
+    return out
+
+
+def _pricing_merge(effects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``merge``, keeping the first of two structures: such a pair is never chosen (the planner
+    forbids it), but the MILP's tables need a finite cost for every combination."""
+    kept: list[Mapping[str, Any]] = []
+    structured = False
+    for e in effects:
+        if e.get("structure") is not None:
+            if structured:
+                e = {k: v for k, v in e.items() if k != "structure"}
+            structured = True
+        kept.append(e)
+    return merge(kept)
+
+
 class AnalyticCosts:
     """Size (bytes), MACs, BOPs and parameters from the scan's tensor shapes (exact).
 
-    Example::
+    Every tensor is priced by one function of its pruned dims and its layer's options
+    (:class:`_Pricing`): a restructured layer (an option whose effect has a ``structure``) by the
+    expressions its method recorded, any other by its element and row counts. The MILP's terms
+    tabulate that function over the options of the groups that shrink the tensor; a dim shared by
+    several groups (a concatenation) is expanded into one term per group where the cost is linear
+    in it, and tabulated over the groups jointly where it is not. :meth:`direct` evaluates the same
+    function at any channel counts. Example::
 
         cm = Costs(scan)                  # AnalyticCosts is always included
         cm.evaluate(cm.no_compression())["macs"] == cm.original["macs"]
@@ -190,115 +308,150 @@ class AnalyticCosts:
                 "units": {"size": "bytes", "macs": "per sample", "bops": "per sample",
                           "params": "count"}}
 
+    # -- the MILP's terms -----------------------------------------------------------------------------
     def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]:
-        group_block = {b.unit: i for i, b in enumerate(blocks) if b.kind == "group"}
-        local: dict[str, list[int]] = {}
-        for i, b in enumerate(blocks):
-            if b.kind == "layer":
-                local.setdefault(b.unit, []).append(i)
         acc = {m: _Acc() for m in self.metrics}
-        for t in self.scan.tensors.values():
-            shape = [float(s) for s in t["shape"]]
-            # per dim: the constant size and, per group block, the size change by option
-            pieces: list[list[tuple[int | None, np.ndarray]]] = []
-            for d, s in enumerate(shape):
-                row: list[tuple[int | None, np.ndarray]] = [(None, np.array(s))]
-                for gid, dims in t["shrinks"].items():
-                    per = dims.get(str(d)) if isinstance(dims, Mapping) else None
-                    if per and gid in group_block:
-                        bi = group_block[gid]
-                        removed = np.array([o.effect.get("removed", 0) for o in blocks[bi].options], float)
-                        row.append((bi, -removed * float(per)))
-                pieces.append(row)
-            numel = _expand(pieces)
-            rows = _expand(pieces[:1]) if pieces else [((), np.ones(()))]
-            layer = t.get("layer")
-            is_param = t.get("kind", "parameter") == "parameter"
-            if is_param:
-                for f, tab in numel:
-                    acc["params"].add(f, tab)
-            if layer is None or layer not in self.scan.layers:
-                for f, tab in numel:
-                    acc["size"].add(f, tab * float(t["storage_bits"]) / 8)
-                continue
-            lb = local.get(layer, [])
-            grids = self._local_grids(blocks, lb, int(np.prod(t["shape"][1:])) if len(shape) > 1 else 1)
-            numel0 = float(np.prod(shape)) if shape else 1.0
-            macs_per = float(self.scan.layers[layer]["macs"]) / max(1.0, numel0)
-            for f, tab in numel:
-                acc["macs"].add(f, tab * macs_per)
-                self._add_local(acc["size"], f, tab, lb, grids["a"] / 8)
-                self._add_local(acc["bops"], f, tab * macs_per, lb, grids["wb"] * grids["ab"])
-            for f, tab in rows:
-                self._add_local(acc["size"], f, tab, lb, grids["b"] / 8)
-            self._add_local(acc["size"], (), np.ones(()), lb, grids["c"] / 8)
+        for t in _tensors(self.scan, blocks):
+            pricing = _Pricing(t)
+            combos, effects = _local_effects(blocks, t.local)
+            joint = bool(t.multi) and not all(pricing.linear_in(e, d) for e in effects for d in t.multi)
+            grid = _grid(t, joint)
+            expand = () if joint else t.multi
+            local_shape = [len(blocks[i].options) for i in t.local]
+            corners = {r: self._table(pricing, blocks, t, grid, effects, local_shape, dict.fromkeys(r, 1.0))
+                       for r in _subsets(expand)}
+            factors = (*grid, *t.local)
+            for sub in _subsets(expand):
+                # the coefficient of the product of the removals over ``sub``'s dims (multilinear)
+                beta = {m: _difference([corners[r][m] for r in _subsets(sub)],
+                                       [len(sub) - len(r) for r in _subsets(sub)]) for m in self.metrics}
+                for picks in itertools.product(*[t.dims[d] for d in sub]):
+                    # the product over sub's dims of the removed elements, one group per dim
+                    vecs = [(bi, np.array([float(o.effect.get("removed", 0)) for o in blocks[bi].options]) * p)
+                            for bi, p in picks]
+                    for m in self.metrics:
+                        acc[m].add(*_times(factors, beta[m], vecs))
         return {m: a.result() for m, a in acc.items()}
 
+    @staticmethod
+    def _table(pricing: _Pricing, blocks: Sequence[Block], t: _Tensor, grid: Sequence[int],
+               effects: Sequence[Mapping[str, Any]], local_shape: Sequence[int],
+               removed: Mapping[int, float]) -> dict[str, np.ndarray]:
+        """The tensor's metrics over (grid blocks' options, its layer's options), with ``removed``
+        elements taken from the expanded dims (a corner of their expansion)."""
+        env = {}
+        for d, s in enumerate(t.shape):
+            v: Any = float(s) - removed.get(d, 0.0)
+            for bi, p in t.dims[d]:
+                if bi in grid:
+                    k = np.array([float(o.effect.get("removed", 0)) for o in blocks[bi].options])
+                    shape = [1] * len(grid)
+                    shape[list(grid).index(bi)] = len(k)
+                    v = v - k.reshape(shape) * p
+            env[f"d{d}"] = v if np.ndim(v) else np.full([1] * len(grid), v) if grid else v
+        grid_shape = [len(blocks[bi].options) for bi in grid]
+        out = {}
+        for m, arr in pricing.metrics(env, effects).items():
+            full = np.broadcast_to(arr, (len(effects), *grid_shape)) if grid else arr.reshape(len(effects))
+            full = np.moveaxis(full, 0, -1) if grid else full
+            out[m] = np.ascontiguousarray(full).reshape([*grid_shape, *local_shape])
+        return out
+
+    def unpriceable(self, blocks: Sequence[Block]) -> dict[tuple[int, int], str]:
+        """Options whose cost cannot be priced exactly, with the reason: a restructured layer whose
+        cost is not linear in a dim that too many groups share to tabulate them together."""
+        out: dict[tuple[int, int], str] = {}
+        for t in _tensors(self.scan, blocks):
+            if not t.multi or not t.local:
+                continue
+            pricing = _Pricing(t)
+            combos, effects = _local_effects(blocks, t.local)
+            entries = math.prod(len(blocks[bi].options) for bi in _grid(t, True)) * len(combos)
+            if entries <= JOINT_LIMIT:
+                continue
+            for i in t.local:
+                for o, opt in enumerate(blocks[i].options):
+                    if opt.effect.get("structure") is None:
+                        continue
+                    bad = [d for d in t.multi if not pricing.linear_in(merge([opt.effect]), d)]
+                    if bad:
+                        groups = len(t.dims[bad[0]])
+                        out[(i, o)] = (f"its dim {bad[0]} takes channels from {groups} channel groups (a "
+                                       f"concatenation) and the {opt.method} cost is not linear in it; "
+                                       f"pricing all of them together would take {entries:,} table entries, "
+                                       f"so this option is not planned")
+        return out
+
+    # -- one choice, any channel counts ---------------------------------------------------------------
     def direct(self, removed: Mapping[str, float], effects: Mapping[str, Mapping[str, Any]]
                ) -> dict[str, float]:
         """Every metric computed tensor by tensor (no terms) when group ``g`` loses ``removed[g]``
-        channels (any count) and layer ``l`` has the merged effect ``effects[l]``. Used for the
-        uniform baseline's fine ratio grid, and by the tests to check the term expansion."""
+        channels (any count) and layer ``l`` has the merged effect ``effects[l]``: the same pricing
+        the terms tabulate. Used for the uniform baseline's fine ratio grid, and by the tests to check
+        the terms."""
         out = dict.fromkeys(self.metrics, 0.0)
-        for t in self.scan.tensors.values():
+        for key, t in self.scan.tensors.items():
             shape = [float(s) for s in t["shape"]]
             for gid, dims in t["shrinks"].items():
                 for d, per in (dims.items() if isinstance(dims, Mapping) else []):
                     shape[int(d)] -= float(removed.get(gid, 0)) * float(per)
-            numel = float(np.prod(shape)) if shape else 1.0
-            if t.get("kind", "parameter") == "parameter":
-                out["params"] += numel
             layer = t.get("layer")
-            if layer is None or layer not in self.scan.layers:
-                out["size"] += numel * float(t["storage_bits"]) / 8
-                continue
-            eff = merge([effects.get(layer, {})])
-            a, b, c = weight_coefficients(eff, int(np.prod(t["shape"][1:])) if len(shape) > 1 else 1)
-            rows = shape[0] if shape else 1.0
-            out["size"] += (a * numel + b * rows + c) / 8
-            numel0 = float(np.prod(t["shape"])) if shape else 1.0
-            macs = float(self.scan.layers[layer]["macs"]) * numel / max(1.0, numel0)
-            out["macs"] += macs
-            out["bops"] += macs * float(eff["weight_bits"]) * float(eff["act_bits"])
-        return out
-
-    @staticmethod
-    def _add_local(acc: _Acc, factors: tuple[int, ...], table: np.ndarray, lb: Sequence[int],
-                   grid: np.ndarray) -> None:
-        """Add ``table`` (over ``factors``) times ``grid`` (over the layer's own blocks ``lb``)."""
-        t = np.asarray(table, dtype=float)
-        full = t.reshape(t.shape + (1,) * len(lb)) * grid.reshape((1,) * t.ndim + grid.shape)
-        acc.add((*factors, *lb), full)
-
-    @staticmethod
-    def _local_grids(blocks: Sequence[Block], lb: Sequence[int], row_len: int) -> dict[str, np.ndarray]:
-        """Per combination of the layer's own options: size coefficients a, b, c (bits) and the
-        weight and activation bits that BOPs use."""
-        dims = [len(blocks[i].options) for i in lb]
-        out = {k: np.zeros(dims) for k in ("a", "b", "c", "wb", "ab")}
-        for combo in itertools.product(*[range(d) for d in dims]):
-            eff = merge(blocks[i].options[o].effect for i, o in zip(lb, combo, strict=True))
-            a, b, c = weight_coefficients(eff, row_len)
-            out["a"][combo], out["b"][combo], out["c"][combo] = a, b, c
-            out["wb"][combo] = float(eff.get("weight_bits", FLOAT_BITS))
-            out["ab"][combo] = float(eff.get("act_bits", FLOAT_BITS))
+            is_layer = layer is not None and layer in self.scan.layers
+            tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in shape),
+                             float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
+                             layer if is_layer else None, (),
+                             float(self.scan.layers[layer]["macs"]) if is_layer else 0.0)
+            env = {f"d{d}": v for d, v in enumerate(shape)}
+            effect = merge([effects.get(layer, {})]) if is_layer else {}
+            for m, arr in _Pricing(tensor).metrics(env, [effect]).items():
+                out[m] += float(arr.reshape(-1)[0])
         return out
 
 
-def _expand(pieces: Sequence[Sequence[tuple[int | None, np.ndarray]]]) -> list[tuple[tuple[int, ...], np.ndarray]]:
-    """Expand a product over dims of (constant + per-group changes) into monomial tables."""
-    out = []
-    for combo in itertools.product(*pieces):
-        const = 1.0
-        vecs = []
-        for f, v in combo:
-            if f is None:
-                const *= float(v)
-            else:
-                vecs.append((f, v))
-        factors, table = _outer(vecs)
-        out.append((factors, table * const))
+def _local_effects(blocks: Sequence[Block], local: Sequence[int]) -> tuple[list[tuple[int, ...]], list[dict[str, Any]]]:
+    """Every combination of a layer's own options (C order) and its merged effect."""
+    combos = list(itertools.product(*[range(len(blocks[i].options)) for i in local]))
+    return combos, [_pricing_merge(blocks[i].options[o].effect for i, o in zip(local, combo, strict=True))
+                    for combo in combos]
+
+
+def _grid(t: _Tensor, joint: bool) -> tuple[int, ...]:
+    """The group blocks a tensor's cost is tabulated over: those of dims with one group, and with
+    ``joint`` those of shared dims too."""
+    out: list[int] = []
+    for gs in t.dims:
+        if len(gs) == 1 or joint:
+            out.extend(bi for bi, _ in gs if bi not in out)
+    return tuple(out)
+
+
+def _difference(tables: Sequence[np.ndarray], missing: Sequence[int]) -> np.ndarray:
+    """The finite difference sum of (-1)^missing * table: a multilinear function's coefficient."""
+    out = np.zeros_like(np.asarray(tables[0], dtype=float))
+    for t, k in zip(tables, missing, strict=True):
+        out = out + (-1.0) ** k * t
     return out
+
+
+def _subsets(items: Sequence[int]) -> list[tuple[int, ...]]:
+    return [c for r in range(len(items) + 1) for c in itertools.combinations(items, r)]
+
+
+def _times(factors: tuple[int, ...], table: np.ndarray, vecs: Sequence[tuple[int, np.ndarray]]
+           ) -> tuple[tuple[int, ...], np.ndarray]:
+    """``table`` (over ``factors``) times per-block vectors: along its axis for a block it already
+    has, along a new axis for another one (a block may appear several times)."""
+    fs = list(factors)
+    out = np.asarray(table, dtype=float)
+    for bi, v in vecs:
+        if bi in fs:
+            shape = [1] * out.ndim
+            shape[fs.index(bi)] = len(v)
+            out = out * v.reshape(shape)
+        else:
+            fs.append(bi)
+            out = out[..., None] * v.reshape((1,) * out.ndim + (len(v),))
+    return tuple(fs), out
 
 
 @dataclass
@@ -378,6 +531,24 @@ class TableCosts:
         return {self.metric: acc.result()}
 
 
+#: cost models by name: a class (or factory) taking the scan, with ``name`` and ``metrics``;
+#: other packages add theirs under the ``sensplan.cost_models`` entry point group
+COST_MODELS: Registry[Any] = Registry("cost model", flag="--cost-model", entry_points="sensplan.cost_models")
+
+
+def make_cost_model(name: str, scan: Any) -> CostModel:
+    """The registered cost model ``name`` built for ``scan`` (``sensplan plan --cost-model NAME``)."""
+    COST_MODELS.load_entry_points(lambda obj: obj)  # factories are kept as they are: they need the scan
+    model: CostModel = COST_MODELS.get(name)(scan)
+    return model
+
+
+def cost_model_metrics(name: str) -> tuple[str, ...]:
+    """The metrics the registered cost model ``name`` adds (without a scan)."""
+    COST_MODELS.load_entry_points(lambda obj: obj)
+    return tuple(getattr(COST_MODELS.get(name), "metrics", ()))
+
+
 class Costs:
     """Blocks of one scan plus the terms of every cost model; evaluates choices.
 
@@ -390,9 +561,10 @@ class Costs:
 
     def __init__(self, scan: Any, extra: Sequence[CostModel] = ()) -> None:
         self.scan = scan
-        self.blocks = blocks_from_scan(scan)
-        self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.analytic = AnalyticCosts(scan)
+        self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
+        self.index = {b.name: i for i, b in enumerate(self.blocks)}
+        self.conflicts = _conflicts(self.blocks, scan)
         self.models: list[CostModel] = [self.analytic, *extra]
         self.terms: dict[str, list[Term]] = {}
         for model in self.models:
@@ -408,6 +580,10 @@ class Costs:
 
     def no_compression(self) -> dict[int, int]:
         return {i: 0 for i in range(len(self.blocks))}
+
+    def feasible(self, choice: Mapping[int, int]) -> bool:
+        """Whether ``choice`` picks no two options that cannot change one unit together."""
+        return not any(choice.get(i, 0) == a and choice.get(j, 0) == b for (i, a), (j, b) in self.conflicts)
 
     def evaluate(self, choice: Mapping[int, int]) -> dict[str, float]:
         """Every metric of ``choice``."""
@@ -481,15 +657,48 @@ class Costs:
         return [m.describe() for m in self.models]
 
 
+def _priceable(blocks: list[Block], analytic: AnalyticCosts) -> tuple[list[Block], dict[str, dict[str, str]]]:
+    """The blocks without the options the analytic costs cannot price exactly, and those options'
+    reasons (method -> unit -> reason, as a scan's skipped units)."""
+    bad = analytic.unpriceable(blocks)
+    if not bad:
+        return blocks, {}
+    dropped: dict[str, dict[str, str]] = {}
+    out = []
+    for i, b in enumerate(blocks):
+        keep = [o for k, o in enumerate(b.options) if (i, k) not in bad]
+        for k, o in enumerate(b.options):
+            if (i, k) in bad and o.method is not None:
+                dropped.setdefault(o.method, {})[b.unit] = bad[(i, k)]
+        out.append(dataclasses.replace(b, options=tuple(keep)))
+    return out, dropped
+
+
+def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Pairs of (block, option) on one unit that cannot be chosen together: their methods declared
+    each other incompatible (``incompatible_with`` in the scan), or both restructure the layer."""
+    incompatible = {name: set(info.get("incompatible_with") or ()) for name, info in scan.methods.items()}
+    by_unit: dict[str, list[int]] = {}
+    for i, b in enumerate(blocks):
+        by_unit.setdefault(b.unit, []).append(i)
+    out = []
+    for members in by_unit.values():
+        for i, j in itertools.combinations(members, 2):
+            for ka, oa in enumerate(blocks[i].options[1:], 1):
+                for kb, ob in enumerate(blocks[j].options[1:], 1):
+                    both = oa.effect.get("structure") is not None and ob.effect.get("structure") is not None
+                    if both or ob.method in incompatible.get(str(oa.method), ()) or \
+                            oa.method in incompatible.get(str(ob.method), ()):
+                        out.append(((i, ka), (j, kb)))
+    return out
+
+
 def merged_effects(blocks: Sequence[Block], choice: Mapping[int, int]) -> dict[str, dict[str, Any]]:
     """Per layer, the merged effect of its chosen options (layers with none chosen are omitted)."""
-    per: dict[str, list[Mapping[str, Any]]] = {}
-    for i, b in enumerate(blocks):
-        if b.kind == "layer" and choice.get(i, 0):
-            per.setdefault(b.unit, []).append(b.options[choice[i]].effect)
-    return {u: merge(effs) for u, effs in per.items()}
+    return merge_per_unit((b.unit, b.options[choice[i]].effect) for i, b in enumerate(blocks)
+                          if b.kind == "layer" and choice.get(i, 0))
 
 
-__all__ = ["ANALYTIC_METRICS", "COST_TABLE_FORMAT", "LAYER_DEFAULTS", "METRICS", "AnalyticCosts", "Block",
-           "CostModel", "Costs", "Option", "TableCosts", "Term", "blocks_from_scan", "merged_effects",
-           "option_key"]
+__all__ = ["ANALYTIC_METRICS", "COST_MODELS", "COST_TABLE_FORMAT", "LAYER_DEFAULTS", "METRICS", "AnalyticCosts",
+           "Block", "CostModel", "Costs", "Option", "TableCosts", "Term", "blocks_from_scan", "cost_model_metrics",
+           "make_cost_model", "merged_effects", "option_key"]

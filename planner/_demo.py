@@ -1,7 +1,7 @@
-"""``sensplan demo``: train a small residual CNN on scikit-learn's digits, then run the pipeline.
+"""The offline demo's model: a small residual CNN trained on scikit-learn's digits.
 
-Everything is offline: the digits ship with scikit-learn. On 2 CPU cores the whole demo takes
-well under a few minutes.
+Everything is offline: the digits ship with scikit-learn. ``sensplan demo`` (the CLI) trains it
+with :func:`train_demo_model`, then runs the whole pipeline on it.
 """
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from sensplan._artifacts import atomic_write
-from sensplan._errors import UserInputError
 from sensplan.sensitivity import DataSpec, ModelSpec, build_model, evaluate, load_eval_set, train_loader
 
 DEMO_MODEL = "sensplan:digits_cnn"
@@ -45,13 +43,12 @@ def train_digits_model(seed: int = 0, epochs: int = 30) -> nn.Module:
 def train_demo_model(out: str | Path, seed: int = 0, threads: int | None = None) -> Path:
     """Train ``sensplan:digits_cnn`` and save its weights into ``out``; return their path.
 
-    ``threads``: CPU threads for torch (default: the CLI's, min(4, available cores)).
+    ``threads``: CPU threads for torch (default: as torch is set).
     """
-    from sensplan.cli._common import default_threads
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(threads or default_threads())
+    if threads is not None:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     print("training sensplan:digits_cnn on digits:train ...", file=sys.stderr, flush=True)
     model = train_digits_model(seed)
@@ -61,32 +58,3 @@ def train_demo_model(out: str | Path, seed: int = 0, threads: int | None = None)
     print(f"trained in {time.perf_counter() - t0:.1f} s: top-1 {top1:.4f} on digits:test; "
           f"weights {weights}", file=sys.stderr, flush=True)
     return weights
-
-
-def demo_argv(out: str | Path, weights: str | Path, budgets: Sequence[str] = ("macs=0.5",),
-              epochs: int = 2, seed: int = 0, timing: bool = True,
-              threads: int | None = None) -> list[str]:
-    """The ``sensplan run`` command line of the demo's pipeline."""
-    argv = ["run", "--model", DEMO_MODEL, "--weights", str(weights), "--data", "digits:test",
-            "--samples", "300", "--train-data", "digits:train", "--epochs", str(epochs),
-            "--calib-samples", "500", "--seed", str(seed), "--out", str(out)]
-    for b in budgets:
-        argv += ["--budget", b]
-    if not timing:
-        argv.append("--no-timing")
-    if threads is not None:
-        argv += ["--threads", str(threads)]
-    return argv
-
-
-def run_demo(out: str | Path, budgets: Sequence[str] = ("macs=0.5",), epochs: int = 2,
-             seed: int = 0, timing: bool = True, threads: int | None = None) -> Path:
-    """Train, save the weights, then ``sensplan run`` on them; return the report's path."""
-    from sensplan.cli import main
-
-    weights = train_demo_model(out, seed, threads)
-    code = main(demo_argv(out, weights, budgets, epochs, seed, timing, threads))
-    if code != 0:
-        raise UserInputError(f"The demo's pipeline run failed (exit code {code}); see the message "
-                             f"above.")
-    return Path(out) / "report" / "report.html"

@@ -17,7 +17,15 @@ from sensplan._errors import ArtifactError, BudgetError, UserInputError
 from sensplan._metric import Metric
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import CostModel, Costs
-from sensplan.planner._solver import UniformSolution, cost_metric, interp_drop, solve, uniform_choice
+from sensplan.planner._solver import (
+    UniformSolution,
+    cost_metric,
+    group_method,
+    interp_drop,
+    solve,
+    uniform_choice,
+    uniform_label,
+)
 
 PLAN_FORMAT = "sensplan.plan"
 #: half-width of a 95% interval in standard errors
@@ -89,8 +97,9 @@ def _allocation(cm: Costs, choice: Mapping[int, int], costs: Mapping[str, float]
         unit_drops[b.name] = float(drops[i][choice.get(i, 0)])
     metric = scan.metric
     se = cm.predicted_se(choice)
+    skipped = {m: {**v, **cm.dropped.get(m, {})} for m, v in scan.skipped().items()}
     return {"choices": choices,
-            "skipped": {m: v for m, v in scan.skipped().items() if v},
+            "skipped": {m: v for m, v in skipped.items() if v},
             "predicted": {"drop": drop, "drop_se": se, "drop_interval": [drop - Z95 * se, drop + Z95 * se],
                           "score": metric.after_drop(scan.baseline["score"], drop),
                           **{m: costs[m] for m in cm.metrics},
@@ -182,27 +191,19 @@ def allocation(cm: Costs, choice: Mapping[int, int], scan: Any) -> dict[str, Any
 
 
 def uniform_allocation(cm: Costs, uni: UniformSolution, scan: Any) -> dict[str, Any]:
-    """The plan.json allocation of a uniform candidate (off-grid pruning ratios as exact counts)."""
+    """The plan.json allocation of a uniform candidate. An off-grid fraction of a group is written
+    as its method's setting: the fraction under the method's ``setting_key`` and the exact
+    ``n_remove``, the form every group method's settings take (see docs/architecture.md)."""
     out = _allocation(cm, uni.choice, uni.costs, uni.predicted_drop, scan)
     for i, b in enumerate(cm.blocks):
         if b.kind == "group":
             k = uni.removed[b.unit]
             c = out["choices"][b.name]
             if k and c.get("effect", {}).get("removed") != k:
-                c.update(method=_group_method(cm, i), setting={"ratio": uni.ratio, "n_remove": k},
-                         label=f"prune {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
+                method = group_method(cm, i)
+                key = (scan.methods.get(method) or {}).get("setting_key") or "ratio"
+                c.update(method=method, setting={key: uni.ratio, "n_remove": k},
+                         label=f"{method} {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
                 out["unit_drops"][b.name] = interp_drop(cm, i, k)
     out["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uniform_label(cm, uni)}
     return out
-
-
-def uniform_label(cm: Costs, uni: UniformSolution) -> str:
-    """A uniform candidate in words, with the methods' own labels: "prune 18%, int4"."""
-    labels = {o.key: o.label for b in cm.blocks for o in b.options}
-    parts = [f"prune {uni.ratio:.0%}"] if uni.ratio else []
-    parts += [labels.get(k, k) for k in uni.layer_options.values() if k != "none"]
-    return ", ".join(parts) or "no compression"
-
-
-def _group_method(cm: Costs, i: int) -> str | None:
-    return next((o.method for o in cm.blocks[i].options if o.method), None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -60,6 +61,8 @@ def _polish(cm: Costs, choice: dict[int, int], lim: Mapping[str, float]) -> dict
             if objective[bi][o] > objective[bi][out[bi]]:
                 continue
             trial = {**out, bi: o}
+            if not cm.feasible(trial):
+                continue
             costs = cm.evaluate(trial)
             if all(costs[m] <= v + _relative_slack(v) for m, v in lim.items()):
                 out = trial
@@ -179,6 +182,13 @@ class _Problem:
                 cols.append(self.x(bi, o))
                 vals.append(1.0)
             lo.append(1.0)
+            hi.append(1.0)
+            r += 1
+        for (i, ka), (j, kb) in self.cm.conflicts:  # options that cannot change one unit together
+            rows.extend([r, r])
+            cols.extend([self.x(i, ka), self.x(j, kb)])
+            vals.extend([1.0, 1.0])
+            lo.append(0.0)
             hi.append(1.0)
             r += 1
         for factors, z0 in self.zoff.items():  # marginals of z equal the block choices
@@ -328,6 +338,8 @@ def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None 
     metric = cost_metric(budgets, minimize)
     for combo in itertools.product(*[range(len(b.options)) for b in cm.blocks]):
         choice = dict(enumerate(combo))
+        if not cm.feasible(choice):
+            continue
         costs = cm.evaluate(choice)
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue
@@ -352,7 +364,8 @@ def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None 
 @dataclass(frozen=True)
 class UniformSolution:
     """The uniform baseline: one option per layer axis for every layer that has it (``layer_options``:
-    axis -> option key), and one pruning ``ratio`` for every scanned group (``removed`` channels)."""
+    axis -> option key), and one fraction ``ratio`` of channels removed from every scanned group
+    (``removed`` channels per group)."""
 
     ratio: float
     layer_options: dict[str, str]
@@ -361,11 +374,19 @@ class UniformSolution:
     predicted_drop: float
     costs: dict[str, float]
 
-    @property
-    def label(self) -> str:
-        parts = [f"prune {self.ratio:.0%}"] if self.ratio else []
-        parts += [f"{k.split(':', 1)[0]} {v}" for k, v in self.layer_options.items() if v != "none"]
-        return ", ".join(parts) or "no compression"
+
+def uniform_label(cm: Costs, uni: UniformSolution) -> str:
+    """A uniform candidate in words, with the methods' own labels: "prune 18%, int4"."""
+    labels = {o.key: o.label for b in cm.blocks for o in b.options}
+    group_methods = sorted({str(group_method(cm, i)) for i, b in enumerate(cm.blocks) if b.kind == "group"})
+    parts = [f"{'/'.join(group_methods)} {uni.ratio:.0%}"] if uni.ratio else []
+    parts += [labels.get(k, k) for k in uni.layer_options.values() if k != "none"]
+    return ", ".join(parts) or "no compression"
+
+
+def group_method(cm: Costs, block: int) -> str | None:
+    """The method that removes a group block's channels (its first option's)."""
+    return next((o.method for o in cm.blocks[block].options if o.method), None)
 
 
 def interp_drop(cm: Costs, block: int, k: float) -> float:
@@ -376,39 +397,67 @@ def interp_drop(cm: Costs, block: int, k: float) -> float:
     return float(np.interp(k, removed, cm.drop_table("drop")[block]))
 
 
+def group_fraction(cm: Costs, block: int, option: int) -> float:
+    """The fraction of a group's channels an option removes, as its method states it (the value of
+    the method's ``setting_key``, e.g. prune's ``ratio``), else removed / channels."""
+    b = cm.blocks[block]
+    o = b.options[option]
+    key = (cm.scan.methods.get(o.method) or {}).get("setting_key") if o.method else None
+    value = o.setting.get(key) if key else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1:
+        return float(value)
+    return float(o.effect.get("removed", 0)) / max(1, b.channels)
+
+
 def uniform_candidates(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,
                        minimize: str | None = None, step: float = 0.01) -> list[UniformSolution]:
     """One uniform plan per combination of layer options (e.g. every layer at int4; or int8 and 50%
-    sparse), each with the single pruning ratio (on a fine grid up to the largest scanned ratio)
-    that meets the budget with the least pruning. In max-drop mode, the most pruning whose
-    predicted drop stays within ``max_drop``. Combinations that cannot meet the budget are left out.
+    sparse), each with the single fraction of channels removed from every group (on a fine grid up
+    to the largest scanned fraction) that meets the budget with the least pruning. In max-drop mode,
+    the most pruning whose predicted drop stays within ``max_drop``. Combinations that cannot meet
+    the budget, or that pair options which cannot change one unit together, are left out.
 
-    Off-grid ratios are costed exactly (analytic metrics) and their drops interpolated between the
-    scanned ratios; a measured cost table is used at the scanned options only.
+    Off-grid fractions are costed exactly (analytic metrics; counts rounded per group as
+    :func:`~sensplan._effects.n_remove_for` does) and their drops interpolated between the scanned
+    ones; a measured cost table is used at the scanned options only.
     """
-    from sensplan.planner._costs import NONE, AnalyticCosts
-
     lim = _limits(cm, budgets)
     groups = [i for i, b in enumerate(cm.blocks) if b.kind == "group"]
+    ratios = _uniform_ratios(cm, groups, [m for m in [*lim, minimize] if m], step)
+    out: list[UniformSolution] = []
+    for layer_opts, choice in _uniform_layer_choices(cm):
+        best = _uniform_ratio(cm, groups, ratios, layer_opts, choice, lim, max_drop, cost_metric(budgets, minimize))
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def _uniform_ratios(cm: Costs, groups: Sequence[int], metrics: Sequence[str], step: float) -> list[float]:
+    """The fractions a uniform candidate tries: the scanned ones where a measured cost table is
+    budgeted (it is known at those only), else a fine grid up to the largest scanned one."""
+    from sensplan.planner._costs import AnalyticCosts
+
+    scanned = sorted({group_fraction(cm, i, o) for i in groups for o in range(1, len(cm.blocks[i].options))})
+    if not groups:
+        return [0.0]
+    if any(m not in AnalyticCosts.metrics for m in metrics):
+        return [0.0, *scanned]
+    top = max(scanned, default=0.0)
+    return [float(r) for r in np.round(np.arange(0.0, top + 1e-9, step), 6)]
+
+
+def _uniform_layer_choices(cm: Costs) -> list[tuple[dict[str, str], dict[int, int]]]:
+    """Every combination of one option key per layer axis, as a choice over the layer blocks
+    (a layer without that option keeps none); combinations the planner could not choose are left out."""
+    from sensplan.planner._costs import NONE
+
     by_axis: dict[str, list[int]] = {}
     for i, b in enumerate(cm.blocks):
         if b.kind == "layer":
             by_axis.setdefault(b.axis, []).append(i)
     axis_keys = {ax: [NONE] + sorted({o.key for i in bis for o in cm.blocks[i].options[1:]})
                  for ax, bis in by_axis.items()}
-    max_ratio = max((float(o.setting.get("ratio", 0.0)) for i in groups for o in cm.blocks[i].options),
-                    default=0.0)
-    table_metrics = [m for m in lim if m not in AnalyticCosts.metrics] + (
-        [minimize] if minimize and minimize not in AnalyticCosts.metrics else [])
-    if table_metrics:  # measured tables are known at the scanned ratios only
-        ratios = sorted({float(o.setting["ratio"]) for i in groups for o in cm.blocks[i].options[1:]})
-        ratios = [0.0, *ratios]
-    else:
-        ratios = [float(r) for r in np.round(np.arange(0.0, max_ratio + 1e-9, step), 6)] if groups else [0.0]
-    analytic = cm.analytic
-    metric = cost_metric(budgets, minimize)
-    drops = cm.drop_table("drop")
-    out: list[UniformSolution] = []
+    out = []
     for combo in itertools.product(*axis_keys.values()):
         layer_opts = dict(zip(axis_keys, combo, strict=True))
         choice: dict[int, int] = {}
@@ -416,37 +465,54 @@ def uniform_candidates(cm: Costs, budgets: Sequence[Budget], *, max_drop: float 
             for i in by_axis[ax]:
                 keys = [o.key for o in cm.blocks[i].options]
                 choice[i] = keys.index(key) if key in keys else 0
-        layer_drop = float(sum(drops[i][o] for i, o in choice.items()))
-        effects = merged_effects(cm.blocks, choice)
-        best: UniformSolution | None = None
-        for r in ratios:
-            removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels, cm.blocks[i].channel_step)
-                       if r > 0 else 0 for i in groups}
-            gchoice = dict(choice)
-            exact = True
-            for i in groups:
-                rem = [o.effect.get("removed", 0) for o in cm.blocks[i].options]
-                if removed[cm.blocks[i].unit] in rem:
-                    gchoice[i] = rem.index(removed[cm.blocks[i].unit])
-                else:
-                    exact = False
-            if exact:
-                costs = cm.evaluate(gchoice)
-            else:
-                costs = {**cm.evaluate(gchoice), **analytic.direct(removed, effects)}
-            if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
-                continue
-            drop = layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
-            sol = UniformSolution(float(r), {f"{ax}:uniform": k for ax, k in layer_opts.items()},
-                                  removed, gchoice, float(drop), costs)
-            if max_drop is None:
-                best = sol
-                break  # larger ratios with these layer options only cost accuracy
-            if drop <= max_drop + 1e-12 and (best is None or costs[metric] < best.costs[metric]):
-                best = sol
-        if best is not None:
-            out.append(best)
+        if cm.feasible(choice):
+            out.append((layer_opts, choice))
     return out
+
+
+def _uniform_ratio(cm: Costs, groups: Sequence[int], ratios: Sequence[float], layer_opts: Mapping[str, str],
+                   choice: Mapping[int, int], lim: Mapping[str, float], max_drop: float | None,
+                   metric: str) -> UniformSolution | None:
+    """With these layer options: the least pruning that meets the budget (budget mode), or the
+    cheapest candidate within ``max_drop``."""
+    drops = cm.drop_table("drop")
+    layer_drop = float(sum(drops[i][o] for i, o in choice.items()))
+    effects = merged_effects(cm.blocks, choice)
+    best: UniformSolution | None = None
+    for r in ratios:
+        removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels, cm.blocks[i].channel_step)
+                   if r > 0 else 0 for i in groups}
+        gchoice, costs = _uniform_costs(cm, groups, removed, choice, effects)
+        if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
+            continue
+        drop = layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
+        sol = UniformSolution(float(r), {f"{ax}:uniform": k for ax, k in layer_opts.items()},
+                              removed, gchoice, float(drop), costs)
+        if max_drop is None:
+            return sol  # larger ratios with these layer options only cost accuracy
+        if drop <= max_drop + 1e-12 and (best is None or costs[metric] < best.costs[metric]):
+            best = sol
+    return best
+
+
+def _uniform_costs(cm: Costs, groups: Sequence[int], removed: Mapping[str, int], choice: Mapping[int, int],
+                   effects: Mapping[str, Mapping[str, Any]]) -> tuple[dict[int, int], dict[str, float]]:
+    """The choice with each group at its scanned option for ``removed`` (where there is one), and
+    the costs: from the terms when every count was scanned, else the analytic ones computed
+    directly (a measured table's, from the terms, at the nearest scanned options)."""
+    gchoice = dict(choice)
+    exact = True
+    for i in groups:
+        rem = [o.effect.get("removed", 0) for o in cm.blocks[i].options]
+        k = removed[cm.blocks[i].unit]
+        if k in rem:
+            gchoice[i] = rem.index(k)
+        else:
+            exact = False
+    costs = cm.evaluate(gchoice)
+    if not exact:
+        costs.update(cm.analytic.direct(removed, effects))
+    return gchoice, costs
 
 
 def uniform_choice(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -178,158 +179,28 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
            rounds: int = 3) -> None:
     """Measure, correct and re-solve, measure the uniform candidates, and keep the best measured
     candidate as ``data["plans"]["planned"]``; record everything in ``data["verification"]``."""
-    from sensplan.planner._plan import allocation, uniform_allocation, uniform_label
-
     t0 = time.perf_counter()
     baseline = verifier.baseline(data["task"]["name"])
     metric = cost_metric(budgets, minimize)
-    base = cm.adjusted(noise_floor=True)  # the corrected rounds' starting point
-    model = _Correction(cm, base)
-    candidates: list[dict[str, Any]] = []
-    records: list[dict[str, Any]] = []
-    seen: list[dict[int, int]] = []
-    current = cm
-    for k in range(max(1, rounds)):
-        tr = time.perf_counter()
-        if k == 0:
-            alloc = data["plans"]["planned"]
-            choice = cm.choice_of({name: _key(c) for name, c in alloc["choices"].items()})
-        else:
-            try:
-                sol = solve(current, budgets, max_drop=max_drop, minimize=minimize, time_limit=time_limit,
-                            penalties=model.penalties())
-            except InfeasibleBudgetError as e:  # the corrected drops exceed --max-drop everywhere
-                records.append({"round": k + 1, "stopped": f"no plan meets the corrected model: {e}"})
-                break
-            choice = sol.choice
-            alloc = allocation(current, choice, scan)
-            alloc["solver"] = {"status": sol.status, "optimal": sol.optimal, "gap": sol.gap}
-        full = {i: choice.get(i, 0) for i in range(len(cm.blocks))}
-        if full in seen:
-            records.append({"round": k + 1, "stopped": "the corrected model chose an allocation already measured"})
-            break
-        seen.append(full)
-        pred = current.predicted_drop(full) + penalty(cm, full, model.penalties())
-        pred_se = current.predicted_se(full)
-        sample, held = verifier.measure(data, alloc)
-        if sample is None:  # pragma: no cover - measured on the sample unless told otherwise
-            raise RuntimeError("no measurement on the sample")
-        # judged where the winner's curse shows: on the held-out split when there is one
-        ref = held if held is not None else sample
-        lo, hi = _interval(pred, ref.se, pred_se if held is not None else 0.0)
-        within = lo <= ref.drop <= hi
-        rec: dict[str, Any] = {"round": k + 1, "predicted": {"drop": pred, "drop_se": pred_se,
-                                                             "drop_interval": [lo, hi]},
-                               "sample": sample.to_dict(), "held_out": held.to_dict() if held else None,
-                               "within_interval": within, "costs": cm.evaluate(full)}
-        alloc = dict(alloc)
-        alloc["predicted"] = {**alloc["predicted"], "drop": pred, "drop_se": pred_se, "drop_interval": [lo, hi]}
-        candidates.append({"name": f"plan round {k + 1}", "kind": "plan", "alloc": alloc,
-                           "sample": sample, "held": held, "costs": rec["costs"]})
-        if not within and k + 1 < rounds:
-            rec["correction"] = model.learn(full, alloc, ref.drop, data, verifier, held is not None)
-            current = cm.adjusted(model.surcharge(), noise_floor=True)
-        rec["seconds"] = round(time.perf_counter() - tr, 3)
-        records.append(rec)
-        if within:
-            break
-
+    corrected = _Rounds(data, cm, scan, budgets, verifier, max_drop, minimize, time_limit)
+    corrected.run(rounds)
     tu = time.perf_counter()
-    uniform_recs = []
-    unis = uniform_candidates(cm, budgets, max_drop=max_drop, minimize=minimize)
-    # the uniform plan chosen by prediction (plans.uniform) first, then the most promising others
-    if max_drop is None:
-        unis.sort(key=lambda u: (u.predicted_drop, u.costs.get(metric, 0.0)))
-    else:
-        unis.sort(key=lambda u: (u.costs.get(metric, 0.0), u.predicted_drop))
-    for u in unis[:MAX_UNIFORM]:
-        ualloc = uniform_allocation(cm, u, scan)
-        # uniform candidates compete on the held-out split only (the sample too when there is none)
-        sample, held = verifier.measure(data, ualloc, sample=False)
-        label = uniform_label(cm, u)
-        candidates.append({"name": f"uniform {label}", "kind": "uniform", "alloc": ualloc,
-                           "sample": sample, "held": held, "costs": u.costs})
-        uniform_recs.append({"label": label, "predicted": {"drop": u.predicted_drop},
-                             "sample": sample.to_dict() if sample else None,
-                             "held_out": held.to_dict() if held else None, "costs": u.costs})
+    unis, uniform_recs = _measure_uniform(data, cm, scan, budgets, verifier, max_drop, minimize, metric)
     uniform_seconds = time.perf_counter() - tu
-
+    candidates = [*corrected.candidates, *unis]
     split = "held" if verifier.held is not None else "sample"
-
-    def measured(c: Mapping[str, Any]) -> Measured:
-        m: Measured = c[split] if c[split] is not None else c["sample"]
-        return m
-
-    plans = [c for c in candidates if c["kind"] == "plan"]
-    unis_m = [c for c in candidates if c["kind"] == "uniform"]
-    best_plan = min(plans, key=lambda c: measured(c).drop)
-    best_uni = min(unis_m, key=lambda c: measured(c).drop) if unis_m else None
-    by_prediction = unis_m[0] if unis_m else None  # what uniform_choice picks: sorted that way
-    tie: dict[str, Any] | None = None
-    if max_drop is None:
-        winner = min(candidates, key=lambda c: (measured(c).drop, c["kind"] != "plan"))
-        if winner["kind"] == "plan" and best_uni is not None:
-            tie = _within_noise(measured(winner), measured(best_uni))
-            if tie is not None:
-                tie.update(plan=winner["name"], uniform=best_uni["name"])
-                winner = best_uni
-    else:
-        ok = [c for c in candidates if measured(c).drop <= max_drop]
-        winner = (min(ok, key=lambda c: (c["costs"][metric], measured(c).drop)) if ok
-                  else min(candidates, key=lambda c: measured(c).drop))
-
-    final = dict(winner["alloc"])
-    final["verified"] = {"sample": winner["sample"].to_dict() if winner["sample"] else None,
-                         "held_out": winner["held"].to_dict() if winner["held"] else None,
-                         "candidate": winner["name"]}
-    # what to expect of this allocation: its own measurement (on held-out data when there is one)
-    m = measured(winner)
-    final["expected"] = {"drop": m.drop, "drop_se": m.se,
-                         "drop_interval": [m.drop - Z95 * m.se, m.drop + Z95 * m.se],
-                         "score": m.score,
-                         "measured_on": "held-out split" if split == "held" else "scan sample"}
-    if winner["kind"] == "uniform":
-        first = dict(data["plans"]["planned"].get("solver", {}))
-        why = ("the plan is the uniform candidate: the best planned round measured within one paired "
-               "standard error of it (a tie)" if tie is not None else
-               "the plan is the uniform candidate that measured best")
-        final["solver"] = {**first, "status": f"{first.get('status', '?')} (round 1); {why}"}
-        lo, hi = _interval(final["predicted"]["drop"], measured(winner).se,
-                           final["predicted"].get("drop_se", 0.0) if split == "held" else 0.0)
-        final["predicted"] = {**final["predicted"], "drop_interval": [lo, hi]}
+    pick = _Pick(candidates, split, max_drop, metric)
+    data["plans"]["planned"] = _final_allocation(data, pick, split)
+    by_prediction = pick.by_prediction
     if data["plans"].get("uniform") is not None and by_prediction is not None:
         data["plans"]["uniform"] = {**data["plans"]["uniform"],
                                     "verified": {"sample": by_prediction["sample"].to_dict()
                                                  if by_prediction["sample"] else None,
                                                  "held_out": by_prediction["held"].to_dict()
                                                  if by_prediction["held"] else None}}
-    data["plans"]["planned"] = final
-
-    def gap(c: Mapping[str, Any] | None) -> float | None:
-        return None if c is None else measured(c).drop - measured(best_plan).drop
-
-    vs_best = gap(best_uni)
-    if max_drop is not None:
-        verdict = _max_drop_verdict(winner, candidates, measured, metric, cm.original.get(metric) or 1.0,
-                                    max_drop, _split_name(split))
-    elif tie is not None:
-        verdict = (f"uniform kept: {tie['plan']} measured {_pts(tie['advantage'])} better than {winner['name']} "
-                   f"on the {_split_name(split)}, within one paired standard error ({_pts(tie['se'])}); "
-                   f"the plan is that uniform allocation")
-    elif winner["kind"] == "uniform":
-        verdict = (f"uniform wins: {winner['name']} measured {_pts(-(gap(winner) or 0.0))} "
-                   f"better than the best planned round on the {_split_name(split)}; the plan is that "
-                   f"uniform allocation")
-    elif best_uni is None:
-        verdict = f"{winner['name']} kept; no uniform candidate meets the budget"
-    elif abs(vs_best or 0.0) < 1e-12:
-        verdict = (f"{winner['name']} ties with the best uniform ({best_uni['name']}) on the "
-                   f"{_split_name(split)}")
-    else:
-        verdict = (f"{winner['name']} wins: {_pts(vs_best or 0.0)} better than the best uniform "
-                   f"({best_uni['name']}) on the {_split_name(split)}")
+    best_uni, winner, measured = pick.best_uniform, pick.winner, pick.measured
     data["verification"] = {
-        "rounds": records,
+        "rounds": corrected.records,
         "uniform": uniform_recs,
         "baseline": baseline,
         "chosen_on": _split_name(split),
@@ -342,17 +213,204 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
             "name": by_prediction["name"], "drop": measured(by_prediction).drop,
             "cost": by_prediction["costs"].get(metric),
             "advantage": measured(by_prediction).drop - measured(winner).drop},
-        "within_noise": tie,
+        "within_noise": pick.tie,
         "cost_metric": metric, "winner_cost": winner["costs"].get(metric),
-        "verdict": verdict,
+        "verdict": _verdict(pick, cm, split, max_drop, metric),
         "seconds": round(time.perf_counter() - t0, 3),
         "uniform_seconds": round(uniform_seconds, 3),
     }
-    corrected = any("correction" in r for r in records)
     data["objective"]["drop_model"] = (
         "sum of per-unit drops (monotone envelope of the scan)"
-        + (", corrected by measured joint drops (pair penalties per option, surcharges per unit)" if corrected
-           else "") + "; the candidates were measured")
+        + (", corrected by measured joint drops (pair penalties per option, surcharges per unit)"
+           if any("correction" in r for r in corrected.records) else "") + "; the candidates were measured")
+
+
+class _Rounds:
+    """The plan's rounds: measure it; when the measurement falls outside the prediction's interval,
+    learn corrections from joint measurements and solve again (up to ``rounds`` solves)."""
+
+    def __init__(self, data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget], verifier: Verifier,
+                 max_drop: float | None, minimize: str | None, time_limit: float) -> None:
+        self.data, self.cm, self.scan, self.budgets, self.verifier = data, cm, scan, budgets, verifier
+        self.max_drop, self.minimize, self.time_limit = max_drop, minimize, time_limit
+        self.model = _Correction(cm, cm.adjusted(noise_floor=True))  # the corrected rounds' starting point
+        self.current = cm
+        self.candidates: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = []
+        self.seen: list[dict[int, int]] = []
+
+    def run(self, rounds: int) -> None:
+        for k in range(max(1, rounds)):
+            started = time.perf_counter()
+            found = self._allocation(k)
+            if found is None:
+                break
+            alloc, full = found
+            if full in self.seen:
+                self.records.append({"round": k + 1,
+                                     "stopped": "the corrected model chose an allocation already measured"})
+                break
+            self.seen.append(full)
+            if self._measure(k, alloc, full, k + 1 >= rounds, started):
+                break
+
+    def _allocation(self, k: int) -> tuple[dict[str, Any], dict[int, int]] | None:
+        """Round ``k``'s allocation (the plan as solved, then the corrected model's) and its choice."""
+        from sensplan.planner._plan import allocation
+
+        cm = self.cm
+        if k == 0:
+            alloc = self.data["plans"]["planned"]
+            choice = cm.choice_of({name: _key(c) for name, c in alloc["choices"].items()})
+        else:
+            try:
+                sol = solve(self.current, self.budgets, max_drop=self.max_drop, minimize=self.minimize,
+                            time_limit=self.time_limit, penalties=self.model.penalties())
+            except InfeasibleBudgetError as e:  # the corrected drops exceed --max-drop everywhere
+                self.records.append({"round": k + 1, "stopped": f"no plan meets the corrected model: {e}"})
+                return None
+            choice = sol.choice
+            alloc = allocation(self.current, choice, self.scan)
+            alloc["solver"] = {"status": sol.status, "optimal": sol.optimal, "gap": sol.gap}
+        return alloc, {i: choice.get(i, 0) for i in range(len(cm.blocks))}
+
+    def _measure(self, k: int, alloc: dict[str, Any], full: dict[int, int], last: bool, started: float) -> bool:
+        """Measure round ``k`` (begun at ``started``); learn from it unless it is ``last``. True when
+        it confirmed the prediction (no more rounds are needed)."""
+        cm, model = self.cm, self.model
+        pred = self.current.predicted_drop(full) + penalty(cm, full, model.penalties())
+        pred_se = self.current.predicted_se(full)
+        sample, held = self.verifier.measure(self.data, alloc)
+        if sample is None:  # pragma: no cover - measured on the sample unless told otherwise
+            raise RuntimeError("no measurement on the sample")
+        # judged where the winner's curse shows: on the held-out split when there is one
+        ref = held if held is not None else sample
+        lo, hi = _interval(pred, ref.se, pred_se if held is not None else 0.0)
+        within = lo <= ref.drop <= hi
+        rec: dict[str, Any] = {"round": k + 1, "predicted": {"drop": pred, "drop_se": pred_se,
+                                                             "drop_interval": [lo, hi]},
+                               "sample": sample.to_dict(), "held_out": held.to_dict() if held else None,
+                               "within_interval": within, "costs": cm.evaluate(full)}
+        alloc = dict(alloc)
+        alloc["predicted"] = {**alloc["predicted"], "drop": pred, "drop_se": pred_se, "drop_interval": [lo, hi]}
+        self.candidates.append({"name": f"plan round {k + 1}", "kind": "plan", "alloc": alloc,
+                                "sample": sample, "held": held, "costs": rec["costs"]})
+        if not within and not last:
+            rec["correction"] = model.learn(full, alloc, ref.drop, self.data, self.verifier, held is not None)
+            self.current = cm.adjusted(model.surcharge(), noise_floor=True)
+        rec["seconds"] = round(time.perf_counter() - started, 3)
+        self.records.append(rec)
+        return within
+
+
+def _measure_uniform(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget], verifier: Verifier,
+                     max_drop: float | None, minimize: str | None, metric: str
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The uniform candidates measured (the one chosen by prediction first, then the most
+    promising others): as candidates, and as records for plan.json."""
+    from sensplan.planner._plan import uniform_allocation
+    from sensplan.planner._solver import uniform_label
+
+    candidates, records = [], []
+    unis = uniform_candidates(cm, budgets, max_drop=max_drop, minimize=minimize)
+    if max_drop is None:
+        unis.sort(key=lambda u: (u.predicted_drop, u.costs.get(metric, 0.0)))
+    else:
+        unis.sort(key=lambda u: (u.costs.get(metric, 0.0), u.predicted_drop))
+    for u in unis[:MAX_UNIFORM]:
+        ualloc = uniform_allocation(cm, u, scan)
+        # uniform candidates compete on the held-out split only (the sample too when there is none)
+        sample, held = verifier.measure(data, ualloc, sample=False)
+        label = uniform_label(cm, u)
+        candidates.append({"name": f"uniform {label}", "kind": "uniform", "alloc": ualloc,
+                           "sample": sample, "held": held, "costs": u.costs})
+        records.append({"label": label, "predicted": {"drop": u.predicted_drop},
+                        "sample": sample.to_dict() if sample else None,
+                        "held_out": held.to_dict() if held else None, "costs": u.costs})
+    return candidates, records
+
+
+class _Pick:
+    """The winner among the measured candidates, on the held-out split (the sample when there is
+    none): the least drop in budget mode (a plan within noise of the best uniform is a tie, and
+    the uniform is kept), the cheapest within the max-drop otherwise."""
+
+    def __init__(self, candidates: Sequence[dict[str, Any]], split: str, max_drop: float | None,
+                 metric: str) -> None:
+        self.candidates, self.split = candidates, split
+        plans = [c for c in candidates if c["kind"] == "plan"]
+        unis = [c for c in candidates if c["kind"] == "uniform"]
+        self.best_plan = min(plans, key=lambda c: self.measured(c).drop)
+        self.best_uniform = min(unis, key=lambda c: self.measured(c).drop) if unis else None
+        self.by_prediction = unis[0] if unis else None  # what uniform_choice picks: sorted that way
+        self.tie: dict[str, Any] | None = None
+        if max_drop is None:
+            winner = min(candidates, key=lambda c: (self.measured(c).drop, c["kind"] != "plan"))
+            if winner["kind"] == "plan" and self.best_uniform is not None:
+                self.tie = _within_noise(self.measured(winner), self.measured(self.best_uniform))
+                if self.tie is not None:
+                    self.tie.update(plan=winner["name"], uniform=self.best_uniform["name"])
+                    winner = self.best_uniform
+        else:
+            ok = [c for c in candidates if self.measured(c).drop <= max_drop]
+            winner = (min(ok, key=lambda c: (c["costs"][metric], self.measured(c).drop)) if ok
+                      else min(candidates, key=lambda c: self.measured(c).drop))
+        self.winner = winner
+
+    def measured(self, c: Mapping[str, Any]) -> Measured:
+        m: Measured = c[self.split] if c[self.split] is not None else c["sample"]
+        return m
+
+    def gap(self, c: Mapping[str, Any] | None) -> float | None:
+        """How much more ``c`` dropped than the best planned round."""
+        return None if c is None else self.measured(c).drop - self.measured(self.best_plan).drop
+
+
+def _final_allocation(data: dict[str, Any], pick: _Pick, split: str) -> dict[str, Any]:
+    """The winner's allocation, with what it measured and what to expect of it."""
+    winner = pick.winner
+    final = dict(winner["alloc"])
+    final["verified"] = {"sample": winner["sample"].to_dict() if winner["sample"] else None,
+                         "held_out": winner["held"].to_dict() if winner["held"] else None,
+                         "candidate": winner["name"]}
+    # what to expect of this allocation: its own measurement (on held-out data when there is one)
+    m = pick.measured(winner)
+    final["expected"] = {"drop": m.drop, "drop_se": m.se,
+                         "drop_interval": [m.drop - Z95 * m.se, m.drop + Z95 * m.se],
+                         "score": m.score,
+                         "measured_on": "held-out split" if split == "held" else "scan sample"}
+    if winner["kind"] == "uniform":
+        first = dict(data["plans"]["planned"].get("solver", {}))
+        why = ("the plan is the uniform candidate: the best planned round measured within one paired "
+               "standard error of it (a tie)" if pick.tie is not None else
+               "the plan is the uniform candidate that measured best")
+        final["solver"] = {**first, "status": f"{first.get('status', '?')} (round 1); {why}"}
+        lo, hi = _interval(final["predicted"]["drop"], m.se,
+                           final["predicted"].get("drop_se", 0.0) if split == "held" else 0.0)
+        final["predicted"] = {**final["predicted"], "drop_interval": [lo, hi]}
+    return final
+
+
+def _verdict(pick: _Pick, cm: Costs, split: str, max_drop: float | None, metric: str) -> str:
+    winner, best_uni, tie = pick.winner, pick.best_uniform, pick.tie
+    where = _split_name(split)
+    if max_drop is not None:
+        return _max_drop_verdict(winner, pick.candidates, pick.measured, metric, cm.original.get(metric) or 1.0,
+                                 max_drop, where)
+    if tie is not None:
+        return (f"uniform kept: {tie['plan']} measured {_pts(tie['advantage'])} better than {winner['name']} "
+                f"on the {where}, within one paired standard error ({_pts(tie['se'])}); the plan is that "
+                f"uniform allocation")
+    if winner["kind"] == "uniform":
+        return (f"uniform wins: {winner['name']} measured {_pts(-(pick.gap(winner) or 0.0))} better than the "
+                f"best planned round on the {where}; the plan is that uniform allocation")
+    if best_uni is None:
+        return f"{winner['name']} kept; no uniform candidate meets the budget"
+    vs_best = pick.gap(best_uni)
+    if abs(vs_best or 0.0) < 1e-12:
+        return f"{winner['name']} ties with the best uniform ({best_uni['name']}) on the {where}"
+    return (f"{winner['name']} wins: {_pts(vs_best or 0.0)} better than the best uniform "
+            f"({best_uni['name']}) on the {where}")
 
 
 def _within_noise(plan: Measured, uniform: Measured) -> dict[str, float] | None:
@@ -463,9 +521,6 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     records (each checked against its digest), plus a held-out split: ``holdout`` (a DataSpec), or
     else up to ``holdout_samples`` items of the scan's data that neither the sample nor the
     calibration used. Returns the verifier and notes for the user."""
-    from pathlib import Path
-
-    from sensplan._artifacts import file_sha256
     from sensplan._errors import UserInputError
     from sensplan.sensitivity import DataSpec, ModelSpec, load_calibration_set, load_eval_set, load_model
 
@@ -475,24 +530,18 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         raise UserInputError("This scan does not record how to rebuild its model and data (it was made "
                              "from objects in Python). Pass --no-verify, or verify in Python with "
                              "make_plan(..., verifier=Verifier(model, data, calib, held)).")
-    spec = ModelSpec(rec["spec"]["source"], dict(rec["spec"].get("kwargs", {})))
-    path = weights or rec.get("weights")
-    if path:
-        if not Path(path).is_file():
-            raise UserInputError(f"Verifying the plan needs the weights the scan measured, {path!r}, which "
-                                 f"is not there. Pass --weights FILE, or --no-verify to skip verification.")
-        if rec.get("weights_sha256") and file_sha256(path) != rec["weights_sha256"]:
-            raise UserInputError(f"The weights {path!r} are not the ones the scan measured (their sha256 "
-                                 f"differs). Pass the scan's --weights, or --no-verify.")
-    else:
+    beside = os.path.dirname(os.path.abspath(scan.path)) if scan.path else None
+    spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"))
+    path = _scan_weights(rec, weights, beside)
+    if path is None:
         notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
-    hint = " Run it where the scan ran (paths in scan.json are relative to there), or pass --no-verify."
+    hint = " Run it where the scan ran, or pass --no-verify."
     try:
         model = load_model(spec, path or None, allow_pickle=allow_pickle)
     except UserInputError as e:
         raise UserInputError(f"Verifying the plan needs the scan's model {spec.source!r}: {e}{hint}") from None
     drec = scan.data["data"]
-    dspec = DataSpec.from_dict(drec)
+    dspec = DataSpec.from_record(drec)
     n = drec.get("n_requested", drec.get("n"))  # the sample drawn, before unreadable images were left out
     whole = n is None or n >= drec.get("n_available", 0)
     try:
@@ -506,7 +555,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     calib = None
     used = [data.indices]
     if crec:
-        cspec = DataSpec.from_dict(crec)
+        cspec = DataSpec.from_record(crec)
         cn = crec.get("n_requested", crec.get("n"))
         # as load_calibration_set drew it: from its own source, or from --data outside the sample
         drawn_from_data = str(crec.get("role", "")).startswith("calibration (")
@@ -515,7 +564,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         if calib.description.get("indices_sha256") != crec.get("indices_sha256"):
             raise UserInputError(f"The calibration data {crec.get('spec')!r} is not what the scan used (its "
                                  f"sample differs). Verify on the scan's data, or pass --no-verify.")
-        if cspec == dspec and calib.indices is not None:
+        if cspec.same_source(dspec) and calib.indices is not None:
             used.append(calib.indices)
     held = None
     exclude = np.concatenate([u for u in used if u is not None])
@@ -525,7 +574,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
             # the scan's labels and image handling apply to the held-out data too
             hspec = dataclasses.replace(hspec, class_map=dspec.class_map, skip_unreadable=dspec.skip_unreadable)
             held = load_eval_set(hspec, holdout_samples, drec.get("seed", 0) + 2,
-                                 exclude=exclude if hspec == dspec else None)
+                                 exclude=exclude if hspec.same_source(dspec) else None)
         except UserInputError as e:
             raise UserInputError(f"--holdout-data {holdout}: {e}") from None
     else:
@@ -548,6 +597,34 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "
                      f"{float(scan.baseline['score']):.4f}: the predictions may not apply to this model")
     return verifier, notes
+
+
+def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | None) -> str | None:
+    """The weights file the scan measured: ``weights`` when given (checked by digest), else the
+    recorded file found beside the scan, at its resolved path, or as written (see ``locate``)."""
+    from sensplan._artifacts import file_sha256, locate
+    from sensplan._errors import UserInputError
+
+    want = rec.get("weights_sha256")
+    if weights:
+        if not os.path.isfile(weights):
+            raise UserInputError(f"--weights {weights}: no such file. Pass the weights the scan measured, or "
+                                 f"--no-verify.")
+        if want and file_sha256(weights) != want:
+            raise UserInputError(f"The weights {weights!r} are not the ones the scan measured (their sha256 "
+                                 f"differs). Pass the scan's --weights, or --no-verify.")
+        return weights
+    recorded = rec.get("weights")
+    if not recorded:
+        return None
+    found = locate(recorded, resolved=rec.get("weights_resolved"), sha256=want, beside=beside)
+    if found is None:
+        places = ", ".join(p for p in (f"beside the scan ({beside})" if beside else "",
+                                       rec.get("weights_resolved") or "", f"{recorded} from here") if p)
+        raise UserInputError(f"Verifying the plan needs the weights the scan measured, {recorded!r}, which are "
+                             f"not at {places}{' with the recorded sha256' if want else ''}. Pass --weights "
+                             f"FILE, or --no-verify to skip verification.")
+    return str(found)
 
 
 def _max_drop_verdict(winner: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]], measured: Any,

@@ -859,6 +859,86 @@ def _provenance(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str
             + _table(["what", "value"], facts))
 
 
+def _write_figures(out: Path, s: Scan, p: Plan | None, sens: Sequence[Any], fmt: _Fmt,
+                   headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, bytes]:
+    """Render the PNG figures into ``out`` (removing a previous render's that no longer apply)."""
+    figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(sens, fmt), "drop_curves": fig_curves(sens, fmt)}
+    if p is not None:
+        figs["allocation"] = fig_allocation(p, sens, list(s.methods))
+        if p.data.get("verification"):
+            figs["verification"] = fig_verification(p, fmt)
+    figs["before_after"] = fig_table(headers, rows, f"before / after ({fmt.title})")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in figs.items():
+        atomic_write_bytes(out / f"{name}.png", png)
+    for name in ("allocation", "verification"):  # a previous render's chart would contradict this page
+        stale = out / f"{name}.png"
+        if name not in figs and stale.is_file():
+            stale.unlink()
+    return figs
+
+
+def _head(s: Scan, p: Plan | None, fmt: _Fmt, broken: Sequence[str]) -> list[str]:
+    """The page's head, the digest-chain warning, what was scanned, and the goal."""
+    model = s.data.get("model") or {}
+    spec = str((model.get("spec") or {}).get("source", "?"))
+    data = s.data.get("data") or {}
+    prov = s.data.get("provenance") or {}
+    task = s.data.get("task") or {}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sensplan report: {_e(spec)}"
+             f"</title><style>{_CSS}</style></head><body>",
+             f"<h1>sensplan report: <code>{_e(spec)}</code></h1>"]
+    if broken:
+        parts.append("<div class='warn'><b>Warning: the digest chain is broken</b> (rendered with "
+                     "--force). These files do not come from one run, so predictions and "
+                     "measurements may not match:<ul>"
+                     + "".join(f"<li>{_e(b)}</li>" for b in broken) + "</ul></div>")
+    better = "higher" if fmt.metric.higher_is_better else "lower"
+    parts.append("<p>" + _e(
+        f"Task {task.get('name', '?')}: {fmt.title} ({better} is better). Evaluated on "
+        f"{data.get('n', '?')} samples of {data.get('spec', '?')} (seed {data.get('seed', '?')}); "
+        f"baseline {fmt.title} {fmt.score(s.baseline.get('score'))}. "
+        f"Scan: {len(s.results)} probes over {len(s.methods)} method(s) in "
+        f"{float(prov.get('seconds') or 0):.1f} s.") + "</p>")
+    if p is not None:
+        parts.append("<h2>Goal</h2>" + _goal(p, fmt, _cost_units(p)))
+        if not _solver(p)[1]:
+            parts.append("<p class='bad'>The solve is not proven optimal: see Solver below.</p>")
+    return parts
+
+
+def _results_sections(s: Scan, p: Plan | None, results: Mapping[str, Any], fmt: _Fmt,
+                      headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """Before / after, the budgets, and predicted against measured for each applied allocation."""
+    units = _cost_units(p)
+    parts = [f"<h2>Before / after</h2><p>{_e(fmt.title)} and costs of the original model, "
+             f"then for each allocation what the scan predicts and what applying it measured. "
+             f"A drop is positive when the model got worse.</p>" + _table(headers, rows)]
+    before = next((r["before"] for r in results.values()), None)
+    if before and before.get("score") != s.baseline.get("score"):
+        parts.append("<p class='muted'>" + _e(
+            f"The scan measured the original at {fmt.score(s.baseline.get('score'))} on its "
+            f"{s.baseline.get('n', '?')} samples; apply measured {fmt.score(before.get('score'))} "
+            f"on {before.get('n', '?')}. Predicted scores start from the scan's baseline; "
+            f"measured drops from apply's.") + "</p>")
+    budget_rows = _budget_rows(p, results, units)
+    if budget_rows:
+        parts.append("<h3>Budgets</h3>" + _table(["budget", "allocation", "predicted", "measured",
+                                                  "status"], budget_rows, _status_class))
+    for name, r in results.items():
+        ft = r.get("after_without_finetune")
+        note = (f"Fine-tuned; {fmt.title} before fine-tuning {fmt.score(ft.get('score'))}. "
+                if ft else "")
+        diff = (r.get("after") or {}).get("reload_max_abs_diff")
+        note += (f"The saved file reloads to outputs within {diff:.3g} of the in-memory model."
+                 if _isnum(diff) else "")
+        parts.append(f"<h3>{_e(name)}: predicted vs measured</h3>"
+                     + (f"<p class='muted'>{_e(note)}</p>" if note else "")
+                     + _table(["quantity", "predicted", "measured", "measured / predicted"],
+                              _comparisons(r, fmt, units)))
+    return parts
+
+
 def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLike[str], *,
                   plan: str | os.PathLike[str] | Plan | None = None,
                   result: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
@@ -883,81 +963,12 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
                             + ". Pass the files of one run, or pass --force to render anyway.")
     out = Path(out_dir)
     _check_writable(out)
-
     fmt = _Fmt(s.metric)
-    units = _cost_units(p)
     sens = sensitivities(s)
-    bysens = {x.method: x for x in sens}
-    figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(sens, fmt),
-                              "drop_curves": fig_curves(sens, fmt)}
-    if p is not None:
-        figs["allocation"] = fig_allocation(p, sens, list(s.methods))
-        if p.data.get("verification"):
-            figs["verification"] = fig_verification(p, fmt)
     headers, rows = _comparison_rows(s, p, results, fmt)
-    figs["before_after"] = fig_table(headers, rows, f"before / after ({fmt.title})")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, png in figs.items():
-        atomic_write_bytes(out / f"{name}.png", png)
-    for name in ("allocation", "verification"):  # a previous render's chart would contradict this page
-        stale = out / f"{name}.png"
-        if name not in figs and stale.is_file():
-            stale.unlink()
-
-    model = s.data.get("model") or {}
-    spec = str((model.get("spec") or {}).get("source", "?"))
-    data = s.data.get("data") or {}
-    prov = s.data.get("provenance") or {}
-    task = s.data.get("task") or {}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sensplan report: {_e(spec)}"
-             f"</title><style>{_CSS}</style></head><body>",
-             f"<h1>sensplan report: <code>{_e(spec)}</code></h1>"]
-    if broken:
-        parts.append("<div class='warn'><b>Warning: the digest chain is broken</b> (rendered with "
-                     "--force). These files do not come from one run, so predictions and "
-                     "measurements may not match:<ul>"
-                     + "".join(f"<li>{_e(b)}</li>" for b in broken) + "</ul></div>")
-    better = "higher" if fmt.metric.higher_is_better else "lower"
-    parts.append("<p>" + _e(
-        f"Task {task.get('name', '?')}: {fmt.title} ({better} is better). Evaluated on "
-        f"{data.get('n', '?')} samples of {data.get('spec', '?')} (seed {data.get('seed', '?')}); "
-        f"baseline {fmt.title} {fmt.score(s.baseline.get('score'))}. "
-        f"Scan: {len(s.results)} probes over {len(s.methods)} method(s) in "
-        f"{float(prov.get('seconds') or 0):.1f} s.") + "</p>")
-    solver_html = ""
-    if p is not None:
-        parts.append("<h2>Goal</h2>" + _goal(p, fmt, units))
-        solver_html, optimal = _solver(p)
-        if not optimal:
-            parts.append("<p class='bad'>The solve is not proven optimal: see Solver below.</p>")
-
-    parts.append(f"<h2>Before / after</h2><p>{_e(fmt.title)} and costs of the original model, "
-                 f"then for each allocation what the scan predicts and what applying it measured. "
-                 f"A drop is positive when the model got worse.</p>" + _table(headers, rows))
-    before = next((r["before"] for r in results.values()), None)
-    if before and before.get("score") != s.baseline.get("score"):
-        parts.append("<p class='muted'>" + _e(
-            f"The scan measured the original at {fmt.score(s.baseline.get('score'))} on its "
-            f"{s.baseline.get('n', '?')} samples; apply measured {fmt.score(before.get('score'))} "
-            f"on {before.get('n', '?')}. Predicted scores start from the scan's baseline; "
-            f"measured drops from apply's.") + "</p>")
-    budget_rows = _budget_rows(p, results, units)
-    if budget_rows:
-        parts.append("<h3>Budgets</h3>" + _table(["budget", "allocation", "predicted", "measured",
-                                                  "status"], budget_rows, _status_class))
-    for name, r in results.items():
-        ft = r.get("after_without_finetune")
-        note = (f"Fine-tuned; {fmt.title} before fine-tuning {fmt.score(ft.get('score'))}. "
-                if ft else "")
-        diff = (r.get("after") or {}).get("reload_max_abs_diff")
-        note += (f"The saved file reloads to outputs within {diff:.3g} of the in-memory model."
-                 if _isnum(diff) else "")
-        parts.append(f"<h3>{_e(name)}: predicted vs measured</h3>"
-                     + (f"<p class='muted'>{_e(note)}</p>" if note else "")
-                     + _table(["quantity", "predicted", "measured", "measured / predicted"],
-                              _comparisons(r, fmt, units)))
-
-    parts.append(_methods_section(s, bysens))
+    figs = _write_figures(out, s, p, sens, fmt, headers, rows)
+    parts = [*_head(s, p, fmt, broken), *_results_sections(s, p, results, fmt, headers, rows)]
+    parts.append(_methods_section(s, {x.method: x for x in sens}))
     parts.append(f"<h2>Sensitivity</h2><p>{_e(fmt.title)} drop in {_e(fmt.drop_unit)} when one "
                  f"unit alone is compressed by one method at one setting (positive = worse). "
                  f"Settings run from weaker to stronger; a grey cell was not probed.</p>")
@@ -968,7 +979,7 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
         parts.append(_allocation_section(p, fmt, figs["allocation"]))
     parts.append(_skipped_section(s))
     if p is not None:
-        parts.append("<h2>Solver</h2>" + solver_html)
+        parts.append("<h2>Solver</h2>" + _solver(p)[0])
     parts.append(_provenance(s, p, results, paths))
     parts.append("</body></html>")
     doc = "\n".join(parts)

@@ -15,6 +15,7 @@ from sensplan.sensitivity._data import (
 from sensplan.sensitivity._eval import (
     EvalResult,
     batchnorm_statistics,
+    device_of,
     evaluate,
     recalibrate_batchnorm_,
     tune_malloc,
@@ -39,13 +40,23 @@ from sensplan.sensitivity._quant import (
     quantize_per_channel,
     unpack_codes,
 )
-from sensplan.sensitivity._scan import ScanConfig, check_model_and_data, default_settings, describe_model, scan
+from sensplan.sensitivity._scan import (
+    ScanConfig,
+    check_model_and_data,
+    default_settings,
+    describe_model,
+    scan,
+)
+from sensplan.sensitivity._sparse import from_rows, magnitude_mask, nm_mask, to_rows
 from sensplan.sensitivity.methods import (
     METHODS,
     Method,
     MethodContext,
+    UnitInfo,
     WeightMethod,
     all_methods,
+    compatible,
+    execution_order,
     get_method,
 )
 from sensplan.sensitivity.tasks import TASKS, Task, TaskResult, get_task
@@ -66,6 +77,7 @@ __all__ = [
     "ScanConfig",
     "Task",
     "TaskResult",
+    "UnitInfo",
     "WeightMethod",
     "all_methods",
     "architecture_digest",
@@ -74,12 +86,16 @@ __all__ = [
     "check_classes_fit",
     "check_group",
     "check_model_and_data",
+    "compatible",
     "count_macs",
     "default_settings",
     "dequantize",
     "describe_model",
+    "device_of",
     "evaluate",
+    "execution_order",
     "fake_quantize",
+    "from_rows",
     "get_method",
     "get_task",
     "install_input_quant",
@@ -88,7 +104,9 @@ __all__ = [
     "load_class_map",
     "load_eval_set",
     "load_model",
+    "magnitude_mask",
     "n_remove_for",
+    "nm_mask",
     "pack_codes",
     "quantize_per_channel",
     "read_state_dict",
@@ -96,6 +114,7 @@ __all__ = [
     "register_model",
     "scan",
     "stratified_indices",
+    "to_rows",
     "train_loader",
     "tune_malloc",
     "unpack_codes",

@@ -15,6 +15,7 @@ Preprocessing (:class:`Preprocess`): optional resize and center crop, then ``(x 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from sensplan._errors import DataSpecError
+from sensplan._errors import DataSpecError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -128,7 +129,25 @@ class DataSpec:
             out["class_map"] = dict(self.class_map)
         if self.skip_unreadable:
             out["skip_unreadable"] = True
+        if self.root and os.path.exists(self.root):  # found again from another working directory
+            out["root_resolved"] = os.path.realpath(self.root)
         return out
+
+    def same_source(self, other: DataSpec) -> bool:
+        """Whether both read the same items: the same kind and split, and roots that are the same
+        folder however they are spelled (relative or absolute, a trailing slash, a symlink)."""
+        return (self.kind, self.split) == (other.kind, other.split) and (
+            self.root == other.root or os.path.realpath(self.root) == os.path.realpath(other.root))
+
+    @classmethod
+    def from_record(cls, d: dict[str, Any]) -> DataSpec:
+        """The spec an artifact recorded; a relative root that does not exist from here is taken
+        at the absolute path recorded beside it."""
+        spec = cls.from_dict(d)
+        resolved = d.get("root_resolved")
+        if spec.root and not os.path.exists(spec.root) and resolved and os.path.exists(resolved):
+            return dataclasses.replace(spec, root=resolved)
+        return spec
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataSpec:
@@ -289,7 +308,7 @@ def _raise_refused(items: Sequence[Any]) -> None:
 
 
 def _reason(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0][:160]
+    first = first_line(e, 160)
     first = first.split(" <_io.")[0]  # PIL names the file object; the message names the path
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 

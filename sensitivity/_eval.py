@@ -88,6 +88,13 @@ def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500, *, per_samp
     return EvalResult(correct / n, loss_sum / n, n, torch.cat(hits) if per_sample else None)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
 def batchnorm_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             and m.track_running_stats]

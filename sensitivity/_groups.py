@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from sensplan._effects import n_remove_for
+from sensplan._errors import first_line
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -232,6 +233,20 @@ class PruningGraph:
         pruner = self.dg.get_pruner_of_module(root)
         with _IndexGuard(self._index_limit, self._dep_limit):
             return self.dg.get_pruning_group(root, pruner.prune_out_channels, idxs)
+
+    def layer_indices(self, gid: str, idxs: list[int], module: str) -> dict[str, list[int]]:
+        """The indices of ``module``'s weight that removing channels ``idxs`` of ``gid`` removes:
+        ``{"out": [...], "in": [...]}`` in the module's own numbering (a side is absent when the
+        module is not a member on it)."""
+        target = self._module.get(module)
+        found: dict[str, set[int]] = {}
+        if target is None or not idxs:
+            return {}
+        for dep, midx in self._group(gid, idxs):
+            if dep.target.module is target:
+                side = "out" if self.dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                found.setdefault(side, set()).update(int(i) for i in midx)
+        return {side: sorted(v) for side, v in found.items()}
 
     # -- the criterion ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -659,7 +674,7 @@ def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
     try:
         idxs = graph.select(gid, n_remove)
     except Exception as e:  # Torch-Pruning's importance indexes a member out of range
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         return GroupCheck(False, f"Torch-Pruning cannot rank this group's channels ({type(e).__name__}: "
                                  f"{first}): its members disagree on the channel count. "
                                  f"{_likely_cause(graph, gid, 'breaks')} The group is not scanned or pruned.", {})
@@ -672,7 +687,7 @@ def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
                 pruned_out = model(inputs)
                 after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         except Exception as e:  # Torch-Pruning or the forward pass broke: exactly what we guard against
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             return GroupCheck(False, f"structural pruning of this group breaks the model ({type(e).__name__}: "
                                      f"{first}). {_likely_cause(graph, gid, 'breaks')} The group is not "
                                      f"scanned or pruned.", {})
@@ -684,7 +699,7 @@ def check_group(model: nn.Module, graph: PruningGraph, gid: str, n_remove: int,
             with graph.zeroed(gid, idxs):
                 probe_out = model(inputs)
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e)
             return GroupCheck(False, f"the zeroing probe of this group fails ({type(e).__name__}: {first}). "
                                      f"{_likely_cause(graph, gid, 'differs')} The group is not scanned or "
                                      "pruned.", {})

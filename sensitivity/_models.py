@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan._errors import CheckpointError, ModelSpecError
+from sensplan._errors import CheckpointError, ModelSpecError, first_line
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -81,12 +81,59 @@ class ModelSpec:
                 f"'pickle:FILE'.")
         object.__setattr__(self, "kwargs", dict(self.kwargs))
 
+    @property
+    def file(self) -> str | None:
+        """The file the spec reads (a factory's .py file, a pickle), or None (a registry name, a
+        package module)."""
+        prefix, _, rest = self.source.partition(":")
+        if prefix == "pickle":
+            return rest
+        module_part = self.source.rpartition(":")[0]
+        if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
+            return module_part
+        return None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "kwargs": dict(self.kwargs)}
+        """The spec as artifacts record it; a file it reads is recorded with its resolved path and
+        sha256 too, so :meth:`from_record` finds it from another working directory."""
+        out: dict[str, Any] = {"source": self.source, "kwargs": dict(self.kwargs)}
+        f = self.file
+        if f is not None and Path(f).is_file():
+            from sensplan._artifacts import file_sha256
+
+            out.update(file=os.path.realpath(f), file_sha256=file_sha256(f))
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelSpec:
         return cls(source=d["source"], kwargs=d.get("kwargs", {}))
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any], *, beside: str | os.PathLike[str] | None = None,
+                    artifact: str = "the artifact") -> ModelSpec:
+        """The spec an artifact recorded, with its file found from here: beside the artifact
+        (``beside``: its folder) first, then at the resolved path it was recorded with, then as
+        written. A file found elsewhere than written is named by its new path. A file that is
+        nowhere raises a ModelSpecError naming the fix."""
+        spec = cls.from_dict(d)
+        f = spec.file
+        if f is None:
+            return spec
+        from sensplan._artifacts import locate
+
+        found = (locate(f, resolved=d.get("file"), sha256=d.get("file_sha256"), beside=beside)
+                 or locate(f, resolved=d.get("file"), beside=beside))  # the same file, edited since
+        if found is None:
+            where = f"beside {artifact}, at {d['file']!r}," if d.get("file") else f"beside {artifact}"
+            raise ModelSpecError(
+                f"The model file {f!r} that {artifact} records is not {where} nor at {f!r} from "
+                f"{str(Path.cwd())!r}. Run from the folder where it was made, put the file beside "
+                f"{artifact}, or pass the model yourself (--model, or load_compressed(path, model)).")
+        if os.path.realpath(found) == os.path.realpath(f):
+            return spec
+        prefix = "pickle:" if spec.source.startswith("pickle:") else ""
+        attr = "" if prefix else ":" + spec.source.rpartition(":")[2]
+        return cls(f"{prefix}{found}{attr}", spec.kwargs)
 
 
 def build_model(spec: ModelSpec, *, allow_pickle: bool = False) -> nn.Module:
@@ -191,7 +238,7 @@ def _call_factory(fn: Callable[..., Any], spec: ModelSpec) -> Any:
 def _one_line(e: BaseException) -> str:
     """``Type: message`` shortened to its first line (its first sentence when that is long), for
     errors that must fit one line."""
-    first = (str(e).strip().splitlines() or [""])[0]
+    first = first_line(e, 10**6)
     if len(first) > 160 and ". " in first[:300]:
         first = first[:first.index(". ") + 1]
     first = (first if len(first) <= 300 else first[:297] + "...").rstrip(" .!?")

@@ -23,19 +23,29 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan._artifacts import file_sha256, now_iso, versions
-from sensplan._errors import UserInputError
+from sensplan._artifacts import now_iso, versions, weights_record
+from sensplan._effects import to_data as effect_data
+from sensplan._errors import UserInputError, first_line
 from sensplan._metric import Metric
 from sensplan._tables import SCAN_FORMAT, SCAN_SCHEMA_VERSION, Scan
 from sensplan.sensitivity._data import EvalSet, check_classes_fit
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
     batchnorm_statistics,
+    device_of,
     recalibrate_batchnorm_,
 )
 from sensplan.sensitivity._groups import PruningGraph, count_macs, layer_weight_key
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
-from sensplan.sensitivity.methods import Method, MethodContext, Setting, all_methods, get_method
+from sensplan.sensitivity.methods import (
+    Method,
+    MethodContext,
+    Setting,
+    all_methods,
+    compatible,
+    execution_order,
+    get_method,
+)
 from sensplan.sensitivity.tasks import Task, TaskResult, get_task, paired_se
 
 
@@ -162,7 +172,7 @@ def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
         error = ""
     except Exception as e:  # Torch-Pruning cannot trace every model; quantization goes on
         graph = None
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e)
         error = (f"Torch-Pruning could not build the channel dependency graph "
                  f"({type(e).__name__}: {first}); channel pruning is unavailable for this model.")
     return layers, tensors, graph, error
@@ -186,49 +196,101 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     """
     cfg = config or ScanConfig()
     task = get_task(cfg.task)
-    dev = torch.device(device) if device is not None else _device_of(model)
+    dev = torch.device(device) if device is not None else device_of(model)
     started, t0 = now_iso(), time.perf_counter()
-    if dev != _device_of(model):
+    if dev != device_of(model):
         model = copy.deepcopy(model).to(dev)
     data_dev, calib_dev = data.to(dev), calib.to(dev) if calib is not None else None
     was_training = model.training
     model.eval()
     check_model_and_data(model, data_dev, task, dev, dtype)
-    example = data_dev.example_input
     state = task.prepare(model, data_dev, cfg.batch_size, dev, dtype)
     base = task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype)
+    ctx = _scan_context(model, data_dev, calib_dev, cfg, dev)
+    reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
+    header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
+    methods_info, todo = _probes_to_run(ctx, cfg)
+    try:
+        results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress,
+                              lambda: task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype),
+                              lambda ev, method, unit, setting, seconds: _row(
+                                  task.metric, base, ev, method, ctx, unit, setting, seconds),
+                              calib_dev, reference)
+    finally:
+        model.train(was_training)
+    return Scan({
+        "format": SCAN_FORMAT,
+        "schema_version": SCAN_SCHEMA_VERSION,
+        "provenance": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
+                       "versions": versions(), "torch_threads": torch.get_num_threads(),
+                       "device": str(dev), "dtype": str(dtype or torch.float32).replace("torch.", ""),
+                       "journal": str(journal) if journal else None,
+                       "probes_from_journal": sum(1 for r in results if r.get("from_journal"))},
+        "model": _model_record(model, ctx.example_input, model_spec, weights, header),
+        "data": data.description,
+        "task": task.to_dict(),
+        "config": {**cfg.to_dict(), "bn_recalibration": bool(reference)},
+        "calibration": calib.description if calib is not None and reference else None,
+        "baseline": base.to_dict(),
+        "methods": methods_info,
+        "pruning_graph": {"available": ctx.graph is not None, "reason": ctx.graph_error},
+        "layers": ctx.layers,
+        "groups": ctx.groups,
+        "tensors": ctx.tensors,
+        "results": [{k: v for k, v in r.items() if k != "from_journal"} for r in results],
+    })
+
+
+def _scan_context(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: ScanConfig,
+                  dev: torch.device) -> MethodContext:
+    """The structure the methods scan (layers, tensors, channel groups) and the data they use."""
+    example = data.example_input
     layers, tensors, graph, graph_error = describe_model(model, example)
     groups = ({gid: {"channels": graph.channels(gid), "channel_step": graph.channel_step(gid),
                      "members": [[m.module, m.side, m.kind] for m in graph.members(gid)],
                      "status": "skipped", "reason": "no group method was scanned."}
                for gid in graph.group_ids()} if graph is not None else {})
-    ctx = MethodContext(model, example, layers, groups, tensors, calib=calib_dev, eval_data=data_dev,
-                        check_inputs=data_dev.x[: cfg.check_samples], graph=graph,
-                        graph_error=graph_error, device=dev)
-    reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
+    return MethodContext(model, example, layers, groups, tensors, calib=calib, eval_data=data,
+                         check_inputs=data.x[: cfg.check_samples], graph=graph,
+                         graph_error=graph_error, device=dev)
 
-    header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
-    jr = _open_journal(journal, header, resume)
-    methods_info: dict[str, Any] = {}
+
+def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any], list[tuple[Method, str, Setting]]]:
+    """Every method's units (or why each is skipped) and the probes to run, in config order.
+
+    Units are found in stage order, so that a group method has recorded which tensors shrink with
+    which group before a later method looks at them."""
+    methods = {name: get_method(name) for name in cfg.settings}
+    units_of: dict[str, dict[str, str]] = {}
+    for name in sorted(methods, key=lambda n: execution_order(methods[n])):
+        method = methods[name]
+        units_of[name] = {} if method.unit_kind == "group" and ctx.graph is None else \
+            method.units(ctx, cfg.settings[name])
+        if method.unit_kind == "group":
+            for gid, why in units_of[name].items():
+                ctx.groups[gid].update(status="skipped" if why else "scanned", reason=why)
+    info: dict[str, Any] = {}
     todo: list[tuple[Method, str, Setting]] = []
     for name, settings in cfg.settings.items():
-        method = get_method(name)
-        if method.unit_kind == "group" and graph is None:
-            units = {}
-        else:
-            units = method.units(ctx, settings)
-        skipped = {u: why for u, why in units.items() if why}
-        if method.unit_kind == "group":
-            for gid, why in units.items():
-                groups[gid].update(status="skipped" if why else "scanned", reason=why)
-        methods_info[name] = {**method.describe(), "settings": [dict(s) for s in settings],
-                              "skipped": skipped,
-                              **({"unavailable": graph_error} if method.unit_kind == "group" and graph is None
-                                 else {})}
+        method, units = methods[name], units_of[name]
+        info[name] = {**method.describe(), "settings": [dict(s) for s in settings],
+                      "skipped": {u: why for u, why in units.items() if why},
+                      "incompatible_with": sorted(o for o in methods if o != name
+                                                  and methods[o].unit_kind == method.unit_kind
+                                                  and methods[o].axis != method.axis
+                                                  and not compatible(method, methods[o])),
+                      **({"unavailable": ctx.graph_error} if method.unit_kind == "group" and ctx.graph is None
+                         else {})}
         for unit, why in units.items():
             if not why:
                 todo.extend((method, unit, s) for s in method.unit_settings(ctx, unit, settings))
+    return info, todo
 
+
+def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]], jr: Any, progress: bool | None,
+                evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any) -> list[dict[str, Any]]:
+    """Probe every (method, unit, setting): perturb, recalibrate BatchNorm, evaluate, restore;
+    rows already in the journal are taken from it, new ones appended to it."""
     results: list[dict[str, Any]] = []
     bar = _Progress(len(todo), progress)
     try:
@@ -236,10 +298,10 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
             row = jr.get(unit, method.name, setting) if jr is not None else None
             if row is None:
                 t = time.perf_counter()
-                with method.probe(ctx, unit, setting), batchnorm_state_restored(model):
-                    recalibrate_batchnorm_(model, calib_dev, reference)
-                    ev = task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype)
-                row = _row(task.metric, base, ev, method, unit, setting, time.perf_counter() - t)
+                with method.probe(ctx, unit, setting), batchnorm_state_restored(ctx.model):
+                    recalibrate_batchnorm_(ctx.model, calib, reference)
+                    ev = evaluate()
+                row = row_of(ev, method, unit, setting, time.perf_counter() - t)
                 if jr is not None:
                     jr.append(unit, method.name, setting, row)
             results.append(row)
@@ -248,39 +310,20 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
         bar.close()
         if jr is not None:
             jr.close()
-        model.train(was_training)
-
-    spec = model_spec.to_dict() if model_spec else None
-    table = {
-        "format": SCAN_FORMAT,
-        "schema_version": SCAN_SCHEMA_VERSION,
-        "provenance": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
-                       "versions": versions(), "torch_threads": torch.get_num_threads(),
-                       "device": str(dev), "dtype": str(dtype or torch.float32).replace("torch.", ""),
-                       "journal": str(journal) if journal else None,
-                       "probes_from_journal": sum(1 for r in results if r.get("from_journal"))},
-        "model": {"spec": spec, "weights": weights,
-                  "weights_sha256": file_sha256(weights) if weights else None,
-                  "weights_digest": header["weights_digest"],  # of the values, whatever the file
-                  "architecture_digest": architecture_digest(model),
-                  "input_shape": list(example.shape[1:]),
-                  "outputs": int(_outputs(model, example))},
-        "data": data.description,
-        "task": task.to_dict(),
-        "config": {**cfg.to_dict(), "bn_recalibration": bool(reference)},
-        "calibration": calib.description if calib is not None and reference else None,
-        "baseline": base.to_dict(),
-        "methods": methods_info,
-        "pruning_graph": {"available": graph is not None, "reason": graph_error},
-        "layers": layers,
-        "groups": groups,
-        "tensors": tensors,
-        "results": [{k: v for k, v in r.items() if k != "from_journal"} for r in results],
-    }
-    return Scan(table)
+    return results
 
 
-def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, unit: str,
+def _model_record(model: nn.Module, example: torch.Tensor, model_spec: ModelSpec | None, weights: str | None,
+                  header: Mapping[str, Any]) -> dict[str, Any]:
+    return {"spec": model_spec.to_dict() if model_spec else None,
+            **weights_record(weights),
+            "weights_digest": header["weights_digest"],  # of the values, whatever the file
+            "architecture_digest": architecture_digest(model),
+            "input_shape": list(example.shape[1:]),
+            "outputs": int(_outputs(model, example))}
+
+
+def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: MethodContext, unit: str,
          setting: Setting, seconds: float) -> dict[str, Any]:
     lost = gained = 0
     se = 0.0
@@ -291,7 +334,8 @@ def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, unit:
             lost, gained = gained, lost
     return {"unit": unit, "method": method.name, "axis": method.axis, "setting": dict(setting),
             "label": method.label(setting), "level": method.level(setting),
-            "effect": method.effect(setting), "score": ev.score, "loss": ev.loss,
+            "effect": effect_data(method.effect(setting, ctx.unit_info(unit, method.unit_kind))),
+            "score": ev.score, "loss": ev.loss,
             "drop": metric.drop(base.score, ev.score), "drop_se": se, "lost": lost, "gained": gained,
             "loss_increase": ev.loss - base.loss, "seconds": round(seconds, 4)}
 
@@ -305,14 +349,14 @@ def check_model_and_data(model: nn.Module, data: EvalSet, task: Task,
     from contextlib import nullcontext
 
     _check_labels(task, data)
-    dev = device or _device_of(model)
+    dev = device or device_of(model)
     x = data.x[: min(2, len(data))].to(dev)
     fp16 = dtype is not None and dtype != torch.float32
     try:
         with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype) if fp16 else nullcontext():
             out = model(x)
     except Exception as e:  # noqa: BLE001 - the user's model on the user's data
-        first = (str(e).strip().splitlines() or [""])[0][:300].rstrip(" .")
+        first = first_line(e, 300)
         raise UserInputError(
             f"The model cannot run on the data (inputs of shape {tuple(data.x.shape[1:])}): "
             f"{type(e).__name__}: {first}. Check that --data fits the model: its channels (e.g. "
@@ -379,10 +423,6 @@ class _MarkingJournal:
         self.jr.close()
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _outputs(model: nn.Module, example: torch.Tensor) -> int:

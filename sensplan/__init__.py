@@ -4,8 +4,14 @@ allocation of structured pruning and weight bits for a budget, apply it, and rep
 The stages live in subpackages and talk through plain files:
 ``sensplan.sensitivity`` (scan -> scan.json), ``sensplan.planner`` (plan.json, apply, the CLI),
 ``sensplan.reports`` (report.html + PNG).
+
+A compression method states its cost effect with the names here: :class:`UnitInfo` is the unit it
+is asked about; :class:`Structure` and :class:`Stored` describe what a restructured layer stores,
+written with the expression helpers (``maximum``, ``minimum``, ``floor``, ``ceil``,
+``round_half_up``) over the unit's pruned dims (see docs/architecture.md).
 """
 
+from sensplan._effects import UnitInfo
 from sensplan._errors import (
     ArtifactError,
     BudgetError,
@@ -18,6 +24,7 @@ from sensplan._errors import (
     SensplanError,
     UserInputError,
 )
+from sensplan._expr import Expr, Stored, Structure, ceil, floor, maximum, minimum, round_half_up
 from sensplan._version import __version__
 
 __all__ = [
@@ -25,11 +32,20 @@ __all__ = [
     "BudgetError",
     "CheckpointError",
     "DataSpecError",
+    "Expr",
     "IncompatibleModelError",
     "InfeasibleBudgetError",
     "InternalError",
     "ModelSpecError",
     "SensplanError",
+    "Stored",
+    "Structure",
+    "UnitInfo",
     "UserInputError",
     "__version__",
+    "ceil",
+    "floor",
+    "maximum",
+    "minimum",
+    "round_half_up",
 ]

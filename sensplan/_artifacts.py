@@ -104,6 +104,41 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def weights_record(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """What an artifact records of a weights file: the path as given, the resolved absolute path
+    and the sha256 (all None without a file). :func:`locate` finds it again from anywhere."""
+    if not path:
+        return {"weights": None, "weights_resolved": None, "weights_sha256": None}
+    return {"weights": str(path), "weights_resolved": os.path.realpath(path), "weights_sha256": file_sha256(path)}
+
+
+def locate(recorded: str, *, resolved: str | None = None, sha256: str | None = None,
+           beside: str | os.PathLike[str] | None = None) -> Path | None:
+    """Find a file an artifact recorded, from any working directory: first beside the artifact
+    (``beside``: its folder; the recorded relative path, then the file name alone), then at the
+    resolved absolute path it was recorded with, then the path as recorded (from here). With
+    ``sha256`` only a file with that digest counts. None when it is nowhere."""
+    candidates: list[Path] = []
+    rec = Path(recorded)
+    if beside is not None:
+        base = Path(beside)
+        if not rec.is_absolute():
+            candidates.append(base / rec)
+        candidates.append(base / rec.name)
+    if resolved:
+        candidates.append(Path(resolved))
+    candidates.append(rec)
+    seen: set[str] = set()
+    for c in candidates:
+        key = os.path.realpath(c)
+        if key in seen or not c.is_file():
+            continue
+        seen.add(key)
+        if sha256 is None or file_sha256(c) == sha256:
+            return c
+    return None
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 

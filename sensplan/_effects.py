@@ -20,6 +20,14 @@ vocabulary needs no change anywhere else. The fields of a layer's merged effect:
     bits of the layer's input activations (used by BOPs).
 ``removed`` (int)
     channels removed from a channel group (the only effect of a ``group`` unit).
+``structure`` (a :class:`~sensplan._expr.Structure` as data, default none)
+    what a restructured layer stores and computes instead of its one weight (e.g. low-rank
+    factorization: two thinner weights), as expressions of the layer's pruned dims. Value fields
+    (bits, density) then apply to each stored tensor.
+
+The value fields are the container's storage vocabulary: they say how ``model.sensplan`` encodes a
+weight, so a new storage format is a container feature. A method that changes *what* is stored
+needs no new field: it describes it with ``structure``.
 
 Pruning makes a weight's size an affine function ``a * numel + b * rows + c`` of its element count and
 row count, whose coefficients depend only on the layer's other options. :func:`weight_coefficients`
@@ -30,27 +38,98 @@ MACs are not changed by sparsity: dense kernels do not skip zeros.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from sensplan._expr import Expr, Structure, dims, parse_structure
 
 FLOAT_BITS = 32
 #: Fields a layer option may set, with their defaults (no compression).
 LAYER_DEFAULTS: dict[str, Any] = {"weight_bits": FLOAT_BITS, "weight_dtype": "float32",
                                   "scale_bits": 0, "density": 1.0, "sparse_format": "dense",
-                                  "nm": None, "act_bits": FLOAT_BITS}
+                                  "nm": None, "act_bits": FLOAT_BITS, "structure": None}
 KNOWN_FIELDS = frozenset(LAYER_DEFAULTS) | {"removed"}
 ROW_POINTER_BITS = 32
 
 
 def merge(effects: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """The layer's effect when several options apply (later fields win; disjoint axes in practice)."""
+    """The layer's effect when several options apply (later fields win; disjoint axes in practice).
+    Two options that both restructure the layer raise ``ValueError``: one structure per layer."""
     out = dict(LAYER_DEFAULTS)
     for e in effects:
         unknown = set(e) - KNOWN_FIELDS
         if unknown:
             raise ValueError(f"Unknown effect field(s) {sorted(unknown)}; known: {sorted(KNOWN_FIELDS)}.")
-        out.update({k: v for k, v in e.items() if k != "removed"})
+        if e.get("structure") is not None and out["structure"] is not None:
+            raise ValueError("Two options restructure the same layer; a layer takes one structure.")
+        out.update({k: v for k, v in e.items() if k != "removed" and (k != "structure" or v is not None)})
     return out
+
+
+def merge_per_unit(choices: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per layer, the merged effect of its chosen options, from ``(layer, effect)`` pairs (layers
+    with no option chosen are absent). The planner and the executor both use this."""
+    per: dict[str, list[Mapping[str, Any]]] = {}
+    for unit, effect in choices:
+        per.setdefault(unit, []).append(effect)
+    return {u: merge(effs) for u, effs in per.items()}
+
+
+def to_data(effect: Mapping[str, Any]) -> dict[str, Any]:
+    """An effect as a method returned it, as the plain JSON data ``scan.json`` stores: a
+    :class:`~sensplan._expr.Structure` becomes its data; every field is checked."""
+    out = {k: (v.to_data() if isinstance(v, Structure) else v) for k, v in effect.items()}
+    merge([out])  # unknown fields raise ValueError
+    if out.get("structure") is not None:
+        parse_structure(out["structure"])
+    return out
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What a method sees of a unit when it states a setting's effect (``Method.effect``).
+
+    ``kind`` is "layer" or "group". A layer has its weight ``shape`` (as scanned, before any
+    pruning), its ``type`` (class name) and ``macs`` per sample; :attr:`dims` are the expression
+    variables of that shape as pruning leaves it (``d0`` output channels, ``d1`` inputs per group,
+    then the kernel). A group has its ``channels`` and ``channel_step``.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...] = ()
+    type: str = ""
+    macs: int = 0
+    channels: int = 0
+    channel_step: int = 1
+
+    @property
+    def dims(self) -> tuple[Expr, ...]:
+        return dims(len(self.shape))
+
+    @property
+    def macs_per_weight(self) -> float:
+        """MACs per sample per weight value of the original layer (a conv's output positions)."""
+        return float(self.macs) / max(1, math.prod(self.shape) if self.shape else 1)
+
+    @classmethod
+    def of_layer(cls, name: str, info: Mapping[str, Any]) -> UnitInfo:
+        """From a ``layers`` entry of the scan table."""
+        return cls(name, "layer", tuple(int(s) for s in info["weight_shape"]), str(info.get("type", "")),
+                   int(info.get("macs", 0)))
+
+    @classmethod
+    def of_group(cls, name: str, info: Mapping[str, Any]) -> UnitInfo:
+        """From a ``groups`` entry of the scan table."""
+        return cls(name, "group", channels=int(info["channels"]),
+                   channel_step=int(info.get("channel_step", 1)))
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Values per output row of a weight of ``shape`` (the CSR index width and the "auto" layout
+    are decided on it, from the original shape)."""
+    return int(math.prod(shape[1:])) if len(shape) > 1 else 1
 
 
 def index_bits(row_len: int) -> int:

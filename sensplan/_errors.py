@@ -58,3 +58,9 @@ class IncompatibleModelError(UserInputError):
 
 class InternalError(SensplanError):
     """Raised when sensplan reaches a state that is a bug in sensplan, not a user mistake."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters, without a final
+    period (for one-line messages that quote an error)."""
+    return (str(e).strip().splitlines() or [""])[0][:limit].rstrip(" .")

@@ -7,15 +7,22 @@ is a new file, not an edit of the pipeline::
 
     @METHODS.register
     class MyMethod: name = "my_method"; ...
+
+A package installed beside sensplan adds plug-ins through an entry point group
+(``sensplan.methods``, ``sensplan.tasks``, ``sensplan.cost_models``): each entry point names a
+plug-in class, an instance, or a module that registers its plug-ins when imported.
+:meth:`Registry.load_entry_points` loads them once, and :meth:`Registry.origin` says where each
+plug-in came from.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from sensplan._errors import UserInputError
+from sensplan._errors import UserInputError, first_line
 
 T = TypeVar("T")
 
@@ -23,29 +30,93 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Named plug-ins of one kind (``what``), in registration order."""
 
-    def __init__(self, what: str, *, flag: str = "") -> None:
+    def __init__(self, what: str, *, flag: str = "", entry_points: str = "") -> None:
         self.what = what
         self.flag = flag
+        self.group = entry_points
         self._items: dict[str, T] = {}
+        self._origins: dict[str, str] = {}
+        self._loaded_entry_points = False
+        self._discovered = False
+        #: entry points that failed to load: "name = module:attr: what went wrong"
+        self.broken: list[str] = []
 
-    def add(self, name: str, item: T, *, replace: bool = False) -> T:
+    def add(self, name: str, item: T, *, replace: bool = False, origin: str = "") -> T:
         """Register ``item`` as ``name``; a taken name raises ``ValueError`` unless ``replace``."""
         if not name or not isinstance(name, str):
             raise ValueError(f"A {self.what} needs a non-empty string name. Got {name!r} instead.")
         if name in self._items and not replace:
-            raise ValueError(f"A {self.what} named {name!r} is already registered. Choose another "
-                             f"name, or pass replace=True to override it on purpose.")
+            raise ValueError(f"A {self.what} named {name!r} is already registered ({self._origins.get(name)}). "
+                             f"Choose another name, or pass replace=True to override it on purpose.")
         self._items[name] = item
+        self._origins[name] = origin or _origin_of(item)
         return item
 
     def register(self, item: Any) -> Any:
         """Decorator form: registers ``item`` under its ``name`` attribute. A class is registered
         as an instance (made with no arguments) and returned unchanged."""
-        self.add(str(getattr(item, "name", "")), item() if isinstance(item, type) else item)
+        self.add(str(getattr(item, "name", "")), item() if isinstance(item, type) else item,
+                 origin=_origin_of(item))
         return item
 
     def remove(self, name: str) -> None:
         self._items.pop(name, None)
+        self._origins.pop(name, None)
+
+    def origin(self, name: str) -> str:
+        """Where the plug-in ``name`` came from: "built-in", "entry point NAME = module:attr
+        (distribution VERSION)", or the module that registered it."""
+        return self._origins.get(name, "")
+
+    def discover(self, package: str, path: Any, kind: type) -> None:
+        """Register the built-in plug-ins, then other packages' (once): import every public module
+        of ``package`` (its ``__path__``; a built-in registers itself on import, so a new one is a
+        new file with no list to edit), then load this registry's entry points, each an instance of
+        ``kind`` or a class made with no arguments."""
+        if self._discovered:
+            return
+        self._discovered = True
+        import importlib
+        import pkgutil
+
+        for info in pkgutil.iter_modules(path):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package}.{info.name}")
+
+        def make(obj: Any) -> T:
+            item: T = obj() if isinstance(obj, type) else obj
+            if not isinstance(item, kind):
+                raise TypeError(f"{obj!r} is not a sensplan {kind.__name__} (subclass "
+                                f"{kind.__module__}.{kind.__name__})")
+            return item
+
+        self.load_entry_points(make)
+
+    def load_entry_points(self, make: Callable[[Any], T] | None = None) -> None:
+        """Register every plug-in of this registry's entry point group (once). ``make`` turns what
+        an entry point loads into a plug-in (default: a class is instantiated, an instance taken
+        as it is, a module is assumed to have registered its plug-ins on import). A plug-in that
+        fails to load is left out and listed in :attr:`broken`; it never stops sensplan."""
+        if self._loaded_entry_points or not self.group:
+            return
+        self._loaded_entry_points = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=self.group):
+            dist = getattr(ep, "dist", None)
+            where = f"entry point {ep.name} = {ep.value}" + (
+                f" ({dist.metadata['Name']} {dist.version})" if dist is not None else "")
+            try:
+                obj = ep.load()
+                if isinstance(obj, type(sys)):
+                    continue  # a module: it registered its plug-ins when it was imported
+                item = make(obj) if make is not None else (obj() if isinstance(obj, type) else obj)
+                name = str(getattr(item, "name", "") or ep.name)
+                if name in self._items and self._items[name] is item:
+                    continue
+                self.add(name, item, origin=where)
+            except Exception as e:  # noqa: BLE001 - a broken plug-in must not stop sensplan
+                self.broken.append(f"{ep.name} = {ep.value}: {type(e).__name__}: {first_line(e)}")
 
     def get(self, name: str) -> T:
         """The plug-in called ``name``; an unknown name lists what exists and the closest match."""
@@ -70,3 +141,8 @@ class Registry(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+
+
+def _origin_of(item: Any) -> str:
+    module = getattr(item if isinstance(item, type) else type(item), "__module__", "") or ""
+    return "built-in" if module.startswith("sensplan.") else f"registered by {module}"

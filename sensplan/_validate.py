@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from sensplan._artifacts import file_sha256
+from sensplan._effects import to_data as effect_data
 
 _NUM = (int, float)
 
@@ -94,6 +95,11 @@ def check_scan(obj: Mapping[str, Any]) -> list[str]:
             p.append(f"{where}.setting is {r['setting']!r}, not an object")
         if "effect" in r and not _map(r["effect"]):
             p.append(f"{where}.effect is {r['effect']!r}, not an object")
+        elif "effect" in r:
+            try:
+                effect_data(r["effect"])
+            except (ValueError, TypeError) as e:
+                p.append(f"{where}.effect is not a cost effect sensplan can price: {e}")
         if "level" in r and not _num(r["level"]):
             p.append(f"{where}.level is {r['level']!r}, not a number")
         for k in _NULLABLE_NUMBERS:

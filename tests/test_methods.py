@@ -37,6 +37,7 @@ from sensplan.sensitivity import (
     ModelSpec,
     PruningGraph,
     ScanConfig,
+    UnitInfo,
     all_methods,
     count_macs,
     get_task,
@@ -46,6 +47,8 @@ from sensplan.sensitivity._scan import describe_model
 from tests.conftest import seeded_model, self_labelled
 
 ALL_METHODS = all_methods()
+#: a unit to ask a method's effect about, outside a scan
+A_CONV = UnitInfo("conv", "layer", (16, 16, 3, 3), "Conv2d", 16 * 16 * 9 * 64)
 METHOD_IDS = [m.name for m in ALL_METHODS]
 MODELS = ("tiny_resnet", "tiny_convnet")
 
@@ -237,6 +240,28 @@ def test_predicted_costs_equal_measured_costs_for_combined_methods(tmp_path, set
     assert 0 < file_bytes - payload < 4096  # the header
 
 
+@pytest.mark.parametrize("method", ALL_METHODS, ids=METHOD_IDS)
+def test_predicted_costs_equal_measured_for_every_method_with_pruning(setup, method):
+    """Every method at its strongest setting on every unit it scanned, with every scanned group
+    pruned by half too (a layer method then prices the pruned shapes), costs what was predicted."""
+    s = setup
+    selected = whole_method_selection(s, method)
+    # 2:4 after input pruning is the known bug below; a group method prunes the groups itself
+    if method.unit_kind == "layer" and method.name != "sparsity_2_4":
+        for r in rows_of(s, "prune", {"ratio": 0.5}):
+            selected[block_name(r)] = option_key("prune", r["setting"])
+    plan = plan_of(s, selected)
+    cm, _ = compress(s["model"], plan, "planned", s["data"].example_input, calib=s["calib"])
+    got = measure(cm.module, s["data"], 0, effects=layer_effects(plan.variant()), timing=False)
+    pred = plan.variant()["predicted"]
+    for m in ("macs", "params", "bops"):
+        assert got[m] == pred[m], (m, got[m], pred[m])
+    entries, _, _ = _encode(cm)
+    special = sum(1 for e in entries.values() if e["layout"] != "raw")
+    # whole bytes per packed part, and under one value per tensor where sparsity rounds the count kept
+    assert abs(cm.payload_bytes() - pred["size"]) <= stored_parts(cm) + 4 * special, (cm.payload_bytes(), pred["size"])
+
+
 @pytest.mark.xfail(strict=True, reason="known bug: after its input group is pruned to a channel "
                    "count that is not a multiple of 4, a 2:4 layer stores padded groups of 4 (2 "
                    "values each), which the analytic size model (density 2/4 of numel) does not "
@@ -322,7 +347,7 @@ def test_combined_plan_reloads_with_activation_quantization(tmp_path, setup):
                      model_spec=s["spec"])
     save_compressed(cm, tmp_path / "m.sensplan")
     header, _ = read_header(tmp_path / "m.sensplan")
-    assert set(header["input_quant"]) == {layer}
+    assert set(dict(header["records"])["act_quant"]) == {layer}
     reloaded = load_compressed(tmp_path / "m.sensplan")
     assert reloaded.get_submodule(layer)._forward_pre_hooks  # the input quantizer is back
     y = outputs(cm.module, s["data"].x)
@@ -366,7 +391,7 @@ def test_unstructured_sparsity_is_stored_in_the_stated_layout_and_shrinks_the_fi
 
 
 @pytest.mark.parametrize("method", [m for m in ALL_METHODS if m.unit_kind == "layer"
-                                    and merge([m.effect(strongest(m))])["density"] < 1.0],
+                                    and merge([m.effect(strongest(m), A_CONV)])["density"] < 1.0],
                          ids=lambda m: m.name)
 def test_sparsity_methods_do_not_change_macs(setup, method):
     s = setup

@@ -33,10 +33,7 @@ NECESSARY = {
 }
 #: edges that exist today although the names are public (or point the wrong way); each should
 #: become a public import, then leave this list
-PENDING = {
-    # the planner's demo reaches into the CLI (default_threads): the layering runs backwards
-    ("sensplan.planner._demo", "sensplan.cli._common"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 
 def _isort_key(name: str) -> tuple[int, str]:

@@ -52,7 +52,7 @@ class TruncateBF16(WeightMethod):
     def label(self, setting):
         return "bf16 trunc"
 
-    def effect(self, setting):
+    def effect(self, setting, unit):
         return {"weight_bits": 16, "weight_dtype": "bfloat16"}
 
     def transform(self, ctx, layer, w, setting):

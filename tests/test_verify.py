@@ -41,7 +41,7 @@ class Nudge(WeightMethod):
     def label(self, setting):
         return f"nudge {setting['sign']}"
 
-    def effect(self, setting):
+    def effect(self, setting, unit):
         return {"weight_bits": 8}
 
     def transform(self, ctx, layer, w, setting):
@@ -67,7 +67,7 @@ class Placebo(WeightMethod):
     def label(self, setting):
         return "placebo"
 
-    def effect(self, setting):
+    def effect(self, setting, unit):
         return {"weight_bits": 16}
 
     def transform(self, ctx, layer, w, setting):

@@ -6,15 +6,20 @@ A method declares in one class everything the pipeline needs (see :class:`Method
   channel groups) and which of them are safe (:meth:`Method.units`);
 - its settings (``default_settings``, :meth:`Method.parse_settings`, :meth:`Method.label`);
 - a reversible probe the scanner uses (:meth:`Method.probe`: perturb, yield, restore);
-- the real transformation the executor applies (:meth:`Method.apply_`, :meth:`Method.finalize_`);
-- how a setting changes size, MACs, BOPs and parameters, as plain data (:meth:`Method.effect`, in
-  the vocabulary of :mod:`sensplan._effects`), so the planner never imports the method.
+- the real transformation the executor applies (:meth:`Method.apply_`, :meth:`Method.finalize_`),
+  what it records of it, and how a saved model replays it (:meth:`Method.rebuild_`);
+- how a setting changes size, MACs, BOPs and parameters on a given unit, as plain data
+  (:meth:`Method.effect`, in the vocabulary of :mod:`sensplan._effects`; a change of structure as
+  expressions of the unit's pruned dims, :mod:`sensplan._expr`), so the planner never imports it;
+- which other methods it can follow on the same unit (:meth:`Method.can_follow`,
+  :meth:`Method.can_be_followed_by`).
 
 Methods on different ``axis`` values combine on one unit (a layer can be pruned by its group, get
 4-bit weights, be 50% sparse and get 8-bit inputs); methods sharing an axis are alternatives (int4
 weights or float16 weights). The executor applies them in ``stage`` order. The scanner, planner,
-executor and report never branch on a method's name. Register a new method with
-``METHODS.register`` (see docs/architecture.md).
+executor and container never branch on a method's name. Every module of this package registers
+its methods on import (no list to edit); other packages add theirs through the ``sensplan.methods``
+entry point group (see docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -27,21 +32,25 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from sensplan._effects import UnitInfo
 from sensplan._errors import UserInputError
 from sensplan._registry import Registry
 from sensplan.sensitivity._data import EvalSet
+from sensplan.sensitivity._groups import QUANTIZABLE
 
 Setting = dict[str, Any]
 
 
 @dataclass
 class MethodContext:
-    """What a method sees of the model being scanned or compressed.
+    """What a method sees of the model being scanned, compressed or rebuilt.
 
     ``layers``/``groups``/``tensors`` are the scan table's structure sections (methods may annotate
     ``tensors``, e.g. pruning records which dims shrink with which group). ``cache`` holds per-run
-    data a method computes once (e.g. activation ranges). ``records`` collects what the executor
-    must store in the compressed model (e.g. activation quantization parameters).
+    data a method computes once (e.g. activation ranges). ``records`` maps a method's name to what
+    it must replay when the compressed model is loaded (plain JSON data: :meth:`Method.rebuild_`
+    receives it). ``removed`` maps a channel group to the root indices a group method has removed
+    (or zeroed, before ``finalize_``) in this run, so that a later method sees the pruned shape.
     """
 
     model: nn.Module
@@ -56,10 +65,41 @@ class MethodContext:
     graph_error: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cache: dict[str, Any] = field(default_factory=dict)
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
+
+    def unit_info(self, unit: str, kind: str) -> UnitInfo:
+        """The unit as :meth:`Method.effect` sees it (shape, MACs or channel count, as scanned)."""
+        return (UnitInfo.of_group(unit, self.groups[unit]) if kind == "group"
+                else UnitInfo.of_layer(unit, self.layers[unit]))
+
+    def unit_weights(self, layer: str) -> list[tuple[str, torch.Tensor]]:
+        """The weights a layer unit stores now, as (state-dict key, parameter): its one weight, or,
+        once a structural method replaced the layer (e.g. by two thinner layers), the weight of
+        every Conv/Linear inside the module that took its place."""
+        key = self.layers[layer]["weight"]
+        try:
+            return [(key, self.model.get_parameter(key))]
+        except AttributeError:
+            pass
+        mod = self.module(layer)
+        return [(f"{layer}.{name}.weight" if name else f"{layer}.weight", m.weight)
+                for name, m in mod.named_modules() if isinstance(m, QUANTIZABLE)]
+
+    def removed_indices(self, layer: str) -> tuple[list[int], list[int]]:
+        """The output-channel and input-channel indices of ``layer``'s weight that the group
+        removals of this run (:attr:`removed`) take away, in the layer's own numbering."""
+        out: set[int] = set()
+        inp: set[int] = set()
+        if self.graph is not None:
+            for gid, idxs in self.removed.items():
+                sides = self.graph.layer_indices(gid, idxs, layer)
+                out.update(sides.get("out", ()))
+                inp.update(sides.get("in", ()))
+        return sorted(out), sorted(inp)
 
     def calibration_inputs(self, n: int = 512) -> torch.Tensor:
         """Inputs for calibrating a method: the calibration set, else the evaluation data."""
@@ -131,9 +171,23 @@ class Method:
         """Order of compression strength among this method's settings (higher = stronger)."""
         return 0.0
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
-        """How the setting changes costs, in the vocabulary of :mod:`sensplan._effects`."""
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
+        """How the setting changes the costs of ``unit``, in the vocabulary of
+        :mod:`sensplan._effects`: value fields (bits, density), ``removed`` channels for a group, or
+        a ``structure`` (:class:`sensplan._expr.Structure`) of the unit's pruned dims."""
         return {}
+
+    # -- compatibility -------------------------------------------------------------------------------
+    def can_follow(self, other: Method) -> bool:
+        """Whether this method can be applied to a unit that ``other`` (earlier in :func:`execution_order`)
+        already changed. The planner never offers, and the executor never applies, a pair either
+        side refuses."""
+        return True
+
+    def can_be_followed_by(self, other: Method) -> bool:
+        """Whether ``other`` (later in :func:`execution_order`) can be applied to a unit after this
+        method changed it. A method that restructures a unit says here what can still follow."""
+        return True
 
     # -- units ---------------------------------------------------------------------------------------
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
@@ -158,14 +212,21 @@ class Method:
     def finalize_(self, ctx: MethodContext, assignment: Mapping[str, Setting]) -> None:
         """The step after recalibration (e.g. structural removal of zeroed channels); default none."""
 
+    def rebuild_(self, ctx: MethodContext, record: Any) -> None:
+        """Replay on a freshly built original model what ``apply_``/``finalize_`` recorded in
+        ``ctx.records[self.name]`` (structure and hooks; the weights are loaded afterwards).
+        ``load_compressed`` calls it in stage order. Default: nothing (a method that only changes
+        weight values needs no replay)."""
+
     def describe(self) -> dict[str, Any]:
         return {"unit_kind": self.unit_kind, "axis": self.axis, "stage": self.stage,
                 "structural": self.structural, "description": self.description,
-                "speed_note": self.speed_note}
+                "speed_note": self.speed_note, "setting_key": self.setting_key}
 
 
 class WeightMethod(Method):
-    """A method that replaces a layer's weight by ``transform(weight)``: probe and apply for free."""
+    """A method that replaces each weight of a layer by ``transform(weight)``: probe and apply for
+    free. A restructured layer (e.g. factorized into two) has each of its weights transformed."""
 
     def transform(self, ctx: MethodContext, layer: str, w: torch.Tensor, setting: Mapping[str, Any]
                   ) -> torch.Tensor:
@@ -173,41 +234,48 @@ class WeightMethod(Method):
 
     @contextmanager
     def probe(self, ctx: MethodContext, unit: str, setting: Setting) -> Iterator[None]:
-        w = ctx.weight(unit)
-        original = w.detach().clone()
+        weights = [w for _, w in ctx.unit_weights(unit)]
+        originals = [w.detach().clone() for w in weights]
         try:
             with torch.no_grad():
-                w.copy_(self.transform(ctx, unit, original, setting))
+                for w, original in zip(weights, originals, strict=True):
+                    w.copy_(self.transform(ctx, unit, original, setting))
             yield
         finally:
             with torch.no_grad():
-                w.copy_(original)
+                for w, original in zip(weights, originals, strict=True):
+                    w.copy_(original)
 
     def apply_(self, ctx: MethodContext, assignment: Mapping[str, Setting]) -> None:
         with torch.no_grad():
             for layer, setting in assignment.items():
-                w = ctx.weight(layer)
-                w.copy_(self.transform(ctx, layer, w.detach().clone(), setting))
+                for _, w in ctx.unit_weights(layer):
+                    w.copy_(self.transform(ctx, layer, w.detach().clone(), setting))
 
 
-METHODS: Registry[Method] = Registry("compression method", flag="--methods")
+METHODS: Registry[Method] = Registry("compression method", flag="--methods", entry_points="sensplan.methods")
 
 
 def load_builtin_methods() -> None:
-    """Import the built-in methods (they register themselves)."""
-    from sensplan.sensitivity.methods import (  # noqa: F401
-        act_quant,
-        half,
-        nm_sparsity,
-        prune,
-        sparsity,
-        weight_quant,
-    )
+    """Import every module of this package (each registers its methods), then the methods other
+    installed packages declare under the ``sensplan.methods`` entry point group. Runs once."""
+    METHODS.discover(__name__, __path__, Method)
 
 
 def get_method(name: str) -> Method:
     load_builtin_methods()
     return METHODS.get(name)
+
+
+def execution_order(method: Method) -> tuple[int, str]:
+    """The executor applies methods by this key: ``stage``, then name (a stable order)."""
+    return method.stage, method.name
+
+
+def compatible(a: Method, b: Method) -> bool:
+    """Whether ``a`` and ``b`` can both change one unit (in execution order, whichever comes first)."""
+    first, second = sorted((a, b), key=execution_order)
+    return second.can_follow(first) and first.can_be_followed_by(second)
 
 
 def all_methods() -> list[Method]:
@@ -226,5 +294,17 @@ def parse_method_list(text: str) -> list[str]:
     return names
 
 
-__all__ = ["METHODS", "Method", "MethodContext", "Setting", "WeightMethod", "all_methods",
-           "get_method", "load_builtin_methods", "parse_method_list"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodContext",
+    "Setting",
+    "UnitInfo",
+    "WeightMethod",
+    "all_methods",
+    "compatible",
+    "execution_order",
+    "get_method",
+    "load_builtin_methods",
+    "parse_method_list",
+]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sensplan.sensitivity._quant import act_qparams, install_input_quant
-from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting
+from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, UnitInfo
 
 _CALIBS = ("minmax", "percentile")
 _SAMPLE = 200_000  # values kept per layer for the percentile estimate
@@ -90,7 +90,7 @@ class ActQuant(Method):
     def level(self, setting: Mapping[str, Any]) -> float:
         return 32.0 - float(setting["bits"]) + (0.5 if setting["calib"] == "percentile" else 0.0)
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         return {"act_bits": int(setting["bits"])}
 
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
@@ -123,4 +123,8 @@ class ActQuant(Method):
         ranges_for = {layer: self._qparams(ctx, layer, s) for layer, s in assignment.items()}
         for layer, qp in ranges_for.items():
             install_input_quant(ctx.module(layer), qp)
-        ctx.records.setdefault("input_quant", {}).update(ranges_for)
+        ctx.records.setdefault(self.name, {}).update(ranges_for)
+
+    def rebuild_(self, ctx: MethodContext, record: Any) -> None:
+        for layer, qp in record.items():
+            install_input_quant(ctx.module(layer), qp)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, WeightMethod
+from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, UnitInfo, WeightMethod
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,7 +37,7 @@ class HalfWeights(WeightMethod):
     def level(self, setting: Mapping[str, Any]) -> float:
         return 1.0 if setting["dtype"] == "bfloat16" else 0.0  # bfloat16 keeps fewer mantissa bits
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         return {"weight_bits": 16, "weight_dtype": str(setting["dtype"])}
 
     def transform(self, ctx: MethodContext, layer: str, w: torch.Tensor, setting: Mapping[str, Any]

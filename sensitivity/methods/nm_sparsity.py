@@ -15,40 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, WeightMethod
-
-N, M = 2, 4
-
-
-def to_rows(w: torch.Tensor) -> torch.Tensor:
-    """A weight viewed as (out, kernel positions, in): the 2:4 groups run along the last dim."""
-    if w.dim() == 2:
-        return w.unsqueeze(1)
-    return w.flatten(2).transpose(1, 2)
-
-
-def from_rows(r: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if len(shape) == 2:
-        return r.squeeze(1)
-    return r.transpose(1, 2).reshape(shape)
-
-
-def nm_mask(w: torch.Tensor, n: int = N, m: int = M) -> torch.Tensor:
-    """Keep the ``n`` largest magnitudes of every ``m`` consecutive input weights (ties: first).
-
-    A row whose length is not a multiple of ``m`` (after input channels were pruned) is padded
-    with zeros at its end, so its last group keeps at most ``n`` of the real weights.
-    """
-    rows = to_rows(w.detach().abs().float())
-    pad = (-rows.shape[-1]) % m
-    padded = torch.nn.functional.pad(rows, (0, pad), value=-1.0) if pad else rows
-    groups = padded.reshape(*padded.shape[:-1], -1, m)
-    # stable descending order: the earlier position wins a tie
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(-1, order[..., :n], True)
-    mask = mask.reshape(padded.shape)[..., : rows.shape[-1]]
-    return from_rows(mask, w.shape)
+from sensplan.sensitivity._sparse import M, N, nm_mask
+from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, UnitInfo, WeightMethod
 
 
 @METHODS.register
@@ -74,7 +42,7 @@ class SemiStructured24(WeightMethod):
     def level(self, setting: Mapping[str, Any]) -> float:
         return 0.5
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         return {"density": N / M, "sparse_format": "nm", "nm": [N, M]}
 
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
@@ -99,5 +67,5 @@ class SemiStructured24(WeightMethod):
         # Removing input channels shifts the groups of 4: re-impose the pattern on the final weights.
         with torch.no_grad():
             for layer in assignment:
-                w = ctx.weight(layer)
-                w.mul_(nm_mask(w).to(w.dtype))
+                for _, w in ctx.unit_weights(layer):
+                    w.mul_(nm_mask(w).to(w.dtype))

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from sensplan.sensitivity._groups import check_group, n_remove_for
-from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, ratio_setting
+from sensplan.sensitivity._groups import PruningGraph, check_group, n_remove_for
+from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, UnitInfo, ratio_setting
 
 
 @METHODS.register
@@ -48,7 +48,7 @@ class Prune(Method):
     def level(self, setting: Mapping[str, Any]) -> float:
         return float(setting.get("n_remove", setting["ratio"]))
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         return {"removed": int(setting["n_remove"])}
 
     def unit_settings(self, ctx: MethodContext, unit: str, settings: Sequence[Setting]) -> list[Setting]:
@@ -98,11 +98,18 @@ class Prune(Method):
         chosen = {g: ctx.graph.select(g, int(s["n_remove"])) for g, s in assignment.items()}
         for gid, idxs in chosen.items():
             ctx.graph.zero_(gid, idxs)
-        ctx.records.setdefault("removed", {}).update(chosen)
+        ctx.removed.update(chosen)
+        ctx.records.setdefault(self.name, {}).update(chosen)
 
     def finalize_(self, ctx: MethodContext, assignment: Mapping[str, Setting]) -> None:
-        removed = {g: idxs for g, idxs in ctx.records.get("removed", {}).items() if g in assignment}
+        removed = {g: idxs for g, idxs in ctx.records.get(self.name, {}).items() if g in assignment}
         for gid, idxs in removed.items():  # stop emulating norms before any tensor shrinks
             ctx.graph.unzero_(gid, idxs, [])
         for gid, idxs in removed.items():
             ctx.graph.prune_(gid, idxs)
+
+    def rebuild_(self, ctx: MethodContext, record: Any) -> None:
+        # the original model's graph names the groups; pruning it again shrinks the same tensors
+        graph = PruningGraph(ctx.model, ctx.example_input)
+        for gid, idxs in record.items():
+            graph.prune_(gid, [int(i) for i in idxs])

@@ -13,25 +13,15 @@ from typing import Any
 
 import torch
 
-from sensplan._effects import kept_values
+from sensplan.sensitivity._sparse import magnitude_mask
 from sensplan.sensitivity.methods import (
     METHODS,
     MethodContext,
     Setting,
+    UnitInfo,
     WeightMethod,
     ratio_setting,
 )
-
-
-def magnitude_mask(w: torch.Tensor, density: float, *, numel: int | None = None) -> torch.Tensor:
-    """A boolean mask keeping the ``kept_values(numel, density)`` largest-magnitude entries
-    (ties broken by position, so the mask is deterministic); ``numel`` defaults to ``w.numel()``."""
-    flat = w.detach().abs().reshape(-1).float()
-    keep = kept_values(flat.numel() if numel is None else numel, density)
-    order = torch.argsort(flat, descending=True, stable=True)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask.reshape(w.shape)
 
 
 def live_count(w: torch.Tensor) -> int:
@@ -70,7 +60,7 @@ class UnstructuredSparsity(WeightMethod):
     def level(self, setting: Mapping[str, Any]) -> float:
         return float(setting["ratio"])
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         return {"density": 1.0 - float(setting["ratio"]), "sparse_format": "auto"}
 
     def transform(self, ctx: MethodContext, layer: str, w: torch.Tensor, setting: Mapping[str, Any]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from sensplan.sensitivity._quant import SUPPORTED_BITS, fake_quantize
-from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, WeightMethod
+from sensplan.sensitivity.methods import METHODS, MethodContext, Setting, UnitInfo, WeightMethod
 
 
 @METHODS.register
@@ -39,7 +39,7 @@ class WeightQuant(WeightMethod):
     def level(self, setting: Mapping[str, Any]) -> float:
         return 32.0 - float(setting["bits"])
 
-    def effect(self, setting: Mapping[str, Any]) -> dict[str, Any]:
+    def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         return {"weight_bits": int(setting["bits"]), "weight_dtype": "int", "scale_bits": 32}
 
     def transform(self, ctx: MethodContext, layer: str, w: torch.Tensor, setting: Mapping[str, Any]

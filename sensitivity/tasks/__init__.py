@@ -27,6 +27,7 @@ from torch import nn
 from sensplan._metric import Metric
 from sensplan._registry import Registry
 from sensplan.sensitivity._data import EvalSet
+from sensplan.sensitivity._eval import device_of
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def run_batches(model: nn.Module, data: EvalSet, batch_size: int, device: torch.
 
     tune_malloc()
     model.eval()
-    dev = device or _model_device(model)
+    dev = device or device_of(model)
     use_autocast = dtype is not None and dtype != torch.float32
     with torch.inference_mode():
         for i, (x, y) in enumerate(data.batches(batch_size)):
@@ -101,19 +102,19 @@ def run_batches(model: nn.Module, data: EvalSet, batch_size: int, device: torch.
             yield out.float().cpu(), y.cpu(), torch.tensor(i * batch_size)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+TASKS: Registry[Task] = Registry("task", flag="--task", entry_points="sensplan.tasks")
 
 
-TASKS: Registry[Task] = Registry("task", flag="--task")
+def load_builtin_tasks() -> None:
+    """Import every module of this package (each registers its task), then the tasks other
+    installed packages declare under the ``sensplan.tasks`` entry point group. Runs once."""
+    TASKS.discover(__name__, __path__, Task)
 
 
 def get_task(name: str) -> Task:
-    from sensplan.sensitivity.tasks import agreement, classification  # noqa: F401  (register)
+    load_builtin_tasks()
 
     return TASKS.get(name)
 
 
-__all__ = ["TASKS", "Task", "TaskResult", "get_task", "paired_se", "run_batches"]
+__all__ = ["TASKS", "Task", "TaskResult", "get_task", "load_builtin_tasks", "paired_se", "run_batches"]

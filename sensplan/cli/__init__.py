@@ -6,7 +6,9 @@ Verbs: scan | plan | apply | report | run | demo | validate | methods | models. 
 - 1: a bug in sensplan (the traceback is shown; please report it);
 - 2: a user mistake: one message naming the fix (``--verbose`` adds the traceback);
 - 3: ``apply``/``run`` wrote their files, but the measured model missed a budget;
-- 130: interrupted (Ctrl-C); a scan says how to resume from its journal.
+- 130: interrupted (Ctrl-C); a scan says how to resume from its journal;
+- 141: the reader of the output went away (``sensplan methods | head``): the rest is dropped
+  quietly, as a command killed by SIGPIPE would.
 
 This package imports no torch: each verb imports what it needs when it runs.
 """
@@ -14,6 +16,7 @@ This package imports no torch: each verb imports what it needs when it runs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -23,6 +26,8 @@ from sensplan._errors import SensplanError, UserInputError
 from sensplan._version import __version__
 from sensplan.cli import apply, demo, methods, models, plan, report, run, scan, validate
 from sensplan.cli._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, clobber_problem
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 VERBS = (scan, plan, apply, report, run, demo, validate, methods, models)
 
@@ -85,7 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         clobber = clobber_problem(args)
         if clobber:
             raise UserInputError(clobber)
-        return int(args.fn(args))
+        code = int(args.fn(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except Interrupted:
         return EXIT_INTERRUPTED
     except UserInputError as e:
@@ -104,6 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sensplan {args.command}: internal error: {e}. Please report it with the traceback "
               f"above.", file=sys.stderr)
         return 1
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (e.g. captured output)
+        pass
 
 
 __all__ = ["build_parser", "main"]

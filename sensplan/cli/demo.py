@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,24 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(fn=main)
 
 
+def demo_argv(out: str | Path, weights: str | Path, budgets: Sequence[str] = ("macs=0.5",),
+              epochs: int = 2, seed: int = 0, timing: bool = True,
+              threads: int | None = None) -> list[str]:
+    """The ``sensplan run`` command line of the demo's pipeline."""
+    from sensplan.planner._demo import DEMO_MODEL
+
+    argv = ["run", "--model", DEMO_MODEL, "--weights", str(weights), "--data", "digits:test",
+            "--samples", "300", "--train-data", "digits:train", "--epochs", str(epochs),
+            "--calib-samples", "500", "--seed", str(seed), "--out", str(out)]
+    for b in budgets:
+        argv += ["--budget", b]
+    if not timing:
+        argv.append("--no-timing")
+    if threads is not None:
+        argv += ["--threads", str(threads)]
+    return argv
+
+
 def check_pipeline(argv: list[str], problems: Problems) -> None:
     """Every check ``sensplan run`` makes of ``argv`` (budgets, output paths), without running it:
     a bad --budget or --out must not cost the training first."""
@@ -62,7 +81,7 @@ def check_pipeline(argv: list[str], problems: Problems) -> None:
 def main(args: argparse.Namespace) -> int:
     from sensplan.cli import main as sensplan
     from sensplan.planner import Budget
-    from sensplan.planner._demo import demo_argv, train_demo_model
+    from sensplan.planner._demo import train_demo_model
 
     problems = Problems()
     problems.at_least(args.epochs, 0, "--epochs")
@@ -78,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         check_outputs(problems, [Output(out, "--out", is_dir=True)])
     problems.raise_if_any()
-    weights = train_demo_model(args.out, args.seed, args.threads)
+    weights = train_demo_model(args.out, args.seed, args.threads or default_threads())
     argv = demo_argv(args.out, weights, budgets, args.epochs, args.seed, not args.no_timing,
                      args.threads)
     # the pipeline is `sensplan run`: its exit code (2, 3, 130) is the demo's

@@ -19,8 +19,9 @@ EXAMPLE = """\
 
 
 def register(sub: SubParsers) -> None:
-    p = add_verb(sub, "methods", "List the compression methods (--methods, --setting) and tasks "
-                                 "(--task) that scan can use.", EXAMPLE)
+    p = add_verb(sub, "methods", "List the compression methods (--methods, --setting), tasks "
+                                 "(--task) and cost models (plan --cost-model) there are, and where "
+                                 "each comes from (built in, or another package's entry point).", EXAMPLE)
     p.set_defaults(fn=main)
 
 
@@ -38,8 +39,10 @@ def settings_flag(method: Method) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sensplan.sensitivity import TASKS, get_task
+    from sensplan.planner import COST_MODELS
+    from sensplan.sensitivity import METHODS, TASKS
     from sensplan.sensitivity.methods import all_methods
+    from sensplan.sensitivity.tasks import load_builtin_tasks
 
     print("compression methods (--methods; * = scanned by default):")
     for m in all_methods():
@@ -49,8 +52,25 @@ def main(args: argparse.Namespace) -> int:
         print(f"      axis {m.axis}, unit {m.unit_kind}; default settings: {settings_flag(m)}")
         if m.speed_note:
             print(f"      speed: {m.speed_note}")
-    get_task("classification")  # loads the built-in tasks
+        print(f"      from: {METHODS.origin(m.name)}")
+    load_builtin_tasks()
     print("\ntasks (--task; classification is the default):")
     for t in TASKS:
-        print(f"  {t.name}: {t.description}" + ("" if t.needs_labels else " (needs no labels)"))
+        print(f"  {t.name}: {t.description}" + ("" if t.needs_labels else " (needs no labels)")
+              + _elsewhere(TASKS.origin(t.name)))
+    COST_MODELS.load_entry_points(lambda obj: obj)
+    print("\ncost models (plan --budget METRIC=...): analytic (size, macs, bops, params; built-in), "
+          "table (plan --cost-table FILE; built-in)")
+    for name in COST_MODELS.names():
+        metrics = ", ".join(getattr(COST_MODELS.get(name), "metrics", ()))
+        print(f"  {name} (plan --cost-model {name}): {metrics}{_elsewhere(COST_MODELS.origin(name))}")
+    broken = [*METHODS.broken, *TASKS.broken, *COST_MODELS.broken]
+    if broken:
+        print("\nplug-ins that failed to load (left out):")
+        for b in broken:
+            print(f"  {b}")
     return 0
+
+
+def _elsewhere(origin: str) -> str:
+    return "" if origin == "built-in" else f" [from: {origin}]"

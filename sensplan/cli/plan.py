@@ -90,6 +90,10 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-table", action="append", default=[], metavar="FILE",
                    help="a measured cost table (sensplan.cost_table JSON, e.g. latency per unit "
                         "and setting); its metric can then be budgeted (repeatable)")
+    g.add_argument("--cost-model", action="append", default=[], metavar="NAME",
+                   help="a cost model another installed package registers (entry point group "
+                        "sensplan.cost_models; `sensplan methods` lists them); its metrics can then "
+                        "be budgeted (repeatable)")
     g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="stop the solver after this long; the plan is then feasible but maybe "
                         "not optimal (default 60)")
@@ -102,17 +106,25 @@ class PlanInputs:
     minimize: str | None
     cost_tables: list[TableCosts]
     time_limit: float
+    cost_models: tuple[str, ...] = ()
+
+    def models(self, scan: Scan) -> list[Any]:
+        """The cost tables and the named cost models, built for ``scan``."""
+        from sensplan.planner import make_cost_model
+
+        return [*self.cost_tables, *(make_cost_model(n, scan) for n in self.cost_models)]
 
 
 def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     """The budgets, objective and cost tables from the flags (no scan needed)."""
-    from sensplan.planner import METRICS, Budget, TableCosts, parse_max_drop
+    from sensplan.planner import METRICS, Budget, TableCosts, cost_model_metrics, parse_max_drop
     from sensplan.planner._plan import check_objective
 
     problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
     tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ")
               for path in args.cost_table]
-    known = [*METRICS, *(t.metric for t in tables if t is not None)]
+    named = [problems.check(partial(cost_model_metrics, n), f"--cost-model {n}: ") for n in args.cost_model]
+    known = [*METRICS, *(t.metric for t in tables if t is not None), *(m for ms in named if ms for m in ms)]
     budgets = [problems.check(partial(Budget.parse, text)) for text in args.budget]
     for text, b in zip(args.budget, budgets, strict=True):
         if b is not None and b.metric not in known:
@@ -129,7 +141,8 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
         problems.check(partial(check_objective, good, max_drop, args.minimize))
     if problems.messages:
         return None
-    return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit)
+    return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
+                      tuple(args.cost_model))
 
 
 #: the fewest held-out items a verdict may rest on
@@ -156,7 +169,7 @@ def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rou
     if verifier is not None:
         say("verifying: measuring the plan, its corrections and the uniform candidates ...")
     plan = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
-                     time_limit=inputs.time_limit, cost_models=inputs.cost_tables, verifier=verifier,
+                     time_limit=inputs.time_limit, cost_models=inputs.models(scan), verifier=verifier,
                      rounds=rounds).save(out)
     print_plan(plan)
     print_verification(plan)
@@ -219,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
     scan = problems.check(partial(Scan.load, args.scan))
     inputs = check(args, problems)
     if scan is not None and inputs is not None:  # macs=2 (2 MACs) is caught before any work
-        problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.cost_tables))
+        problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.models(scan)))
     check_verify(args, problems)
     if not args.no_verify:  # --no-verify stays torch-free
         check_runtime_args(args, problems)
