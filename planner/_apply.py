@@ -33,6 +33,7 @@ from sensplan.sensitivity import (
     ModelSpec,
     PruningGraph,
     architecture_digest,
+    batchnorm_state_restored,
     batchnorm_statistics,
     count_macs,
     device_of,
@@ -175,6 +176,24 @@ def _run(ctx: MethodContext, methods: list[tuple[Method, dict[str, Any]]], step:
             m.apply_(ctx, units)
         else:
             m.finalize_(ctx, units)
+
+
+def _apply_and_recalibrate(ctx: MethodContext, methods: list[tuple[Method, dict[str, Any]]],
+                           calib: EvalSet | None, reference: Any) -> None:
+    """Every method's ``apply_``, then BatchNorm recalibration. A method that calibrates on the
+    model (activation ranges) runs last, on the model recalibrated as it will be; the statistics
+    are then put back and recalibrated once more with its change in place, as the scan's probe
+    recalibrated with it."""
+    plain = [(m, u) for m, u in methods if not m.calibrates]
+    calibrating = [(m, u) for m, u in methods if m.calibrates]
+    _run(ctx, plain, "apply")
+    if calibrating and plain:  # (nothing changed otherwise: the statistics are right as they are)
+        with batchnorm_state_restored(ctx.model):
+            recalibrate_batchnorm_(ctx.model, calib, reference)
+            _run(ctx, calibrating, "apply")
+    else:
+        _run(ctx, calibrating, "apply")
+    recalibrate_batchnorm_(ctx.model, calib, reference)
 
 
 def layer_effects(plan_alloc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -322,13 +341,11 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
         _run(ctx, first, "finalize")
         history = distill_(student, model, train_loader, finetune, progress)
         reference = batchnorm_statistics(student, calib) if calib is not None else {}
-        _run(ctx, rest, "apply")
-        recalibrate_batchnorm_(student, calib, reference)
+        _apply_and_recalibrate(ctx, rest, calib, reference)
         _run(ctx, rest, "finalize")
     else:
         reference = batchnorm_statistics(model, calib) if calib is not None else {}
-        _run(ctx, methods, "apply")
-        recalibrate_batchnorm_(student, calib, reference)
+        _apply_and_recalibrate(ctx, methods, calib, reference)
         _run(ctx, methods, "finalize")
     weight_effects: dict[str, dict[str, Any]] = {}
     row_lens: dict[str, int] = {}

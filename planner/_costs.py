@@ -626,21 +626,20 @@ class Costs:
         Drops are otherwise used as measured. Shrinking them toward zero by their standard error
         (recorded as ``drop_se``) was tried and measured worse on ResNet-20 (held-out top-1 -1.6
         points at size=0.25): it made many small but real degradations look free.
+
+        A learned ``surcharge`` corrects the prediction itself, so it is added to the envelope (and
+        the result made monotone again): added to the raw drop before the envelope, a surcharge on
+        an option whose milder neighbour measured worse would vanish in the maximum.
         """
         out = []
         for bi, b in enumerate(self.blocks):
-            vals = np.zeros(len(b.options))
-            best: dict[str | None, float] = {}
+            raw = np.array([o.drop if what == "drop" else o.loss_increase for o in b.options], dtype=float)
+            if noise_floor:
+                raw[1:] = np.maximum(raw[1:], [o.drop_se for o in b.options[1:]])
+            vals = _monotone(b, raw)
             extra = surcharge.get(bi) if surcharge else None
-            for i, o in enumerate(b.options):
-                raw = o.drop if what == "drop" else o.loss_increase
-                if i and noise_floor:
-                    raw = max(raw, o.drop_se)
-                if i and extra is not None:
-                    raw += float(extra[i])
-                v = max(0.0, raw)
-                best[o.method] = max(v, best.get(o.method, 0.0))
-                vals[i] = best[o.method]
+            if extra is not None:
+                vals = _monotone(b, vals + np.concatenate([[0.0], np.asarray(extra, dtype=float)[1:]]))
             out.append(vals)
         return out
 
@@ -655,6 +654,17 @@ class Costs:
 
     def describe(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models]
+
+
+def _monotone(block: Block, values: np.ndarray) -> np.ndarray:
+    """Per option, the largest of ``values`` at that or any milder option of the same method (the
+    options are in strength order within a method), and never below 0."""
+    out = np.zeros(len(block.options))
+    best: dict[str | None, float] = {}
+    for i, o in enumerate(block.options):
+        best[o.method] = max(max(0.0, float(values[i])), best.get(o.method, 0.0))
+        out[i] = best[o.method]
+    return out
 
 
 def _priceable(blocks: list[Block], analytic: AnalyticCosts) -> tuple[list[Block], dict[str, dict[str, str]]]:

@@ -296,7 +296,7 @@ class _Rounds:
         self.candidates.append({"name": f"plan round {k + 1}", "kind": "plan", "alloc": alloc,
                                 "sample": sample, "held": held, "costs": rec["costs"]})
         if not within and not last:
-            rec["correction"] = model.learn(full, alloc, ref.drop, self.data, self.verifier, held is not None)
+            rec["correction"] = model.learn(full, alloc, ref.drop, self.data, self.verifier)
             self.current = cm.adjusted(model.surcharge(), noise_floor=True)
         rec["seconds"] = round(time.perf_counter() - started, 3)
         self.records.append(rec)
@@ -352,7 +352,7 @@ class _Pick:
                     self.tie.update(plan=winner["name"], uniform=self.best_uniform["name"])
                     winner = self.best_uniform
         else:
-            ok = [c for c in candidates if self.measured(c).drop <= max_drop]
+            ok = [c for c in candidates if within_max_drop(self.measured(c), max_drop)]
             winner = (min(ok, key=lambda c: (c["costs"][metric], self.measured(c).drop)) if ok
                       else min(candidates, key=lambda c: self.measured(c).drop))
         self.winner = winner
@@ -413,6 +413,17 @@ def _verdict(pick: _Pick, cm: Costs, split: str, max_drop: float | None, metric:
             f"({best_uni['name']}) on the {where}")
 
 
+#: one-sided 95% quantile of the normal distribution
+Z95_ONE_SIDED = 1.645
+
+
+def within_max_drop(m: Measured, max_drop: float) -> bool:
+    """Whether a measured candidate keeps the max-drop with 95% confidence: its drop plus 1.645
+    paired standard errors is within it. The point estimate alone would let the cheapest of a
+    dozen candidates pass on luck."""
+    return m.drop + Z95_ONE_SIDED * m.se <= max_drop
+
+
 def _within_noise(plan: Measured, uniform: Measured) -> dict[str, float] | None:
     """When a plan measures better than the best uniform candidate by no more than one standard error
     of their paired difference (same samples), the two are a tie and the uniform allocation is
@@ -446,9 +457,13 @@ class _Correction:
 
     - per option measured jointly on two or more units (e.g. the layers chosen at 2 bits), the
       excess of the joint drop over the sum of the units' drops becomes a :class:`CountPenalty`: a
-      rate per pair of units that choose that option (errors that compound grow with the pairs);
-    - what the plan's measurement leaves unexplained after that is spread over the chosen options,
-      by their drops, as a surcharge per unit on every block that offers the option.
+      rate per pair of units that choose that option (errors that compound grow with the pairs).
+      The joint drop is measured on the scan's sample, where the units' own drops were measured:
+      on another split the gap would also hold the winner's curse and the split's shift, which grow
+      with the number of units, not with the pairs;
+    - what the plan's measurement leaves unexplained after that (on the held-out split when there
+      is one: the winner's curse, the shift) is spread over the chosen options, by their drops, as
+      a surcharge per unit on every block that offers the option.
 
     After learning from a plan, the corrected model predicts that plan's measured drop. A
     cancellation (a joint drop below the sum) is not rewarded: it only lowers the surcharges.
@@ -457,6 +472,7 @@ class _Correction:
     def __init__(self, cm: Costs, base: Costs) -> None:
         self.cm = cm
         self.drops = base.drop_table("drop")
+        self.scanned = cm.drop_table("drop")  # as measured on the scan's sample
         self.rates: dict[str, float] = {}
         self.per_unit: dict[str, float] = {}
 
@@ -472,9 +488,9 @@ class _Correction:
         return out
 
     def learn(self, choice: Mapping[int, int], alloc: Mapping[str, Any], measured: float,
-              data: Mapping[str, Any], verifier: Verifier, on_held: bool) -> list[dict[str, Any]]:
-        """Learn from ``measured`` (the plan's drop, on the held-out split when ``on_held``);
-        joint drops are measured on the same split."""
+              data: Mapping[str, Any], verifier: Verifier) -> list[dict[str, Any]]:
+        """Learn from ``measured`` (the plan's drop, on the held-out split when there is one). Joint
+        drops are measured on the scan's sample (see the class docstring)."""
         cm = self.cm
         buckets: dict[str, list[int]] = {}
         for i, o in choice.items():
@@ -487,17 +503,15 @@ class _Correction:
             members = buckets[key]
             if len(members) < 2:
                 continue
-            # on the split the plan's drop was judged on, only
-            ms, mh = verifier.measure(data, _subset(alloc, [cm.blocks[i].name for i in members]), held=on_held,
-                                      sample=not on_held)
-            m = mh if on_held and mh is not None else ms
-            if m is None:  # pragma: no cover - one of the two is always measured
+            m, _ = verifier.measure(data, _subset(alloc, [cm.blocks[i].name for i in members]), held=False)
+            if m is None:  # pragma: no cover - measured on the sample when asked
                 raise RuntimeError("no joint measurement")
+            scanned = float(sum(self.scanned[i][choice[i]] for i in members))
             joint[key] = m.drop
             pairs = len(members) * (len(members) - 1) / 2
-            self.rates[key] = max(0.0, m.drop - additive[key]) / pairs
-            out.append({"option": key, "units": len(members), "additive": additive[key], "joint": m.drop,
-                        "rate_per_pair": self.rates[key]})
+            self.rates[key] = max(0.0, m.drop - scanned) / pairs
+            out.append({"option": key, "units": len(members), "additive": scanned, "joint": m.drop,
+                        "split": "scan sample", "rate_per_pair": self.rates[key]})
         pen = {key: CountPenalty(key, self.rates.get(key, 0.0)).value(len(m)) if self.rates.get(key, 0.0) > 0
                else 0.0 for key, m in buckets.items()}
         residual = measured - sum(additive[key] + pen[key] for key in buckets)
@@ -629,14 +643,15 @@ def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | Non
 
 def _max_drop_verdict(winner: Mapping[str, Any], candidates: Sequence[Mapping[str, Any]], measured: Any,
                       metric: str, original: float, max_drop: float, split: str) -> str:
-    """In max-drop mode candidates compete on cost among those whose measured drop is within it."""
-    ok = [c for c in candidates if measured(c).drop <= max_drop]
+    """In max-drop mode candidates compete on cost among those that keep it with 95% confidence."""
+    ok = [c for c in candidates if within_max_drop(measured(c), max_drop)]
     if winner not in ok:
-        return (f"no candidate measured within the max-drop {_pts(max_drop)} on the {split}; kept the one "
-                f"that dropped least, {winner['name']} ({_pts(measured(winner).drop)})")
+        return (f"no candidate measured within the max-drop {_pts(max_drop)} on the {split} with 95% "
+                f"confidence; kept the one that dropped least, {winner['name']} ({_pts(measured(winner).drop)})")
     unis = [c for c in ok if c["kind"] == "uniform"]
     text = (f"{winner['name']} wins: {metric} {winner['costs'][metric] / original:.3f} of the original at a "
-            f"measured drop of {_pts(measured(winner).drop)} on the {split}")
+            f"measured drop of {_pts(measured(winner).drop)} on the {split} (within the max-drop with 95% "
+            f"confidence)")
     if winner["kind"] == "plan" and unis:
         cheapest = min(unis, key=lambda c: c["costs"][metric])
         text += (f"; the cheapest uniform plan within the max-drop ({cheapest['name']}) costs "

@@ -14,6 +14,7 @@ from sensplan.sensitivity._data import (
 )
 from sensplan.sensitivity._eval import (
     EvalResult,
+    batchnorm_state_restored,
     batchnorm_statistics,
     device_of,
     evaluate,
@@ -81,6 +82,7 @@ __all__ = [
     "WeightMethod",
     "all_methods",
     "architecture_digest",
+    "batchnorm_state_restored",
     "batchnorm_statistics",
     "build_model",
     "check_classes_fit",

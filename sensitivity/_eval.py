@@ -179,7 +179,8 @@ def recalibrate_batchnorm_(model: nn.Module, calib: EvalSet | None, reference: B
     on an unchanged model (measured: -1.7 points on ResNet-20). So we keep the trained statistics and
     correct them: ``mean += mean_now - mean_ref``, ``var *= var_now / var_ref``, with ``*_ref``
     measured the same way on ``model``'s reference (the original; ``reference``). An unchanged
-    model is left exactly as it was. Returns False when there is nothing to recalibrate.
+    model is left as it was, up to float rounding (measured: 1.5e-8 on tiny_resnet). Returns False
+    when there is nothing to recalibrate.
     """
     if calib is None or not reference:
         return False

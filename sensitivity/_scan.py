@@ -362,6 +362,11 @@ def check_model_and_data(model: nn.Module, data: EvalSet, task: Task,
             f"{type(e).__name__}: {first}. Check that --data fits the model: its channels (e.g. "
             f"--model-arg in_channels=...), the image size (--resize, --crop) and "
             f"--mean/--std.") from e
+    if isinstance(out, torch.Tensor) and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise UserInputError(
+            "The model's outputs on the data are not finite (NaN or infinity), so every probe would "
+            "measure nothing. Its weights are probably broken: check --weights (a checkpoint with NaN "
+            "values, or one saved after training diverged).")
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         return None
     n_outputs = int(out.shape[1])

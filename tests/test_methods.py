@@ -313,6 +313,30 @@ def test_sparse_int2_weights_store_exactly_the_priced_values(tmp_path, setup):
     assert torch.equal(outputs(reloaded, s["data"].x), outputs(cm.module, s["data"].x))
 
 
+def test_activation_ranges_are_calibrated_on_the_recalibrated_model(setup):
+    """Input quantization measures its ranges on the model as the executor leaves it: with the
+    other methods applied and BatchNorm recalibrated (measured before the recalibration, the ranges
+    were those of statistics about to change)."""
+    from sensplan.sensitivity import install_input_quant  # noqa: F401 - the quantizer the record feeds
+    from sensplan.sensitivity._quant import act_qparams
+    from sensplan.sensitivity.methods.act_quant import activation_ranges
+
+    s = setup
+    table = s["table"]
+    head = [u for u, v in table.layers.items() if v["type"] == "Linear"][-1]
+    others = {block_name(r): option_key("prune", r["setting"]) for r in rows_of(s, "prune", {"ratio": 0.5})}
+    others.update({f"weight:{u}": option_key("weight_quant", {"bits": 2}) for u in table.layers})
+    act = option_key("act_quant", {"calib": "minmax", "bits": 8})
+    with_act = plan_of(s, {**others, f"activation:{head}": act})
+    cm, _ = compress(s["model"], with_act, "planned", s["data"].example_input, calib=s["calib"])
+    recorded = dict(cm.records)["act_quant"][head]
+    without, _ = compress(s["model"], plan_of(s, others), "planned", s["data"].example_input, calib=s["calib"])
+    r = activation_ranges(without.module, [head], s["calib"].x[:512])[head]
+    want = act_qparams(r["min"], r["max"], 8)  # (channels removed, not zeroed: equal up to rounding)
+    assert recorded["zero_point"] == want["zero_point"]
+    assert recorded["scale"] == pytest.approx(want["scale"], rel=1e-6)
+
+
 # -- (d) the file reloads to the same outputs -----------------------------------------------------
 def whole_method_selection(s, method) -> dict[str, str]:
     """The method at its strongest setting on every unit it scanned."""

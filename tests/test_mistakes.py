@@ -71,6 +71,9 @@ def ws(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("ws")
     torch.save(seeded_model("digits_cnn", width=8).state_dict(), ws / "w.pt")
     torch.save(seeded_model("tiny_convnet").state_dict(), ws / "tc.pt")
+    broken = seeded_model("digits_cnn", width=8).state_dict()
+    broken["stem.0.weight"][0, 0, 0, 0] = float("nan")  # a checkpoint saved after training diverged
+    torch.save(broken, ws / "nan.pt")
     argv = [a.format(ws=ws, out=ws) for a in ["scan", *DIGITS, "--bits", "8", "--ratios", "0.5",
                                               "--out", "{ws}/scan.json"]]
     assert main(argv) == 0
@@ -205,10 +208,17 @@ CASES = [
     ("plan-out-with-a-trailing-slash", [*PLAN[:-1], "{out}/newdir/", "--budget", "macs=0.7"],
      ["ends with '/'", "names a file"]),
     ("zero-check-samples", [*SCAN, *DIGITS, "--check-samples", "0"], ["--check-samples must be >= 1"]),
+    ("weights-with-nan", [*SCAN, *[a.replace("w.pt", "nan.pt") for a in DIGITS]],
+     ["outputs on the data are not finite", "check --weights"]),
     ("zero-train-samples", [*APPLY, "--train-data", "digits:train", "--train-samples", "0"],
      ["--train-samples must be >= 1"]),
     ("negative-epochs", [*APPLY, "--train-data", "digits:train", "--epochs", "-1"],
      ["--epochs must be >= 0"]),
+    ("train-data-is-the-evaluation-data", [*APPLY, "--train-data", "digits"],
+     ["--train-data digits is the data the model is measured on (--data digits)", "training split"]),
+    ("train-folder-spelled-otherwise", [*APPLY[:APPLY.index("--data")], "--data", "{ws}/img4",
+                                        *APPLY[APPLY.index("--data") + 2:], "--train-data", "{ws}/img4/"],
+     ["is the data the model is measured on", "training split"]),
     ("demo-negative-epochs", ["demo", "--epochs", "-1", "--out", "{out}"], ["--epochs must be >= 0"]),
     # models and weights
     ("factory-raises", [*SCAN, "--model", "{ws}/factories.py:boom", "--data", "digits"],

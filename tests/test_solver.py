@@ -18,7 +18,7 @@ from sensplan.planner import (
     uniform_candidates,
     uniform_choice,
 )
-from sensplan.planner._costs import merged_effects
+from sensplan.planner._costs import merged_effects, option_key
 from sensplan.planner._solver import objective_table
 from tests.tables import synthetic_scan
 
@@ -209,6 +209,35 @@ def test_envelope_makes_drops_monotone_per_method_and_non_negative():
             assert np.all(env[idx] >= np.maximum(raw, 0))
             noisy += bool(np.any(np.diff(raw) < 0) or min(raw) < 0)
     assert noisy > 0  # the table does have noise for the envelope to repair
+
+
+def test_a_learned_surcharge_raises_the_prediction_it_was_learned_for():
+    """Raw drops int8 0.02, int6 0.005, int4 0.05: the envelope makes int6 0.02. A plan at int6
+    measured 0.03 teaches a surcharge of 0.01, and the corrected model must predict 0.03; added
+    before the envelope, the surcharge vanished in the maximum with int8 (the prediction stayed 0.02)."""
+    table = synthetic_scan(seed=0, bits=(8, 6, 4))
+    drops = {8: 0.02, 6: 0.005, 4: 0.05}
+    for r in table.results:
+        if r["unit"] == "l0" and r["method"] == "weight_quant":
+            r["drop"], r["drop_se"] = drops[r["setting"]["bits"]], 0.0
+    cm = Costs(table)
+    bi = cm.index["weight:l0"]
+    keys = [o.key for o in cm.blocks[bi].options]
+    int6 = keys.index(option_key("weight_quant", {"bits": 6}))
+    assert cm.drop_table()[bi][int6] == pytest.approx(0.02)
+    surcharge = np.zeros(len(keys))
+    surcharge[int6] = 0.01
+    corrected = cm.adjusted({bi: surcharge})
+    assert corrected.drop_table()[bi][int6] == pytest.approx(0.03)
+    int4 = keys.index(option_key("weight_quant", {"bits": 4}))
+    assert corrected.drop_table()[bi][int4] == pytest.approx(0.05)  # still monotone, unchanged above
+    # a negative surcharge lowers a prediction, never below zero nor below a milder option's
+    int8 = keys.index(option_key("weight_quant", {"bits": 8}))
+    down = np.zeros(len(keys))
+    down[int8], down[int6] = -0.05, -0.05
+    assert list(cm.adjusted({bi: down}).drop_table()[bi][[int8, int6, int4]]) == pytest.approx([0.0, 0.0, 0.05])
+    down[int8] = 0.0
+    assert cm.adjusted({bi: down}).drop_table()[bi][int6] == pytest.approx(0.02)
 
 
 def test_infeasible_budget_states_the_smallest_reachable_cost():

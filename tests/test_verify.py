@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -313,3 +314,86 @@ def test_a_plan_within_one_paired_standard_error_of_uniform_is_a_tie():
     assert math.isclose(tie["se"], math.sqrt(8 - 4 / 1000) / 1000)
     # without per-sample scores there is nothing to pair: no tie is declared
     assert _within_noise(Measured(0.0, 0.0, 1.0, 10), Measured(0.001, 0.0, 0.999, 10)) is None
+
+
+def test_max_drop_mode_keeps_a_candidate_only_when_confidently_within_it():
+    """The cheapest candidate under the max-drop by its point estimate alone may have been lucky: of
+    a dozen candidates, one usually is. A candidate counts when its drop plus 1.645 standard errors
+    (one-sided 95%) is within the max-drop."""
+    from sensplan.planner._verify import Measured, _Pick, within_max_drop
+
+    def cand(name, kind, drop, se, cost):
+        m = Measured(drop, se, 1 - drop, 2000)
+        return {"name": name, "kind": kind, "held": m, "sample": None, "costs": {"size": cost}}
+
+    lucky = cand("plan round 1", "plan", 0.009, 0.003, 100.0)   # 0.009 + 1.645 * 0.003 = 0.0139
+    safe = cand("uniform int8", "uniform", 0.004, 0.002, 150.0)   # 0.004 + 1.645 * 0.002 = 0.0073
+    assert not within_max_drop(lucky["held"], 0.01) and within_max_drop(safe["held"], 0.01)
+    pick = _Pick([lucky, safe], "held", 0.01, "size")
+    assert pick.winner is safe
+    # with nothing confidently within it, the least drop is kept
+    worse = cand("uniform int4", "uniform", 0.02, 0.001, 50.0)
+    assert _Pick([lucky, worse], "held", 0.01, "size").winner is lucky
+
+
+def test_pair_penalties_are_fitted_where_the_units_drops_were_measured():
+    """A bucket of units whose joint drop on the scan's sample is just the sum of their drops has no
+    interaction to learn, whatever the held-out split says: there every unit is off by the same
+    amount (the winner's curse, the split's shift), which grows with the units, not with the pairs.
+    That excess becomes a surcharge per unit; fitted as pairs it over-penalised large buckets."""
+    from sensplan.planner import Costs
+    from sensplan.planner._plan import allocation
+    from sensplan.planner._verify import Measured, _Correction
+    from tests.tables import synthetic_scan
+
+    table = synthetic_scan(n_groups=0, n_layers=6, bits=(8, 4), concat=False, seed=3)
+    cm = Costs(table)
+    int4 = 'weight_quant:{"bits":4}'
+    choice = {i: [o.key for o in b.options].index(int4) for i, b in enumerate(cm.blocks) if b.axis == "weight"}
+    alloc = allocation(cm, choice, table)
+    scanned = cm.drop_table()
+    shift = 0.004  # per unit, on the held-out split only
+
+    class Measuring:
+        def measure(self, data, alloc, *, held=True, sample=True):
+            units = [cm.index[n] for n, c in alloc["choices"].items() if c["method"]]
+            add = sum(scanned[i][choice[i]] for i in units)
+            return (Measured(add, 0.0, 1 - add, 1000) if sample else None,
+                    Measured(add + shift * len(units), 0.0, 1 - add, 1000) if held else None)
+
+    corr = _Correction(cm, cm)
+    held_drop = sum(scanned[i][o] for i, o in choice.items()) + shift * len(choice)
+    records = corr.learn(choice, alloc, held_drop, {}, Measuring())
+    assert records[0]["split"] == "scan sample" and records[0]["units"] == len(choice)
+    assert corr.rates[int4] == 0.0 and corr.penalties() == []
+    assert corr.per_unit[int4] == pytest.approx(shift)
+
+
+def test_the_held_out_split_excludes_the_sample_however_its_folder_is_spelled(tmp_path, monkeypatch):
+    """``--data imgs``, ``--holdout-data imgs/`` or the absolute path, or a symlink to the folder:
+    the same images, so the scan's sample and calibration stay out of the held-out split (compared
+    as spelled, they did not, and the "held-out" verdict was measured on the scan's own images)."""
+    from PIL import Image
+
+    from sensplan.cli import main
+    from sensplan.planner import verifier_from_scan
+    from sensplan.sensitivity import Scan
+    from tests.conftest import seeded_model
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(30):
+            pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    (tmp_path / "link").symlink_to(tmp_path / "imgs")
+    torch.save(seeded_model("tiny_convnet").state_dict(), tmp_path / "w.pt")
+    monkeypatch.chdir(tmp_path)
+    assert main(["scan", "--model", "sensplan:tiny_convnet", "--weights", "w.pt", "--data", "imgs",
+                 "--samples", "40", "--calib-samples", "20", "--bits", "8", "--no-prune", "--threads", "1",
+                 "--out", "scan.json"]) == 0
+    table = Scan.load("scan.json")
+    for spelled in ("imgs/", str(tmp_path / "imgs"), "link", "./imgs"):
+        v, _ = verifier_from_scan(table, holdout=spelled, holdout_samples=None)
+        used = set(v.data.indices.tolist()) | set(v.calib.indices.tolist())
+        assert len(v.held) == 120 - len(used) and not set(v.held.indices.tolist()) & used, spelled

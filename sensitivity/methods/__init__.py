@@ -140,6 +140,10 @@ class Method:
     structural: ClassVar[bool] = False
     #: on by default in ``sensplan scan`` (the others are opt-in with --methods)
     default_on: ClassVar[bool] = False
+    #: True when ``apply_`` calibrates on the model (e.g. activation ranges): the executor runs it
+    #: after every other method's ``apply_``, on the model with its BatchNorm recalibrated, as it
+    #: will run
+    calibrates: ClassVar[bool] = False
     default_settings: ClassVar[tuple[Setting, ...]] = ()
     setting_key: ClassVar[str] = ""
     description: ClassVar[str] = ""

@@ -68,6 +68,7 @@ class ActQuant(Method):
     name = "act_quant"
     axis = "activation"
     stage = 40
+    calibrates = True  # ranges are measured on the model as the executor leaves it, recalibrated
     default_settings = ({"calib": "minmax", "bits": 8}, {"calib": "percentile", "bits": 8})
     setting_key = "calib"
     description = "per-tensor affine integer quantization of each layer's input (calibrated)"

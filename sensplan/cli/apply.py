@@ -117,7 +117,16 @@ def check_finetune(args: argparse.Namespace, problems: Problems) -> FineTuneConf
     problems.at_least(args.max_steps, 1, "--max-steps")
     if not 0.0 <= args.alpha <= 1.0:
         problems.add(f"--alpha must be in the range [0, 1]. Got {args.alpha:g}.")
-    problems.check(partial(data_spec, args.train_data, args, "--train-data"))
+    train = problems.check(partial(data_spec, args.train_data, args, "--train-data"))
+    try:  # a bad --data is reported by its own check
+        evaluated = data_spec(args.data, args, "--data") if args.data else None
+    except UserInputError:
+        evaluated = None
+    if train is not None and evaluated is not None and train.same_source(evaluated):
+        problems.add(f"--train-data {args.train_data} is the data the model is measured on (--data {args.data}): "
+                     f"distillation would train on the images it is then scored on, and the measured drop "
+                     f"would flatter the plan. Pass a training split (e.g. digits:train, or the train/ "
+                     f"folder beside test/).")
     if len(problems.messages) > before:
         return None
     return problems.check(partial(FineTuneConfig, epochs=args.epochs, lr=args.lr,
