@@ -86,8 +86,9 @@ class Verifier:
     """
 
     def __init__(self, model: nn.Module, data: EvalSet, calib: EvalSet | None, held: EvalSet | None = None,
-                 *, model_spec: ModelSpec | None = None, device: str | torch.device | None = None,
-                 batch_size: int = 500, dtype: torch.dtype | None = None) -> None:
+                 *, report: EvalSet | None = None, model_spec: ModelSpec | None = None,
+                 device: str | torch.device | None = None, batch_size: int = 500,
+                 dtype: torch.dtype | None = None) -> None:
         import torch
 
         if device is not None and torch.device(device) != next(model.parameters()).device:
@@ -101,6 +102,7 @@ class Verifier:
         self.data = data.to(dev)
         self.calib = calib.to(dev) if calib is not None else None
         self.held = held.to(dev) if held is not None and len(held) else None
+        self.report = report.to(dev) if report is not None and len(report) else None
         self.model_spec = model_spec
         self.batch_size = batch_size
         self._task_name = ""
@@ -113,7 +115,7 @@ class Verifier:
 
         task = get_task(task_name)
         self._base = {"task": task}
-        for split, ds in (("sample", self.data), ("held", self.held)):
+        for split, ds in (("sample", self.data), ("held", self.held), ("report", self.report)):
             if ds is None:
                 continue
             state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
@@ -123,34 +125,42 @@ class Verifier:
 
     def baseline(self, task_name: str) -> dict[str, float]:
         self._prepare(task_name)
-        return {split: self._base[split][2].score for split in ("sample", "held") if split in self._base}
+        return {split: self._base[split][2].score for split in ("sample", "held", "report") if split in self._base}
 
     def measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], *, held: bool = True,
                 sample: bool = True) -> tuple[Measured | None, Measured | None]:
         """``alloc`` applied as the executor does without fine-tuning, measured on the sample when
         ``sample`` (or when there is no held-out split) and on the held-out split when ``held``."""
+        self._prepare(plan_data["task"]["name"])
+        wanted = [s for s in ("sample", "held") if s in self._base and (
+            held if s == "held" else sample or not held or "held" not in self._base)]
+        got = self._measure(plan_data, alloc, wanted)
+        return got.get("sample"), got.get("held")
+
+    def measure_report(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any]) -> Measured | None:
+        """``alloc`` measured on the report split, which no choice touched (None without one)."""
+        self._prepare(plan_data["task"]["name"])
+        return self._measure(plan_data, alloc, ["report"]).get("report") if "report" in self._base else None
+
+    def _measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], splits: Sequence[str]
+                 ) -> dict[str, Measured]:
         from sensplan.planner._apply import compress
         from sensplan.planner._plan import Plan
         from sensplan.sensitivity.tasks import paired_se
 
-        self._prepare(plan_data["task"]["name"])
         task = self._base["task"]
         plan = Plan({**plan_data, "plans": {"candidate": dict(alloc)}})
         cm, _ = compress(self.model, plan, "candidate", self.data.example_input, calib=self.calib,
                          data=self.data, model_spec=self.model_spec)
-        out: list[Measured | None] = []
-        for split in ("sample", "held"):
-            wanted = held if split == "held" else sample or not held or "held" not in self._base
-            if split not in self._base or not wanted:
-                out.append(None)
-                continue
+        out: dict[str, Measured] = {}
+        for split in splits:
             ds, state, base = self._base[split]
             ev = task.evaluate(cm.module, ds, state, self.batch_size, self.device, self.dtype)
             se = 0.0
             if base.per_sample is not None and ev.per_sample is not None:
                 se = paired_se(base.per_sample, ev.per_sample)[2]
-            out.append(Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n, ev.per_sample))
-        return out[0], out[1]
+            out[split] = Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n, ev.per_sample)
+        return out
 
 
 def _subset(alloc: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -190,7 +200,8 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
     candidates = [*corrected.candidates, *unis]
     split = "held" if verifier.held is not None else "sample"
     pick = _Pick(candidates, split, max_drop, metric)
-    data["plans"]["planned"] = _final_allocation(data, pick, split)
+    report = verifier.measure_report(data, pick.winner["alloc"])
+    data["plans"]["planned"] = _final_allocation(data, pick, split, report)
     by_prediction = pick.by_prediction
     if data["plans"].get("uniform") is not None and by_prediction is not None:
         data["plans"]["uniform"] = {**data["plans"]["uniform"],
@@ -204,7 +215,9 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         "uniform": uniform_recs,
         "baseline": baseline,
         "chosen_on": _split_name(split),
-        "split": {"sample": len(verifier.data), "held_out": len(verifier.held) if verifier.held is not None else 0},
+        "split": {"sample": len(verifier.data), "held_out": len(verifier.held) if verifier.held is not None else 0,
+                  "report": len(verifier.report) if verifier.report is not None else 0},
+        "expected_on": data["plans"]["planned"]["expected"]["measured_on"],
         "winner": {"name": winner["name"], "kind": winner["kind"]},
         "vs_best_uniform": None if best_uni is None else {
             "name": best_uni["name"], "drop": measured(best_uni).drop, "cost": best_uni["costs"].get(metric),
@@ -366,19 +379,24 @@ class _Pick:
         return None if c is None else self.measured(c).drop - self.measured(self.best_plan).drop
 
 
-def _final_allocation(data: dict[str, Any], pick: _Pick, split: str) -> dict[str, Any]:
-    """The winner's allocation, with what it measured and what to expect of it."""
+def _final_allocation(data: dict[str, Any], pick: _Pick, split: str, report: Measured | None) -> dict[str, Any]:
+    """The winner's allocation, with what it measured and what to expect of it: measured on the
+    report split, which no correction, selection or tie-break saw (the split the winner was
+    chosen on favours it: it won there, among several candidates)."""
     winner = pick.winner
     final = dict(winner["alloc"])
     final["verified"] = {"sample": winner["sample"].to_dict() if winner["sample"] else None,
                          "held_out": winner["held"].to_dict() if winner["held"] else None,
+                         "report": report.to_dict() if report is not None else None,
                          "candidate": winner["name"]}
-    # what to expect of this allocation: its own measurement (on held-out data when there is one)
-    m = pick.measured(winner)
+    m = report if report is not None else pick.measured(winner)
     final["expected"] = {"drop": m.drop, "drop_se": m.se,
                          "drop_interval": [m.drop - Z95 * m.se, m.drop + Z95 * m.se],
                          "score": m.score,
-                         "measured_on": "held-out split" if split == "held" else "scan sample"}
+                         "measured_on": ("report split (no choice touched it)" if report is not None else
+                                         "held-out split (the candidates were chosen on it: optimistic)"
+                                         if split == "held" else
+                                         "scan sample (the plan was chosen on it: optimistic)")}
     if winner["kind"] == "uniform":
         first = dict(data["plans"]["planned"].get("solver", {}))
         why = ("the plan is the uniform candidate: the best planned round measured within one paired "
@@ -597,6 +615,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         except UserInputError:
             notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration: "
                          f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
+    held, report = _split_held(held, drec.get("seed", 0) + 3, notes)
     if held is not None and len(held) < 200:
         notes.append(f"the held-out split has only {len(held)} items: differences between candidates of "
                      f"less than about {100 * 2 / len(held) ** 0.5:.0f} points there may be noise (more data "
@@ -604,13 +623,29 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     import torch
 
     dtype = getattr(torch, str(scan.data.get("provenance", {}).get("dtype") or "float32"), None)
-    verifier = Verifier(model, data, calib, held, model_spec=spec, device=device,
+    verifier = Verifier(model, data, calib, held, report=report, model_spec=spec, device=device,
                         dtype=dtype if isinstance(dtype, torch.dtype) else None)
     got = verifier.baseline(scan.data["task"]["name"])["sample"]
     if abs(got - float(scan.baseline["score"])) > 1e-6:
         notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "
                      f"{float(scan.baseline['score']):.4f}: the predictions may not apply to this model")
     return verifier, notes
+
+
+#: the fewest held-out items split into a selection part and a report part (half each)
+MIN_SPLIT = 100
+
+
+def _split_held(held: EvalSet | None, seed: int, notes: list[str]) -> tuple[EvalSet | None, EvalSet | None]:
+    """The held-out data in two halves, stratified: candidates are corrected and chosen on the
+    first, and the winner's expected drop is measured on the second, which no choice touched."""
+    if held is None:
+        return None, None
+    if len(held) < MIN_SPLIT:
+        notes.append(f"the held-out split has only {len(held)} items, too few to keep a part no choice "
+                     f"touches: the plan's expected drop is measured where it was chosen (optimistic)")
+        return held, None
+    return held.split((len(held) + 1) // 2, seed, ("held-out (selection)", "held-out (report)"))
 
 
 def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | None) -> str | None:

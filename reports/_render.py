@@ -440,14 +440,19 @@ def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
     # uniform winning outright is a finding to see; a tie (the plan within noise of uniform) is not
     cls = ("bad" if winner.get("kind") == "uniform" and not ver.get("within_noise")
            else "tie" if winner.get("kind") == "uniform" else "ok")
-    held_n = split.get("held_out")
+    held_n, report_n = split.get("held_out"), split.get("report")
     measured_on = (f"Each planned round was applied as the executor applies it without fine-tuning and "
                    f"measured on the scan's sample ({split.get('sample', '?')} items)"
                    + (f" and on a held-out split ({held_n} items) that the scan never saw; the uniform "
-                      f"candidates (and the joint measurements behind a correction) on the held-out split "
-                      f"only" if held_n else "; so were the uniform candidates (there was no held-out data)")
-                   + f". The final choice was made on the {ver.get('chosen_on')}. Verification took "
-                   f"{float(ver.get('seconds') or 0):.1f} s.")
+                      f"candidates on the held-out split only, and the joint measurements behind a "
+                      f"correction on the scan's sample" if held_n else
+                      "; so were the uniform candidates (there was no held-out data)")
+                   + f". The final choice was made on the {ver.get('chosen_on')}."
+                   + (f" What to expect of it was measured on a report split ({report_n} items) that no "
+                      f"correction or choice saw." if report_n else
+                      f" What to expect of it was measured on the {ver.get('chosen_on')}, where it was chosen "
+                      f"(optimistic).")
+                   + f" Verification took {float(ver.get('seconds') or 0):.1f} s.")
     parts = ["<h2>Verification</h2>",
              f"<p class='{cls}'><b>{_e(ver.get('verdict', ''))}</b></p>",
              "<p>" + _e(measured_on) + "</p>"]

@@ -461,6 +461,24 @@ class EvalSet:
     def example_input(self) -> torch.Tensor:
         return self.x[:1].clone()
 
+    def split(self, n_first: int, seed: int, roles: tuple[str, str] = ("first part", "second part")
+              ) -> tuple[EvalSet, EvalSet]:
+        """Two disjoint parts: ``n_first`` items, stratified by label and seeded, and the rest;
+        each part's description says its role and has its own index digest."""
+        labels = self.y.cpu().numpy() if self.y.dim() == 1 else np.zeros(len(self))
+        first = np.sort(stratified_indices(labels, n_first, seed))
+        rest = np.setdiff1d(np.arange(len(self)), first)
+        return self._part(first, roles[0]), self._part(rest, roles[1])
+
+    def _part(self, pos: np.ndarray, role: str) -> EvalSet:
+        sel = torch.as_tensor(pos, dtype=torch.long, device=self.x.device)
+        indices = self.indices[pos] if self.indices is not None else None
+        desc = {**self.description, "n": len(pos), "role": role}
+        if indices is not None:
+            desc["indices_sha256"] = _digest(indices)
+        return EvalSet(self.x.index_select(0, sel), self.y.index_select(0, sel.to(self.y.device)), self.classes,
+                       desc, indices)
+
     def to(self, device: torch.device | str) -> EvalSet:
         """The same data with its tensors on ``device`` (itself when already there)."""
         dev = torch.device(device)

@@ -132,7 +132,8 @@ def test_compounding_errors_are_measured_corrected_and_solved_again(toys):
     assert _choices(unverified) == {"fc1": "nudge", "fc2": "nudge"}
     assert unverified.variant()["predicted"]["drop"] == 0
 
-    plan = make_plan(table, budget, verifier=Verifier(model, data, None, held), rounds=3)
+    report = margin_data(400, 2)
+    plan = make_plan(table, budget, verifier=Verifier(model, data, None, held, report=report), rounds=3)
     ver = plan.data["verification"]
     first = ver["rounds"][0]
     assert first["predicted"]["drop"] == 0
@@ -153,7 +154,11 @@ def test_compounding_errors_are_measured_corrected_and_solved_again(toys):
     assert [u["label"] for u in ver["uniform"]] == ["nudge same"]
     assert ver["vs_best_uniform"]["advantage"] > 0.3
     assert "wins" in ver["verdict"]
-    assert plan.variant()["expected"]["measured_on"] == "held-out split"
+    # what to expect is measured where no correction or choice looked: the report split
+    expected, verified = plan.variant()["expected"], plan.variant()["verified"]
+    assert expected["measured_on"] == "report split (no choice touched it)"
+    assert expected["drop"] == verified["report"]["drop"] and verified["report"]["n"] == 400
+    assert ver["split"] == {"sample": 400, "held_out": 400, "report": 400}
     assert all(r["seconds"] >= 0 for r in ver["rounds"] if "seconds" in r)
 
 
@@ -220,15 +225,17 @@ def test_the_held_out_split_is_disjoint_and_the_sample_is_the_scans(tmp_path):
                  "--no-prune", "--out", str(tmp_path / "scan.json")]) == 0
     table = Scan.load(tmp_path / "scan.json")
     v, notes = verifier_from_scan(table, holdout_samples=None)
-    assert notes == []  # the rebuilt model scores what the scan measured
+    assert not [n for n in notes if "rebuilt model scores" in n]  # it scores what the scan measured
     assert v.data.description["indices_sha256"] == table.data["data"]["indices_sha256"]
     assert v.calib.description["indices_sha256"] == table.data["calibration"]["indices_sha256"]
-    sample, calib, held = (set(x.indices.tolist()) for x in (v.data, v.calib, v.held))
-    assert not (held & sample) and not (held & calib) and not (sample & calib)
-    assert len(sample | calib | held) == table.data["data"]["n_available"]  # everything else is held out
+    sample, calib, held, report = (set(x.indices.tolist()) for x in (v.data, v.calib, v.held, v.report))
+    parts = [sample, calib, held, report]
+    assert all(not (a & b) for i, a in enumerate(parts) for b in parts[i + 1:])
+    assert abs(len(held) - len(report)) <= 1  # halves: choose on one, report on the other
+    assert len(sample | calib | held | report) == table.data["data"]["n_available"]  # the rest is held out
     # --holdout-data naming the scan's own data still leaves the sample and calibration out
     v2, _ = verifier_from_scan(table, holdout="digits", holdout_samples=None)
-    assert set(v2.held.indices.tolist()) == held
+    assert set(v2.held.indices.tolist()) | set(v2.report.indices.tolist()) == held | report
 
 
 def test_an_unverified_plan_still_carries_an_interval(toys):
@@ -258,9 +265,12 @@ def test_sensplan_plan_verifies_on_the_scans_model_and_data_by_default(tmp_path,
     assert "round 1: predicted drop" in err and "verdict: " in err
     plan = json.loads(out.read_text())
     ver = plan["verification"]
-    assert ver["split"] == {"sample": 150, "held_out": 200} and ver["chosen_on"] == "held-out split"
+    # --holdout-samples 200: chosen on 100 of them, what to expect measured on the other 100
+    assert ver["split"] == {"sample": 150, "held_out": 100, "report": 100} and ver["chosen_on"] == "held-out split"
     assert 1 <= len(ver["rounds"]) <= 2 and ver["uniform"]
-    assert plan["plans"]["planned"]["verified"]["held_out"]["n"] == 200
+    verified = plan["plans"]["planned"]["verified"]
+    assert verified["held_out"]["n"] == 100 and verified["report"]["n"] == 100
+    assert plan["plans"]["planned"]["expected"]["drop"] == verified["report"]["drop"]
 
     # the checkpoint changed since the scan: verification refuses, naming the way out
     torch.save(seeded_model("digits_cnn", width=8, seed=1).state_dict(), weights)
@@ -289,7 +299,8 @@ def test_verification_measures_in_the_scans_dtype_and_leaves_the_model_alone(tmp
     v, notes = verifier_from_scan(table, holdout_samples=200)
     assert v.dtype == torch.bfloat16
     # evaluated under bfloat16 autocast as the scan was, the rebuilt model scores what the scan measured
-    assert notes == [] and v.baseline("classification")["sample"] == table.baseline["score"]
+    assert not [n for n in notes if "rebuilt model scores" in n]
+    assert v.baseline("classification")["sample"] == table.baseline["score"]
 
     model = seeded_model("digits_cnn", width=8).train()
     before = {k: t.clone() for k, t in model.state_dict().items()}
@@ -396,4 +407,5 @@ def test_the_held_out_split_excludes_the_sample_however_its_folder_is_spelled(tm
     for spelled in ("imgs/", str(tmp_path / "imgs"), "link", "./imgs"):
         v, _ = verifier_from_scan(table, holdout=spelled, holdout_samples=None)
         used = set(v.data.indices.tolist()) | set(v.calib.indices.tolist())
-        assert len(v.held) == 120 - len(used) and not set(v.held.indices.tolist()) & used, spelled
+        held = set(v.held.indices.tolist()) | (set(v.report.indices.tolist()) if v.report is not None else set())
+        assert len(held) == 120 - len(used) and not held & used, spelled
