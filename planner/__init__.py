@@ -33,7 +33,7 @@ from sensplan.planner._solver import (
     uniform_candidates,
     uniform_choice,
 )
-from sensplan.planner._verify import Measured, Verifier, verifier_from_scan
+from sensplan.planner._verify import Measured, Verifier, scan_sample, split_held, verifier_from_scan
 
 _EXECUTOR = {
     "FineTuneConfig": "sensplan.planner._apply",
@@ -95,7 +95,9 @@ __all__ = [
     "option_key",
     "parse_max_drop",
     "save_compressed",
+    "scan_sample",
     "solve",
+    "split_held",
     "uniform_candidates",
     "uniform_choice",
     "verifier_from_scan",

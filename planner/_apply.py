@@ -365,9 +365,13 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
                finetune: FineTuneConfig | None = None,
                model_spec: ModelSpec | None = None, timing: bool = True, progress: bool | None = None,
                before: Mapping[str, Any] | None = None,
-               device: str | torch.device | None = None) -> dict[str, Any]:
+               device: str | torch.device | None = None, measured_on: str | None = None) -> dict[str, Any]:
     """Apply one allocation of ``plan`` and measure it against the original; write to ``out_dir``:
     ``model.sensplan`` (the compressed model), ``metrics.json`` and ``plan.json`` (the plan applied).
+
+    ``data`` is what the model is measured on: pass images the plan was not chosen on (the CLI's
+    apply does, see ``sensplan.cli.apply.measurement_data``); ``measured_on`` says which, in
+    metrics.json.
 
     ``device`` runs everything there (on a copy of ``model``); the file is the same on any device.
     ``model`` is never modified. Returns the metrics dictionary; ``metrics["budgets"]`` says which
@@ -411,6 +415,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
             "plan": {"path": plan.path or None, "sha256": plan.sha256 or None},
             "task": dict(plan.data["task"]),
             "data": data.description.get("spec"),
+            "measured_on": measured_on or f"{len(data)} items of {data.description.get('spec')}, as given",
             "before": dict(before),
             "after_without_finetune": no_ft,
             "after": after,

@@ -161,7 +161,9 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
         "created": now_iso(),
         "versions": versions(),
         "scan": {"path": scan.path, "sha256": scan.sha256 or None,
-                 "baseline": dict(scan.baseline), "data": scan.data.get("data", {}).get("spec")},
+                 "baseline": dict(scan.baseline), "data": scan.data.get("data", {}).get("spec"),
+                 # what the plan was chosen on: apply measures outside it
+                 "sample": scan.data.get("data"), "calibration": scan.data.get("calibration")},
         "model": dict(scan.data["model"]),
         "task": dict(scan.data["task"]),
         "objective": {

@@ -103,6 +103,8 @@ class Verifier:
         self.calib = calib.to(dev) if calib is not None else None
         self.held = held.to(dev) if held is not None and len(held) else None
         self.report = report.to(dev) if report is not None and len(report) else None
+        #: how the held-out data was drawn, for plan.json (``apply`` draws the report half again)
+        self.held_draw: dict[str, Any] | None = None
         self.model_spec = model_spec
         self.batch_size = batch_size
         self._task_name = ""
@@ -218,6 +220,7 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         "split": {"sample": len(verifier.data), "held_out": len(verifier.held) if verifier.held is not None else 0,
                   "report": len(verifier.report) if verifier.report is not None else 0},
         "expected_on": data["plans"]["planned"]["expected"]["measured_on"],
+        "held_out_draw": verifier.held_draw,
         "winner": {"name": winner["name"], "kind": winner["kind"]},
         "vs_best_uniform": None if best_uni is None else {
             "name": best_uni["name"], "drop": measured(best_uni).drop, "cost": best_uni["costs"].get(metric),
@@ -554,7 +557,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     else up to ``holdout_samples`` items of the scan's data that neither the sample nor the
     calibration used. Returns the verifier and notes for the user."""
     from sensplan._errors import UserInputError
-    from sensplan.sensitivity import DataSpec, ModelSpec, load_calibration_set, load_eval_set, load_model
+    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
 
     notes: list[str] = []
     rec = scan.data["model"]
@@ -573,33 +576,10 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     except UserInputError as e:
         raise UserInputError(f"Verifying the plan needs the scan's model {spec.source!r}: {e}{hint}") from None
     drec = scan.data["data"]
-    dspec = DataSpec.from_record(drec)
-    n = drec.get("n_requested", drec.get("n"))  # the sample drawn, before unreadable images were left out
-    whole = n is None or n >= drec.get("n_available", 0)
-    try:
-        data = load_eval_set(dspec, None if whole else n, drec.get("seed", 0))
-    except UserInputError as e:
-        raise UserInputError(f"Verifying the plan needs the scan's data {drec.get('spec')!r}: {e}{hint}") from None
-    if data.description.get("indices_sha256") != drec.get("indices_sha256"):
-        raise UserInputError(f"The data {drec.get('spec')!r} is not what the scan measured (its sample "
-                             f"differs). Verify on the scan's data, or pass --no-verify.")
-    crec = scan.data.get("calibration")
-    calib = None
-    used = [data.indices]
-    if crec:
-        cspec = DataSpec.from_record(crec)
-        cn = crec.get("n_requested", crec.get("n"))
-        # as load_calibration_set drew it: from its own source, or from --data outside the sample
-        drawn_from_data = str(crec.get("role", "")).startswith("calibration (")
-        calib = (load_calibration_set(data, cn, drec.get("seed", 0)) if drawn_from_data else
-                 load_calibration_set(data, cn, crec.get("seed", 0), cspec))
-        if calib.description.get("indices_sha256") != crec.get("indices_sha256"):
-            raise UserInputError(f"The calibration data {crec.get('spec')!r} is not what the scan used (its "
-                                 f"sample differs). Verify on the scan's data, or pass --no-verify.")
-        if cspec.same_source(dspec) and calib.indices is not None:
-            used.append(calib.indices)
+    data, calib, exclude, dspec = scan_sample(drec, scan.data.get("calibration"),
+                                              " Verify on the scan's data, or pass --no-verify.")
     held = None
-    exclude = np.concatenate([u for u in used if u is not None])
+    draw: dict[str, Any] | None = None
     if holdout is not None:
         try:
             hspec = holdout if isinstance(holdout, DataSpec) else DataSpec.parse(holdout, dspec.preprocess)
@@ -612,10 +592,12 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     else:
         try:
             held = load_eval_set(dspec, holdout_samples, drec.get("seed", 0) + 2, exclude=exclude)
+            draw = {"from": "the scan's data outside its sample and calibration", "n": holdout_samples,
+                    "seed": drec.get("seed", 0) + 2, "split_seed": drec.get("seed", 0) + 3}
         except UserInputError:
             notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration: "
                          f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
-    held, report = _split_held(held, drec.get("seed", 0) + 3, notes)
+    held, report = split_held(held, drec.get("seed", 0) + 3, notes)
     if held is not None and len(held) < 200:
         notes.append(f"the held-out split has only {len(held)} items: differences between candidates of "
                      f"less than about {100 * 2 / len(held) ** 0.5:.0f} points there may be noise (more data "
@@ -625,6 +607,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     dtype = getattr(torch, str(scan.data.get("provenance", {}).get("dtype") or "float32"), None)
     verifier = Verifier(model, data, calib, held, report=report, model_spec=spec, device=device,
                         dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    verifier.held_draw = draw if report is not None else None
     got = verifier.baseline(scan.data["task"]["name"])["sample"]
     if abs(got - float(scan.baseline["score"])) > 1e-6:
         notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "
@@ -632,11 +615,47 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     return verifier, notes
 
 
+def scan_sample(drec: Mapping[str, Any], crec: Mapping[str, Any] | None, hint: str
+                ) -> tuple[EvalSet, EvalSet | None, np.ndarray, Any]:
+    """The scan's evaluation sample and calibration set, drawn again from what ``scan.json``
+    records of them (``drec``, ``crec``) and checked against their digests; the positions of the
+    data they used (to exclude from anything measured out of sample); and the data's spec.
+    A mismatch raises UserInputError ending with ``hint``."""
+    from sensplan._errors import UserInputError
+    from sensplan.sensitivity import DataSpec, load_calibration_set, load_eval_set
+
+    dspec = DataSpec.from_record(dict(drec))
+    n = drec.get("n_requested", drec.get("n"))  # the sample drawn, before unreadable images were left out
+    whole = n is None or n >= drec.get("n_available", 0)
+    try:
+        data = load_eval_set(dspec, None if whole else n, drec.get("seed", 0))
+    except UserInputError as e:
+        raise UserInputError(f"The scan's data {drec.get('spec')!r} cannot be read: {e}{hint}") from None
+    if data.description.get("indices_sha256") != drec.get("indices_sha256"):
+        raise UserInputError(f"The data {drec.get('spec')!r} is not what the scan measured (its sample "
+                             f"differs).{hint}")
+    calib = None
+    used = [data.indices]
+    if crec:
+        cspec = DataSpec.from_record(dict(crec))
+        cn = crec.get("n_requested", crec.get("n"))
+        # as load_calibration_set drew it: from its own source, or from --data outside the sample
+        drawn_from_data = str(crec.get("role", "")).startswith("calibration (")
+        calib = (load_calibration_set(data, cn, drec.get("seed", 0)) if drawn_from_data else
+                 load_calibration_set(data, cn, crec.get("seed", 0), cspec))
+        if calib.description.get("indices_sha256") != crec.get("indices_sha256"):
+            raise UserInputError(f"The calibration data {crec.get('spec')!r} is not what the scan used (its "
+                                 f"sample differs).{hint}")
+        if cspec.same_source(dspec) and calib.indices is not None:
+            used.append(calib.indices)
+    return data, calib, np.concatenate([u for u in used if u is not None]), dspec
+
+
 #: the fewest held-out items split into a selection part and a report part (half each)
 MIN_SPLIT = 100
 
 
-def _split_held(held: EvalSet | None, seed: int, notes: list[str]) -> tuple[EvalSet | None, EvalSet | None]:
+def split_held(held: EvalSet | None, seed: int, notes: list[str]) -> tuple[EvalSet | None, EvalSet | None]:
     """The held-out data in two halves, stratified: candidates are corrected and chosen on the
     first, and the winner's expected drop is measured on the second, which no choice touched."""
     if held is None:

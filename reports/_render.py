@@ -932,8 +932,9 @@ def _results_sections(s: Scan, p: Plan | None, results: Mapping[str, Any], fmt: 
                                                   "status"], budget_rows, _status_class))
     for name, r in results.items():
         ft = r.get("after_without_finetune")
-        note = (f"Fine-tuned; {fmt.title} before fine-tuning {fmt.score(ft.get('score'))}. "
-                if ft else "")
+        note = f"Measured on {r['measured_on']}. " if r.get("measured_on") else ""
+        note += (f"Fine-tuned; {fmt.title} before fine-tuning {fmt.score(ft.get('score'))}. "
+                 if ft else "")
         diff = (r.get("after") or {}).get("reload_max_abs_diff")
         note += (f"The saved file reloads to outputs within {diff:.3g} of the in-memory model."
                  if _isnum(diff) else "")

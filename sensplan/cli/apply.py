@@ -161,14 +161,53 @@ def train_loader(args: argparse.Namespace, ft: FineTuneConfig | None) -> Any:
                    augment=bool(args.augment), n=args.train_samples)
 
 
+def measurement_data(args: argparse.Namespace, plan: Plan, data: EvalSet, calib: EvalSet | None
+                     ) -> tuple[EvalSet, EvalSet | None, str]:
+    """The data apply measures on, the calibration it recalibrates with, and what the former is.
+
+    Measured on the images the plan was chosen on, a plan looks better than it is. So when --data
+    is the scan's data: the report half of the held-out split that verification set aside (no
+    choice touched it), or else the items outside the scan's sample and calibration; BatchNorm is
+    recalibrated on the scan's own calibration set. Only when nothing is left outside the sample
+    are the numbers in-sample, and metrics.json says so."""
+    from sensplan.planner import scan_sample, split_held
+    from sensplan.sensitivity import DataSpec, load_eval_set
+
+    rec = (plan.data.get("scan") or {}).get("sample")
+    if not rec or not rec.get("kind") or not rec.get("indices_sha256"):
+        return data, calib, "--data as given (the plan does not record which images its scan used)"
+    given = data_spec(args.data, args, "--data")  # the user's labels and preprocessing, checked later
+    if not given.same_source(DataSpec.from_record(dict(rec))):
+        return data, calib, f"--data {args.data}: other data than the scan's sample (out of sample)"
+    hint = " Pass the --data the scan used, unchanged."
+    sample, scan_calib, exclude, _ = scan_sample(rec, (plan.data.get("scan") or {}).get("calibration"), hint)
+    calib = scan_calib if calib is not None else None  # --no-bn-recalibration still turns it off
+    draw = (plan.data.get("verification") or {}).get("held_out_draw")
+    try:
+        if draw:
+            held = load_eval_set(given, draw["n"], int(draw["seed"]), exclude=exclude)
+            _, report = split_held(held, int(draw["split_seed"]), [])
+            if report is not None:
+                return report, calib, (f"the report half of the held-out split ({len(report)} items of --data outside "
+                                       f"the scan's sample and calibration that no choice of the plan touched)")
+        held = load_eval_set(given, args.samples or None, int(rec.get("seed", 0)) + 2, exclude=exclude)
+        return held, calib, f"{len(held)} items of --data outside the scan's sample and calibration (out of sample)"
+    except UserInputError:
+        say(f"note: --data {args.data} has no items outside the scan's sample and calibration: the measured "
+            f"numbers are in-sample (the plan was chosen on these images, so they flatter it)")
+        return sample, calib, "the scan's sample (in-sample: the plan was chosen on it; --data has nothing else)"
+
+
 def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: Any,
             spec: ModelSpec, data: EvalSet, calib: EvalSet | None, loader: Any,
             ft: FineTuneConfig | None, out: Path) -> list[str]:
-    """Apply and measure each variant; return the budgets missed (one line each)."""
+    """Apply and measure each variant (out of sample, see :func:`measurement_data`); return the
+    budgets missed (one line each)."""
     from sensplan.planner import apply_plan, measure_original, missed_budgets
     from sensplan.planner._apply import check_compatible
     from sensplan.sensitivity import check_classes_fit, check_model_and_data, get_task
 
+    data, calib, measured_on = measurement_data(args, plan, data, calib)
     dev = device(args.device)
     model = model.to(dev)
     data = data.to(dev)
@@ -183,6 +222,7 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
         if v not in have:
             say(f"the plan has no {v} allocation (none meets the budget); skipping it")
     state = task.prepare(model, data)
+    say(f"measuring on {measured_on}")
     say("measuring the original model")
     before = measure_original(model, data, spec, timing=not args.no_timing, task=task,
                               task_state=state)
@@ -191,7 +231,7 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
         say(f"applying the {v} allocation")
         m = apply_plan(model, plan, data, out if v == "planned" else out / v, variant=v,
                        calib=calib, train_loader=loader, finetune=ft, model_spec=spec,
-                       timing=not args.no_timing, before=before)
+                       timing=not args.no_timing, before=before, measured_on=measured_on)
         print_metrics(v, task.metric.name, m)
         missed += [f"{v}: {line}" for line in missed_budgets(m)]
     if loader is not None and getattr(loader, "skipped", None):

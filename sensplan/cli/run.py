@@ -101,22 +101,32 @@ def plan_verifier(args: argparse.Namespace, model: Any, spec: Any, data: Any, ca
     (--holdout-data, or items of --data outside the sample and the calibration data)."""
     import numpy as np
 
-    from sensplan.planner import Verifier
+    from sensplan.planner import Verifier, split_held
     from sensplan.sensitivity import load_eval_set
 
     n = args.holdout_samples or None
     used = [data.indices]
-    if calib is not None and calib.description.get("spec") == data.description.get("spec"):
+    spec_data = data_spec(args.data, args, "--data")
+    source = args.calib_data or getattr(args, "train_data", None)
+    if calib is not None and (source is None or data_spec(source, args, "--calib-data").same_source(spec_data)):
         used.append(calib.indices)
     exclude = np.concatenate([u for u in used if u is not None])
-    spec_data = data_spec(args.data, args, "--data")
+    draw = None
     if holdout is not None:  # the scan's own data: only what the sample and calibration left
-        held = load_eval_set(holdout, n, args.seed + 2, exclude=exclude if holdout == spec_data else None)
+        held = load_eval_set(holdout, n, args.seed + 2, exclude=exclude if holdout.same_source(spec_data) else None)
     else:
         try:
             held = load_eval_set(spec_data, n, args.seed + 2, exclude=exclude)
+            draw = {"from": "the scan's data outside its sample and calibration", "n": n, "seed": args.seed + 2,
+                    "split_seed": args.seed + 3}
         except UserInputError:
             say(f"note: --data {args.data} has nothing outside the scan's sample and calibration: "
                 f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
             held = None
-    return Verifier(model, data, calib, held, model_spec=spec, device=args.device)
+    notes: list[str] = []
+    held, report = split_held(held, args.seed + 3, notes)
+    for note in notes:
+        say(f"note: {note}")
+    verifier = Verifier(model, data, calib, held, report=report, model_spec=spec, device=args.device)
+    verifier.held_draw = draw if report is not None else None
+    return verifier

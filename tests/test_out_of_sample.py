@@ -1,0 +1,75 @@
+"""apply measures where the plan was not chosen: the report half of the verification's held-out
+split, else the items outside the scan's sample and calibration; in-sample only when nothing is
+left, and metrics.json says which."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sensplan.cli import main
+from sensplan.planner import scan_sample, split_held
+from sensplan.sensitivity import DataSpec, load_eval_set
+from tests.conftest import seeded_model
+
+MODEL = ["--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("oos")
+    torch.save(seeded_model("digits_cnn", width=8).state_dict(), ws / "w.pt")
+    return ws
+
+
+def _scan(ws, samples: str, out: str) -> list[str]:
+    args = [*MODEL, "--weights", str(ws / "w.pt"), "--data", "digits", "--samples", samples,
+            "--calib-samples", "100"]
+    assert main(["scan", *args, "--bits", "8,4", "--ratios", "0.5", "--out", str(ws / out)]) == 0
+    return args
+
+
+def test_apply_measures_the_report_half_no_choice_touched(ws):
+    args = _scan(ws, "150", "scan.json")
+    assert main(["plan", "--scan", str(ws / "scan.json"), "--budget", "size=0.5", "--verify-rounds", "1",
+                 "--holdout-samples", "200", "--out", str(ws / "plan.json")]) == 0
+    assert main(["apply", *args, "--plan", str(ws / "plan.json"), "--no-timing", "--variants", "planned",
+                 "--out", str(ws / "result")]) == 0
+    metrics = json.loads((ws / "result" / "metrics.json").read_text())
+    assert metrics["measured_on"].startswith("the report half of the held-out split (100 items")
+    assert metrics["after"]["n"] == metrics["before"]["n"] == 100
+    # the very items the plan's expected drop was measured on, and none the scan or the choice saw
+    plan = json.loads((ws / "plan.json").read_text())
+    assert plan["plans"]["planned"]["verified"]["report"]["n"] == 100
+    table = json.loads((ws / "scan.json").read_text())
+    sample, calib, exclude, dspec = scan_sample(table["data"], table["calibration"], "")
+    draw = plan["verification"]["held_out_draw"]
+    held, report = split_held(load_eval_set(dspec, draw["n"], draw["seed"], exclude=exclude), draw["split_seed"], [])
+    assert not set(report.indices.tolist()) & (set(exclude.tolist()) | set(held.indices.tolist()))
+
+
+def test_an_unverified_plan_is_measured_outside_the_scans_sample(ws):
+    args = _scan(ws, "150", "scan2.json")
+    assert main(["plan", "--scan", str(ws / "scan2.json"), "--budget", "size=0.5", "--no-verify",
+                 "--out", str(ws / "plan2.json")]) == 0
+    assert main(["apply", *args, "--plan", str(ws / "plan2.json"), "--no-timing", "--variants", "planned",
+                 "--out", str(ws / "result2")]) == 0
+    metrics = json.loads((ws / "result2" / "metrics.json").read_text())
+    total = len(load_eval_set(DataSpec.parse("digits"), None))
+    assert metrics["measured_on"].endswith("items of --data outside the scan's sample and calibration (out of sample)")
+    assert metrics["after"]["n"] == min(150, total - 150 - 100)  # apply's --samples, drawn outside
+
+
+def test_with_nothing_left_outside_the_sample_the_numbers_say_they_are_in_sample(ws, capsys):
+    args = _scan(ws, "0", "scan3.json")  # --samples 0: the whole data set is the sample
+    assert main(["plan", "--scan", str(ws / "scan3.json"), "--budget", "size=0.5", "--no-verify",
+                 "--out", str(ws / "plan3.json")]) == 0
+    assert main(["apply", *args, "--plan", str(ws / "plan3.json"), "--no-timing", "--variants", "planned",
+                 "--out", str(ws / "result3")]) == 0
+    metrics = json.loads((ws / "result3" / "metrics.json").read_text())
+    assert metrics["measured_on"].startswith("the scan's sample (in-sample")
+    assert "the measured numbers are in-sample" in capsys.readouterr().err
+    assert np.isfinite(metrics["after"]["score"])
