@@ -36,7 +36,7 @@ import numpy as np
 
 from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length, weight_coefficients
 from sensplan._errors import ArtifactError
-from sensplan._expr import ParsedStructure, default_structure, parse_structure
+from sensplan._expr import Expr, ParsedStructure, default_structure, parse_structure
 from sensplan._registry import Registry
 
 ANALYTIC_METRICS = ("size", "macs", "bops", "params")
@@ -212,54 +212,50 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
 
 
 class _Pricing:
-    """The one description of what a tensor costs: :meth:`metrics` maps its pruned dims (numbers or
-    arrays, broadcast) and the merged effects of its layer's options to size (bytes), params,
-    MACs and BOPs. The MILP's terms tabulate it; :meth:`AnalyticCosts.direct` evaluates it."""
+    """The one description of what a tensor costs: :meth:`costs` maps its pruned dims (numbers or
+    arrays, broadcast) and the merged effect of its layer's options to size (bytes), params, MACs
+    and BOPs. The MILP's terms tabulate it over many effects (:meth:`metrics`);
+    :meth:`AnalyticCosts.direct` evaluates it at one point."""
 
     def __init__(self, t: _Tensor) -> None:
         self.t = t
-        self._structures: dict[str, ParsedStructure] = {}
+        self._structures: dict[str, tuple[ParsedStructure, Expr, Expr]] = {}
 
-    def structure(self, effect: Mapping[str, Any]) -> ParsedStructure:
+    def structure(self, effect: Mapping[str, Any]) -> tuple[ParsedStructure, Expr, Expr]:
+        """The layer's structure under ``effect``, with its stored values and rows as expressions."""
         data = effect.get("structure")
         key = "" if data is None else json.dumps(data, sort_keys=True)
         if key not in self._structures:
-            self._structures[key] = (default_structure(self.t.shape, self.t.macs) if data is None
-                                     else parse_structure(data))
+            st = default_structure(self.t.shape, self.t.macs) if data is None else parse_structure(data)
+            self._structures[key] = (st, st.numel(), st.rows())
         return self._structures[key]
+
+    def costs(self, env: Mapping[str, Any], effect: Mapping[str, Any]) -> dict[str, Any]:
+        """Every metric at the pruned dims ``env`` under the merged ``effect`` (numbers or arrays)."""
+        t = self.t
+        if t.layer is None:
+            numel = _numel(env, len(t.shape))
+            return {"size": numel * t.storage_bits / 8, "params": numel if t.is_param else 0.0 * numel,
+                    "macs": 0.0 * numel, "bops": 0.0 * numel}
+        st, numel_expr, rows_expr = self.structure(effect)
+        numel, rows, macs = numel_expr.evaluate(env), rows_expr.evaluate(env), st.macs.evaluate(env)
+        a, b, c = weight_coefficients(effect, row_length(t.shape))
+        return {"size": (a * numel + b * rows + c * len(st.tensors)) / 8,
+                "params": numel if t.is_param else 0.0 * numel, "macs": macs,
+                "bops": macs * float(effect["weight_bits"]) * float(effect["act_bits"])}
 
     def metrics(self, env: Mapping[str, Any], effects: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """Per metric, an array with a leading axis over ``effects`` (one merged effect each)."""
-        t = self.t
-        if t.layer is None:
-            numel = np.asarray(_numel(env, len(t.shape)), dtype=float)[None]
-            return {"size": numel * t.storage_bits / 8, "params": numel if t.is_param else numel * 0.0,
-                    "macs": numel * 0.0, "bops": numel * 0.0}
-        row_len = row_length(t.shape)
-        parts: dict[str, tuple[Any, Any, int, Any]] = {}
-        for e in effects:
-            key = json.dumps(e.get("structure"), sort_keys=True)
-            if key not in parts:
-                st = self.structure(e)
-                parts[key] = (st.numel().evaluate(env), st.rows().evaluate(env), len(st.tensors),
-                              st.macs.evaluate(env))
-        out: dict[str, list[Any]] = {m: [] for m in ANALYTIC_METRICS}
-        for e in effects:
-            numel, rows, count, macs = parts[json.dumps(e.get("structure"), sort_keys=True)]
-            a, b, c = weight_coefficients(e, row_len)
-            out["size"].append((a * numel + b * rows + c * count) / 8)
-            out["params"].append(numel if t.is_param else numel * 0.0)
-            out["macs"].append(macs)
-            out["bops"].append(macs * float(e["weight_bits"]) * float(e["act_bits"]))
-        return {m: np.stack(np.broadcast_arrays(*[np.asarray(v, dtype=float) for v in vals]))
-                for m, vals in out.items()}
+        per = [self.costs(env, e) for e in (effects if self.t.layer is not None else effects[:1])]
+        return {m: np.stack(np.broadcast_arrays(*[np.asarray(c[m], dtype=float) for c in per]))
+                for m in ANALYTIC_METRICS}
 
     def linear_in(self, effect: Mapping[str, Any], d: int) -> bool:
         """Whether the cost is linear in dim ``d`` (then a dim shared by several groups is priced
         exactly by expanding the product, each term over one of its groups)."""
-        st = self.structure(effect)
+        st, numel, rows = self.structure(effect)
         name = f"d{d}"
-        return all(x.degree(name) <= 1 for x in (st.numel(), st.rows(), st.macs))
+        return all(x.degree(name) <= 1 for x in (numel, rows, st.macs))
 
 
 def _numel(env: Mapping[str, Any], n: int) -> Any:
@@ -302,6 +298,7 @@ class AnalyticCosts:
 
     def __init__(self, scan: Any) -> None:
         self.scan = scan
+        self._pricings: list[tuple[_Tensor, _Pricing, list[tuple[str, int, float]]]] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"name": "analytic", "metrics": list(self.metrics),
@@ -390,22 +387,32 @@ class AnalyticCosts:
         the terms tabulate. Used for the uniform baseline's fine ratio grid, and by the tests to check
         the terms."""
         out = dict.fromkeys(self.metrics, 0.0)
-        for key, t in self.scan.tensors.items():
-            shape = [float(s) for s in t["shape"]]
-            for gid, dims in t["shrinks"].items():
-                for d, per in (dims.items() if isinstance(dims, Mapping) else []):
-                    shape[int(d)] -= float(removed.get(gid, 0)) * float(per)
-            layer = t.get("layer")
-            is_layer = layer is not None and layer in self.scan.layers
-            tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in shape),
-                             float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
-                             layer if is_layer else None, (),
-                             float(self.scan.layers[layer]["macs"]) if is_layer else 0.0)
+        for tensor, pricing, shrinks in self._direct_pricings():
+            shape = [float(s) for s in tensor.shape]
+            for gid, d, per in shrinks:
+                shape[d] -= float(removed.get(gid, 0)) * per
             env = {f"d{d}": v for d, v in enumerate(shape)}
-            effect = merge([effects.get(layer, {})]) if is_layer else {}
-            for m, arr in _Pricing(tensor).metrics(env, [effect]).items():
-                out[m] += float(arr.reshape(-1)[0])
+            effect = merge([effects.get(tensor.layer, {})]) if tensor.layer is not None else {}
+            for m, v in pricing.costs(env, effect).items():
+                out[m] += float(v)
         return out
+
+    def _direct_pricings(self) -> list[tuple[_Tensor, _Pricing, list[tuple[str, int, float]]]]:
+        """Per tensor, its description, its pricing (which caches parsed structures) and the
+        (group, dim, elements per channel) that shrink it: built once, used by every ``direct``."""
+        if self._pricings is None:
+            self._pricings = []
+            for key, t in self.scan.tensors.items():
+                layer = t.get("layer")
+                is_layer = layer is not None and layer in self.scan.layers
+                tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in t["shape"]),
+                                 float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
+                                 layer if is_layer else None, (),
+                                 float(self.scan.layers[layer]["macs"]) if is_layer else 0.0)
+                shrinks = [(gid, int(d), float(per)) for gid, dims in t["shrinks"].items()
+                           for d, per in (dims.items() if isinstance(dims, Mapping) else [])]
+                self._pricings.append((tensor, _Pricing(tensor), shrinks))
+        return self._pricings
 
 
 def _local_effects(blocks: Sequence[Block], local: Sequence[int]) -> tuple[list[tuple[int, ...]], list[dict[str, Any]]]:
