@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +95,7 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
             continue
         _check_pairs(name, alloc)
         for method, units in assignments(alloc).items():
-            m = get_method(method)
+            m = get_method(method, named_in="The plan")
             _check_settings(name, m, units, alloc)
             if m.unit_kind == "layer":
                 missing = [u for u in units if u not in modules]
@@ -133,18 +133,27 @@ def _check_settings(name: str, method: Method, units: Mapping[str, Any], alloc: 
 
 
 def _check_pairs(name: str, alloc: Mapping[str, Any]) -> None:
-    """No unit gets two methods that cannot change it together (the planner never chooses such a
-    pair; a plan edited by hand might)."""
-    per_unit: dict[str, list[str]] = {}
+    """No unit gets two methods that cannot change it together, nor two structures (the planner
+    never chooses such a pair; a plan edited by hand might). A group and a layer of the same name
+    are different units."""
+    again = "The plan file was edited or is corrupt: make it again with `sensplan plan`."
+    per_unit: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for c in alloc["choices"].values():
         if c.get("method"):
-            per_unit.setdefault(c["unit"], []).append(c["method"])
-    for unit, names in per_unit.items():
-        for a, b in itertools.combinations(names, 2):
-            if not compatible(get_method(a), get_method(b)):
+            per_unit.setdefault((c["kind"], c["unit"]), []).append(c)
+    for (_, unit), chosen in per_unit.items():
+        for x, y in itertools.combinations(chosen, 2):
+            a, b = x["method"], y["method"]
+            if a == b:
+                raise ArtifactError(f"The plan's {name!r} allocation applies {a} twice to {unit!r} (under two "
+                                    f"axes). {again}")
+            if not compatible(get_method(a, named_in="The plan"), get_method(b, named_in="The plan")):
                 raise ArtifactError(f"The plan's {name!r} allocation applies both {a} and {b} to {unit!r}, which "
-                                    f"cannot change one unit together. The plan file was edited or is corrupt: "
-                                    f"make it again with `sensplan plan`.")
+                                    f"cannot change one unit together. {again}")
+            if (x.get("effect") or {}).get("structure") is not None and \
+                    (y.get("effect") or {}).get("structure") is not None:
+                raise ArtifactError(f"The plan's {name!r} allocation restructures {unit!r} twice ({a} and {b}): a "
+                                    f"layer takes one structure. {again}")
 
 
 def _check_groups(graph: PruningGraph, alloc: Mapping[str, Any], units: Mapping[str, Any]) -> None:
@@ -279,17 +288,19 @@ def latency(model: nn.Module, example_input: torch.Tensor, *, warmup: int = 10, 
 
 def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | None = None,
             task_state: Any = None, effects: Mapping[str, Mapping[str, Any]] | None = None,
-            batch_size: int = 500, timing: bool = True) -> dict[str, Any]:
+            batch_size: int = 500, timing: bool = True, original: Collection[str] | None = None) -> dict[str, Any]:
     """What a model really costs and scores: the task's score and loss, params, MACs, BOPs (layers
-    without an effect count as float32 weights and activations; the layers inside a restructured
-    unit take the unit's effect), file size, latency."""
+    without an effect count as float32 weights and activations; a layer a structural method created,
+    one not among the ``original`` model's module names, takes the effect of the unit it replaced),
+    file size, latency."""
     t = task or get_task("classification")
     ev = t.evaluate(model, data, task_state, batch_size)
     layer_macs = count_macs(model, data.example_input)
     eff = {k: merge([v]) for k, v in (effects or {}).items()}
     bops = 0.0
     for name, macs in layer_macs.items():
-        e = eff.get(_unit_of(name, eff), LAYER_DEFAULTS)
+        unit = name if original is None or name in original else _unit_of(name, eff)
+        e = eff.get(unit, LAYER_DEFAULTS)
         bops += macs * e["weight_bits"] * e["act_bits"]
     out: dict[str, Any] = {"score": ev.score, "loss": ev.loss, "n": ev.n,
                            "params": int(sum(p.numel() for p in model.parameters())),
@@ -326,7 +337,7 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
     alloc = plan.variant(variant)
     student = copy.deepcopy(model).eval()
     ctx = _context(student, example_input, calib, data)
-    methods = sorted(((get_method(m), u) for m, u in assignments(alloc).items()),
+    methods = sorted(((get_method(m, named_in="The plan"), u) for m, u in assignments(alloc).items()),
                      key=lambda mu: execution_order(mu[0]))
     groups = {u: s for m, us in methods if m.unit_kind == "group" for u, s in us.items()}
     if groups and ctx.graph is None:
@@ -339,6 +350,7 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
         rest = [(m, u) for m, u in methods if not m.structural]
         _run(ctx, first, "apply")
         _run(ctx, first, "finalize")
+        ctx.removed.clear()  # the channels are gone: later methods see the pruned model as it is
         history = distill_(student, model, train_loader, finetune, progress)
         reference = batchnorm_statistics(student, calib) if calib is not None else {}
         _apply_and_recalibrate(ctx, rest, calib, reference)
@@ -388,7 +400,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     data = data.to(dev)
     calib = calib.to(dev) if calib is not None else None
     example = data.example_input
-    task = get_task(plan.data["task"]["name"])
+    task = get_task(plan.data["task"]["name"], named_in="The plan")
     state = task.prepare(model, data)
     if before is None:
         before = measure_original(model, data, model_spec, timing=timing, task=task, task_state=state)
@@ -446,7 +458,7 @@ def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data:
     cm.module = nn.Module()  # one model fewer in memory while the file is reloaded (a 630M ViT: 2.5 GB)
     reloaded = load_compressed(staged, copy.deepcopy(model))
     after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
-                    timing=timing)
+                    timing=timing, original={n for n, _ in model.named_modules()})
     after["payload_bytes"] = payload_bytes
     with torch.inference_mode():
         after["reload_max_abs_diff"] = float((reloaded(example) - compressed_out).abs().max())

@@ -3,7 +3,7 @@
 Layout (little-endian)::
 
     b"SENSPLAN"  8 bytes magic
-    uint32       container version (2)
+    uint32       container version (3)
     uint64       header length H
     H bytes      zlib-compressed JSON header
     ...          tensor payload: each tensor's parts at header["tensors"][key]["parts"][i]["offset"]
@@ -266,7 +266,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     version, hlen = struct.unpack("<IQ", raw[8:20])
     if version != CONTAINER_VERSION:
         raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads version "
-                            f"{CONTAINER_VERSION}. Use the sensplan version that wrote it.")
+                            f"{CONTAINER_VERSION}. Re-create it with `sensplan apply`, or load it with the "
+                            f"sensplan version that wrote it.")
     if len(raw) < 20 + hlen:
         raise ArtifactError(f"{str(p)!r} is truncated: its header needs {hlen} bytes, the file has "
                             f"{len(raw) - 20}. {again}")
@@ -347,7 +348,8 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         if not info.get("spec"):
             raise ArtifactError(f"{str(path)!r} records no model spec; pass the original architecture as `model`.")
         spec = ModelSpec.from_record(info["spec"], beside=os.path.dirname(os.path.abspath(path)),
-                                     artifact=repr(str(path)))
+                                     artifact=repr(str(path)),
+                                     fix=", or pass the model yourself: load_compressed(path, model)")
         model = build_model(spec, allow_pickle=allow_pickle)
     model.eval()
     if info.get("architecture_digest") and architecture_digest(model) != info["architecture_digest"]:
@@ -379,7 +381,7 @@ def _replay(model: nn.Module, header: Mapping[str, Any], path: str) -> None:
     ctx = MethodContext(model, torch.zeros(1, *header["model"]["input_shape"], device=device), {}, {}, {},
                         device=device)
     for name, record in records:
-        method = get_method(name)  # an unknown name says which methods exist
+        method = get_method(name, named_in=repr(path))
         try:
             method.rebuild_(ctx, record)
         except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length, weight_coefficients
-from sensplan._errors import ArtifactError
+from sensplan._errors import ArtifactError, UserInputError, first_line
 from sensplan._expr import Expr, ParsedStructure, default_structure, parse_structure
 from sensplan._registry import Registry
 
@@ -315,8 +315,8 @@ class AnalyticCosts:
             grid = _grid(t, joint)
             expand = () if joint else t.multi
             local_shape = [len(blocks[i].options) for i in t.local]
-            corners = {r: self._table(pricing, blocks, t, grid, effects, local_shape, dict.fromkeys(r, 1.0))
-                       for r in _subsets(expand)}
+            corners = {r: self._table(pricing, blocks, t, grid, expand, effects, local_shape,
+                                      dict.fromkeys(r, 1.0)) for r in _subsets(expand)}
             factors = (*grid, *t.local)
             for sub in _subsets(expand):
                 # the coefficient of the product of the removals over ``sub``'s dims (multilinear)
@@ -332,15 +332,17 @@ class AnalyticCosts:
 
     @staticmethod
     def _table(pricing: _Pricing, blocks: Sequence[Block], t: _Tensor, grid: Sequence[int],
-               effects: Sequence[Mapping[str, Any]], local_shape: Sequence[int],
+               expand: Sequence[int], effects: Sequence[Mapping[str, Any]], local_shape: Sequence[int],
                removed: Mapping[int, float]) -> dict[str, np.ndarray]:
         """The tensor's metrics over (grid blocks' options, its layer's options), with ``removed``
-        elements taken from the expanded dims (a corner of their expansion)."""
+        elements taken from the expanded dims (a corner of their expansion). A grid block shrinks
+        only the dims that are not expanded: an expanded dim's removals, its own included, come in
+        through the expansion's terms (counted here too, they were taken twice)."""
         env = {}
         for d, s in enumerate(t.shape):
             v: Any = float(s) - removed.get(d, 0.0)
             for bi, p in t.dims[d]:
-                if bi in grid:
+                if bi in grid and d not in expand:
                     k = np.array([float(o.effect.get("removed", 0)) for o in blocks[bi].options])
                     shape = [1] * len(grid)
                     shape[list(grid).index(bi)] = len(k)
@@ -543,16 +545,31 @@ class TableCosts:
 COST_MODELS: Registry[Any] = Registry("cost model", flag="--cost-model", entry_points="sensplan.cost_models")
 
 
+def _as_factory(obj: Any) -> Any:
+    metrics = getattr(obj, "metrics", None)
+    if not callable(obj) or not isinstance(metrics, (tuple, list)) or not all(isinstance(m, str) for m in metrics):
+        raise TypeError(f"{obj!r} is not a sensplan cost model: a class (or factory) taking the scan, with a "
+                        f"`metrics` tuple of metric names")
+    return obj
+
+
 def make_cost_model(name: str, scan: Any) -> CostModel:
-    """The registered cost model ``name`` built for ``scan`` (``sensplan plan --cost-model NAME``)."""
-    COST_MODELS.load_entry_points(lambda obj: obj)  # factories are kept as they are: they need the scan
-    model: CostModel = COST_MODELS.get(name)(scan)
+    """The registered cost model ``name`` built for ``scan`` (``sensplan plan --cost-model NAME``).
+    A plug-in that fails to start is one message naming it, not a traceback."""
+    COST_MODELS.load_entry_points(_as_factory)  # factories are kept as they are: they need the scan
+    factory = COST_MODELS.get(name)
+    try:
+        model: CostModel = factory(scan)
+    except Exception as e:  # noqa: BLE001 - a plug-in's failure, reported as such
+        raise UserInputError(f"The cost model {name!r} ({COST_MODELS.origin(name)}) failed to start: "
+                             f"{type(e).__name__}: {first_line(e)}. Fix the plug-in, or plan without "
+                             f"--cost-model {name}.") from e
     return model
 
 
 def cost_model_metrics(name: str) -> tuple[str, ...]:
     """The metrics the registered cost model ``name`` adds (without a scan)."""
-    COST_MODELS.load_entry_points(lambda obj: obj)
+    COST_MODELS.load_entry_points(_as_factory)
     return tuple(getattr(COST_MODELS.get(name), "metrics", ()))
 
 
@@ -575,10 +592,10 @@ class Costs:
         self.models: list[CostModel] = [self.analytic, *extra]
         self.terms: dict[str, list[Term]] = {}
         for model in self.models:
-            for metric, terms in model.terms(self.blocks).items():
+            for metric, terms in _terms_of(model, self.blocks).items():
                 if metric in self.terms:
                     raise ArtifactError(f"Two cost models provide the metric {metric!r}. Give each cost "
-                                        f"table its own metric name.")
+                                        f"model and cost table its own metric name.")
                 self.terms[metric] = terms
         self.metrics = tuple(self.terms)
         self._drops = self._envelope("drop")
@@ -663,6 +680,28 @@ class Costs:
         return [m.describe() for m in self.models]
 
 
+def _terms_of(model: CostModel, blocks: Sequence[Block]) -> dict[str, list[Term]]:
+    """A cost model's terms, checked: every table has one axis per factor, as long as that block's
+    options, and finite entries. A plug-in's mistake is one message naming it."""
+    name = getattr(model, "name", "") or model.describe().get("name", type(model).__name__)
+    try:
+        got = model.terms(blocks)
+        for metric, terms in got.items():
+            for t in terms:
+                table = np.asarray(t.table, dtype=float)
+                want = tuple(len(blocks[f].options) for f in t.factors)
+                if table.shape != want or not np.all(np.isfinite(table)):
+                    raise ValueError(f"a {metric!r} term over blocks {t.factors} has a table of shape "
+                                     f"{table.shape}, not {want} (one entry per option), or entries that are not "
+                                     f"finite")
+        return got
+    except (UserInputError, ArtifactError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a plug-in's mistake, reported as such
+        raise UserInputError(f"The cost model {name!r} gave terms sensplan cannot use ({type(e).__name__}: "
+                             f"{first_line(e)}). Fix the plug-in, or plan without it.") from e
+
+
 def _monotone(block: Block, values: np.ndarray) -> np.ndarray:
     """Per option, the largest of ``values`` at that or any milder option of the same method (the
     options are in strength order within a method), and never below 0."""
@@ -695,9 +734,9 @@ def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int]
     """Pairs of (block, option) on one unit that cannot be chosen together: their methods declared
     each other incompatible (``incompatible_with`` in the scan), or both restructure the layer."""
     incompatible = {name: set(info.get("incompatible_with") or ()) for name, info in scan.methods.items()}
-    by_unit: dict[str, list[int]] = {}
+    by_unit: dict[tuple[str, str], list[int]] = {}  # a group and a layer of one name are two units
     for i, b in enumerate(blocks):
-        by_unit.setdefault(b.unit, []).append(i)
+        by_unit.setdefault((b.kind, b.unit), []).append(i)
     out = []
     for members in by_unit.values():
         for i, j in itertools.combinations(members, 2):

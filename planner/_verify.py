@@ -566,7 +566,8 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
                              "from objects in Python). Pass --no-verify, or verify in Python with "
                              "make_plan(..., verifier=Verifier(model, data, calib, held)).")
     beside = os.path.dirname(os.path.abspath(scan.path)) if scan.path else None
-    spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"))
+    spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"),
+                                 fix=", or pass --no-verify to plan without measuring")
     path = _scan_weights(rec, weights, beside)
     if path is None:
         notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
@@ -687,11 +688,13 @@ def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | Non
         return None
     found = locate(recorded, resolved=rec.get("weights_resolved"), sha256=want, beside=beside)
     if found is None:
-        places = ", ".join(p for p in (f"beside the scan ({beside})" if beside else "",
-                                       rec.get("weights_resolved") or "", f"{recorded} from here") if p)
-        raise UserInputError(f"Verifying the plan needs the weights the scan measured, {recorded!r}, which are "
-                             f"not at {places}{' with the recorded sha256' if want else ''}. Pass --weights "
-                             f"FILE, or --no-verify to skip verification.")
+        places = [f"beside the scan ({os.path.join(beside, os.path.basename(recorded))})" if beside else "",
+                  f"where they were ({rec['weights_resolved']})" if rec.get("weights_resolved") else "",
+                  f"{recorded} from {os.getcwd()!r}" if not os.path.isabs(recorded) else ""]
+        raise UserInputError(f"Verifying the plan needs the weights the scan measured, {recorded!r}, which are in "
+                             f"none of these places{' (with the recorded sha256)' if want else ''}: "
+                             f"{'; '.join(p for p in places if p)}. Pass --weights FILE, or --no-verify to skip "
+                             f"verification.")
     return str(found)
 
 

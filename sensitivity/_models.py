@@ -110,11 +110,12 @@ class ModelSpec:
 
     @classmethod
     def from_record(cls, d: Mapping[str, Any], *, beside: str | os.PathLike[str] | None = None,
-                    artifact: str = "the artifact") -> ModelSpec:
+                    artifact: str = "the artifact", fix: str = "") -> ModelSpec:
         """The spec an artifact recorded, with its file found from here: beside the artifact
         (``beside``: its folder) first, then at the resolved path it was recorded with, then as
         written. A file found elsewhere than written is named by its new path. A file that is
-        nowhere raises a ModelSpecError naming the fix."""
+        nowhere raises a ModelSpecError listing where it looked and naming the fix (``fix``: the
+        remedy of the caller, e.g. a flag)."""
         spec = cls.from_dict(d)
         f = spec.file
         if f is None:
@@ -124,11 +125,16 @@ class ModelSpec:
         found = (locate(f, resolved=d.get("file"), sha256=d.get("file_sha256"), beside=beside)
                  or locate(f, resolved=d.get("file"), beside=beside))  # the same file, edited since
         if found is None:
-            where = f"beside {artifact}, at {d['file']!r}," if d.get("file") else f"beside {artifact}"
+            places = []
+            if beside is not None:
+                places.append(f"beside {artifact} ({os.path.join(beside, Path(f).name)})")
+            if d.get("file"):
+                places.append(f"where it was ({d['file']})")
+            if not Path(f).is_absolute():
+                places.append(f"{f} from {str(Path.cwd())!r}")
             raise ModelSpecError(
-                f"The model file {f!r} that {artifact} records is not {where} nor at {f!r} from "
-                f"{str(Path.cwd())!r}. Run from the folder where it was made, put the file beside "
-                f"{artifact}, or pass the model yourself (--model, or load_compressed(path, model)).")
+                f"The model file {f!r} that {artifact} records is in none of these places: "
+                f"{'; '.join(places)}. Copy it beside {artifact}{fix}.")
         if os.path.realpath(found) == os.path.realpath(f):
             return spec
         prefix = "pickle:" if spec.source.startswith("pickle:") else ""

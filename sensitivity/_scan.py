@@ -46,7 +46,7 @@ from sensplan.sensitivity.methods import (
     execution_order,
     get_method,
 )
-from sensplan.sensitivity.tasks import Task, TaskResult, get_task, paired_se
+from sensplan.sensitivity.tasks import Task, TaskResult, get_task, paired_se, signal_changes
 
 
 def default_settings() -> dict[str, tuple[Setting, ...]]:
@@ -337,7 +337,8 @@ def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: 
             "effect": effect_data(method.effect(setting, ctx.unit_info(unit, method.unit_kind))),
             "score": ev.score, "loss": ev.loss,
             "drop": metric.drop(base.score, ev.score), "drop_se": se, "lost": lost, "gained": gained,
-            "loss_increase": ev.loss - base.loss, "seconds": round(seconds, 4)}
+            "loss_increase": ev.loss - base.loss, "signals": signal_changes(base, ev),
+            "seconds": round(seconds, 4)}
 
 
 def check_model_and_data(model: nn.Module, data: EvalSet, task: Task,

@@ -110,24 +110,38 @@ class Registry(Generic[T]):
                 obj = ep.load()
                 if isinstance(obj, type(sys)):
                     continue  # a module: it registered its plug-ins when it was imported
-                item = make(obj) if make is not None else (obj() if isinstance(obj, type) else obj)
-                name = str(getattr(item, "name", "") or ep.name)
-                if name in self._items and self._items[name] is item:
+                name = str(getattr(obj, "name", "") or ep.name)
+                have = self._items.get(name)
+                if have is not None and (have is obj or type(have) is obj):
+                    self._origins[name] = where  # registered on import by its own decorator too
                     continue
+                item = make(obj) if make is not None else (obj() if isinstance(obj, type) else obj)
                 self.add(name, item, origin=where)
             except Exception as e:  # noqa: BLE001 - a broken plug-in must not stop sensplan
                 self.broken.append(f"{ep.name} = {ep.value}: {type(e).__name__}: {first_line(e)}")
 
-    def get(self, name: str) -> T:
-        """The plug-in called ``name``; an unknown name lists what exists and the closest match."""
+    def get(self, name: str, *, named_in: str = "") -> T:
+        """The plug-in called ``name``; an unknown name lists what exists and the closest match.
+
+        ``named_in`` says where the name came from when it is not the user's flag (e.g. "the plan"):
+        then a missing plug-in is reported as not installed here, not as a typo."""
         try:
             return self._items[name]
         except KeyError:
+            broken = next((b for b in self.broken if b.split(" = ", 1)[0] == name), "")
+            if broken:
+                raise UserInputError(f"The {self.what} {name!r} comes from a plug-in that failed to load "
+                                     f"({broken}). Fix or reinstall the package that provides it "
+                                     f"(`sensplan methods` lists the plug-ins and their errors).") from None
+            known = f"Known: {', '.join(self._items) or 'none'}."
+            if named_in:
+                raise UserInputError(f"{named_in} uses the {self.what} {name!r}, which is not installed here. "
+                                     f"Install the package that provides it (`sensplan methods` lists what is "
+                                     f"installed). {known}") from None
             close = difflib.get_close_matches(name, list(self._items), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             where = f" for {self.flag}" if self.flag else ""
-            raise UserInputError(f"Unknown {self.what} {name!r}{where}.{hint} Known: "
-                                 f"{', '.join(self._items) or 'none'}.") from None
+            raise UserInputError(f"Unknown {self.what} {name!r}{where}.{hint} {known}") from None
 
     def names(self) -> list[str]:
         return list(self._items)

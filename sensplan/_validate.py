@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from sensplan._artifacts import file_sha256
+from sensplan._effects import merge
 from sensplan._effects import to_data as effect_data
 
 _NUM = (int, float)
@@ -219,7 +220,58 @@ def validate_files(paths: list[str]) -> list[str]:
         problems += [f"{raw}: {m}" for m in _CHECKS[fmt](obj)]
         loaded.setdefault(fmt, []).append((str(raw), obj, file_sha256(path)))
     problems += chain_problems(loaded)
+    scans = {sha: obj for _, obj, sha in loaded.get("sensplan.scan", [])}
+    for path_, obj, _ in loaded.get("sensplan.plan", []):
+        scan_obj = scans.get(str((obj.get("scan") or {}).get("sha256")))
+        if scan_obj is not None and not problems:
+            problems += [f"{path_}: {m}" for m in plan_against_scan(scan_obj, obj)]
     return problems
+
+
+def plan_against_scan(scan: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
+    """A plan checked against the scan it was made from: every chosen option is one the scan
+    measured (a group's fraction off the scanned grid excepted, as the uniform plan writes it), and
+    its predicted size, MACs, BOPs and parameters are what the scan's costs give for its choices. A
+    plan edited by hand (a setting changed, an option added) fails here with the difference."""
+    from sensplan._tables import Scan
+    from sensplan.planner import AnalyticCosts, option_key
+
+    table = Scan(scan)
+    scanned = {(r["axis"], r["unit"], option_key(r["method"], r["setting"])) for r in table.results}
+    kinds = {name: info.get("unit_kind", "layer") for name, info in table.methods.items()}
+    out = []
+    analytic = AnalyticCosts(table)
+    for variant, alloc in (plan.get("plans") or {}).items():
+        if not alloc:
+            continue
+        removed: dict[str, float] = {}
+        per_layer: dict[str, list[Mapping[str, Any]]] = {}
+        for name, c in alloc["choices"].items():
+            if not c.get("method"):
+                continue
+            key = option_key(c["method"], c.get("setting", {}))
+            if kinds.get(c["method"]) == "group":
+                removed[c["unit"]] = float((c.get("effect") or {}).get("removed", 0))
+            elif (c["axis"], c["unit"], key) not in scanned:
+                out.append(f"plans.{variant} chooses {key} for {name}, which the scan did not measure "
+                           f"(an edited plan? make it again with `sensplan plan`)")
+                continue
+            else:
+                per_layer.setdefault(c["unit"], []).append(c.get("effect") or {})
+        if out:
+            continue
+        try:
+            costs = analytic.direct(removed, {u: merge(e) for u, e in per_layer.items()})
+        except ValueError as e:
+            out.append(f"plans.{variant} cannot be priced: {e}")
+            continue
+        predicted = alloc.get("predicted") or {}
+        for metric, value in costs.items():
+            want = predicted.get(metric)
+            if isinstance(want, (int, float)) and abs(float(want) - value) > 1e-6 * max(1.0, abs(value)):
+                out.append(f"plans.{variant} predicts {metric} {float(want):.6g}, but its choices cost {value:.6g} "
+                           f"by the scan (an edited plan? make it again with `sensplan plan`)")
+    return out
 
 
 def chain_problems(loaded: Mapping[str, list[tuple[str, dict[str, Any], str]]]) -> list[str]:

@@ -75,7 +75,7 @@ def scan_file(planned, tmp_path):
     (["scan", "--model", "sensplan:digits_cnn", "--data", "digits", "--bits", "8,x"],
      "--bits 8,x: "),
     (["scan", "--model", "sensplan:digits_cnn", "--data", "digits", "--ratios", "0.5,1.5"],
-     "--ratios 0.5,1.5: The ratio setting of prune must be a fraction in (0, 1), e.g. prune=0.5. "
+     "--ratios 0.5,1.5: The 'ratio' setting of prune must be a fraction in (0, 1), e.g. prune=0.5. "
      "Got 1.5"),
     (["scan", "--model", "sensplan:digits_cnn", "--data", "digits", "--model-arg", "width"],
      "KEY=VALUE"),

@@ -83,3 +83,46 @@ def test_multihead_attention_is_counted_and_quantizable(tmp_path) -> None:
     m = apply_plan(model, plan, data, tmp_path, timing=False)
     assert m["comparison"]["size"]["measured"] == pytest.approx(m["comparison"]["size"]["predicted"], abs=16)
     assert m["comparison"]["macs"]["measured"] == m["comparison"]["macs"]["predicted"]
+
+
+class _SkipConcat(nn.Module):
+    """``y = x + c2(cat([x, z]))``: group c1 shrinks c2's output dim alone and, with group c3, its
+    concatenated input dim too (a GNN or transformer block's ``h + mlp(cat(h, m))``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(14, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        x, z = torch.relu(self.c1(inp)), torch.relu(self.c3(inp))
+        return self.fc((x + self.c2(torch.cat([x, z], 1))).mean((2, 3)))
+
+
+def test_a_group_that_shrinks_a_dim_alone_and_a_shared_dim_counts_once(tmp_path) -> None:
+    from sensplan.planner import AnalyticCosts, Costs
+    from sensplan.planner._costs import merged_effects
+
+    torch.manual_seed(0)
+    model = _SkipConcat().eval()
+    data = _random_data(model, 64, 8)
+    table = scan(model, data, ScanConfig({"prune": [{"ratio": 0.25}, {"ratio": 0.5}]}, check_samples=4),
+                 progress=False)
+    shrinks = table.tensors["c2.weight"]["shrinks"]
+    both = [g for g, dims in shrinks.items() if {"0", "1"} <= set(dims)]  # the residual stream's group
+    assert len(shrinks) == 2 and len(both) == 1
+    cm = Costs(table)
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # the terms equal the direct evaluation at every choice
+        choice = {i: int(rng.integers(len(b.options))) for i, b in enumerate(cm.blocks)}
+        removed = {b.unit: b.options[choice[i]].effect.get("removed", 0) for i, b in enumerate(cm.blocks)
+                   if b.kind == "group"}
+        direct = AnalyticCosts(table).direct(removed, merged_effects(cm.blocks, choice))
+        assert cm.evaluate(choice) == pytest.approx(direct, rel=1e-12)
+    plan = make_plan(table, [Budget.parse("macs=0.6")], time_limit=20)
+    m = apply_plan(model, plan, data, tmp_path, timing=False)
+    for metric in ("macs", "params", "size"):
+        assert m["comparison"][metric]["measured"] == pytest.approx(m["comparison"][metric]["predicted"],
+                                                                    rel=1e-12, abs=8), metric

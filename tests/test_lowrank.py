@@ -181,13 +181,25 @@ def test_a_hand_edited_incompatible_pair_is_refused(setup):
         compress(s["model"], Plan(data), "planned", s["data"].example_input)
 
 
+class Gained(nn.Linear):
+    """A Linear with a learned gain of its own: two plain layers in its place would drop it."""
+
+    def __init__(self, *args: int) -> None:
+        super().__init__(*args)
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.gain
+
+
 class Mixed(nn.Module):
     """A grouped conv, a plain conv, attention (whose out_proj forward never runs), an unused
-    Linear and a head."""
+    Linear, a Linear subclass with a gain and a head."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.gained = Gained(16, 16)
         self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
         self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
         self.unused = nn.Linear(16, 16)
@@ -197,7 +209,7 @@ class Mixed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.grouped(self.stem(x)).flatten(2).transpose(1, 2)
         t, _ = self.attn(t, t, t)
-        return self.tiny(self.head(t.mean(1)))
+        return self.tiny(self.head(self.gained(t.mean(1))))
 
 
 def test_units_it_cannot_factorize_are_skipped_with_the_reason():
@@ -213,6 +225,7 @@ def test_units_it_cannot_factorize_are_skipped_with_the_reason():
     assert "covers Linear and Conv2d layers, not MultiheadAttention" in units["attn"]
     assert "forward never runs" in units["attn.out_proj"]  # used through its weight
     assert "unused" not in units  # a layer that never runs has no MACs: it is no unit at all
+    assert "Gained subclasses Linear" in units["gained"] and "drop that" in units["gained"]
     assert "no scanned rank stores fewer values" in units["tiny"]  # 4 x 4 at rank 2: 16 values either way
 
 
@@ -284,3 +297,59 @@ def test_an_option_too_costly_to_price_exactly_is_left_out_with_the_reason(monke
     assert all(o.method != "lowrank" for o in cm.blocks[cm.index[f"rank:{unit}"]].options)
     plan = make_plan(table, [Budget.parse("size=0.9")], time_limit=30)
     assert plan.variant()["skipped"]["lowrank"][unit] == reason
+
+
+def test_validate_reprices_a_plan_against_its_scan(tmp_path, setup):
+    """A plan edited by hand is caught by `sensplan validate scan.json plan.json`: an option the scan
+    never measured, or a choice whose predicted costs no longer add up."""
+    import json
+
+    from sensplan._validate import validate_files
+
+    s = setup
+    table = s["table"].save(tmp_path / "scan.json")
+    layer = next(r["unit"] for r in table.results if r["method"] == "lowrank")
+    plan = make_plan(table, [Budget.parse("size=0.99")])
+    plan.data["plans"]["planned"] = plan_of(s, {f"rank:{layer}": option_key("lowrank", {"rank": 0.5})}
+                                            ).variant()
+    plan.save(tmp_path / "plan.json")
+    assert validate_files([str(tmp_path / "scan.json"), str(tmp_path / "plan.json")]) == []
+
+    edited = json.loads((tmp_path / "plan.json").read_text())
+    c = edited["plans"]["planned"]["choices"][f"weight:{layer}"]
+    c.update(method="weight_quant", setting={"bits": 4}, label="int4",
+             effect={"weight_bits": 4, "weight_dtype": "int", "scale_bits": 32})
+    (tmp_path / "stale.json").write_text(json.dumps(edited))
+    problems = validate_files([str(tmp_path / "scan.json"), str(tmp_path / "stale.json")])
+    assert any("predicts size" in p and "but its choices cost" in p for p in problems), problems
+
+    edited["plans"]["planned"]["choices"][f"rank:{layer}"]["setting"] = {"rank": 0.9}
+    (tmp_path / "unscanned.json").write_text(json.dumps(edited))
+    problems = validate_files([str(tmp_path / "scan.json"), str(tmp_path / "unscanned.json")])
+    assert any('lowrank:{"rank":0.9}' in p and "the scan did not measure" in p for p in problems), problems
+
+
+def test_a_group_and_a_layer_of_one_name_are_two_units_for_the_pair_check():
+    """Groups are named by their root layer: group "conv" (pruned) and layer "conv" (a method that
+    refuses to follow a structural change on its own unit) are two units, as the planner sees them."""
+    from sensplan.planner._apply import _check_pairs
+    from sensplan.sensitivity import METHODS, WeightMethod
+
+    class Fussy(WeightMethod):
+        name = "fussy"
+        axis = "weight"
+
+        def can_follow(self, other):
+            return not other.structural
+
+    METHODS.register(Fussy)
+    try:
+        choice = {"unit": "conv", "setting": {}, "label": "", "effect": {}}
+        alloc = {"choices": {"channels:conv": {**choice, "axis": "channels", "kind": "group", "method": "prune"},
+                             "weight:conv": {**choice, "axis": "weight", "kind": "layer", "method": "fussy"}}}
+        _check_pairs("planned", alloc)  # no error: not one unit
+        alloc["choices"]["rank:conv"] = {**choice, "axis": "rank", "kind": "layer", "method": "lowrank"}
+        with pytest.raises(ArtifactError, match="applies both fussy and lowrank to 'conv'"):
+            _check_pairs("planned", alloc)
+    finally:
+        METHODS.remove("fussy")

@@ -62,6 +62,7 @@ def test_moved_weights_are_named_with_the_fix(project, capsys):
     assert main(["plan", "--scan", str(project / "scan.json"), "--budget", "size=0.5", "--out", "plan.json"]) == 2
     err = capsys.readouterr().err
     assert "needs the weights the scan measured, 'weights/w.pt'" in err and "Pass --weights FILE" in err
+    assert "in none of these places" in err and "where they were (" in err
     # the same weights beside the scan are found by name
     shutil.copy(project / "w-moved.pt", project / "w.pt")
     assert main(["plan", "--scan", str(project / "scan.json"), "--budget", "size=0.5", "--verify-rounds", "1",
@@ -78,6 +79,7 @@ def test_a_moved_model_file_is_named_with_the_fix_and_found_beside_the_file(proj
     with pytest.raises(ModelSpecError) as e:
         load_compressed(project / "result" / "model.sensplan")
     msg = str(e.value)
-    assert "'net.py'" in msg and "put the file beside" in msg and "load_compressed(path, model)" in msg
+    assert "'net.py'" in msg and "Copy it beside" in msg and "load_compressed(path, model)" in msg
+    assert "where it was (" in msg and "in none of these places" in msg
     shutil.copy(project / "net-old.py", project / "result" / "net.py")
     assert isinstance(load_compressed(project / "result" / "model.sensplan"), torch.nn.Sequential)

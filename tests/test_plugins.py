@@ -137,6 +137,30 @@ THIRD_PARTY = '''
     class Broken:
         def __init__(self):
             raise RuntimeError("this plug-in cannot start")
+
+
+    class NoScan:
+        """A cost model that forgot to take the scan."""
+        name = "noscan"
+        metrics = ("noscan",)
+
+
+    class WrongTerms(FloatLayers):
+        """A cost model whose tables are one entry short."""
+        name = "wrongterms"
+        metrics = ("wrongterms",)
+
+        def terms(self, blocks):
+            return {"wrongterms": [Term((i,), np.zeros(len(b.options) - 1)) for i, b in enumerate(blocks)]}
+
+
+    from sensplan.sensitivity import METHODS
+
+
+    @METHODS.register
+    class Twice(AbsmaxQuant):
+        """Registered by its decorator on import, and by an entry point too."""
+        name = "twice_quant"
 '''
 
 
@@ -149,9 +173,11 @@ def site(tmp_path_factory):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sensplan-absmax\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[sensplan.methods]\nabsmax_quant = sensplan_absmax:AbsmaxQuant\nbroken = sensplan_absmax:Broken\n\n"
+        "[sensplan.methods]\nabsmax_quant = sensplan_absmax:AbsmaxQuant\nbroken = sensplan_absmax:Broken\n"
+        "twice_quant = sensplan_absmax:Twice\n\n"
         "[sensplan.tasks]\ntop3 = sensplan_absmax:Top3\n\n"
-        "[sensplan.cost_models]\nfloat_layers = sensplan_absmax:FloatLayers\n")
+        "[sensplan.cost_models]\nfloat_layers = sensplan_absmax:FloatLayers\nnoscan = sensplan_absmax:NoScan\n"
+        "wrongterms = sensplan_absmax:WrongTerms\n")
     return root
 
 
@@ -172,6 +198,9 @@ def test_a_third_party_package_adds_a_method_a_task_and_a_cost_model(site, tmp_p
     assert "float_layers (plan --cost-model float_layers): float_layers [from: entry point" in out
     # a broken plug-in is named, and the rest of sensplan works
     assert "broken = sensplan_absmax:Broken: RuntimeError: this plug-in cannot start" in out
+    # registered by its own decorator and by an entry point: one method, from the entry point
+    assert "  twice_quant\n" in out and "twice_quant = sensplan_absmax:Twice:" not in out
+    assert "from: entry point twice_quant = sensplan_absmax:Twice" in out
 
     fast = ["--samples", "120", "--calib-samples", "60", "--threads", "1", "--check-samples", "2"]
     scanned = sensplan(site, tmp_path, "scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8",
@@ -191,6 +220,19 @@ def test_a_third_party_package_adds_a_method_a_task_and_a_cost_model(site, tmp_p
     floats = [c for c in chosen.values() if c["axis"] == "weight" and not c["method"]]
     assert len(floats) <= 1 and plan["plans"]["planned"]["predicted"]["float_layers"] == len(floats)
     assert {c["method"] for c in chosen.values() if c["axis"] == "weight"} >= {"absmax_quant"}
+
+    # a cost model that cannot start, or whose terms do not fit: one line naming it, exit 2
+    for model, fragment in (("noscan", "The cost model 'noscan' (entry point noscan = sensplan_absmax:NoScan"),
+                            ("wrongterms", "The cost model 'wrongterms' gave terms sensplan cannot use")):
+        bad = sensplan(site, tmp_path, "plan", "--scan", "scan.json", "--cost-model", model, "--budget",
+                       "size=0.9", "--no-verify", "--out", "bad.json")
+        assert bad.returncode == 2 and fragment in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # the plan names a method this installation does not have: said so, not taken for a typo
+    missing = sensplan(tmp_path, tmp_path, "apply", "--model", "sensplan:digits_cnn", "--model-arg", "width=8",
+                       "--data", "digits", *fast[:-2], "--plan", "plan.json", "--no-timing", "--out", "res")
+    assert missing.returncode == 2
+    assert "The plan uses the compression method 'absmax_quant', which is not installed here" in missing.stderr
 
 
 def test_a_closed_pipe_ends_quietly(tmp_path):

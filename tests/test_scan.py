@@ -12,7 +12,7 @@ from sensplan.sensitivity.tasks import paired_se
 from tests.conftest import seeded_model, self_labelled
 
 ROW_KEYS = {"unit", "method", "axis", "setting", "label", "level", "effect", "score", "loss",
-            "drop", "drop_se", "lost", "gained", "loss_increase", "seconds"}
+            "drop", "drop_se", "lost", "gained", "loss_increase", "signals", "seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,10 @@ def test_scan_covers_every_unit_and_setting(resnet_scan):
         assert set(r) == ROW_KEYS
         assert r["drop"] == pytest.approx(table.baseline["score"] - r["score"])
         assert r["loss_increase"] == pytest.approx(r["loss"] - table.baseline["loss"])
+        # the low-noise signals: the loss signal is the loss increase, KL is never negative
+        assert set(r["signals"]) == {"loss", "kl", "margin"}
+        assert r["signals"]["loss"]["value"] == pytest.approx(r["loss_increase"], abs=1e-6)
+        assert r["signals"]["kl"]["value"] >= 0 and r["signals"]["kl"]["se"] >= 0
 
 
 def test_scan_records_how_each_tensor_shrinks(resnet_scan):
@@ -117,8 +121,9 @@ def test_scan_records_provenance_and_round_trips(tmp_path, tiny_convnet):
     assert loaded.data["model"]["architecture_digest"]
     assert loaded.data["model"]["input_shape"] == [3, 8, 8] and loaded.data["model"]["outputs"] == 4
     assert loaded.data["data"]["n"] == 32
-    assert loaded.data["task"] == {"name": "classification", "metric": {
-        "name": "top1", "higher_is_better": True, "unit": "fraction"}}
+    assert loaded.data["task"]["name"] == "classification"
+    assert loaded.data["task"]["metric"] == {"name": "top1", "higher_is_better": True, "unit": "fraction"}
+    assert set(loaded.data["task"]["signals"]) == {"loss", "kl", "margin"}
     assert loaded.data["config"]["settings"] == {"prune": [{"ratio": 0.5}],
                                                  "weight_quant": [{"bits": 4}]}
     assert loaded.results == table.results
@@ -164,7 +169,7 @@ def test_scan_config_normalises_its_settings():
 
 @pytest.mark.parametrize("make,fragment", [
     (lambda: ScanConfig.of(ratios=(0.5, 1.2)),
-     "Bad setting for prune: The ratio setting of prune must be a fraction in (0, 1), e.g. "
+     "Bad setting for prune: The 'ratio' setting of prune must be a fraction in (0, 1), e.g. "
      "prune=0.5. Got 1.2"),
     (lambda: ScanConfig.of(bits=(16,)), "The 'bits' setting of weight_quant must be one of"),
     (lambda: ScanConfig({"weight_qunt": [{"bits": 4}]}), "Did you mean 'weight_quant'?"),

@@ -49,8 +49,9 @@ class MethodContext:
     ``tensors``, e.g. pruning records which dims shrink with which group). ``cache`` holds per-run
     data a method computes once (e.g. activation ranges). ``records`` maps a method's name to what
     it must replay when the compressed model is loaded (plain JSON data: :meth:`Method.rebuild_`
-    receives it). ``removed`` maps a channel group to the root indices a group method has removed
-    (or zeroed, before ``finalize_``) in this run, so that a later method sees the pruned shape.
+    receives it). ``removed`` maps a channel group to the root indices a group method has zeroed in
+    this run, so that a later method's ``apply_`` sees the pruned shape; it is cleared once the
+    channels are removed (after the structural methods' ``finalize_`` when fine-tuning).
     """
 
     model: nn.Module
@@ -113,16 +114,23 @@ class MethodContext:
         return self.model.get_parameter(self.layers[layer]["weight"])
 
 
-def ratio_setting(method: str, value: Any) -> float:
-    """A fraction setting in (0, 1), with a message naming the method and the expected form."""
+def ratio_setting(method: str, value: Any, key: str = "ratio") -> float:
+    """A fraction setting in (0, 1), with a message naming the method, the key and the form."""
     try:
         r = float(value)
     except (TypeError, ValueError):
         r = float("nan")
     if not 0.0 < r < 1.0:
-        raise ValueError(f"The ratio setting of {method} must be a fraction in (0, 1), e.g. "
+        raise ValueError(f"The {key!r} setting of {method} must be a fraction in (0, 1), e.g. "
                          f"{method}=0.5. Got {value!r} instead.")
     return r
+
+
+def setting_value(method: str, setting: Mapping[str, Any], key: str) -> Any:
+    """``setting[key]``, or a ValueError naming the key the method needs."""
+    if key not in setting:
+        raise ValueError(f"A {method} setting needs {key!r}, e.g. {{{key!r}: ...}}. Got {dict(setting)!r}.")
+    return setting[key]
 
 
 def _fmt(v: Any) -> str:
@@ -219,8 +227,10 @@ class Method:
     def rebuild_(self, ctx: MethodContext, record: Any) -> None:
         """Replay on a freshly built original model what ``apply_``/``finalize_`` recorded in
         ``ctx.records[self.name]`` (structure and hooks; the weights are loaded afterwards).
-        ``load_compressed`` calls it in stage order. Default: nothing (a method that only changes
-        weight values needs no replay)."""
+        ``load_compressed`` calls it in stage order, with a context that holds the model, a zero
+        input of the recorded shape and the device (no scan sections, no data, no graph: the record
+        must say all the method needs). Default: nothing (a method that only changes weight values
+        needs no replay)."""
 
     def describe(self) -> dict[str, Any]:
         return {"unit_kind": self.unit_kind, "axis": self.axis, "stage": self.stage,
@@ -266,9 +276,11 @@ def load_builtin_methods() -> None:
     METHODS.discover(__name__, __path__, Method)
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str, *, named_in: str = "") -> Method:
+    """The registered method ``name`` (``named_in``: the file that names it, for the message when
+    it is not installed)."""
     load_builtin_methods()
-    return METHODS.get(name)
+    return METHODS.get(name, named_in=named_in)
 
 
 def execution_order(method: Method) -> tuple[int, str]:

@@ -37,6 +37,7 @@ from sensplan.sensitivity.methods import (
     UnitInfo,
     WeightMethod,
     ratio_setting,
+    setting_value,
 )
 
 
@@ -116,7 +117,7 @@ class LowRank(Method):
 
     # -- settings ----------------------------------------------------------------------------------
     def check_setting(self, setting: Mapping[str, Any]) -> Setting:
-        return {"rank": ratio_setting("lowrank", setting["rank"])}
+        return {"rank": ratio_setting("lowrank", setting_value("lowrank", setting, "rank"), "rank")}
 
     def label(self, setting: Mapping[str, Any]) -> str:
         return f"rank {float(setting['rank']):.0%}"
@@ -146,6 +147,10 @@ class LowRank(Method):
             elif name not in ran:
                 out[name] = ("its forward never runs on the data (the model uses its weight directly, e.g. a "
                              "packed attention projection): replacing the module would not change the model.")
+            elif type(mod) not in (nn.Linear, nn.Conv2d):
+                out[name] = (f"{type(mod).__name__} subclasses {type(mod).__mro__[1].__name__} and may compute or "
+                             f"hold more than its weight (a gain, a standardization); the two plain layers that "
+                             f"would replace it would drop that. Not factorized.")
             elif not self.unit_settings(ctx, name, settings):
                 shape = ctx.layers[name]["weight_shape"]
                 out[name] = (f"no scanned rank stores fewer values than the layer ({shape[0]} x "

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from sensplan.sensitivity._groups import PruningGraph, check_group, n_remove_for
-from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, UnitInfo, ratio_setting
+from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, UnitInfo, ratio_setting, setting_value
 
 
 @METHODS.register
@@ -35,7 +35,7 @@ class Prune(Method):
     speed_note = "removes channels for real: fewer MACs and smaller tensors on every runtime"
 
     def check_setting(self, setting: Mapping[str, Any]) -> Setting:
-        r = ratio_setting("prune", setting["ratio"])
+        r = ratio_setting("prune", setting_value("prune", setting, "ratio"))
         out: Setting = {"ratio": r}
         if "n_remove" in setting:
             out["n_remove"] = int(setting["n_remove"])

@@ -21,6 +21,7 @@ from sensplan.sensitivity.methods import (
     UnitInfo,
     WeightMethod,
     ratio_setting,
+    setting_value,
 )
 
 
@@ -51,7 +52,7 @@ class UnstructuredSparsity(WeightMethod):
                   "latency do not fall")
 
     def check_setting(self, setting: Mapping[str, Any]) -> Setting:
-        r = ratio_setting("sparsity", setting["ratio"])
+        r = ratio_setting("sparsity", setting_value("sparsity", setting, "ratio"))
         return {"ratio": r}
 
     def label(self, setting: Mapping[str, Any]) -> str:

@@ -33,13 +33,16 @@ from sensplan.sensitivity._eval import device_of
 @dataclass(frozen=True)
 class TaskResult:
     """``score`` in the metric's unit, mean ``loss``, ``n`` samples, ``per_sample`` scores (float
-    tensor, same order every call) and task-specific ``extra`` numbers."""
+    tensor, same order every call), task-specific ``extra`` numbers, and ``signals``: per signal the
+    task declares (:attr:`Task.signals`), a per-sample value that grows as the model gets worse (a
+    probe's signal is the mean change of it from the original's, with a paired standard error)."""
 
     score: float
     loss: float
     n: int
     per_sample: torch.Tensor | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, float]:
         return {"score": self.score, "loss": self.loss, "n": self.n, **self.extra}
@@ -63,6 +66,9 @@ class Task:
     metric: ClassVar[Metric]
     needs_labels: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    #: the low-noise signals :meth:`evaluate` returns per sample (name -> what it is, with its unit):
+    #: continuous, nearly additive over units, so the planner can add them up (``plan --signal``)
+    signals: ClassVar[dict[str, str]] = {}
 
     def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
@@ -74,7 +80,22 @@ class Task:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "metric": self.metric.to_dict()}
+        return {"name": self.name, "metric": self.metric.to_dict(), "signals": dict(self.signals)}
+
+
+def signal_changes(base: TaskResult, probe: TaskResult) -> dict[str, dict[str, float]]:
+    """Per signal both results carry: the mean change from ``base`` to ``probe`` (positive =
+    worse) and its paired standard error."""
+    out = {}
+    for name, b in base.signals.items():
+        p = probe.signals.get(name)
+        if p is None or p.shape != b.shape or not b.numel():
+            continue
+        d = (p.double() - b.double())
+        n = d.numel()
+        var = max(0.0, float((d * d).sum()) - float(d.sum()) ** 2 / n)
+        out[name] = {"value": float(d.mean()), "se": var ** 0.5 / n}
+    return out
 
 
 def run_batches(model: nn.Module, data: EvalSet, batch_size: int, device: torch.device | None,
@@ -111,10 +132,12 @@ def load_builtin_tasks() -> None:
     TASKS.discover(__name__, __path__, Task)
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, *, named_in: str = "") -> Task:
+    """The registered task ``name`` (``named_in``: the file that names it, for the message when it
+    is not installed)."""
     load_builtin_tasks()
+    return TASKS.get(name, named_in=named_in)
 
-    return TASKS.get(name)
 
-
-__all__ = ["TASKS", "Task", "TaskResult", "get_task", "load_builtin_tasks", "paired_se", "run_batches"]
+__all__ = ["TASKS", "Task", "TaskResult", "get_task", "load_builtin_tasks", "paired_se", "run_batches",
+           "signal_changes"]

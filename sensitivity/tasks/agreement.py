@@ -23,6 +23,7 @@ class Agreement(Task):
     needs_labels = False
     description = ("top-1 agreement with the original model (fraction); loss: mean "
                    "KL(original || compressed) in nats")
+    signals = {"kl": "KL(original || compressed) of the softmax outputs (nats)"}
 
     def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
@@ -32,16 +33,17 @@ class Agreement(Task):
     def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
         ref: torch.Tensor = state
-        agree, kl_sum, start = [], 0.0, 0
+        agree, kls, start = [], [], 0
         for logits, _, _ in run_batches(model, data, batch_size, device, dtype):
             r = ref[start:start + len(logits)]
             start += len(logits)
             agree.append((logits.argmax(1) == r.argmax(1)).float())
-            kl_sum += float(nn.functional.kl_div(torch.log_softmax(logits, 1), r, log_target=True,
-                                                 reduction="sum"))
+            kls.append(nn.functional.kl_div(torch.log_softmax(logits, 1), r, log_target=True,
+                                            reduction="none").sum(1))
         per = torch.cat(agree) if agree else torch.zeros(0)
+        kl = torch.cat(kls) if kls else torch.zeros(0)
         n = len(data)
-        return TaskResult(float(per.sum()) / n, kl_sum / n, n, per)
+        return TaskResult(float(per.sum()) / n, float(kl.double().sum()) / n, n, per, signals={"kl": kl})
 
 
 TASKS.add("agreement", Agreement())

@@ -17,16 +17,43 @@ class Classification(Task):
     metric = TOP1
     needs_labels = True
     description = "top-1 accuracy against the labels (fraction); loss: mean cross-entropy (nats)"
+    signals = {"loss": "cross-entropy increase (nats)",
+               "kl": "KL(original || compressed) of the softmax outputs (nats)",
+               "margin": "decrease of the correct class's logit margin over the best other class (logits)"}
+
+    def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
+                device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+        # the original's log-probabilities: the reference of the KL signal
+        logp = [torch.log_softmax(lg, 1) for lg, _, _ in run_batches(model, data, batch_size, device, dtype)]
+        return torch.cat(logp) if logp else None
 
     def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
-        hits, loss_sum = [], 0.0
+        hits, losses, kls, margins, start = [], [], [], [], 0
+        ref: torch.Tensor | None = state
         for logits, y, _ in run_batches(model, data, batch_size, device, dtype):
             hits.append((logits.argmax(1) == y).float())
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
+            margins.append(-_margin(logits, y))  # a smaller margin is worse
+            if ref is not None:
+                r = ref[start:start + len(logits)]
+                kls.append(nn.functional.kl_div(torch.log_softmax(logits, 1), r, log_target=True,
+                                                reduction="none").sum(1))
+            start += len(logits)
         per = torch.cat(hits) if hits else torch.zeros(0)
         n = len(data)
-        return TaskResult(float(per.sum()) / n, loss_sum / n, n, per)
+        loss = torch.cat(losses) if losses else torch.zeros(0)
+        signals = {"loss": loss, "margin": torch.cat(margins) if margins else torch.zeros(0)}
+        if ref is not None:
+            signals["kl"] = torch.cat(kls) if kls else torch.zeros(0)
+        return TaskResult(float(per.sum()) / n, float(loss.double().sum()) / n, n, per, signals=signals)
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per sample: the correct class's logit minus the largest other logit."""
+    correct = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return correct - others.max(1).values
 
 
 TASKS.add("classification", Classification())

@@ -55,7 +55,11 @@ class _Parser(argparse.ArgumentParser):
         following = _ARGV[_ARGV.index(flag) + 1:_ARGV.index(flag) + 2] if flag in _ARGV else []
         if "expected one argument" in message and following and following[0].startswith("-"):
             hint = f" (a value that starts with '-' is written {flag}=VALUE)"  # e.g. --std -1,1,1
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{hint}. See `{self.prog} --help`.\n")
+        prog = self.prog
+        verb = next((a for a in _ARGV if not a.startswith("-")), "")
+        if prog == "sensplan" and verb and message.startswith("unrecognized arguments"):
+            prog = f"sensplan {verb}"  # argparse reports a verb's stray flags at the top level
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}{hint}. See `{prog} --help`.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a data-loading worker): a real error, shown with its traceback
         _drop_stdout()
         return EXIT_BROKEN_PIPE
     except Interrupted:
@@ -114,6 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sensplan {args.command}: internal error: {e}. Please report it with the traceback "
               f"above.", file=sys.stderr)
         return 1
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output's reader went away: a write there fails too. (The write of one
+    newline to a live stdout happens only on the way to showing another pipe's error.)"""
+    try:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _drop_stdout() -> None:

@@ -212,7 +212,7 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
     model = model.to(dev)
     data = data.to(dev)
     calib = calib.to(dev) if calib is not None else None
-    task = get_task(plan.data["task"]["name"])
+    task = get_task(plan.data["task"]["name"], named_in="The plan")
     outputs = check_model_and_data(model, data, task, dev)
     if loader is not None and outputs is not None:  # the fine-tuning loss uses its labels
         check_classes_fit(loader.classes, loader.spec, outputs, "--train-data")

@@ -142,7 +142,7 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     if problems.messages:
         return None
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
-                      tuple(args.cost_model))
+                      tuple(dict.fromkeys(args.cost_model)))  # the same model named twice counts once
 
 
 #: the fewest held-out items a verdict may rest on
