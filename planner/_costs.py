@@ -38,6 +38,7 @@ from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length,
 from sensplan._errors import ArtifactError, UserInputError, first_line
 from sensplan._expr import Expr, ParsedStructure, default_structure, parse_structure
 from sensplan._registry import Registry
+from sensplan.planner._signal import DROP, DropMap
 
 ANALYTIC_METRICS = ("size", "macs", "bops", "params")
 #: kept for the public API: the built-in cost metrics
@@ -59,6 +60,8 @@ class Option:
     drop: float = 0.0
     drop_se: float = 0.0
     loss_increase: float = 0.0
+    #: the scan's low-noise signals of this probe: name -> (value, paired standard error)
+    signals: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -102,7 +105,9 @@ def blocks_from_scan(scan: Any) -> list[Block]:
         opts = [Option(None, {}, "none", {})]
         opts += [Option(r["method"], dict(r["setting"]), str(r.get("label", r["method"])),
                         dict(r.get("effect", {})), float(r.get("level", 0.0)), float(r["drop"]),
-                        float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase") or 0.0))
+                        float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase") or 0.0),
+                        {k: (float(v.get("value") or 0.0), float(v.get("se") or 0.0))
+                         for k, v in (r.get("signals") or {}).items()})
                  for r in rows]
         channels = int(scan.groups[unit]["channels"]) if kind == "group" and unit in scan.groups else 0
         step = int(scan.groups[unit].get("channel_step", 1)) if kind == "group" and unit in scan.groups else 1
@@ -583,10 +588,14 @@ class Costs:
         cm.evaluate(cm.no_compression())["latency_ms"]
     """
 
-    def __init__(self, scan: Any, extra: Sequence[CostModel] = ()) -> None:
+    def __init__(self, scan: Any, extra: Sequence[CostModel] = (), signal: str = DROP) -> None:
         self.scan = scan
         self.analytic = AnalyticCosts(scan)
         self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
+        self.signal = _check_signal(self.blocks, signal)
+        #: the plan's drop from a total of the signal (the identity when planning on the drop)
+        self.drop_map = DropMap.fit(signal, [(o.signals[signal][0], o.drop) for b in self.blocks
+                                             for o in b.options[1:]] if signal != DROP else [])
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.conflicts = _conflicts(self.blocks, scan)
         self.models: list[CostModel] = [self.analytic, *extra]
@@ -616,9 +625,23 @@ class Costs:
             out[metric] = float(sum(t.table[tuple(choice.get(f, 0) for f in t.factors)] for t in terms))
         return out
 
-    def predicted_drop(self, choice: Mapping[int, int]) -> float:
-        """Sum of the blocks' envelope drops (see :meth:`drop_table`): the additive prediction."""
+    def objective(self, choice: Mapping[int, int]) -> float:
+        """Sum of the blocks' envelope values (see :meth:`drop_table`): what the solver minimises,
+        in the units of the planning signal (the drop itself by default)."""
         return float(sum(self._drops[i][choice.get(i, 0)] for i in range(len(self.blocks))))
+
+    def predicted_drop(self, choice: Mapping[int, int], extra: float = 0.0) -> float:
+        """The predicted drop of ``choice``: its objective (plus ``extra`` in the same units, e.g.
+        learned penalties) through :attr:`drop_map`; the additive sum of drops by default."""
+        return self.drop_map(self.objective(choice) + extra)
+
+    def drop_of(self, total: float) -> float:
+        """The predicted drop at an objective ``total`` (signal units)."""
+        return self.drop_map(total)
+
+    def objective_of(self, drop: float) -> float:
+        """The largest objective total whose predicted drop is at most ``drop``."""
+        return self.drop_map.inverse(drop)
 
     def predicted_se(self, choice: Mapping[int, int]) -> float:
         """Standard error of the additive prediction (independent probes: root sum of squares)."""
@@ -656,10 +679,16 @@ class Costs:
         an option whose milder neighbour measured worse would vanish in the maximum.
         """
         out = []
+        signal = self.signal if what == "drop" else ""
         for bi, b in enumerate(self.blocks):
-            raw = np.array([o.drop if what == "drop" else o.loss_increase for o in b.options], dtype=float)
+            if signal and signal != DROP:
+                raw = np.array([0.0, *(o.signals[signal][0] for o in b.options[1:])])
+                se = [o.signals[signal][1] for o in b.options[1:]]
+            else:
+                raw = np.array([o.drop if what == "drop" else o.loss_increase for o in b.options], dtype=float)
+                se = [o.drop_se for o in b.options[1:]]
             if noise_floor:
-                raw[1:] = np.maximum(raw[1:], [o.drop_se for o in b.options[1:]])
+                raw[1:] = np.maximum(raw[1:], se)
             vals = _monotone(b, raw)
             extra = surcharge.get(bi) if surcharge else None
             if extra is not None:
@@ -678,6 +707,20 @@ class Costs:
 
     def describe(self) -> list[dict[str, Any]]:
         return [m.describe() for m in self.models]
+
+
+def _check_signal(blocks: Sequence[Block], signal: str) -> str:
+    """``signal`` when every probe of the scan recorded it, else an ArtifactError naming those it did."""
+    if signal == DROP:
+        return signal
+    probes = [o for b in blocks for o in b.options[1:]]
+    have = set.intersection(*(set(o.signals) for o in probes)) if probes else set()
+    if signal not in have:
+        offered = ", ".join([DROP, *sorted(have)])
+        raise ArtifactError(f"The planning signal {signal!r} is not in every probe of the scan (a scan made before "
+                            f"sensplan recorded signals, or one whose task does not offer it). Use one of: "
+                            f"{offered} (--signal), or scan again.")
+    return signal
 
 
 def _terms_of(model: CostModel, blocks: Sequence[Block]) -> dict[str, list[Term]]:

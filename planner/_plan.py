@@ -127,19 +127,23 @@ def _check_metrics(cm: Costs, budgets: Sequence[Budget], minimize: str | None) -
 
 def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = None,
               minimize: str | None = None, time_limit: float = 60.0,
-              cost_models: Sequence[CostModel] = (), verifier: Any = None, rounds: int = 3) -> Plan:
+              cost_models: Sequence[CostModel] = (), verifier: Any = None, rounds: int = 3,
+              signal: str = "drop") -> Plan:
     """Solve the allocation for ``budgets`` (or ``max_drop``) and compute the uniform baseline.
 
     ``cost_models`` adds measured cost tables (:class:`~sensplan.planner.TableCosts`) to the
-    analytic costs. With a ``verifier`` (:class:`~sensplan.planner.Verifier`: the model and data),
-    every plan is measured before it is written, the drop model is corrected and the allocation
+    analytic costs. ``signal`` is what the solver adds up: ``"drop"`` (the task's measured drop) or
+    a signal the scan recorded (``"loss"``, ``"kl"``, ``"margin"``), whose sum predicts the drop
+    through a monotone map fitted on the scan's probes (see ``_signal``). With a ``verifier``
+    (:class:`~sensplan.planner.Verifier`: the model and data), every plan is measured before it is
+    written, the drop model is corrected and the allocation
     solved again (up to ``rounds`` solves), the uniform candidates are measured too, and the best
     measured candidate on held-out data becomes the plan (see ``_verify``). Example:
     ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")])``.
     """
     check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
-    cm = Costs(scan, cost_models)
+    cm = Costs(scan, cost_models, signal)
     if not any(len(b.options) > 1 for b in cm.blocks):
         skipped = [f"{unit}: {why}" for info in scan.data.get("methods", {}).values()
                    for unit, why in (info.get("skipped") or {}).items()]
@@ -171,7 +175,11 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
             "budgets": [b.to_dict(cm.original) for b in budgets],
             "max_drop": max_drop,
             "minimize": cost_metric(budgets, minimize) if max_drop is not None else None,
-            "drop_model": "sum of per-unit drops (monotone envelope of the scan)",
+            "drop_model": ("sum of per-unit drops (monotone envelope of the scan)" if cm.drop_map.identity else
+                           f"monotone map of the sum of per-unit {signal} (envelope of the scan), fitted on "
+                           f"the scan's probes"),
+            "signal": signal,
+            "drop_map": cm.drop_map.to_dict() if not cm.drop_map.identity else None,
         },
         "cost_models": cm.describe(),
         "solver": {"method": "milp (scipy.optimize.milp / HiGHS)", "seconds": round(solve_seconds, 4),

@@ -38,9 +38,10 @@ LOSS_TIEBREAK = 1e-4
 
 
 def objective_table(cm: Costs, tiebreak: bool = True) -> list[np.ndarray]:
-    """Per block, the objective of each option: envelope drop (+ the loss tie-break)."""
+    """Per block, the objective of each option: the envelope drop (+ the loss tie-break), or the
+    envelope of the planning signal (continuous: no ties to break)."""
     drops = cm.drop_table("drop")
-    if not tiebreak:
+    if not tiebreak or not cm.drop_map.identity:
         return drops
     losses = cm.drop_table("loss_increase")
     return [d + LOSS_TIEBREAK * lo for d, lo in zip(drops, losses, strict=True)]
@@ -294,7 +295,7 @@ def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None
         row, const = p.cost_row(metric)
         scale = cm.original[metric] or 1.0
         objective = row / scale + 1e-6 * p.drop_row(tiebreak=False)
-        extra.append((p.drop_row(tiebreak=False), -np.inf, max_drop + 1e-12))
+        extra.append((p.drop_row(tiebreak=False), -np.inf, cm.objective_of(max_drop) + 1e-12))
     else:
         objective = p.drop_row(tiebreak=True)
     choice = p.solve(objective, extra, time_limit)
@@ -309,7 +310,7 @@ def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None
     if max_drop is None and not penalties:  # polishing could trade one penalised option for another
         choice = _polish(cm, choice, lim)
     sol = _solution(cm, choice)
-    drop = sol.predicted_drop + penalty(cm, choice, penalties)
+    drop = cm.predicted_drop(choice, penalty(cm, choice, penalties))
     return Solution(sol.choice, drop, sol.costs, p.status, p.gap)
 
 
@@ -344,7 +345,7 @@ def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None 
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue
         extra = penalty(cm, choice, penalties)
-        drop = float(sum(drops[i][o] for i, o in choice.items())) + extra
+        drop = cm.drop_of(float(sum(drops[i][o] for i, o in choice.items())) + extra)
         if max_drop is not None:
             if drop > max_drop + 1e-12:
                 continue
@@ -356,7 +357,7 @@ def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None 
     if best is None:
         return None
     sol = _solution(cm, best[1])
-    return Solution(sol.choice, sol.predicted_drop + penalty(cm, best[1], penalties), sol.costs)
+    return Solution(sol.choice, cm.predicted_drop(best[1], penalty(cm, best[1], penalties)), sol.costs)
 
 
 
@@ -390,8 +391,8 @@ def group_method(cm: Costs, block: int) -> str | None:
 
 
 def interp_drop(cm: Costs, block: int, k: float) -> float:
-    """The predicted drop of group ``block`` with ``k`` channels removed, interpolated linearly
-    between its scanned settings (for off-grid uniform ratios)."""
+    """The objective of group ``block`` with ``k`` channels removed (its drop, or its signal),
+    interpolated linearly between its scanned settings (for off-grid uniform ratios)."""
     b = cm.blocks[block]
     removed = np.array([o.effect.get("removed", 0) for o in b.options], dtype=float)
     return float(np.interp(k, removed, cm.drop_table("drop")[block]))
@@ -485,7 +486,7 @@ def _uniform_ratio(cm: Costs, groups: Sequence[int], ratios: Sequence[float], la
         gchoice, costs = _uniform_costs(cm, groups, removed, choice, effects)
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue
-        drop = layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
+        drop = cm.drop_of(layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups))
         sol = UniformSolution(float(r), {f"{ax}:uniform": k for ax, k in layer_opts.items()},
                               removed, gchoice, float(drop), costs)
         if max_drop is None:

@@ -236,7 +236,7 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         "uniform_seconds": round(uniform_seconds, 3),
     }
     data["objective"]["drop_model"] = (
-        "sum of per-unit drops (monotone envelope of the scan)"
+        data["objective"]["drop_model"].split("; the candidates")[0]
         + (", corrected by measured joint drops (pair penalties per option, surcharges per unit)"
            if any("correction" in r for r in corrected.records) else "") + "; the candidates were measured")
 
@@ -294,7 +294,7 @@ class _Rounds:
         """Measure round ``k`` (begun at ``started``); learn from it unless it is ``last``. True when
         it confirmed the prediction (no more rounds are needed)."""
         cm, model = self.cm, self.model
-        pred = self.current.predicted_drop(full) + penalty(cm, full, model.penalties())
+        pred = self.current.predicted_drop(full, penalty(cm, full, model.penalties()))
         pred_se = self.current.predicted_se(full)
         sample, held = self.verifier.measure(self.data, alloc)
         if sample is None:  # pragma: no cover - measured on the sample unless told otherwise
@@ -528,14 +528,14 @@ class _Correction:
             if m is None:  # pragma: no cover - measured on the sample when asked
                 raise RuntimeError("no joint measurement")
             scanned = float(sum(self.scanned[i][choice[i]] for i in members))
-            joint[key] = m.drop
+            joint[key] = cm.objective_of(m.drop)  # in the planning signal's units (drops by default)
             pairs = len(members) * (len(members) - 1) / 2
-            self.rates[key] = max(0.0, m.drop - scanned) / pairs
-            out.append({"option": key, "units": len(members), "additive": scanned, "joint": m.drop,
-                        "split": "scan sample", "rate_per_pair": self.rates[key]})
+            self.rates[key] = max(0.0, joint[key] - scanned) / pairs
+            out.append({"option": key, "units": len(members), "additive": scanned, "joint": joint[key],
+                        "joint_drop": m.drop, "split": "scan sample", "rate_per_pair": self.rates[key]})
         pen = {key: CountPenalty(key, self.rates.get(key, 0.0)).value(len(m)) if self.rates.get(key, 0.0) > 0
                else 0.0 for key, m in buckets.items()}
-        residual = measured - sum(additive[key] + pen[key] for key in buckets)
+        residual = cm.objective_of(measured) - sum(additive[key] + pen[key] for key in buckets)
         weights = {key: max(joint.get(key, additive[key] + pen[key]), 0.0) for key in buckets}
         total = sum(weights.values())
         n_units = sum(len(m) for m in buckets.values())

@@ -313,12 +313,14 @@ def floats(text: str | None, flag: str) -> tuple[float, ...] | None:
                              f"Got {text!r}.") from None
 
 
-def check_budget_scale(scan: Any, budgets: Sequence[Any], cost_tables: Sequence[Any] = ()) -> None:
+def check_budget_scale(scan: Any, budgets: Sequence[Any], cost_tables: Sequence[Any] = (),
+                       signal: str = "drop") -> None:
     """Raise a BudgetError for a budget such as ``macs=2`` (an absolute 2 MACs, far below the
-    original model's cost: a fraction was meant), before any solving or measuring."""
+    original model's cost: a fraction was meant), and an ArtifactError for a planning ``signal``
+    the scan did not record, before any solving or measuring."""
     from sensplan.planner import Costs
 
-    original = Costs(scan, list(cost_tables)).original
+    original = Costs(scan, list(cost_tables), signal).original
     for b in budgets:
         if b.metric in original:
             b.limit(original)

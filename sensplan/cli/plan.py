@@ -95,6 +95,11 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="a cost model another installed package registers (entry point group "
                         "sensplan.cost_models; `sensplan methods` lists them); its metrics can then "
                         "be budgeted (repeatable)")
+    g.add_argument("--signal", default="drop", metavar="NAME",
+                   help="what the solver adds up: drop (the task's measured drop per unit; default), "
+                        "or a low-noise signal the scan recorded: loss, kl, margin (classification). "
+                        "The plan's drop is then predicted from the sum by a monotone map fitted on the "
+                        "scan's probes")
     g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="stop the solver after this long; the plan is then feasible but maybe "
                         "not optimal (default 60)")
@@ -108,6 +113,7 @@ class PlanInputs:
     cost_tables: list[TableCosts]
     time_limit: float
     cost_models: tuple[str, ...] = ()
+    signal: str = "drop"
 
     def models(self, scan: Scan) -> list[Any]:
         """The cost tables and the named cost models, built for ``scan``."""
@@ -143,7 +149,8 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     if problems.messages:
         return None
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
-                      tuple(dict.fromkeys(args.cost_model)))  # the same model named twice counts once
+                      tuple(dict.fromkeys(args.cost_model)),  # the same model named twice counts once
+                      args.signal)
 
 
 #: the fewest held-out items a verdict may rest on
@@ -171,7 +178,7 @@ def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rou
         say("verifying: measuring the plan, its corrections and the uniform candidates ...")
     plan = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
                      time_limit=inputs.time_limit, cost_models=inputs.models(scan), verifier=verifier,
-                     rounds=rounds).save(out)
+                     rounds=rounds, signal=inputs.signal).save(out)
     print_plan(plan)
     print_verification(plan, time.perf_counter() - started if started is not None else None)
     solver = plan.data["plans"]["planned"].get("solver", {})
@@ -236,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
     scan = problems.check(partial(Scan.load, args.scan))
     inputs = check(args, problems)
     if scan is not None and inputs is not None:  # macs=2 (2 MACs) is caught before any work
-        problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.models(scan)))
+        problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.models(scan), inputs.signal))
     check_verify(args, problems)
     if not args.no_verify:  # --no-verify stays torch-free
         check_runtime_args(args, problems)
