@@ -29,6 +29,7 @@ from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metric
 from sensplan.planner._compressed import CompressedModel, load_compressed, payload_size, save_compressed
 from sensplan.planner._plan import Plan, assignments
 from sensplan.sensitivity import (
+    INT_CODES,
     EvalSet,
     ModelSpec,
     PruningGraph,
@@ -368,7 +369,8 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
                 row_lens[key] = row_length(ctx.layers[layer]["weight_shape"])
     records = [(m.name, ctx.records[m.name]) for m, _ in methods if m.name in ctx.records]
     cm = CompressedModel(student, records, weight_effects, row_lens, model_spec, architecture_digest(model),
-                         tuple(example_input.shape[1:]), {"variant": variant, **alloc})
+                         tuple(example_input.shape[1:]), {"variant": variant, **alloc},
+                         codes=ctx.cache.get(INT_CODES, {}))
     return cm, history
 
 

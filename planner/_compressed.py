@@ -9,7 +9,9 @@ Layout (little-endian)::
     ...          tensor payload: each tensor's parts at header["tensors"][key]["parts"][i]["offset"]
 
 A weight's *values* are float32, float16/bfloat16, or integer codes packed at ``bits`` bits (offset
-binary) with one float32 scale per output channel. Its *layout* (see :mod:`sensplan._effects`) is
+binary; with a zero point, unsigned) with float32 scales: one per output channel, or one per group
+of ``group_size`` values of a row (``scales`` is then rows × groups), and with ``zero_point`` a
+``bits``-bit zero point per scale (``zero_points``). Its *layout* (see :mod:`sensplan._effects`) is
 dense, a bitmask (one bit per position, then the kept values), CSR (int32 row pointers, 16/32-bit
 column indices, values) or N:M (the kept values plus ceil(log2 M) bits of position each). The
 header also records the model spec, what each method recorded when it was applied (``records``, in
@@ -42,15 +44,17 @@ from sensplan._errors import ArtifactError, IncompatibleModelError, first_line
 from sensplan.sensitivity import (
     MethodContext,
     ModelSpec,
+    QFormat,
     architecture_digest,
     build_model,
     dequantize,
+    dequantize_codes,
     from_rows,
     get_method,
     magnitude_mask,
     nm_mask,
     pack_codes,
-    quantize_per_channel,
+    quantize,
     to_rows,
     unpack_codes,
 )
@@ -71,7 +75,10 @@ class CompressedModel:
     ``module`` runs like any model (stored values are held dequantized in float32); ``records`` is
     ``[(method name, record), ...]`` in the order the methods were applied (what each replays on
     load); ``effects`` maps a weight's state-dict key to its merged effect (how it is stored) and
-    ``row_lens`` to the original layer's row length (the CSR index rule).
+    ``row_lens`` to the original layer's row length (the CSR index rule). ``codes`` maps a weight's
+    key to the integer codes, scales and zero points a method quantized it with
+    (``ctx.cache[INT_CODES]``): stored as they are when they decode to the weight exactly, so the
+    file holds what the executor ran even where quantizing the result again would pick other scales.
     """
 
     module: nn.Module
@@ -82,6 +89,7 @@ class CompressedModel:
     original_digest: str = ""
     input_shape: tuple[int, ...] = ()
     plan: Mapping[str, Any] = field(default_factory=dict)
+    codes: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def payload_bytes(self) -> int:
         """Bytes of tensor data the file holds (without the header)."""
@@ -121,25 +129,41 @@ def _from_raw(chunk: bytes, dtype_name: str, shape: tuple[int, ...]) -> torch.Te
     return t.reshape(shape).clone()
 
 
-def _values(w: torch.Tensor, effect: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Integer codes and scales (int), or the values in their storage dtype (float)."""
+def _values(w: torch.Tensor, effect: Mapping[str, Any], codes: Any = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Integer codes, scales and zero points (int; no zero points when symmetric): ``codes`` when
+    given and they decode to ``w`` exactly, else ``w`` quantized; or the values in their storage
+    dtype (float)."""
     if effect["weight_dtype"] == "int":
-        q, s = quantize_per_channel(w, int(effect["weight_bits"]))
-        return q, s
-    return w.detach().to(_DTYPES[effect["weight_dtype"]]), None
+        fmt = QFormat.of(effect)
+        if codes is not None:
+            q, s = codes[0].detach().cpu(), codes[1].detach().cpu()
+            z = codes[2].detach().cpu() if codes[2] is not None else None
+            if q.shape == w.shape and (z is not None) == fmt.asymmetric and \
+                    torch.equal(dequantize_codes(q, s, z, fmt.group_size), w):
+                return q, s, z
+        return quantize(w, fmt)
+    return w.detach().to(_DTYPES[effect["weight_dtype"]]), None, None
 
 
 def _value_bytes(v: torch.Tensor, effect: Mapping[str, Any]) -> bytes:
     if effect["weight_dtype"] == "int":
+        if effect.get("zero_point_bits"):
+            return _pack_uint(v.reshape(-1).cpu().numpy(), int(effect["weight_bits"]))
         return pack_codes(v.reshape(-1), int(effect["weight_bits"]))
     return _raw(v.reshape(-1))
 
 
-def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> tuple[dict[str, Any], list[bytes]]:
+def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int, codes: Any = None
+                   ) -> tuple[dict[str, Any], list[bytes]]:
     layout = sparse_layout(effect, row_len)
-    values, scales = _values(w, effect)
+    values, scales, zero_points = _values(w, effect, codes)
     entry: dict[str, Any] = {"layout": layout, "value_dtype": effect["weight_dtype"],
                              "bits": int(effect["weight_bits"]), "shape": list(w.shape)}
+    if scales is not None and effect.get("group_size"):
+        entry["group_size"] = int(effect["group_size"])
+    if zero_points is not None:
+        entry["zero_point"] = True
     parts: list[tuple[str, bytes]] = []
     flat = values.reshape(values.shape[0], -1) if values.dim() > 1 else values.reshape(1, -1)
     if layout == "dense":
@@ -176,6 +200,8 @@ def _encode_tensor(w: torch.Tensor, effect: Mapping[str, Any], row_len: int) -> 
         parts.append(("values", _value_bytes(kept, effect)))
     if scales is not None:
         parts.append(("scales", scales.detach().float().contiguous().numpy().tobytes()))
+    if zero_points is not None:
+        parts.append(("zero_points", _pack_uint(zero_points.reshape(-1).numpy(), int(effect["weight_bits"]))))
     return entry, _named(entry, parts)
 
 
@@ -194,7 +220,8 @@ def _encode(cm: CompressedModel, keep_bytes: bool = True) -> tuple[dict[str, Any
         t = t.detach()
         eff = cm.effects.get(key)
         if eff is not None and t.is_floating_point() and _stores_specially(eff):
-            entry, parts = _encode_tensor(t.cpu().float(), merge([eff]), cm.row_lens.get(key, 1))
+            entry, parts = _encode_tensor(t.cpu().float(), merge([eff]), cm.row_lens.get(key, 1),
+                                          cm.codes.get(key))
             lengths = [len(b) for b in parts]
         else:
             dtype = str(t.dtype).replace("torch.", "")
@@ -289,6 +316,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
 
 def _decode_values(chunk: bytes, e: Mapping[str, Any], n: int) -> torch.Tensor:
     if e["value_dtype"] == "int":
+        if e.get("zero_point"):
+            return torch.from_numpy(_unpack_uint(chunk, int(e["bits"]), n)).float()
         return unpack_codes(chunk, int(e["bits"]), (n,)).float()
     return _from_raw(chunk, e["value_dtype"], (n,)).float()
 
@@ -297,23 +326,44 @@ def _decode_tensor(e: Mapping[str, Any], parts: dict[str, bytes]) -> torch.Tenso
     shape = tuple(e["shape"])
     numel = int(np.prod(shape)) if shape else 1
     rows = shape[0] if shape else 1
+    n = numel if e["layout"] == "dense" else int(e["nnz"])
+    dense = _scatter(e, parts, _decode_values(parts["values"], e, n))
+    if "scales" in parts:
+        scales = torch.from_numpy(np.frombuffer(parts["scales"], dtype=np.float32).copy())
+        if not e.get("group_size") and not e.get("zero_point"):
+            dense = dequantize(dense.reshape(shape), scales)
+        else:
+            zp = None
+            if e.get("zero_point"):
+                zp = torch.from_numpy(_unpack_uint(parts["zero_points"], int(e["bits"]), scales.numel()))
+            kept = _scatter(e, parts, torch.ones(n)) if e["layout"] != "dense" and zp is not None else None
+            dense = dequantize_codes(dense.reshape(shape), scales.reshape(rows, -1),
+                                     None if zp is None else zp.reshape(rows, -1), int(e.get("group_size", 0)))
+            if kept is not None:  # a position the sparse layout did not store is 0, not -zero_point * scale
+                dense = dense.reshape(rows, -1) * (kept != 0)
+    return dense.reshape(shape).float()
+
+
+def _scatter(e: Mapping[str, Any], parts: dict[str, bytes], vals: torch.Tensor) -> torch.Tensor:
+    """The (rows, row length) matrix with the stored ``vals`` at the positions the layout stored,
+    0 elsewhere."""
+    shape = tuple(e["shape"])
+    numel = int(np.prod(shape)) if shape else 1
+    rows = shape[0] if shape else 1
     layout = e["layout"]
     if layout == "dense":
-        dense = _decode_values(parts["values"], e, numel).reshape(rows, -1)
+        dense = vals.reshape(rows, -1)
     elif layout == "nm":
         n, m = e["nm"]
         row_shape = (shape[0], 1, shape[1]) if len(shape) == 2 else (shape[0], int(np.prod(shape[2:])), shape[1])
         pad = (-row_shape[-1]) % m
         nnz = int(e["nnz"])
         pos = torch.from_numpy(_unpack_uint(parts["meta"], math.ceil(math.log2(m)), nnz))
-        vals = _decode_values(parts["values"], e, nnz)
         groups = torch.zeros(nnz // n, m)
         groups.scatter_(1, pos.reshape(-1, n), vals.reshape(-1, n))
         padded = groups.reshape(*row_shape[:-1], row_shape[-1] + pad)
         dense = from_rows(padded[..., : row_shape[-1]], torch.Size(shape)).reshape(rows, -1)
     else:
-        nnz = int(e["nnz"])
-        vals = _decode_values(parts["values"], e, nnz)
         dense = torch.zeros(rows, numel // max(1, rows))
         if layout == "bitmask":
             mask = np.unpackbits(np.frombuffer(parts["mask"], dtype=np.uint8), bitorder="little")[:numel]
@@ -323,10 +373,7 @@ def _decode_tensor(e: Mapping[str, Any], parts: dict[str, bytes]) -> torch.Tenso
             cols = np.frombuffer(parts["colidx"], dtype=np.uint16 if e.get("index_bits") == 16 else np.uint32)
             r = np.repeat(np.arange(rows), np.diff(rowptr))
             dense[torch.from_numpy(r), torch.from_numpy(cols.astype(np.int64))] = vals
-    if "scales" in parts:
-        scales = torch.from_numpy(np.frombuffer(parts["scales"], dtype=np.float32).copy())
-        dense = dequantize(dense.reshape(shape), scales)
-    return dense.reshape(shape).float()
+    return dense
 
 
 def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None, *,

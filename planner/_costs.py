@@ -34,11 +34,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length, weight_coefficients
+from sensplan._effects import (
+    LAYER_DEFAULTS,
+    merge,
+    merge_per_unit,
+    row_length,
+    scale_bits_each,
+    weight_coefficients,
+)
 from sensplan._errors import ArtifactError, UserInputError, first_line
-from sensplan._expr import Expr, ParsedStructure, default_structure, parse_structure
+from sensplan._expr import Expr, ParsedStructure, ceil, const, default_structure, parse_structure
 from sensplan._registry import Registry
-from sensplan.planner._signal import DROP, DropMap
+from sensplan.planner._signal import AUTO, DROP, FISHER, DropMap
 
 ANALYTIC_METRICS = ("size", "macs", "bops", "params")
 #: kept for the public API: the built-in cost metrics
@@ -104,7 +111,7 @@ def blocks_from_scan(scan: Any) -> list[Block]:
         kind = kinds.get(rows[0]["method"], "layer")
         opts = [Option(None, {}, "none", {})]
         opts += [Option(r["method"], dict(r["setting"]), str(r.get("label", r["method"])),
-                        dict(r.get("effect", {})), float(r.get("level", 0.0)), float(r["drop"]),
+                        dict(r.get("effect", {})), float(r.get("level", 0.0)), _number(r["drop"]),
                         float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase") or 0.0),
                         {k: (float(v.get("value") or 0.0), float(v.get("se") or 0.0))
                          for k, v in (r.get("signals") or {}).items()})
@@ -225,6 +232,7 @@ class _Pricing:
     def __init__(self, t: _Tensor) -> None:
         self.t = t
         self._structures: dict[str, tuple[ParsedStructure, Expr, Expr]] = {}
+        self._scales: dict[tuple[str, int], Expr] = {}
 
     def structure(self, effect: Mapping[str, Any]) -> tuple[ParsedStructure, Expr, Expr]:
         """The layer's structure under ``effect``, with its stored values and rows as expressions."""
@@ -234,6 +242,22 @@ class _Pricing:
             st = default_structure(self.t.shape, self.t.macs) if data is None else parse_structure(data)
             self._structures[key] = (st, st.numel(), st.rows())
         return self._structures[key]
+
+    def group_scales(self, effect: Mapping[str, Any]) -> Expr | None:
+        """The number of group-wise scales the layer stores under ``effect`` (Σ rows × ceil(cols /
+        group_size) over its stored tensors), or None without group-wise integer codes."""
+        g = int(effect.get("group_size", 0) or 0)
+        if not g or effect.get("weight_dtype") != "int":
+            return None
+        data = effect.get("structure")
+        key = ("" if data is None else json.dumps(data, sort_keys=True), g)
+        if key not in self._scales:
+            st = self.structure(effect)[0]
+            total = const(0)
+            for rows, cols in st.tensors:
+                total = total + rows * ceil(cols / g)
+            self._scales[key] = total
+        return self._scales[key]
 
     def costs(self, env: Mapping[str, Any], effect: Mapping[str, Any]) -> dict[str, Any]:
         """Every metric at the pruned dims ``env`` under the merged ``effect`` (numbers or arrays)."""
@@ -245,7 +269,9 @@ class _Pricing:
         st, numel_expr, rows_expr = self.structure(effect)
         numel, rows, macs = numel_expr.evaluate(env), rows_expr.evaluate(env), st.macs.evaluate(env)
         a, b, c = weight_coefficients(effect, row_length(t.shape))
-        return {"size": (a * numel + b * rows + c * len(st.tensors)) / 8,
+        scales = self.group_scales(effect)
+        extra = 0.0 if scales is None else scale_bits_each(effect) * scales.evaluate(env)
+        return {"size": (a * numel + b * rows + c * len(st.tensors) + extra) / 8,
                 "params": numel if t.is_param else 0.0 * numel, "macs": macs,
                 "bops": macs * float(effect["weight_bits"]) * float(effect["act_bits"])}
 
@@ -260,7 +286,8 @@ class _Pricing:
         exactly by expanding the product, each term over one of its groups)."""
         st, numel, rows = self.structure(effect)
         name = f"d{d}"
-        return all(x.degree(name) <= 1 for x in (numel, rows, st.macs))
+        scales = self.group_scales(effect)
+        return all(x.degree(name) <= 1 for x in (numel, rows, st.macs, *([scales] if scales is not None else [])))
 
 
 def _numel(env: Mapping[str, Any], n: int) -> Any:
@@ -375,7 +402,7 @@ class AnalyticCosts:
                 continue
             for i in t.local:
                 for o, opt in enumerate(blocks[i].options):
-                    if opt.effect.get("structure") is None:
+                    if opt.effect.get("structure") is None and not opt.effect.get("group_size"):
                         continue
                     bad = [d for d in t.multi if not pricing.linear_in(merge([opt.effect]), d)]
                     if bad:
@@ -588,14 +615,19 @@ class Costs:
         cm.evaluate(cm.no_compression())["latency_ms"]
     """
 
-    def __init__(self, scan: Any, extra: Sequence[CostModel] = (), signal: str = DROP) -> None:
+    def __init__(self, scan: Any, extra: Sequence[CostModel] = (), signal: str = AUTO) -> None:
         self.scan = scan
         self.analytic = AnalyticCosts(scan)
         self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
-        self.signal = _check_signal(self.blocks, signal)
-        #: the plan's drop from a total of the signal (the identity when planning on the drop)
-        self.drop_map = DropMap.fit(signal, [(o.signals[signal][0], o.drop) for b in self.blocks
-                                             for o in b.options[1:]] if signal != DROP else [])
+        self.signal = signal = _check_signal(self.blocks, signal)
+        #: the plan's drop from a total of the signal (the identity when planning on the drop),
+        #: fitted on the measured probes (a fast scan measures only a few)
+        points = [(o.signals[signal][0], o.drop) for b in self.blocks for o in b.options[1:]
+                  if signal != DROP and not math.isnan(o.drop)]
+        if signal != DROP and len(points) < 2:
+            raise ArtifactError(f"Only {len(points)} probe(s) of the scan were measured: too few to map the "
+                                f"{signal!r} signal to the task's drop. Scan again with a larger --fast-measured.")
+        self.drop_map = DropMap.fit(signal, points)
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.conflicts = _conflicts(self.blocks, scan)
         self.models: list[CostModel] = [self.analytic, *extra]
@@ -709,12 +741,27 @@ class Costs:
         return [m.describe() for m in self.models]
 
 
+def _number(v: Any) -> float:
+    """A row's number; NaN for null (an estimated row of a fast scan has no drop)."""
+    return float("nan") if v is None else float(v)
+
+
 def _check_signal(blocks: Sequence[Block], signal: str) -> str:
-    """``signal`` when every probe of the scan recorded it, else an ArtifactError naming those it did."""
-    if signal == DROP:
-        return signal
+    """``signal`` when every probe of the scan recorded it, else an ArtifactError naming those it did.
+
+    ``auto`` is ``fisher`` for a fast scan (its probes are estimated), else ``kl`` where every probe
+    recorded it (it ranked probes best on the bench; README "Planning signals"), else ``drop``."""
     probes = [o for b in blocks for o in b.options[1:]]
     have = set.intersection(*(set(o.signals) for o in probes)) if probes else set()
+    estimated = sum(1 for o in probes if math.isnan(o.drop))
+    if signal == AUTO:
+        signal = FISHER if estimated else ("kl" if "kl" in have else DROP)
+    if signal == DROP:
+        if estimated:
+            raise ArtifactError(f"{estimated} of the scan's {len(probes)} probes were estimated (scan --fast), not "
+                                f"measured, so the plan cannot add up measured drops. Use --signal fisher (or "
+                                f"auto), or scan without --fast.")
+        return signal
     if signal not in have:
         offered = ", ".join([DROP, *sorted(have)])
         raise ArtifactError(f"The planning signal {signal!r} is not in every probe of the scan (a scan made before "

@@ -128,13 +128,15 @@ def _check_metrics(cm: Costs, budgets: Sequence[Budget], minimize: str | None) -
 def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = None,
               minimize: str | None = None, time_limit: float = 60.0,
               cost_models: Sequence[CostModel] = (), verifier: Any = None, rounds: int = 3,
-              signal: str = "drop") -> Plan:
+              signal: str = "auto") -> Plan:
     """Solve the allocation for ``budgets`` (or ``max_drop``) and compute the uniform baseline.
 
     ``cost_models`` adds measured cost tables (:class:`~sensplan.planner.TableCosts`) to the
     analytic costs. ``signal`` is what the solver adds up: ``"drop"`` (the task's measured drop) or
-    a signal the scan recorded (``"loss"``, ``"kl"``, ``"margin"``), whose sum predicts the drop
-    through a monotone map fitted on the scan's probes (see ``_signal``). With a ``verifier``
+    a signal the scan recorded (``"loss"``, ``"kl"``, ``"margin"``; ``"fisher"`` for a fast scan),
+    whose sum predicts the drop through a monotone map fitted on the scan's measured probes (see
+    ``_signal``); ``"auto"`` (the default) is ``fisher`` for a fast scan, else ``kl`` where recorded,
+    else ``drop``. With a ``verifier``
     (:class:`~sensplan.planner.Verifier`: the model and data), every plan is measured before it is
     written, the drop model is corrected and the allocation
     solved again (up to ``rounds`` solves), the uniform candidates are measured too, and the best
@@ -144,6 +146,7 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
     check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
     cm = Costs(scan, cost_models, signal)
+    signal = cm.signal  # "auto" resolved
     if not any(len(b.options) > 1 for b in cm.blocks):
         skipped = [f"{unit}: {why}" for info in scan.data.get("methods", {}).values()
                    for unit, why in (info.get("skipped") or {}).items()]
@@ -177,7 +180,7 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
             "minimize": cost_metric(budgets, minimize) if max_drop is not None else None,
             "drop_model": ("sum of per-unit drops (monotone envelope of the scan)" if cm.drop_map.identity else
                            f"monotone map of the sum of per-unit {signal} (envelope of the scan), fitted on "
-                           f"the scan's probes"),
+                           f"the scan's measured probes"),
             "signal": signal,
             "drop_map": cm.drop_map.to_dict() if not cm.drop_map.identity else None,
         },

@@ -17,8 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sensplan._metric import FISHER
+
 #: the planning signal that is the task's drop itself (the map is the identity)
 DROP = "drop"
+#: the default: ``fisher`` for a fast scan, else ``kl`` where the scan recorded it, else ``drop``
+AUTO = "auto"
 
 
 def isotonic(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -101,4 +105,4 @@ class DropMap:
         return {"signal": self.signal, "knots": [list(k) for k in self.knots]}
 
 
-__all__ = ["DROP", "DropMap", "isotonic"]
+__all__ = ["AUTO", "DROP", "FISHER", "DropMap", "isotonic"]

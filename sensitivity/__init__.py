@@ -33,11 +33,16 @@ from sensplan.sensitivity._models import (
     weights_digest,
 )
 from sensplan.sensitivity._quant import (
+    GROUP_SIZES,
+    INT_CODES,
     SUPPORTED_BITS,
+    QFormat,
     dequantize,
+    dequantize_codes,
     fake_quantize,
     install_input_quant,
     pack_codes,
+    quantize,
     quantize_per_channel,
     unpack_codes,
 )
@@ -63,6 +68,8 @@ from sensplan.sensitivity.methods import (
 from sensplan.sensitivity.tasks import TASKS, Task, TaskResult, get_task
 
 __all__ = [
+    "GROUP_SIZES",
+    "INT_CODES",
     "METHODS",
     "SUPPORTED_BITS",
     "TASKS",
@@ -74,6 +81,7 @@ __all__ = [
     "ModelSpec",
     "Preprocess",
     "PruningGraph",
+    "QFormat",
     "Scan",
     "ScanConfig",
     "Task",
@@ -92,6 +100,7 @@ __all__ = [
     "count_macs",
     "default_settings",
     "dequantize",
+    "dequantize_codes",
     "describe_model",
     "device_of",
     "evaluate",
@@ -110,6 +119,7 @@ __all__ = [
     "n_remove_for",
     "nm_mask",
     "pack_codes",
+    "quantize",
     "quantize_per_channel",
     "read_state_dict",
     "recalibrate_batchnorm_",

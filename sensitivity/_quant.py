@@ -1,15 +1,25 @@
-"""Per-channel symmetric weight quantization, shared by the scanner's probes and the executor.
+"""Integer weight quantization, shared by the scanner's probes, the executor and the container.
 
-A weight ``w`` of shape (out, ...) at ``bits`` bits becomes integers ``q`` in
-``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` and one float32 ``scale`` per output channel, with
-``w ≈ q * scale``. The scale of each channel is chosen from a grid of clipping ratios of its
-largest magnitude to minimise the squared rounding error (at 8 bits this is nearly ``max|w|``; at 2-4
-bits clipping the outliers lowers the error a lot). The range is symmetric (2 bits → {-1, 0, 1}).
+A weight ``w`` of shape (out, ...) at ``bits`` bits becomes integer codes and float32 scales:
+
+- **symmetric, per output channel** (the default): codes ``q`` in ``[-(2**(bits-1) - 1),
+  2**(bits-1) - 1]`` and one scale per output channel, ``w ≈ q * scale`` (2 bits → {-1, 0, 1});
+- **group-wise** (``group_size`` g): each output row (its values in memory order: a conv's
+  in-channels × kernel) is cut into ceil(row / g) groups of g consecutive values, the last one
+  possibly shorter, each with its own scale;
+- **asymmetric** (``asymmetric=True``): codes ``u`` in ``[0, 2**bits - 1]`` with a zero point ``z``
+  per scale, ``w ≈ (u - z) * scale``: all 2**bits levels are used (4 at 2 bits, against 3), over
+  the range [min(w, 0), max(w, 0)], so 0 stays exact.
+
+Each scale is chosen from a grid of clipping ratios of the range to minimise the squared rounding
+error (at 8 bits this is nearly the full range; at 2-4 bits clipping the outliers lowers the error a
+lot). Quantizing quantized weights again returns the same codes (the executor relies on it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +29,11 @@ from sensplan.sensitivity._data import block_spans
 
 #: Bit widths the quantizer supports; 32 in a plan means "kept in float32".
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+#: Group sizes of group-wise scales (values of one output row per scale)
+GROUP_SIZES = (32, 64, 128)
+#: ``MethodContext.cache`` key where a method leaves, per weight's state-dict key, the ``(codes,
+#: scales, zero points)`` it quantized the weight with: the container stores them as they are
+INT_CODES = "int_codes"
 FLOAT_BITS = 32
 _CLIP_GRID = torch.linspace(0.2, 1.0, 33)
 _BLOCK_CPU, _BLOCK_ACCEL = 1 << 20, 1 << 26  # elements per block of the clipping search
@@ -26,6 +41,106 @@ _BLOCK_CPU, _BLOCK_ACCEL = 1 << 20, 1 << 26  # elements per block of the clippin
 
 def qmax(bits: int) -> int:
     return int(2 ** (bits - 1) - 1)
+
+
+@dataclass(frozen=True)
+class QFormat:
+    """An integer weight format: ``bits``, ``group_size`` (0: one scale per output row) and
+    ``asymmetric`` (a zero point per scale)."""
+
+    bits: int
+    group_size: int = 0
+    asymmetric: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"The 'bits' parameter must be one of {SUPPORTED_BITS}. Got {self.bits!r} instead.")
+        if self.group_size not in (0, *GROUP_SIZES):
+            raise ValueError(f"The group size must be one of {GROUP_SIZES} (or 0: per output channel). "
+                             f"Got {self.group_size!r} instead.")
+
+    @classmethod
+    def of(cls, effect_or_setting: Mapping[str, Any]) -> QFormat:
+        """From a weight_quant setting (``bits``, ``group``, ``zero_point``) or a merged effect
+        (``weight_bits``, ``group_size``, ``zero_point_bits``)."""
+        e = effect_or_setting
+        if "weight_bits" in e:
+            return cls(int(e["weight_bits"]), int(e.get("group_size") or 0), bool(e.get("zero_point_bits")))
+        return cls(int(e["bits"]), int(e.get("group") or 0), bool(e.get("zero_point")))
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(codes, scales, zero_points)``: int16 codes of ``w``'s shape (signed when symmetric,
+    ``[0, 2**bits - 1]`` when asymmetric), float32 scales of shape (out,) per channel or (out,
+    groups) group-wise, and the zero points (int16, the scales' shape) or None when symmetric."""
+    if fmt.group_size == 0 and not fmt.asymmetric:
+        q, s = quantize_per_channel(w, fmt.bits)
+        return q.to(torch.int16), s, None
+    wf = w.detach().float().reshape(w.shape[0], -1)
+    rows, cols = wf.shape
+    g = fmt.group_size or max(1, cols)
+    groups = -(-cols // g)
+    pad = groups * g - cols
+    if pad:  # the last group is shorter: zeros change no range and round to 0 exactly (no error)
+        wf = torch.nn.functional.pad(wf, (0, pad))
+    flat = wf.reshape(rows * groups, g)
+    if fmt.asymmetric:
+        q, s, z = _search_asymmetric(flat, fmt.bits)
+    else:
+        q8, s = quantize_per_channel(flat, fmt.bits)
+        q, z = q8.to(torch.int16), None
+    q = q.reshape(rows, groups * g)[:, :cols].reshape(w.shape)
+    shape = (rows,) if fmt.group_size == 0 else (rows, groups)
+    return q, s.reshape(shape), None if z is None else z.reshape(shape)
+
+
+def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                     group_size: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`quantize`: ``(q - z) * s`` per scale, in ``q``'s shape."""
+    rows = q.shape[0]
+    qf = q.float().reshape(rows, -1)
+    cols = qf.shape[1]
+    s = scales.float().reshape(rows, -1)
+    idx = torch.arange(cols, device=q.device) // (group_size or max(1, cols))
+    if zero_points is not None:
+        qf = qf - zero_points.float().reshape(rows, -1)[:, idx]
+    return (qf * s[:, idx]).reshape(q.shape).to(dtype)
+
+
+@torch.no_grad()
+def _search_asymmetric(wf: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of ``wf``: the clipping of [min(w, 0), max(w, 0)] with the least squared error, its
+    codes in [0, 2**bits - 1], scale and zero point (blocked over rows like the symmetric search)."""
+    levels = 2 ** bits - 1
+    lo0 = wf.amin(dim=1).clamp(max=0.0)
+    hi0 = wf.amax(dim=1).clamp(min=0.0)
+    span = (hi0 - lo0).clamp_min(1e-12)
+    best_err = torch.full_like(span, float("inf"))
+    best_s, best_z = span / levels, torch.zeros_like(span)
+    n, cols = wf.shape
+    spans = block_spans(n, max(2, (_BLOCK_CPU if wf.device.type == "cpu" else _BLOCK_ACCEL) // max(1, cols)))
+    for r0, r1 in spans:
+        blk = wf[r0:r1]
+        for ratio in _CLIP_GRID:
+            s = _short_mantissa(span[r0:r1] * ratio / levels).unsqueeze(1)
+            z = torch.clamp(torch.round(-lo0[r0:r1].unsqueeze(1) * ratio / s), 0, levels)
+            u = torch.clamp(torch.round(blk / s) + z, 0, levels)
+            err = ((u - z) * s - blk).square().sum(dim=1)
+            better = err < best_err[r0:r1]
+            best_err[r0:r1] = torch.where(better, err, best_err[r0:r1])
+            best_s[r0:r1] = torch.where(better, s.squeeze(1), best_s[r0:r1])
+            best_z[r0:r1] = torch.where(better, z.squeeze(1), best_z[r0:r1])
+    u = torch.clamp(torch.round(wf / best_s.unsqueeze(1)) + best_z.unsqueeze(1), 0, levels)
+    return u.to(torch.int16), best_s.float(), best_z.to(torch.int16)
+
+
+def _short_mantissa(s: torch.Tensor) -> torch.Tensor:
+    """Positive float32 ``s`` rounded to 15 mantissa bits: then (code - zero point) * s is exact in
+    float32 (a code has at most 8 bits), so quantizing dequantized weights again finds the same
+    scale exactly (the container re-quantizes what the executor left). The rounding is 2**-16."""
+    bits = s.float().contiguous().view(torch.int32)
+    return ((bits + (1 << 7)) & ~((1 << 8) - 1)).view(torch.float32)
 
 
 @torch.no_grad()
@@ -70,9 +185,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * scale.view(-1, *([1] * (q.dim() - 1)))).to(dtype)
 
 
-def fake_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """``w`` rounded to ``bits`` bits per channel and returned in ``w``'s dtype (a new tensor)."""
-    q, s = quantize_per_channel(w, bits)
+def fake_quantize(w: torch.Tensor, bits: int | QFormat) -> torch.Tensor:
+    """``w`` rounded to ``bits`` bits per channel (or to a :class:`QFormat`) and returned in ``w``'s
+    dtype (a new tensor)."""
+    if isinstance(bits, QFormat) and (bits.group_size or bits.asymmetric):
+        q16, s16, z = quantize(w, bits)
+        return dequantize_codes(q16, s16, z, bits.group_size, w.dtype)
+    q, s = quantize_per_channel(w, bits.bits if isinstance(bits, QFormat) else bits)
     return dequantize(q, s, w.dtype)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from torch import nn
 from sensplan._artifacts import now_iso, versions, weights_record
 from sensplan._effects import to_data as effect_data
 from sensplan._errors import UserInputError, first_line
-from sensplan._metric import Metric
+from sensplan._metric import FISHER, Metric
 from sensplan._tables import SCAN_FORMAT, SCAN_SCHEMA_VERSION, Scan
 from sensplan.sensitivity._data import EvalSet, check_classes_fit
 from sensplan.sensitivity._eval import (
@@ -35,6 +36,7 @@ from sensplan.sensitivity._eval import (
     device_of,
     recalibrate_batchnorm_,
 )
+from sensplan.sensitivity._fisher import ProbeEstimator, fisher_diagonal
 from sensplan.sensitivity._groups import PruningGraph, count_macs, layer_weight_key
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
 from sensplan.sensitivity.methods import (
@@ -66,6 +68,12 @@ class ScanConfig:
     task: str = "classification"
     batch_size: int = 500
     check_samples: int = 8
+    #: estimate every probe that only changes parameter values from the Fisher information instead
+    #: of measuring it (``scan --fast``; see ``_fisher``); ``fast_measured`` of them are measured to
+    #: map the estimate to the task's drop, from ``fast_samples`` calibration inputs
+    fast: bool = False
+    fast_measured: int = 8
+    fast_samples: int = 512
 
     def __post_init__(self) -> None:
         norm: dict[str, tuple[Setting, ...]] = {}
@@ -89,6 +97,15 @@ class ScanConfig:
                                  f"{self.batch_size!r} instead.")
         if not isinstance(self.check_samples, int) or self.check_samples <= 0:
             raise UserInputError(f"check_samples must be a positive integer. Got {self.check_samples!r}.")
+        if not isinstance(self.fast_measured, int) or self.fast_measured < 2:
+            raise UserInputError(f"--fast-measured must be >= 2 (the map from the estimate to the drop needs "
+                                 f"at least two measured probes). Got {self.fast_measured!r}.")
+        if not isinstance(self.fast_samples, int) or self.fast_samples <= 0:
+            raise UserInputError(f"fast_samples must be a positive integer. Got {self.fast_samples!r}.")
+        if self.fast and "kl" not in get_task(self.task).signals:
+            raise UserInputError(f"--fast estimates the KL divergence from the original's outputs, which the task "
+                                 f"{self.task!r} does not record. Use --task classification or agreement, or scan "
+                                 f"without --fast.")
 
     @classmethod
     def of(cls, *, bits: Sequence[int] = (8, 6, 4, 3, 2),
@@ -112,7 +129,9 @@ class ScanConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {"settings": {k: [dict(s) for s in v] for k, v in self.settings.items()},
-                "task": self.task, "batch_size": self.batch_size, "check_samples": self.check_samples}
+                "task": self.task, "batch_size": self.batch_size, "check_samples": self.check_samples,
+                **({"fast": True, "fast_measured": self.fast_measured, "fast_samples": self.fast_samples}
+                   if self.fast else {})}
 
 
 def _setting_key(setting: Mapping[str, Any]) -> str:
@@ -210,12 +229,16 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
     header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
     methods_info, todo = _probes_to_run(ctx, cfg)
+    estimator = None
+    if cfg.fast:
+        fisher = fisher_diagonal(model, ctx.calibration_inputs(cfg.fast_samples), seed=0)
+        estimator = ProbeEstimator(model, fisher)
     try:
         results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress,
                               lambda: task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype),
                               lambda ev, method, unit, setting, seconds: _row(
                                   task.metric, base, ev, method, ctx, unit, setting, seconds),
-                              calib_dev, reference)
+                              calib_dev, reference, estimator, cfg.fast_measured)
     finally:
         model.train(was_training)
     return Scan({
@@ -225,7 +248,8 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
                        "versions": versions(), "torch_threads": torch.get_num_threads(),
                        "device": str(dev), "dtype": str(dtype or torch.float32).replace("torch.", ""),
                        "journal": str(journal) if journal else None,
-                       "probes_from_journal": sum(1 for r in results if r.get("from_journal"))},
+                       "probes_from_journal": sum(1 for r in results if r.get("from_journal")),
+                       **({"probes_estimated": sum(1 for r in results if r.get("estimated"))} if cfg.fast else {})},
         "model": _model_record(model, ctx.example_input, model_spec, weights, header),
         "data": data.description,
         "task": task.to_dict(),
@@ -288,29 +312,93 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
 
 
 def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]], jr: Any, progress: bool | None,
-                evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any) -> list[dict[str, Any]]:
+                evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any,
+                estimator: ProbeEstimator | None = None, map_points: int = 0) -> list[dict[str, Any]]:
     """Probe every (method, unit, setting): perturb, recalibrate BatchNorm, evaluate, restore;
-    rows already in the journal are taken from it, new ones appended to it."""
+    rows already in the journal are taken from it, new ones appended to it.
+
+    With an ``estimator`` (``scan --fast``), a probe that only changes parameter values is estimated
+    instead of evaluated (see ``_fisher``), and then ``map_points`` of the estimated probes, spread
+    over the estimate's range, are measured too: the planner maps the estimate to the task's drop
+    through them. A measured probe records its measured KL divergence as its estimate."""
     results: list[dict[str, Any]] = []
-    bar = _Progress(len(todo), progress)
+    bar = _Progress(len(todo) + (map_points if estimator is not None else 0), progress)
+
+    def measure(method: Method, unit: str, setting: Setting) -> dict[str, Any]:
+        t = time.perf_counter()
+        with method.probe(ctx, unit, setting), batchnorm_state_restored(ctx.model):
+            recalibrate_batchnorm_(ctx.model, calib, reference)
+            ev = evaluate()
+        return row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
+
     try:
         for method, unit, setting in todo:
             row = jr.get(unit, method.name, setting) if jr is not None else None
             if row is None:
-                t = time.perf_counter()
-                with method.probe(ctx, unit, setting), batchnorm_state_restored(ctx.model):
-                    recalibrate_batchnorm_(ctx.model, calib, reference)
-                    ev = evaluate()
-                row = row_of(ev, method, unit, setting, time.perf_counter() - t)
+                estimate = None
+                if estimator is not None:
+                    t = time.perf_counter()
+                    with method.probe(ctx, unit, setting):
+                        estimate = estimator.estimate()
+                    if estimate is not None:
+                        row = estimated_row(method, ctx, unit, setting, estimate, time.perf_counter() - t)
+                if row is None:
+                    row = measure(method, unit, setting)
+                    if estimator is not None:
+                        row = _with_measured_estimate(row)
                 if jr is not None:
                     jr.append(unit, method.name, setting, row)
             results.append(row)
             bar.update(f"{method.label(setting)} {unit}")
+        if estimator is not None:
+            by_key = {(unit, method.name, _setting_key(setting)): (method, setting) for method, unit, setting in todo}
+            for i in _map_points(results, map_points):
+                r = results[i]
+                method, setting = by_key[(r["unit"], r["method"], _setting_key(r["setting"]))]
+                row = measure(method, r["unit"], setting)
+                row = {**row, "signals": {**(row.get("signals") or {}), FISHER: r["signals"][FISHER]},
+                       "map_point": True}
+                if jr is not None:
+                    jr.append(r["unit"], method.name, setting, row)
+                results[i] = row
+                bar.update(f"map {method.label(setting)} {r['unit']}")
     finally:
         bar.close()
         if jr is not None:
             jr.close()
     return results
+
+
+def _with_measured_estimate(row: dict[str, Any]) -> dict[str, Any]:
+    """A measured row of a fast scan: its measured KL divergence stands for the Fisher estimate (the
+    quantity the estimate approximates), so that the planner adds up one signal over all units."""
+    signals = dict(row.get("signals") or {})
+    if "kl" in signals:
+        signals[FISHER] = {**signals["kl"], "measured": "kl"}
+    return {**row, "signals": signals}
+
+
+def _map_points(results: Sequence[Mapping[str, Any]], k: int) -> list[int]:
+    """Which estimated rows to measure so that ``k`` rows map the estimate to the drop (those
+    measured in an earlier run of the scan count): spread evenly over the logarithm of the estimate,
+    from its 10th percentile to its largest value, each the nearest not yet taken."""
+    have = sum(1 for r in results if r.get("map_point"))
+    rows = [(float(r["signals"][FISHER]["value"]), i) for i, r in enumerate(results)
+            if r.get("estimated") and float(r["signals"][FISHER]["value"]) > 0]
+    need = min(k - have, len(rows))
+    if need <= 0:
+        return []
+    rows.sort()
+    logs = [math.log(v) for v, _ in rows]
+    lo, hi = logs[int(0.1 * (len(logs) - 1))], logs[-1]
+    chosen: list[int] = []
+    free = list(range(len(rows)))
+    for j in range(need):
+        target = hi if need == 1 else lo + (hi - lo) * j / (need - 1)
+        best = min(free, key=lambda a: abs(logs[a] - target))
+        free.remove(best)
+        chosen.append(rows[best][1])
+    return sorted(chosen)
 
 
 def _model_record(model: nn.Module, example: torch.Tensor, model_spec: ModelSpec | None, weights: str | None,
@@ -338,6 +426,19 @@ def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: 
             "score": ev.score, "loss": ev.loss,
             "drop": metric.drop(base.score, ev.score), "drop_se": se, "lost": lost, "gained": gained,
             "loss_increase": ev.loss - base.loss, "signals": signal_changes(base, ev),
+            "seconds": round(seconds, 4)}
+
+
+def estimated_row(method: Method, ctx: MethodContext, unit: str, setting: Setting,
+                  estimate: tuple[float, float], seconds: float) -> dict[str, Any]:
+    """The row of a probe that ``scan --fast`` estimated instead of measuring: no drop, score or
+    loss (null), ``estimated: true``, and the Fisher estimate of the KL divergence as its signal."""
+    value, se = estimate
+    return {"unit": unit, "method": method.name, "axis": method.axis, "setting": dict(setting),
+            "label": method.label(setting), "level": method.level(setting),
+            "effect": effect_data(method.effect(setting, ctx.unit_info(unit, method.unit_kind))),
+            "score": None, "loss": None, "drop": None, "drop_se": None, "lost": None, "gained": None,
+            "loss_increase": None, "signals": {FISHER: {"value": value, "se": se}}, "estimated": True,
             "seconds": round(seconds, 4)}
 
 
@@ -396,6 +497,8 @@ def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg:
     return {"architecture_digest": architecture_digest(model), "weights_digest": weights_digest(model),
             "data": digest(data), "calibration": digest(calib), "task": cfg.task,
             "batch_size": cfg.batch_size,
+            # a fast scan's rows are estimates: a full scan must not take them from its journal
+            **({"fast": [cfg.fast_samples, cfg.fast_measured]} if cfg.fast else {}),
             # BatchNorm statistics fold a last calibration batch of one sample into the one before
             # (since 2026-11-25): only a calibration count of 256k+1 measures differently than before
             **({"calibration_batches": "last-single-folded"}

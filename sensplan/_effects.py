@@ -7,9 +7,15 @@ vocabulary needs no change anywhere else. The fields of a layer's merged effect:
 ``weight_bits`` (int, default 32)
     bits per stored weight value (32 float32, 16 float16/bfloat16, 2..8 integer codes).
 ``weight_dtype`` ("float32" | "float16" | "bfloat16" | "int")
-    how the values are stored; "int" adds ``scale_bits`` per output row (one scale per channel).
+    how the values are stored; "int" adds ``scale_bits`` (plus ``zero_point_bits``) per scale: one
+    per output row, or per group of ``group_size`` values of a row.
 ``scale_bits`` (int, default 0)
-    per-output-row overhead of integer codes (a float32 scale: 32).
+    bits of one scale of integer codes (a float32 scale: 32).
+``group_size`` (int, default 0)
+    0: one scale per output row; g: one per g consecutive values of a row (ceil(row / g) per row,
+    the row as pruning leaves it: a conv's kept in-channels × kernel).
+``zero_point_bits`` (int, default 0)
+    bits of one zero point per scale (asymmetric integer codes); 0: symmetric, no zero point.
 ``density`` (float in (0, 1], default 1)
     the fraction of weight values kept (non-zero).
 ``sparse_format`` ("dense" | "auto" | "nm")
@@ -47,7 +53,8 @@ from sensplan._expr import Expr, Structure, dims, parse_structure
 FLOAT_BITS = 32
 #: Fields a layer option may set, with their defaults (no compression).
 LAYER_DEFAULTS: dict[str, Any] = {"weight_bits": FLOAT_BITS, "weight_dtype": "float32",
-                                  "scale_bits": 0, "density": 1.0, "sparse_format": "dense",
+                                  "scale_bits": 0, "group_size": 0, "zero_point_bits": 0,
+                                  "density": 1.0, "sparse_format": "dense",
                                   "nm": None, "act_bits": FLOAT_BITS, "structure": None}
 KNOWN_FIELDS = frozenset(LAYER_DEFAULTS) | {"removed"}
 ROW_POINTER_BITS = 32
@@ -153,10 +160,19 @@ def sparse_layout(effect: Mapping[str, Any], row_len: int) -> str:
     return "bitmask" if 1 + d * b <= d * (b + index_bits(row_len)) else "csr"
 
 
+def scale_bits_each(effect: Mapping[str, Any]) -> float:
+    """Bits of one scale with its zero point (integer codes), else 0."""
+    if effect.get("weight_dtype") != "int":
+        return 0.0
+    return float(effect.get("scale_bits", 0)) + float(effect.get("zero_point_bits", 0) or 0)
+
+
 def weight_coefficients(effect: Mapping[str, Any], row_len: int) -> tuple[float, float, float]:
-    """``(a, b, c)`` with stored bits = ``a * numel + b * rows + c`` for a weight with this effect."""
+    """``(a, b, c)`` with stored bits = ``a * numel + b * rows + c`` for a weight with this effect,
+    group-wise scales left out (``scale_bits_each`` × Σ rows × ceil(row / group_size), priced by the
+    planner from the layer's pruned dims)."""
     wb = int(effect.get("weight_bits", FLOAT_BITS))
-    scale = float(effect.get("scale_bits", 0)) if effect.get("weight_dtype") == "int" else 0.0
+    scale = scale_bits_each(effect) if not int(effect.get("group_size", 0) or 0) else 0.0
     d = float(effect.get("density", 1.0))
     layout = sparse_layout(effect, row_len)
     if layout == "dense":

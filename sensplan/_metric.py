@@ -10,6 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+#: the planning signal ``scan --fast`` records: the Fisher estimate of the KL divergence (nats)
+FISHER = "fisher"
+
 
 @dataclass(frozen=True)
 class Metric:

@@ -85,8 +85,8 @@ def check_scan(obj: Mapping[str, Any]) -> list[str]:
             p.append(f"{where} is not an object")
             continue
         for k in ("unit", "method", "axis", "setting", "drop"):
-            if r.get(k) is None:
-                p.append(f"{where} has no {k!r}")
+            if r.get(k) is None and not (k == "drop" and r.get("estimated") is True):
+                p.append(f"{where} has no {k!r}")  # an estimated row (scan --fast) has no drop
         if r.get("drop") is not None and not _num(r["drop"]):
             p.append(f"{where}.drop is {r['drop']!r}, not a number")
         for k in ("unit", "method", "axis"):

@@ -216,8 +216,9 @@ def _rewrite_header(raw: bytes, edit) -> bytes:
     return raw[:12] + struct.pack("<Q", len(head)) + head + raw[20 + hlen:]
 
 
-def _first_key(header, layout: str) -> str:
-    return next(k for k, e in header["tensors"].items() if e["layout"] == layout)
+def _first_key(header, layout: str, part: str | None = None) -> str:
+    return next(k for k, e in header["tensors"].items()
+                if e["layout"] == layout and (part is None or part in e.get("part_names", [])))
 
 
 @pytest.mark.parametrize("damage,fragment", [
@@ -235,7 +236,7 @@ def _first_key(header, layout: str) -> str:
     (lambda raw: _rewrite_header(raw, lambda h: h.update(format="other")), "has a corrupt header"),
     (lambda raw: _rewrite_header(raw, lambda h: h["tensors"][_first_key(h, "raw")].update(
         shape=[999])), "is corrupt: a tensor cannot be decoded"),
-    (lambda raw: _rewrite_header(raw, lambda h: h["tensors"][_first_key(h, "dense")].update(
+    (lambda raw: _rewrite_header(raw, lambda h: h["tensors"][_first_key(h, "dense", "scales")].update(
         part_names=["values"])), "is corrupt: a tensor cannot be decoded"),
 ])
 def test_a_damaged_file_is_an_artifact_error_that_says_so(tmp_path, saved, damage, fragment):

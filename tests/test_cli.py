@@ -400,6 +400,25 @@ def test_scan_with_the_agreement_task_then_plan(tmp_path, capsys, weights):
     assert code == 0, err
 
 
+def test_a_fast_scan_then_plan(tmp_path, capsys, weights):
+    out = tmp_path / "scan.json"
+    code, _, err = run(["scan", *model_args(weights), "--bits", "8,4", "--ratios", "0.25,0.5", "--fast",
+                        "--fast-measured", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    scan = json.loads(out.read_text())
+    assert sum(1 for r in scan["results"] if r.get("map_point")) == 3
+    assert sum(1 for r in scan["results"] if r.get("estimated")) == len(scan["results"]) - 3
+    code, _, err = run(["plan", "--scan", str(out), "--budget", "size=0.5",
+                        "--out", str(tmp_path / "plan.json")], capsys)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["objective"]["signal"] == "fisher"
+    assert "verification" in plan  # the estimate is checked by measurement
+    code, _, err = run(["plan", "--scan", str(out), "--budget", "size=0.5", "--signal", "drop",
+                        "--out", str(tmp_path / "plan2.json")], capsys)
+    assert code == 2 and "--signal fisher" in err
+
+
 def test_run_writes_everything_into_one_directory(tmp_path, capsys, weights):
     out = tmp_path / "run"
     code, stdout, err = run(["run", *model_args(weights), "--bits", "8,4", "--ratios", "0.5",

@@ -53,7 +53,9 @@ METHOD_IDS = [m.name for m in ALL_METHODS]
 MODELS = ("tiny_resnet", "tiny_convnet")
 
 #: settings the combined-plan and sparse-format tests need, beside each method's strongest
-EXTRA = {"prune": [{"ratio": 0.5}], "weight_quant": [{"bits": 4}],
+EXTRA = {"prune": [{"ratio": 0.5}],
+         "weight_quant": [{"bits": 4}, {"bits": 3, "group": 32, "zero_point": True}, {"bits": 2, "zero_point": True},
+                          {"bits": 5, "group": 32}],
          "sparsity": [{"ratio": 0.5}, {"ratio": 0.9}, {"ratio": 0.95}],
          "act_quant": [{"calib": "minmax", "bits": 8}]}
 
@@ -346,6 +348,36 @@ def whole_method_selection(s, method) -> dict[str, str]:
         if block_name(r) not in top or r["level"] > top[block_name(r)]["level"]:
             top[block_name(r)] = r
     return {b: option_key(r["method"], r["setting"]) for b, r in top.items()}
+
+
+@pytest.mark.parametrize("fmt", [{"bits": 3, "group": 32, "zero_point": True}, {"bits": 2, "zero_point": True},
+                                 {"bits": 5, "group": 32}], ids=["int3ag32", "int2a", "int5g32"])
+def test_finer_weight_formats_with_every_group_pruned_cost_what_was_predicted_and_reload(tmp_path, setup, fmt):
+    """Group-wise scales (a row of in-channels x kernel cut in groups of 32, the last one shorter,
+    and fewer after the input group is pruned) and zero points: the container stores what the
+    planner priced, and reloads to the executor's outputs."""
+    s = setup
+    rows = rows_of(s, "weight_quant", fmt)
+    assert rows
+    selected = {block_name(r): option_key("weight_quant", r["setting"]) for r in rows}
+    for r in rows_of(s, "prune", {"ratio": 0.5}):
+        selected[block_name(r)] = option_key("prune", r["setting"])
+    sparse_layer = rows[0]["unit"]
+    selected[f"sparsity:{sparse_layer}"] = option_key("sparsity", {"ratio": 0.9})  # quantized + sparse
+    plan = plan_of(s, selected)
+    cm, _ = compress(s["model"], plan, "planned", s["data"].example_input, calib=s["calib"],
+                     model_spec=s["spec"])
+    file_bytes = save_compressed(cm, tmp_path / "m.sensplan")
+    pred = plan.variant()["predicted"]
+    payload = cm.payload_bytes()
+    assert 0 <= payload - pred["size"] <= stored_parts(cm) + 4, (payload, pred["size"])
+    header, _ = read_header(tmp_path / "m.sensplan")
+    entries = [header["tensors"][s["table"].layers[r["unit"]]["weight"]] for r in rows]
+    assert all(e.get("group_size", 0) == fmt.get("group", 0) for e in entries)
+    assert all(("zero_points" in e["part_names"]) == bool(fmt.get("zero_point")) for e in entries)
+    y = outputs(cm.module, s["data"].x)
+    assert torch.equal(outputs(load_compressed(tmp_path / "m.sensplan"), s["data"].x), y)
+    assert file_bytes > payload
 
 
 @pytest.mark.parametrize("method", ALL_METHODS, ids=METHOD_IDS)

@@ -208,6 +208,8 @@ CASES = [
     ("plan-out-with-a-trailing-slash", [*PLAN[:-1], "{out}/newdir/", "--budget", "macs=0.7"],
      ["ends with '/'", "names a file"]),
     ("zero-check-samples", [*SCAN, *DIGITS, "--check-samples", "0"], ["--check-samples must be >= 1"]),
+    ("fast-measured-below-two", [*SCAN, *DIGITS, "--fast", "--fast-measured", "1"],
+     ["--fast-measured must be >= 2. Got 1"]),
     ("weights-with-nan", [*SCAN, *[a.replace("w.pt", "nan.pt") for a in DIGITS]],
      ["outputs on the data are not finite", "check --weights"]),
     ("zero-train-samples", [*APPLY, "--train-data", "digits:train", "--train-samples", "0"],

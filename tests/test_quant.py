@@ -7,14 +7,17 @@ import torch
 
 from sensplan.sensitivity._quant import (
     SUPPORTED_BITS,
+    QFormat,
     act_qparams,
     dequantize,
+    dequantize_codes,
     fake_quantize,
     fake_quantize_activation,
     install_input_quant,
     pack_codes,
     packed_nbytes,
     qmax,
+    quantize,
     quantize_per_channel,
     unpack_codes,
 )
@@ -151,3 +154,38 @@ def test_blocked_search_matches_the_whole_tensor_on_two_threads_with_long_rows(m
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("fmt", [QFormat(4, 32), QFormat(3, 0, True), QFormat(2, 64, True), QFormat(5, 128)])
+def test_group_wise_and_zero_point_codes(fmt):
+    torch.manual_seed(fmt.bits)
+    w = torch.randn(6, 10, 3, 3)  # rows of 90 values: groups of 32 leave a shorter last group
+    w[:, :5] += 0.5  # asymmetric values
+    q, s, z = quantize(w, fmt)
+    groups = -(-90 // fmt.group_size) if fmt.group_size else 1
+    assert q.shape == w.shape and s.shape == ((6, groups) if fmt.group_size else (6,))
+    if fmt.asymmetric:
+        assert z is not None and z.shape == s.shape
+        assert int(q.min()) >= 0 and int(q.max()) <= 2 ** fmt.bits - 1
+        assert len(q.unique()) == 2 ** fmt.bits  # every level is used (4 at 2 bits, not 3)
+    else:
+        assert z is None and int(q.abs().max()) <= qmax(fmt.bits)
+    wq = dequantize_codes(q, s, z, fmt.group_size)
+    assert torch.equal(wq, fake_quantize(w, fmt))
+    per_channel = float(((fake_quantize(w, fmt.bits) - w) ** 2).mean())
+    err = float(((wq - w) ** 2).mean())
+    assert err <= per_channel  # never coarser than one symmetric scale per channel
+    if groups > 1 or fmt.asymmetric:
+        assert err < per_channel
+    q2, s2, z2 = quantize(wq, fmt)  # the executor quantizes quantized weights again
+    assert torch.equal(q2, q) and (z is None or torch.equal(z2, z))
+    zero = torch.zeros_like(w)
+    zero[:, :, 1] = w[:, :, 1]
+    assert bool((fake_quantize(zero, fmt)[:, :, 0] == 0).all())  # 0 stays exactly 0
+
+
+def test_a_format_is_one_of_the_supported_ones():
+    with pytest.raises(ValueError, match="group size must be one of"):
+        QFormat(4, 100)
+    with pytest.raises(ValueError, match="'bits' parameter"):
+        QFormat(9)

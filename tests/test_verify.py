@@ -128,12 +128,13 @@ def test_compounding_errors_are_measured_corrected_and_solved_again(toys):
 
     # 12 bytes: both layers at 8 bits (8 B) or one at 8 and one at 16 bits (12 B)
     budget = [Budget.parse("size=12B")]
-    unverified = make_plan(table, budget)
+    unverified = make_plan(table, budget, signal="drop")  # the corrections are learned on drops
     assert _choices(unverified) == {"fc1": "nudge", "fc2": "nudge"}
     assert unverified.variant()["predicted"]["drop"] == 0
 
     report = margin_data(400, 2)
-    plan = make_plan(table, budget, verifier=Verifier(model, data, None, held, report=report), rounds=3)
+    plan = make_plan(table, budget, verifier=Verifier(model, data, None, held, report=report), rounds=3,
+                     signal="drop")
     ver = plan.data["verification"]
     first = ver["rounds"][0]
     assert first["predicted"]["drop"] == 0

@@ -314,7 +314,7 @@ def floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def check_budget_scale(scan: Any, budgets: Sequence[Any], cost_tables: Sequence[Any] = (),
-                       signal: str = "drop") -> None:
+                       signal: str = "auto") -> None:
     """Raise a BudgetError for a budget such as ``macs=2`` (an absolute 2 MACs, far below the
     original model's cost: a fraction was meant), and an ArtifactError for a planning ``signal``
     the scan did not record, before any solving or measuring."""

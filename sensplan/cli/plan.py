@@ -95,11 +95,12 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                    help="a cost model another installed package registers (entry point group "
                         "sensplan.cost_models; `sensplan methods` lists them); its metrics can then "
                         "be budgeted (repeatable)")
-    g.add_argument("--signal", default="drop", metavar="NAME",
-                   help="what the solver adds up: drop (the task's measured drop per unit; default), "
-                        "or a low-noise signal the scan recorded: loss, kl, margin (classification). "
-                        "The plan's drop is then predicted from the sum by a monotone map fitted on the "
-                        "scan's probes")
+    g.add_argument("--signal", default="auto", metavar="NAME",
+                   help="what the solver adds up: drop (the task's measured drop per unit), or a "
+                        "low-noise signal the scan recorded: loss, kl, margin (classification), fisher "
+                        "(a --fast scan's estimate). The plan's drop is then predicted from the sum by a "
+                        "monotone map fitted on the scan's measured probes. Default auto: fisher for a "
+                        "--fast scan, else kl where the scan recorded it, else drop")
     g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="stop the solver after this long; the plan is then feasible but maybe "
                         "not optimal (default 60)")
@@ -113,7 +114,7 @@ class PlanInputs:
     cost_tables: list[TableCosts]
     time_limit: float
     cost_models: tuple[str, ...] = ()
-    signal: str = "drop"
+    signal: str = "auto"
 
     def models(self, scan: Scan) -> list[Any]:
         """The cost tables and the named cost models, built for ``scan``."""

@@ -86,6 +86,13 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                    help="images the pruning safety check runs per channel group, twice (pruned and "
                         "zeroed; default 8). On a very large model the checks can take a large part "
                         "of the scan: 1 or 2 are usually enough to catch a group that cannot be pruned")
+    g.add_argument("--fast", action="store_true",
+                   help="estimate the probes from the Fisher information of a few hundred calibration "
+                        "images instead of measuring each one (seconds instead of minutes); a few are "
+                        "measured to map the estimate to the drop, and plan verifies by measurement")
+    g.add_argument("--fast-measured", type=int, default=8, metavar="N",
+                   help="with --fast: how many probes are measured to map the estimate to the task's "
+                        "drop (default 8; at least 2)")
     g.add_argument("--no-resume", action="store_true",
                    help="start afresh instead of reusing the finished probes in the journal "
                         "(<out>.journal)")
@@ -162,6 +169,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
 
     problems.at_least(args.batch_size, 1, "--batch-size")
     problems.at_least(args.check_samples, 1, "--check-samples")
+    problems.at_least(args.fast_measured, 2, "--fast-measured")
     task = problems.check(lambda: get_task(args.task))
     names = _method_names(args, problems)
     if names is None:
@@ -188,7 +196,8 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
     if problems.messages or task is None:
         return None
     return problems.check(lambda: ScanConfig(settings, task=args.task, batch_size=args.batch_size,
-                                            check_samples=args.check_samples))
+                                            check_samples=args.check_samples, fast=args.fast,
+                                            fast_measured=args.fast_measured))
 
 
 def _values(settings: Any, key: str) -> str:
