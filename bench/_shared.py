@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +27,46 @@ def resnet20_files(shared: str) -> tuple[Path, Path] | None:
         print(f"skipped: {shared} has no ResNet-20 weights or CIFAR-10 JPEG test set")
         return None
     return weights, test_dir
+
+
+def cifar_splits(test_dir: Path, samples: int = 2000, calib_samples: int = 500) -> tuple[Any, Any, Any, Any]:
+    """The CIFAR-10 test folder split, stratified and seeded, into the scan's sample, BatchNorm
+    calibration, a held-out split of 2,500 and the test split (the rest: 5,000 at the defaults),
+    each disjoint from the ones before; printed."""
+    import numpy as np
+
+    from sensplan.sensitivity import DataSpec, load_eval_set
+    from sensplan.sensitivity._data import load_calibration_set
+
+    spec = DataSpec.parse(str(test_dir))
+    sample = load_eval_set(spec, samples, seed=0)
+    calib = load_calibration_set(sample, calib_samples, seed=0)
+    used = np.concatenate([sample.indices, calib.indices])
+    held = load_eval_set(spec, 2500, seed=2, exclude=used)
+    test = load_eval_set(spec, None, seed=3, exclude=np.concatenate([used, held.indices]))
+    print(f"splits: sample {len(sample)}, calibration {len(calib)}, held-out {len(held)}, test {len(test)}")
+    return sample, calib, held, test
+
+
+def load_resnet20(weights: Path) -> tuple[Any, Any]:
+    """The ResNet-20 of examples/cifar_resnet.py with ``weights``: (its spec, the model)."""
+    from sensplan.sensitivity import ModelSpec, load_model
+
+    spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:resnet20")
+    return spec, load_model(spec, weights)
+
+
+def best_uniform(judge: Any, table: Any, budget: list[Any], plan_data: Any) -> tuple[float, str]:
+    """The best uniform plan in hindsight: every uniform candidate at ``budget`` measured by
+    ``judge`` (a Verifier whose held-out split is the test split); (its top-1, its label)."""
+    from sensplan.planner import Costs, uniform_candidates
+    from sensplan.planner._plan import uniform_allocation
+    from sensplan.planner._solver import uniform_label
+
+    cm = Costs(table, signal="drop")
+    best, label = float("nan"), "-"
+    for u in uniform_candidates(cm, budget):
+        _, m = judge.measure(plan_data, uniform_allocation(cm, u, table), held=True, sample=False)
+        if m is not None and not m.score <= best:
+            best, label = m.score, uniform_label(cm, u)
+    return best, label

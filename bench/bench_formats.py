@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ROOT, parser, resnet20_files  # noqa: E402
+from _shared import best_uniform, cifar_splits, load_resnet20, parser, resnet20_files  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078"
 DEFAULT = ("8", "6", "4", "3", "2")
@@ -46,22 +45,12 @@ def main() -> int:
     weights, test_dir = files
 
     from sensplan._tables import Scan
-    from sensplan.planner import Budget, Costs, Verifier, make_plan, uniform_candidates
-    from sensplan.planner._plan import uniform_allocation
-    from sensplan.planner._solver import uniform_label
-    from sensplan.sensitivity import DataSpec, ModelSpec, ScanConfig, get_method, load_eval_set, load_model, scan
-    from sensplan.sensitivity._data import load_calibration_set
+    from sensplan.planner import Budget, Verifier, make_plan
+    from sensplan.sensitivity import ScanConfig, get_method, scan
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    spec_data = DataSpec.parse(str(test_dir))
-    sample = load_eval_set(spec_data, args.samples, seed=0)
-    calib = load_calibration_set(sample, args.calib_samples, seed=0)
-    used = np.concatenate([sample.indices, calib.indices])
-    held = load_eval_set(spec_data, 2500, seed=2, exclude=used)
-    test = load_eval_set(spec_data, None, seed=3, exclude=np.concatenate([used, held.indices]))
-    print(f"splits: sample {len(sample)}, calibration {len(calib)}, test {len(test)}")
-    spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:resnet20")
-    model = load_model(spec, weights)
+    sample, calib, held, test = cifar_splits(test_dir, args.samples, args.calib_samples)
+    spec, model = load_resnet20(weights)
     wq = get_method("weight_quant")
     finer = wq.parse_settings(",".join(FINER))
     journal = None
@@ -87,12 +76,7 @@ def main() -> int:
             plan = make_plan(source, budget)
             planned = plan.variant("planned")
             _, m = judge.measure(plan.data, planned, held=True, sample=False)
-            cm = Costs(source)
-            best, best_label = float("nan"), "-"
-            for u in uniform_candidates(cm, budget):
-                _, mu = judge.measure(plan.data, uniform_allocation(cm, u, source), held=True, sample=False)
-                if not mu.score <= best:
-                    best, best_label = mu.score, uniform_label(cm, u)
+            best, best_label = best_uniform(judge, source, budget, plan.data)
             labels = sorted({c["label"] for c in planned["choices"].values() if c.get("method")})
             rows.append((text, family, m.score, best, best_label, planned["predicted"]["size_fraction"]))
             print(f"{text} {family:<8} plan {m.score:.4f} (size {planned['predicted']['size_fraction']:.4f}; "

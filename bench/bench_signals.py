@@ -24,12 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ROOT, parser, resnet20_files  # noqa: E402
+from _shared import best_uniform, cifar_splits, load_resnet20, parser, resnet20_files  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,bops=0.03,bops=0.015,macs=0.7,macs=0.5"
 SIGNALS = ("drop", "loss", "kl", "margin")
@@ -53,22 +52,12 @@ def main() -> int:
         return 0
     weights, test_dir = files
 
-    from sensplan.planner import Budget, Costs, Verifier, make_plan, uniform_candidates
-    from sensplan.planner._plan import uniform_allocation
-    from sensplan.planner._solver import uniform_label
-    from sensplan.sensitivity import DataSpec, ModelSpec, ScanConfig, load_eval_set, load_model, scan
-    from sensplan.sensitivity._data import load_calibration_set
+    from sensplan.planner import Budget, Verifier, make_plan
+    from sensplan.sensitivity import ScanConfig, scan
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    spec_data = DataSpec.parse(str(test_dir))
-    sample = load_eval_set(spec_data, args.samples, seed=0)
-    calib = load_calibration_set(sample, args.calib_samples, seed=0)
-    used = np.concatenate([sample.indices, calib.indices])
-    held = load_eval_set(spec_data, 2500, seed=2, exclude=used)
-    test = load_eval_set(spec_data, None, seed=3, exclude=np.concatenate([used, held.indices]))
-    print(f"splits: sample {len(sample)}, calibration {len(calib)}, held-out {len(held)} (unused), test {len(test)}")
-    spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:resnet20")
-    model = load_model(spec, weights)
+    sample, calib, held, test = cifar_splits(test_dir, args.samples, args.calib_samples)
+    spec, model = load_resnet20(weights)
     cache = Path(args.cache) if args.cache else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)
@@ -106,18 +95,12 @@ def main() -> int:
     summary = []
     for text in args.budgets.split(","):
         budget = [Budget.parse(text)]
-        cm = Costs(table, signal="drop")
-        best, best_label = float("nan"), "-"
-        ref_plan = make_plan(table, budget, signal="drop")
+        best, best_label = best_uniform(judge, table, budget, make_plan(table, budget, signal="drop").data)
 
         def test_top1(alloc: dict, data: dict) -> float:
             _, m = judge.measure(data, alloc, held=True, sample=False)
             return m.score if m is not None else float("nan")
 
-        for u in uniform_candidates(cm, budget):
-            s = test_top1(uniform_allocation(cm, u, table), ref_plan.data)
-            if not s <= best:
-                best, best_label = s, uniform_label(cm, u)
         print(f"\n{text}: best uniform in hindsight {best:.4f} ({best_label})")
         row = {"budget": text, "uniform": best}
         for signal, source in [*((s, table) for s in SIGNALS), ("fisher", fast)]:

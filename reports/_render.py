@@ -978,6 +978,12 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
     parts.append(f"<h2>Sensitivity</h2><p>{_e(fmt.title)} drop in {_e(fmt.drop_unit)} when one "
                  f"unit alone is compressed by one method at one setting (positive = worse). "
                  f"Settings run from weaker to stronger; a grey cell was not probed.</p>")
+    estimated = sum(1 for r in s.results if r.get("estimated"))
+    if estimated:
+        parts.append(f"<p><b>A fast scan:</b> {estimated} of its {len(s.results)} probes were estimated "
+                     f"(<code>scan --fast</code>: the Fisher estimate of the KL divergence, in scan.json's "
+                     f"signals), not measured, so they have no drop and are grey here. The plan maps the "
+                     f"estimate to the drop through the measured ones.</p>")
     parts.append(_img(figs["sensitivity_heatmap"], f"{fmt.title} drop per unit and setting"))
     parts.append(_img(figs["drop_curves"], f"{fmt.title} drop curves per method"))
     if p is not None:

@@ -417,6 +417,11 @@ def test_a_fast_scan_then_plan(tmp_path, capsys, weights):
     code, _, err = run(["plan", "--scan", str(out), "--budget", "size=0.5", "--signal", "drop",
                         "--out", str(tmp_path / "plan2.json")], capsys)
     assert code == 2 and "--signal fisher" in err
+    code, _, err = run(["report", "--scan", str(out), "--plan", str(tmp_path / "plan.json"),
+                        "--out", str(tmp_path / "report")], capsys)
+    assert code == 0, err
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "A fast scan:" in html and f"{len(scan['results']) - 3} of its {len(scan['results'])} probes" in html
 
 
 def test_run_writes_everything_into_one_directory(tmp_path, capsys, weights):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from sensplan.planner import Budget, Costs, compress, make_plan
 from sensplan.planner._signal import DropMap, isotonic
 from sensplan.sensitivity import METHODS, ScanConfig, WeightMethod, get_task, scan
 from sensplan.sensitivity._data import EvalSet
+from tests.test_verify import Chain  # logits = fc2(fc1(x)), both the 2x2 identity
 
 
 class _Nudge(WeightMethod):
@@ -56,19 +56,6 @@ class NudgeA(_Nudge):
 
 class NudgeB(_Nudge):
     name, layer, row, col, amount = "nudge_b", "fc2", 1, 0, 0.3
-
-
-class Chain(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(2, 2, bias=False)
-        self.fc2 = nn.Linear(2, 2, bias=False)
-        with torch.no_grad():
-            self.fc1.weight.copy_(torch.eye(2))
-            self.fc2.weight.copy_(torch.eye(2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(x))
 
 
 def margins(n: int, lo: float, hi: float, seed: int, tiny: bool = False) -> EvalSet:
