@@ -3,7 +3,8 @@
 Layout (little-endian)::
 
     b"SENSPLAN"  8 bytes magic
-    uint32       container version (3)
+    uint32       container version (4; version 3 files, which have no group-wise scales or zero
+                 points, are read too)
     uint64       header length H
     H bytes      zlib-compressed JSON header
     ...          tensor payload: each tensor's parts at header["tensors"][key]["parts"][i]["offset"]
@@ -60,7 +61,10 @@ from sensplan.sensitivity import (
 )
 
 MAGIC = b"SENSPLAN"
-CONTAINER_VERSION = 3
+CONTAINER_VERSION = 4
+#: versions this sensplan reads (4 added group-wise scales and zero points: an older reader would
+#: decode a zero-point entry wrongly, so it must refuse the file)
+READABLE_VERSIONS = (3, 4)
 COMPRESSED_FORMAT = "sensplan.compressed"
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -291,10 +295,10 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
     if raw[:8] != MAGIC:
         raise ArtifactError(f"{str(p)!r} is not a sensplan compressed model (bad magic bytes).")
     version, hlen = struct.unpack("<IQ", raw[8:20])
-    if version != CONTAINER_VERSION:
-        raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads version "
-                            f"{CONTAINER_VERSION}. Re-create it with `sensplan apply`, or load it with the "
-                            f"sensplan version that wrote it.")
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads versions "
+                            f"{' and '.join(map(str, READABLE_VERSIONS))}. Re-create it with `sensplan apply`, "
+                            f"or load it with the sensplan version that wrote it.")
     if len(raw) < 20 + hlen:
         raise ArtifactError(f"{str(p)!r} is truncated: its header needs {hlen} bytes, the file has "
                             f"{len(raw) - 20}. {again}")

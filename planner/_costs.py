@@ -69,6 +69,11 @@ class Option:
     loss_increase: float = 0.0
     #: the scan's low-noise signals of this probe: name -> (value, paired standard error)
     signals: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    #: a fast scan estimated it (no measured drop); ``map_point``: estimated, then measured
+    estimated: bool = False
+    map_point: bool = False
+    #: options of one method and family are nested (the envelope compares only those)
+    family: str = ""
 
     @property
     def key(self) -> str:
@@ -114,7 +119,8 @@ def blocks_from_scan(scan: Any) -> list[Block]:
                         dict(r.get("effect", {})), float(r.get("level", 0.0)), _number(r["drop"]),
                         float(r.get("drop_se", 0.0) or 0.0), float(r.get("loss_increase") or 0.0),
                         {k: (float(v.get("value") or 0.0), float(v.get("se") or 0.0))
-                         for k, v in (r.get("signals") or {}).items()})
+                         for k, v in (r.get("signals") or {}).items()},
+                        bool(r.get("estimated")), bool(r.get("map_point")), str(r.get("family") or ""))
                  for r in rows]
         channels = int(scan.groups[unit]["channels"]) if kind == "group" and unit in scan.groups else 0
         step = int(scan.groups[unit].get("channel_step", 1)) if kind == "group" and unit in scan.groups else 1
@@ -621,12 +627,16 @@ class Costs:
         self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
         self.signal = signal = _check_signal(self.blocks, signal)
         #: the plan's drop from a total of the signal (the identity when planning on the drop),
-        #: fitted on the measured probes (a fast scan measures only a few)
+        #: fitted on the measured probes; for a fast scan on the probes measured for it (the map
+        #: points), whose signal is the estimate, as on the probes it maps
+        fast = any(o.estimated for b in self.blocks for o in b.options[1:])
         points = [(o.signals[signal][0], o.drop) for b in self.blocks for o in b.options[1:]
-                  if signal != DROP and not math.isnan(o.drop)]
+                  if signal != DROP and (o.map_point if fast else not o.estimated)]
         if signal != DROP and len(points) < 2:
-            raise ArtifactError(f"Only {len(points)} probe(s) of the scan were measured: too few to map the "
-                                f"{signal!r} signal to the task's drop. Scan again with a larger --fast-measured.")
+            raise ArtifactError(
+                f"Only {len(points)} probe(s) of the scan were measured: too few to map the {signal!r} signal "
+                f"to the task's drop. " + ("Scan again with a larger --fast-measured." if fast else
+                                           "Plan with --signal drop, or scan more settings."))
         self.drop_map = DropMap.fit(signal, points)
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.conflicts = _conflicts(self.blocks, scan)
@@ -659,12 +669,12 @@ class Costs:
 
     def objective(self, choice: Mapping[int, int]) -> float:
         """Sum of the blocks' envelope values (see :meth:`drop_table`): what the solver minimises,
-        in the units of the planning signal (the drop itself by default)."""
+        in the units of the planning signal (the drop itself with ``signal="drop"``)."""
         return float(sum(self._drops[i][choice.get(i, 0)] for i in range(len(self.blocks))))
 
     def predicted_drop(self, choice: Mapping[int, int], extra: float = 0.0) -> float:
         """The predicted drop of ``choice``: its objective (plus ``extra`` in the same units, e.g.
-        learned penalties) through :attr:`drop_map`; the additive sum of drops by default."""
+        learned penalties) through :attr:`drop_map` (the identity with ``signal="drop"``)."""
         return self.drop_map(self.objective(choice) + extra)
 
     def drop_of(self, total: float) -> float:
@@ -753,9 +763,9 @@ def _check_signal(blocks: Sequence[Block], signal: str) -> str:
     recorded it (it ranked probes best on the bench; README "Planning signals"), else ``drop``."""
     probes = [o for b in blocks for o in b.options[1:]]
     have = set.intersection(*(set(o.signals) for o in probes)) if probes else set()
-    estimated = sum(1 for o in probes if math.isnan(o.drop))
+    estimated = sum(1 for o in probes if o.estimated)
     if signal == AUTO:
-        signal = FISHER if estimated else ("kl" if "kl" in have else DROP)
+        signal = FISHER if estimated else ("kl" if "kl" in have and len(probes) >= 2 else DROP)
     if signal == DROP:
         if estimated:
             raise ArtifactError(f"{estimated} of the scan's {len(probes)} probes were estimated (scan --fast), not "
@@ -793,13 +803,14 @@ def _terms_of(model: CostModel, blocks: Sequence[Block]) -> dict[str, list[Term]
 
 
 def _monotone(block: Block, values: np.ndarray) -> np.ndarray:
-    """Per option, the largest of ``values`` at that or any milder option of the same method (the
-    options are in strength order within a method), and never below 0."""
+    """Per option, the largest of ``values`` at that or any milder option of the same method and
+    family (the options are in strength order within a method), and never below 0."""
     out = np.zeros(len(block.options))
-    best: dict[str | None, float] = {}
+    best: dict[tuple[str | None, str], float] = {}
     for i, o in enumerate(block.options):
-        best[o.method] = max(max(0.0, float(values[i])), best.get(o.method, 0.0))
-        out[i] = best[o.method]
+        key = (o.method, o.family)
+        best[key] = max(max(0.0, float(values[i])), best.get(key, 0.0))
+        out[i] = best[key]
     return out
 
 

@@ -94,7 +94,8 @@ def _allocation(cm: Costs, choice: Mapping[int, int], costs: Mapping[str, float]
                            "setting": dict(o.setting), "label": o.label, "effect": dict(o.effect)}
         if b.kind == "group":
             choices[b.name]["channels"] = b.channels
-        unit_drops[b.name] = float(drops[i][choice.get(i, 0)])
+        # the unit's predicted drop alone: its signal value through the map (the identity for drop)
+        unit_drops[b.name] = cm.drop_of(float(drops[i][choice.get(i, 0)]))
     metric = scan.metric
     se = cm.predicted_se(choice)
     skipped = {m: {**v, **cm.dropped.get(m, {})} for m, v in scan.skipped().items()}
@@ -217,6 +218,6 @@ def uniform_allocation(cm: Costs, uni: UniformSolution, scan: Any) -> dict[str, 
                 key = (scan.methods.get(method) or {}).get("setting_key") or "ratio"
                 c.update(method=method, setting={key: uni.ratio, "n_remove": k},
                          label=f"{method} {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
-                out["unit_drops"][b.name] = interp_drop(cm, i, k)
+                out["unit_drops"][b.name] = cm.drop_of(interp_drop(cm, i, k))
     out["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uniform_label(cm, uni)}
     return out

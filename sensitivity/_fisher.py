@@ -35,6 +35,9 @@ class FisherDiagonal:
 
     folds: dict[str, torch.Tensor]
     samples: int
+    #: the parameters that received a gradient (one that never did, e.g. used under no_grad in
+    #: ``forward``, has F = 0 though changing it changes the outputs: such probes are measured)
+    touched: frozenset[str] = frozenset()
 
     @property
     def k(self) -> int:
@@ -52,6 +55,7 @@ def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, *, micro: int = 8, f
     params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
     if not params:
         return FisherDiagonal({}, 0)
+    touched: set[str] = set()
     folds = max(1, min(folds, -(-len(inputs) // micro)))
     acc = {n: torch.zeros((folds, *p.shape), dtype=torch.float32, device=p.device) for n, p in params.items()}
     counts = [0] * folds
@@ -74,7 +78,7 @@ def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, *, micro: int = 8, f
                         f"(batch, classes) logits; it returned {getattr(out, 'shape', type(out).__name__)}. "
                         f"Scan without --fast.")
                 logp = torch.log_softmax(out.float(), 1)
-                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).squeeze(1).to(dev)
+                y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).squeeze(1).to(logp.device)
                 total = logp.gather(1, y[:, None]).sum()
                 grads = torch.autograd.grad(total, tensors, allow_unused=True)
             f = b % folds
@@ -82,6 +86,7 @@ def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, *, micro: int = 8, f
             for name, g in zip(names, grads, strict=True):
                 if g is not None:
                     acc[name][f] += g.detach().float() ** 2
+                    touched.add(name)
     finally:
         for p in frozen:
             p.requires_grad_(False)
@@ -89,13 +94,14 @@ def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, *, micro: int = 8, f
     scale = torch.tensor([1.0 / max(1, c) for c in counts], dtype=torch.float32)
     for a in acc.values():
         a *= scale.to(a.device).view(-1, *([1] * (a.dim() - 1)))
-    return FisherDiagonal(acc, len(inputs))
+    return FisherDiagonal(acc, len(inputs), frozenset(touched))
 
 
 class ProbeEstimator:
     """Inside a probe, ``estimate()`` gives ½ Σ F_ii Δ_i² of what the probe changed, with its standard
     error over the folds; or None when the probe changed anything else than parameter values (it
-    swapped a module, installed a hook, changed a buffer or a shape): such probes are measured."""
+    swapped a module, installed a hook, changed a buffer or a shape) or a parameter no gradient
+    reaches: such probes are measured. Only methods that declare ``values_only`` are asked."""
 
     def __init__(self, model: nn.Module, fisher: FisherDiagonal) -> None:
         self.model, self.fisher = model, fisher
@@ -123,6 +129,8 @@ class ProbeEstimator:
             delta = (p - original).float()
             if not bool(delta.any()):
                 continue
+            if n not in self.fisher.touched:  # no gradient reaches it: the estimate would say "free"
+                return None
             f = self.fisher.folds[n]
             per_fold += 0.5 * (f * (delta * delta).unsqueeze(0)).flatten(1).sum(1).double().cpu()
         k = max(1, self.fisher.k)

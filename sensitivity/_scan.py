@@ -336,7 +336,7 @@ def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]],
             row = jr.get(unit, method.name, setting) if jr is not None else None
             if row is None:
                 estimate = None
-                if estimator is not None:
+                if estimator is not None and method.values_only:
                     t = time.perf_counter()
                     with method.probe(ctx, unit, setting):
                         estimate = estimator.estimate()
@@ -422,6 +422,7 @@ def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: 
             lost, gained = gained, lost
     return {"unit": unit, "method": method.name, "axis": method.axis, "setting": dict(setting),
             "label": method.label(setting), "level": method.level(setting),
+            **({"family": method.family(setting)} if method.family(setting) else {}),
             "effect": effect_data(method.effect(setting, ctx.unit_info(unit, method.unit_kind))),
             "score": ev.score, "loss": ev.loss,
             "drop": metric.drop(base.score, ev.score), "drop_se": se, "lost": lost, "gained": gained,
@@ -436,6 +437,7 @@ def estimated_row(method: Method, ctx: MethodContext, unit: str, setting: Settin
     value, se = estimate
     return {"unit": unit, "method": method.name, "axis": method.axis, "setting": dict(setting),
             "label": method.label(setting), "level": method.level(setting),
+            **({"family": method.family(setting)} if method.family(setting) else {}),
             "effect": effect_data(method.effect(setting, ctx.unit_info(unit, method.unit_kind))),
             "score": None, "loss": None, "drop": None, "drop_se": None, "lost": None, "gained": None,
             "loss_increase": None, "signals": {FISHER: {"value": value, "se": se}}, "estimated": True,

@@ -230,7 +230,7 @@ def _first_key(header, layout: str, part: str | None = None) -> str:
     (lambda raw: raw[:30], "is truncated: its header needs"),
     (lambda raw: b"PK\x03\x04" + raw[4:], "not a sensplan compressed model (bad magic bytes)"),
     (lambda raw: raw[:8] + struct.pack("<I", 1) + raw[12:], "container version 1; this sensplan "
-                                                           "reads version 3"),
+                                                           "reads versions 3 and 4"),
     (lambda raw: raw[:20] + bytes(40) + raw[60:], "has a corrupt header"),
     (lambda raw: _rewrite_header(raw, lambda h: h.pop("tensors")), "has a corrupt header"),
     (lambda raw: _rewrite_header(raw, lambda h: h.update(format="other")), "has a corrupt header"),

@@ -189,3 +189,22 @@ def test_a_format_is_one_of_the_supported_ones():
         QFormat(4, 100)
     with pytest.raises(ValueError, match="'bits' parameter"):
         QFormat(9)
+
+
+def test_the_envelope_compares_weight_formats_only_within_their_family():
+    """int4g64 is not coarser than int4a (a zero point against smaller groups): the planner must not
+    force its drop up to int4a's. Within one family fewer bits is never better."""
+    import numpy as np
+
+    from sensplan.planner._costs import Block, Option, _monotone
+    from sensplan.sensitivity import get_method
+
+    wq = get_method("weight_quant")
+    settings = sorted(wq.parse_settings("8,4a,4g64,3a"), key=wq.level)
+    opts = [Option(None, {}, "none", {})] + [
+        Option("weight_quant", s, wq.label(s), {}, wq.level(s), family=wq.family(s)) for s in settings]
+    raw = {"int8": 0.0, "int4a": 0.3, "int4g64": 0.1, "int3a": 0.2}
+    values = np.array([0.0, *(raw[o.label] for o in opts[1:])])
+    env = dict(zip([o.label for o in opts], _monotone(Block("l", "weight", "layer", tuple(opts)), values), strict=True))
+    assert env["int4g64"] == 0.1  # not raised to int4a's 0.3
+    assert env["int3a"] == 0.3  # but 3 bits with a zero point is never better than 4 with one

@@ -152,6 +152,9 @@ class Method:
     #: after every other method's ``apply_``, on the model with its BatchNorm recalibrated, as it
     #: will run
     calibrates: ClassVar[bool] = False
+    #: its probe changes only the values of existing parameters (no module swapped, no hook, no
+    #: buffer): ``scan --fast`` may then estimate it from the Fisher information instead of measuring
+    values_only: ClassVar[bool] = False
     default_settings: ClassVar[tuple[Setting, ...]] = ()
     setting_key: ClassVar[str] = ""
     description: ClassVar[str] = ""
@@ -182,6 +185,12 @@ class Method:
     def level(self, setting: Mapping[str, Any]) -> float:
         """Order of compression strength among this method's settings (higher = stronger)."""
         return 0.0
+
+    def family(self, setting: Mapping[str, Any]) -> str:
+        """Settings of one family are nested: a stronger one is never better (the planner's
+        envelope takes the worst of the milder ones). Settings of different families (e.g. weight
+        formats with and without a zero point) are not compared. Default: one family."""
+        return ""
 
     def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         """How the setting changes the costs of ``unit``, in the vocabulary of
@@ -241,6 +250,8 @@ class Method:
 class WeightMethod(Method):
     """A method that replaces each weight of a layer by ``transform(weight)``: probe and apply for
     free. A restructured layer (e.g. factorized into two) has each of its weights transformed."""
+
+    values_only = True
 
     def transform(self, ctx: MethodContext, layer: str, w: torch.Tensor, setting: Mapping[str, Any]
                   ) -> torch.Tensor:

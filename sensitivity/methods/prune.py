@@ -29,6 +29,7 @@ class Prune(Method):
     stage = 0
     structural = True
     default_on = True
+    values_only = True  # the probe zeroes channels (norms over channels get a hook: then measured)
     default_settings = tuple({"ratio": r} for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
     setting_key = "ratio"
     description = "structured pruning of a coupled channel group (fraction of channels removed)"

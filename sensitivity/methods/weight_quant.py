@@ -72,6 +72,10 @@ class WeightQuant(WeightMethod):
             (0.25 + (128 - int(setting["group"])) / 1024 if setting.get("group") else 0.0)
         return 32.0 - float(setting["bits"]) - finer
 
+    def family(self, setting: Mapping[str, Any]) -> str:
+        # fewer bits of one format is never better; formats of different kinds are not nested
+        return self.label(setting).removeprefix(f"int{setting['bits']}")
+
     def effect(self, setting: Mapping[str, Any], unit: UnitInfo) -> dict[str, Any]:
         bits = int(setting["bits"])
         return {"weight_bits": bits, "weight_dtype": "int", "scale_bits": 32,
@@ -98,7 +102,14 @@ class WeightQuant(WeightMethod):
         for layer, setting in assignment.items():
             if setting.get("group") or setting.get("zero_point"):
                 for key, w in ctx.unit_weights(layer):
-                    if key not in codes or tuple(codes[key][0].shape) != tuple(w.shape):
+                    cached = codes.get(key)
+                    if cached is not None and tuple(cached[0].shape) == tuple(w.shape):
+                        continue
+                    kept = _kept_rows(cached, w, QFormat.of(setting)) if cached is not None else None
+                    if kept is not None:  # only output rows went: keep their codes (quantizing the
+                        q, sc, z = cached  # result again could pick other scales for a few rows)
+                        codes[key] = (q[kept], sc[kept], None if z is None else z[kept])
+                    else:
                         self._quantize_(ctx, key, w, setting)
 
     @staticmethod
@@ -110,3 +121,23 @@ class WeightQuant(WeightMethod):
         q, s, z = quantize(w.detach(), fmt)
         w.copy_(dequantize_codes(q, s, z, fmt.group_size, w.dtype))
         ctx.cache.setdefault(INT_CODES, {})[key] = (q, s, z)
+
+
+def _kept_rows(cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None], w: torch.Tensor,
+               fmt: QFormat) -> list[int] | None:
+    """The rows of the codes ``cached`` that ``w`` kept, in order, when pruning removed only output
+    rows (each row of ``w`` equals a decoded cached row); None when anything else changed."""
+    q, s, z = cached
+    if tuple(q.shape[1:]) != tuple(w.shape[1:]) or q.shape[0] < w.shape[0]:
+        return None
+    old = dequantize_codes(q, s, z, fmt.group_size, w.dtype).reshape(q.shape[0], -1)
+    new = w.detach().reshape(w.shape[0], -1)
+    kept, i = [], 0
+    for r in range(new.shape[0]):
+        while i < old.shape[0] and not torch.equal(old[i], new[r]):
+            i += 1
+        if i == old.shape[0]:
+            return None
+        kept.append(i)
+        i += 1
+    return kept
