@@ -406,6 +406,7 @@ def test_a_fast_scan_then_plan(tmp_path, capsys, weights):
                         "--fast-measured", "3", "--out", str(out)], capsys)
     assert code == 0, err
     scan = json.loads(out.read_text())
+    assert f"({len(scan['results']) - 3} estimated by --fast, 3 measured)" in err
     assert sum(1 for r in scan["results"] if r.get("map_point")) == 3
     assert sum(1 for r in scan["results"] if r.get("estimated")) == len(scan["results"]) - 3
     code, _, err = run(["plan", "--scan", str(out), "--budget", "size=0.5",

@@ -264,7 +264,10 @@ def _summarize(table: Scan) -> None:
     prov = table.data["provenance"]
     base = table.baseline
     reused = prov.get("probes_from_journal") or 0
+    estimated = prov.get("probes_estimated")
     say(f"scanned {len(table.results)} probes in {prov['seconds']:.1f} s"
+        + (f" ({estimated} estimated by --fast, {len(table.results) - estimated} measured)"
+           if estimated is not None else "")
         + (f" ({reused} reused from the journal)" if reused else "")
         + f"; baseline {table.metric.name} {base['score']:.4f} on {base['n']} samples")
     graph = table.data.get("pruning_graph", {})
