@@ -70,3 +70,23 @@ def best_uniform(judge: Any, table: Any, budget: list[Any], plan_data: Any) -> t
         if m is not None and not m.score <= best:
             best, label = m.score, uniform_label(cm, u)
     return best, label
+
+
+def resnet20_bench(doc: str | None, budgets: str) -> tuple[Any, Path, Any, Any, tuple[Any, Any, Any, Any]] | None:
+    """What a ResNet-20 planning bench starts with: its flags (``parser``'s plus ``--budgets`` and
+    ``--cache``), then ``(args, weights, spec, model, (sample, calibration, held-out, test))``, or
+    None (said so) when ../shared lacks the files."""
+    import torch
+
+    ap = parser(doc)
+    ap.add_argument("--budgets", default=budgets)
+    ap.add_argument("--cache", help="keep the scans' journals here and reuse them")
+    args = ap.parse_args()
+    files = resnet20_files(args.shared)
+    if files is None:
+        return None
+    weights, test_dir = files
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    splits = cifar_splits(test_dir, args.samples, args.calib_samples)
+    spec, model = load_resnet20(weights)
+    return args, weights, spec, model, splits

@@ -24,10 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import best_uniform, cifar_splits, load_resnet20, parser, resnet20_files  # noqa: E402
+from _shared import best_uniform, resnet20_bench  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078"
 DEFAULT = ("8", "6", "4", "3", "2")
@@ -35,22 +33,15 @@ FINER = (*DEFAULT, "5", "4a", "3a", "2a", "4g64", "3g64", "2ag64")
 
 
 def main() -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--budgets", default=BUDGETS)
-    ap.add_argument("--cache", help="keep the scan's journal here and reuse it")
-    args = ap.parse_args()
-    files = resnet20_files(args.shared)
-    if files is None:
+    setup = resnet20_bench(__doc__, BUDGETS)
+    if setup is None:
         return 0
-    weights, test_dir = files
+    args, weights, spec, model, (sample, calib, held, test) = setup
 
     from sensplan._tables import Scan
     from sensplan.planner import Budget, Verifier, make_plan
     from sensplan.sensitivity import ScanConfig, get_method, scan
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    sample, calib, held, test = cifar_splits(test_dir, args.samples, args.calib_samples)
-    spec, model = load_resnet20(weights)
     wq = get_method("weight_quant")
     finer = wq.parse_settings(",".join(FINER))
     journal = None

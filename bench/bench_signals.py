@@ -24,11 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import best_uniform, cifar_splits, load_resnet20, parser, resnet20_files  # noqa: E402
+from _shared import best_uniform, resnet20_bench  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,bops=0.03,bops=0.015,macs=0.7,macs=0.5"
 SIGNALS = ("drop", "loss", "kl", "margin")
@@ -43,21 +42,14 @@ def _value(r: dict, signal: str) -> float:
 
 
 def main() -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--budgets", default=BUDGETS)
-    ap.add_argument("--cache", help="keep the scans' journals here and reuse them")
-    args = ap.parse_args()
-    files = resnet20_files(args.shared)
-    if files is None:
+    setup = resnet20_bench(__doc__, BUDGETS)
+    if setup is None:
         return 0
-    weights, test_dir = files
+    args, weights, spec, model, (sample, calib, held, test) = setup
 
     from sensplan.planner import Budget, Verifier, make_plan
     from sensplan.sensitivity import ScanConfig, scan
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    sample, calib, held, test = cifar_splits(test_dir, args.samples, args.calib_samples)
-    spec, model = load_resnet20(weights)
     cache = Path(args.cache) if args.cache else None
     if cache:
         cache.mkdir(parents=True, exist_ok=True)

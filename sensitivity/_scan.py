@@ -334,6 +334,8 @@ def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]],
     try:
         for method, unit, setting in todo:
             row = jr.get(unit, method.name, setting) if jr is not None else None
+            if row is not None and "family" not in row and method.family(setting):
+                row = {**row, "family": method.family(setting)}  # journaled before rows had it
             if row is None:
                 estimate = None
                 if estimator is not None and method.values_only:

@@ -208,3 +208,24 @@ def test_the_envelope_compares_weight_formats_only_within_their_family():
     env = dict(zip([o.label for o in opts], _monotone(Block("l", "weight", "layer", tuple(opts)), values), strict=True))
     assert env["int4g64"] == 0.1  # not raised to int4a's 0.3
     assert env["int3a"] == 0.3  # but 3 bits with a zero point is never better than 4 with one
+
+
+def test_scan_rows_name_their_format_family_also_when_resumed_from_an_older_journal(tmp_path):
+    import json
+
+    from sensplan.sensitivity import ScanConfig, scan
+    from tests.conftest import seeded_model, self_labelled
+
+    model = seeded_model("tiny_convnet")
+    data = self_labelled(model, n=32)
+    cfg = ScanConfig({"weight_quant": [{"bits": 4}, {"bits": "4a"}, {"bits": "3g32"}]})
+    journal = tmp_path / "scan.json.journal"
+    first = scan(model, data, cfg, progress=False, journal=journal)
+    assert {r["label"]: r.get("family", "") for r in first.results} == {"int4": "", "int4a": "a", "int3g32": "g32"}
+    lines = journal.read_text().splitlines()
+    old = [lines[0]] + [json.dumps({**(o := json.loads(x)), "record": {k: v for k, v in o["record"].items()
+                                                                       if k != "family"}}) for x in lines[1:]]
+    journal.write_text("\n".join(old) + "\n")  # as a journal written before rows had a family
+    again = scan(model, data, cfg, progress=False, journal=journal)
+    assert again.data["provenance"]["probes_from_journal"] == len(again.results)
+    assert [r.get("family", "") for r in again.results] == [r.get("family", "") for r in first.results]
