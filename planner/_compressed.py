@@ -48,7 +48,6 @@ from sensplan.sensitivity import (
     QFormat,
     architecture_digest,
     build_model,
-    dequantize,
     dequantize_codes,
     from_rows,
     get_method,
@@ -334,17 +333,14 @@ def _decode_tensor(e: Mapping[str, Any], parts: dict[str, bytes]) -> torch.Tenso
     dense = _scatter(e, parts, _decode_values(parts["values"], e, n))
     if "scales" in parts:
         scales = torch.from_numpy(np.frombuffer(parts["scales"], dtype=np.float32).copy())
-        if not e.get("group_size") and not e.get("zero_point"):
-            dense = dequantize(dense.reshape(shape), scales)
-        else:
-            zp = None
-            if e.get("zero_point"):
-                zp = torch.from_numpy(_unpack_uint(parts["zero_points"], int(e["bits"]), scales.numel()))
-            kept = _scatter(e, parts, torch.ones(n)) if e["layout"] != "dense" and zp is not None else None
-            dense = dequantize_codes(dense.reshape(shape), scales.reshape(rows, -1),
-                                     None if zp is None else zp.reshape(rows, -1), int(e.get("group_size", 0)))
-            if kept is not None:  # a position the sparse layout did not store is 0, not -zero_point * scale
-                dense = dense.reshape(rows, -1) * (kept != 0)
+        zp = None
+        if e.get("zero_point"):
+            zp = torch.from_numpy(_unpack_uint(parts["zero_points"], int(e["bits"]), scales.numel()))
+        kept = _scatter(e, parts, torch.ones(n)) if e["layout"] != "dense" and zp is not None else None
+        dense = dequantize_codes(dense.reshape(shape), scales.reshape(rows, -1),
+                                 None if zp is None else zp.reshape(rows, -1), int(e.get("group_size", 0)))
+        if kept is not None:  # a position the sparse layout did not store is 0, not -zero_point * scale
+            dense = dense.reshape(rows, -1) * (kept != 0)
     return dense.reshape(shape).float()
 
 

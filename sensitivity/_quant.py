@@ -97,15 +97,18 @@ def quantize(w: torch.Tensor, fmt: QFormat) -> tuple[torch.Tensor, torch.Tensor,
 
 def dequantize_codes(q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
                      group_size: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of :func:`quantize`: ``(q - z) * s`` per scale, in ``q``'s shape."""
+    """Inverse of :func:`quantize`: ``(q - z) * s`` per scale, in ``q``'s shape. One scale per row
+    broadcasts over the row; group-wise ones are spread over their groups' columns."""
     rows = q.shape[0]
     qf = q.float().reshape(rows, -1)
-    cols = qf.shape[1]
     s = scales.float().reshape(rows, -1)
-    idx = torch.arange(cols, device=q.device) // (group_size or max(1, cols))
-    if zero_points is not None:
-        qf = qf - zero_points.float().reshape(rows, -1)[:, idx]
-    return (qf * s[:, idx]).reshape(q.shape).to(dtype)
+    z = None if zero_points is None else zero_points.float().reshape(rows, -1)
+    if group_size:
+        idx = torch.arange(qf.shape[1], device=q.device) // group_size
+        s, z = s[:, idx], None if z is None else z[:, idx]
+    if z is not None:
+        qf = qf - z
+    return (qf * s).reshape(q.shape).to(dtype)
 
 
 @torch.no_grad()
@@ -182,17 +185,16 @@ def quantize_per_channel(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.view(-1, *([1] * (q.dim() - 1)))).to(dtype)
+    """Symmetric codes with one scale per output channel, as floats (:func:`dequantize_codes`)."""
+    return dequantize_codes(q, scale, None, 0, dtype)
 
 
 def fake_quantize(w: torch.Tensor, bits: int | QFormat) -> torch.Tensor:
     """``w`` rounded to ``bits`` bits per channel (or to a :class:`QFormat`) and returned in ``w``'s
     dtype (a new tensor)."""
-    if isinstance(bits, QFormat) and (bits.group_size or bits.asymmetric):
-        q16, s16, z = quantize(w, bits)
-        return dequantize_codes(q16, s16, z, bits.group_size, w.dtype)
-    q, s = quantize_per_channel(w, bits.bits if isinstance(bits, QFormat) else bits)
-    return dequantize(q, s, w.dtype)
+    fmt = bits if isinstance(bits, QFormat) else QFormat(bits)
+    q, s, z = quantize(w, fmt)
+    return dequantize_codes(q, s, z, fmt.group_size, w.dtype)
 
 
 _PACK_BLOCK = 1 << 20  # codes per block (a multiple of 8: every block ends on a byte boundary)
