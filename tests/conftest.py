@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from sensplan.sensitivity import EvalSet, ModelSpec, build_model
+from sensplan.sensitivity import METHODS, EvalSet, ModelSpec, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SENSPLAN_SHARED", ROOT.parent / "shared"))
@@ -24,6 +26,18 @@ needs_shared = pytest.mark.skipif(
     reason="../shared (CIFAR-10 JPEG data and ResNet weights) is not present")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@contextmanager
+def registered(*methods: type) -> Iterator[None]:
+    """The method classes ``methods`` registered meanwhile (a test's toy methods), removed after."""
+    for m in methods:
+        METHODS.register(m)
+    try:
+        yield
+    finally:
+        for m in methods:
+            METHODS.remove(m.name)
 
 
 def seeded_model(name: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:

@@ -32,7 +32,7 @@ from sensplan.planner._plan import _allocation
 from sensplan.sensitivity import EvalSet, MethodContext, ModelSpec, ScanConfig, build_model, get_method, scan
 from sensplan.sensitivity._scan import describe_model
 from sensplan.sensitivity.methods.lowrank import rank_for
-from tests.conftest import seeded_model, self_labelled
+from tests.conftest import registered, seeded_model, self_labelled
 
 SPEC = ModelSpec("sensplan:tiny_resnet", {"width": 16})
 
@@ -333,7 +333,7 @@ def test_a_group_and_a_layer_of_one_name_are_two_units_for_the_pair_check():
     """Groups are named by their root layer: group "conv" (pruned) and layer "conv" (a method that
     refuses to follow a structural change on its own unit) are two units, as the planner sees them."""
     from sensplan.planner._apply import _check_pairs
-    from sensplan.sensitivity import METHODS, WeightMethod
+    from sensplan.sensitivity import WeightMethod
 
     class Fussy(WeightMethod):
         name = "fussy"
@@ -342,8 +342,7 @@ def test_a_group_and_a_layer_of_one_name_are_two_units_for_the_pair_check():
         def can_follow(self, other):
             return not other.structural
 
-    METHODS.register(Fussy)
-    try:
+    with registered(Fussy):
         choice = {"unit": "conv", "setting": {}, "label": "", "effect": {}}
         alloc = {"choices": {"channels:conv": {**choice, "axis": "channels", "kind": "group", "method": "prune"},
                              "weight:conv": {**choice, "axis": "weight", "kind": "layer", "method": "fussy"}}}
@@ -351,5 +350,3 @@ def test_a_group_and_a_layer_of_one_name_are_two_units_for_the_pair_check():
         alloc["choices"]["rank:conv"] = {**choice, "axis": "rank", "kind": "layer", "method": "lowrank"}
         with pytest.raises(ArtifactError, match="applies both fussy and lowrank to 'conv'"):
             _check_pairs("planned", alloc)
-    finally:
-        METHODS.remove("fussy")

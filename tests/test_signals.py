@@ -19,8 +19,9 @@ import torch
 
 from sensplan.planner import Budget, Costs, compress, make_plan
 from sensplan.planner._signal import DropMap, isotonic
-from sensplan.sensitivity import METHODS, ScanConfig, WeightMethod, get_task, scan
+from sensplan.sensitivity import ScanConfig, WeightMethod, get_task, scan
 from sensplan.sensitivity._data import EvalSet
+from tests.conftest import registered
 from tests.test_verify import Chain  # logits = fc2(fc1(x)), both the 2x2 identity
 
 
@@ -71,13 +72,8 @@ def margins(n: int, lo: float, hi: float, seed: int, tiny: bool = False) -> Eval
 
 @pytest.fixture
 def nudges():
-    METHODS.register(NudgeA)
-    METHODS.register(NudgeB)
-    try:
+    with registered(NudgeA, NudgeB):
         yield
-    finally:
-        METHODS.remove("nudge_a")
-        METHODS.remove("nudge_b")
 
 
 def test_planning_on_a_signal_picks_what_top1_noise_hides(nudges):

@@ -17,8 +17,8 @@ from torch import nn
 
 from sensplan import Stored, Structure
 from sensplan.planner import Budget, Costs, apply_plan, load_compressed, make_plan
-from sensplan.sensitivity import METHODS, Method, ModelSpec, ScanConfig, WeightMethod, get_method, scan
-from tests.conftest import seeded_model, self_labelled
+from sensplan.sensitivity import Method, ModelSpec, ScanConfig, WeightMethod, get_method, scan
+from tests.conftest import registered, seeded_model, self_labelled
 
 NAME = "half_rows"
 SPEC = ModelSpec("sensplan:tiny_convnet", {"num_classes": 6})
@@ -105,11 +105,8 @@ class HalfRowsMethod(Method):
 
 @pytest.fixture
 def toy():
-    METHODS.register(HalfRowsMethod)
-    try:
+    with registered(HalfRowsMethod):
         yield get_method(NAME)
-    finally:
-        METHODS.remove(NAME)
 
 
 def test_a_structural_toy_method_round_trips_with_exact_costs(tmp_path, toy):

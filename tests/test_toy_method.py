@@ -23,7 +23,7 @@ from sensplan.sensitivity import (
     scan,
 )
 from sensplan.sensitivity.methods import parse_method_list
-from tests.conftest import seeded_model, self_labelled
+from tests.conftest import registered, seeded_model, self_labelled
 
 NAME = "bf16_truncate"
 SPEC = ModelSpec("sensplan:tiny_resnet")
@@ -61,11 +61,8 @@ class TruncateBF16(WeightMethod):
 
 @pytest.fixture
 def toy():
-    METHODS.register(TruncateBF16)
-    try:
+    with registered(TruncateBF16):
         yield get_method(NAME)
-    finally:
-        METHODS.remove(NAME)
 
 
 @pytest.fixture

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from sensplan.planner import Budget, Verifier, make_plan
-from sensplan.sensitivity import METHODS, ScanConfig, WeightMethod, scan
+from sensplan.sensitivity import ScanConfig, WeightMethod, scan
 from sensplan.sensitivity._data import EvalSet
+from tests.conftest import registered
 
 
 class Nudge(WeightMethod):
@@ -101,13 +102,8 @@ def margin_data(n: int, seed: int) -> EvalSet:
 
 @pytest.fixture
 def toys():
-    METHODS.register(Nudge)
-    METHODS.register(Placebo)
-    try:
+    with registered(Nudge, Placebo):
         yield
-    finally:
-        METHODS.remove("nudge")
-        METHODS.remove("placebo")
 
 
 def _scan(model, data, nudge_sign="same"):
