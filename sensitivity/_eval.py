@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -125,9 +125,13 @@ def _buffer(t: torch.Tensor | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256) -> BNStats:
+def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256,
+                         forward: Callable[[torch.Tensor], Any] | None = None) -> BNStats:
     """Mean and variance of every BatchNorm's input over ``calib`` (FQN -> (mean, var)), measured
-    with every BatchNorm normalising by batch statistics. The model is left bit-identical."""
+    with every BatchNorm normalising by batch statistics. The model is left bit-identical.
+
+    ``forward`` runs the model (default: ``model`` itself); a BatchNorm it does not run (one the
+    scan's prefix cache skipped, or one the model never calls) is left out."""
     tune_malloc()
     names = {m: n for n, m in model.named_modules()}
     bns = batchnorm_modules(model)
@@ -143,9 +147,11 @@ def batchnorm_statistics(model: nn.Module, calib: EvalSet, batch_size: int = 256
             m.train()
         hooks = [m.register_forward_pre_hook(_one_value_guard(names[m])) for m in bns]
         try:
+            run = forward or model
             for start, end in block_spans(len(calib.x), batch_size):
-                model(calib.x[start:end])
-            stats = {names[m]: (_buffer(m.running_mean), _buffer(m.running_var)) for m in bns}
+                run(calib.x[start:end])
+            stats = {names[m]: (_buffer(m.running_mean), _buffer(m.running_var)) for m in bns
+                     if m.num_batches_tracked is None or int(m.num_batches_tracked) > 0}
         finally:
             for h in hooks:
                 h.remove()
@@ -171,7 +177,7 @@ def _one_value_guard(name: str) -> Any:
 
 @torch.no_grad()
 def recalibrate_batchnorm_(model: nn.Module, calib: EvalSet | None, reference: BNStats,
-                           batch_size: int = 256) -> bool:
+                           batch_size: int = 256, forward: Callable[[torch.Tensor], Any] | None = None) -> bool:
     """Shift every BatchNorm's running statistics by how much its input statistics moved.
 
     Pruning channels or rounding weights shifts what each later BatchNorm sees, and its stored
@@ -179,17 +185,20 @@ def recalibrate_batchnorm_(model: nn.Module, calib: EvalSet | None, reference: B
     on an unchanged model (measured: -1.7 points on ResNet-20). So we keep the trained statistics and
     correct them: ``mean += mean_now - mean_ref``, ``var *= var_now / var_ref``, with ``*_ref``
     measured the same way on ``model``'s reference (the original; ``reference``). An unchanged
-    model is left as it was, up to float rounding (measured: 1.5e-8 on tiny_resnet). Returns False
-    when there is nothing to recalibrate.
+    model is left as it was, up to float rounding (measured: 1.5e-8 on tiny_resnet), and a layer
+    whose input statistics did not move at all is left bit for bit. ``forward``: as for
+    :func:`batchnorm_statistics`. Returns False when there is nothing to recalibrate.
     """
     if calib is None or not reference:
         return False
-    current = batchnorm_statistics(model, calib, batch_size)
+    current = batchnorm_statistics(model, calib, batch_size, forward)
     mods = dict(model.named_modules())
     for name, (mean_now, var_now) in current.items():
         if name not in reference:
             continue
         mean_ref, var_ref = reference[name]
+        if torch.equal(mean_now, mean_ref) and torch.equal(var_now, var_ref):
+            continue  # what it sees did not change (e.g. it runs before the perturbed layer)
         bn = mods[name]
         if mean_ref.shape != bn.running_mean.shape:
             raise ValueError(f"BatchNorm {name} has {bn.running_mean.numel()} channels but the reference "

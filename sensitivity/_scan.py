@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from sensplan.sensitivity._eval import (
 from sensplan.sensitivity._fisher import ProbeEstimator, fisher_diagonal
 from sensplan.sensitivity._groups import PruningGraph, count_macs, layer_weight_key
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
+from sensplan.sensitivity._prefix import CachedModel, PrefixCache
 from sensplan.sensitivity.methods import (
     Method,
     MethodContext,
@@ -74,6 +76,9 @@ class ScanConfig:
     fast: bool = False
     fast_measured: int = 8
     fast_samples: int = 512
+    #: the memory (MiB) for the activations the prefix cache keeps per batch (``scan --cache-mb``;
+    #: beyond it they go to a temporary folder; 0 turns the cache off). See ``_prefix``.
+    cache_mb: float = 2048
 
     def __post_init__(self) -> None:
         norm: dict[str, tuple[Setting, ...]] = {}
@@ -100,6 +105,9 @@ class ScanConfig:
         if not isinstance(self.fast_measured, int) or self.fast_measured < 2:
             raise UserInputError(f"--fast-measured must be >= 2 (the map from the estimate to the drop needs "
                                  f"at least two measured probes). Got {self.fast_measured!r}.")
+        if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or not self.cache_mb >= 0:
+            raise UserInputError(f"--cache-mb must be a number of MiB >= 0 (0 turns the prefix cache off). Got "
+                                 f"{self.cache_mb!r} instead.")
         if not isinstance(self.fast_samples, int) or self.fast_samples <= 0:
             raise UserInputError(f"fast_samples must be a positive integer. Got {self.fast_samples!r}.")
         if self.fast and "kl" not in get_task(self.task).signals:
@@ -229,17 +237,21 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
     header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
     methods_info, todo = _probes_to_run(ctx, cfg)
+    cache = PrefixCache(model, [data_dev.x] + ([calib_dev.x] if calib_dev is not None else []),
+                        data_dev.x[: cfg.check_samples], cfg.cache_mb)
+    cached = CachedModel(model, cache) if cache.active else model
     estimator = None
     if cfg.fast:
         fisher = fisher_diagonal(model, ctx.calibration_inputs(cfg.fast_samples), seed=0)
         estimator = ProbeEstimator(model, fisher)
     try:
         results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress,
-                              lambda: task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype),
+                              lambda: task.evaluate(cached, data_dev, state, cfg.batch_size, dev, dtype),
                               lambda ev, method, unit, setting, seconds: _row(
                                   task.metric, base, ev, method, ctx, unit, setting, seconds),
-                              calib_dev, reference, estimator, cfg.fast_measured)
+                              calib_dev, reference, estimator, cfg.fast_measured, cache)
     finally:
+        cache.close()
         model.train(was_training)
     return Scan({
         "format": SCAN_FORMAT,
@@ -249,7 +261,8 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
                        "device": str(dev), "dtype": str(dtype or torch.float32).replace("torch.", ""),
                        "journal": str(journal) if journal else None,
                        "probes_from_journal": sum(1 for r in results if r.get("from_journal")),
-                       **({"probes_estimated": sum(1 for r in results if r.get("estimated"))} if cfg.fast else {})},
+                       **({"probes_estimated": sum(1 for r in results if r.get("estimated"))} if cfg.fast else {}),
+                       "prefix_cache": cache.record()},
         "model": _model_record(model, ctx.example_input, model_spec, weights, header),
         "data": data.description,
         "task": task.to_dict(),
@@ -313,26 +326,35 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
 
 def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]], jr: Any, progress: bool | None,
                 evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any,
-                estimator: ProbeEstimator | None = None, map_points: int = 0) -> list[dict[str, Any]]:
+                estimator: ProbeEstimator | None = None, map_points: int = 0,
+                cache: PrefixCache | None = None) -> list[dict[str, Any]]:
     """Probe every (method, unit, setting): perturb, recalibrate BatchNorm, evaluate, restore;
-    rows already in the journal are taken from it, new ones appended to it.
+    rows already in the journal are taken from it, new ones appended to it. Probes run in the
+    order of where they cut the model (the ``cache``'s reuse; see ``_prefix``), rows come back in
+    ``todo``'s order.
 
     With an ``estimator`` (``scan --fast``), a probe that only changes parameter values is estimated
     instead of evaluated (see ``_fisher``), and then ``map_points`` of the estimated probes, spread
     over the estimate's range, are measured too: the planner maps the estimate to the task's drop
     through them. A measured probe records its measured KL divergence as its estimate."""
-    results: list[dict[str, Any]] = []
+    rows: list[dict[str, Any] | None] = [None] * len(todo)
     bar = _Progress(len(todo) + (map_points if estimator is not None else 0), progress)
+    forward = cache.forward if cache is not None and cache.active else None
 
     def measure(method: Method, unit: str, setting: Setting) -> dict[str, Any]:
         t = time.perf_counter()
-        with method.probe(ctx, unit, setting), batchnorm_state_restored(ctx.model):
-            recalibrate_batchnorm_(ctx.model, calib, reference)
+        with method.probe(ctx, unit, setting), batchnorm_state_restored(ctx.model), \
+                cache.probing() if forward is not None and cache is not None else nullcontext():
+            recalibrate_batchnorm_(ctx.model, calib, reference, forward=forward)
             ev = evaluate()
         return row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
 
+    order = range(len(todo))
+    if forward is not None and cache is not None:
+        order = sorted(order, key=lambda i: cache.position(_unit_modules(ctx, todo[i][0], todo[i][1])))
     try:
-        for method, unit, setting in todo:
+        for i in order:
+            method, unit, setting = todo[i]
             row = jr.get(unit, method.name, setting) if jr is not None else None
             if row is not None and "family" not in row and method.family(setting):
                 row = {**row, "family": method.family(setting)}  # journaled before rows had it
@@ -350,11 +372,15 @@ def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]],
                         row = _with_measured_estimate(row)
                 if jr is not None:
                     jr.append(unit, method.name, setting, row)
-            results.append(row)
+            rows[i] = row
             bar.update(f"{method.label(setting)} {unit}")
+        results = [r for r in rows if r is not None]
         if estimator is not None:
             by_key = {(unit, method.name, _setting_key(setting)): (method, setting) for method, unit, setting in todo}
-            for i in _map_points(results, map_points):
+            points = _map_points(results, map_points)
+            if forward is not None and cache is not None:
+                points.sort(key=lambda i: cache.position(_unit_modules(ctx, todo[i][0], todo[i][1])))
+            for i in points:
                 r = results[i]
                 method, setting = by_key[(r["unit"], r["method"], _setting_key(r["setting"]))]
                 row = measure(method, r["unit"], setting)
@@ -369,6 +395,13 @@ def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]],
         if jr is not None:
             jr.close()
     return results
+
+
+def _unit_modules(ctx: MethodContext, method: Method, unit: str) -> list[str]:
+    """The modules a probe of ``unit`` probably changes (to order probes by where they cut)."""
+    if method.unit_kind == "group":
+        return [str(m[0]) for m in ctx.groups.get(unit, {}).get("members", [])]
+    return [unit]
 
 
 def _with_measured_estimate(row: dict[str, Any]) -> dict[str, Any]:

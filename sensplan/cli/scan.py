@@ -93,6 +93,10 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fast-measured", type=int, default=8, metavar="N",
                    help="with --fast: how many probes are measured to map the estimate to the task's "
                         "drop (default 8; at least 2)")
+    g.add_argument("--cache-mb", type=float, default=2048, metavar="MIB",
+                   help="memory for the activations the scan reuses between probes (each probe runs the "
+                        "model only from the first layer it changes; results are bit-identical). Beyond "
+                        "it they are written to a temporary folder. Default 2048; 0 turns reuse off")
     g.add_argument("--no-resume", action="store_true",
                    help="start afresh instead of reusing the finished probes in the journal "
                         "(<out>.journal)")
@@ -170,6 +174,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
     problems.at_least(args.batch_size, 1, "--batch-size")
     problems.at_least(args.check_samples, 1, "--check-samples")
     problems.at_least(args.fast_measured, 2, "--fast-measured")
+    problems.at_least(args.cache_mb, 0, "--cache-mb")
     task = problems.check(lambda: get_task(args.task))
     names = _method_names(args, problems)
     if names is None:
@@ -197,7 +202,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
         return None
     return problems.check(lambda: ScanConfig(settings, task=args.task, batch_size=args.batch_size,
                                             check_samples=args.check_samples, fast=args.fast,
-                                            fast_measured=args.fast_measured))
+                                            fast_measured=args.fast_measured, cache_mb=args.cache_mb))
 
 
 def _values(settings: Any, key: str) -> str:
@@ -270,6 +275,12 @@ def _summarize(table: Scan) -> None:
            if estimated is not None else "")
         + (f" ({reused} reused from the journal)" if reused else "")
         + f"; baseline {table.metric.name} {base['score']:.4f} on {base['n']} samples")
+    cache = prov.get("prefix_cache") or {}
+    if cache.get("reason") and cache.get("limit_mb"):
+        say(f"  activations are not reused between probes: {cache['reason']}")
+    elif cache.get("probes run in full"):
+        say(f"  {cache['probes run in full']} probe(s) ran the whole model: what they change could not be "
+            f"placed in the traced graph")
     graph = table.data.get("pruning_graph", {})
     if not graph.get("available", True):
         say(f"  {graph.get('reason')}")

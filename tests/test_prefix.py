@@ -1,0 +1,249 @@
+"""The prefix cache: a scan that runs each probe from the first layer it changes gives bit for bit
+the rows of a scan that runs the whole model, on a ResNet, an MLP, a model with branches and a
+transformer block; models it cannot trace, activations spilled to disk, and changes no check sees."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sensplan.sensitivity import EvalSet, ScanConfig, scan
+from sensplan.sensitivity._eval import batchnorm_statistics, recalibrate_batchnorm_
+from sensplan.sensitivity._prefix import PrefixCache
+from sensplan.sensitivity.methods import Method
+from tests.conftest import registered, seeded_model, self_labelled
+
+COMPARED = ("unit", "method", "setting", "score", "loss", "drop", "drop_se", "lost", "gained",
+            "loss_increase", "signals")
+
+
+def rows(table):
+    return [{k: r.get(k) for k in COMPARED} for r in table.results]
+
+
+def both(model, data, cfg, calib=None, **kw):
+    """The scan with the prefix cache off and on: (rows off, rows on, the cached scan's record)."""
+    off = scan(model, data, ScanConfig(cfg.settings, batch_size=cfg.batch_size, cache_mb=0),
+               calib=calib, progress=False)
+    on = scan(model, data, ScanConfig(cfg.settings, batch_size=cfg.batch_size, **kw), calib=calib,
+              progress=False)
+    return rows(off), rows(on), on.data["provenance"]["prefix_cache"]
+
+
+def labelled(model, x):
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    n = len(x)
+    return EvalSet(x, y, [str(i) for i in range(int(model(x[:1]).shape[1]))],
+                   {"spec": "synthetic", "kind": "synthetic", "n": n}, np.arange(n))
+
+
+def test_a_resnet_scan_is_bit_identical_with_batchnorm_recalibration():
+    model = seeded_model("tiny_resnet")
+    data, calib = self_labelled(model, 160), self_labelled(model, 48, seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ScanConfig.defaults(["prune", "weight_quant", "act_quant", "lowrank"], batch_size=48)
+    off, on, record = both(model, data, cfg, calib)
+    assert on == off
+    assert record["used"] and record["probes run from a cut"] == len(on)
+    assert record.get("probes run in full", 0) == 0
+    # each batch of the sample and of the calibration set is cached once per cut, then reused
+    assert record["batches from the cache"] > 3 * record["batches cached"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(48, 64), nn.ReLU(inplace=True), nn.Linear(64, 32),
+                                 nn.ReLU(inplace=True), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Branches(nn.Module):
+    """Two paths that split and join (a concatenation and a sum), an in-place activation on a value
+    the other path still reads, and a functional layer whose weight the trace reads as an attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.mix = nn.Conv2d(16, 8, 1)
+        self.head_w = nn.Parameter(torch.randn(10, 8) * 0.3)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        s = self.stem(x)
+        a = torch.relu(self.a(s))
+        b = self.b(s)
+        y = self.mix(torch.cat([a, b], 1)) + s
+        y = torch.relu_(y)
+        pooled = y.mean((2, 3))
+        return self.head(pooled) + nn.functional.linear(pooled, self.head_w)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block written out (attention with its own projections, softmax,
+    residuals, an MLP), on (batch, tokens, features) inputs, pooled to class logits."""
+
+    def __init__(self, d=16, heads=2, classes=5):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.cls = nn.Linear(d, classes)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = self.norm1(x)
+
+        def split(z):
+            return z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+        att = torch.softmax(split(self.q(h)) @ split(self.k(h)).transpose(-1, -2) / math.sqrt(d // self.heads), -1)
+        x = x + self.o((att @ split(self.v(h))).transpose(1, 2).reshape(b, t, d))
+        x = x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+        return self.cls(x.mean(1))
+
+
+@pytest.mark.parametrize("make, shape", [(MLP, (3, 4, 4)), (Branches, (3, 6, 6)), (Block, (6, 16))],
+                         ids=["mlp", "branches", "transformer-block"])
+def test_other_shapes_of_model_scan_bit_identically(make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    data = labelled(model, torch.randn(120, *shape, generator=torch.Generator().manual_seed(1)))
+    methods = ["weight_quant", "act_quant", "lowrank"] + (["prune"] if make is not Block else [])
+    off, on, record = both(model, data, ScanConfig.defaults(methods, batch_size=40))
+    assert on == off
+    assert record["used"], record
+    assert record.get("probes run in full", 0) == 0
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        if h.detach().sum() > 1e9:  # data-dependent control flow: torch.fx cannot follow it
+            h = h * 0
+        return self.fc2(torch.relu(h))
+
+
+def test_a_model_fx_cannot_trace_runs_every_probe_in_full_and_says_why():
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    data = labelled(model, torch.randn(60, 3, 2, 2))
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=30))
+    assert on == off
+    assert not record["used"]
+    assert "torch.fx" in record["reason"]
+
+
+def test_activations_beyond_the_memory_limit_go_to_disk_and_are_removed_after(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    model = seeded_model("tiny_resnet")
+    data, calib = self_labelled(model, 96), self_labelled(model, 32, seed=5)
+    cfg = ScanConfig.defaults(["weight_quant"], batch_size=32)
+    # room for the check values only: every batch of the sample spills
+    off, on, record = both(model, data, cfg, calib, cache_mb=0.05)
+    assert on == off
+    assert record["batches spilled to disk"] > 0
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("sensplan-cache-")]
+
+
+class AttributeScale(Method):
+    """A method whose probe changes what a layer computes without changing a parameter, a buffer,
+    a module or a hook: it replaces the layer's ``forward`` on the instance."""
+
+    name = "attribute_scale"
+    axis = "weight"
+    unit_kind = "layer"
+    stage = 30
+    default_settings = ({"factor": 0.5},)
+    setting_key = "factor"
+
+    def check_setting(self, setting):
+        return {"factor": float(setting.get("factor", 0.5))}
+
+    def label(self, setting):
+        return f"x{setting['factor']}"
+
+    def effect(self, setting, unit):
+        return {}
+
+    def units(self, ctx, settings):
+        return {name: "" for name, info in ctx.layers.items() if info["type"] == "Linear"}
+
+    @contextmanager
+    def probe(self, ctx, unit, setting) -> Iterator[None]:
+        mod = ctx.module(unit)
+        plain = type(mod).forward
+
+        def scaled(x):
+            return plain(mod, x) * setting["factor"]
+
+        mod.forward = scaled
+        try:
+            yield
+        finally:
+            del mod.forward
+
+
+def test_a_change_no_check_sees_is_caught_and_that_probe_runs_in_full():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    data = labelled(model, torch.randn(60, 3, 4, 4))
+    with registered(AttributeScale):
+        off, on, record = both(model, data, ScanConfig({"attribute_scale": [{"factor": 0.5}]}, batch_size=30))
+    assert on == off
+    assert record["probes run in full"] == 3 and not record.get("probes run from a cut")
+    assert any(r["drop"] or r["loss_increase"] for r in on)
+
+
+def test_probe_cut_is_the_first_node_the_probe_changes():
+    model = seeded_model("tiny_resnet")
+    data = self_labelled(model, 16)
+    cache = PrefixCache(model, [data.x], data.x[:4])
+    assert cache.active
+    assert cache._cut_now() == cache.output  # nothing changed: only the output is left to compute
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        w = model.get_submodule(convs[-1]).weight
+        w.mul_(0.5)
+        late = cache._cut_now()
+        model.get_submodule(convs[0]).register_forward_hook(lambda *a: None)
+        early = cache._cut_now()
+        w.mul_(2.0)
+    assert 0 < early < late < cache.output
+    assert cache.nodes[late].target == convs[-1] and cache.nodes[early].target == convs[0]
+
+
+def test_recalibration_leaves_layers_whose_inputs_did_not_move_bit_for_bit():
+    model = seeded_model("tiny_resnet")
+    calib = self_labelled(model, 40, seed=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reference = batchnorm_statistics(model, calib)
+    assert recalibrate_batchnorm_(model, calib, reference)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_cache_mb_must_not_be_negative():
+    from sensplan import UserInputError
+
+    with pytest.raises(UserInputError, match="--cache-mb"):
+        ScanConfig(cache_mb=-1)
