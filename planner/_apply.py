@@ -41,6 +41,7 @@ from sensplan.sensitivity import (
     recalibrate_batchnorm_,
     tune_malloc,
 )
+from sensplan.sensitivity._eval import BNStats
 from sensplan.sensitivity.methods import Method, MethodContext, compatible, execution_order, get_method
 from sensplan.sensitivity.tasks import Task, get_task
 
@@ -324,7 +325,8 @@ def _unit_of(module: str, units: Mapping[str, Any]) -> str:
 def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Tensor, *,
              calib: EvalSet | None = None, data: EvalSet | None = None, train_loader: Any = None,
              finetune: FineTuneConfig | None = None, model_spec: ModelSpec | None = None,
-             progress: bool | None = None) -> tuple[CompressedModel, list[dict[str, float]]]:
+             progress: bool | None = None, bn_reference: BNStats | None = None
+             ) -> tuple[CompressedModel, list[dict[str, float]]]:
     """Apply one allocation to a deep copy of ``model`` (never modified).
 
     Without fine-tuning, the executor does exactly what the scan's probes measured: every method's
@@ -332,7 +334,9 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
     original (``calib``), then every ``finalize_`` (pruning removes the zeroed channels
     structurally: zeroing equals removal, the scan checked that per group). With fine-tuning:
     structural methods first, distillation from ``model``, then the others, recalibrated against the
-    fine-tuned float model.
+    fine-tuned float model. ``bn_reference``: ``model``'s BatchNorm statistics on ``calib``
+    (:func:`batchnorm_statistics`), when the caller measured them already (a verifier compressing
+    many candidates); without fine-tuning only.
     """
     check_compatible(model, plan)
     alloc = plan.variant(variant)
@@ -357,8 +361,9 @@ def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Te
         _apply_and_recalibrate(ctx, rest, calib, reference)
         _run(ctx, rest, "finalize")
     else:
-        reference = batchnorm_statistics(model, calib) if calib is not None else {}
-        _apply_and_recalibrate(ctx, methods, calib, reference)
+        if bn_reference is None:
+            bn_reference = batchnorm_statistics(model, calib) if calib is not None else {}
+        _apply_and_recalibrate(ctx, methods, calib, bn_reference)
         _run(ctx, methods, "finalize")
     weight_effects: dict[str, dict[str, Any]] = {}
     row_lens: dict[str, int] = {}

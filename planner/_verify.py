@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -55,6 +57,10 @@ TOLERANCE = 0.001
 MAX_BUCKETS = 6
 #: uniform candidates measured (the best predicted first)
 MAX_UNIFORM = 8
+#: a race measures this fraction of the split first (at least 500 samples, the whole split when smaller)
+RACE_HEAD = 0.25
+#: ... and stops a candidate worse than its rival there by more than this many paired standard errors
+RACE_Z = 3.0
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,13 @@ class Measured:
     n: int
     #: per-sample scores (to compare two candidates on the same samples), not serialized
     per_sample: Any = dataclasses.field(default=None, compare=False, repr=False)
+    #: set when a race stopped the measurement at the split's head: how much worse than which
+    #: rival it was there (see :meth:`Verifier.measure`)
+    stopped: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict[str, float]:
-        return {"drop": self.drop, "drop_se": self.se, "score": self.score, "n": self.n}
+    def to_dict(self) -> dict[str, Any]:
+        return {"drop": self.drop, "drop_se": self.se, "score": self.score, "n": self.n,
+                **({"stopped_early": self.stopped} if self.stopped else {})}
 
 
 class Verifier:
@@ -101,7 +111,8 @@ class Verifier:
         self.dtype = None if dtype == torch.float32 else dtype
         self.data = data.to(dev)
         self.calib = calib.to(dev) if calib is not None else None
-        self.held = held.to(dev) if held is not None and len(held) else None
+        # in an order whose every head is stratified by class: a race measures a head first
+        self.held = _interleaved(held.to(dev)) if held is not None and len(held) else None
         self.report = report.to(dev) if report is not None and len(report) else None
         #: how the held-out data was drawn, for plan.json (``apply`` draws the report half again)
         self.held_draw: dict[str, Any] | None = None
@@ -109,6 +120,11 @@ class Verifier:
         self.batch_size = batch_size
         self._task_name = ""
         self._base: dict[str, Any] = {}
+        #: measurements by (task, split, allocation): a candidate measured for one budget is not
+        #: measured again for another, or when planning again
+        self._memo: dict[tuple[str, str, str], Measured] = {}
+        self._reference: Any = None  # the original's BatchNorm statistics on ``calib``
+        self.counts: Counter[str] = Counter()
 
     def _prepare(self, task_name: str) -> None:
         if task_name == self._task_name:
@@ -130,13 +146,19 @@ class Verifier:
         return {split: self._base[split][2].score for split in ("sample", "held", "report") if split in self._base}
 
     def measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], *, held: bool = True,
-                sample: bool = True) -> tuple[Measured | None, Measured | None]:
+                sample: bool = True, rival: Measured | None = None) -> tuple[Measured | None, Measured | None]:
         """``alloc`` applied as the executor does without fine-tuning, measured on the sample when
-        ``sample`` (or when there is no held-out split) and on the held-out split when ``held``."""
+        ``sample`` (or when there is no held-out split) and on the held-out split when ``held``.
+
+        With a ``rival`` (another candidate measured on the split that picks the winner: the
+        held-out split, or the sample without one), that split is measured on its first quarter
+        first (:data:`RACE_HEAD`), and no further when the candidate is already clearly worse
+        there than the rival on the same samples (:func:`_clearly_worse`): the measurement
+        returned is the quarter's, with ``stopped`` saying so."""
         self._prepare(plan_data["task"]["name"])
         wanted = [s for s in ("sample", "held") if s in self._base and (
             held if s == "held" else sample or not held or "held" not in self._base)]
-        got = self._measure(plan_data, alloc, wanted)
+        got = self._measure(plan_data, alloc, wanted, rival)
         return got.get("sample"), got.get("held")
 
     def measure_report(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any]) -> Measured | None:
@@ -144,25 +166,123 @@ class Verifier:
         self._prepare(plan_data["task"]["name"])
         return self._measure(plan_data, alloc, ["report"]).get("report") if "report" in self._base else None
 
-    def _measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], splits: Sequence[str]
-                 ) -> dict[str, Measured]:
+    def _measure(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], splits: Sequence[str],
+                 rival: Measured | None = None) -> dict[str, Measured]:
         from sensplan.planner._apply import compress
         from sensplan.planner._plan import Plan
+        from sensplan.sensitivity import batchnorm_statistics
+
+        key = _alloc_key(plan_data, alloc)
+        out = {split: self._memo[(key[0], split, key[1])] for split in splits if (key[0], split, key[1]) in self._memo}
+        self.counts["measurements reused"] += len(out)
+        todo = [split for split in splits if split not in out]
+        if not todo:
+            return out
+        plan = Plan({**plan_data, "plans": {"candidate": dict(alloc)}})
+        compressed: list[Any] = []
+
+        def module() -> Any:  # compressed when first needed
+            if not compressed:
+                if self._reference is None:
+                    self._reference = batchnorm_statistics(self.model, self.calib) if self.calib is not None else {}
+                cm, _ = compress(self.model, plan, "candidate", self.data.example_input, calib=self.calib,
+                                 data=self.data, model_spec=self.model_spec, bn_reference=self._reference)
+                compressed.append(cm.module)
+            return compressed[0]
+
+        race = "held" if "held" in self._base else "sample"
+        for split in todo:
+            whole = len(self._base[split][0])
+            if rival is not None and split == race and rival.per_sample is not None \
+                    and len(rival.per_sample) == whole and _head_size(whole) < whole:
+                hkey = (key[0], f"{split}:head", key[1])
+                if hkey not in self._memo:
+                    self._memo[hkey] = self._evaluate(plan, module(), f"{split}:head")
+                head = self._memo[hkey]
+                stopped = _clearly_worse(head, rival, plan.metric.higher_is_better)
+                if stopped is not None:
+                    self.counts["candidates stopped early"] += 1
+                    out[split] = dataclasses.replace(head, stopped=stopped)
+                    continue
+            out[split] = self._memo[(key[0], split, key[1])] = self._evaluate(plan, module(), split)
+            self.counts["measurements"] += 1
+        return out
+
+    def _evaluate(self, plan: Any, module: Any, split: str) -> Measured:
+        """``module`` measured on ``split`` (``"<split>:head"``: its first :data:`RACE_HEAD`)."""
         from sensplan.sensitivity.tasks import paired_se
 
         task = self._base["task"]
-        plan = Plan({**plan_data, "plans": {"candidate": dict(alloc)}})
-        cm, _ = compress(self.model, plan, "candidate", self.data.example_input, calib=self.calib,
-                         data=self.data, model_spec=self.model_spec)
-        out: dict[str, Measured] = {}
-        for split in splits:
-            ds, state, base = self._base[split]
-            ev = task.evaluate(cm.module, ds, state, self.batch_size, self.device, self.dtype)
-            se = 0.0
-            if base.per_sample is not None and ev.per_sample is not None:
-                se = paired_se(base.per_sample, ev.per_sample)[2]
-            out[split] = Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n, ev.per_sample)
-        return out
+        if split not in self._base:
+            whole, _, _ = self._base[split.split(":")[0]]
+            ds = _head(whole)
+            state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
+            self._base[split] = (ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device,
+                                                          self.dtype))
+        ds, state, base = self._base[split]
+        ev = task.evaluate(module, ds, state, self.batch_size, self.device, self.dtype)
+        se = 0.0
+        if base.per_sample is not None and ev.per_sample is not None:
+            se = paired_se(base.per_sample, ev.per_sample)[2]
+        return Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n, ev.per_sample)
+
+
+def _alloc_key(plan_data: Mapping[str, Any], alloc: Mapping[str, Any]) -> tuple[str, str]:
+    """What a measurement depends on besides the verifier's model and data: (the task and the
+    scan, the allocation's choices)."""
+    scan = plan_data.get("scan") or {}
+    where = f"{plan_data['task']['name']}|{scan.get('sha256') or json.dumps(plan_data.get('model'), sort_keys=True)}"
+    return where, json.dumps({name: [c.get("method"), c.get("setting")] for name, c in alloc["choices"].items()},
+                             sort_keys=True)
+
+
+def _head(ds: EvalSet) -> EvalSet:
+    """The first :data:`RACE_HEAD` of ``ds`` (at least 500 items), as its own set."""
+    from sensplan.sensitivity import EvalSet
+
+    n = _head_size(len(ds))
+    return EvalSet(ds.x[:n], ds.y[:n], ds.classes, {**ds.description, "n": n, "role": "race head"},
+                   ds.indices[:n] if ds.indices is not None else None)
+
+
+def _head_size(n: int) -> int:
+    return min(n, max(500, int(n * RACE_HEAD)))
+
+
+def _interleaved(ds: EvalSet, seed: int = 0) -> EvalSet:
+    """``ds`` reordered (seeded) so that each class is spread evenly over it: every head of it is
+    stratified. Scores over the whole set do not depend on the order."""
+    import torch
+
+    from sensplan.sensitivity import EvalSet
+
+    labels = ds.y.cpu().numpy() if ds.y.dim() == 1 else np.zeros(len(ds), dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    keys = np.empty(len(ds))
+    for c in np.unique(labels):
+        pos = np.flatnonzero(labels == c)
+        rng.shuffle(pos)
+        keys[pos] = (np.arange(len(pos)) + rng.random()) / len(pos)
+    order = np.argsort(keys, kind="stable")
+    sel = torch.as_tensor(order, device=ds.x.device)
+    return EvalSet(ds.x.index_select(0, sel), ds.y.index_select(0, sel.to(ds.y.device)), ds.classes,
+                   dict(ds.description), ds.indices[order] if ds.indices is not None else None)
+
+
+def _clearly_worse(head: Measured, rival: Measured, higher_is_better: bool) -> dict[str, Any] | None:
+    """Whether ``head`` (a candidate measured on a split's head) is worse than ``rival`` (measured
+    on the whole split, in the same order) on the same samples by more than :data:`RACE_Z` paired
+    standard errors and :data:`TOLERANCE`: how much, with its standard error; else None."""
+    from sensplan.sensitivity.tasks import paired_se
+
+    n = head.n
+    theirs = rival.per_sample[:n]
+    sign = 1.0 if higher_is_better else -1.0
+    gap = sign * float((theirs.double() - head.per_sample.double()).mean())
+    se = paired_se(theirs, head.per_sample)[2]
+    if gap - RACE_Z * se > TOLERANCE:
+        return {"samples": n, "worse_by": gap, "se": se}
+    return None
 
 
 def _subset(alloc: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -192,15 +312,19 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
     """Measure, correct and re-solve, measure the uniform candidates, and keep the best measured
     candidate as ``data["plans"]["planned"]``; record everything in ``data["verification"]``."""
     t0 = time.perf_counter()
+    counts_before = Counter(verifier.counts)
     baseline = verifier.baseline(data["task"]["name"])
     metric = cost_metric(budgets, minimize)
     corrected = _Rounds(data, cm, scan, budgets, verifier, max_drop, minimize, time_limit)
     corrected.run(rounds)
     tu = time.perf_counter()
-    unis, uniform_recs = _measure_uniform(data, cm, scan, budgets, verifier, max_drop, minimize, metric)
+    split = "held" if verifier.held is not None else "sample"
+    # in budget mode a uniform candidate only matters if it can beat the best planned round
+    plans = [c[split] for c in corrected.candidates if c[split] is not None]
+    rival = min(plans, key=lambda m: m.drop) if plans and max_drop is None else None
+    unis, uniform_recs = _measure_uniform(data, cm, scan, budgets, verifier, max_drop, minimize, metric, rival)
     uniform_seconds = time.perf_counter() - tu
     candidates = [*corrected.candidates, *unis]
-    split = "held" if verifier.held is not None else "sample"
     pick = _Pick(candidates, split, max_drop, metric)
     report = verifier.measure_report(data, pick.winner["alloc"])
     data["plans"]["planned"] = _final_allocation(data, pick, split, report)
@@ -234,6 +358,8 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         "verdict": _verdict(pick, cm, split, max_drop, metric),
         "seconds": round(time.perf_counter() - t0, 3),
         "uniform_seconds": round(uniform_seconds, 3),
+        # how many candidates were measured, taken from an earlier budget's, or stopped by a race
+        "measurements": dict(verifier.counts - counts_before),
     }
     data["objective"]["drop_model"] = (
         data["objective"]["drop_model"].split("; the candidates")[0]
@@ -320,10 +446,12 @@ class _Rounds:
 
 
 def _measure_uniform(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget], verifier: Verifier,
-                     max_drop: float | None, minimize: str | None, metric: str
+                     max_drop: float | None, minimize: str | None, metric: str, rival: Measured | None = None
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The uniform candidates measured (the one chosen by prediction first, then the most
-    promising others): as candidates, and as records for plan.json."""
+    promising others): as candidates, and as records for plan.json. With a ``rival`` (the best
+    planned round), a candidate clearly worse than it on the first quarter of the split is not
+    measured further (:meth:`Verifier.measure`)."""
     from sensplan.planner._plan import uniform_allocation
     from sensplan.planner._solver import uniform_label
 
@@ -336,7 +464,7 @@ def _measure_uniform(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequen
     for u in unis[:MAX_UNIFORM]:
         ualloc = uniform_allocation(cm, u, scan)
         # uniform candidates compete on the held-out split only (the sample too when there is none)
-        sample, held = verifier.measure(data, ualloc, sample=False)
+        sample, held = verifier.measure(data, ualloc, sample=False, rival=rival)
         label = uniform_label(cm, u)
         candidates.append({"name": f"uniform {label}", "kind": "uniform", "alloc": ualloc,
                            "sample": sample, "held": held, "costs": u.costs})
@@ -357,8 +485,11 @@ class _Pick:
         plans = [c for c in candidates if c["kind"] == "plan"]
         unis = [c for c in candidates if c["kind"] == "uniform"]
         self.best_plan = min(plans, key=lambda c: self.measured(c).drop)
-        self.best_uniform = min(unis, key=lambda c: self.measured(c).drop) if unis else None
+        # a candidate a race stopped (clearly worse than a plan) is the best uniform only when all were
+        self.best_uniform = min(unis, key=lambda c: (self.measured(c).stopped is not None, self.measured(c).drop)) \
+            if unis else None
         self.by_prediction = unis[0] if unis else None  # what uniform_choice picks: sorted that way
+        candidates = [c for c in candidates if self.measured(c).stopped is None]
         self.tie: dict[str, Any] | None = None
         if max_drop is None:
             winner = min(candidates, key=lambda c: (self.measured(c).drop, c["kind"] != "plan"))
@@ -430,8 +561,11 @@ def _verdict(pick: _Pick, cm: Costs, split: str, max_drop: float | None, metric:
     vs_best = pick.gap(best_uni)
     if abs(vs_best or 0.0) < 1e-12:
         return f"{winner['name']} ties with the best uniform ({best_uni['name']}) on the {where}"
+    stopped = pick.measured(best_uni).stopped
     return (f"{winner['name']} wins: {_pts(vs_best or 0.0)} better than the best uniform "
-            f"({best_uni['name']}) on the {where}")
+            f"({best_uni['name']}) on the {where}"
+            + (f" (every uniform candidate was clearly worse on the first {stopped['samples']} samples, where "
+               f"the race stopped them)" if stopped else ""))
 
 
 #: one-sided 95% quantile of the normal distribution

@@ -406,3 +406,56 @@ def test_the_held_out_split_excludes_the_sample_however_its_folder_is_spelled(tm
         used = set(v.data.indices.tolist()) | set(v.calib.indices.tolist())
         held = set(v.held.indices.tolist()) | (set(v.report.indices.tolist()) if v.report is not None else set())
         assert len(held) == 120 - len(used) and not held & used, spelled
+
+
+def test_a_race_stops_a_uniform_candidate_clearly_worse_than_the_plan_and_changes_no_verdict(toys, monkeypatch):
+    import sensplan.planner._verify as verify_mod
+
+    model, data, held = Chain(), margin_data(400, 0), margin_data(2400, 1)
+    table = _scan(model, data)
+    raced = make_plan(table, [Budget.parse("size=16B")], verifier=Verifier(model, data, None, held))
+    z = verify_mod.RACE_Z
+    monkeypatch.setattr(verify_mod, "RACE_Z", math.inf)  # no race: every candidate measured in full
+    full = make_plan(table, [Budget.parse("size=16B")], verifier=Verifier(model, data, None, held))
+    rv, fv = raced.data["verification"], full.data["verification"]
+    stopped = [u for u in rv["uniform"] if u["held_out"].get("stopped_early")]
+    assert stopped and rv["measurements"]["candidates stopped early"] == len(stopped)
+    for u in stopped:  # measured on the stratified first quarter, clearly worse than the plan there
+        assert u["held_out"]["n"] == 600
+        s = u["held_out"]["stopped_early"]
+        assert s["worse_by"] - z * s["se"] > verify_mod.TOLERANCE
+        whole = next(f for f in fv["uniform"] if f["label"] == u["label"])["held_out"]
+        assert whole["n"] == 2400 and whole["drop"] > min(r["held_out"]["drop"] for r in rv["rounds"])
+    assert rv["winner"] == fv["winner"] and _choices(raced) == _choices(full)
+    assert raced.variant()["verified"] == full.variant()["verified"]
+
+
+def test_a_verifier_measures_each_candidate_once_across_budgets_and_plans(toys):
+    model, data, held = Chain(), margin_data(400, 0), margin_data(400, 1)
+    table = _scan(model, data)
+    verifier = Verifier(model, data, None, held)
+    first = make_plan(table, [Budget.parse("size=12B")], verifier=verifier)
+    again = make_plan(table, [Budget.parse("size=12B")], verifier=verifier)
+    assert first.data["verification"]["measurements"]["measurements"] > 0
+    assert "measurements" not in again.data["verification"]["measurements"]
+    assert again.data["verification"]["measurements"]["measurements reused"] > 0
+    strip = ("seconds", "uniform_seconds", "measurements")
+
+    def timeless(v):
+        return {k: [{a: b for a, b in r.items() if a != "seconds"} for r in x] if k == "rounds" else x
+                for k, x in v.items() if k not in strip}
+
+    assert timeless(again.data["verification"]) == timeless(first.data["verification"])
+
+
+def test_every_head_of_the_held_out_split_is_stratified():
+    from sensplan.planner._verify import _interleaved
+
+    labels = torch.tensor([0] * 600 + [1] * 300 + [2] * 100)  # sorted by class, as a folder is
+    ds = EvalSet(torch.arange(1000.0)[:, None], labels, ["a", "b", "c"], {"spec": "s", "n": 1000}, np.arange(1000))
+    mixed = _interleaved(ds)
+    assert sorted(mixed.indices.tolist()) == list(range(1000))
+    assert torch.equal(mixed.x[:, 0].long(), torch.as_tensor(mixed.indices))
+    for n in (100, 250, 500):
+        counts = torch.bincount(mixed.y[:n], minlength=3).tolist()
+        assert all(abs(c - n * share) <= 1 for c, share in zip(counts, (0.6, 0.3, 0.1), strict=True))
