@@ -41,7 +41,6 @@ from sensplan.sensitivity import (
     recalibrate_batchnorm_,
     tune_malloc,
 )
-from sensplan.sensitivity._eval import BNStats
 from sensplan.sensitivity.methods import Method, MethodContext, compatible, execution_order, get_method
 from sensplan.sensitivity.tasks import Task, get_task
 
@@ -325,7 +324,7 @@ def _unit_of(module: str, units: Mapping[str, Any]) -> str:
 def compress(model: nn.Module, plan: Plan, variant: str, example_input: torch.Tensor, *,
              calib: EvalSet | None = None, data: EvalSet | None = None, train_loader: Any = None,
              finetune: FineTuneConfig | None = None, model_spec: ModelSpec | None = None,
-             progress: bool | None = None, bn_reference: BNStats | None = None
+             progress: bool | None = None, bn_reference: Mapping[str, Any] | None = None
              ) -> tuple[CompressedModel, list[dict[str, float]]]:
     """Apply one allocation to a deep copy of ``model`` (never modified).
 

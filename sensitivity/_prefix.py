@@ -324,10 +324,10 @@ class PrefixCache:
 
     def forward(self, x: Any) -> Any:
         """``model(x)``, from the current cut when there is one and ``x`` is a slice of the scan's data."""
-        key = self._key(x) if self.cut is not None else None
-        if key is None:
-            return self.model(x)
         cut = self.cut
+        key = self._key(x) if cut is not None else None
+        if key is None or cut is None:
+            return self.model(x)
         entry = self.entries.get(key)
         start = (entry.pos, self._load(entry)) if entry is not None and entry.pos <= cut else None
         if start is not None and start[0] == cut:
@@ -415,7 +415,7 @@ class CachedModel(nn.Module):
     def __init__(self, model: nn.Module, cache: PrefixCache) -> None:
         super().__init__()
         self.model = model
-        object.__setattr__(self, "cache", cache)
+        self._cache = cache
 
     def forward(self, x: Any) -> Any:
-        return self.cache.forward(x)
+        return self._cache.forward(x)

@@ -349,7 +349,7 @@ def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]],
             ev = evaluate()
         return row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
 
-    order = range(len(todo))
+    order = list(range(len(todo)))
     if forward is not None and cache is not None:
         order = sorted(order, key=lambda i: cache.position(_unit_modules(ctx, todo[i][0], todo[i][1])))
     try:

@@ -1,0 +1,157 @@
+"""Benchmark of scan and verification speed on the real CIFAR ResNets (../shared), each against a
+baseline measured in the same run.
+
+The CIFAR-10 JPEG test set (10,000 images) is split, stratified and seeded, into the scan's sample
+(2,000), BatchNorm calibration (500), the verification's held-out split (2,500) and the rest. Per
+model it prints:
+
+- **the naive loop**: one evaluation of the original on all 10,000 images (median of 3), times the
+  probe count: what a scan that evaluates every probe on the full set in full costs;
+- **the default scan** on the sample with the prefix cache (each probe runs from the first layer it
+  changes) and, for the models in ``--uncached``, the same scan with ``cache_mb=0``: wall times,
+  speed-ups, and whether every row is bit-identical;
+- **Spearman** of the sample scan's drops and KL divergences against the same probes on all 10,000
+  images (a second, cached scan), over all probes and per method;
+- **verification**: per budget, planning time with one verifier for all budgets (candidates measured
+  once, uniform candidates raced) against a fresh verifier per budget with no race (the slow path),
+  and whether both kept the same winner.
+
+    python bench/bench_scale.py [--models resnet20,resnet56] [--uncached resnet20] [--budgets ...]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import ROOT, cifar_splits  # noqa: E402
+
+BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,macs=0.7,macs=0.5"
+COMPARED = ("score", "loss", "drop", "drop_se", "lost", "gained", "loss_increase", "signals")
+
+
+def main() -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
+    ap.add_argument("--models", default="resnet20")
+    ap.add_argument("--uncached", default="resnet20", help="models whose scan also runs with the cache off")
+    ap.add_argument("--budgets", default=BUDGETS)
+    ap.add_argument("--no-fullset", action="store_true", help="skip the 10,000-image scan (no Spearman)")
+    args = ap.parse_args()
+    shared = Path(args.shared)
+    test_dir = shared / "data" / "cifar10-jpg" / "test"
+    if not test_dir.is_dir():
+        print(f"skipped: {shared} has no CIFAR-10 JPEG test set")
+        return 0
+    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
+
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    sample, calib, held, _ = cifar_splits(test_dir)
+    everything = load_eval_set(DataSpec.parse(str(test_dir)), None, seed=0)
+    print(f"full set: {len(everything)} images")
+    for name in args.models.split(","):
+        weights = shared / "models" / "cifar10" / f"{name}_jpeg.pt"
+        if not weights.is_file():
+            print(f"\n{name}: skipped, no {weights}")
+            continue
+        spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:{name}")
+        model = load_model(spec, weights)
+        print(f"\n== {name} ==")
+        table = _scan_speed(name, model, sample, calib, everything, name in args.uncached.split(","))
+        if not args.no_fullset:
+            _spearman(model, table, everything, calib)
+        _verification(model, spec, table, sample, calib, held, args.budgets)
+    return 0
+
+
+def _scan_speed(name, model, sample, calib, everything, uncached: bool):
+    from sensplan.sensitivity import ScanConfig, get_task, scan
+
+    task = get_task("classification")
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        task.evaluate(model.eval(), everything, task.prepare(model, everything))
+        times.append(time.perf_counter() - t)
+    naive_probe = statistics.median(times)
+    t = time.perf_counter()
+    table = scan(model, sample, ScanConfig(), calib=calib, progress=False)
+    cached_s = time.perf_counter() - t
+    n = len(table.results)
+    naive = naive_probe * n
+    record = table.data["provenance"]["prefix_cache"]
+    print(f"naive loop: {naive_probe:.2f} s per probe (10,000 images, median of 3) x {n} probes = {naive:.0f} s")
+    print(f"default scan, prefix cache: {cached_s:.1f} s = {naive / cached_s:.1f}x faster than the naive loop "
+          f"({record})")
+    if uncached:
+        t = time.perf_counter()
+        plain = scan(model, sample, ScanConfig(cache_mb=0), calib=calib, progress=False)
+        plain_s = time.perf_counter() - t
+        same = sum(all(a.get(k) == b.get(k) for k in COMPARED) for a, b in zip(table.results, plain.results,
+                                                                            strict=True))
+        print(f"default scan, cache off: {plain_s:.1f} s = {naive / plain_s:.1f}x faster than the naive loop; "
+              f"the cache is {plain_s / cached_s:.2f}x faster; rows bit-identical: {same} of {n}")
+    return table
+
+
+def _spearman(model, table, everything, calib) -> None:
+    from scipy.stats import spearmanr
+
+    from sensplan.sensitivity import ScanConfig, scan
+
+    t = time.perf_counter()
+    full = scan(model, everything, ScanConfig(), calib=calib, progress=False)
+    print(f"the same probes on all {len(everything)} images (cached scan): {time.perf_counter() - t:.0f} s")
+    ref = {(r["unit"], r["method"], str(r["setting"])): r for r in full.results}
+    for method in [None, *sorted({r["method"] for r in table.results})]:
+        rows = [r for r in table.results if method is None or r["method"] == method]
+        parts = []
+        for signal in ("drop", "kl"):
+            a = [_value(r, signal) for r in rows]
+            b = [_value(ref[(r["unit"], r["method"], str(r["setting"]))], signal) for r in rows]
+            parts.append(f"{signal} {spearmanr(a, b).statistic:.3f}")
+        print(f"  Spearman, sample scan against the full set ({method or 'all probes'}, {len(rows)}): "
+              + ", ".join(parts))
+
+
+def _value(row, signal: str) -> float:
+    return float(row["drop"]) if signal == "drop" else float(row["signals"][signal]["value"])
+
+
+def _verification(model, spec, table, sample, calib, held, budgets: str) -> None:
+    import sensplan.planner._verify as verify_mod
+    from sensplan.planner import Budget, Verifier, make_plan
+
+    shared = Verifier(model, sample, calib, held, model_spec=spec)
+    fast, slow = [], []
+    print("verification (seconds per budget; the winner):")
+    for text in budgets.split(","):
+        budget = [Budget.parse(text)]
+        t = time.perf_counter()
+        a = make_plan(table, budget, verifier=shared)
+        fast.append(time.perf_counter() - t)
+        z = verify_mod.RACE_Z
+        verify_mod.RACE_Z = float("inf")
+        try:
+            t = time.perf_counter()
+            b = make_plan(table, budget, verifier=Verifier(model, sample, calib, held, model_spec=spec))
+            slow.append(time.perf_counter() - t)
+        finally:
+            verify_mod.RACE_Z = z
+        va, vb = a.data["verification"], b.data["verification"]
+        same = va["winner"] == vb["winner"] and a.variant()["choices"] == b.variant()["choices"]
+        print(f"  {text:<11} {fast[-1]:5.1f} s (measured {va['measurements']}) against {slow[-1]:5.1f} s; "
+              f"same winner: {same} ({va['winner']['name']})")
+    print(f"  median per budget: {statistics.median(fast):.1f} s against {statistics.median(slow):.1f} s "
+          f"({statistics.median(slow) / statistics.median(fast):.2f}x)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
