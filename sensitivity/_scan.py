@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,19 +209,23 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
          calib: EvalSet | None = None, model_spec: ModelSpec | None = None, weights: str | None = None,
          progress: bool | None = None, journal: str | os.PathLike[str] | None = None,
          resume: bool = True, device: str | torch.device | None = None,
-         dtype: torch.dtype | None = None) -> Scan:
+         dtype: torch.dtype | None = None, workers: int = 1, ray: str | None = None) -> Scan:
     """Measure the drop of every (unit, method, setting) on ``data``; return the table (unsaved).
 
     With ``calib`` (calibration data, ideally disjoint from ``data``), every probe recalibrates the
     BatchNorm statistics as the executor will before evaluating. With ``journal`` (a path), every
     finished probe is appended there and, with ``resume``, probes already in it are not redone.
     ``device`` runs the scan there (on a copy of the model when it is not already there). ``model``
-    is restored after every probe: its state dict is bit-identical afterwards. Example::
+    is restored after every probe: its state dict is bit-identical afterwards. ``workers`` > 1
+    measures the probes on that many local processes; ``ray`` (an address, or "" for a Ray started
+    on this machine) on Ray actors instead (see ``_workers``). Example::
 
         table = scan(model, load_eval_set(DataSpec.parse("digits")), ScanConfig.of(bits=(8, 4)))
         table.save("scan.json")
     """
     cfg = config or ScanConfig()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UserInputError(f"--workers must be a whole number >= 1. Got {workers!r} instead.")
     task = get_task(cfg.task)
     dev = torch.device(device) if device is not None else device_of(model)
     started, t0 = now_iso(), time.perf_counter()
@@ -240,17 +244,29 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     cache = PrefixCache(model, [data_dev.x] + ([calib_dev.x] if calib_dev is not None else []),
                         data_dev.x[: cfg.check_samples], cfg.cache_mb)
     cached = CachedModel(model, cache) if cache.active else model
-    estimator = None
+    estimator = runner = None
+    spread: dict[str, Any] | None = None
     if cfg.fast:
         fisher = fisher_diagonal(model, ctx.calibration_inputs(cfg.fast_samples), seed=0)
         estimator = ProbeEstimator(model, fisher)
     try:
-        results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress,
-                              lambda: task.evaluate(cached, data_dev, state, cfg.batch_size, dev, dtype),
-                              lambda ev, method, unit, setting, seconds: _row(
-                                  task.metric, base, ev, method, ctx, unit, setting, seconds),
-                              calib_dev, reference, estimator, cfg.fast_measured, cache)
+        prober = Prober(ctx, lambda: task.evaluate(cached, data_dev, state, cfg.batch_size, dev, dtype),
+                        lambda ev, method, unit, setting, seconds: _row(
+                            task.metric, base, ev, method, ctx, unit, setting, seconds),
+                        calib_dev, reference, cache)
+        if workers > 1 or ray is not None:
+            from sensplan.sensitivity import _workers
+
+            p = _workers.payload(model, model_spec, data, calib if reference else None, cfg, base, dev, dtype,
+                                 _workers.threads_per_worker(workers), todo)
+            runner = _workers.RayRunner(p, workers, ray or None) if ray is not None else \
+                _workers.ProcessRunner(p, workers)
+        results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress, prober,
+                              estimator, cfg.fast_measured, runner)
     finally:
+        if runner is not None:
+            spread = _workers.describe(runner, workers, ray)
+            runner.close()
         cache.close()
         model.train(was_training)
     return Scan({
@@ -262,7 +278,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
                        "journal": str(journal) if journal else None,
                        "probes_from_journal": sum(1 for r in results if r.get("from_journal")),
                        **({"probes_estimated": sum(1 for r in results if r.get("estimated"))} if cfg.fast else {}),
-                       "prefix_cache": cache.record()},
+                       "prefix_cache": cache.record(), **({"workers": spread} if spread else {})},
         "model": _model_record(model, ctx.example_input, model_spec, weights, header),
         "data": data.description,
         "task": task.to_dict(),
@@ -324,14 +340,47 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
     return info, todo
 
 
+class Prober:
+    """Measures one probe in this process: perturb, recalibrate BatchNorm (against ``reference``,
+    on ``calib``), evaluate with the task, restore; through the prefix ``cache`` when it is on."""
+
+    def __init__(self, ctx: MethodContext, evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any,
+                 cache: PrefixCache | None = None) -> None:
+        self.ctx, self.evaluate, self.row_of = ctx, evaluate, row_of
+        self.calib, self.reference = calib, reference
+        self.cache = cache if cache is not None and cache.active else None
+
+    def measure(self, method: Method, unit: str, setting: Setting) -> dict[str, Any]:
+        t = time.perf_counter()
+        cache = self.cache
+        with method.probe(self.ctx, unit, setting), batchnorm_state_restored(self.ctx.model), \
+                cache.probing() if cache is not None else nullcontext():
+            recalibrate_batchnorm_(self.ctx.model, self.calib, self.reference,
+                                   forward=cache.forward if cache is not None else None)
+            ev = self.evaluate()
+        return self.row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
+
+    def order(self, todo: Sequence[tuple[Method, str, Setting]], indices: Sequence[int]) -> list[int]:
+        """``indices`` (into ``todo``) in the order of where the probes cut the model."""
+        if self.cache is None:
+            return list(indices)
+        cache = self.cache
+        return sorted(indices, key=lambda i: cache.position(_unit_modules(self.ctx, todo[i][0], todo[i][1])))
+
+    def run(self, todo: Sequence[tuple[Method, str, Setting]], indices: Sequence[int]
+            ) -> Iterator[tuple[int, dict[str, Any]]]:
+        for i in indices:
+            yield i, self.measure(*todo[i])
+
+
 def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]], jr: Any, progress: bool | None,
-                evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any,
-                estimator: ProbeEstimator | None = None, map_points: int = 0,
-                cache: PrefixCache | None = None) -> list[dict[str, Any]]:
+                prober: Prober, estimator: ProbeEstimator | None = None, map_points: int = 0,
+                runner: Any = None) -> list[dict[str, Any]]:
     """Probe every (method, unit, setting): perturb, recalibrate BatchNorm, evaluate, restore;
     rows already in the journal are taken from it, new ones appended to it. Probes run in the
-    order of where they cut the model (the ``cache``'s reuse; see ``_prefix``), rows come back in
-    ``todo``'s order.
+    order of where they cut the model (the prefix cache's reuse; see ``_prefix``), rows come back
+    in ``todo``'s order. ``runner`` measures them elsewhere (``scan --workers``; see ``_workers``):
+    ``runner.run(indices)`` yields ``(index, row)`` as they finish; by default ``prober`` does.
 
     With an ``estimator`` (``scan --fast``), a probe that only changes parameter values is estimated
     instead of evaluated (see ``_fisher``), and then ``map_points`` of the estimated probes, spread
@@ -339,57 +388,49 @@ def _run_probes(ctx: MethodContext, todo: Sequence[tuple[Method, str, Setting]],
     through them. A measured probe records its measured KL divergence as its estimate."""
     rows: list[dict[str, Any] | None] = [None] * len(todo)
     bar = _Progress(len(todo) + (map_points if estimator is not None else 0), progress)
-    forward = cache.forward if cache is not None and cache.active else None
 
-    def measure(method: Method, unit: str, setting: Setting) -> dict[str, Any]:
-        t = time.perf_counter()
-        with method.probe(ctx, unit, setting), batchnorm_state_restored(ctx.model), \
-                cache.probing() if forward is not None and cache is not None else nullcontext():
-            recalibrate_batchnorm_(ctx.model, calib, reference, forward=forward)
-            ev = evaluate()
-        return row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
+    def measured(indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        ordered = prober.order(todo, indices)
+        return runner.run(ordered) if runner is not None else prober.run(todo, ordered)  # type: ignore[no-any-return]
 
-    order = list(range(len(todo)))
-    if forward is not None and cache is not None:
-        order = sorted(order, key=lambda i: cache.position(_unit_modules(ctx, todo[i][0], todo[i][1])))
     try:
-        for i in order:
-            method, unit, setting = todo[i]
+        pending: list[int] = []
+        for i, (method, unit, setting) in enumerate(todo):
             row = jr.get(unit, method.name, setting) if jr is not None else None
             if row is not None and "family" not in row and method.family(setting):
                 row = {**row, "family": method.family(setting)}  # journaled before rows had it
+            if row is None and estimator is not None and method.values_only:
+                t = time.perf_counter()
+                with method.probe(ctx, unit, setting):
+                    estimate = estimator.estimate()
+                if estimate is not None:
+                    row = estimated_row(method, ctx, unit, setting, estimate, time.perf_counter() - t)
+                    if jr is not None:
+                        jr.append(unit, method.name, setting, row)
             if row is None:
-                estimate = None
-                if estimator is not None and method.values_only:
-                    t = time.perf_counter()
-                    with method.probe(ctx, unit, setting):
-                        estimate = estimator.estimate()
-                    if estimate is not None:
-                        row = estimated_row(method, ctx, unit, setting, estimate, time.perf_counter() - t)
-                if row is None:
-                    row = measure(method, unit, setting)
-                    if estimator is not None:
-                        row = _with_measured_estimate(row)
-                if jr is not None:
-                    jr.append(unit, method.name, setting, row)
+                pending.append(i)
+                continue
+            rows[i] = row
+            bar.update(f"{method.label(setting)} {unit}")
+        for i, row in measured(pending):
+            method, unit, setting = todo[i]
+            if estimator is not None:
+                row = _with_measured_estimate(row)
+            if jr is not None:
+                jr.append(unit, method.name, setting, row)
             rows[i] = row
             bar.update(f"{method.label(setting)} {unit}")
         results = [r for r in rows if r is not None]
         if estimator is not None:
-            by_key = {(unit, method.name, _setting_key(setting)): (method, setting) for method, unit, setting in todo}
-            points = _map_points(results, map_points)
-            if forward is not None and cache is not None:
-                points.sort(key=lambda i: cache.position(_unit_modules(ctx, todo[i][0], todo[i][1])))
-            for i in points:
+            for i, row in measured(_map_points(results, map_points)):
+                method, unit, setting = todo[i]
                 r = results[i]
-                method, setting = by_key[(r["unit"], r["method"], _setting_key(r["setting"]))]
-                row = measure(method, r["unit"], setting)
                 row = {**row, "signals": {**(row.get("signals") or {}), FISHER: r["signals"][FISHER]},
                        "map_point": True}
                 if jr is not None:
-                    jr.append(r["unit"], method.name, setting, row)
+                    jr.append(unit, method.name, setting, row)
                 results[i] = row
-                bar.update(f"map {method.label(setting)} {r['unit']}")
+                bar.update(f"map {method.label(setting)} {unit}")
     finally:
         bar.close()
         if jr is not None:

@@ -1,0 +1,288 @@
+"""Spread a scan's probes over worker processes (``scan --workers N``) or a Ray cluster (``--ray``).
+
+A scan is thousands of independent probes. Each worker holds the model, the data and the task's
+reference state once (sent once, when it starts), rebuilds the scan's structure (the same units and
+probes in the same order: checked), and measures the probes it is given in chunks, in the order of
+where they cut the model, so that its own prefix cache (``_prefix``) moves forward. The main
+process keeps the only journal: it appends each row as a chunk comes back, so a killed scan
+resumes as a single-process one does. A chunk whose worker died is given to a fresh worker (twice
+at most); the table is the single-process scan's.
+
+Local workers are spawned processes (``torch.multiprocessing``, so tensors travel through shared
+memory); each uses ``threads`` torch threads. On Ray, each worker is an actor (``num_gpus`` of a GPU
+each when the scan runs on CUDA), started by ``ray.init()`` on this machine or on a cluster by
+address. Ray is an optional extra: ``pip install -e ".[ray]"``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensplan._errors import UserInputError, first_line
+
+#: a chunk whose worker died is retried this many times before the scan gives up
+RETRIES = 2
+
+
+@dataclass
+class Payload:
+    """What every worker needs, sent once: the model (its spec and weights, or the pickled module),
+    the data, the configuration, the baseline result and the probes the main process will ask for."""
+
+    spec: Any
+    state: dict[str, torch.Tensor] | None
+    module: bytes | None
+    data: Any
+    calib: Any
+    config: Any
+    base: Any
+    device: str
+    dtype: torch.dtype | None
+    threads: int
+    probes: list[tuple[str, str, str]]
+    methods: dict[str, type] = field(default_factory=dict)
+
+
+def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: Any, base: Any,
+            device: torch.device, dtype: torch.dtype | None, threads: int, todo: Sequence[Any]) -> Payload:
+    """The payload of ``model`` (on the CPU): rebuilt from ``model_spec`` with its current weights,
+    or pickled whole when there is no spec (its class must be importable)."""
+    from sensplan.sensitivity._scan import _setting_key
+    from sensplan.sensitivity.methods import METHODS
+
+    state = module = None
+    if model_spec is not None:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    else:
+        buf = io.BytesIO()
+        try:
+            torch.save(model, buf)
+        except Exception as e:  # noqa: BLE001 - whatever pickle says about the user's class
+            raise UserInputError(
+                f"--workers sends the model to each worker, but it cannot be pickled ({type(e).__name__}: "
+                f"{first_line(e, 200)}). Give the scan a model spec (scan(..., model_spec=...), as the CLI's "
+                f"--model does) or run without workers.") from e
+        module = buf.getvalue()
+    names = {m.name for m, _, _ in todo}
+    methods = {n: type(METHODS.get(n)) for n in names}
+    return Payload(model_spec, state, module, data.to("cpu"), calib.to("cpu") if calib is not None else None,
+                   config, base, str(device), dtype, threads,
+                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods)
+
+
+class _Worker:
+    """One worker's scan: built from a payload, measures probes by index."""
+
+    def __init__(self, p: Payload) -> None:
+        from sensplan.sensitivity._eval import batchnorm_statistics
+        from sensplan.sensitivity._models import build_model
+        from sensplan.sensitivity._prefix import CachedModel, PrefixCache
+        from sensplan.sensitivity._scan import Prober, _probes_to_run, _row, _scan_context, _setting_key
+        from sensplan.sensitivity.methods import METHODS
+        from sensplan.sensitivity.tasks import get_task
+
+        torch.set_num_threads(max(1, p.threads))
+        for name, cls in p.methods.items():  # methods registered at run time in the main process
+            if name not in METHODS.names():
+                METHODS.register(cls)
+        dev = torch.device(p.device)
+        if p.module is not None:
+            model: nn.Module = torch.load(io.BytesIO(p.module), weights_only=False)
+        else:
+            model = build_model(p.spec)
+            model.load_state_dict(p.state or {})
+        model = model.to(dev).eval()
+        cfg = p.config
+        data = p.data.to(dev)
+        calib = p.calib.to(dev) if p.calib is not None else None
+        task = get_task(cfg.task)
+        state = task.prepare(model, data, cfg.batch_size, dev, p.dtype)
+        ctx = _scan_context(model, data, calib, cfg, dev)
+        reference = batchnorm_statistics(model, calib) if calib is not None else {}
+        _, todo = _probes_to_run(ctx, cfg)
+        if [(m.name, u, _setting_key(s)) for m, u, s in todo] != p.probes:
+            raise RuntimeError("a worker found other probes than the main process: the model or a method "
+                               "is not deterministic")
+        self.cache = PrefixCache(model, [data.x] + ([calib.x] if calib is not None else []),
+                                 data.x[: cfg.check_samples], cfg.cache_mb)
+        cached = CachedModel(model, self.cache) if self.cache.active else model
+        base = p.base
+        self.todo = todo
+        self.prober = Prober(ctx, lambda: task.evaluate(cached, data, state, cfg.batch_size, dev, p.dtype),
+                             lambda ev, method, unit, setting, seconds: _row(
+                                 task.metric, base, ev, method, ctx, unit, setting, seconds),
+                             calib, reference, self.cache)
+
+    def run(self, indices: Sequence[int]) -> list[tuple[int, dict[str, Any]]]:
+        return list(self.prober.run(self.todo, indices))
+
+
+_WORKER: _Worker | None = None
+
+
+def _init(p: Payload) -> None:
+    global _WORKER
+    _WORKER = _Worker(p)
+
+
+def _chunk(indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
+    if _WORKER is None:  # pragma: no cover - the pool's initializer sets it
+        raise RuntimeError("worker not initialised")
+    return _WORKER.run(indices)
+
+
+def chunks(indices: Sequence[int], workers: int) -> list[list[int]]:
+    """``indices`` (in cut order) in consecutive chunks: about four per worker, so that a slow chunk
+    does not hold the scan up, and each worker's cuts still move forward."""
+    size = max(1, math.ceil(len(indices) / (4 * workers)))
+    return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
+
+
+class ProcessRunner:
+    """Measures probes on ``workers`` spawned local processes; ``run(indices)`` yields rows as chunks
+    finish."""
+
+    def __init__(self, p: Payload, workers: int) -> None:
+        self.payload, self.workers = p, workers
+        self.retried = 0
+        self.pool: Any = None
+
+    def _start(self) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch.multiprocessing as tmp
+
+        return ProcessPoolExecutor(self.workers, mp_context=tmp.get_context("spawn"), initializer=_init,
+                                   initargs=(self.payload,))
+
+    def run(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        todo = chunks(indices, self.workers)
+        tries: dict[int, int] = {}
+        while todo:
+            if self.pool is None:
+                self.pool = self._start()
+            futures = {self.pool.submit(_chunk, c): k for k, c in enumerate(todo)}
+            left = dict(enumerate(todo))
+            broken = False
+            while futures:
+                done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for f in done:
+                    k = futures.pop(f)
+                    try:
+                        rows = f.result()
+                    except BrokenProcessPool:
+                        broken = True
+                        continue
+                    del left[k]
+                    yield from rows
+            todo = list(left.values())
+            if broken:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+                for c in todo:
+                    tries[c[0]] = tries.get(c[0], 0) + 1
+                    if tries[c[0]] > RETRIES:
+                        raise RuntimeError(f"a scan worker died {RETRIES + 1} times on the same probes; run "
+                                           f"without --workers to see why")
+                self.retried += len(todo)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+
+class RayRunner:
+    """Measures probes on ``workers`` Ray actors (``address``: a running cluster; None: start Ray on
+    this machine with ``workers`` CPUs)."""
+
+    def __init__(self, p: Payload, workers: int, address: str | None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserInputError("--ray needs Ray, an optional extra: pip install -e \".[ray]\" (or pip install "
+                                 "ray). Or use --workers N for processes on this machine.") from None
+        self.ray = ray
+        self.started = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            self.started = True
+        gpus = 1.0 / workers if p.device.startswith("cuda") else 0
+        self.actor_class = ray.remote(num_cpus=max(1, p.threads), num_gpus=gpus, max_restarts=0)(_RayWorker)
+        self.ref = ray.put(p)
+        self.workers = workers
+        self.actors = [self._actor() for _ in range(workers)]
+        self.retried = 0
+
+    def _actor(self) -> Any:
+        return self.actor_class.remote(self.ref)  # type: ignore[attr-defined]
+
+    def run(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+        ray = self.ray
+        queue = list(enumerate(chunks(indices, self.workers)))
+        tries: dict[int, int] = {}
+        busy: dict[Any, tuple[int, int, list[int]]] = {}  # ref -> (actor slot, chunk number, chunk)
+        free = list(range(len(self.actors)))
+        while queue or busy:
+            while queue and free:
+                slot = free.pop()
+                k, c = queue.pop(0)
+                busy[self.actors[slot].run.remote(c)] = (slot, k, c)
+            done, _ = ray.wait(list(busy), num_returns=1)
+            for ref in done:
+                slot, k, c = busy.pop(ref)
+                try:
+                    rows = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                    tries[k] = tries.get(k, 0) + 1
+                    if tries[k] > RETRIES:
+                        raise RuntimeError(f"a Ray scan worker died {RETRIES + 1} times on the same probes; "
+                                           f"run without --ray to see why") from None
+                    self.actors[slot] = self._actor()
+                    queue.insert(0, (k, c))
+                    self.retried += 1
+                else:
+                    yield from rows
+                free.append(slot)
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+
+
+class _RayWorker:
+    def __init__(self, p: Payload) -> None:
+        self.worker = _Worker(p)
+
+    def run(self, indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
+        return self.worker.run(indices)
+
+
+def threads_per_worker(workers: int, threads: int | None = None) -> int:
+    """Torch threads per worker: the available cores shared out (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return threads if threads is not None else max(1, cores // max(1, workers))
+
+
+def describe(runner: Any, workers: int, ray: str | None) -> dict[str, Any]:
+    """What scan.json records of the workers."""
+    return {"workers": workers, "backend": "ray" if ray is not None else "processes",
+            **({"ray_address": ray or "local"} if ray is not None else {}),
+            "chunks_retried": getattr(runner, "retried", 0)}
