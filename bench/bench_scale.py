@@ -14,9 +14,12 @@ model it prints:
   images (a second, cached scan), over all probes and per method;
 - **verification**: per budget, planning time with one verifier for all budgets (candidates measured
   once, uniform candidates raced) against a fresh verifier per budget with no race (the slow path),
-  and whether both kept the same winner.
+  and whether both kept the same winner;
+- **workers**: the default scan with ``workers=2`` (local processes) and on a local 2-worker Ray
+  cluster (when Ray is installed) against one process, and whether the tables are identical.
 
     python bench/bench_scale.py [--models resnet20,resnet56] [--uncached resnet20] [--budgets ...]
+        [--parts speed,spearman,verify,workers]
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ def main() -> int:
     ap.add_argument("--models", default="resnet20")
     ap.add_argument("--uncached", default="resnet20", help="models whose scan also runs with the cache off")
     ap.add_argument("--budgets", default=BUDGETS)
-    ap.add_argument("--no-fullset", action="store_true", help="skip the 10,000-image scan (no Spearman)")
+    ap.add_argument("--parts", default="speed,spearman,verify,workers")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     shared = Path(args.shared)
     test_dir = shared / "data" / "cifar10-jpg" / "test"
     if not test_dir.is_dir():
@@ -64,16 +68,41 @@ def main() -> int:
         spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:{name}")
         model = load_model(spec, weights)
         print(f"\n== {name} ==")
-        table = _scan_speed(name, model, sample, calib, everything, name in args.uncached.split(","))
-        if not args.no_fullset:
+        table = _scan_speed(name, model, sample, calib, everything, name in args.uncached.split(","),
+                            "speed" in parts)
+        if "spearman" in parts:
             _spearman(model, table, everything, calib)
-        _verification(model, spec, table, sample, calib, held, args.budgets)
+        if "verify" in parts:
+            _verification(model, spec, table, sample, calib, held, args.budgets)
+        if "workers" in parts:
+            _workers(model, spec, table, sample, calib)
     return 0
 
 
-def _scan_speed(name, model, sample, calib, everything, uncached: bool):
+def _workers(model, spec, table, sample, calib) -> None:
+    import importlib.util
+
+    from sensplan.sensitivity import ScanConfig, scan
+
+    one = table.data["provenance"]["seconds"]
+    print(f"workers (against one process: {one:.1f} s):")
+    for label, kw in [("--workers 2", {"workers": 2}), ("--ray, 2 workers", {"workers": 2, "ray": ""})]:
+        if "ray" in kw and importlib.util.find_spec("ray") is None:
+            print(f"  {label}: skipped, Ray is not installed")
+            continue
+        t = time.perf_counter()
+        spread = scan(model, sample, ScanConfig(), calib=calib, model_spec=spec, progress=False, **kw)
+        s = time.perf_counter() - t
+        same = sum(all(a.get(k) == b.get(k) for k in COMPARED) for a, b in zip(table.results, spread.results,
+                                                                            strict=True))
+        print(f"  {label}: {s:.1f} s = {one / s:.2f}x one process; rows identical: {same} of {len(table.results)}")
+
+
+def _scan_speed(name, model, sample, calib, everything, uncached: bool, naive_too: bool = True):
     from sensplan.sensitivity import ScanConfig, get_task, scan
 
+    if not naive_too:
+        return scan(model, sample, ScanConfig(), calib=calib, progress=False)
     task = get_task("classification")
     times = []
     state = task.prepare(model.eval(), everything)

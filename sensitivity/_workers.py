@@ -81,7 +81,7 @@ def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: An
 class _Worker:
     """One worker's scan: built from a payload, measures probes by index."""
 
-    def __init__(self, p: Payload) -> None:
+    def __init__(self, p: Payload, rank: int = 0) -> None:
         from sensplan.sensitivity._eval import batchnorm_statistics
         from sensplan.sensitivity._models import build_model
         from sensplan.sensitivity._prefix import CachedModel, PrefixCache
@@ -94,6 +94,8 @@ class _Worker:
             if name not in METHODS.names():
                 METHODS.register(cls)
         dev = torch.device(p.device)
+        if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+            dev = torch.device("cuda", rank % torch.cuda.device_count())  # local workers: one GPU each in turn
         if p.module is not None:
             model: nn.Module = torch.load(io.BytesIO(p.module), weights_only=False)
         else:
@@ -128,9 +130,12 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init(p: Payload) -> None:
+def _init(p: Payload, counter: Any) -> None:
     global _WORKER
-    _WORKER = _Worker(p)
+    with counter.get_lock():
+        rank = int(counter.value)
+        counter.value += 1
+    _WORKER = _Worker(p, rank)
 
 
 def _chunk(indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
@@ -160,8 +165,9 @@ class ProcessRunner:
 
         import torch.multiprocessing as tmp
 
-        return ProcessPoolExecutor(self.workers, mp_context=tmp.get_context("spawn"), initializer=_init,
-                                   initargs=(self.payload,))
+        ctx = tmp.get_context("spawn")
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init,
+                                   initargs=(self.payload, ctx.Value("i", 0)))
 
     def run(self, indices: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
         from concurrent.futures import FIRST_COMPLETED, wait
@@ -221,7 +227,9 @@ class RayRunner:
             else:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
             self.started = True
-        gpus = 1.0 / workers if p.device.startswith("cuda") else 0
+        # on CUDA, the cluster's GPUs shared out: one each while there are enough, else evenly
+        have = float(ray.cluster_resources().get("GPU", 0)) if p.device.startswith("cuda") else 0.0
+        gpus = min(1.0, have / workers) if have else 0
         self.actor_class = ray.remote(num_cpus=max(1, p.threads), num_gpus=gpus, max_restarts=0)(_RayWorker)
         self.ref = ray.put(p)
         self.workers = workers

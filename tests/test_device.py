@@ -57,3 +57,23 @@ def test_cuda_matches_cpu(tmp_path) -> None:
         assert gpu_metrics["comparison"][m]["measured"] == cpu_metrics["comparison"][m]["measured"]
     model = load_compressed(tmp_path / "cuda" / "model.sensplan", seeded_model("tiny_resnet"))
     assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_prefix_cache_and_workers_give_the_plain_scans_rows() -> None:
+    from sensplan.sensitivity import ModelSpec
+
+    model = seeded_model("tiny_resnet")
+    data, calib = self_labelled(model, n=96), self_labelled(model, n=32, seed=5)
+    keys = ("unit", "method", "setting", "score", "drop", "lost", "gained")
+
+    def rows(**kw):
+        t = scan(model, data, ScanConfig(CONFIG.settings, **kw.pop("cfg", {})), calib=calib, progress=False,
+                 device="cuda", model_spec=ModelSpec("sensplan:tiny_resnet"), **kw)
+        return [{k: r[k] for k in keys} for r in t.results], t.data["provenance"]["prefix_cache"]
+
+    plain, _ = rows(cfg={"cache_mb": 0})
+    cached, record = rows()
+    assert record["used"] and cached == plain
+    spread, _ = rows(workers=2)
+    assert spread == plain

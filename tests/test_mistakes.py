@@ -210,6 +210,8 @@ CASES = [
     ("zero-check-samples", [*SCAN, *DIGITS, "--check-samples", "0"], ["--check-samples must be >= 1"]),
     ("fast-measured-below-two", [*SCAN, *DIGITS, "--fast", "--fast-measured", "1"],
      ["--fast-measured must be >= 2. Got 1"]),
+    ("negative-cache-mb", [*SCAN, *DIGITS, "--cache-mb", "-1"], ["--cache-mb must be >= 0. Got -1"]),
+    ("zero-workers", [*SCAN, *DIGITS, "--workers", "0"], ["--workers must be >= 1. Got 0"]),
     ("weights-with-nan", [*SCAN, *[a.replace("w.pt", "nan.pt") for a in DIGITS]],
      ["outputs on the data are not finite", "check --weights"]),
     ("zero-train-samples", [*APPLY, "--train-data", "digits:train", "--train-samples", "0"],

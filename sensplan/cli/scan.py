@@ -97,6 +97,14 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                    help="memory for the activations the scan reuses between probes (each probe runs the "
                         "model only from the first layer it changes; results are bit-identical). Beyond "
                         "it they are written to a temporary folder. Default 2048; 0 turns reuse off")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="measure the probes on N local worker processes, each holding the model and the data "
+                        "once and using its share of the cores (the table is the same as with one process; "
+                        "see docs/scale.md)")
+    g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="measure the probes on --workers Ray actors instead: on a Ray started here, or on the "
+                        "running cluster at ADDRESS (e.g. auto or ray://head:10001). Needs the ray extra: "
+                        "pip install -e \".[ray]\"")
     g.add_argument("--no-resume", action="store_true",
                    help="start afresh instead of reusing the finished probes in the journal "
                         "(<out>.journal)")
@@ -175,6 +183,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
     problems.at_least(args.check_samples, 1, "--check-samples")
     problems.at_least(args.fast_measured, 2, "--fast-measured")
     problems.at_least(args.cache_mb, 0, "--cache-mb")
+    problems.at_least(args.workers, 1, "--workers")
     task = problems.check(lambda: get_task(args.task))
     names = _method_names(args, problems)
     if names is None:
@@ -236,7 +245,7 @@ def execute(args: argparse.Namespace, cfg: ScanConfig, model: Any, spec: ModelSp
     try:
         table = scan(model, data, cfg, calib=calib, model_spec=spec, weights=args.weights,
                      progress=None, journal=journal, resume=not args.no_resume,
-                     device=device(args.device), dtype=dtype)
+                     device=device(args.device), dtype=dtype, workers=args.workers, ray=args.ray)
     except KeyboardInterrupt:
         n = saved_probes(journal)
         say(f"\ninterrupted: {n} finished probe(s) are saved in {journal}. The same command "
