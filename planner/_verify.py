@@ -266,7 +266,7 @@ def _interleaved(ds: EvalSet, seed: int = 0) -> EvalSet:
     order = np.argsort(keys, kind="stable")
     sel = torch.as_tensor(order, device=ds.x.device)
     return EvalSet(ds.x.index_select(0, sel), ds.y.index_select(0, sel.to(ds.y.device)), ds.classes,
-                   dict(ds.description), ds.indices[order] if ds.indices is not None else None)
+                   dict(ds.description), ds.indices[order] if ds.indices is not None else None, ds.unreadable)
 
 
 def _clearly_worse(head: Measured, rival: Measured, higher_is_better: bool) -> dict[str, Any] | None:
@@ -275,7 +275,7 @@ def _clearly_worse(head: Measured, rival: Measured, higher_is_better: bool) -> d
     standard errors and :data:`TOLERANCE`: how much, with its standard error; else None."""
     from sensplan.sensitivity.tasks import paired_se
 
-    n = head.n
+    n = len(head.per_sample)
     theirs = rival.per_sample[:n]
     sign = 1.0 if higher_is_better else -1.0
     gap = sign * float((theirs.double() - head.per_sample.double()).mean())
@@ -348,7 +348,11 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
         "winner": {"name": winner["name"], "kind": winner["kind"]},
         "vs_best_uniform": None if best_uni is None else {
             "name": best_uni["name"], "drop": measured(best_uni).drop, "cost": best_uni["costs"].get(metric),
-            "advantage": measured(best_uni).drop - measured(winner).drop},
+            # a uniform candidate the race stopped was measured on the split's head only: its gap
+            # to the plan is the one on those samples
+            "advantage": (measured(best_uni).stopped or {}).get("worse_by",
+                                                              measured(best_uni).drop - measured(winner).drop),
+            **({"stopped_early": measured(best_uni).stopped} if measured(best_uni).stopped else {})},
         "vs_uniform_by_prediction": None if by_prediction is None else {
             "name": by_prediction["name"], "drop": measured(by_prediction).drop,
             "cost": by_prediction["costs"].get(metric),
@@ -562,10 +566,12 @@ def _verdict(pick: _Pick, cm: Costs, split: str, max_drop: float | None, metric:
     if abs(vs_best or 0.0) < 1e-12:
         return f"{winner['name']} ties with the best uniform ({best_uni['name']}) on the {where}"
     stopped = pick.measured(best_uni).stopped
+    if stopped:  # its drop is from the split's head: compare on the same samples
+        return (f"{winner['name']} wins: every uniform candidate was clearly worse on the first {stopped['samples']} "
+                f"samples of the {where}, where the race stopped them; the best of them ({best_uni['name']}) by "
+                f"{_pts(stopped['worse_by'])} (± {_pts(stopped['se'])})")
     return (f"{winner['name']} wins: {_pts(vs_best or 0.0)} better than the best uniform "
-            f"({best_uni['name']}) on the {where}"
-            + (f" (every uniform candidate was clearly worse on the first {stopped['samples']} samples, where "
-               f"the race stopped them)" if stopped else ""))
+            f"({best_uni['name']}) on the {where}")
 
 
 #: one-sided 95% quantile of the normal distribution

@@ -101,7 +101,9 @@ class PrefixCache:
     reports of it."""
 
     def __init__(self, model: nn.Module, bases: Sequence[torch.Tensor], check: torch.Tensor,
-                 limit_mb: float = 2048) -> None:
+                 limit_mb: float = 2048, *, spill_root: str | None = None, order_only: bool = False) -> None:
+        """``spill_root``: the folder to spill into (a temporary one by default); ``order_only``:
+        trace the model only to order probes (``position``), never run from a cut."""
         self.model = model
         self.limit = int(limit_mb * 2 ** 20)
         self.reason: str | None = None
@@ -110,15 +112,26 @@ class PrefixCache:
         self.entries: dict[tuple[Any, ...], _Entry] = {}
         self.in_memory = 0
         self.spill_dir: str | None = None
+        self.spill_root = spill_root
+        self.order_only = order_only
         self._bases = list(bases)
         self._check = check[:CHECK_SAMPLES]
+        self._check_values: dict[int, list[Any]] | None = None
         if self.limit <= 0:
             self.reason = "turned off (--cache-mb 0): every probe runs the whole model"
             return
         try:
             self._trace()
+            if order_only:
+                return
             self._snapshot()
-            self._check_values = self._values_at_every_cut(self._check)
+            for k in range(len(self._check), 0, -1):  # two samples, or one when two do not fit
+                self._check_values = self._values_at_every_cut(self._check[:k])
+                if self._check_values is not None:
+                    self._check = self._check[:k]
+                    break
+            else:
+                self.counts["probes unchecked (the check values exceed a quarter of --cache-mb)"] = 0
         except _Unusable as e:
             self.reason = str(e)
         except Exception as e:  # noqa: BLE001 - the user's model: anything torch.fx cannot follow
@@ -149,8 +162,12 @@ class PrefixCache:
         self.frees: list[list[Any]] = [[] for _ in self.nodes]
         for n, i in self.last_use.items():
             self.frees[i].append(n)
-        self.leaf_at = {str(n.target): i for i, n in enumerate(self.nodes) if n.op == "call_module"}
-        self.attr_at = {str(n.target): i for i, n in enumerate(self.nodes) if n.op == "get_attr"}
+        # the first node that calls a module (one may be called twice) or reads an attribute
+        self.leaf_at: dict[str, int] = {}
+        self.attr_at: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            if n.op in ("call_module", "get_attr"):
+                (self.leaf_at if n.op == "call_module" else self.attr_at).setdefault(str(n.target), i)
         self.output = next(i for i, n in enumerate(self.nodes) if n.op == "output")
         self._live_cache: dict[int, list[Any]] = {}
         if self.model._forward_hooks or self.model._forward_pre_hooks:
@@ -231,14 +248,14 @@ class PrefixCache:
 
     def _values_at_every_cut(self, x: torch.Tensor) -> dict[int, list[Any]] | None:
         """The live values of every cut for ``x`` (the check inputs), from one run of the original;
-        None when they would take more than a sixteenth of the cache."""
+        None when they would take more than a quarter of the cache."""
         out: dict[int, list[Any]] = {}
         copies: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}  # id -> (original, version, copy)
         total = 0
 
         def keep(env: dict[Any, Any], pos: int) -> None:
             nonlocal total
-            if self.nodes[pos].op in ("placeholder", "get_attr") or total > self.limit // 16:
+            if self.nodes[pos].op == "placeholder" or total > self.limit // 4:
                 return
             values = [env[n] for n in self.live(pos)]
             for t in _tensors(values):
@@ -250,7 +267,7 @@ class PrefixCache:
 
         with torch.no_grad():  # not inference mode: tensors made there have no version counter
             self._run(x, None, -1, keep)
-        return out if total <= self.limit // 16 else None
+        return out if total <= self.limit // 4 else None
 
     # -- what a probe changed --------------------------------------------------------------------
 
@@ -260,6 +277,16 @@ class PrefixCache:
         self.tensors = {n: (t, t.detach().clone()) for n, t in
                         [*self.model.named_parameters(), *self.model.named_buffers()]}
         self.global_hooks = _global_hooks()
+        # every name of a shared module or tensor (tied weights): a change shows under the first
+        self.aliases: dict[str, list[str]] = {}
+        seen: dict[int, str] = {}
+        for n, obj in [*self.model.named_modules(remove_duplicate=False),
+                       *self.model.named_parameters(remove_duplicate=False),
+                       *self.model.named_buffers(remove_duplicate=False)]:
+            first = seen.setdefault(id(obj), n)
+            self.aliases.setdefault(first, [first])
+            if n != first:
+                self.aliases[first].append(n)
 
     def _cut_now(self) -> int | None:
         """The graph position of the first node the model's current state changes (the output
@@ -279,23 +306,21 @@ class PrefixCache:
         touched.extend(n for n in self.tensors if n not in now)
         cut = self.output
         for name in touched:
-            i = self._node_of(name)
-            if i is None:
-                return None
-            cut = min(cut, i)
+            for alias in self.aliases.get(name, [name]):
+                i = self._node_of(alias)
+                if i is None:
+                    return None
+                cut = min(cut, i)
         return cut
 
     def _node_of(self, name: str) -> int | None:
-        """The node that runs ``name`` (a module or tensor FQN): a leaf module at or above it, or a
-        ``get_attr`` of it; None for anything else (the root, a module the trace went through)."""
-        if name in self.attr_at:
-            return self.attr_at[name]
+        """The first node that runs ``name`` (a module or tensor FQN): a leaf module at or above it,
+        or a ``get_attr`` of it; None for anything else (the root, a module the trace went through)."""
         parts = name.split(".") if name else []
-        for k in range(len(parts), 0, -1):
-            i = self.leaf_at.get(".".join(parts[:k]))
-            if i is not None:
-                return i
-        return None
+        found = [i for i in (self.attr_at.get(name),
+                             *(self.leaf_at.get(".".join(parts[:k])) for k in range(len(parts), 0, -1)))
+                 if i is not None]
+        return min(found) if found else None
 
     @contextmanager
     def probing(self) -> Iterator[None]:
@@ -312,11 +337,12 @@ class PrefixCache:
             self.cut = None
 
     def _checks(self, cut: int) -> bool:
-        values = self._check_values.get(cut) if self._check_values is not None else None
-        if values is None and self._check_values is not None and cut > 0:
-            return False
-        if values is None:  # not kept (too large): trust the placement
+        if self._check_values is None:  # the check values did not fit: the placement is trusted
+            self.counts["probes unchecked (the check values exceed a quarter of --cache-mb)"] += 1
             return True
+        values = self._check_values.get(cut)
+        if values is None:
+            return False
         with torch.inference_mode():
             return _same(self.model(self._check), self._run(self._check, (cut, values), None))
 
@@ -344,9 +370,8 @@ class PrefixCache:
         ptr = x.untyped_storage().data_ptr()
         for i, b in enumerate(self._bases):
             if b.untyped_storage().data_ptr() == ptr and b.dtype == x.dtype:
-                dev = x.device.type
                 return (i, x.storage_offset(), tuple(x.shape), tuple(x.stride()),
-                        torch.is_inference_mode_enabled(), torch.is_autocast_enabled(dev),
+                        torch.is_inference_mode_enabled(), _autocast(x.device.type),
                         tuple(n for n, m in self.model.named_modules() if m.training))
         return None
 
@@ -358,6 +383,7 @@ class PrefixCache:
         flat = [t for t in _tensors(values) if t.numel()]
         ptrs = {t.untyped_storage().data_ptr() for t in flat}
         if len(ptrs) < len({id(t) for t in flat}):  # views of one another: a copy would split them
+            self.counts["batches not cached (live values are views of one another)"] += 1
             return
         values = _clone(values, {})
         nbytes = sum(t.numel() * t.element_size() for t in flat)
@@ -366,16 +392,21 @@ class PrefixCache:
             self.entries[key] = _Entry(pos, values, None, nbytes)
             return
         if self.spill_dir is None:
-            self.spill_dir = tempfile.mkdtemp(prefix="sensplan-cache-")
+            self.spill_dir = tempfile.mkdtemp(prefix="sensplan-cache-", dir=self.spill_root)
         path = os.path.join(self.spill_dir, f"{len(self.entries)}-{abs(hash(key))}.pt")
-        torch.save(values, path)
+        try:
+            torch.save(values, path)
+        except Exception:  # noqa: BLE001 - a live value torch cannot save: that batch is not cached
+            self.counts["batches not cached (a live value cannot be saved)"] += 1
+            return
         self.counts["batches spilled to disk"] += 1
         self.entries[key] = _Entry(pos, None, path, nbytes)
 
     def _load(self, entry: _Entry) -> list[Any]:
         if entry.values is not None:
             return entry.values
-        return list(torch.load(str(entry.path), map_location=self._check.device, weights_only=True))
+        # our own file, written above: any Python value the graph passes along may be in it
+        return list(torch.load(str(entry.path), map_location=self._check.device, weights_only=False))
 
     def _drop(self, entry: _Entry) -> None:
         if entry.path is not None:
@@ -394,11 +425,19 @@ class PrefixCache:
     def record(self) -> dict[str, Any]:
         """What the scan reports: whether the cache ran, why not, and what it did."""
         return {"used": self.active, "reason": self.reason, "limit_mb": round(self.limit / 2 ** 20, 1),
+                **({"where": "in each worker (this process only ordered the probes)"} if self.order_only else {}),
                 **dict(sorted(self.counts.items()))}
 
 
 class _Unusable(Exception):
     pass
+
+
+def _autocast(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4 takes no device type
+        return bool(torch.is_autocast_enabled())
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -241,24 +241,27 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
     header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
     methods_info, todo = _probes_to_run(ctx, cfg)
-    cache = PrefixCache(model, [data_dev.x] + ([calib_dev.x] if calib_dev is not None else []),
-                        data_dev.x[: cfg.check_samples], cfg.cache_mb)
-    cached = CachedModel(model, cache) if cache.active else model
+    spread_out = workers > 1 or ray is not None
+    # with workers, this process only orders the probes: each worker has a cache of its own
+    prober, cache = measuring(ctx, task, state, base, cfg, reference, dtype, order_only=spread_out)
     estimator = runner = None
     spread: dict[str, Any] | None = None
+    spill_root = None
     if cfg.fast:
         fisher = fisher_diagonal(model, ctx.calibration_inputs(cfg.fast_samples), seed=0)
         estimator = ProbeEstimator(model, fisher)
     try:
-        prober = Prober(ctx, lambda: task.evaluate(cached, data_dev, state, cfg.batch_size, dev, dtype),
-                        lambda ev, method, unit, setting, seconds: _row(
-                            task.metric, base, ev, method, ctx, unit, setting, seconds),
-                        calib_dev, reference, cache)
-        if workers > 1 or ray is not None:
+        if spread_out:
+            import tempfile
+
             from sensplan.sensitivity import _workers
 
-            p = _workers.payload(model, model_spec, data, calib if reference else None, cfg, base, dev, dtype,
-                                 _workers.threads_per_worker(workers), todo)
+            # local workers spill into a folder of this process's, removed at the end whatever they did
+            spill_root = None if ray is not None else tempfile.mkdtemp(prefix="sensplan-workers-")
+            pinned = device is not None and torch.device(device).index is not None
+            p = _workers.payload(model, model_spec, data, calib if reference else None, cfg, base,
+                                 dev if pinned or dev.type != "cuda" else torch.device("cuda"), dtype,
+                                 _workers.threads_per_worker(workers), todo, spill_root)
             runner = _workers.RayRunner(p, workers, ray or None) if ray is not None else \
                 _workers.ProcessRunner(p, workers)
         results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress, prober,
@@ -267,6 +270,10 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
         if runner is not None:
             spread = _workers.describe(runner, workers, ray)
             runner.close()
+        if spill_root is not None:
+            import shutil
+
+            shutil.rmtree(spill_root, ignore_errors=True)
         cache.close()
         model.train(was_training)
     return Scan({
@@ -340,6 +347,26 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
     return info, todo
 
 
+def measuring(ctx: MethodContext, task: Task, state: Any, base: TaskResult, cfg: ScanConfig, reference: Any,
+              dtype: torch.dtype | None, *, order_only: bool = False, spill_root: str | None = None
+              ) -> tuple[Prober, PrefixCache]:
+    """The prober of a scan (or of one of its workers): the task evaluates the model through its
+    prefix cache, on ``ctx``'s data; rows are computed against ``base``."""
+    data, calib, dev = ctx.eval_data, ctx.calib, ctx.device
+    if data is None:  # pragma: no cover - a scan's context always has its data
+        raise ValueError("no evaluation data")
+    cache = PrefixCache(ctx.model, [data.x] + ([calib.x] if calib is not None else []),
+                        data.x[: cfg.check_samples], cfg.cache_mb, order_only=order_only, spill_root=spill_root)
+    cached = CachedModel(ctx.model, cache) if cache.active and not order_only else ctx.model
+    prober = Prober(ctx, lambda: task.evaluate(cached, data, state, cfg.batch_size, dev, dtype),
+                    lambda ev, method, unit, setting, seconds: _row(
+                        task.metric, base, ev, method, ctx, unit, setting, seconds),
+                    calib, reference, cache if not order_only else None)
+    if order_only and cache.active:
+        prober.orderer = cache
+    return prober, cache
+
+
 class Prober:
     """Measures one probe in this process: perturb, recalibrate BatchNorm (against ``reference``,
     on ``calib``), evaluate with the task, restore; through the prefix ``cache`` when it is on."""
@@ -349,6 +376,8 @@ class Prober:
         self.ctx, self.evaluate, self.row_of = ctx, evaluate, row_of
         self.calib, self.reference = calib, reference
         self.cache = cache if cache is not None and cache.active else None
+        #: the cache whose trace orders the probes (the prober's own, or one that only orders)
+        self.orderer: PrefixCache | None = self.cache
 
     def measure(self, method: Method, unit: str, setting: Setting) -> dict[str, Any]:
         t = time.perf_counter()
@@ -362,9 +391,9 @@ class Prober:
 
     def order(self, todo: Sequence[tuple[Method, str, Setting]], indices: Sequence[int]) -> list[int]:
         """``indices`` (into ``todo``) in the order of where the probes cut the model."""
-        if self.cache is None:
+        if self.orderer is None:
             return list(indices)
-        cache = self.cache
+        cache = self.orderer
         return sorted(indices, key=lambda i: cache.position(_unit_modules(self.ctx, todo[i][0], todo[i][1])))
 
     def run(self, todo: Sequence[tuple[Method, str, Setting]], indices: Sequence[int]

@@ -49,10 +49,12 @@ class Payload:
     threads: int
     probes: list[tuple[str, str, str]]
     methods: dict[str, type] = field(default_factory=dict)
+    spill_root: str | None = None
 
 
 def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: Any, base: Any,
-            device: torch.device, dtype: torch.dtype | None, threads: int, todo: Sequence[Any]) -> Payload:
+            device: torch.device, dtype: torch.dtype | None, threads: int, todo: Sequence[Any],
+            spill_root: str | None = None) -> Payload:
     """The payload of ``model`` (on the CPU): rebuilt from ``model_spec`` with its current weights,
     or pickled whole when there is no spec (its class must be importable)."""
     from sensplan.sensitivity._scan import _setting_key
@@ -75,7 +77,7 @@ def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: An
     methods = {n: type(METHODS.get(n)) for n in names}
     return Payload(model_spec, state, module, data.to("cpu"), calib.to("cpu") if calib is not None else None,
                    config, base, str(device), dtype, threads,
-                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods)
+                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods, spill_root)
 
 
 class _Worker:
@@ -84,8 +86,7 @@ class _Worker:
     def __init__(self, p: Payload, rank: int = 0) -> None:
         from sensplan.sensitivity._eval import batchnorm_statistics
         from sensplan.sensitivity._models import build_model
-        from sensplan.sensitivity._prefix import CachedModel, PrefixCache
-        from sensplan.sensitivity._scan import Prober, _probes_to_run, _row, _scan_context, _setting_key
+        from sensplan.sensitivity._scan import _probes_to_run, _scan_context, _setting_key, measuring
         from sensplan.sensitivity.methods import METHODS
         from sensplan.sensitivity.tasks import get_task
 
@@ -111,43 +112,50 @@ class _Worker:
         reference = batchnorm_statistics(model, calib) if calib is not None else {}
         _, todo = _probes_to_run(ctx, cfg)
         if [(m.name, u, _setting_key(s)) for m, u, s in todo] != p.probes:
-            raise RuntimeError("a worker found other probes than the main process: the model or a method "
-                               "is not deterministic")
-        self.cache = PrefixCache(model, [data.x] + ([calib.x] if calib is not None else []),
-                                 data.x[: cfg.check_samples], cfg.cache_mb)
-        cached = CachedModel(model, self.cache) if self.cache.active else model
-        base = p.base
+            raise RuntimeError("a scan worker found other probes than the main process: the model or a method "
+                               "is not deterministic. Run without --workers.")
         self.todo = todo
-        self.prober = Prober(ctx, lambda: task.evaluate(cached, data, state, cfg.batch_size, dev, p.dtype),
-                             lambda ev, method, unit, setting, seconds: _row(
-                                 task.metric, base, ev, method, ctx, unit, setting, seconds),
-                             calib, reference, self.cache)
+        self.prober, self.cache = measuring(ctx, task, state, p.base, cfg, reference, p.dtype,
+                                            spill_root=p.spill_root)
 
     def run(self, indices: Sequence[int]) -> list[tuple[int, dict[str, Any]]]:
         return list(self.prober.run(self.todo, indices))
 
 
+class WorkerStartError(RuntimeError):
+    """A worker could not set itself up (not retried: every worker would fail the same way)."""
+
+
 _WORKER: _Worker | None = None
+_START_ERROR: str = ""
+
+
+def _start_error(e: BaseException) -> str:
+    return f"a scan worker could not start: {type(e).__name__}: {first_line(e, 500)}"
 
 
 def _init(p: Payload, counter: Any) -> None:
-    global _WORKER
+    global _WORKER, _START_ERROR
     with counter.get_lock():
         rank = int(counter.value)
         counter.value += 1
-    _WORKER = _Worker(p, rank)
+    try:
+        _WORKER = _Worker(p, rank)
+    except Exception as e:  # noqa: BLE001 - said by the first chunk, not as a dead pool
+        _START_ERROR = _start_error(e)
 
 
 def _chunk(indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
-    if _WORKER is None:  # pragma: no cover - the pool's initializer sets it
-        raise RuntimeError("worker not initialised")
+    if _WORKER is None:
+        raise WorkerStartError(_START_ERROR or "a scan worker did not start")
     return _WORKER.run(indices)
 
 
 def chunks(indices: Sequence[int], workers: int) -> list[list[int]]:
-    """``indices`` (in cut order) in consecutive chunks: about four per worker, so that a slow chunk
-    does not hold the scan up, and each worker's cuts still move forward."""
-    size = max(1, math.ceil(len(indices) / (4 * workers)))
+    """``indices`` (in cut order) in consecutive chunks: about sixteen per worker, so that a slow
+    chunk does not hold the scan up, Ctrl-C loses little (rows reach the journal as chunks finish),
+    and each worker's cuts still move forward."""
+    size = max(1, math.ceil(len(indices) / (16 * workers)))
     return [list(indices[i:i + size]) for i in range(0, len(indices), size)]
 
 
@@ -181,7 +189,9 @@ class ProcessRunner:
             futures = {self.pool.submit(_chunk, c): k for k, c in enumerate(todo)}
             left = dict(enumerate(todo))
             broken = False
+            running: set[int] = set()  # the chunks being measured when a worker died
             while futures:
+                running = {k for f, k in futures.items() if f.running()}
                 done, _ = wait(futures, return_when=FIRST_COMPLETED)
                 for f in done:
                     k = futures.pop(f)
@@ -196,12 +206,13 @@ class ProcessRunner:
             if broken:
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = None
-                for c in todo:
-                    tries[c[0]] = tries.get(c[0], 0) + 1
-                    if tries[c[0]] > RETRIES:
+                for k in running & set(left):
+                    first = left[k][0]
+                    tries[first] = tries.get(first, 0) + 1
+                    if tries[first] > RETRIES:
                         raise RuntimeError(f"a scan worker died {RETRIES + 1} times on the same probes; run "
                                            f"without --workers to see why")
-                self.retried += len(todo)
+                self.retried += len(running & set(left))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -221,20 +232,26 @@ class RayRunner:
                                  "ray). Or use --workers N for processes on this machine.") from None
         self.ray = ray
         self.started = False
+        self.actors: list[Any] = []
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=False)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=workers * max(1, p.threads), include_dashboard=False, log_to_driver=False)
             self.started = True
-        # on CUDA, the cluster's GPUs shared out: one each while there are enough, else evenly
-        have = float(ray.cluster_resources().get("GPU", 0)) if p.device.startswith("cuda") else 0.0
-        gpus = min(1.0, have / workers) if have else 0
-        self.actor_class = ray.remote(num_cpus=max(1, p.threads), num_gpus=gpus, max_restarts=0)(_RayWorker)
-        self.ref = ray.put(p)
-        self.workers = workers
-        self.actors = [self._actor() for _ in range(workers)]
-        self.retried = 0
+        try:
+            # on CUDA, the cluster's G GPUs shared out evenly: 1 / ceil(N / G) of one each
+            have = int(ray.cluster_resources().get("GPU", 0)) if p.device.startswith("cuda") else 0
+            gpus = 1.0 / math.ceil(workers / have) if have else 0
+            cpus = max(1, p.threads) if not address else 1  # a cluster's machines set their own threads
+            self.actor_class = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0)(_RayWorker)
+            self.ref = ray.put(p)
+            self.workers = workers
+            self.actors = [self._actor() for _ in range(workers)]
+            self.retried = 0
+        except BaseException:
+            self.close()
+            raise
 
     def _actor(self) -> Any:
         return self.actor_class.remote(self.ref)  # type: ignore[attr-defined]
@@ -255,6 +272,8 @@ class RayRunner:
                 slot, k, c = busy.pop(ref)
                 try:
                     rows = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # raised inside the worker: said, not retried
+                    raise e.as_instanceof_cause() from None
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                     tries[k] = tries.get(k, 0) + 1
                     if tries[k] > RETRIES:
@@ -268,19 +287,36 @@ class RayRunner:
                 free.append(slot)
 
     def close(self) -> None:
-        for a in self.actors:
-            self.ray.kill(a)
+        if self.actors:
+            try:  # let each actor remove what its cache spilled, then stop it
+                self.ray.get([a.close.remote() for a in self.actors], timeout=30)
+            except Exception:  # noqa: BLE001 - a dead actor has nothing left to remove
+                pass
+            for a in self.actors:
+                self.ray.kill(a)
         self.actors = []
         if self.started:
             self.ray.shutdown()
+            self.started = False
 
 
 class _RayWorker:
     def __init__(self, p: Payload) -> None:
-        self.worker = _Worker(p)
+        self.worker: _Worker | None = None
+        self.error = ""
+        try:
+            self.worker = _Worker(p)
+        except Exception as e:  # noqa: BLE001 - said by the first chunk, not as a dead actor
+            self.error = _start_error(e)
 
     def run(self, indices: list[int]) -> list[tuple[int, dict[str, Any]]]:
+        if self.worker is None:
+            raise WorkerStartError(self.error)
         return self.worker.run(indices)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.cache.close()
 
 
 def threads_per_worker(workers: int, threads: int | None = None) -> int:

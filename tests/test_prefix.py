@@ -247,3 +247,39 @@ def test_cache_mb_must_not_be_negative():
 
     with pytest.raises(UserInputError, match="--cache-mb"):
         ScanConfig(cache_mb=-1)
+
+
+class SharedTwice(nn.Module):
+    """One Linear called twice, and a tied head: a change to either shows at its first use."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.shared = nn.Linear(16, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 16, bias=False)
+        self.head.weight = self.mid.weight  # tied
+
+    def forward(self, x):
+        h = torch.relu(self.shared(torch.relu(self.inp(x.flatten(1)))))
+        h = torch.relu(self.mid(h))
+        return self.head(torch.relu(self.shared(h)))
+
+
+def test_a_module_called_twice_or_a_tied_weight_cuts_at_its_first_use():
+    torch.manual_seed(0)
+    model = SharedTwice().eval()
+    data = labelled(model, torch.randn(80, 3, 2, 2))
+    cache = PrefixCache(model, [data.x], data.x[:4])
+    assert cache.active
+    first_shared = min(i for i, n in enumerate(cache.nodes) if n.target == "shared")
+    first_mid = min(i for i, n in enumerate(cache.nodes) if n.target == "mid")
+    with torch.no_grad():
+        model.shared.weight.mul_(0.5)
+        assert cache._cut_now() == first_shared
+        model.shared.weight.mul_(2.0)
+        model.head.weight.mul_(0.5)  # the tied weight: mid uses it before head does
+        assert cache._cut_now() == first_mid
+        model.head.weight.mul_(2.0)
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant", "act_quant"], batch_size=40))
+    assert on == off and record.get("probes run in full", 0) == 0

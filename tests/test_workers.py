@@ -152,3 +152,38 @@ def test_a_local_ray_cluster_with_two_workers_gives_the_single_process_table(one
     spread = scan(model, data, CFG, calib=calib, model_spec=SPEC, progress=False, workers=2, ray="")
     assert rows(spread) == rows(single)
     assert spread.data["provenance"]["workers"]["backend"] == "ray"
+
+
+class NotTheSameHere(WeightMethod):
+    """Scans one more layer in a worker process than in the main one: workers must refuse."""
+
+    name = "not_the_same_here"
+    axis = "weight"
+    stage = 30
+    default_settings = ({"k": 1},)
+    setting_key = "k"
+
+    def check_setting(self, setting):
+        return {"k": 1}
+
+    def label(self, setting):
+        return "k"
+
+    def effect(self, setting, unit):
+        return {"weight_bits": 8}
+
+    def units(self, ctx, settings):
+        names = sorted(ctx.layers)
+        main = os.environ.get("SENSPLAN_TEST_MAIN") == str(os.getpid())
+        return {n: "" for n in (names[:1] if main else names[:2])}
+
+    def transform(self, ctx, layer, w, setting):
+        return w
+
+
+def test_a_worker_that_cannot_start_says_why_and_is_not_retried():
+    model, data, calib = setup()
+    with registered(NotTheSameHere), main_pid():
+        cfg = ScanConfig({"not_the_same_here": [{"k": 1}]}, batch_size=48)
+        with pytest.raises(RuntimeError, match="could not start.*other probes than the main process"):
+            scan(model, data, cfg, calib=calib, model_spec=SPEC, progress=False, workers=2)
