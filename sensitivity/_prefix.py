@@ -114,6 +114,7 @@ class PrefixCache:
         self.spill_dir: str | None = None
         self.spill_root = spill_root
         self.order_only = order_only
+        self.output = 0
         self._bases = list(bases)
         self._check = check[:CHECK_SAMPLES]
         self._check_values: dict[int, list[Any]] | None = None
@@ -331,6 +332,16 @@ class PrefixCache:
             cut = None
         self.counts["probes run from a cut" if cut is not None else "probes run in full"] += 1
         self.cut = cut
+        try:
+            yield
+        finally:
+            self.cut = None
+
+    @contextmanager
+    def unchanged(self) -> Iterator[None]:
+        """Outside any probe: cache what reaches the output, so that a second pass over the same
+        batches (the task's reference, then the baseline) does not run the model again."""
+        self.cut = self.output if self.active and not self.order_only else None
         try:
             yield
         finally:

@@ -235,15 +235,19 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     was_training = model.training
     model.eval()
     check_model_and_data(model, data_dev, task, dev, dtype)
-    state = task.prepare(model, data_dev, cfg.batch_size, dev, dtype)
-    base = task.evaluate(model, data_dev, state, cfg.batch_size, dev, dtype)
+    spread_out = workers > 1 or ray is not None
+    # with workers, this process only orders the probes: each worker has a cache of its own
+    cache = _prefix_cache(model, data_dev, calib_dev, cfg, order_only=spread_out)
+    # the task's reference and the baseline run the same forward pass: once, through the cache
+    runs = CachedModel(model, cache) if cache.active and not spread_out else model
+    with cache.unchanged():
+        state = task.prepare(runs, data_dev, cfg.batch_size, dev, dtype)
+        base = task.evaluate(runs, data_dev, state, cfg.batch_size, dev, dtype)
     ctx = _scan_context(model, data_dev, calib_dev, cfg, dev)
     reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
     header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)
     methods_info, todo = _probes_to_run(ctx, cfg)
-    spread_out = workers > 1 or ray is not None
-    # with workers, this process only orders the probes: each worker has a cache of its own
-    prober, cache = measuring(ctx, task, state, base, cfg, reference, dtype, order_only=spread_out)
+    prober, cache = measuring(ctx, task, state, base, cfg, reference, dtype, cache=cache)
     estimator = runner = None
     spread: dict[str, Any] | None = None
     spill_root = None
@@ -347,16 +351,23 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
     return info, todo
 
 
+def _prefix_cache(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: ScanConfig, *,
+                  order_only: bool = False, spill_root: str | None = None) -> PrefixCache:
+    return PrefixCache(model, [data.x] + ([calib.x] if calib is not None else []), data.x[: cfg.check_samples],
+                       cfg.cache_mb, order_only=order_only, spill_root=spill_root)
+
+
 def measuring(ctx: MethodContext, task: Task, state: Any, base: TaskResult, cfg: ScanConfig, reference: Any,
-              dtype: torch.dtype | None, *, order_only: bool = False, spill_root: str | None = None
+              dtype: torch.dtype | None, *, cache: PrefixCache | None = None, spill_root: str | None = None
               ) -> tuple[Prober, PrefixCache]:
     """The prober of a scan (or of one of its workers): the task evaluates the model through its
-    prefix cache, on ``ctx``'s data; rows are computed against ``base``."""
+    prefix ``cache`` (built here when None), on ``ctx``'s data; rows are computed against ``base``."""
     data, calib, dev = ctx.eval_data, ctx.calib, ctx.device
     if data is None:  # pragma: no cover - a scan's context always has its data
         raise ValueError("no evaluation data")
-    cache = PrefixCache(ctx.model, [data.x] + ([calib.x] if calib is not None else []),
-                        data.x[: cfg.check_samples], cfg.cache_mb, order_only=order_only, spill_root=spill_root)
+    if cache is None:
+        cache = _prefix_cache(ctx.model, data, calib, cfg, spill_root=spill_root)
+    order_only = cache.order_only
     cached = CachedModel(ctx.model, cache) if cache.active and not order_only else ctx.model
     prober = Prober(ctx, lambda: task.evaluate(cached, data, state, cfg.batch_size, dev, dtype),
                     lambda ev, method, unit, setting, seconds: _row(
