@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,29 @@ def resnet20_files(shared: str) -> tuple[Path, Path] | None:
         print(f"skipped: {shared} has no ResNet-20 weights or CIFAR-10 JPEG test set")
         return None
     return weights, test_dir
+
+
+def cifar_test_dir(shared: str | Path) -> Path | None:
+    """The CIFAR-10 JPEG test folder in ``shared``, or None (said so)."""
+    test_dir = Path(shared) / "data" / "cifar10-jpg" / "test"
+    if not test_dir.is_dir():
+        print(f"skipped: {shared} has no CIFAR-10 JPEG test set")
+        return None
+    return test_dir
+
+
+def cifar_resnets(shared: str | Path, names: str) -> Iterator[tuple[str, Path, Any, Any]]:
+    """Each CIFAR ResNet of ``names`` (``"resnet20,resnet56"``) that ``shared`` has: (name, weights
+    file, spec, model); one it lacks is said so and skipped."""
+    from sensplan.sensitivity import ModelSpec, load_model
+
+    for name in names.split(","):
+        weights = Path(shared) / "models" / "cifar10" / f"{name}_jpeg.pt"
+        if not weights.is_file():
+            print(f"\n{name}: skipped, no {weights}")
+            continue
+        spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:{name}")
+        yield name, weights, spec, load_model(spec, weights)
 
 
 def cifar_splits(test_dir: Path, samples: int = 2000, calib_samples: int = 500) -> tuple[Any, Any, Any, Any]:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ROOT, cifar_splits  # noqa: E402
+from _shared import ROOT, cifar_resnets, cifar_splits, cifar_test_dir  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,macs=0.7,macs=0.5"
 COMPARED = ("score", "loss", "drop", "drop_se", "lost", "gained", "loss_increase", "signals")
@@ -49,24 +49,16 @@ def main() -> int:
     ap.add_argument("--parts", default="speed,spearman,verify,workers")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    shared = Path(args.shared)
-    test_dir = shared / "data" / "cifar10-jpg" / "test"
-    if not test_dir.is_dir():
-        print(f"skipped: {shared} has no CIFAR-10 JPEG test set")
+    test_dir = cifar_test_dir(args.shared)
+    if test_dir is None:
         return 0
-    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
+    from sensplan.sensitivity import DataSpec, load_eval_set
 
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     sample, calib, held, _ = cifar_splits(test_dir)
     everything = load_eval_set(DataSpec.parse(str(test_dir)), None, seed=0)
     print(f"full set: {len(everything)} images")
-    for name in args.models.split(","):
-        weights = shared / "models" / "cifar10" / f"{name}_jpeg.pt"
-        if not weights.is_file():
-            print(f"\n{name}: skipped, no {weights}")
-            continue
-        spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:{name}")
-        model = load_model(spec, weights)
+    for name, _, spec, model in cifar_resnets(args.shared, args.models):
         print(f"\n== {name} ==")
         table = _scan_speed(name, model, sample, calib, everything, name in args.uncached.split(","),
                             "speed" in parts)

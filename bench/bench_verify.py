@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ROOT, best_uniform, cifar_splits  # noqa: E402
+from _shared import ROOT, best_uniform, cifar_resnets, cifar_splits, cifar_test_dir  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,macs=0.7,macs=0.5"
 NOISE = 0.002  # 0.2 points
@@ -50,25 +50,17 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache", help="keep each model's scan (and its journal) here and reuse it")
     args = ap.parse_args()
-    shared = Path(args.shared)
-    test_dir = shared / "data" / "cifar10-jpg" / "test"
-    if not test_dir.is_dir():
-        print(f"skipped: {shared} has no CIFAR-10 JPEG test set")
+    test_dir = cifar_test_dir(args.shared)
+    if test_dir is None:
         return 0
 
     from sensplan.planner import Budget, Verifier, make_plan
-    from sensplan.sensitivity import ModelSpec, ScanConfig, load_model, scan
+    from sensplan.sensitivity import ScanConfig, scan
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     sample, calib, held, test = cifar_splits(test_dir)
     summary = []
-    for name in args.models.split(","):
-        weights = shared / "models" / "cifar10" / f"{name}_jpeg.pt"
-        if not weights.is_file():
-            print(f"\n{name}: skipped, no {weights}")
-            continue
-        spec = ModelSpec(f"{ROOT / 'examples' / 'cifar_resnet.py'}:{name}")
-        model = load_model(spec, weights)
+    for name, weights, spec, model in cifar_resnets(args.shared, args.models):
         cache = Path(args.cache) if args.cache else None
         t = time.perf_counter()
         journal = (cache / f"{name}.scan.json.journal") if cache else None
