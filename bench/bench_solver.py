@@ -10,7 +10,7 @@ variables, nonzeros) and the solver's wall time per budget, median of ``--repeat
   asymmetric, group-wise 64, both), sparsity (5 ratios) and half: the large layer menus that
   mixed precision plans choose from.
 
-    python bench/bench_solver.py [--models resnet20,resnet56] [--budgets size=0.1,macs=0.5] [--repeat 3]
+    python bench/bench_solver.py [--models resnet20,resnet56] [--budgets size=0.1,macs=0.5] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main() -> int:
     ap.add_argument("--models", default="resnet20,resnet56")
     ap.add_argument("--menus", default="default,formats")
     ap.add_argument("--budgets", default="size=0.156,size=0.1,macs=0.5")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
     test_dir = cifar_test_dir(args.shared)
     if test_dir is None:
