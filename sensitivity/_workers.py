@@ -6,7 +6,8 @@ probes in the same order: checked), and measures the probes it is given in chunk
 where they cut the model, so that its own prefix cache (``_prefix``) moves forward. The main
 process keeps the only journal: it appends each row as a chunk comes back, so a killed scan
 resumes as a single-process one does. A chunk whose worker died is given to a fresh worker (twice
-at most); the table is the single-process scan's.
+at most); the table is the single-process scan's (up to float rounding when the workers run
+with fewer torch threads than the single process would).
 
 Local workers are spawned processes (``torch.multiprocessing``, so tensors travel through shared
 memory); each uses ``threads`` torch threads. On Ray, each worker is an actor (``num_gpus`` of a GPU
