@@ -207,13 +207,17 @@ class ProcessRunner:
             if broken:
                 self.pool.shutdown(wait=False, cancel_futures=True)
                 self.pool = None
-                for k in running & set(left):
+                # the chunks seen running when it broke; all that are left when none was seen yet
+                # (a future is marked running a moment after it is submitted), so that every break
+                # counts against some chunk and a chunk that always kills its worker ends the scan
+                charged = (running & set(left)) or set(left)
+                for k in charged:
                     first = left[k][0]
                     tries[first] = tries.get(first, 0) + 1
                     if tries[first] > RETRIES:
                         raise RuntimeError(f"a scan worker died {RETRIES + 1} times on the same probes; run "
                                            f"without --workers to see why")
-                self.retried += len(running & set(left))
+                self.retried += len(charged)
 
     def close(self) -> None:
         if self.pool is not None:
