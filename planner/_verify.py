@@ -131,15 +131,17 @@ class Verifier:
             return
         from sensplan.sensitivity import get_task
 
-        task = get_task(task_name)
-        self._base = {"task": task}
+        self._base = {"task": get_task(task_name)}
         for split, ds in (("sample", self.data), ("held", self.held), ("report", self.report)):
-            if ds is None:
-                continue
-            state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
-            self._base[split] = (ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device,
-                                                          self.dtype))
+            if ds is not None:
+                self._base[split] = self._original_on(ds)
         self._task_name = task_name
+
+    def _original_on(self, ds: EvalSet) -> tuple[EvalSet, Any, Any]:
+        """``ds``, the task's state for it and the original model's result on it."""
+        task = self._base["task"]
+        state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
+        return ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device, self.dtype)
 
     def baseline(self, task_name: str) -> dict[str, float]:
         self._prepare(task_name)
@@ -214,11 +216,7 @@ class Verifier:
 
         task = self._base["task"]
         if split not in self._base:
-            whole, _, _ = self._base[split.split(":")[0]]
-            ds = _head(whole)
-            state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
-            self._base[split] = (ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device,
-                                                          self.dtype))
+            self._base[split] = self._original_on(_head(self._base[split.split(":")[0]][0]))
         ds, state, base = self._base[split]
         ev = task.evaluate(module, ds, state, self.batch_size, self.device, self.dtype)
         se = 0.0

@@ -150,7 +150,6 @@ class PrefixCache:
 
         gm = fx.symbolic_trace(self.model)
         self.nodes = list(gm.graph.nodes)
-        self.index = {n: i for i, n in enumerate(self.nodes)}
         holders = [n for n in self.nodes if n.op == "placeholder"]
         if not holders or any(not n.args for n in holders[1:]):
             raise _Unusable("the model's forward takes more than one input: every probe runs the whole model")
@@ -190,9 +189,9 @@ class PrefixCache:
     def position(self, modules: Iterable[str]) -> int:
         """Where a probe of these modules (FQNs) will probably cut: the first graph node that runs
         one of them or something inside; the end when none does (for ordering probes)."""
-        best = len(self.nodes) if self.active else 0
         if not self.active:
-            return best
+            return 0
+        best = len(self.nodes)
         for name in modules:
             pre = name + "."
             for target, i in self.leaf_at.items():
@@ -372,8 +371,6 @@ class PrefixCache:
             return self._run(x, start, None)
         self.counts["batches cached"] += 1
         return self._run(x, start, cut, lambda env, _: self._store(key, cut, env))
-
-    __call__ = forward
 
     def _key(self, x: Any) -> tuple[Any, ...] | None:
         if not isinstance(x, torch.Tensor):

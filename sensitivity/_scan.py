@@ -372,23 +372,22 @@ def measuring(ctx: MethodContext, task: Task, state: Any, base: TaskResult, cfg:
     prober = Prober(ctx, lambda: task.evaluate(cached, data, state, cfg.batch_size, dev, dtype),
                     lambda ev, method, unit, setting, seconds: _row(
                         task.metric, base, ev, method, ctx, unit, setting, seconds),
-                    calib, reference, cache if not order_only else None)
-    if order_only and cache.active:
-        prober.orderer = cache
+                    calib, reference, cache)
     return prober, cache
 
 
 class Prober:
     """Measures one probe in this process: perturb, recalibrate BatchNorm (against ``reference``,
-    on ``calib``), evaluate with the task, restore; through the prefix ``cache`` when it is on."""
+    on ``calib``), evaluate with the task, restore; through the prefix ``cache`` when it is on (a
+    cache that only orders probes, ``order_only``, orders them and runs nothing)."""
 
     def __init__(self, ctx: MethodContext, evaluate: Any, row_of: Any, calib: EvalSet | None, reference: Any,
                  cache: PrefixCache | None = None) -> None:
         self.ctx, self.evaluate, self.row_of = ctx, evaluate, row_of
         self.calib, self.reference = calib, reference
-        self.cache = cache if cache is not None and cache.active else None
-        #: the cache whose trace orders the probes (the prober's own, or one that only orders)
-        self.orderer: PrefixCache | None = self.cache
+        #: the cache whose trace orders the probes, and the one probes run through
+        self.orderer = cache if cache is not None and cache.active else None
+        self.cache = self.orderer if self.orderer is not None and not self.orderer.order_only else None
 
     def measure(self, method: Method, unit: str, setting: Setting) -> dict[str, Any]:
         t = time.perf_counter()

@@ -99,8 +99,8 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                         "it they are written to a temporary folder. Default 2048; 0 turns reuse off")
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="measure the probes on N local worker processes, each holding the model and the data "
-                        "once and using its share of the cores (the table is the same as with one process; "
-                        "see docs/scale.md)")
+                        "once and using its share of the cores (the same table as one process, up to float "
+                        "rounding when the workers run fewer threads; see docs/scale.md)")
     g.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="measure the probes on --workers Ray actors instead: on a Ray started here, or on the "
                         "running cluster at ADDRESS (e.g. auto or ray://head:10001). Needs the ray extra: "
