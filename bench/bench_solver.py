@@ -47,10 +47,13 @@ def main() -> int:
     ap.add_argument("--menus", default="default,formats")
     ap.add_argument("--budgets", default="size=0.156,size=0.1,macs=0.5")
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--tables", default="", help="a folder to keep the fast scans' tables in and reuse them "
+                    "from (the solver's inputs; the scan is not what this bench times)")
     args = ap.parse_args()
     test_dir = cifar_test_dir(args.shared)
     if test_dir is None:
         return 0
+    from sensplan._tables import Scan
     from sensplan.planner import Budget, Costs
     from sensplan.planner._solver import _Problem, solve
     from sensplan.sensitivity import ScanConfig, scan
@@ -60,8 +63,15 @@ def main() -> int:
     for name, _, _, model in cifar_resnets(args.shared, args.models):
         for menu in args.menus.split(","):
             t = time.perf_counter()
-            table = scan(model, sample, ScanConfig(MENUS[menu], fast=True, fast_samples=256), calib=calib,
-                         progress=False)
+            kept = Path(args.tables) / f"{name}-{menu}.scan.json" if args.tables else None
+            if kept is not None and kept.exists():
+                table = Scan.load(kept)
+            else:
+                table = scan(model, sample, ScanConfig(MENUS[menu], fast=True, fast_samples=256), calib=calib,
+                             progress=False)
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    table.save(kept)
             scan_s = time.perf_counter() - t
             cm = Costs(table)
             p = _Problem(cm)

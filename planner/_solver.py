@@ -116,26 +116,206 @@ def _fmt(metric: str, v: float) -> str:
     return f"{v:.4g}"
 
 
+#: a coupled term whose table has at most this many entries is linearised over the product of its
+#: factors' options (exact, and its LP relaxation is the convex hull); a larger one as a tensor train
+DENSE_MAX = 64
+#: a chain starts with a z-block over its first two factors where their product is at most this
+PAIR_MAX = 1024
+
+
+@dataclass
+class _Chain:
+    """The coupled terms over one factor tuple, every metric at once, as a tensor train.
+
+    The stacked table ``T[o1, ..., ok, m]`` (each metric divided by ``scale[m]``) equals
+    ``G1[o1] @ G2[o2] @ ... @ Gk[ok]``, with cores ``Gj`` of shape ``(n_j, r_{j-1}, r_j)`` (``r_0 = 1``,
+    ``r_k`` = the metrics), from exact truncated SVDs (ranks cut at singular values below 1e-12 of
+    the largest, then checked against the table). The MILP carries the partial products: the state
+    ``s_1 = Σ_o G1[o] x1[o]`` is linear in the first factor's choice, and for ``j >= 2`` continuous
+    ``w[a, o] = s_{j-1}[a] · xj[o]`` with ``Σ_o w[a, o] = s_{j-1}[a]`` and
+    ``lo[a] · xj[o] <= w[a, o] <= hi[a] · xj[o]`` (``lo``/``hi``: the state's exact range over all
+    option combinations). With binary ``x`` only the chosen option's ``w`` is non-zero and it equals
+    the state, so the product is exact; the variables grow with Σ r·n instead of Π n.
+    """
+
+    factors: tuple[int, ...]
+    head: int  # the first core is over the product of the first ``head`` factors (a z-block if 2)
+    cores: list[np.ndarray]
+    lows: list[np.ndarray]  # per step j >= 2: the range of s_{j-1}
+    highs: list[np.ndarray]
+    offsets: list[int]  # per step j >= 2: the first w column (set by the problem)
+
+    @property
+    def n_vars(self) -> int:
+        return sum(c.shape[0] * c.shape[1] for c in self.cores[1:])
+
+    @staticmethod
+    def build(factors: tuple[int, ...], head: int, table: np.ndarray) -> _Chain | None:
+        """The train of ``table`` (shape (n1, ..., nk, metrics), the first ``head`` factors' axes
+        merged into one); None where it is not exact."""
+        shape = table.shape
+        cores: list[np.ndarray] = []
+        lows, highs = [], []
+        rest = table.reshape(shape[0], -1)
+        left = np.ones((1, 1))  # the partial products over every combination so far (rows) by state
+        r = 1
+        for j, n in enumerate(shape[:-1]):
+            mat = rest.reshape(r * n, -1)
+            if j == len(shape) - 2:
+                core = mat
+                rest = np.ones((1, 1))
+            else:
+                u, sv, vt = np.linalg.svd(mat, full_matrices=False)
+                keep = max(1, int(np.sum(sv > sv[0] * 1e-12))) if sv.size and sv[0] > 0 else 1
+                core = u[:, :keep]
+                rest = sv[:keep, None] * vt[:keep]
+            width = core.shape[1]
+            core3 = core.reshape(r, n, width).transpose(1, 0, 2)  # (n, r_prev, r)
+            if j > 0:
+                lows.append(left.min(axis=0))
+                highs.append(left.max(axis=0))
+            # the states over every combination of the factors so far (C order)
+            left = np.einsum("ca,nab->cnb", left, core3).reshape(-1, width)
+            cores.append(core3)
+            r = width
+        err = np.abs(left.reshape(shape) - table).max(initial=0.0)
+        if not np.isfinite(err) or err > 1e-9 * max(1.0, float(np.abs(table).max(initial=0.0))):
+            return None
+        return _Chain(factors, head, cores, lows, highs, [])
+
+
+def undominated(cm: Costs, metrics: Sequence[str], objective: Sequence[np.ndarray],
+                penalties: Sequence[CountPenalty] = ()) -> list[np.ndarray]:
+    """Per block, the options that no other option of the block dominates (exact reduction).
+
+    Option ``a`` dominates ``b`` when its objective is no larger, its cost in every priced metric is
+    no larger whatever the other blocks choose (every entry of every term it is a factor of), it
+    conflicts with nothing ``b`` does not, and it carries no learned penalty ``b`` does not: then
+    any choice with ``b`` is matched or beaten by the same choice with ``a``. Equal options keep
+    the first. A multiple-choice knapsack loses most of its options this way (weight formats that
+    cost more and lose more than another), and the MILP only sees the rest."""
+    per_block: list[list[np.ndarray]] = [[] for _ in cm.blocks]
+    for metric in metrics:
+        for t in cm.terms[metric]:
+            table = np.asarray(t.table, dtype=float)
+            for pos, f in enumerate(t.factors):
+                per_block[f].append(np.moveaxis(table, pos, 0).reshape(table.shape[pos], -1))
+    conflicts: dict[tuple[int, int], set[tuple[int, int]]] = {}
+    for one, other in cm.conflicts:
+        conflicts.setdefault(one, set()).add(other)
+        conflicts.setdefault(other, set()).add(one)
+    penalised = {p.key for p in penalties}
+    out = []
+    for i, block in enumerate(cm.blocks):
+        n = len(block.options)
+        obj = np.asarray(objective[i], dtype=float)
+        costs = np.concatenate(per_block[i], axis=1) if per_block[i] else np.zeros((n, 0))
+        tol = 1e-12 * np.abs(costs)
+        keys = [o.key for o in block.options]
+        dominated = np.zeros(n, dtype=bool)
+        for a in range(n):
+            # a is no worse than o in every respect, and better in one (or equal and first)
+            le = (obj[a] <= obj) & np.all(costs[a] <= costs + tol, axis=1)
+            better = (obj[a] < obj) | np.any(costs[a] < costs - tol, axis=1) | (np.arange(n) > a)
+            for o in np.flatnonzero(le & better & ~dominated):
+                if o != a and conflicts.get((i, a), set()) <= conflicts.get((i, int(o)), set()) and (
+                        keys[a] not in penalised or keys[a] == keys[o]):
+                    dominated[o] = True
+        out.append(np.flatnonzero(~dominated))
+    return out
+
+
 class _Problem:
-    def __init__(self, cm: Costs) -> None:
+    """The MILP's variables and rows: a binary per kept (block, option) (``keep``: by default every
+    option); per coupled factor tuple either continuous ``z`` over the product of its options (small
+    tables) or a :class:`_Chain`; one continuous variable per learned penalty. ``dense_max`` sets
+    which (0: every coupled term over three or more blocks as a chain; the tests solve both ways)."""
+
+    def __init__(self, cm: Costs, metrics: Sequence[str] | None = None, dense_max: int | None = None,
+                 keep: Sequence[np.ndarray] | None = None) -> None:
         self.cm = cm
+        dense_max = DENSE_MAX if dense_max is None else dense_max
+        self.keep = [np.arange(len(b.options)) for b in cm.blocks] if keep is None else [np.asarray(k) for k in keep]
+        self.sizes = [len(k) for k in self.keep]
+        #: column of (block, original option index); -1 where the option was left out
+        self.col: list[np.ndarray] = []
         self.offset: list[int] = []
         n = 0
-        for b in cm.blocks:
+        for b, k in zip(cm.blocks, self.keep, strict=True):
             self.offset.append(n)
-            n += len(b.options)
+            col = np.full(len(b.options), -1)
+            col[k] = n + np.arange(len(k))
+            self.col.append(col)
+            n += len(k)
         self.n_x = n
-        # one z-block per distinct multi-block factor tuple, shared by every metric
+        #: the metrics priced (those budgeted or minimised): the others' coupled terms are left out
+        self.metrics = list(cm.terms) if metrics is None else [m for m in cm.terms if m in metrics]
+        #: per metric, what one unit of a chain's output is worth (its tables are divided by it)
+        self.scale = {m: abs(float(cm.original.get(m, 0.0))) or 1.0 for m in self.metrics}
+        #: per metric, its terms restricted to the kept options
+        self.terms: dict[str, list[tuple[tuple[int, ...], np.ndarray]]] = {
+            m: [(t.factors, np.asarray(t.table, dtype=float)[np.ix_(*[self.keep[f] for f in t.factors])]
+                 if t.factors else np.asarray(t.table, dtype=float)) for t in cm.terms[m]]
+            for m in self.metrics}
+        stacked: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+        for metric in self.metrics:
+            for factors, table in self.terms[metric]:
+                if len(factors) > 1:
+                    per = stacked.setdefault(factors, {})
+                    per[metric] = per.get(metric, 0.0) + table
+        # one z-block or chain per distinct multi-block factor tuple, shared by every metric
         self.zoff: dict[tuple[int, ...], int] = {}
-        for metric_terms in cm.terms.values():
-            for t in metric_terms:
-                if len(t.factors) > 1 and t.factors not in self.zoff:
-                    self.zoff[t.factors] = n
-                    n += int(np.prod([len(cm.blocks[f].options) for f in t.factors]))
+        self.chains: dict[tuple[int, ...], _Chain] = {}
+        lower: list[float] = [0.0] * n
+        upper: list[float] = [1.0] * n
+        for factors, per in stacked.items():
+            size = int(np.prod([self.sizes[f] for f in factors]))
+            chain = None
+            if size > dense_max and len(factors) > 2:
+                shape = next(iter(per.values())).shape
+                table = np.stack([per.get(m, np.zeros(shape)) / self.scale[m] for m in self.metrics], axis=-1)
+                chain = self._chain(factors, table)
+            if chain is None:
+                n = self._dense(factors, n, lower, upper)
+                continue
+            if chain.head > 1 and chain.factors[:chain.head] not in self.zoff:
+                n = self._dense(chain.factors[:chain.head], n, lower, upper)
+            for j, core in enumerate(chain.cores[1:]):
+                chain.offsets.append(n)
+                n += core.shape[0] * core.shape[1]  # w[a, o] at offset + a * n_j + o
+                lower += np.repeat(np.minimum(chain.lows[j], 0.0), core.shape[0]).tolist()
+                upper += np.repeat(np.maximum(chain.highs[j], 0.0), core.shape[0]).tolist()
+            self.chains[factors] = chain
         self.n = n
-        self.upper = np.ones(n)
+        self.lower = np.array(lower)
+        self.upper = np.array(upper)
         self.penalty_cols: list[int] = []
         self.penalty_rows: list[tuple[np.ndarray, float, float]] = []
+
+    def _dense(self, factors: tuple[int, ...], n: int, lower: list[float], upper: list[float]) -> int:
+        """A z-block over the product of ``factors``' options from column ``n``; the next free one."""
+        size = int(np.prod([self.sizes[f] for f in factors]))
+        self.zoff[factors] = n
+        lower += [0.0] * size
+        upper += [1.0] * size
+        return n + size
+
+    def _chain(self, factors: tuple[int, ...], table: np.ndarray) -> _Chain | None:
+        """The chain of a coupled table over ``factors`` (axes in that order, metrics last).
+
+        The layer's own blocks come first, then the channel groups, each by falling option count:
+        the products are exact whenever the later factors' choices are integral, and a group (few
+        options, shared by several layers) is what the solver branches on. The first two factors
+        are one z-block (their exact hull) where their product is small."""
+        blocks = self.cm.blocks
+        order = sorted(range(len(factors)), key=lambda i: (blocks[factors[i]].kind == "group",
+                                                           -self.sizes[factors[i]], factors[i]))
+        head = 2 if np.prod([self.sizes[factors[i]] for i in order[:2]]) <= PAIR_MAX else 1
+        if head == 2 and factors[order[0]] > factors[order[1]]:
+            order[0], order[1] = order[1], order[0]  # a z-block's factors are sorted
+        table = np.transpose(table, [*order, len(factors)])
+        table = table.reshape(int(np.prod(table.shape[:head])), *table.shape[head:])
+        return _Chain.build(tuple(factors[i] for i in order), head, table)
 
     def add_penalties(self, penalties: Sequence[CountPenalty]) -> None:
         """One continuous variable per penalty, bounded below by the tangents of its convex value
@@ -143,10 +323,11 @@ class _Problem:
         for pen in penalties:
             col = self.n
             self.n += 1
+            self.lower = np.append(self.lower, 0.0)
             self.upper = np.append(self.upper, np.inf)
             self.penalty_cols.append(col)
-            members = [self.x(i, o) for i, b in enumerate(self.cm.blocks)
-                       for o, opt in enumerate(b.options) if opt.key == pen.key]
+            members = [int(self.col[i][o]) for i, b in enumerate(self.cm.blocks)
+                       for o, opt in enumerate(b.options) if opt.key == pen.key and self.col[i][o] >= 0]
             for m in range(1, len(members)):
                 row = np.zeros(self.n)  # extended below to the final width
                 row[members] = pen.rate * m
@@ -156,44 +337,49 @@ class _Problem:
     def _widen(self, row: np.ndarray) -> np.ndarray:
         return row if len(row) == self.n else np.concatenate([row, np.zeros(self.n - len(row))])
 
-    def x(self, block: int, option: int) -> int:
-        return self.offset[block] + option
-
     def cost_row(self, metric: str) -> tuple[np.ndarray, float]:
         row = np.zeros(self.n)
         const = 0.0
-        for t in self.cm.terms[metric]:
-            if len(t.factors) == 0:
-                const += float(t.table)
-            elif len(t.factors) == 1:
-                f = t.factors[0]
-                row[self.offset[f]: self.offset[f] + len(t.table)] += t.table
-            else:
-                z0 = self.zoff[t.factors]
-                row[z0: z0 + t.table.size] += t.table.reshape(-1)
+        for factors, table in self.terms[metric]:
+            if len(factors) == 0:
+                const += float(table)
+            elif len(factors) == 1:
+                f = factors[0]
+                row[self.offset[f]: self.offset[f] + self.sizes[f]] += table
+            elif factors not in self.chains:  # a dense z-block
+                z0 = self.zoff[factors]
+                row[z0: z0 + table.size] += table.reshape(-1)
+        m = self.metrics.index(metric)
+        for chain in self.chains.values():  # the last core maps the last state to every metric
+            last = chain.cores[-1]  # (n_k, r_{k-1}, metrics); w[a, o] at offset + a * n_k + o
+            w0 = chain.offsets[-1]
+            row[w0: w0 + last.shape[0] * last.shape[1]] += last[:, :, m].T.reshape(-1) * self.scale[metric]
         return row, const
 
     def structure(self) -> tuple[coo_matrix, np.ndarray, np.ndarray]:
         rows, cols, vals = [], [], []
         lo, hi = [], []
         r = 0
-        for bi, b in enumerate(self.cm.blocks):  # one option per block
-            for o in range(len(b.options)):
+        for bi in range(len(self.cm.blocks)):  # one option per block
+            for o in range(self.sizes[bi]):
                 rows.append(r)
-                cols.append(self.x(bi, o))
+                cols.append(self.offset[bi] + o)
                 vals.append(1.0)
             lo.append(1.0)
             hi.append(1.0)
             r += 1
         for (i, ka), (j, kb) in self.cm.conflicts:  # options that cannot change one unit together
+            ca, cb = int(self.col[i][ka]), int(self.col[j][kb])
+            if ca < 0 or cb < 0:
+                continue
             rows.extend([r, r])
-            cols.extend([self.x(i, ka), self.x(j, kb)])
+            cols.extend([ca, cb])
             vals.extend([1.0, 1.0])
             lo.append(0.0)
             hi.append(1.0)
             r += 1
         for factors, z0 in self.zoff.items():  # marginals of z equal the block choices
-            sizes = [len(self.cm.blocks[f].options) for f in factors]
+            sizes = [self.sizes[f] for f in factors]
             # combos[pos, flat]: the option of factor ``pos`` in the flat (C-order) combination
             combos = np.indices(sizes).reshape(len(sizes), -1)
             for pos, f in enumerate(factors):
@@ -203,17 +389,56 @@ class _Problem:
                     cols.extend((z0 + flats).tolist())
                     vals.extend([1.0] * len(flats))
                     rows.append(r)
-                    cols.append(self.x(f, o))
+                    cols.append(self.offset[f] + o)
                     vals.append(-1.0)
                     lo.append(0.0)
                     hi.append(0.0)
                     r += 1
+        for chain in self.chains.values():
+            r = self._chain_rows(chain, r, rows, cols, vals, lo, hi)
         return coo_matrix((vals, (rows, cols)), shape=(r, self.n)), np.array(lo), np.array(hi)
+
+    def _chain_rows(self, chain: _Chain, r: int, rows: list[int], cols: list[int], vals: list[float],
+                    lo: list[float], hi: list[float]) -> int:
+        """A chain's rows (see :class:`_Chain`), from row ``r``; returns the next free row."""
+        first = chain.cores[0]  # (n_1, 1, r_1)
+        # the state entering step j: (columns, coefficients per state entry)
+        start = self.offset[chain.factors[0]] if chain.head == 1 else self.zoff[chain.factors[:chain.head]]
+        state_cols = np.arange(first.shape[0]) + start
+        state_coef = first[:, 0, :]  # (columns, r)
+        for j, core in enumerate(chain.cores[1:]):
+            f = chain.factors[chain.head + j]
+            n_j, r_prev = core.shape[0], core.shape[1]
+            w0 = chain.offsets[j]
+            xs = self.offset[f] + np.arange(n_j)
+            for a in range(r_prev):
+                # Σ_o w[a, o] - s[a] = 0
+                ws = w0 + a * n_j + np.arange(n_j)
+                keep = state_coef[:, a] != 0
+                rows.extend([r] * (n_j + int(keep.sum())))
+                cols.extend(ws.tolist() + state_cols[keep].tolist())
+                vals.extend([1.0] * n_j + (-state_coef[keep, a]).tolist())
+                lo.append(0.0)
+                hi.append(0.0)
+                r += 1
+                low, high = float(chain.lows[j][a]), float(chain.highs[j][a])
+                for o in range(n_j):  # low * x[o] <= w[a, o] <= high * x[o]
+                    for bound, is_low in ((low, True), (high, False)):
+                        rows.extend([r, r])
+                        cols.extend([int(ws[o]), int(xs[o])])
+                        vals.extend([1.0, -bound])
+                        lo.append(0.0 if is_low else -np.inf)
+                        hi.append(np.inf if is_low else 0.0)
+                        r += 1
+            # the next state: s'[b] = Σ_{a, o} core[o, a, b] w[a, o]
+            state_cols = w0 + np.arange(r_prev * n_j)
+            state_coef = core.transpose(1, 0, 2).reshape(r_prev * n_j, -1)
+        return r
 
     def drop_row(self, tiebreak: bool) -> np.ndarray:
         row = np.zeros(self.n)
         for bi, vals in enumerate(objective_table(self.cm, tiebreak)):
-            row[self.offset[bi]: self.offset[bi] + len(vals)] = vals
+            row[self.offset[bi]: self.offset[bi] + self.sizes[bi]] = vals[self.keep[bi]]
         row[self.penalty_cols] = 1.0
         return row
 
@@ -225,21 +450,50 @@ class _Problem:
             constraints.append(LinearConstraint(self._widen(row).reshape(1, -1), low, high))
         integrality = np.zeros(self.n)
         integrality[: self.n_x] = 1
-        res = milp(self._widen(objective), constraints=constraints, integrality=integrality,
-                   bounds=Bounds(np.zeros(self.n), self.upper),
+        cost = self._widen(objective)
+        res = milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(self.lower, self.upper),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
         self.optimal = res.status == 0
         self.status = "optimal" if res.status == 0 else f"not proven optimal ({res.message})"
         self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
-        if res.x is None:
+        x = res.x
+        if x is None and res.status == 1:  # the time ran out before any solution: round, then solve
+            x = self._rounded(cost, constraints, integrality, max(time_limit, 10.0))
+        if x is None:
             if res.status == 2:  # infeasible
                 return None
             raise InternalError(f"The MILP solver stopped without a solution: {res.message}")
         choice = {}
-        for bi, b in enumerate(self.cm.blocks):
-            vals = res.x[self.offset[bi]: self.offset[bi] + len(b.options)]
-            choice[bi] = int(np.argmax(vals))
+        for bi in range(len(self.cm.blocks)):
+            vals = x[self.offset[bi]: self.offset[bi] + self.sizes[bi]]
+            choice[bi] = int(self.keep[bi][int(np.argmax(vals))])
         return choice
+
+    def _rounded(self, cost: np.ndarray, constraints: list[LinearConstraint], integrality: np.ndarray,
+                 time_limit: float) -> np.ndarray | None:
+        """A solution found without the proof: each channel group fixed at its largest share in the
+        LP relaxation, the rest solved exactly (with the groups integral, every chain is exact and its
+        relaxation tight). None if that is infeasible too."""
+        relaxed = milp(cost, constraints=constraints, bounds=Bounds(self.lower, self.upper),
+                       options={"time_limit": time_limit})
+        if relaxed.x is None:
+            return None
+        lower, upper = self.lower.copy(), self.upper.copy()
+        for bi, b in enumerate(self.cm.blocks):
+            if b.kind == "group":
+                o0 = self.offset[bi]
+                pick = o0 + int(np.argmax(relaxed.x[o0: o0 + self.sizes[bi]]))
+                upper[o0: o0 + self.sizes[bi]] = 0.0
+                lower[pick] = upper[pick] = 1.0
+        res = milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
+                   options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        if res.x is not None:
+            self.status = ("not proven optimal (the time limit ran out before a solution; channel groups "
+                           "fixed at the LP relaxation's choice)")
+            # the relaxation bounds the optimum from below
+            self.gap = float(max(0.0, res.fun - relaxed.fun) / max(abs(res.fun), 1e-12))
+        x: np.ndarray | None = res.x
+        return x
 
 
 def cost_metric(budgets: Sequence[Budget], minimize: str | None) -> str:
@@ -266,7 +520,7 @@ def _relative_slack(limit: float) -> float:
 
 def min_cost(cm: Costs, metric: str, time_limit: float = 60.0) -> Solution:
     """The cheapest reachable choice for ``metric`` (ignoring accuracy)."""
-    p = _Problem(cm)
+    p = _Problem(cm, [metric], keep=undominated(cm, [metric], objective_table(cm)))
     row, const = p.cost_row(metric)
     choice = p.solve(row, [], time_limit)
     if choice is None:  # pragma: no cover - "one option per block" is always feasible
@@ -283,22 +537,26 @@ def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None
 
     Raises :class:`InfeasibleBudgetError` stating the smallest reachable cost.
     """
-    p = _Problem(cm)
-    p.add_penalties(penalties)
     lim = _limits(cm, budgets)
-    extra = []
-    for metric, v in lim.items():
-        row, const = p.cost_row(metric)
-        extra.append((row, -np.inf, v - const + _relative_slack(v)))
-    if max_drop is not None:
-        metric = cost_metric(budgets, minimize)
-        row, const = p.cost_row(metric)
-        scale = cm.original[metric] or 1.0
-        objective = row / scale + 1e-6 * p.drop_row(tiebreak=False)
-        extra.append((p.drop_row(tiebreak=False), -np.inf, cm.objective_of(max_drop) + 1e-12))
+    metrics = [*lim, *([cost_metric(budgets, minimize)] if max_drop is not None else [])]
+    keep = undominated(cm, metrics, objective_table(cm, tiebreak=max_drop is None), penalties)
+    p = _Problem(cm, metrics, keep=keep)
+    p.add_penalties(penalties)
+    tighter: dict[str, float] = {}
+    for _ in range(3):
+        choice = _solve_once(cm, p, lim, tighter, max_drop, minimize, budgets, time_limit)
+        if choice is None:
+            break
+        # the chains are exact up to rounding: check the choice on the cost tables themselves
+        costs = cm.evaluate(choice)
+        over = {m: costs[m] - v for m, v in lim.items() if costs[m] > v + _relative_slack(v)}
+        if not over:
+            break
+        for m, excess in over.items():
+            tighter[m] = tighter.get(m, 0.0) + 2 * excess
     else:
-        objective = p.drop_row(tiebreak=True)
-    choice = p.solve(objective, extra, time_limit)
+        raise InternalError(f"The solver's plan exceeds the budget by {over} three times over; the MILP's "
+                            f"cost rows do not match the cost tables.")
     if choice is None:
         if max_drop is not None:  # the budgets alone may be reachable: then the max-drop is the cause
             least = solve(cm, budgets, time_limit=time_limit, penalties=penalties).predicted_drop
@@ -312,6 +570,26 @@ def solve(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None = None
     sol = _solution(cm, choice)
     drop = cm.predicted_drop(choice, penalty(cm, choice, penalties))
     return Solution(sol.choice, drop, sol.costs, p.status, p.gap)
+
+
+def _solve_once(cm: Costs, p: _Problem, lim: Mapping[str, float], tighter: Mapping[str, float],
+                max_drop: float | None, minimize: str | None, budgets: Sequence[Budget],
+                time_limit: float) -> dict[int, int] | None:
+    """One MILP solve of :func:`solve`'s problem, each limit lowered by ``tighter``."""
+    extra = []
+    for metric, v in lim.items():
+        row, const = p.cost_row(metric)
+        scale = p.scale[metric]  # rows in units of the original cost: coefficients near 1
+        extra.append((row / scale, -np.inf, (v - tighter.get(metric, 0.0) - const + _relative_slack(v)) / scale))
+    if max_drop is not None:
+        metric = cost_metric(budgets, minimize)
+        row, const = p.cost_row(metric)
+        scale = cm.original[metric] or 1.0
+        objective = row / scale + 1e-6 * p.drop_row(tiebreak=False)
+        extra.append((p.drop_row(tiebreak=False), -np.inf, cm.objective_of(max_drop) + 1e-12))
+    else:
+        objective = p.drop_row(tiebreak=True)
+    return p.solve(objective, extra, time_limit)
 
 
 def _infeasible(cm: Costs, lim: Mapping[str, float]) -> InfeasibleBudgetError:

@@ -38,6 +38,21 @@ CASES = [["macs=0.6"], ["size=0.3"], ["bops=0.25"], ["params=0.7"], ["size=0.4",
          ["macs=0.45", "bops=0.3"], ["size=3000", "params=0.8"]]
 
 
+@pytest.fixture(params=["dense", "chain", "chain-x"])
+def formulation(request, monkeypatch):
+    """The MILP's two linearisations of a coupled term: z over the product of its options
+    ("dense"), or a tensor train ("chain": from a z-block over its first two factors; "chain-x": from
+    the first factor's choice alone). Both are exact; the brute-force tests run each."""
+    from sensplan.planner import _solver
+
+    if request.param == "dense":
+        monkeypatch.setattr(_solver, "DENSE_MAX", 10**9)
+    else:
+        monkeypatch.setattr(_solver, "DENSE_MAX", 0)
+        monkeypatch.setattr(_solver, "PAIR_MAX", 1024 if request.param == "chain" else 0)
+    return request.param
+
+
 def costs_of(instance: str, seed: int) -> Costs:
     return Costs(synthetic_scan(seed=seed, **INSTANCES[instance]))
 
@@ -69,7 +84,7 @@ def test_the_instances_have_what_the_tests_claim():
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("instance", INSTANCES)
 @pytest.mark.parametrize("budgets", CASES, ids=["+".join(c) for c in CASES])
-def test_milp_matches_brute_force(instance, seed, budgets):
+def test_milp_matches_brute_force(instance, seed, budgets, formulation):
     cm = costs_of(instance, seed)
     bs = [Budget.parse(b) for b in budgets]
     ref = brute_force(cm, bs)
@@ -90,7 +105,7 @@ def test_milp_matches_brute_force(instance, seed, budgets):
 @pytest.mark.parametrize("instance", INSTANCES)
 @pytest.mark.parametrize("max_drop", [0.0, 0.02, 0.08])
 @pytest.mark.parametrize("metric", ["macs", "size"])
-def test_max_drop_mode_matches_brute_force(instance, seed, max_drop, metric):
+def test_max_drop_mode_matches_brute_force(instance, seed, max_drop, metric, formulation):
     cm = costs_of(instance, seed)
     ref = brute_force(cm, [], max_drop=max_drop, minimize=metric)
     got = solve(cm, [], max_drop=max_drop, minimize=metric)
@@ -123,7 +138,7 @@ def test_a_max_drop_below_what_the_budget_needs_is_explained():
     assert f"least predicted drop within the budget is {least:.4g}" in str(e.value)
 
 
-def test_milp_on_a_larger_instance_beats_every_sampled_choice():
+def test_milp_on_a_larger_instance_beats_every_sampled_choice(formulation):
     cm = Costs(synthetic_scan(seed=7, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), **RICH))
     budget = [Budget.parse("size=0.3")]
     got = solve(cm, budget)
@@ -347,7 +362,7 @@ def test_a_budget_on_an_unknown_metric_names_the_known_ones():
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_pair_penalties_are_priced_exactly(seed):
+def test_pair_penalties_are_priced_exactly(seed, formulation):
     """A learned penalty per pair of blocks at one option (errors that compound) is convex in their
     count; the MILP's tangent constraints price it exactly: same optimum as enumeration."""
     from collections import Counter
@@ -373,3 +388,83 @@ def test_pair_penalties_are_priced_exactly(seed):
     plain = solve(cm, [Budget.parse("size=0.4")])
     assert sum(p.count(cm, plain.choice) for p in penalties) >= sum(
         p.count(cm, solve(cm, [Budget.parse("size=0.4")], penalties=penalties).choice) for p in penalties)
+
+
+def test_a_coupled_term_over_three_blocks_becomes_a_chain_with_fewer_variables(monkeypatch):
+    from sensplan.planner import _solver
+
+    cm = Costs(synthetic_scan(seed=7, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), **RICH))
+    monkeypatch.setattr(_solver, "DENSE_MAX", 10**9)
+    dense = _solver._Problem(cm)
+    monkeypatch.setattr(_solver, "DENSE_MAX", 0)
+    chained = _solver._Problem(cm)
+    assert not dense.chains and chained.chains
+    assert all(len(f) > 2 for f in chained.chains)
+    assert chained.n - chained.n_x < dense.n - dense.n_x
+    # every chain reproduces its table exactly: the row of each metric, at every choice, equals the terms
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        choice = {i: int(rng.integers(len(b.options))) for i, b in enumerate(cm.blocks)}
+        x = np.zeros(chained.n)
+        for i, o in choice.items():
+            x[chained.col[i][o]] = 1.0
+        for factors, z0 in chained.zoff.items():
+            sizes = [chained.sizes[f] for f in factors]
+            x[z0 + int(np.ravel_multi_index([choice[f] for f in factors], sizes))] = 1.0
+        for chain in chained.chains.values():  # the states along the chain, w[a, o] = s[a] x[o]
+            head = chain.factors[:chain.head]
+            flat = int(np.ravel_multi_index([choice[f] for f in head], [chained.sizes[f] for f in head]))
+            state = chain.cores[0][flat, 0, :]
+            for j, core in enumerate(chain.cores[1:]):
+                o = choice[chain.factors[chain.head + j]]
+                x[chain.offsets[j] + np.arange(core.shape[1]) * core.shape[0] + o] = state
+                state = state @ core[o]
+        a, lo, hi = chained.structure()
+        ax = a @ x
+        assert np.all(ax >= lo - 1e-9) and np.all(ax <= hi + 1e-9)  # the rows hold at the integral point
+        costs = cm.evaluate(choice)
+        for metric in cm.metrics:
+            row, const = chained.cost_row(metric)
+            assert row @ x + const == pytest.approx(costs[metric], rel=1e-9, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_dominated_option_is_never_needed(seed):
+    """An option the reduction leaves out is matched or beaten, whatever the other blocks choose, by
+    one it keeps: no larger objective, no larger cost, no new conflict."""
+    from sensplan.planner._solver import undominated
+
+    cm = Costs(synthetic_scan(seed=seed, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), **RICH))
+    metrics = ["size", "macs"]
+    objective = objective_table(cm)
+    keep = undominated(cm, metrics, objective)
+    assert sum(len(b.options) - len(k) for b, k in zip(cm.blocks, keep, strict=True)) > 0
+    def conflicts_of(i, o):
+        return {b for a, b in cm.conflicts if a == (i, o)} | {a for a, b in cm.conflicts if b == (i, o)}
+
+    rng = np.random.default_rng(seed)
+    contexts = [{i: int(rng.integers(len(b.options))) for i, b in enumerate(cm.blocks)} for _ in range(200)]
+    for i, b in enumerate(cm.blocks):
+        for o in set(range(len(b.options))) - set(keep[i].tolist()):
+            def no_worse(a, i=i, o=o):
+                if objective[i][a] > objective[i][o]:
+                    return False
+                if not conflicts_of(i, a) <= conflicts_of(i, o):
+                    return False
+                for ctx in contexts:
+                    ca, co = cm.evaluate({**ctx, i: a}), cm.evaluate({**ctx, i: o})
+                    if any(ca[m] > co[m] * (1 + 1e-12) + 1e-12 for m in metrics):
+                        return False
+                return True
+            assert any(no_worse(int(a)) for a in keep[i]), (b.name, o)
+
+
+def test_a_time_limit_still_gives_a_plan_within_budget_and_says_so():
+    cm = Costs(synthetic_scan(seed=7, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), **RICH))
+    budget = [Budget.parse("size=0.3")]
+    got = solve(cm, budget, time_limit=1e-6)
+    assert within(cm, got.costs, budget)
+    assert not got.optimal and "not proven optimal" in got.status
+    plan = make_plan(cm.scan, budget, time_limit=1e-6)
+    assert plan.data["plans"]["planned"]["solver"]["optimal"] is False
+    assert np.isfinite(plan.data["plans"]["planned"]["solver"]["gap"])
