@@ -2,10 +2,13 @@
 
 One option per block (a pruning ratio per group, bits per layer). The drop is additive over blocks
 (the scan's per-unit envelope drops). Costs are sums of terms over a few blocks each (see
-``_costs``). A term over several blocks uses continuous variables ``z`` over the product of their
-options, constrained so that their marginals equal the blocks' binary choice variables; with binary
-choices this forces ``z`` to the indicator of the chosen combination, so the linearisation is exact
-and its LP relaxation tight.
+``_costs``). Options that another option of their block dominates are left out first
+(:func:`undominated`). A term over two blocks uses continuous variables ``z`` over the product of
+their options, constrained so that their marginals equal the blocks' binary choice variables; with
+binary choices this forces ``z`` to the indicator of the chosen combination, so the linearisation is
+exact and, for one term, its LP relaxation is the convex hull. A term over three or more blocks
+would need the product of all their options; it is written as a tensor train instead
+(:class:`_Chain`), exact too, with variables that grow with the sum of the options.
 
 Two modes:
 - ``budget``: minimise the predicted drop subject to every budget;
@@ -17,8 +20,12 @@ Two modes:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Mapping, Sequence
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +37,33 @@ from sensplan._effects import n_remove_for
 from sensplan._errors import InfeasibleBudgetError, InternalError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs, merged_effects
+
+@contextlib.contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """HiGHS (1.12, in scipy) writes a stray debug line to the process's stdout now and then
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"). Hold file
+    descriptor 1 on a temporary file while it runs, and drop what it wrote."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no real stdout (an embedding host): nothing to keep clean
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 1)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+def _milp(*args: Any, **kwargs: Any) -> Any:
+    with _quiet_stdout():
+        return milp(*args, **kwargs)
+
 
 # Among plans of equal predicted top-1 drop, prefer the one with the smaller loss increase: on a
 # few thousand samples many settings tie at a drop of exactly 0, while the loss still tells them
@@ -451,7 +485,7 @@ class _Problem:
         integrality = np.zeros(self.n)
         integrality[: self.n_x] = 1
         cost = self._widen(objective)
-        res = milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(self.lower, self.upper),
+        res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(self.lower, self.upper),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
         self.optimal = res.status == 0
         self.status = "optimal" if res.status == 0 else f"not proven optimal ({res.message})"
@@ -474,7 +508,7 @@ class _Problem:
         """A solution found without the proof: each channel group fixed at its largest share in the
         LP relaxation, the rest solved exactly (with the groups integral, every chain is exact and its
         relaxation tight). None if that is infeasible too."""
-        relaxed = milp(cost, constraints=constraints, bounds=Bounds(self.lower, self.upper),
+        relaxed = _milp(cost, constraints=constraints, bounds=Bounds(self.lower, self.upper),
                        options={"time_limit": time_limit})
         if relaxed.x is None:
             return None
@@ -485,7 +519,7 @@ class _Problem:
                 pick = o0 + int(np.argmax(relaxed.x[o0: o0 + self.sizes[bi]]))
                 upper[o0: o0 + self.sizes[bi]] = 0.0
                 lower[pick] = upper[pick] = 1.0
-        res = milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
+        res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
         if res.x is not None:
             self.status = ("not proven optimal (the time limit ran out before a solution; channel groups "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -468,3 +470,12 @@ def test_a_time_limit_still_gives_a_plan_within_budget_and_says_so():
     plan = make_plan(cm.scan, budget, time_limit=1e-6)
     assert plan.data["plans"]["planned"]["solver"]["optimal"] is False
     assert np.isfinite(plan.data["plans"]["planned"]["solver"]["gap"])
+
+
+def test_the_solver_keeps_stdout_clean_of_highs_debug_lines(capfd):
+    from sensplan.planner._solver import _quiet_stdout
+
+    with _quiet_stdout():
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+    print("after")
+    assert capfd.readouterr().out == "after\n"
