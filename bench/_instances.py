@@ -138,10 +138,12 @@ def weight_formats(bits: Sequence[int], groups: Sequence[int], zero_point: bool 
     return out
 
 
-def residual_cnn(stages: Sequence[int] = (3, 4, 20, 3), options: int = 40, seed: int = 0) -> Scan:
+def residual_cnn(stages: Sequence[int] = (3, 4, 20, 3), options: int = 40, seed: int = 0,
+                 group_options: int | None = None) -> Scan:
     """A bottleneck ResNet at 224 px (``stages`` blocks per stage; (3, 4, 23, 3) is ResNet-101),
-    each unit with ``options`` options: channel groups ``options - 1`` pruning ratios, layers
-    ``options - 1`` weight formats (bits 2-8, per channel or group-wise, symmetric or not)."""
+    each unit with ``options`` options: channel groups ``options - 1`` pruning ratios (or
+    ``group_options - 1``), layers ``options - 1`` weight formats (bits 2-8, per channel or
+    group-wise, symmetric or not)."""
     t = _Table(seed)
     widths = [64, 128, 256, 512]
     spatial = [56, 28, 14, 7]
@@ -171,7 +173,8 @@ def residual_cnn(stages: Sequence[int] = (3, 4, 20, 3), options: int = 40, seed:
     t.group("fc", 1000, status="skipped")
     t.layer("fc", "Linear", [1000, cin], 1, "fc", stream, bias=True)
     n = options - 1
-    ratios = [round(0.8 * (i + 1) / n, 4) for i in range(n)]
+    g = (group_options or options) - 1
+    ratios = [round(0.8 * (i + 1) / g, 4) for i in range(g)]
     formats = weight_formats(range(2, 9), (32, 64, 128))[:n]
     t.results(ratios, formats, half=False)
     return t.scan([3, 224, 224], 1000)

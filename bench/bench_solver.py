@@ -8,7 +8,8 @@ Instances:
   at every bit width 2-8 in all four families, sparsity at 5 ratios and half: the large layer menus
   that mixed precision plans choose from);
 - ``resnet-200x40``: a written-out bottleneck ResNet at 224 px with about 200 units (layers and
-  channel groups, the residual streams coupled as in a real one), 40 options each;
+  channel groups, the residual streams coupled as in a real one), 40 options each; and the same
+  with the default 8 pruning ratios per group (40 weight formats per layer);
 - ``decoder-32``: a written-out 32-layer Llama-style decoder: a head group and an MLP-width group per
   layer and the group-wise weight format of every projection (see ``_instances.py``).
 
@@ -76,6 +77,8 @@ def main() -> int:
         _bench(label, Costs(table), args)
     if "resnet-200x40" in names:
         _bench("resnet-200x40 (written out)", Costs(residual_cnn(stages=(3, 8, 23, 3), options=40)), args)
+        _bench("resnet-200x40, 8 pruning ratios per group (written out)",
+               Costs(residual_cnn(stages=(3, 8, 23, 3), options=40, group_options=9)), args)
     if "decoder-32" in names:
         _bench("decoder-32 (written out)", Costs(decoder_lm()), args)
     return 0

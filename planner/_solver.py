@@ -38,6 +38,7 @@ from sensplan._errors import InfeasibleBudgetError, InternalError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs, merged_effects
 
+
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """HiGHS (1.12, in scipy) writes a stray debug line to the process's stdout now and then
@@ -491,8 +492,17 @@ class _Problem:
         self.status = "optimal" if res.status == 0 else f"not proven optimal ({res.message})"
         self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
         x = res.x
-        if x is None and res.status == 1:  # the time ran out before any solution: round, then solve
-            x = self._rounded(cost, constraints, integrality, max(time_limit, 10.0))
+        if res.status == 1:  # the time ran out: also round the relaxation, keep the better plan
+            rounded = self._rounded(cost, constraints, integrality, max(time_limit, 10.0))
+            if rounded is not None and (x is None or rounded[1] < float(res.fun) - 1e-12):
+                x = rounded[0]
+                self.status = ("not proven optimal (the time limit ran out; channel groups fixed at the "
+                               "LP relaxation's choice, the rest solved)")
+            if x is not None:
+                best = float(cost @ x)
+                bound = max(v for v in (getattr(res, "mip_dual_bound", None), rounded[2] if rounded else None,
+                                        -np.inf) if v is not None and np.isfinite(v))
+                self.gap = float(max(0.0, best - bound) / max(abs(best), 1e-12)) if np.isfinite(bound) else 1.0
         if x is None:
             if res.status == 2:  # infeasible
                 return None
@@ -504,12 +514,13 @@ class _Problem:
         return choice
 
     def _rounded(self, cost: np.ndarray, constraints: list[LinearConstraint], integrality: np.ndarray,
-                 time_limit: float) -> np.ndarray | None:
-        """A solution found without the proof: each channel group fixed at its largest share in the
-        LP relaxation, the rest solved exactly (with the groups integral, every chain is exact and its
-        relaxation tight). None if that is infeasible too."""
+                 time_limit: float) -> tuple[np.ndarray, float, float] | None:
+        """A solution found without the proof, with its objective and the LP relaxation's (a lower
+        bound): each channel group fixed at its largest share in the LP relaxation, the rest solved
+        exactly (with the groups integral, every chain is exact and its relaxation tight). None if
+        that is infeasible or finds nothing in ``time_limit``."""
         relaxed = _milp(cost, constraints=constraints, bounds=Bounds(self.lower, self.upper),
-                       options={"time_limit": time_limit})
+                        options={"time_limit": time_limit})
         if relaxed.x is None:
             return None
         lower, upper = self.lower.copy(), self.upper.copy()
@@ -520,14 +531,10 @@ class _Problem:
                 upper[o0: o0 + self.sizes[bi]] = 0.0
                 lower[pick] = upper[pick] = 1.0
         res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
-                   options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
-        if res.x is not None:
-            self.status = ("not proven optimal (the time limit ran out before a solution; channel groups "
-                           "fixed at the LP relaxation's choice)")
-            # the relaxation bounds the optimum from below
-            self.gap = float(max(0.0, res.fun - relaxed.fun) / max(abs(res.fun), 1e-12))
-        x: np.ndarray | None = res.x
-        return x
+                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+        if res.x is None:
+            return None
+        return res.x, float(res.fun), float(relaxed.fun)
 
 
 def cost_metric(budgets: Sequence[Budget], minimize: str | None) -> str:

@@ -107,6 +107,7 @@ def test_milp_matches_brute_force(instance, seed, budgets, formulation):
 @pytest.mark.parametrize("instance", INSTANCES)
 @pytest.mark.parametrize("max_drop", [0.0, 0.02, 0.08])
 @pytest.mark.parametrize("metric", ["macs", "size"])
+@pytest.mark.parametrize("formulation", ["dense", "chain"], indirect=True)
 def test_max_drop_mode_matches_brute_force(instance, seed, max_drop, metric, formulation):
     cm = costs_of(instance, seed)
     ref = brute_force(cm, [], max_drop=max_drop, minimize=metric)
@@ -140,6 +141,7 @@ def test_a_max_drop_below_what_the_budget_needs_is_explained():
     assert f"least predicted drop within the budget is {least:.4g}" in str(e.value)
 
 
+@pytest.mark.parametrize("formulation", ["dense", "chain"], indirect=True)
 def test_milp_on_a_larger_instance_beats_every_sampled_choice(formulation):
     cm = Costs(synthetic_scan(seed=7, ratios=(0.25, 0.5, 0.75), bits=(8, 6, 4, 2), **RICH))
     budget = [Budget.parse("size=0.3")]
@@ -364,6 +366,7 @@ def test_a_budget_on_an_unknown_metric_names_the_known_ones():
 
 
 @pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("formulation", ["dense", "chain"], indirect=True)
 def test_pair_penalties_are_priced_exactly(seed, formulation):
     """A learned penalty per pair of blocks at one option (errors that compound) is convex in their
     count; the MILP's tangent constraints price it exactly: same optimum as enumeration."""
