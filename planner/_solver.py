@@ -24,7 +24,7 @@ import contextlib
 import itertools
 import os
 import sys
-import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,27 +38,43 @@ from sensplan._errors import InfeasibleBudgetError, InternalError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs, merged_effects
 
+_QUIET = threading.Lock()
+_quiet_depth = 0
+_quiet_saved = -1
+
 
 @contextlib.contextmanager
 def _quiet_stdout() -> Iterator[None]:
     """HiGHS (1.12, in scipy) writes a stray debug line to the process's stdout now and then
-    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"). Hold file
-    descriptor 1 on a temporary file while it runs, and drop what it wrote."""
-    try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError):  # no real stdout (an embedding host): nothing to keep clean
-        yield
-        return
-    try:
-        with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 1)
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"). Point file
+    descriptor 1 at the null device while solves run (the first solve in redirects, the last out
+    restores, so solves in several threads nest correctly; other threads' stdout is dropped meanwhile)."""
+    global _quiet_depth, _quiet_saved
+    with _QUIET:
+        if _quiet_depth == 0:
             try:
-                yield
-            finally:
-                os.dup2(saved, 1)
+                flush = getattr(sys.stdout, "flush", None)
+                if flush is not None:
+                    flush()
+                saved = os.dup(1)
+                null = os.open(os.devnull, os.O_WRONLY)
+                try:
+                    os.dup2(null, 1)
+                finally:
+                    os.close(null)
+            except (OSError, ValueError):  # no file descriptor 1 to keep clean (an embedding host)
+                saved = -1
+            _quiet_saved = saved
+        _quiet_depth += 1
+    try:
+        yield
     finally:
-        os.close(saved)
+        with _QUIET:
+            _quiet_depth -= 1
+            if _quiet_depth == 0 and _quiet_saved >= 0:
+                os.dup2(_quiet_saved, 1)
+                os.close(_quiet_saved)
+                _quiet_saved = -1
 
 
 def _milp(*args: Any, **kwargs: Any) -> Any:
@@ -213,8 +229,11 @@ class _Chain:
             left = np.einsum("ca,nab->cnb", left, core3).reshape(-1, width)
             cores.append(core3)
             r = width
-        err = np.abs(left.reshape(shape) - table).max(initial=0.0)
-        if not np.isfinite(err) or err > 1e-9 * max(1.0, float(np.abs(table).max(initial=0.0))):
+        # every metric within 1e-9 of its own largest entry (each is in units of its whole original
+        # cost, so an entry below 1e-6 of it is priced to 1e-15 of the original)
+        err = np.abs(left.reshape(shape) - table).reshape(-1, shape[-1]).max(axis=0, initial=0.0)
+        size = np.abs(table).reshape(-1, shape[-1]).max(axis=0, initial=0.0)
+        if not np.all(np.isfinite(err)) or np.any(err > 1e-9 * np.maximum(size, 1e-6)):
             return None
         return _Chain(factors, head, cores, lows, highs, [])
 
@@ -245,13 +264,13 @@ def undominated(cm: Costs, metrics: Sequence[str], objective: Sequence[np.ndarra
         n = len(block.options)
         obj = np.asarray(objective[i], dtype=float)
         costs = np.concatenate(per_block[i], axis=1) if per_block[i] else np.zeros((n, 0))
-        tol = 1e-12 * np.abs(costs)
         keys = [o.key for o in block.options]
         dominated = np.zeros(n, dtype=bool)
         for a in range(n):
-            # a is no worse than o in every respect, and better in one (or equal and first)
-            le = (obj[a] <= obj) & np.all(costs[a] <= costs + tol, axis=1)
-            better = (obj[a] < obj) | np.any(costs[a] < costs - tol, axis=1) | (np.arange(n) > a)
+            # a is no worse than o in every respect, and better in one (or equal and first); exact
+            # comparisons, so the relation is a strict order and some option always survives
+            le = (obj[a] <= obj) & np.all(costs[a] <= costs, axis=1)
+            better = (obj[a] < obj) | np.any(costs[a] < costs, axis=1) | (np.arange(n) > a)
             for o in np.flatnonzero(le & better & ~dominated):
                 if o != a and conflicts.get((i, a), set()) <= conflicts.get((i, int(o)), set()) and (
                         keys[a] not in penalised or keys[a] == keys[o]):
@@ -285,8 +304,10 @@ class _Problem:
         self.n_x = n
         #: the metrics priced (those budgeted or minimised): the others' coupled terms are left out
         self.metrics = list(cm.terms) if metrics is None else [m for m in cm.terms if m in metrics]
-        #: per metric, what one unit of a chain's output is worth (its tables are divided by it)
-        self.scale = {m: abs(float(cm.original.get(m, 0.0))) or 1.0 for m in self.metrics}
+        #: per metric, what one unit of a chain's output is worth (its tables are divided by it): the
+        #: original cost, or the largest entry where that is 0
+        self.scale = {m: abs(float(cm.original.get(m, 0.0))) or max(
+            [float(np.abs(t.table).max(initial=0.0)) for t in cm.terms[m]] + [0.0]) or 1.0 for m in self.metrics}
         #: per metric, its terms restricted to the kept options
         self.terms: dict[str, list[tuple[tuple[int, ...], np.ndarray]]] = {
             m: [(t.factors, np.asarray(t.table, dtype=float)[np.ix_(*[self.keep[f] for f in t.factors])]
@@ -493,16 +514,16 @@ class _Problem:
         self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
         x = res.x
         if res.status == 1:  # the time ran out: also round the relaxation, keep the better plan
-            rounded = self._rounded(cost, constraints, integrality, max(time_limit, 10.0))
+            rounded = self._rounded(cost, constraints, integrality, min(max(time_limit, 1.0), 10.0))
             if rounded is not None and (x is None or rounded[1] < float(res.fun) - 1e-12):
                 x = rounded[0]
                 self.status = ("not proven optimal (the time limit ran out; channel groups fixed at the "
                                "LP relaxation's choice, the rest solved)")
             if x is not None:
                 best = float(cost @ x)
-                bound = max(v for v in (getattr(res, "mip_dual_bound", None), rounded[2] if rounded else None,
-                                        -np.inf) if v is not None and np.isfinite(v))
-                self.gap = float(max(0.0, best - bound) / max(abs(best), 1e-12)) if np.isfinite(bound) else 1.0
+                bounds = [float(v) for v in (getattr(res, "mip_dual_bound", None), rounded[2] if rounded else None)
+                          if v is not None and np.isfinite(v)]
+                self.gap = float(max(0.0, best - max(bounds)) / max(abs(best), 1e-12)) if bounds else 1.0
         if x is None:
             if res.status == 2:  # infeasible
                 return None
@@ -517,24 +538,33 @@ class _Problem:
                  time_limit: float) -> tuple[np.ndarray, float, float] | None:
         """A solution found without the proof, with its objective and the LP relaxation's (a lower
         bound): each channel group fixed at its largest share in the LP relaxation, the rest solved
-        exactly (with the groups integral, every chain is exact and its relaxation tight). None if
-        that is infeasible or finds nothing in ``time_limit``."""
+        exactly (with the groups integral, every chain is exact and its relaxation tight); where that
+        is infeasible, each group at the most compressive option the relaxation uses (no cost that
+        falls with compression is then above the relaxation's). None if neither finds a plan."""
         relaxed = _milp(cost, constraints=constraints, bounds=Bounds(self.lower, self.upper),
                         options={"time_limit": time_limit})
         if relaxed.x is None:
             return None
-        lower, upper = self.lower.copy(), self.upper.copy()
-        for bi, b in enumerate(self.cm.blocks):
-            if b.kind == "group":
+        for most in (False, True):
+            lower, upper = self.lower.copy(), self.upper.copy()
+            for bi, b in enumerate(self.cm.blocks):
+                if b.kind != "group":
+                    continue
                 o0 = self.offset[bi]
-                pick = o0 + int(np.argmax(relaxed.x[o0: o0 + self.sizes[bi]]))
+                share = relaxed.x[o0: o0 + self.sizes[bi]]
+                if most:  # the most channels removed among the options the relaxation uses
+                    removed = [float(b.options[o].effect.get("removed", 0)) for o in self.keep[bi]]
+                    used = np.flatnonzero(share > 1e-9)
+                    pick = int(used[int(np.argmax([removed[u] for u in used]))]) if used.size else 0
+                else:
+                    pick = int(np.argmax(share))
                 upper[o0: o0 + self.sizes[bi]] = 0.0
-                lower[pick] = upper[pick] = 1.0
-        res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
-                    options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
-        if res.x is None:
-            return None
-        return res.x, float(res.fun), float(relaxed.fun)
+                lower[o0 + pick] = upper[o0 + pick] = 1.0
+            res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
+                        options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+            if res.x is not None:
+                return res.x, float(res.fun), float(relaxed.fun)
+        return None
 
 
 def cost_metric(budgets: Sequence[Budget], minimize: str | None) -> str:
@@ -638,10 +668,14 @@ def _infeasible(cm: Costs, lim: Mapping[str, float]) -> InfeasibleBudgetError:
     for metric, v in lim.items():
         best = min_cost(cm, metric).costs[metric]
         orig = cm.original[metric]
-        parts.append(f"{metric} budget {_fmt(metric, v)} ({v / orig:.3f} of the original) is below the smallest "
-                     f"reachable {metric}: {_fmt(metric, best)} ({best / orig:.3f} of the original)"
+
+        def frac(x: float, orig: float = orig) -> str:  # a cost table may have 0 for the original
+            return f" ({x / orig:.3f} of the original)" if orig else ""
+
+        parts.append(f"{metric} budget {_fmt(metric, v)}{frac(v)} is below the smallest reachable {metric}: "
+                     f"{_fmt(metric, best)}{frac(best)}"
                      if best > v * (1 + 1e-9) else
-                     f"{metric} budget {_fmt(metric, v)} ({v / orig:.3f}) is reachable alone")
+                     f"{metric} budget {_fmt(metric, v)}{frac(v)} is reachable alone")
     return InfeasibleBudgetError(
         "No plan meets the budget with the scanned settings: " + "; ".join(parts) +
         ". Raise the budget, or scan stronger settings or more methods (sensplan scan --ratios, --bits, "

@@ -482,3 +482,97 @@ def test_the_solver_keeps_stdout_clean_of_highs_debug_lines(capfd):
         os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
     print("after")
     assert capfd.readouterr().out == "after\n"
+
+
+@pytest.mark.parametrize("budgets", CASES, ids=["+".join(c) for c in CASES])
+def test_a_time_limit_gives_a_plan_wherever_one_exists(budgets):
+    """Where the time runs out with no solution, the groups are fixed from the LP relaxation: at its
+    largest share, else at the most compressive option it uses (a MACs budget depends on the groups
+    alone, so the largest share is often infeasible)."""
+    for seed in range(2):
+        cm = costs_of("mixed", seed)
+        bs = [Budget.parse(b) for b in budgets]
+        if brute_force(cm, bs) is None:
+            continue
+        got = solve(cm, bs, time_limit=1e-6)
+        assert within(cm, got.costs, bs) and cm.feasible(got.choice)
+
+
+def test_solves_in_threads_leave_stdout_working(capfd):
+    import threading
+
+    cm = costs_of("chain", 0)
+
+    def work():
+        for _ in range(10):
+            solve(cm, [Budget.parse("size=0.4")])
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("visible after the threaded solves")
+    assert capfd.readouterr().out == "visible after the threaded solves\n"
+
+
+def test_the_solver_runs_without_a_python_stdout(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", None)
+    got = solve(costs_of("chain", 0), [Budget.parse("size=0.4")])
+    assert got.optimal
+
+
+class _Coupled:
+    """A plug-in metric over three blocks with raw values up to 1e12 and 0 for the original (so it
+    cannot be put in units of the original cost)."""
+
+    metrics = ("lat",)
+    name = "lat"
+
+    def __init__(self, table):
+        self.table = table
+
+    def terms(self, blocks):
+        from sensplan.planner._costs import Term
+
+        return {"lat": [Term((0, 1, 3), self.table)]}
+
+    def describe(self):
+        return {"name": "lat"}
+
+
+def test_a_huge_plugin_metric_beside_size_stays_exact(formulation):
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        table = rng.uniform(0, 1e12, (3, 3, 3))
+        table[0, 0, 0] = 0.0
+        cm = Costs(synthetic_scan(seed=seed), extra=[_Coupled(table)])
+        for size in (0.3, 0.5):
+            bs = [Budget("size", size, True), Budget("lat", 1e13, False)]
+            ref = brute_force(cm, bs)
+            got = solve(cm, bs)
+            assert objective(cm, got.choice) == pytest.approx(objective(cm, ref.choice), abs=1e-12)
+
+
+def test_near_equal_options_keep_one():
+    """Options whose costs differ in the last digits: exact comparisons keep the cheapest (a
+    tolerance made the relation cyclic and dropped all three)."""
+    from sensplan.planner._costs import Term
+    from sensplan.planner._solver import undominated
+
+    class Near:
+        metrics = ("lat",)
+        name = "lat"
+
+        def terms(self, blocks):
+            return {"lat": [Term((2,), np.array([1 + 1.8e-12, 1 + 0.9e-12, 1.0])), Term((), np.array(10.0))]}
+
+        def describe(self):
+            return {"name": "lat"}
+
+    cm = Costs(synthetic_scan(seed=0), extra=[Near()])
+    keep = undominated(cm, ["lat"], [np.zeros(len(b.options)) for b in cm.blocks])
+    assert keep[2].tolist() == [2]
+    assert all(len(k) >= 1 for k in keep)
