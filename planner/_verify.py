@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sensplan._errors import InfeasibleBudgetError
+from sensplan._errors import InfeasibleBudgetError, InternalError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs
 from sensplan.planner._plan import Z95
@@ -125,6 +125,33 @@ class Verifier:
         self._memo: dict[tuple[str, str, str], Measured] = {}
         self._reference: Any = None  # the original's BatchNorm statistics on ``calib``
         self.counts: Counter[str] = Counter()
+        #: worker processes that measure candidates side by side (see :func:`verifier_from_scan`)
+        self.pool: _Pool | None = None
+
+    def measure_many(self, plan_data: Mapping[str, Any], allocs: Sequence[Mapping[str, Any]], *,
+                     held: bool = True, sample: bool = True, rival: Measured | None = None
+                     ) -> list[tuple[Measured | None, Measured | None]]:
+        """:meth:`measure` for each of ``allocs``: side by side on the worker processes where the
+        verifier has them (each rebuilt from the scan, measuring as this one would), else in turn."""
+        if self.pool is None or len(allocs) < 2:
+            return [self.measure(plan_data, a, held=held, sample=sample, rival=rival) for a in allocs]
+        self._prepare(plan_data["task"]["name"])
+        futures = [self.pool.submit(plan_data, a, held, sample, rival) for a in allocs]
+        out = []
+        for f in futures:
+            result, memo, counts = f.result()
+            for key, m in memo.items():
+                self._memo.setdefault(key, m)
+            self.counts.update(counts)
+            self.counts["measurements on workers"] += counts.get("measurements", 0)
+            out.append(result)
+        return out
+
+    def close(self) -> None:
+        """Stop the worker processes (a later :meth:`measure_many` measures in turn)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def _prepare(self, task_name: str) -> None:
         if task_name == self._task_name:
@@ -463,10 +490,11 @@ def _measure_uniform(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequen
         unis.sort(key=lambda u: (u.predicted_drop, u.costs.get(metric, 0.0)))
     else:
         unis.sort(key=lambda u: (u.costs.get(metric, 0.0), u.predicted_drop))
-    for u in unis[:MAX_UNIFORM]:
-        ualloc = uniform_allocation(cm, u, scan)
-        # uniform candidates compete on the held-out split only (the sample too when there is none)
-        sample, held = verifier.measure(data, ualloc, sample=False, rival=rival)
+    chosen = unis[:MAX_UNIFORM]
+    allocs = [uniform_allocation(cm, u, scan) for u in chosen]
+    # uniform candidates compete on the held-out split only (the sample too when there is none)
+    measured = verifier.measure_many(data, allocs, sample=False, rival=rival)
+    for u, ualloc, (sample, held) in zip(chosen, allocs, measured, strict=True):
         label = uniform_label(cm, u)
         candidates.append({"name": f"uniform {label}", "kind": "uniform", "alloc": ualloc,
                            "sample": sample, "held": held, "costs": u.costs})
@@ -689,11 +717,15 @@ class _Correction:
 
 def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool = False,
                        holdout: Any = None, holdout_samples: int | None = 5000,
-                       device: str | torch.device | None = None) -> tuple[Verifier, list[str]]:
+                       device: str | torch.device | None = None, workers: int = 1) -> tuple[Verifier, list[str]]:
     """The model, sample and calibration data the scan measured, rebuilt from what ``scan.json``
     records (each checked against its digest), plus a held-out split: ``holdout`` (a DataSpec), or
     else up to ``holdout_samples`` items of the scan's data that neither the sample nor the
-    calibration used. Returns the verifier and notes for the user."""
+    calibration used. Returns the verifier and notes for the user.
+
+    With ``workers`` > 1 (and a scan read from a file), the uniform candidates are measured side by
+    side in that many spawned processes, each rebuilding the same verifier from the file (on a
+    machine with GPUs, one GPU each in turn); call :meth:`Verifier.close` when done."""
     from sensplan._errors import UserInputError
     from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
 
@@ -747,6 +779,12 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     verifier = Verifier(model, data, calib, held, report=report, model_spec=spec, device=device,
                         dtype=dtype if isinstance(dtype, torch.dtype) else None)
     verifier.held_draw = draw if report is not None else None
+    if workers > 1 and scan.path:
+        verifier.pool = _Pool(workers, {"scan": os.path.abspath(scan.path), "weights": weights,
+                                        "allow_pickle": allow_pickle, "holdout": holdout,
+                                        "holdout_samples": holdout_samples, "device": device})
+    elif workers > 1:
+        notes.append("the scan was not read from a file, so its verification runs in this process only")
     got = verifier.baseline(scan.data["task"]["name"])["sample"]
     if abs(got - float(scan.baseline["score"])) > 1e-6:
         notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "
@@ -858,3 +896,64 @@ def _max_drop_verdict(winner: Mapping[str, Any], candidates: Sequence[Mapping[st
     else:
         text += "; no planned round measured within the max-drop"
     return text
+
+
+class _Pool:
+    """Spawned processes that each rebuild the verifier from ``scan.json`` (:func:`verifier_from_scan`
+    with ``args``) and measure allocations on it; each returns its result with the measurements it
+    added to its memo, so the main verifier reuses them as its own."""
+
+    def __init__(self, workers: int, args: Mapping[str, Any]) -> None:
+        import multiprocessing
+
+        import torch
+
+        self.workers = workers
+        gpus = torch.cuda.device_count() if args.get("device") is None or str(args["device"]).startswith("cuda") else 0
+        threads = max(1, torch.get_num_threads() // workers)
+        ctx = multiprocessing.get_context("spawn")
+        self._counter = ctx.Value("i", 0)
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
+                                             initargs=(dict(args), threads, gpus, self._counter))
+
+    def submit(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], held: bool, sample: bool,
+               rival: Measured | None) -> Any:
+        return self._executor.submit(_pool_measure, dict(plan_data), dict(alloc), held, sample, rival)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+_POOL_VERIFIER: Verifier | None = None
+
+
+def _pool_init(args: dict[str, Any], threads: int, gpus: int, counter: Any) -> None:
+    global _POOL_VERIFIER
+    import torch
+
+    from sensplan._tables import Scan
+
+    torch.set_num_threads(threads)
+    with counter.get_lock():
+        rank = counter.value
+        counter.value += 1
+    device = args.pop("device")
+    if device is None and gpus:
+        device = f"cuda:{rank % gpus}"
+    elif device is not None and str(device) == "cuda" and gpus:
+        device = f"cuda:{rank % gpus}"
+    _POOL_VERIFIER, _ = verifier_from_scan(Scan.load(args.pop("scan")), device=device, **args)
+
+
+def _pool_measure(plan_data: dict[str, Any], alloc: dict[str, Any], held: bool, sample: bool,
+                  rival: Measured | None) -> tuple[tuple[Measured | None, Measured | None],
+                                                   dict[tuple[str, str, str], Measured], Counter[str]]:
+    v = _POOL_VERIFIER
+    if v is None:  # pragma: no cover - the pool's initializer sets it
+        raise InternalError("a verification worker was used before it was initialised")
+    before, counts = set(v._memo), Counter(v.counts)
+    result = v.measure(plan_data, alloc, held=held, sample=sample, rival=rival)
+    added = {k: m for k, m in v._memo.items() if k not in before}
+    return result, added, v.counts - counts

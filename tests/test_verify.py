@@ -459,3 +459,33 @@ def test_every_head_of_the_held_out_split_is_stratified():
     for n in (100, 250, 500):
         counts = torch.bincount(mixed.y[:n], minlength=3).tolist()
         assert all(abs(c - n * share) <= 1 for c, share in zip(counts, (0.6, 0.3, 0.1), strict=True))
+
+
+def test_plan_workers_measure_the_uniform_candidates_as_one_process_does(tmp_path, capsys):
+    """`sensplan plan --workers 2`: the uniform candidates go to two spawned processes that rebuild
+    the verifier from scan.json; every measurement in plan.json equals the single process's."""
+    from sensplan.cli import main
+    from tests.conftest import seeded_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8,4,2",
+                 "--ratios", "0.25,0.5", "--threads", "1", "--out", str(tmp_path / "scan.json")]) == 0
+    plans = {}
+    for workers in (1, 2):
+        out = tmp_path / f"plan{workers}.json"
+        assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--threads", "1",
+                     "--verify-rounds", "1", "--holdout-samples", "200", "--workers", str(workers),
+                     "--out", str(out)]) == 0
+        plans[workers] = json.loads(out.read_text())
+    one, two = plans[1]["verification"], plans[2]["verification"]
+    assert len(one["uniform"]) >= 2  # something to spread
+    assert two["measurements"].get("measurements on workers", 0) >= 2
+    assert "measurements on workers" not in one["measurements"]
+    assert [u["held_out"] for u in two["uniform"]] == [u["held_out"] for u in one["uniform"]]
+    assert two["verdict"] == one["verdict"]
+    assert plans[2]["plans"]["planned"]["verified"] == plans[1]["plans"]["planned"]["verified"]
+    assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--workers", "0",
+                 "--out", str(tmp_path / "p0.json")]) == 2
+    assert "--workers" in capsys.readouterr().err

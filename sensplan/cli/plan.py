@@ -55,6 +55,9 @@ def register(sub: SubParsers) -> None:
                    help="the scan's checkpoint, if it moved (checked against the scan's sha256)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="allow a pickle:FILE model spec (trusted files only)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="measure the uniform candidates side by side on N local worker processes, each "
+                        "rebuilding the model and data from scan.json (on GPUs: one each in turn)")
     add_runtime_args(p, dtype=False)
     p.add_argument("--out", default="plan.json", metavar="FILE",
                    help="where to write the plan (default plan.json)")
@@ -246,6 +249,7 @@ def main(args: argparse.Namespace) -> int:
     if scan is not None and inputs is not None:  # macs=2 (2 MACs) is caught before any work
         problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.models(scan), inputs.signal))
     check_verify(args, problems)
+    problems.at_least(args.workers, 1, "--workers")
     if not args.no_verify:  # --no-verify stays torch-free
         check_runtime_args(args, problems)
     check_file_out(problems, args.out, "plan.json")
@@ -261,8 +265,12 @@ def main(args: argparse.Namespace) -> int:
         verifier, notes = verifier_from_scan(need(scan), weights=args.weights, allow_pickle=args.allow_pickle,
                                              holdout=args.holdout_data,
                                              holdout_samples=args.holdout_samples or None,
-                                             device=args.device)
-    execute(need(scan), need(inputs), Path(args.out), verifier, args.verify_rounds, notes,
-            started if verifier is not None else None)
+                                             device=args.device, workers=args.workers)
+    try:
+        execute(need(scan), need(inputs), Path(args.out), verifier, args.verify_rounds, notes,
+                started if verifier is not None else None)
+    finally:
+        if verifier is not None:
+            verifier.close()
     print(os.fspath(args.out))
     return 0
