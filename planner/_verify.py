@@ -909,7 +909,7 @@ class _Pool:
         import torch
 
         self.workers = workers
-        gpus = torch.cuda.device_count() if args.get("device") is None or str(args["device"]).startswith("cuda") else 0
+        gpus = torch.cuda.device_count() if str(args.get("device")).startswith("cuda") else 0
         threads = max(1, torch.get_num_threads() // workers)
         ctx = multiprocessing.get_context("spawn")
         self._counter = ctx.Value("i", 0)
@@ -940,9 +940,7 @@ def _pool_init(args: dict[str, Any], threads: int, gpus: int, counter: Any) -> N
         rank = counter.value
         counter.value += 1
     device = args.pop("device")
-    if device is None and gpus:
-        device = f"cuda:{rank % gpus}"
-    elif device is not None and str(device) == "cuda" and gpus:
+    if device is not None and str(device) == "cuda" and gpus:  # the GPUs in turn; cuda:K pins all to K
         device = f"cuda:{rank % gpus}"
     _POOL_VERIFIER, _ = verifier_from_scan(Scan.load(args.pop("scan")), device=device, **args)
 
