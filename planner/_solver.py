@@ -25,6 +25,7 @@ import itertools
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -514,12 +515,15 @@ class _Problem:
         self.gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
         x = res.x
         if res.status == 1:  # the time ran out: also round the relaxation, keep the better plan
-            rounded = self._rounded(cost, constraints, integrality, min(max(time_limit, 1.0), 10.0))
+            # and improve it, in at most min(time_limit, 30 s) more (at least 1 s)
+            deadline = time.perf_counter() + min(max(time_limit, 1.0), 30.0)
+            rounded = self._rounded(cost, constraints, integrality, (deadline - time.perf_counter()) / 3)
             if rounded is not None and (x is None or rounded[1] < float(res.fun) - 1e-12):
                 x = rounded[0]
                 self.status = ("not proven optimal (the time limit ran out; channel groups fixed at the "
                                "LP relaxation's choice, the rest solved)")
             if x is not None:
+                x = self._improved(x, cost, constraints, integrality, deadline - time.perf_counter())
                 best = float(cost @ x)
                 bounds = [float(v) for v in (getattr(res, "mip_dual_bound", None), rounded[2] if rounded else None)
                           if v is not None and np.isfinite(v)]
@@ -533,6 +537,41 @@ class _Problem:
             vals = x[self.offset[bi]: self.offset[bi] + self.sizes[bi]]
             choice[bi] = int(self.keep[bi][int(np.argmax(vals))])
         return choice
+
+    def _improved(self, x: np.ndarray, cost: np.ndarray, constraints: list[LinearConstraint],
+                  integrality: np.ndarray, seconds: float) -> np.ndarray:
+        """A plan at least as good as ``x``: windows of consecutive channel groups (a quarter of them,
+        then an eighth, ...) are freed in turn with every other group fixed at ``x``'s choice, and
+        each small MILP is solved exactly (with most groups integral, its relaxation is tight), until
+        ``seconds`` run out or a pass improves nothing."""
+        groups = [bi for bi, b in enumerate(self.cm.blocks) if b.kind == "group" and self.sizes[bi] > 1]
+        if not groups:
+            return x
+        deadline = time.perf_counter() + seconds
+        width = max(1, len(groups) // 4)
+        best = float(cost @ x)
+        while width >= 1 and time.perf_counter() < deadline:
+            improved = False
+            for start in range(0, len(groups), max(1, width // 2)):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                free = set(groups[start: start + width])
+                lower, upper = self.lower.copy(), self.upper.copy()
+                for bi in groups:
+                    if bi in free:
+                        continue
+                    o0 = self.offset[bi]
+                    pick = o0 + int(np.argmax(x[o0: o0 + self.sizes[bi]]))
+                    upper[o0: o0 + self.sizes[bi]] = 0.0
+                    lower[pick] = upper[pick] = 1.0
+                res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
+                            options={"time_limit": left, "mip_rel_gap": 1e-9})
+                if res.x is not None and float(res.fun) < best - 1e-12 * max(1.0, abs(best)):
+                    x, best, improved = res.x, float(res.fun), True
+            if not improved:
+                width //= 2
+        return x
 
     def _rounded(self, cost: np.ndarray, constraints: list[LinearConstraint], integrality: np.ndarray,
                  time_limit: float) -> tuple[np.ndarray, float, float] | None:
