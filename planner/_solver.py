@@ -517,7 +517,7 @@ class _Problem:
         if res.status == 1:  # the time ran out: also round the relaxation, keep the better plan
             # and improve it, in at most min(time_limit, 30 s) more (at least 1 s)
             deadline = time.perf_counter() + min(max(time_limit, 1.0), 30.0)
-            rounded = self._rounded(cost, constraints, integrality, (deadline - time.perf_counter()) / 3)
+            rounded = self._rounded(cost, constraints, integrality, deadline)
             if rounded is not None and (x is None or rounded[1] < float(res.fun) - 1e-12):
                 x = rounded[0]
                 self.status = ("not proven optimal (the time limit ran out; channel groups fixed at the "
@@ -566,7 +566,7 @@ class _Problem:
                     upper[o0: o0 + self.sizes[bi]] = 0.0
                     lower[pick] = upper[pick] = 1.0
                 res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
-                            options={"time_limit": left, "mip_rel_gap": 1e-9})
+                            options={"time_limit": min(left, max(1.0, seconds / 8)), "mip_rel_gap": 1e-9})
                 if res.x is not None and float(res.fun) < best - 1e-12 * max(1.0, abs(best)):
                     x, best, improved = res.x, float(res.fun), True
             if not improved:
@@ -574,14 +574,15 @@ class _Problem:
         return x
 
     def _rounded(self, cost: np.ndarray, constraints: list[LinearConstraint], integrality: np.ndarray,
-                 time_limit: float) -> tuple[np.ndarray, float, float] | None:
+                 deadline: float) -> tuple[np.ndarray, float, float] | None:
         """A solution found without the proof, with its objective and the LP relaxation's (a lower
         bound): each channel group fixed at its largest share in the LP relaxation, the rest solved
         exactly (with the groups integral, every chain is exact and its relaxation tight); where that
         is infeasible, each group at the most compressive option the relaxation uses (no cost that
-        falls with compression is then above the relaxation's). None if neither finds a plan."""
+        falls with compression is then above the relaxation's). None if neither finds a plan by
+        ``deadline`` (each solve gets at least a second)."""
         relaxed = _milp(cost, constraints=constraints, bounds=Bounds(self.lower, self.upper),
-                        options={"time_limit": time_limit})
+                        options={"time_limit": max(1.0, deadline - time.perf_counter())})
         if relaxed.x is None:
             return None
         for most in (False, True):
@@ -600,7 +601,7 @@ class _Problem:
                 upper[o0: o0 + self.sizes[bi]] = 0.0
                 lower[o0 + pick] = upper[o0 + pick] = 1.0
             res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
-                        options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
+                        options={"time_limit": max(1.0, deadline - time.perf_counter()), "mip_rel_gap": 1e-9})
             if res.x is not None:
                 return res.x, float(res.fun), float(relaxed.fun)
         return None

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sensplan._errors import InfeasibleBudgetError, InternalError
+from sensplan._errors import InfeasibleBudgetError, UserInputError
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs
 from sensplan.planner._plan import Z95
@@ -132,19 +132,28 @@ class Verifier:
                      held: bool = True, sample: bool = True, rival: Measured | None = None
                      ) -> list[tuple[Measured | None, Measured | None]]:
         """:meth:`measure` for each of ``allocs``: side by side on the worker processes where the
-        verifier has them (each rebuilt from the scan, measuring as this one would), else in turn."""
+        verifier has them (each rebuilt from the scan, measuring as this one would), else in turn.
+        An allocation this verifier measured before (any split, a race's head included) is answered
+        here, from what it has, as :meth:`measure` would."""
         if self.pool is None or len(allocs) < 2:
             return [self.measure(plan_data, a, held=held, sample=sample, rival=rival) for a in allocs]
         self._prepare(plan_data["task"]["name"])
-        futures = [self.pool.submit(plan_data, a, held, sample, rival) for a in allocs]
+        seen = {(k[0], k[2]) for k in self._memo}
+        remote = [_alloc_key(plan_data, a) not in seen for a in allocs]
+        sent = _on_device(rival, "cpu")
+        futures = {i: self.pool.submit(plan_data, a, held, sample, sent)
+                   for i, a in enumerate(allocs) if remote[i]}
         out = []
-        for f in futures:
-            result, memo, counts = f.result()
+        for i, a in enumerate(allocs):
+            if i not in futures:
+                out.append(self.measure(plan_data, a, held=held, sample=sample, rival=rival))
+                continue
+            result, memo, counts = self.pool.result(futures[i])
             for key, m in memo.items():
-                self._memo.setdefault(key, m)
+                self._memo.setdefault(key, _on_device(m, self.device) or m)
             self.counts.update(counts)
             self.counts["measurements on workers"] += counts.get("measurements", 0)
-            out.append(result)
+            out.append((_on_device(result[0], self.device), _on_device(result[1], self.device)))
         return out
 
     def close(self) -> None:
@@ -780,7 +789,7 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
                         dtype=dtype if isinstance(dtype, torch.dtype) else None)
     verifier.held_draw = draw if report is not None else None
     if workers > 1 and scan.path:
-        verifier.pool = _Pool(workers, {"scan": os.path.abspath(scan.path), "weights": weights,
+        verifier.pool = _Pool(workers, {"scan": os.path.abspath(scan.path), "sha256": scan.sha256, "weights": weights,
                                         "allow_pickle": allow_pickle, "holdout": holdout,
                                         "holdout_samples": holdout_samples, "device": device})
     elif workers > 1:
@@ -898,23 +907,31 @@ def _max_drop_verdict(winner: Mapping[str, Any], candidates: Sequence[Mapping[st
     return text
 
 
+def _on_device(m: Measured | None, device: Any) -> Measured | None:
+    """``m`` with its per-sample scores on ``device`` (they cross processes on the CPU)."""
+    if m is None or m.per_sample is None or not hasattr(m.per_sample, "to"):
+        return m
+    return dataclasses.replace(m, per_sample=m.per_sample.to(device))
+
+
 class _Pool:
     """Spawned processes that each rebuild the verifier from ``scan.json`` (:func:`verifier_from_scan`
-    with ``args``) and measure allocations on it; each returns its result with the measurements it
-    added to its memo, so the main verifier reuses them as its own."""
+    with ``args``; the file checked against the sha256 the main process read) and measure
+    allocations on it; each returns its result with the measurements it added to its memo, so the
+    main verifier reuses them as its own."""
 
     def __init__(self, workers: int, args: Mapping[str, Any]) -> None:
         import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         import torch
 
         self.workers = workers
+        self.scan = str(args["scan"])
         gpus = torch.cuda.device_count() if str(args.get("device")).startswith("cuda") else 0
         threads = max(1, torch.get_num_threads() // workers)
         ctx = multiprocessing.get_context("spawn")
         self._counter = ctx.Value("i", 0)
-        from concurrent.futures import ProcessPoolExecutor
-
         self._executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
                                              initargs=(dict(args), threads, gpus, self._counter))
 
@@ -922,17 +939,30 @@ class _Pool:
                rival: Measured | None) -> Any:
         return self._executor.submit(_pool_measure, dict(plan_data), dict(alloc), held, sample, rival)
 
+    def result(self, future: Any) -> Any:
+        """A measurement's result; a worker that died is one clear error."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise UserInputError(
+                f"A verification worker stopped (killed, or out of memory) while measuring the uniform "
+                f"candidates of {self.scan}. Plan again without --workers, or with fewer.") from None
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
 _POOL_VERIFIER: Verifier | None = None
+_POOL_ERROR = ""
 
 
 def _pool_init(args: dict[str, Any], threads: int, gpus: int, counter: Any) -> None:
-    global _POOL_VERIFIER
+    global _POOL_VERIFIER, _POOL_ERROR
     import torch
 
+    from sensplan._errors import SensplanError
     from sensplan._tables import Scan
 
     torch.set_num_threads(threads)
@@ -942,16 +972,25 @@ def _pool_init(args: dict[str, Any], threads: int, gpus: int, counter: Any) -> N
     device = args.pop("device")
     if device is not None and str(device) == "cuda" and gpus:  # the GPUs in turn; cuda:K pins all to K
         device = f"cuda:{rank % gpus}"
-    _POOL_VERIFIER, _ = verifier_from_scan(Scan.load(args.pop("scan")), device=device, **args)
+    path, sha = args.pop("scan"), args.pop("sha256")
+    try:
+        scan = Scan.load(path)
+        if sha and scan.sha256 != sha:
+            raise UserInputError(f"{path} changed since planning started")
+        _POOL_VERIFIER, _ = verifier_from_scan(scan, device=device, **args)
+    except (SensplanError, OSError, ValueError, RuntimeError) as e:  # reported by the first measurement
+        _POOL_ERROR = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _pool_measure(plan_data: dict[str, Any], alloc: dict[str, Any], held: bool, sample: bool,
                   rival: Measured | None) -> tuple[tuple[Measured | None, Measured | None],
                                                    dict[tuple[str, str, str], Measured], Counter[str]]:
     v = _POOL_VERIFIER
-    if v is None:  # pragma: no cover - the pool's initializer sets it
-        raise InternalError("a verification worker was used before it was initialised")
+    if v is None:
+        raise UserInputError(f"A verification worker could not rebuild the verifier: {_POOL_ERROR}. Plan "
+                             f"without --workers, or fix the cause.")
     before, counts = set(v._memo), Counter(v.counts)
-    result = v.measure(plan_data, alloc, held=held, sample=sample, rival=rival)
-    added = {k: m for k, m in v._memo.items() if k not in before}
-    return result, added, v.counts - counts
+    result = v.measure(plan_data, alloc, held=held, sample=sample, rival=_on_device(rival, v.device))
+    added = {k: _on_device(m, "cpu") for k, m in v._memo.items() if k not in before}
+    cpu = (_on_device(result[0], "cpu"), _on_device(result[1], "cpu"))
+    return cpu, added, v.counts - counts  # type: ignore[return-value]

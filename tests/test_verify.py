@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from sensplan import UserInputError
 from sensplan.planner import Budget, Verifier, make_plan
 from sensplan.sensitivity import ScanConfig, WeightMethod, scan
 from sensplan.sensitivity._data import EvalSet
@@ -489,3 +490,26 @@ def test_plan_workers_measure_the_uniform_candidates_as_one_process_does(tmp_pat
     assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--workers", "0",
                  "--out", str(tmp_path / "p0.json")]) == 2
     assert "--workers" in capsys.readouterr().err
+
+    # planning again with the same verifier: what it measured is reused, nothing goes to the workers
+    from sensplan._tables import Scan
+    from sensplan.planner import verifier_from_scan
+
+    table = Scan.load(tmp_path / "scan.json")
+    verifier, _ = verifier_from_scan(table, holdout_samples=200, workers=2)
+    try:
+        first = make_plan(table, [Budget.parse("size=0.3")], verifier=verifier, rounds=1).data["verification"]
+        again = make_plan(table, [Budget.parse("size=0.3")], verifier=verifier, rounds=1).data["verification"]
+    finally:
+        verifier.close()
+    assert [u["held_out"] for u in again["uniform"]] == [u["held_out"] for u in first["uniform"]]
+    assert "measurements on workers" not in again["measurements"] and again["measurements"]["measurements reused"]
+
+    # scan.json rewritten after the verifier read it: the workers refuse, in one line
+    verifier, _ = verifier_from_scan(table, holdout_samples=200, workers=2)
+    (tmp_path / "scan.json").write_text((tmp_path / "scan.json").read_text() + "\n")
+    try:
+        with pytest.raises(UserInputError, match="changed since planning started"):
+            make_plan(table, [Budget.parse("size=0.3")], verifier=verifier, rounds=1)
+    finally:
+        verifier.close()
