@@ -53,6 +53,7 @@ def _quiet_stdout() -> Iterator[None]:
     global _quiet_depth, _quiet_saved
     with _QUIET:
         if _quiet_depth == 0:
+            saved = -1
             try:
                 flush = getattr(sys.stdout, "flush", None)
                 if flush is not None:
@@ -64,6 +65,8 @@ def _quiet_stdout() -> Iterator[None]:
                 finally:
                     os.close(null)
             except (OSError, ValueError):  # no file descriptor 1 to keep clean (an embedding host)
+                if saved >= 0:
+                    os.close(saved)
                 saved = -1
             _quiet_saved = saved
         _quiet_depth += 1
@@ -196,10 +199,6 @@ class _Chain:
     lows: list[np.ndarray]  # per step j >= 2: the range of s_{j-1}
     highs: list[np.ndarray]
     offsets: list[int]  # per step j >= 2: the first w column (set by the problem)
-
-    @property
-    def n_vars(self) -> int:
-        return sum(c.shape[0] * c.shape[1] for c in self.cores[1:])
 
     @staticmethod
     def build(factors: tuple[int, ...], head: int, table: np.ndarray) -> _Chain | None:
