@@ -271,6 +271,11 @@ class PrefixCache:
 
     # -- what a probe changed --------------------------------------------------------------------
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """The copies of the model's parameters and buffers this cache compares probes against
+        (by name; empty when it took none): others that need the same copies reuse them."""
+        return {n: copy for n, (_, copy) in getattr(self, "tensors", {}).items()}
+
     def _snapshot(self) -> None:
         self.mod_ids = {n: id(m) for n, m in self.model.named_modules()}
         self.hooks = {n: _hook_keys(m) for n, m in self.model.named_modules()}

@@ -253,7 +253,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     spill_root = None
     if cfg.fast:
         fisher = fisher_diagonal(model, ctx.calibration_inputs(cfg.fast_samples), seed=0)
-        estimator = ProbeEstimator(model, fisher)
+        estimator = ProbeEstimator(model, fisher, snapshot=cache.snapshot())
     try:
         if spread_out:
             import tempfile
