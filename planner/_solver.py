@@ -282,13 +282,12 @@ def undominated(cm: Costs, metrics: Sequence[str], objective: Sequence[np.ndarra
 class _Problem:
     """The MILP's variables and rows: a binary per kept (block, option) (``keep``: by default every
     option); per coupled factor tuple either continuous ``z`` over the product of its options (small
-    tables) or a :class:`_Chain`; one continuous variable per learned penalty. ``dense_max`` sets
+    tables) or a :class:`_Chain`; one continuous variable per learned penalty. :data:`DENSE_MAX` sets
     which (0: every coupled term over three or more blocks as a chain; the tests solve both ways)."""
 
-    def __init__(self, cm: Costs, metrics: Sequence[str] | None = None, dense_max: int | None = None,
+    def __init__(self, cm: Costs, metrics: Sequence[str] | None = None,
                  keep: Sequence[np.ndarray] | None = None) -> None:
         self.cm = cm
-        dense_max = DENSE_MAX if dense_max is None else dense_max
         self.keep = [np.arange(len(b.options)) for b in cm.blocks] if keep is None else [np.asarray(k) for k in keep]
         self.sizes = [len(k) for k in self.keep]
         #: column of (block, original option index); -1 where the option was left out
@@ -327,7 +326,7 @@ class _Problem:
         for factors, per in stacked.items():
             size = int(np.prod([self.sizes[f] for f in factors]))
             chain = None
-            if size > dense_max and len(factors) > 2:
+            if size > DENSE_MAX and len(factors) > 2:
                 shape = next(iter(per.values())).shape
                 table = np.stack([per.get(m, np.zeros(shape)) / self.scale[m] for m in self.metrics], axis=-1)
                 chain = self._chain(factors, table)
@@ -556,14 +555,8 @@ class _Problem:
                 if left <= 0:
                     break
                 free = set(groups[start: start + width])
-                lower, upper = self.lower.copy(), self.upper.copy()
-                for bi in groups:
-                    if bi in free:
-                        continue
-                    o0 = self.offset[bi]
-                    pick = o0 + int(np.argmax(x[o0: o0 + self.sizes[bi]]))
-                    upper[o0: o0 + self.sizes[bi]] = 0.0
-                    lower[pick] = upper[pick] = 1.0
+                lower, upper = self._fixed({bi: int(np.argmax(x[self.offset[bi]: self.offset[bi] + self.sizes[bi]]))
+                                            for bi in groups if bi not in free})
                 res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
                             options={"time_limit": min(left, max(1.0, seconds / 8)), "mip_rel_gap": 1e-9})
                 if res.x is not None and float(res.fun) < best - 1e-12 * max(1.0, abs(best)):
@@ -571,6 +564,15 @@ class _Problem:
             if not improved:
                 width //= 2
         return x
+
+    def _fixed(self, picks: Mapping[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The variable bounds with each block in ``picks`` fixed at that (kept) option."""
+        lower, upper = self.lower.copy(), self.upper.copy()
+        for bi, pick in picks.items():
+            o0 = self.offset[bi]
+            upper[o0: o0 + self.sizes[bi]] = 0.0
+            lower[o0 + pick] = upper[o0 + pick] = 1.0
+        return lower, upper
 
     def _rounded(self, cost: np.ndarray, constraints: list[LinearConstraint], integrality: np.ndarray,
                  deadline: float) -> tuple[np.ndarray, float, float] | None:
@@ -585,20 +587,18 @@ class _Problem:
         if relaxed.x is None:
             return None
         for most in (False, True):
-            lower, upper = self.lower.copy(), self.upper.copy()
+            picks = {}
             for bi, b in enumerate(self.cm.blocks):
                 if b.kind != "group":
                     continue
-                o0 = self.offset[bi]
-                share = relaxed.x[o0: o0 + self.sizes[bi]]
+                share = relaxed.x[self.offset[bi]: self.offset[bi] + self.sizes[bi]]
                 if most:  # the most channels removed among the options the relaxation uses
                     removed = [float(b.options[o].effect.get("removed", 0)) for o in self.keep[bi]]
                     used = np.flatnonzero(share > 1e-9)
-                    pick = int(used[int(np.argmax([removed[u] for u in used]))]) if used.size else 0
+                    picks[bi] = int(used[int(np.argmax([removed[u] for u in used]))]) if used.size else 0
                 else:
-                    pick = int(np.argmax(share))
-                upper[o0: o0 + self.sizes[bi]] = 0.0
-                lower[o0 + pick] = upper[o0 + pick] = 1.0
+                    picks[bi] = int(np.argmax(share))
+            lower, upper = self._fixed(picks)
             res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),
                         options={"time_limit": max(1.0, deadline - time.perf_counter()), "mip_rel_gap": 1e-9})
             if res.x is not None:

@@ -928,12 +928,11 @@ class _Pool:
 
         self.workers = workers
         self.scan = str(args["scan"])
-        gpus = torch.cuda.device_count() if str(args.get("device")).startswith("cuda") else 0
         threads = max(1, torch.get_num_threads() // workers)
         ctx = multiprocessing.get_context("spawn")
         self._counter = ctx.Value("i", 0)
         self._executor = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
-                                             initargs=(dict(args), threads, gpus, self._counter))
+                                             initargs=(dict(args), threads, self._counter))
 
     def submit(self, plan_data: Mapping[str, Any], alloc: Mapping[str, Any], held: bool, sample: bool,
                rival: Measured | None) -> Any:
@@ -958,20 +957,21 @@ _POOL_VERIFIER: Verifier | None = None
 _POOL_ERROR = ""
 
 
-def _pool_init(args: dict[str, Any], threads: int, gpus: int, counter: Any) -> None:
+def _pool_init(args: dict[str, Any], threads: int, counter: Any) -> None:
     global _POOL_VERIFIER, _POOL_ERROR
     import torch
 
     from sensplan._errors import SensplanError
     from sensplan._tables import Scan
+    from sensplan.sensitivity import device_in_turn
 
     torch.set_num_threads(threads)
     with counter.get_lock():
         rank = counter.value
         counter.value += 1
     device = args.pop("device")
-    if device is not None and str(device) == "cuda" and gpus:  # the GPUs in turn; cuda:K pins all to K
-        device = f"cuda:{rank % gpus}"
+    if device is not None:  # the scan workers' rule: "cuda" is the GPUs in turn, cuda:K pins all to K
+        device = device_in_turn(device, rank)
     path, sha = args.pop("scan"), args.pop("sha256")
     try:
         scan = Scan.load(path)

@@ -54,6 +54,7 @@ from sensplan.sensitivity._scan import (
     scan,
 )
 from sensplan.sensitivity._sparse import from_rows, magnitude_mask, nm_mask, to_rows
+from sensplan.sensitivity._workers import device_in_turn
 from sensplan.sensitivity.methods import (
     METHODS,
     Method,
@@ -102,6 +103,7 @@ __all__ = [
     "dequantize",
     "dequantize_codes",
     "describe_model",
+    "device_in_turn",
     "device_of",
     "evaluate",
     "execution_order",

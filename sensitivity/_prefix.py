@@ -93,6 +93,10 @@ def _hook_keys(mod: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)
 
 
+#: the count of probes run from a cut unchecked (the check values did not fit)
+UNCHECKED = "probes unchecked (the check values exceed a quarter of --cache-mb)"
+
+
 class PrefixCache:
     """The prefix cache of one scan: ``forward(x)`` runs ``model`` on ``x`` (a batch sliced from one
     of ``bases``, the scan's data tensors) from the current cut (:meth:`probing`), or in full.
@@ -132,7 +136,7 @@ class PrefixCache:
                     self._check = self._check[:k]
                     break
             else:
-                self.counts["probes unchecked (the check values exceed a quarter of --cache-mb)"] = 0
+                self.counts[UNCHECKED] = 0
         except _Unusable as e:
             self.reason = str(e)
         except Exception as e:  # noqa: BLE001 - the user's model: anything torch.fx cannot follow
@@ -353,7 +357,7 @@ class PrefixCache:
 
     def _checks(self, cut: int) -> bool:
         if self._check_values is None:  # the check values did not fit: the placement is trusted
-            self.counts["probes unchecked (the check values exceed a quarter of --cache-mb)"] += 1
+            self.counts[UNCHECKED] += 1
             return True
         values = self._check_values.get(cut)
         if values is None:

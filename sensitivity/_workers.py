@@ -81,6 +81,15 @@ def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: An
                    [(m.name, u, _setting_key(s)) for m, u, s in todo], methods, spill_root)
 
 
+def device_in_turn(device: str | torch.device, rank: int) -> torch.device:
+    """Local worker ``rank``'s device: a CUDA device without an index means one GPU each in turn
+    (``cuda:K`` pins every worker to GPU K)."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return dev
+
+
 class _Worker:
     """One worker's scan: built from a payload, measures probes by index."""
 
@@ -95,9 +104,7 @@ class _Worker:
         for name, cls in p.methods.items():  # methods registered at run time in the main process
             if name not in METHODS.names():
                 METHODS.register(cls)
-        dev = torch.device(p.device)
-        if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
-            dev = torch.device("cuda", rank % torch.cuda.device_count())  # local workers: one GPU each in turn
+        dev = device_in_turn(p.device, rank)
         if p.module is not None:
             model: nn.Module = torch.load(io.BytesIO(p.module), weights_only=False)
         else:
