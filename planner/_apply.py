@@ -36,6 +36,7 @@ from sensplan.sensitivity import (
     architecture_digest,
     batchnorm_state_restored,
     batchnorm_statistics,
+    channel_graph,
     count_macs,
     device_of,
     recalibrate_batchnorm_,
@@ -105,7 +106,7 @@ def check_compatible(model: nn.Module, plan: Plan, example_input: torch.Tensor |
                         f"The plan's {name!r} allocation applies {method} to {missing[:3]}, which this "
                         f"model does not have. Was the plan made from a scan of this model?")
             elif example_input is not None and units:
-                graph = graph or PruningGraph(model, example_input)
+                graph = graph or channel_graph(model, example_input)
                 _check_groups(graph, alloc, units)
 
 

@@ -21,7 +21,7 @@ from sensplan.sensitivity._eval import (
     recalibrate_batchnorm_,
     tune_malloc,
 )
-from sensplan.sensitivity._groups import PruningGraph, check_group, count_macs, n_remove_for
+from sensplan.sensitivity._groups import PruningGraph, channel_graph, check_group, count_macs, n_remove_for
 from sensplan.sensitivity._models import (
     ModelSpec,
     architecture_digest,
@@ -82,6 +82,7 @@ __all__ = [
     "ModelSpec",
     "Preprocess",
     "PruningGraph",
+    "channel_graph",
     "QFormat",
     "Scan",
     "ScanConfig",

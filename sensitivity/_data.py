@@ -7,7 +7,12 @@ Data specs:
   it works offline;
 - ``imagefolder:DIR`` or just ``DIR``: a torchvision ``ImageFolder`` tree (``DIR/<class>/<image>``);
 - ``cifar10:ROOT`` or ``cifar10:ROOT:train``: torchvision's CIFAR-10 folder format
-  (``ROOT/cifar-10-batches-py``), test split by default; never downloaded.
+  (``ROOT/cifar-10-batches-py``), test split by default; never downloaded;
+- ``text:FILE``: a plain text file cut into windows of ``seq_len`` tokens (language models);
+- ``jsonl:FILE:FIELD[:LABEL]`` and ``csv:FILE:FIELD[:LABEL]``: one text per record, with an optional
+  label field. Text is tokenized with the tokenizer saved beside the model (``tokenizer``: a
+  Hugging Face model folder, see :mod:`sensplan.sensitivity._hf`) into (batch, 2, tokens) int64
+  inputs: the token ids and the attention mask.
 
 Preprocessing (:class:`Preprocess`): optional resize and center crop, then ``(x - mean) / std`` on
 [0, 1] pixels. Images default to the ImageNet mean/std; digits to mean 0.5, std 0.5.
@@ -30,6 +35,7 @@ from sensplan._errors import DataSpecError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TEXT_KINDS = ("text", "jsonl", "csv")
 _DIGITS_SPLIT_SEED = 0  # fixed, so digits:train and digits:test never overlap across runs
 
 
@@ -89,6 +95,11 @@ class DataSpec:
     preprocess: Preprocess = field(default_factory=Preprocess)
     class_map: tuple[tuple[str, int], ...] | None = None
     skip_unreadable: bool = False
+    #: text data: the record fields (jsonl, csv), the tokenizer's folder and the window length
+    text_field: str = ""
+    label_field: str = ""
+    tokenizer: str = ""
+    seq_len: int = 0
 
     @classmethod
     def parse(cls, text: str, preprocess: Preprocess | None = None) -> DataSpec:
@@ -110,16 +121,36 @@ class DataSpec:
             return cls("cifar10", root, split, pp)
         if head == "imagefolder":
             return cls("imagefolder", rest, "", pp)
+        if head == "text":
+            if not rest:
+                raise DataSpecError("text: needs a file, e.g. --data text:corpus.txt.")
+            return cls("text", rest, "", pp)
+        if head in ("jsonl", "csv"):
+            parts = rest.split(":")
+            if len(parts) not in (2, 3) or not all(parts):
+                raise DataSpecError(f"Use {head}:FILE:TEXT_FIELD or {head}:FILE:TEXT_FIELD:LABEL_FIELD, "
+                                    f"e.g. {head}:reviews.{head}:text:label. Got {text!r}.")
+            return cls(head, parts[0], "", pp, text_field=parts[1],
+                       label_field=parts[2] if len(parts) == 3 else "")
         if os.path.isdir(text):
             return cls("imagefolder", text, "", pp)
         raise DataSpecError(f"The data spec {text!r} is neither an existing directory nor one of "
-                            f"'digits[:train|test]', 'imagefolder:DIR', 'cifar10:ROOT[:train|test]'.")
+                            f"'digits[:train|test]', 'imagefolder:DIR', 'cifar10:ROOT[:train|test]', "
+                            f"'text:FILE', 'jsonl:FILE:FIELD[:LABEL]', 'csv:FILE:FIELD[:LABEL]'.")
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind in TEXT_KINDS
 
     def __str__(self) -> str:
         if self.kind == "digits":
             return f"digits:{self.split}"
         if self.kind == "cifar10":
             return f"cifar10:{self.root}:{self.split}"
+        if self.kind == "text":
+            return f"text:{self.root}"
+        if self.kind in TEXT_KINDS:
+            return ":".join(p for p in (self.kind, self.root, self.text_field, self.label_field) if p)
         return f"imagefolder:{self.root}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +160,9 @@ class DataSpec:
             out["class_map"] = dict(self.class_map)
         if self.skip_unreadable:
             out["skip_unreadable"] = True
+        if self.is_text:
+            out.update(text_field=self.text_field, label_field=self.label_field,
+                       tokenizer=self.tokenizer, seq_len=self.seq_len)
         if self.root and os.path.exists(self.root):  # found again from another working directory
             out["root_resolved"] = os.path.realpath(self.root)
         return out
@@ -155,7 +189,8 @@ class DataSpec:
         return cls(d["kind"], d.get("root", ""), d.get("split", ""),
                    Preprocess.from_dict(d.get("preprocess", {})),
                    tuple((str(k), int(v)) for k, v in cmap.items()) if cmap is not None else None,
-                   bool(d.get("skip_unreadable", False)))
+                   bool(d.get("skip_unreadable", False)), str(d.get("text_field", "")),
+                   str(d.get("label_field", "")), str(d.get("tokenizer", "")), int(d.get("seq_len", 0)))
 
 
 def load_class_map(path: str | os.PathLike[str]) -> tuple[tuple[str, int], ...]:
@@ -286,6 +321,47 @@ class _Normalized(Dataset[tuple[torch.Tensor, int]]):
         return self.x[i], int(self.y[i])
 
 
+class _Tokens(Dataset[tuple[torch.Tensor, int]]):
+    """Tokenized text held in memory: ``x`` (items, 2, tokens) int64 ids and masks, ``y`` labels."""
+
+    def __init__(self, x: torch.Tensor, y: np.ndarray) -> None:
+        self.x = x
+        self.y = torch.from_numpy(y)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+def _open_text(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
+    from sensplan.sensitivity import _hf
+
+    if not spec.tokenizer:
+        raise DataSpecError(f"Text data ({spec}) needs a tokenizer: give a Hugging Face model "
+                            f"(--model hf:DIR, whose folder holds it) or --tokenizer DIR.")
+    if spec.preprocess.resize or spec.preprocess.crop or spec.preprocess.mean:
+        raise DataSpecError("--resize, --crop, --mean and --std apply to images, not text. Drop them.")
+    tok = _hf.load_tokenizer(spec.tokenizer)
+    seq_len = spec.seq_len or min(128, _hf.max_positions(spec.tokenizer) or 128)
+    if spec.kind == "text":
+        p = Path(spec.root)
+        if not p.is_file():
+            raise DataSpecError(f"The text file {spec.root!r} does not exist. Check --data text:FILE.")
+        x = _hf.tokenize_text(p.read_text(encoding="utf-8", errors="replace"), tok, seq_len)
+        y, classes = np.zeros(len(x), dtype=np.int64), ["text"]
+    else:
+        texts, labels = _hf.read_records(spec.kind, spec.root, spec.text_field, spec.label_field or None)
+        x = _hf.tokenize_records(texts, tok, seq_len)
+        if spec.label_field:
+            y, classes = _hf.label_ids(labels, spec.root)
+            y = _mapped(y, classes, spec)
+        else:
+            y, classes = np.zeros(len(x), dtype=np.int64), ["text"]
+    return _Tokens(x, y), y, classes
+
+
 class _Unreadable(NamedTuple):
     """Stands in for an image that cannot be decoded; the main process reports or skips it (an
     exception raised in a DataLoader worker would reach the user wrapped in the worker's traceback)."""
@@ -375,6 +451,8 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
     Labels follow ``spec.class_map`` when it is given. An image folder's dataset returns an
     :class:`_Unreadable` for an image it cannot decode.
     """
+    if spec.is_text:
+        return _open_text(spec)
     if spec.kind == "digits":
         if spec.preprocess.resize or spec.preprocess.crop:
             raise DataSpecError("--resize and --crop apply to image folders and CIFAR-10; the digits "
@@ -506,7 +584,7 @@ def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: 
     idx = candidates[stratified_indices(labels[candidates], n, seed)]
     bad: list[_Unreadable] = []
     unreadable = None
-    if isinstance(ds, _Normalized):
+    if isinstance(ds, (_Normalized, _Tokens)):
         x, y = ds.x[torch.from_numpy(idx)], ds.y[torch.from_numpy(idx)]
     else:
         # the workers only decode; batching and every error happen here, in the main process
@@ -678,7 +756,7 @@ def train_loader(spec: DataSpec, batch_size: int, seed: int, *, augment: bool = 
     if n is not None and n < len(labels):
         ds = Subset(ds, stratified_indices(labels, n, seed).tolist())
     g = torch.Generator().manual_seed(seed)
-    if isinstance(ds, _Normalized):
+    if isinstance(ds, (_Normalized, _Tokens)):
         return _TrainLoader(TensorDataset(ds.x, ds.y), batch_size=batch_size, shuffle=True,
                             generator=g, drop_last=False, num_workers=_workers(workers, len(labels)),
                             collate_fn=_collate, persistent_workers=False, spec=spec,

@@ -867,3 +867,17 @@ def layer_weight_key(name: str, mod: nn.Module) -> str | None:
     if isinstance(mod, nn.MultiheadAttention):
         return f"{name}.in_proj_weight" if mod.in_proj_weight is not None else None
     return f"{name}.weight" if isinstance(getattr(mod, "weight", None), torch.Tensor) else None
+
+
+def channel_graph(model: nn.Module, example_input: torch.Tensor) -> Any:
+    """The channel groups of ``model``: a Hugging Face transformer's attention heads and MLP widths
+    (:class:`~sensplan.sensitivity._transformers.TransformerGraph`, from its module names), else
+    Torch-Pruning's traced :class:`PruningGraph`."""
+    from sensplan.sensitivity._hf import HFModel
+    from sensplan.sensitivity._transformers import TransformerGraph
+
+    if isinstance(model, HFModel):
+        found = TransformerGraph.of(model)
+        if found is not None:
+            return found
+    return PruningGraph(model, example_input)

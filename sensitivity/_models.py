@@ -6,7 +6,9 @@ Model specs:
 - ``sensplan:digits_cnn``: a model from sensplan's own registry (see :func:`list_models`);
 - ``path/to/file.py:factory``: a factory function in a Python file;
 - ``package.module:factory``: a factory function by import path;
-- ``pickle:model.pt``: a whole pickled ``nn.Module`` (runs arbitrary code: needs ``allow_pickle``).
+- ``pickle:model.pt``: a whole pickled ``nn.Module`` (runs arbitrary code: needs ``allow_pickle``);
+- ``hf:DIR`` or ``hf:ORG/NAME``: a Hugging Face ``transformers`` model from a ``save_pretrained``
+  folder or the local hub cache (the ``hf`` extra; see :mod:`sensplan.sensitivity._hf`).
 
 Keyword arguments for the factory are given separately (``kwargs``), e.g. ``{"num_classes": 10}``.
 """
@@ -77,8 +79,8 @@ class ModelSpec:
         if ":" not in self.source:
             raise ModelSpecError(
                 f"The model spec {self.source!r} has no ':'. Use 'torchvision:NAME', "
-                f"'sensplan:NAME', 'path/to/file.py:FACTORY', 'package.module:FACTORY' or "
-                f"'pickle:FILE'.")
+                f"'sensplan:NAME', 'path/to/file.py:FACTORY', 'package.module:FACTORY', "
+                f"'pickle:FILE' or 'hf:DIR'.")
         object.__setattr__(self, "kwargs", dict(self.kwargs))
 
     @property
@@ -88,6 +90,8 @@ class ModelSpec:
         prefix, _, rest = self.source.partition(":")
         if prefix == "pickle":
             return rest
+        if prefix == "hf":
+            return None
         module_part = self.source.rpartition(":")[0]
         if module_part.endswith(".py") or os.sep in module_part or "/" in module_part:
             return module_part
@@ -156,6 +160,10 @@ def build_model(spec: ModelSpec, *, allow_pickle: bool = False) -> nn.Module:
         model = _call_factory(_REGISTRY[rest], spec)
     elif prefix == "pickle":
         model = _load_pickled(rest, allow_pickle)
+    elif prefix == "hf":
+        from sensplan.sensitivity._hf import load_hf_model
+
+        model = load_hf_model(rest, dict(spec.kwargs))
     else:
         module_part, _, attr = spec.source.rpartition(":")
         model = _call_factory(_resolve_factory(module_part, attr), spec)

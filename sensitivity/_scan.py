@@ -38,7 +38,7 @@ from sensplan.sensitivity._eval import (
     recalibrate_batchnorm_,
 )
 from sensplan.sensitivity._fisher import ProbeEstimator, fisher_diagonal
-from sensplan.sensitivity._groups import PruningGraph, count_macs, layer_weight_key
+from sensplan.sensitivity._groups import PruningGraph, channel_graph, count_macs, layer_weight_key
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
 from sensplan.sensitivity._prefix import CachedModel, PrefixCache
 from sensplan.sensitivity.methods import (
@@ -178,16 +178,20 @@ class _Progress:
 def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
         dict[str, Any], dict[str, Any], PruningGraph | None, str]:
     """The static structure the cost model needs: layers and tensors; plus the channel-group graph
-    (None with the reason when Torch-Pruning cannot trace the model)."""
+    (None with the reason when Torch-Pruning cannot trace the model). A model may name layers to
+    leave out of the scan with a method ``out_of_scope() -> {layer: reason}`` (a Hugging Face
+    model's output head); they get ``out_of_scope`` in ``layers``."""
     macs = count_macs(model, example_input)
     layers: dict[str, Any] = {}
     state = model.state_dict()
+    scope = model.out_of_scope() if callable(getattr(model, "out_of_scope", None)) else {}
     for name, mod in model.named_modules():
         key = layer_weight_key(name, mod)
         if name in macs and key is not None and key in state:
             layers[name] = {"type": type(mod).__name__, "weight": key,
                             "weight_shape": list(state[key].shape), "macs": int(macs[name]),
-                            "bias": getattr(mod, "bias", None) is not None}
+                            "bias": getattr(mod, "bias", None) is not None,
+                            **({"out_of_scope": scope[name]} if name in scope else {})}
     weight_of = {v["weight"]: k for k, v in layers.items()}
     params = {n for n, _ in model.named_parameters()}
     tensors = {k: {"shape": list(v.shape), "storage_bits": v.element_size() * 8,
@@ -195,7 +199,7 @@ def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
                    "layer": weight_of.get(k), "shrinks": {}}
                for k, v in model.state_dict().items()}
     try:
-        graph: PruningGraph | None = PruningGraph(model, example_input)
+        graph: PruningGraph | None = channel_graph(model, example_input)
         error = ""
     except Exception as e:  # Torch-Pruning cannot trace every model; quantization goes on
         graph = None
@@ -312,6 +316,7 @@ def _scan_context(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: S
     layers, tensors, graph, graph_error = describe_model(model, example)
     groups = ({gid: {"channels": graph.channels(gid), "channel_step": graph.channel_step(gid),
                      "members": [[m.module, m.side, m.kind] for m in graph.members(gid)],
+                     **(graph.describe(gid) if hasattr(graph, "describe") else {}),
                      "status": "skipped", "reason": "no group method was scanned."}
                for gid in graph.group_ids()} if graph is not None else {})
     return MethodContext(model, example, layers, groups, tensors, calib=calib, eval_data=data,
@@ -330,6 +335,9 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
         method = methods[name]
         units_of[name] = {} if method.unit_kind == "group" and ctx.graph is None else \
             method.units(ctx, cfg.settings[name])
+        if method.unit_kind == "layer":  # layers the model leaves out of scope (an output head)
+            units_of[name].update({u: ctx.layers[u]["out_of_scope"] for u in units_of[name]
+                                   if ctx.layers.get(u, {}).get("out_of_scope")})
         if method.unit_kind == "group":
             for gid, why in units_of[name].items():
                 ctx.groups[gid].update(status="skipped" if why else "scanned", reason=why)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sensplan.sensitivity._groups import PruningGraph, check_group, n_remove_for
+from sensplan.sensitivity._groups import channel_graph, check_group, n_remove_for
 from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, UnitInfo, ratio_setting, setting_value
 
 
@@ -111,6 +111,6 @@ class Prune(Method):
 
     def rebuild_(self, ctx: MethodContext, record: Any) -> None:
         # the original model's graph names the groups; pruning it again shrinks the same tensors
-        graph = PruningGraph(ctx.model, ctx.example_input)
+        graph = channel_graph(ctx.model, ctx.example_input)
         for gid, idxs in record.items():
             graph.prune_(gid, [int(i) for i in idxs])

@@ -348,7 +348,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, ModelSpec]:
 
     spec = model_spec(args)
     model = _load(spec, args.weights, allow_pickle=args.allow_pickle)
-    if args.weights is None and not spec.source.startswith("pickle:"):  # after: a failure stays one line
+    if args.weights is None and not spec.source.startswith(("pickle:", "hf:")):  # after: a failure stays one line
         say("WARNING: no --weights: the model has RANDOMLY INITIALISED weights. Its drops, plan and "
             "results say nothing about a trained model. The initialisation is seeded (0), so scan, plan "
             "and apply see the same random model, but another torch version or a factory that draws "

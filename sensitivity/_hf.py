@@ -1,0 +1,314 @@
+"""Hugging Face ``transformers`` models and text data (the optional ``hf`` extra).
+
+``--model hf:DIR`` loads a model saved with ``save_pretrained`` (``hf:ORG/NAME``: from the local
+hub cache; nothing is downloaded). The model class follows from the config's architecture:
+
+========================  ==========================  =============================================
+architecture ends with    kind                        what the wrapped model returns
+========================  ==========================  =============================================
+``ForCausalLM``,          ``causal-lm``               next-token logits (batch, tokens, vocab)
+``LMHeadModel``
+``ForSequence             ``sequence-classification`` class logits (batch, classes)
+Classification``
+``ForImageClassification`` ``image-classification``   class logits (batch, classes)
+anything else             ``embedding``               the mean-pooled last hidden state (batch, dim)
+========================  ==========================  =============================================
+
+sensplan scans models that take one tensor. :class:`HFModel` gives a transformer that form: text
+goes in as one int64 tensor of shape (batch, 2, tokens), the token ids and the attention mask
+(:func:`tokenize_text`, :func:`tokenize_records` build it), images as pixels. GPT-2's ``Conv1D``
+layers (a Linear with its weight transposed) become ``nn.Linear`` on loading, so every projection is
+a Linear that the methods, the cost model and the container already know.
+
+The output head (``lm_head``, a classifier) is out of the scan's scope by default, as embeddings
+are (they are not Linear layers): ``--model-arg include_head=true`` scans the head too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sensplan._errors import DataSpecError, ModelSpecError, UserInputError
+
+KINDS = ("causal-lm", "sequence-classification", "image-classification", "embedding")
+INSTALL = 'pip install "sensplan[hf]"'
+
+
+def require_transformers(what: str) -> Any:
+    """The ``transformers`` module, or a UserInputError saying how to install it."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserInputError(f"{what} needs the Hugging Face extra: {INSTALL}.") from None
+    transformers.logging.set_verbosity_error()  # its advice goes to users of its own API
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def model_dir(name: str) -> str:
+    """The local folder of ``hf:NAME``: an existing directory, else the local hub cache's snapshot of
+    the repository ``NAME`` (never downloaded). A ModelSpecError says how to get it otherwise."""
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ModelSpecError(f"hf:{name} is a folder without config.json: not a Hugging Face model "
+                                 f"folder. Point --model hf:DIR at the folder save_pretrained wrote.")
+        return os.path.realpath(name)
+    require_transformers(f"--model hf:{name}")
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return str(snapshot_download(name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache: one message below
+            pass
+    raise ModelSpecError(
+        f"hf:{name} is neither a folder nor a model in the local Hugging Face cache, and sensplan "
+        f"never downloads. Save it once where the network is reachable (python -c \"from "
+        f"transformers import AutoModel; AutoModel.from_pretrained('{name}').save_pretrained('DIR')\" "
+        f"or hf download {name}) and pass --model hf:DIR.")
+
+
+def _kind_of(arch: str) -> str:
+    if arch.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if arch.endswith("ForSequenceClassification"):
+        return "sequence-classification"
+    if arch.endswith("ForImageClassification"):
+        return "image-classification"
+    return "embedding"
+
+
+class HFModel(nn.Module):
+    """A ``transformers`` model behind sensplan's one-tensor interface (see the module docstring).
+
+    ``model`` is the Hugging Face model; ``kind`` one of :data:`KINDS`; ``head`` the FQN (in this
+    wrapper) of the output head, out of scope unless ``include_head``."""
+
+    def __init__(self, model: nn.Module, kind: str, *, include_head: bool = False, source: str = "") -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ModelSpecError(f"kind must be one of {', '.join(KINDS)}. Got {kind!r}.")
+        self.model = model
+        self.kind = kind
+        self.source = source
+        self.include_head = include_head
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = {m: n for n, m in self.named_modules()}
+        self.head = names.get(out, "") if out is not None else ""
+        if not self.head and kind in ("sequence-classification", "image-classification"):
+            self.head = next((n for n, m in self.named_modules()
+                              if n.endswith(("classifier", "score", "classifier.out_proj"))
+                              and isinstance(m, nn.Linear)), "")
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def out_of_scope(self) -> dict[str, str]:
+        """Layers the scan leaves out by default, with the reason (sensplan's scope hook)."""
+        if self.include_head or not self.head:
+            return {}
+        what = "the language-model head (lm_head)" if self.kind == "causal-lm" else "the output head"
+        return {self.head: f"{what}: left out of scope by default, as the embeddings are; "
+                           f"--model-arg include_head=true scans it"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "image-classification" or x.is_floating_point():
+            out = self.model(pixel_values=x)
+            if self.kind == "embedding":
+                return out.last_hidden_state.mean(dim=1)
+            return out.logits  # type: ignore[no-any-return]
+        if x.dim() != 3 or x.shape[1] != 2:
+            raise UserInputError(f"A text model takes (batch, 2, tokens) int64 inputs (token ids and "
+                                 f"attention mask). Got {tuple(x.shape)}: use text data (text:FILE, "
+                                 f"jsonl:FILE:FIELD, csv:FILE:FIELD) with --model hf:DIR.")
+        ids, mask = x[:, 0], x[:, 1]
+        out = self.model(input_ids=ids, attention_mask=mask)
+        if self.kind == "embedding":
+            h = out.last_hidden_state
+            m = mask.unsqueeze(-1).to(h.dtype)
+            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return out.logits  # type: ignore[no-any-return]
+
+
+def conv1d_to_linear_(model: nn.Module) -> int:
+    """Replace every GPT-2 style ``Conv1D`` (y = x W + b, W of shape (in, out)) by the equal
+    ``nn.Linear``; returns how many. Exact: the Linear computes the same products."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return 0
+    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name, conv in swaps:
+        lin = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
+                        device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.t())
+            if conv.bias is not None:
+                lin.bias.copy_(conv.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return len(swaps)
+
+
+def _truthy(v: Any) -> bool:
+    return v in (True, 1) or str(v).lower() in ("true", "1", "yes")
+
+
+def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
+    """``hf:NAME`` as an :class:`HFModel` in float32, eval mode, on the CPU. ``kwargs`` (from
+    ``--model-arg``): ``kind`` (one of :data:`KINDS`, to override the config's architecture) and
+    ``include_head``."""
+    transformers = require_transformers(f"--model hf:{name}")
+    path = model_dir(name)
+    unknown = set(kwargs) - {"kind", "include_head"}
+    if unknown:
+        raise ModelSpecError(f"--model hf:{name} takes --model-arg kind=... and include_head=true only. "
+                             f"Got {', '.join(sorted(unknown))}.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a broken or unknown config
+        raise ModelSpecError(f"Cannot read the config of hf:{name} ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}). Is it a transformers model "
+                             f"folder, and is transformers recent enough for it?") from None
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    kind = str(kwargs.get("kind") or _kind_of(arch))
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        auto = {"causal-lm": "AutoModelForCausalLM", "sequence-classification":
+                "AutoModelForSequenceClassification", "image-classification":
+                "AutoModelForImageClassification", "embedding": "AutoModel"}[kind]
+        cls = getattr(transformers, auto)
+    try:
+        hf = cls.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    except Exception as e:  # noqa: BLE001 - missing weights, a config the class does not fit
+        raise ModelSpecError(f"Loading hf:{name} as {getattr(cls, '__name__', cls)} failed: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    conv1d_to_linear_(hf)
+    return HFModel(hf.eval(), kind, include_head=_truthy(kwargs.get("include_head", False)),
+                   source=path).eval()
+
+
+# -- text data -------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str) -> Any:
+    """The tokenizer saved beside a model (``hf:DIR``'s folder, or a hub name in the local cache)."""
+    transformers = require_transformers("Text data (text:, jsonl:, csv:)")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir(path), local_files_only=True)
+    except ModelSpecError as e:
+        raise DataSpecError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - no tokenizer files
+        raise DataSpecError(f"No tokenizer could be read from {path!r} ({type(e).__name__}). Save it "
+                            f"beside the model (tokenizer.save_pretrained(DIR)).") from None
+    return tok
+
+
+def max_positions(path: str) -> int | None:
+    """The longest input a model's config allows (None when it does not say)."""
+    try:
+        cfg = json.loads(Path(model_dir(path), "config.json").read_text())
+    except (OSError, ValueError, ModelSpecError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return int(cfg[key])
+    return None
+
+
+def _pad_id(tok: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tok, attr, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def tokenize_text(text: str, tok: Any, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of ``seq_len`` tokens of ``text``: (windows, 2, seq_len) int64, the
+    ids and an all-ones mask. The tail shorter than a window is dropped."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataSpecError(f"The text holds {len(ids)} tokens, fewer than one window of --seq-len "
+                            f"{seq_len}. Give more text or a smaller --seq-len.")
+    w = torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    return torch.stack([w, torch.ones_like(w)], dim=1)
+
+
+def tokenize_records(texts: list[str], tok: Any, seq_len: int) -> torch.Tensor:
+    """One row per text, with the tokenizer's special tokens, cut at ``seq_len`` and padded to the
+    longest: (texts, 2, tokens) int64."""
+    enc = tok(texts, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
+    ids = enc["input_ids"].long()
+    mask = enc.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.long()
+    ids = torch.where(mask.bool(), ids, torch.full_like(ids, _pad_id(tok)))
+    return torch.stack([ids, mask], dim=1)
+
+
+def read_records(kind: str, path: str, field: str, label: str | None) -> tuple[list[str], list[Any]]:
+    """Texts (and labels, when ``label`` names a field) of a JSON-lines or CSV file."""
+    import csv
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataSpecError(f"The {kind} file {path!r} does not exist. Check --data.")
+    rows: list[dict[str, Any]] = []
+    if kind == "jsonl":
+        with p.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataSpecError(f"{path}:{i} is not a JSON object ({e}). Each line of a "
+                                        f"jsonl file holds one object.") from None
+                if not isinstance(row, dict):
+                    raise DataSpecError(f"{path}:{i} holds a {type(row).__name__}, not a JSON object.")
+                rows.append(row)
+    else:
+        with p.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    if not rows:
+        raise DataSpecError(f"{path!r} holds no records.")
+    for name in (field, label):
+        if name is not None and name not in rows[0]:
+            raise DataSpecError(f"{path!r} has no field {name!r} (its fields: "
+                                f"{', '.join(map(str, list(rows[0])[:8]))}). Use "
+                                f"{kind}:FILE:TEXT_FIELD[:LABEL_FIELD].")
+    texts = [str(r.get(field, "")) for r in rows]
+    labels = [r.get(label) for r in rows] if label is not None else []
+    return texts, labels
+
+
+def label_ids(labels: list[Any], path: str) -> tuple[np.ndarray, list[str]]:
+    """Labels as class indices and the class names: whole numbers are the model's output indices;
+    other values are numbered in sorted order."""
+    def as_int(v: Any) -> int | None:
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            return int(v)
+        return None
+
+    ints = [as_int(v) for v in labels]
+    if all(i is not None and i >= 0 for i in ints):
+        y = np.array(ints, dtype=np.int64)
+        return y, [str(i) for i in range(int(y.max()) + 1)]
+    if any(v is None or v == "" for v in labels):
+        raise DataSpecError(f"{path!r} has records without a label. Label every record, or leave "
+                            f"the label field out of --data for a task that needs none.")
+    classes = sorted({str(v) for v in labels})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[str(v)] for v in labels], dtype=np.int64), classes

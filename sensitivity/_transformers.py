@@ -1,0 +1,356 @@
+"""Attention-head and MLP-width groups of a transformer, from its modules' names (no tracing).
+
+Torch-Pruning's tracer does not follow attention's reshapes into heads, so a transformer's channel
+groups come from the conventions of ``transformers`` (and similar code) instead:
+
+- **attention heads**: ``q_proj``/``k_proj``/``v_proj`` with ``o_proj`` or ``out_proj`` (Llama,
+  Mistral, Qwen, OPT), ``query``/``key``/``value`` with the sibling ``output.dense`` (BERT, RoBERTa,
+  ViT), GPT-2's fused ``c_attn`` with ``c_proj``. One channel of the group is one key-value head
+  *with every query head that reads it* (grouped-query attention): the ladder is in whole KV groups.
+  Removing it removes the query rows, the key and value rows and the output projection's columns.
+- **MLP width**: ``gate_proj``/``up_proj`` with ``down_proj`` (gated MLPs: the three are pruned
+  together), ``fc1`` with ``fc2``, ``c_fc`` with ``c_proj``, BERT's ``intermediate.dense`` with
+  ``output.dense``. One channel is one intermediate unit.
+
+:class:`TransformerGraph` offers the interface of :class:`~sensplan.sensitivity._groups.PruningGraph`
+that the ``prune`` method, the safety check and the executor use, so the same method scans and
+removes heads and MLP channels. Zeroing a head's (or a unit's) rows and the output projection's
+columns makes it contribute exactly nothing, as its removal does; the safety check
+(:func:`~sensplan.sensitivity._groups.check_group`) still compares both on every group. The group
+id is the first projection's name (``...self_attn.q_proj``, ``...mlp.gate_proj``); ``label`` gives
+the readable form ("layer 3 heads").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sensplan.sensitivity._groups import Member, n_remove_for
+
+Index = Callable[[list[int]], list[int]]
+
+
+@dataclass(frozen=True)
+class _Part:
+    module: str  # FQN of an nn.Linear
+    side: str  # "out": rows of the weight (and the bias); "in": columns
+    index: Index  # group channels -> this side's indices
+
+
+@dataclass(frozen=True)
+class TGroup:
+    gid: str
+    kind: str  # "heads" or "mlp"
+    channels: int
+    parts: tuple[_Part, ...]
+    block: str  # the attention / MLP module's FQN
+    layer: int | None  # the transformer layer's index, when its name has one
+    per_channel: str  # what one channel is, e.g. "KV head (2 query heads of 16 dims)"
+    fix: Callable[[nn.Module, int], None] | None = None  # sets the module's attributes after a removal
+
+    @property
+    def label(self) -> str:
+        where = f"layer {self.layer}" if self.layer is not None else self.block
+        return f"{where} {'heads' if self.kind == 'heads' else 'MLP'}"
+
+
+def _rows(width: int, offsets: tuple[int, ...] = (0,)) -> Index:
+    """Channel c -> rows [off + c * width, off + (c + 1) * width) for each offset."""
+    return lambda idxs: [o + c * width + j for o in offsets for c in idxs for j in range(width)]
+
+
+def _same(idxs: list[int]) -> list[int]:
+    return list(idxs)
+
+
+_LAYER = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def _layer_index(name: str) -> int | None:
+    found = _LAYER.search(f".{name}.")
+    return int(found.group(1)) if found else None
+
+
+def _linear(mods: dict[str, nn.Module], name: str) -> bool:
+    return isinstance(mods.get(name), nn.Linear)
+
+
+def _head_dim(mod: nn.Module, q_rows: int) -> int | None:
+    for attr in ("head_dim", "attention_head_size", "head_size"):
+        v = getattr(mod, attr, None)
+        if isinstance(v, int) and v > 0 and q_rows % v == 0:
+            return v
+    cfg = getattr(mod, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(mod, "num_heads", None)
+    if isinstance(heads, int) and heads > 0 and q_rows % heads == 0:
+        return q_rows // heads
+    return None
+
+
+def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None:
+    kids = dict(mod.named_children())
+    p = f"{name}." if name else ""
+    out_name = q = k = v = None
+    fused = False
+    if all(_linear(mods, p + n) for n in ("q_proj", "k_proj", "v_proj")):
+        q, k, v = p + "q_proj", p + "k_proj", p + "v_proj"
+        out_name = next((p + n for n in ("o_proj", "out_proj", "dense") if _linear(mods, p + n)), None)
+    elif all(_linear(mods, p + n) for n in ("query", "key", "value")):
+        q, k, v = p + "query", p + "key", p + "value"
+        parent = name.rpartition(".")[0]
+        cand = f"{parent}.output.dense" if parent else "output.dense"
+        out_name = cand if _linear(mods, cand) else None
+    elif "c_attn" in kids and _linear(mods, p + "c_attn") and _linear(mods, p + "c_proj") \
+            and isinstance(getattr(mod, "split_size", None), int):
+        q = k = v = p + "c_attn"
+        out_name = p + "c_proj"
+        fused = True
+    if q is None or out_name is None:
+        return None
+    if fused:
+        rows = mods[q].weight.shape[0]  # type: ignore[union-attr]
+        if rows % 3:
+            return None
+        q_rows = kv_rows = rows // 3
+    else:
+        q_rows = mods[q].weight.shape[0]  # type: ignore[union-attr]
+        kv_rows = mods[k].weight.shape[0]  # type: ignore[union-attr]
+        if mods[v].weight.shape[0] != kv_rows:  # type: ignore[union-attr]
+            return None
+    hd = _head_dim(mod, q_rows)
+    if hd is None or kv_rows % hd or mods[out_name].weight.shape[1] != q_rows:  # type: ignore[union-attr]
+        return None
+    heads, kv_heads = q_rows // hd, kv_rows // hd
+    if kv_heads == 0 or heads % kv_heads:
+        return None
+    per_q = heads // kv_heads
+    qw = per_q * hd
+    if fused:
+        parts: tuple[_Part, ...] = (_Part(q, "out", _rows(hd, (0, q_rows, 2 * q_rows))),
+                                    _Part(out_name, "in", _rows(hd)))
+
+        def fix(attn: nn.Module, removed: int) -> None:
+            kept = attn.split_size - removed * hd  # type: ignore[operator]
+            attn.split_size = kept
+            if hasattr(attn, "num_heads"):
+                attn.num_heads = kept // hd
+            if hasattr(attn, "embed_dim"):
+                attn.embed_dim = kept
+    else:
+        parts = (_Part(q, "out", _rows(qw)), _Part(k, "out", _rows(hd)), _Part(v, "out", _rows(hd)),
+                 _Part(out_name, "in", _rows(qw)))
+
+        def fix(attn: nn.Module, removed: int) -> None:
+            for attr, per in (("num_heads", per_q), ("num_attention_heads", per_q),
+                              ("num_key_value_heads", 1)):
+                if isinstance(getattr(attn, attr, None), int):
+                    setattr(attn, attr, getattr(attn, attr) - removed * per)
+            if isinstance(getattr(attn, "all_head_size", None), int):
+                attn.all_head_size -= removed * qw
+    what = (f"KV head ({per_q} query heads of {hd} dims)" if per_q > 1 else f"head ({hd} dims)")
+    return TGroup(q, "heads", kv_heads, parts, name, _layer_index(name), what, fix)
+
+
+def _mlp(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None:
+    p = f"{name}." if name else ""
+    outs: list[str] = []
+    down = None
+    if all(_linear(mods, p + n) for n in ("gate_proj", "up_proj", "down_proj")):
+        outs, down = [p + "gate_proj", p + "up_proj"], p + "down_proj"
+    elif all(_linear(mods, p + n) for n in ("c_fc", "c_proj")):
+        outs, down = [p + "c_fc"], p + "c_proj"
+    elif all(_linear(mods, p + n) for n in ("fc1", "fc2")):
+        outs, down = [p + "fc1"], p + "fc2"
+    elif all(_linear(mods, p + n) for n in ("intermediate.dense", "output.dense")) and \
+            any(n in dict(mod.named_children()) for n in ("attention", "crossattention")):
+        outs, down = [p + "intermediate.dense"], p + "output.dense"
+    if not outs or down is None:
+        return None
+    width = mods[outs[0]].weight.shape[0]  # type: ignore[union-attr]
+    if any(mods[o].weight.shape[0] != width for o in outs) or mods[down].weight.shape[1] != width:  # type: ignore[union-attr]
+        return None
+    parts = tuple(_Part(o, "out", _same) for o in outs) + (_Part(down, "in", _same),)
+    return TGroup(outs[0], "mlp", width, parts, name, _layer_index(name), "intermediate channel")
+
+
+def find_groups(model: nn.Module) -> list[TGroup]:
+    """The attention-head and MLP groups of ``model``, in module order."""
+    mods = dict(model.named_modules())
+    found: list[TGroup] = []
+    used: set[str] = set()
+    for name, mod in model.named_modules():
+        for g in (_attention(name, mod, mods), _mlp(name, mod, mods)):
+            if g is None or any(part.module in used for part in g.parts):
+                continue
+            found.append(g)
+            used.update(part.module for part in g.parts)
+    return found
+
+
+def _sliced(lin: nn.Linear, side: str, keep: torch.Tensor) -> nn.Linear:
+    w = lin.weight.detach()
+    if side == "out":
+        new = nn.Linear(lin.in_features, len(keep), bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+        new.weight.data.copy_(w.index_select(0, keep))
+        if lin.bias is not None:
+            new.bias.data.copy_(lin.bias.detach().index_select(0, keep))
+    else:
+        new = nn.Linear(len(keep), lin.out_features, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+        new.weight.data.copy_(w.index_select(1, keep))
+        if lin.bias is not None:
+            new.bias.data.copy_(lin.bias.detach())
+    new.train(lin.training)
+    return new
+
+
+class TransformerGraph:
+    """Heads and MLP groups of a transformer behind :class:`PruningGraph`'s interface."""
+
+    def __init__(self, model: nn.Module, groups: list[TGroup]) -> None:
+        self.model = model
+        self._groups = {g.gid: g for g in groups}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> TransformerGraph | None:
+        groups = find_groups(model)
+        return cls(model, groups) if groups else None
+
+    # -- discovery -----------------------------------------------------------------------------
+    def group_ids(self) -> list[str]:
+        return list(self._groups)
+
+    def group(self, gid: str) -> TGroup:
+        return self._groups[gid]
+
+    def describe(self, gid: str) -> dict[str, Any]:
+        """What the scan's ``groups`` section records besides the channel count."""
+        g = self._groups[gid]
+        return {"kind": g.kind, "label": g.label, "layer": g.layer, "block": g.block,
+                "per_channel": g.per_channel}
+
+    def unsafe_reason(self, gid: str) -> str:
+        return ""
+
+    def channels(self, gid: str) -> int:
+        return self._groups[gid].channels
+
+    def channel_step(self, gid: str) -> int:
+        return 1
+
+    def step_cause(self, gid: str) -> str:
+        return ""
+
+    def n_remove_for(self, gid: str, ratio: float) -> int:
+        return n_remove_for(ratio, self.channels(gid), 1)
+
+    def members(self, gid: str) -> tuple[Member, ...]:
+        mods = dict(self.model.named_modules())
+        return tuple(Member(p.module, p.side, type(mods[p.module]).__name__) for p in self._groups[gid].parts)
+
+    def unmodelled(self, gid: str) -> dict[str, list[str]]:
+        return {}
+
+    def layer_indices(self, gid: str, idxs: list[int], module: str) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for p in self._groups[gid].parts:
+            if p.module == module and idxs:
+                out[p.side] = sorted(p.index(sorted(idxs)))
+        return out
+
+    # -- the criterion ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def importance(self, gid: str) -> torch.Tensor:
+        """Each channel's L2 magnitude over every weight (and bias) entry it owns in the group."""
+        g = self._groups[gid]
+        score = torch.zeros(g.channels, dtype=torch.float64)
+        for p in g.parts:
+            lin = self.model.get_submodule(p.module)
+            for c in range(g.channels):
+                idx = torch.as_tensor(p.index([c]), dtype=torch.long, device=lin.weight.device)
+                w = lin.weight.index_select(0 if p.side == "out" else 1, idx)
+                score[c] += float(w.double().pow(2).sum())
+                if p.side == "out" and lin.bias is not None:
+                    score[c] += float(lin.bias.index_select(0, idx).double().pow(2).sum())
+        return score.sqrt().float()
+
+    def select(self, gid: str, n_remove: int) -> list[int]:
+        if n_remove <= 0:
+            return []
+        order = torch.argsort(self.importance(gid), stable=True)[:n_remove]
+        return sorted(int(i) for i in order)
+
+    # -- the reversible probe --------------------------------------------------------------------
+    @contextmanager
+    def zeroed(self, gid: str, idxs: list[int]) -> Iterator[None]:
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            saved = self.zero_(gid, idxs)
+            yield
+        finally:
+            self.unzero_(gid, idxs, saved)
+
+    @torch.no_grad()
+    def zero_(self, gid: str, idxs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if not idxs:
+            return saved
+        for p in self._groups[gid].parts:
+            lin = self.model.get_submodule(p.module)
+            idx = torch.as_tensor(p.index(sorted(idxs)), dtype=torch.long, device=lin.weight.device)
+            targets = [(lin.weight, 0 if p.side == "out" else 1)]
+            if p.side == "out" and lin.bias is not None:
+                targets.append((lin.bias, 0))
+            for t, dim in targets:
+                saved.append((t, t.detach().clone()))
+                t.index_fill_(dim, idx, 0.0)
+        return saved
+
+    @torch.no_grad()
+    def unzero_(self, gid: str, idxs: list[int], saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for t, value in reversed(saved):
+            t.copy_(value)
+
+    # -- real structural pruning -----------------------------------------------------------------
+    def prune_(self, gid: str, idxs: list[int]) -> None:
+        """Remove channels ``idxs`` of ``gid``: every member Linear is replaced by a thinner one."""
+        if not idxs:
+            return
+        g = self._groups[gid]
+        for p in g.parts:
+            lin = self.model.get_submodule(p.module)
+            size = lin.weight.shape[0 if p.side == "out" else 1]
+            drop = set(p.index(sorted(idxs)))
+            keep = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long,
+                                device=lin.weight.device)
+            parent, _, child = p.module.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, child, _sliced(lin, p.side, keep))
+        if g.fix is not None:
+            g.fix(self.model.get_submodule(g.block), len(idxs))
+        # the thinner modules are new objects: the group's channel count shrinks with them
+        self._groups[gid] = TGroup(g.gid, g.kind, g.channels - len(idxs), g.parts, g.block, g.layer,
+                                   g.per_channel, g.fix)
+
+    @contextmanager
+    def pruned(self, gid: str, idxs: list[int]) -> Iterator[None]:
+        """Remove channels ``idxs`` of ``gid`` for real, in place, and put the original modules back
+        after (no copy of the model)."""
+        g = self._groups[gid]
+        originals = [(p.module, self.model.get_submodule(p.module)) for p in g.parts]
+        block = self.model.get_submodule(g.block)
+        attrs = {k: v for k, v in vars(block).items() if isinstance(v, int)}
+        try:
+            self.prune_(gid, idxs)
+            yield
+        finally:
+            for name, mod in originals:
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, mod)
+            vars(block).update(attrs)
+            self._groups[gid] = g
