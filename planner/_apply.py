@@ -423,6 +423,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     staged = out / f".model.sensplan.{os.getpid()}.partial"
     try:
         after = _save_and_measure(cm, staged, model, data, task, state, plan.variant(variant), timing)
+        after["bits"] = scope_bits(staged, plan.data.get("scope") or {})
         del cm
         comparison, budgets = _compare(plan, plan.variant(variant), before, after, no_ft)
         metrics = {
@@ -472,12 +473,35 @@ def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data:
     return after
 
 
+def scope_bits(path: str | os.PathLike[str], scope: Mapping[str, Any]) -> float | None:
+    """The stored bits per original weight of the layers in ``scope`` (plan.json's ``scope``), read
+    from the container's payload: every weight each such layer stores (its one weight, or the
+    weights of the layers that replaced it), scales and zero points included, biases not."""
+    from sensplan.planner._compressed import read_header
+
+    total = int(scope.get("weights") or 0)
+    if not total:
+        return None
+    header, _ = read_header(path)
+    layers = set(scope.get("layers") or ())
+    bits = 0
+    for key, entry in header.get("tensors", {}).items():
+        owner, _, leaf = key.rpartition(".")
+        while owner and owner not in layers:
+            owner = owner.rpartition(".")[0]
+        if owner and leaf == "weight":
+            bits += 8 * sum(int(n) for _, n in entry.get("parts", []))
+    return bits / total
+
+
 def _compare(plan: Plan, alloc: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
              no_ft: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Predicted against measured, per cost and for the drop; and every budget, met or not."""
     predicted = dict(alloc["predicted"])
     measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
                       "bops": after["bops"]}
+    if after.get("bits") is not None:
+        measured_costs["bits"] = after["bits"]
     comparison: dict[str, Any] = {m: {"predicted": predicted[m], "measured": v,
                                       "ratio": v / predicted[m] if predicted.get(m) else None}
                                   for m, v in measured_costs.items() if m in predicted}

@@ -1,4 +1,5 @@
-"""Budgets: ``macs=0.5`` (a fraction of the original), ``size=25%``, ``size=2MB``, ``macs=20M``."""
+"""Budgets: ``macs=0.5`` (a fraction of the original), ``size=25%``, ``size=2MB``, ``macs=20M``,
+``bits=4.5`` (mean stored bits per weight of the layers in scope, scales and zero points included)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from sensplan._errors import BudgetError
 
 #: the built-in (analytic) cost metrics; a measured cost table adds its own metric name
-METRICS = ("size", "macs", "bops", "params")
+METRICS = ("size", "macs", "bops", "params", "bits")
 
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
           "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30, "b": 1.0}
@@ -18,7 +19,7 @@ _RE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|=)\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-
                  re.I)
 #: what an absolute amount of each built-in metric counts, and an example with a unit
 _AMOUNTS = {"size": ("bytes", "size=2MB"), "macs": ("MACs", "macs=20M"), "bops": ("BOPs", "bops=2G"),
-            "params": ("parameters", "params=1.5M")}
+            "params": ("parameters", "params=1.5M"), "bits": ("bits per weight", "bits=4.5")}
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Budget:
         if unit not in _UNITS:
             raise BudgetError(f"Unknown unit {m.group(4)!r} in the budget {text!r}. Use %, B, KB, MB, GB, "
                               f"KiB, MiB, GiB, K, M or G.")
+        if metric == "bits" and unit == "":  # bits per weight: always an amount (bits=4.5, bits=1)
+            return cls(metric, num, False, unit)
         if unit == "" and num <= 1.0:
             return cls(metric, num, True, unit)
         return cls(metric, num * _UNITS[unit], False, unit)

@@ -47,7 +47,7 @@ from sensplan._expr import Expr, ParsedStructure, ceil, const, default_structure
 from sensplan._registry import Registry
 from sensplan.planner._signal import AUTO, DROP, FISHER, DropMap
 
-ANALYTIC_METRICS = ("size", "macs", "bops", "params")
+ANALYTIC_METRICS = ("size", "macs", "bops", "params", "bits")
 #: kept for the public API: the built-in cost metrics
 METRICS = ANALYTIC_METRICS
 COST_TABLE_FORMAT = "sensplan.cost_table"
@@ -199,11 +199,25 @@ class _Tensor:
     layer: str | None = None
     local: tuple[int, ...] = ()
     macs: float = 0.0
+    #: 1 / (the original number of weights of the layers in scope) for a weight in scope, else 0:
+    #: its stored bits times this are its share of the mean bits per weight (``bits``)
+    per_weight: float = 0.0
 
     @property
     def multi(self) -> tuple[int, ...]:
         """Dims shared by several groups (a concatenation): each group removes its own channels."""
         return tuple(d for d, gs in enumerate(self.dims) if len(gs) > 1)
+
+
+def scope_weights(scan: Any) -> int:
+    """The original number of weights of the layers in scope (every scanned layer a model does not
+    leave out of scope, such as an output head): the denominator of ``bits``."""
+    return sum(math.prod(int(s) for s in v["weight_shape"]) for v in scan.layers.values()
+               if not v.get("out_of_scope"))
+
+
+def _per_weight(scan: Any, layer: str | None, total: int) -> float:
+    return 1.0 / total if layer is not None and total and not scan.layers[layer].get("out_of_scope") else 0.0
 
 
 def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
@@ -213,6 +227,7 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
         if b.kind == "layer":
             local.setdefault(b.unit, []).append(i)
     out = []
+    total = scope_weights(scan)
     for key, t in scan.tensors.items():
         per_dim: list[list[tuple[int, float]]] = [[] for _ in t["shape"]]
         for gid, dims in t["shrinks"].items():
@@ -225,7 +240,8 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
         out.append(_Tensor(key, tuple(int(s) for s in t["shape"]), tuple(tuple(g) for g in per_dim),
                            float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
                            layer if is_layer else None, tuple(local.get(layer, ())) if is_layer else (),
-                           float(scan.layers[layer]["macs"]) if is_layer else 0.0))
+                           float(scan.layers[layer]["macs"]) if is_layer else 0.0,
+                           _per_weight(scan, layer if is_layer else None, total)))
     return out
 
 
@@ -271,15 +287,16 @@ class _Pricing:
         if t.layer is None:
             numel = _numel(env, len(t.shape))
             return {"size": numel * t.storage_bits / 8, "params": numel if t.is_param else 0.0 * numel,
-                    "macs": 0.0 * numel, "bops": 0.0 * numel}
+                    "macs": 0.0 * numel, "bops": 0.0 * numel, "bits": 0.0 * numel}
         st, numel_expr, rows_expr = self.structure(effect)
         numel, rows, macs = numel_expr.evaluate(env), rows_expr.evaluate(env), st.macs.evaluate(env)
         a, b, c = weight_coefficients(effect, row_length(t.shape))
         scales = self.group_scales(effect)
         extra = 0.0 if scales is None else scale_bits_each(effect) * scales.evaluate(env)
-        return {"size": (a * numel + b * rows + c * len(st.tensors) + extra) / 8,
-                "params": numel if t.is_param else 0.0 * numel, "macs": macs,
-                "bops": macs * float(effect["weight_bits"]) * float(effect["act_bits"])}
+        bits = a * numel + b * rows + c * len(st.tensors) + extra
+        return {"size": bits / 8, "params": numel if t.is_param else 0.0 * numel, "macs": macs,
+                "bops": macs * float(effect["weight_bits"]) * float(effect["act_bits"]),
+                "bits": bits * t.per_weight}
 
     def metrics(self, env: Mapping[str, Any], effects: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
         """Per metric, an array with a leading axis over ``effects`` (one merged effect each)."""
@@ -341,7 +358,7 @@ class AnalyticCosts:
     def describe(self) -> dict[str, Any]:
         return {"name": "analytic", "metrics": list(self.metrics),
                 "units": {"size": "bytes", "macs": "per sample", "bops": "per sample",
-                          "params": "count"}}
+                          "params": "count", "bits": "stored bits per original weight of the layers in scope"}}
 
     # -- the MILP's terms -----------------------------------------------------------------------------
     def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]:
@@ -442,13 +459,15 @@ class AnalyticCosts:
         (group, dim, elements per channel) that shrink it: built once, used by every ``direct``."""
         if self._pricings is None:
             self._pricings = []
+            total = scope_weights(self.scan)
             for key, t in self.scan.tensors.items():
                 layer = t.get("layer")
                 is_layer = layer is not None and layer in self.scan.layers
                 tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in t["shape"]),
                                  float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
                                  layer if is_layer else None, (),
-                                 float(self.scan.layers[layer]["macs"]) if is_layer else 0.0)
+                                 float(self.scan.layers[layer]["macs"]) if is_layer else 0.0,
+                                 _per_weight(self.scan, layer if is_layer else None, total))
                 shrinks = [(gid, int(d), float(per)) for gid, dims in t["shrinks"].items()
                            for d, per in (dims.items() if isinstance(dims, Mapping) else [])]
                 self._pricings.append((tensor, _Pricing(tensor), shrinks))

@@ -189,6 +189,7 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
         "solver": {"method": "milp (scipy.optimize.milp / HiGHS)", "seconds": round(solve_seconds, 4),
                    "status": sol.status, "optimal": sol.optimal},
         "original": {m: cm.original[m] for m in cm.metrics},
+        "scope": scope(scan),
         "plans": {"planned": planned, "uniform": uniform},
     }
     if verifier is not None:
@@ -197,6 +198,19 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
         verify(data, cm, scan, budgets, verifier, max_drop=max_drop, minimize=minimize,
                time_limit=time_limit, rounds=rounds)
     return Plan(data)
+
+
+def scope(scan: Any) -> dict[str, Any]:
+    """The layers the ``bits`` metric averages over (every scanned layer the model does not leave
+    out), their original weight count, and the layers left out with the reason and their weights."""
+    import math
+
+    layers = scan.data.get("layers", {})
+    out = {name: {"reason": v["out_of_scope"], "weights": math.prod(v["weight_shape"])}
+           for name, v in layers.items() if v.get("out_of_scope")}
+    inside = [name for name in layers if name not in out]
+    return {"layers": inside, "weights": sum(math.prod(layers[n]["weight_shape"]) for n in inside),
+            "out_of_scope": out}
 
 
 def allocation(cm: Costs, choice: Mapping[int, int], scan: Any) -> dict[str, Any]:

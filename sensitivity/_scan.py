@@ -616,6 +616,8 @@ def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg:
             return None
         d = es.description
         text = f"{d.get('spec')}|{d.get('indices_sha256')}|{d.get('n')}|{d.get('preprocess')}"
+        if d.get("tokenizer"):  # text: the same ids need the same tokenizer and window
+            text += f"|{d['tokenizer']}|{d.get('seq_len')}"
         # the labels depend on a class map; without one, older journals keep matching
         return text + (f"|{d['class_map']}" if d.get("class_map") is not None else "")
 

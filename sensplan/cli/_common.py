@@ -207,7 +207,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation data")
     g.add_argument("--data", required=True, metavar="SPEC",
                    help="DIR or imagefolder:DIR (class subfolders) | cifar10:ROOT[:train|test] | "
-                        "digits[:train|test]")
+                        "digits[:train|test] | text:FILE | jsonl:FILE:FIELD[:LABEL] | "
+                        "csv:FILE:FIELD[:LABEL] (text needs --model hf:DIR or --tokenizer)")
     g.add_argument("--samples", type=int, default=2000, metavar="N",
                    help="size of the stratified, seeded evaluation sample (default 2000; 0 = all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default 0)")
@@ -218,6 +219,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-images", action="store_true",
                    help="leave images that cannot be decoded out (they are counted and reported) "
                         "instead of stopping with an error that names them")
+    g.add_argument("--seq-len", type=int, default=0, metavar="N",
+                   help="text: tokens per window (text:FILE) or the most tokens per record (jsonl, "
+                        "csv); default min(128, the model's limit)")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="text: the folder of a Hugging Face tokenizer (default: --model hf:DIR's)")
     g.add_argument("--resize", type=int, metavar="PX", help="resize the shorter image side to PX")
     g.add_argument("--crop", type=int, metavar="PX", help="center-crop to PX x PX")
     g.add_argument("--mean", metavar="M1,M2,M3",
@@ -253,6 +259,7 @@ def check_data_args(args: argparse.Namespace, problems: Problems) -> None:
     problems.at_least(args.samples, 0, "--samples", note=" (0 = all)")
     problems.at_least(args.calib_samples, 0, "--calib-samples", strict=True)
     problems.at_least(args.seed, 0, "--seed")
+    problems.at_least(getattr(args, "seq_len", 0), 0, "--seq-len", note=" (0 = the default)")
     if args.class_map is not None:
         problems.check(partial(class_map, args))
     before = len(problems.messages)
@@ -393,8 +400,17 @@ def data_spec(text: str, args: argparse.Namespace, flag: str) -> Any:
         spec = DataSpec.parse(text, preprocess(args))
     except UserInputError as e:
         raise UserInputError(f"{flag}: {e}") from None
-    return dataclasses.replace(spec, class_map=class_map(args),
+    spec = dataclasses.replace(spec, class_map=class_map(args),
                                skip_unreadable=bool(getattr(args, "skip_bad_images", False)))
+    if spec.is_text:
+        model = str(getattr(args, "model", "") or "")
+        tok = getattr(args, "tokenizer", None) or (model[3:] if model.startswith("hf:") else "")
+        if not tok:
+            raise UserInputError(f"{flag} {text}: text data needs a tokenizer. Use a Hugging Face model "
+                                 f"(--model hf:DIR, whose folder holds its tokenizer) or give "
+                                 f"--tokenizer DIR.")
+        spec = dataclasses.replace(spec, tokenizer=tok, seq_len=int(getattr(args, "seq_len", 0) or 0))
+    return spec
 
 
 def report_skipped(desc: dict[str, Any], flag: str) -> None:
