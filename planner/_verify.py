@@ -34,12 +34,14 @@ import os
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sensplan._errors import InfeasibleBudgetError, UserInputError
+from sensplan._metric import TOP1, Metric
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs
 from sensplan.planner._plan import Z95
@@ -346,6 +348,7 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
     """Measure, correct and re-solve, measure the uniform candidates, and keep the best measured
     candidate as ``data["plans"]["planned"]``; record everything in ``data["verification"]``."""
     t0 = time.perf_counter()
+    _METRIC.set(Metric.from_dict(data["task"]["metric"]))
     counts_before = Counter(verifier.counts)
     baseline = verifier.baseline(data["task"]["name"])
     metric = cost_metric(budgets, minimize)
@@ -640,8 +643,12 @@ def _key(c: Mapping[str, Any]) -> str:
     return option_key(c.get("method"), c.get("setting", {}))
 
 
+#: the metric of the plan being verified: the messages give drops in its unit
+_METRIC: ContextVar[Metric] = ContextVar("sensplan_verify_metric", default=TOP1)
+
+
 def _pts(v: float) -> str:
-    return f"{100 * v:.2f} pt"
+    return _METRIC.get().format_drop(v)
 
 
 def _split_name(split: str) -> str:

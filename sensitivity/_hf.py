@@ -180,7 +180,10 @@ def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
                              f"folder, and is transformers recent enough for it?") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
     kind = str(kwargs.get("kind") or _kind_of(arch))
-    cls = getattr(transformers, arch, None) if arch else None
+    if kind not in KINDS:
+        raise ModelSpecError(f"--model-arg kind= must be one of {', '.join(KINDS)}. Got {kind!r}.")
+    # the config's class, unless --model-arg kind asks for another head (a base encoder of a classifier)
+    cls = getattr(transformers, arch, None) if arch and kind == _kind_of(arch) else None
     if cls is None:
         auto = {"causal-lm": "AutoModelForCausalLM", "sequence-classification":
                 "AutoModelForSequenceClassification", "image-classification":

@@ -37,6 +37,13 @@ class Metric:
         """The score a ``drop`` from ``baseline`` leaves."""
         return baseline - drop if self.higher_is_better else baseline + drop
 
+    def format_drop(self, v: float) -> str:
+        """A drop as people read it: points for a fraction (``0.0123`` -> ``"1.23 pt"``), else the
+        value in the metric's unit (``"0.0123 nats/token"``)."""
+        if self.unit == "fraction":
+            return f"{100 * v:.2f} pt"
+        return f"{v:.4g} {self.unit}".rstrip()
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "higher_is_better": self.higher_is_better, "unit": self.unit}
 

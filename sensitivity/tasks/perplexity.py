@@ -93,7 +93,7 @@ class Perplexity(Task):
         refs = []
         for logits, _ in lm_batches(model, data, batch_size, device, dtype):
             lp, idx = _coarse(torch.log_softmax(logits[:, :-1], -1), TOP_K)
-            refs.append((lp.half(), idx.int()))
+            refs.append((lp, idx.int()))
         if not refs:
             return None
         return torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs])

