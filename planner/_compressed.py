@@ -219,8 +219,15 @@ def _encode(cm: CompressedModel, keep_bytes: bool = True) -> tuple[dict[str, Any
     blob = io.BytesIO()
     entries: dict[str, Any] = {}
     at = 0
-    for key, t in cm.module.state_dict().items():
+    from sensplan.sensitivity._scan import tied_tensors
+
+    state = cm.module.state_dict()
+    tied = tied_tensors(state)
+    for key, t in state.items():
         t = t.detach()
+        if key in tied:  # the same memory as an earlier tensor (a tied LM head): stored once
+            entries[key] = {"layout": "tied", "to": tied[key], "parts": [], "part_names": []}
+            continue
         eff = cm.effects.get(key)
         if eff is not None and t.is_floating_point() and _stores_specially(eff):
             entry, parts = _encode_tensor(t.cpu().float(), merge([eff]), cm.row_lens.get(key, 1),
@@ -407,7 +414,9 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
     try:
         for key, e in header["tensors"].items():
             parts = {name: payload[o:o + n] for name, (o, n) in zip(e["part_names"], e["parts"], strict=True)}
-            if e["layout"] == "raw":
+            if e["layout"] == "tied":
+                state[key] = state[e["to"]]
+            elif e["layout"] == "raw":
                 state[key] = _from_raw(parts["raw"], e["dtype"], tuple(e["shape"]))
             else:
                 state[key] = _decode_tensor(e, parts)

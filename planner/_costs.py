@@ -229,6 +229,8 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
     out = []
     total = scope_weights(scan)
     for key, t in scan.tensors.items():
+        if t.get("tied_to"):  # the same memory as an earlier tensor: stored and counted once
+            continue
         per_dim: list[list[tuple[int, float]]] = [[] for _ in t["shape"]]
         for gid, dims in t["shrinks"].items():
             if gid in group_block and isinstance(dims, Mapping):
@@ -461,6 +463,8 @@ class AnalyticCosts:
             self._pricings = []
             total = scope_weights(self.scan)
             for key, t in self.scan.tensors.items():
+                if t.get("tied_to"):
+                    continue
                 layer = t.get("layer")
                 is_layer = layer is not None and layer in self.scan.layers
                 tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in t["shape"]),

@@ -37,7 +37,7 @@ from sensplan._metric import Metric  # noqa: E402
 from sensplan._tables import Scan, load_metrics  # noqa: E402
 from sensplan.planner import Plan  # noqa: E402
 
-FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "verification", "before_after")
+FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "layer_grid", "verification", "before_after")
 """The PNG files written beside ``report.html`` (``allocation`` only with a plan, ``verification``
 only with a verified plan). The first two
 hold one panel per scanned method, ``allocation`` one panel per axis."""
@@ -186,6 +186,15 @@ def _column_order(cols: Mapping[str, Sequence[Mapping[str, Any]]], n_declared: i
     return sorted(cols, key=lambda k: (declared(k), _mean_level(cols[k])))
 
 
+_LAYER_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def display_names(scan: Scan) -> dict[str, str]:
+    """Unit -> the name the report shows: a transformer's head or MLP group by its label ("layer 3
+    heads"), every other unit by its name."""
+    return {gid: str(g["label"]) for gid, g in (scan.data.get("groups") or {}).items() if g.get("label")}
+
+
 def sensitivities(scan: Scan) -> list[_Sensitivity]:
     """Per scanned method (in the scan's order), its results as a units x settings matrix."""
     out = []
@@ -234,9 +243,10 @@ def _empty(text: str) -> bytes:
     return _png(fig)
 
 
-def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt) -> bytes:
+def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str] | None = None) -> bytes:
     """One panel per method: units x settings, the drop in the metric's points (one colour scale
-    for all methods, so their sensitivities compare)."""
+    for all methods, so their sensitivities compare). ``names``: what to show for a unit."""
+    names = names or {}
     if not sens:
         return _empty("nothing was scanned")
     heights = [max(1.6, 0.26 * len(s.units) + 1.1) for s in sens]
@@ -250,7 +260,7 @@ def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt) -> bytes:
         v = s.drops * fmt.factor
         im = ax.imshow(np.ma.masked_invalid(np.clip(v, 0, None)), aspect="auto", cmap=cmap, vmin=0,
                        vmax=vmax)
-        ax.set_yticks(range(len(s.units)), [_tx(u) for u in s.units], fontsize=7)
+        ax.set_yticks(range(len(s.units)), [_tx(names.get(u, u)) for u in s.units], fontsize=7)
         ax.set_xticks(range(len(s.columns)), [_tx(c) for c in s.columns], fontsize=7,
                       rotation=20 if max(len(c) for c in s.columns) > 8 else 0, ha="right"
                       if max(len(c) for c in s.columns) > 8 else "center")
@@ -260,7 +270,8 @@ def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt) -> bytes:
             for i in range(len(s.units)):
                 for j in range(len(s.columns)):
                     x = v[i, j]
-                    ax.text(j, i, _DASH if np.isnan(x) else f"{x:.1f}", ha="center", va="center",
+                    ax.text(j, i, _DASH if np.isnan(x) else f"{x:.1f}" if fmt.percent else f"{x:.2g}",
+                            ha="center", va="center",
                             fontsize=6, color="white" if x > 0.6 * vmax else "black")
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
     fig.tight_layout()
@@ -334,9 +345,11 @@ def _strength(sens: Mapping[str, _Sensitivity], choice: Mapping[str, Any]) -> fl
     return 0.3 + 0.7 * (ranked.index(levels[label]) + 1) / len(ranked)
 
 
-def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[str]) -> bytes:
+def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[str],
+                   names: Mapping[str, str] | None = None) -> bytes:
     """One panel per axis: a row per unit, a column per allocation (planned, uniform), each cell the
     chosen option's label, coloured by method and darker for stronger settings."""
+    names = names or {}
     by_axis = _by_axis(plan)
     if not by_axis:
         return _empty("the plan has no decision blocks")
@@ -365,7 +378,7 @@ def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[s
                         color="white" if float(img[i, j].mean()) < 0.45 else "black")
         ax.imshow(img, aspect="auto", interpolation="nearest")
         units = [str(every[b].get("unit", b)) for b in blocks]
-        ax.set_yticks(range(len(blocks)), [_tx(u) for u in units], fontsize=7)
+        ax.set_yticks(range(len(blocks)), [_tx(names.get(u, u)) for u in units], fontsize=7)
         ax.set_xticks(range(len(shown)), [n for n, _ in shown], fontsize=8)
         ax.xaxis.tick_top()
         ax.set_xticks(np.arange(len(shown) + 1) - 0.5, minor=True)
@@ -373,6 +386,60 @@ def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[s
         ax.grid(which="minor", color="white", lw=1.5)
         ax.tick_params(which="minor", length=0)
         ax.set_title(_tx(f"axis: {axis}"), fontsize=9, pad=18)
+    fig.tight_layout()
+    return _png(fig)
+
+
+Grid = tuple[list[int], list[str], dict[tuple[int, str], str]]
+
+
+def layer_grid(plan: Plan, scan: Scan, variant: str = "planned") -> Grid:
+    """A transformer's allocation as a layer x unit-kind grid: the layer indices, the kinds (head
+    and MLP groups, then each projection by its module name: q_proj, c_attn, ...), and per cell the
+    chosen options' labels. Empty when fewer than two units have a layer index."""
+    alloc = plan.data["plans"].get(variant) or {}
+    groups = scan.data.get("groups") or {}
+    cells: dict[tuple[int, str], list[str]] = {}
+    for c in (alloc.get("choices") or {}).values():
+        unit = str(c.get("unit", ""))
+        g = groups.get(unit) if c.get("kind") == "group" else None
+        if g is not None and g.get("layer") is not None:
+            layer, kind = int(g["layer"]), "heads" if g.get("kind") == "heads" else "MLP"
+        else:
+            found = _LAYER_INDEX.search(f".{unit}.")
+            if found is None:
+                continue
+            layer, kind = int(found.group(1)), unit.rsplit(".", 1)[-1]
+            if kind in ("dense",):  # BERT's projections are all "dense": name them by their parent
+                kind = ".".join(unit.rsplit(".", 2)[-2:])
+        label = str(c.get("label") or "") if c.get("method") else ""
+        cells.setdefault((layer, kind), [])
+        if label:
+            cells[(layer, kind)].append(label)
+    layers = sorted({k[0] for k in cells})
+    if len(layers) < 2:
+        return [], [], {}
+    kinds = sorted({k[1] for k in cells}, key=lambda k: (k not in ("heads", "MLP"), k != "heads", k))
+    return layers, kinds, {k: " + ".join(v) or "none" for k, v in cells.items()}
+
+
+def fig_layer_grid(plan: Plan, scan: Scan) -> bytes | None:
+    """The planned allocation of a transformer, one row per layer, one column per unit kind."""
+    layers, kinds, cells = layer_grid(plan, scan)
+    if not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(min(18.0, 1.5 + 1.25 * len(kinds)), 0.3 * len(layers) + 1.4))
+    img = np.ones((len(layers), len(kinds), 3))
+    for i, layer in enumerate(layers):
+        for j, kind in enumerate(kinds):
+            txt = cells.get((layer, kind), "")
+            img[i, j] = (0.92, 0.92, 0.92) if not txt else (1.0, 1.0, 1.0) if txt == "none" else (0.80, 0.88, 1.0)
+            ax.text(j, i, _tx(txt or _DASH), ha="center", va="center", fontsize=6)
+    ax.imshow(img, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(layers)), [f"layer {x}" for x in layers], fontsize=7)
+    ax.set_xticks(range(len(kinds)), [_tx(k) for k in kinds], fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_title("planned allocation per layer", fontsize=9, pad=16)
     fig.tight_layout()
     return _png(fig)
 
@@ -867,16 +934,21 @@ def _provenance(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str
 def _write_figures(out: Path, s: Scan, p: Plan | None, sens: Sequence[Any], fmt: _Fmt,
                    headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, bytes]:
     """Render the PNG figures into ``out`` (removing a previous render's that no longer apply)."""
-    figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(sens, fmt), "drop_curves": fig_curves(sens, fmt)}
+    names = display_names(s)
+    figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(sens, fmt, names),
+                              "drop_curves": fig_curves(sens, fmt)}
     if p is not None:
-        figs["allocation"] = fig_allocation(p, sens, list(s.methods))
+        figs["allocation"] = fig_allocation(p, sens, list(s.methods), names)
+        grid = fig_layer_grid(p, s)
+        if grid is not None:
+            figs["layer_grid"] = grid
         if p.data.get("verification"):
             figs["verification"] = fig_verification(p, fmt)
     figs["before_after"] = fig_table(headers, rows, f"before / after ({fmt.title})")
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         atomic_write_bytes(out / f"{name}.png", png)
-    for name in ("allocation", "verification"):  # a previous render's chart would contradict this page
+    for name in ("allocation", "layer_grid", "verification"):  # a previous render's would contradict this page
         stale = out / f"{name}.png"
         if name not in figs and stale.is_file():
             stale.unlink()
@@ -945,6 +1017,20 @@ def _results_sections(s: Scan, p: Plan | None, results: Mapping[str, Any], fmt: 
     return parts
 
 
+def _scope_section(p: Plan) -> str:
+    """The layers the ``bits`` metric leaves out (an LM head) and what they weigh."""
+    scope = p.data.get("scope") or {}
+    out = scope.get("out_of_scope") or {}
+    if not out:
+        return ""
+    rows = [[name, f"{v.get('weights', 0):,}", v.get("reason", "")] for name, v in out.items()]
+    return ("<h3>Out of scope</h3><p>" + _e(
+        f"Left as they are, and outside the bits metric (mean stored bits per weight over "
+        f"{scope.get('weights', 0):,} weights of {len(scope.get('layers') or [])} layers): these layers. "
+        f"Embeddings are not layers sensplan scans; size, MACs and params count the whole model.")
+        + "</p>" + _table(["layer", "weights", "why"], rows))
+
+
 def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLike[str], *,
                   plan: str | os.PathLike[str] | Plan | None = None,
                   result: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
@@ -989,6 +1075,11 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
     if p is not None:
         parts.append(_verification_section(p, fmt, figs.get("verification", b"")))
         parts.append(_allocation_section(p, fmt, figs["allocation"]))
+        if "layer_grid" in figs:
+            parts.append("<h3>Per layer</h3><p>The planned allocation of each transformer layer: its "
+                         "attention heads and MLP width (pruning), then each projection's weight format.</p>"
+                         + _img(figs["layer_grid"], "planned allocation per layer"))
+        parts.append(_scope_section(p))
     parts.append(_skipped_section(s))
     if p is not None:
         parts.append("<h2>Solver</h2>" + _solver(p)[0])

@@ -120,7 +120,7 @@ class HFModel(nn.Module):
                            f"--model-arg include_head=true scans it"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "image-classification" or x.is_floating_point():
+        if x.dim() == 4:  # pixels
             out = self.model(pixel_values=x)
             if self.kind == "embedding":
                 return out.last_hidden_state.mean(dim=1)
@@ -129,6 +129,7 @@ class HFModel(nn.Module):
             raise UserInputError(f"A text model takes (batch, 2, tokens) int64 inputs (token ids and "
                                  f"attention mask). Got {tuple(x.shape)}: use text data (text:FILE, "
                                  f"jsonl:FILE:FIELD, csv:FILE:FIELD) with --model hf:DIR.")
+        x = x.long()  # a float zero input (a rebuild's example input) is a valid all-padding batch
         ids, mask = x[:, 0], x[:, 1]
         out = self.model(input_ids=ids, attention_mask=mask)
         if self.kind == "embedding":

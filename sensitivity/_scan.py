@@ -12,6 +12,7 @@ scan re-run with the same command redoes no finished probe (see :mod:`sensplan._
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -79,9 +80,17 @@ class ScanConfig:
     #: the memory (MiB) for the activations the prefix cache keeps per batch (``scan --cache-mb``;
     #: beyond it they go to a temporary folder; 0 turns the cache off). See ``_prefix``.
     cache_mb: float = 2048
+    #: scan only the units whose name (or a group's label, e.g. "layer 3 heads") matches one of
+    #: these shell-style patterns (``scan --units``); empty: every unit. The others are skipped with
+    #: the reason, so a plan leaves them as they are.
+    units: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         norm: dict[str, tuple[Setting, ...]] = {}
+        if isinstance(self.units, str) or not all(isinstance(u, str) and u for u in self.units):
+            raise UserInputError(f"units must be a sequence of non-empty name patterns, e.g. "
+                                 f"('*.mlp.*', 'layer 0 heads'). Got {self.units!r}.")
+        object.__setattr__(self, "units", tuple(self.units))
         if not self.settings:
             raise UserInputError("The scan has no method to run. Give at least one, e.g. "
                                  "--methods prune,weight_quant.")
@@ -139,7 +148,14 @@ class ScanConfig:
         return {"settings": {k: [dict(s) for s in v] for k, v in self.settings.items()},
                 "task": self.task, "batch_size": self.batch_size, "check_samples": self.check_samples,
                 **({"fast": True, "fast_measured": self.fast_measured, "fast_samples": self.fast_samples}
-                   if self.fast else {})}
+                   if self.fast else {}), **({"units": list(self.units)} if self.units else {})}
+
+    def selects(self, unit: str, label: str = "") -> bool:
+        """Whether ``units`` lets the scan probe ``unit`` (a group also by its ``label``)."""
+        import fnmatch
+
+        return not self.units or any(fnmatch.fnmatchcase(unit, p) or (label and fnmatch.fnmatchcase(label, p))
+                                     for p in self.units)
 
 
 def _setting_key(setting: Mapping[str, Any]) -> str:
@@ -175,6 +191,23 @@ class _Progress:
         self.bar.close()
 
 
+def tied_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """State-dict keys whose tensor is the same memory as an earlier key's (a tied weight, such as
+    a language model's head and its token embeddings), mapped to that earlier key."""
+    seen: dict[tuple[Any, ...], str] = {}
+    out: dict[str, str] = {}
+    for k, v in state.items():
+        if v.numel() == 0:
+            continue
+        sig = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()),
+               v.dtype)
+        if sig in seen:
+            out[k] = seen[sig]
+        else:
+            seen[sig] = k
+    return out
+
+
 def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
         dict[str, Any], dict[str, Any], PruningGraph | None, str]:
     """The static structure the cost model needs: layers and tensors; plus the channel-group graph
@@ -197,7 +230,9 @@ def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
     tensors = {k: {"shape": list(v.shape), "storage_bits": v.element_size() * 8,
                    "kind": "parameter" if k in params else "buffer",
                    "layer": weight_of.get(k), "shrinks": {}}
-               for k, v in model.state_dict().items()}
+               for k, v in state.items()}
+    for k, first in tied_tensors(state).items():  # e.g. an LM head tied to the embeddings: stored once
+        tensors[k]["tied_to"] = first
     try:
         graph: PruningGraph | None = channel_graph(model, example_input)
         error = ""
@@ -333,8 +368,15 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
     units_of: dict[str, dict[str, str]] = {}
     for name in sorted(methods, key=lambda n: execution_order(methods[n])):
         method = methods[name]
+        # with --units, a method sees only the selected units (no safety check of the others)
+        shown = ctx if not cfg.units else dataclasses.replace(
+            ctx, layers={k: v for k, v in ctx.layers.items() if cfg.selects(k)},
+            groups={k: v for k, v in ctx.groups.items() if cfg.selects(k, str(v.get("label", "")))})
         units_of[name] = {} if method.unit_kind == "group" and ctx.graph is None else \
-            method.units(ctx, cfg.settings[name])
+            method.units(shown, cfg.settings[name])
+        if cfg.units and not (method.unit_kind == "group" and ctx.graph is None):
+            every = ctx.groups if method.unit_kind == "group" else ctx.layers
+            units_of[name].update({u: "not selected by --units" for u in every if u not in units_of[name]})
         if method.unit_kind == "layer":  # layers the model leaves out of scope (an output head)
             units_of[name].update({u: ctx.layers[u]["out_of_scope"] for u in units_of[name]
                                    if ctx.layers.get(u, {}).get("out_of_scope")})

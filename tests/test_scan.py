@@ -145,7 +145,7 @@ def test_without_a_pruning_graph_the_scan_goes_on_with_the_layer_methods(monkeyp
     def untraceable(*args, **kwargs):
         raise RuntimeError("cannot trace this\nsecond line")
 
-    monkeypatch.setattr(scan_module, "PruningGraph", untraceable)
+    monkeypatch.setattr(scan_module, "channel_graph", untraceable)
     data = self_labelled(tiny_convnet, 16)
     table = scan(tiny_convnet, data, ScanConfig.of(bits=(4,), ratios=(0.5,)), progress=False)
     graph = table.data["pruning_graph"]

@@ -156,6 +156,8 @@ class Method:
     #: buffer): ``scan --fast`` may then estimate it from the Fisher information instead of measuring
     values_only: ClassVar[bool] = False
     default_settings: ClassVar[tuple[Setting, ...]] = ()
+    #: the settings scanned by default on a transformer (``--model hf:...``); None: ``default_settings``
+    transformer_settings: ClassVar[tuple[Setting, ...] | None] = None
     setting_key: ClassVar[str] = ""
     description: ClassVar[str] = ""
     #: what the report says about speed (e.g. that dense kernels do not get faster)

@@ -37,6 +37,10 @@ class WeightQuant(WeightMethod):
     stage = 30
     default_on = True
     default_settings = tuple({"bits": b} for b in (8, 6, 4, 3, 2))
+    # a transformer's Linear rows are long and its outliers local: group-wise scales below 8 bits
+    transformer_settings = ({"bits": 8}, {"bits": 6}, {"bits": 4, "group": 128}, {"bits": 4, "group": 64},
+                            {"bits": 4, "group": 32}, {"bits": 3, "group": 128}, {"bits": 3, "group": 32},
+                            {"bits": 2, "group": 32})
     setting_key = "bits"
     description = ("integer weights (bits 2-8), MSE-searched clipping: per channel, or with --bits 4g128 "
                    "group-wise scales (groups of 32/64/128), 4a a zero point (asymmetric)")

@@ -25,11 +25,13 @@ def register(sub: SubParsers) -> None:
     p.set_defaults(fn=main)
 
 
-def settings_flag(method: Method) -> str:
-    """The default settings as ``--setting`` writes them (JSON when that form cannot say them)."""
+def settings_flag(method: Method, transformer: bool = False) -> str:
+    """The default settings as ``--setting`` writes them (JSON when that form cannot say them);
+    ``transformer``: those for a transformer (``--model hf:...``)."""
     key = method.setting_key
-    defaults = [dict(s) for s in method.default_settings]
-    text = ",".join(str(s.get(key)) for s in defaults)
+    chosen = method.transformer_settings if transformer and method.transformer_settings else method.default_settings
+    defaults = [dict(s) for s in chosen]
+    text = ",".join(method.label(s).removeprefix("int") if key == "bits" else str(s.get(key)) for s in defaults)
     try:
         if key and method.parse_settings(text) == [method.check_setting(s) for s in defaults]:
             return f"{method.name}={text}"
@@ -50,6 +52,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {m.name}{star}")
         print(f"      {m.description}")
         print(f"      axis {m.axis}, unit {m.unit_kind}; default settings: {settings_flag(m)}")
+        if m.transformer_settings:
+            print(f"      on a transformer (--model hf:...): {settings_flag(m, transformer=True)}")
+        if m.unit_kind == "group":
+            print("      on a transformer (--model hf:...) its groups are attention heads (a KV head with "
+                  "its query heads) and MLP channels")
         if m.speed_note:
             print(f"      speed: {m.speed_note}")
         print(f"      from: {METHODS.origin(m.name)}")
@@ -59,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {t.name}: {t.description}" + ("" if t.needs_labels else " (needs no labels)")
               + _elsewhere(TASKS.origin(t.name)))
     COST_MODELS.load_entry_points(lambda obj: obj)
-    print("\ncost models (plan --budget METRIC=...): analytic (size, macs, bops, params; built-in), "
+    print("\ncost models (plan --budget METRIC=...): analytic (size, macs, bops, params, bits; built-in), "
           "table (plan --cost-table FILE; built-in)")
     for name in COST_MODELS.names():
         metrics = ", ".join(getattr(COST_MODELS.get(name), "metrics", ()))

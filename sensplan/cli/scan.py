@@ -71,12 +71,17 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                    help="the settings to scan for one method, e.g. sparsity=0.5,0.9 (repeatable; "
                         "default: the method's default settings)")
     g.add_argument("--bits", metavar="B1,B2",
-                   help="shortcut for --setting weight_quant=B1,B2 (default 8,6,4,3,2)")
+                   help="shortcut for --setting weight_quant=B1,B2 (default 8,6,4,3,2; for --model hf:... "
+                        "8,6,4g128,4g64,4g32,3g128,3g32,2g32)")
     g.add_argument("--ratios", metavar="R1,R2",
                    help="shortcut for --setting prune=R1,R2: fractions of each group's channels "
                         "removed (default 0.1,0.2,...,0.8)")
     g.add_argument("--no-prune", action="store_true", help="do not scan prune")
     g.add_argument("--no-quantize", action="store_true", help="do not scan weight_quant")
+    g.add_argument("--units", metavar="PATTERNS",
+                   help="scan only the units whose name matches one of these comma-separated shell "
+                        "patterns (a head or MLP group also by its label), e.g. '*.layers.0.*,layer 3 heads'; "
+                        "the others are skipped with the reason and stay uncompressed")
     g.add_argument("--task", default="classification", metavar="NAME",
                    help="how the model is scored: classification (top-1 against the labels; "
                         "default) | agreement (top-1 agreement with the original model; no labels)")
@@ -190,10 +195,13 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
         return None
     overrides = _overrides(args, names, problems)
     settings: dict[str, list[Setting]] = {}
+    transformer = str(getattr(args, "model", "") or "").startswith("hf:")
     for name in names:
         method = get_method(name)
         if name not in overrides:
-            settings[name] = [dict(s) for s in method.default_settings]
+            defaults = method.transformer_settings if transformer and method.transformer_settings else \
+                method.default_settings
+            settings[name] = [dict(s) for s in defaults]
             continue
         flag, text = overrides[name]
         try:
@@ -209,9 +217,11 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
         settings[name] = parsed
     if problems.messages or task is None:
         return None
+    units = tuple(u.strip() for u in (args.units or "").split(",") if u.strip())
     return problems.check(lambda: ScanConfig(settings, task=args.task, batch_size=args.batch_size,
                                             check_samples=args.check_samples, fast=args.fast,
-                                            fast_measured=args.fast_measured, cache_mb=args.cache_mb))
+                                            fast_measured=args.fast_measured, cache_mb=args.cache_mb,
+                                            units=units))
 
 
 def _values(settings: Any, key: str) -> str:
