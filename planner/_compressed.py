@@ -219,7 +219,7 @@ def _encode(cm: CompressedModel, keep_bytes: bool = True) -> tuple[dict[str, Any
     blob = io.BytesIO()
     entries: dict[str, Any] = {}
     at = 0
-    from sensplan.sensitivity._scan import tied_tensors
+    from sensplan.sensitivity import tied_tensors
 
     state = cm.module.state_dict()
     tied = tied_tensors(state)

@@ -52,6 +52,7 @@ from sensplan.sensitivity._scan import (
     default_settings,
     describe_model,
     scan,
+    tied_tensors,
 )
 from sensplan.sensitivity._sparse import from_rows, magnitude_mask, nm_mask, to_rows
 from sensplan.sensitivity._workers import device_in_turn
@@ -129,6 +130,7 @@ __all__ = [
     "register_model",
     "scan",
     "stratified_indices",
+    "tied_tensors",
     "to_rows",
     "train_loader",
     "tune_malloc",
