@@ -103,7 +103,7 @@ def train_lm(kind: str, cache: Path, steps: int, vocab: int = 1024, seq: int = 6
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     info = {"kind": kind, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
             "params": sum(p.numel() for p in model.parameters()),
             "train_loss_last100": sum(losses[-100:]) / min(100, len(losses))}
