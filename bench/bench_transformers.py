@@ -129,9 +129,19 @@ def run(argv: list[str], log: Path) -> dict[str, Any]:
 def summary(out: Path, metric_name: str) -> dict[str, Any]:
     scan = json.loads((out / "scan.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
+    ver = plan.get("verification") or {}
+    rounds = [r for r in ver.get("rounds", []) if r.get("held_out")]
+    best_round = min(rounds, key=lambda r: r["held_out"]["drop"]) if rounds else None
     res: dict[str, Any] = {"scan_seconds": scan["provenance"]["seconds"],
                            "probes": len([r for r in scan["results"] if not r.get("estimated")]),
-                           "verdict": (plan.get("verification") or {}).get("verdict", "")}
+                           "verdict": ver.get("verdict", ""),
+                           # on the held-out split: the best planned round against the best uniform
+                           # candidate by measurement (both within the budget)
+                           "round": None if best_round is None else {
+                               "drop": best_round["held_out"]["drop"], "se": best_round["held_out"]["drop_se"],
+                               "costs": best_round["costs"]},
+                           "best_uniform": ver.get("vs_best_uniform"),
+                           "winner": (ver.get("winner") or {}).get("name")}
     for variant, sub in (("planned", out / "result"), ("uniform", out / "result" / "uniform")):
         m = json.loads((sub / "metrics.json").read_text())
         alloc = plan["plans"][variant]
@@ -155,10 +165,16 @@ def show(name: str, budget: str, res: dict[str, Any], run_info: dict[str, Any], 
     for tag, a in (("planned", p), ("uniform", u)):
         print(f"  {tag:8s} {a['label'][:28]:28s} -> {fmt(a['after'])}; drop predicted {a['predicted_drop']:+.4f}, "
               f"measured {a['measured_drop']:+.4f}; {', '.join(f'{k} {v:.4g}' for k, v in a['costs'].items())}")
+    r, bu = res.get("round"), res.get("best_uniform")
+    if r is not None and bu is not None:
+        stopped = " (stopped early: clearly worse on the first part)" if bu.get("stopped_early") else ""
+        print(f"  held-out split: best planned round drop {r['drop']:+.4f} ± {r['se']:.4f} vs best uniform "
+              f"({bu['name']}) {bu['drop']:+.4f}{stopped}: plan better by {bu['drop'] - r['drop']:+.4f}; "
+              f"kept: {res['winner']}")
     better = u["measured_drop"] - p["measured_drop"]
     who = "plan wins" if better > 0 else "tie" if better == 0 else "uniform wins"
-    print(f"  plan - uniform: {better:+.4f} {'log-ppl' if lm else 'cosine'} better for the plan ({who}); "
-          f"verdict: {res['verdict'][:160]}")
+    print(f"  report split, kept plan vs uniform by prediction: {better:+.4f} {'log-ppl' if lm else 'cosine'} "
+          f"better for the plan ({who})")
 
 
 def gpt2_125m(tmp: Path, corpus: Path, tok_dir: Path) -> None:

@@ -12,6 +12,7 @@ import copy
 import itertools
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Collection, Mapping
@@ -24,7 +25,7 @@ from torch import nn
 
 from sensplan._artifacts import now_iso, versions, write_json
 from sensplan._effects import LAYER_DEFAULTS, merge, merge_per_unit, row_length
-from sensplan._errors import ArtifactError, IncompatibleModelError, UserInputError
+from sensplan._errors import ArtifactError, IncompatibleModelError, UserInputError, first_line
 from sensplan._tables import METRICS_FORMAT, METRICS_SCHEMA_VERSION, load_metrics  # noqa: F401
 from sensplan.planner._compressed import CompressedModel, load_compressed, payload_size, save_compressed
 from sensplan.planner._plan import Plan, assignments
@@ -245,6 +246,10 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
             with torch.no_grad():
                 soft = torch.log_softmax(teacher(x) / t, dim=1)
             logits = student(x)
+            if logits.dim() != 2:
+                raise UserInputError(
+                    f"Fine-tuning distils class logits, but the model returns {tuple(logits.shape)} (a language "
+                    f"or embedding model). Apply without --train-data.")
             kd = nn.functional.kl_div(torch.log_softmax(logits / t, dim=1), soft, log_target=True,
                                       reduction="batchmean") * t * t
             loss = cfg.alpha * kd + (1 - cfg.alpha) * nn.functional.cross_entropy(logits, y)
@@ -421,9 +426,12 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     # The model file is written under a temporary name and takes its place after metrics.json and
     # plan.json: a failure before then leaves the previous result's three files as they were
     staged = out / f".model.sensplan.{os.getpid()}.partial"
+    staged_hf = out / f".hf.{os.getpid()}.partial"  # a save_pretrained folder, for a model that can write one
     try:
-        after = _save_and_measure(cm, staged, model, data, task, state, plan.variant(variant), timing)
+        after = _save_and_measure(cm, staged, model, data, task, state, plan.variant(variant), timing,
+                                  staged_hf)
         after["bits"] = scope_bits(staged, plan.data.get("scope") or {})
+        exported = after.pop("save_pretrained", None)
         del cm
         comparison, budgets = _compare(plan, plan.variant(variant), before, after, no_ft)
         metrics = {
@@ -446,18 +454,28 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
             "bn_recalibration": calib.description if calib is not None else None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if exported is not None:
+            metrics["save_pretrained"] = {**exported, **({"path": str(out / "hf")} if exported.get("saved") else {})}
         write_json(out / "plan.json", dict(plan.data))
         write_json(out / "metrics.json", metrics)
         os.replace(staged, os.path.realpath(out / "model.sensplan"))  # through a symlink, as the JSON files
+        if exported is not None:
+            shutil.rmtree(out / "hf", ignore_errors=True)  # a previous result's folder would contradict this one
+            if exported.get("saved"):
+                os.replace(staged_hf, out / "hf")
     finally:
         staged.unlink(missing_ok=True)
+        shutil.rmtree(staged_hf, ignore_errors=True)
     return metrics
 
 
 def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data: EvalSet, task: Task,
-                      state: Any, alloc: Mapping[str, Any], timing: bool) -> dict[str, Any]:
+                      state: Any, alloc: Mapping[str, Any], timing: bool, staged_hf: Path | None = None
+                      ) -> dict[str, Any]:
     """Write the compressed model to ``staged``, reload it into a copy of the original
-    architecture and measure what was reloaded (the file is what a user deploys)."""
+    architecture and measure what was reloaded (the file is what a user deploys). A model with an
+    ``export_pretrained(folder)`` method (a Hugging Face model) also writes its own format into
+    ``staged_hf``: ``after["save_pretrained"]`` says whether it could, and why not."""
     example = data.example_input
     file_bytes = save_compressed(cm, staged)
     payload_bytes = payload_size(staged)  # encoding again would quantize again
@@ -468,6 +486,12 @@ def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data:
     after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
                     timing=timing, original={n for n, _ in model.named_modules()})
     after["payload_bytes"] = payload_bytes
+    export = getattr(reloaded, "export_pretrained", None)
+    if staged_hf is not None and callable(export):
+        try:
+            after["save_pretrained"] = export(staged_hf)
+        except Exception as e:  # noqa: BLE001 - the compressed model stands; only this copy failed
+            after["save_pretrained"] = {"saved": False, "reason": f"{type(e).__name__}: {first_line(e)}"}
     with torch.inference_mode():
         after["reload_max_abs_diff"] = float((reloaded(example) - compressed_out).abs().max())
     return after

@@ -202,6 +202,9 @@ class _Tensor:
     #: 1 / (the original number of weights of the layers in scope) for a weight in scope, else 0:
     #: its stored bits times this are its share of the mean bits per weight (``bits``)
     per_weight: float = 0.0
+    #: False for a tensor that is the same memory as an earlier one (``tied_to``: a tied LM head):
+    #: it computes (MACs, BOPs) but is stored and counted once, under the earlier key
+    stored: bool = True
 
     @property
     def multi(self) -> tuple[int, ...]:
@@ -229,8 +232,6 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
     out = []
     total = scope_weights(scan)
     for key, t in scan.tensors.items():
-        if t.get("tied_to"):  # the same memory as an earlier tensor: stored and counted once
-            continue
         per_dim: list[list[tuple[int, float]]] = [[] for _ in t["shape"]]
         for gid, dims in t["shrinks"].items():
             if gid in group_block and isinstance(dims, Mapping):
@@ -243,7 +244,7 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
                            float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
                            layer if is_layer else None, tuple(local.get(layer, ())) if is_layer else (),
                            float(scan.layers[layer]["macs"]) if is_layer else 0.0,
-                           _per_weight(scan, layer if is_layer else None, total)))
+                           _per_weight(scan, layer if is_layer else None, total), not t.get("tied_to")))
     return out
 
 
@@ -288,15 +289,16 @@ class _Pricing:
         t = self.t
         if t.layer is None:
             numel = _numel(env, len(t.shape))
-            return {"size": numel * t.storage_bits / 8, "params": numel if t.is_param else 0.0 * numel,
+            kept = numel if t.stored else 0.0 * numel
+            return {"size": kept * t.storage_bits / 8, "params": kept if t.is_param else 0.0 * numel,
                     "macs": 0.0 * numel, "bops": 0.0 * numel, "bits": 0.0 * numel}
         st, numel_expr, rows_expr = self.structure(effect)
         numel, rows, macs = numel_expr.evaluate(env), rows_expr.evaluate(env), st.macs.evaluate(env)
         a, b, c = weight_coefficients(effect, row_length(t.shape))
         scales = self.group_scales(effect)
         extra = 0.0 if scales is None else scale_bits_each(effect) * scales.evaluate(env)
-        bits = a * numel + b * rows + c * len(st.tensors) + extra
-        return {"size": bits / 8, "params": numel if t.is_param else 0.0 * numel, "macs": macs,
+        bits = (a * numel + b * rows + c * len(st.tensors) + extra) * (1.0 if t.stored else 0.0)
+        return {"size": bits / 8, "params": numel * (1.0 if t.is_param and t.stored else 0.0), "macs": macs,
                 "bops": macs * float(effect["weight_bits"]) * float(effect["act_bits"]),
                 "bits": bits * t.per_weight}
 
@@ -463,15 +465,14 @@ class AnalyticCosts:
             self._pricings = []
             total = scope_weights(self.scan)
             for key, t in self.scan.tensors.items():
-                if t.get("tied_to"):
-                    continue
                 layer = t.get("layer")
                 is_layer = layer is not None and layer in self.scan.layers
                 tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in t["shape"]),
                                  float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
                                  layer if is_layer else None, (),
                                  float(self.scan.layers[layer]["macs"]) if is_layer else 0.0,
-                                 _per_weight(self.scan, layer if is_layer else None, total))
+                                 _per_weight(self.scan, layer if is_layer else None, total),
+                                 not t.get("tied_to"))
                 shrinks = [(gid, int(d), float(per)) for gid, dims in t["shrinks"].items()
                            for d, per in (dims.items() if isinstance(dims, Mapping) else [])]
                 self._pricings.append((tensor, _Pricing(tensor), shrinks))

@@ -350,7 +350,7 @@ def _open_text(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
         if not p.is_file():
             raise DataSpecError(f"The text file {spec.root!r} does not exist. Check --data text:FILE.")
         x = _hf.tokenize_text(p.read_text(encoding="utf-8", errors="replace"), tok, seq_len)
-        y, classes = np.zeros(len(x), dtype=np.int64), ["text"]
+        y, classes = np.full(len(x), -1, dtype=np.int64), ["text"]  # -1: no labels
     else:
         texts, labels = _hf.read_records(spec.kind, spec.root, spec.text_field, spec.label_field or None)
         x = _hf.tokenize_records(texts, tok, seq_len)
@@ -358,7 +358,7 @@ def _open_text(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
             y, classes = _hf.label_ids(labels, spec.root)
             y = _mapped(y, classes, spec)
         else:
-            y, classes = np.zeros(len(x), dtype=np.int64), ["text"]
+            y, classes = np.full(len(x), -1, dtype=np.int64), ["text"]
     return _Tokens(x, y), y, classes
 
 

@@ -48,7 +48,10 @@ class FisherDiagonal:
 def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, *, micro: int = 8, folds: int = 4,
                     seed: int = 0) -> FisherDiagonal:
     """diag(F) of ``model`` (which must return (batch, classes) logits) from ``inputs``, in
-    micro-batches of ``micro`` inputs, with labels sampled from the model's outputs (seeded).
+    micro-batches of ``micro`` inputs, with labels sampled from the model's outputs (seeded). A
+    language model (text inputs (batch, 2, tokens), logits (batch, tokens, vocabulary)) counts every
+    real next-token position as a sample, so the estimate is per token, as the ``perplexity`` and
+    ``agreement`` tasks' ``kl``.
 
     The model runs in eval mode (BatchNorm on its running statistics, as the scan evaluates it).
     Nothing of the model changes: gradients are taken with ``torch.autograd.grad`` (no ``.grad`` is
@@ -73,17 +76,23 @@ def fisher_diagonal(model: nn.Module, inputs: torch.Tensor, *, micro: int = 8, f
             x = inputs[start:start + micro].to(dev)
             with torch.enable_grad():
                 out = model(x)
-                if not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.is_floating_point():
+                lm = isinstance(out, torch.Tensor) and out.dim() == 3 and x.dim() == 3 and x.shape[1] == 2
+                if not lm and (not isinstance(out, torch.Tensor) or out.dim() != 2 or not out.is_floating_point()):
                     raise UserInputError(
                         f"--fast estimates from the model's class probabilities, so the model must return "
                         f"(batch, classes) logits; it returned {getattr(out, 'shape', type(out).__name__)}. "
                         f"Scan without --fast.")
+                if lm:  # a language model: every real next-token position is a sample (per-token Fisher)
+                    weight = (x[:, 1, 1:] * x[:, 1, :-1]).float().reshape(-1)
+                    out = out[:, :-1].reshape(-1, out.shape[-1])
+                else:
+                    weight = torch.ones(len(x), device=out.device)
                 logp = torch.log_softmax(out.float(), 1)
                 y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).squeeze(1).to(logp.device)
-                total = logp.gather(1, y[:, None]).sum()
+                total = (logp.gather(1, y[:, None]).squeeze(1) * weight.to(logp.device)).sum()
                 grads = torch.autograd.grad(total, tensors, allow_unused=True)
             f = b % folds
-            counts[f] += len(x)
+            counts[f] += int(weight.sum())
             for name, g in zip(names, grads, strict=True):
                 if g is not None:
                     acc[name][f] += g.detach().float() ** 2

@@ -91,8 +91,10 @@ class HFModel(nn.Module):
     ``model`` is the Hugging Face model; ``kind`` one of :data:`KINDS`; ``head`` the FQN (in this
     wrapper) of the output head, out of scope unless ``include_head``."""
 
-    def __init__(self, model: nn.Module, kind: str, *, include_head: bool = False, source: str = "") -> None:
+    def __init__(self, model: nn.Module, kind: str, *, include_head: bool = False, source: str = "",
+                 conv1d: list[str] | None = None) -> None:
         super().__init__()
+        self.conv1d = list(conv1d or [])  # the modules that were GPT-2 Conv1D (names inside ``model``)
         if kind not in KINDS:
             raise ModelSpecError(f"kind must be one of {', '.join(KINDS)}. Got {kind!r}.")
         self.model = model
@@ -131,7 +133,8 @@ class HFModel(nn.Module):
                                  f"jsonl:FILE:FIELD, csv:FILE:FIELD) with --model hf:DIR.")
         x = x.long()  # a float zero input (a rebuild's example input) is a valid all-padding batch
         ids, mask = x[:, 0], x[:, 1]
-        out = self.model(input_ids=ids, attention_mask=mask)
+        extra = {"use_cache": False} if self.kind == "causal-lm" else {}  # no KV cache per probe
+        out = self.model(input_ids=ids, attention_mask=mask, **extra)
         if self.kind == "embedding":
             h = out.last_hidden_state
             m = mask.unsqueeze(-1).to(h.dtype)
@@ -139,13 +142,110 @@ class HFModel(nn.Module):
         return out.logits  # type: ignore[no-any-return]
 
 
-def conv1d_to_linear_(model: nn.Module) -> int:
+    def export_pretrained(self, folder: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write this (compressed) model as a ``save_pretrained`` folder where its config can say the
+        new shapes: the MLP width equal in every layer, and heads removed only where the config has
+        an explicit ``head_dim`` (Llama-style). Weights are written in float32 (quantized ones as
+        their dequantized values: the folder loads in ``transformers`` but is not smaller). Returns
+        ``{"saved": True, "path", "max_abs_diff"}`` (the reloaded model's outputs against this one's
+        on a probe input), or ``{"saved": False, "reason"}``."""
+        import copy
+
+        from sensplan.sensitivity._transformers import find_groups
+
+        require_transformers("Writing a save_pretrained folder")
+        cfg = copy.deepcopy(self.model.config)
+        groups = find_groups(self)
+        widths = sorted({g.channels for g in groups if g.kind == "mlp"})
+        if len(widths) > 1:
+            return {"saved": False, "reason": f"the MLP width differs between layers ({widths[0]} to "
+                                              f"{widths[-1]}), and a transformers config holds one"}
+        heads = [g for g in groups if g.kind == "heads"]
+        original_q = int(getattr(cfg, "num_attention_heads", 0) or 0)
+        original_kv = int(getattr(cfg, "num_key_value_heads", None) or original_q)
+        q_heads = {g.channels * (original_q // max(1, original_kv)) for g in heads}
+        kv_heads = {g.channels for g in heads}
+        if heads and kv_heads != {original_kv}:
+            if len(kv_heads) > 1:
+                return {"saved": False, "reason": "the number of attention heads differs between layers, "
+                                                  "and a transformers config holds one"}
+            if not isinstance(getattr(cfg, "head_dim", None), int):
+                return {"saved": False, "reason": f"heads were removed, and {type(cfg).__name__} derives the "
+                                                  f"head size from the hidden size and the head count"}
+            cfg.num_attention_heads = q_heads.pop()
+            if hasattr(cfg, "num_key_value_heads"):
+                cfg.num_key_value_heads = kv_heads.pop()
+        if widths:
+            key = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if hasattr(cfg, k)), None)
+            if key is None:
+                return {"saved": False, "reason": f"{type(cfg).__name__} has no MLP width to set"}
+            setattr(cfg, key, widths[0])
+        hooked = [n for n, m in self.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        if hooked:
+            return {"saved": False, "reason": f"{hooked[0]} runs a hook (e.g. quantized activations) that a "
+                                              f"transformers model cannot hold"}
+        out = copy.deepcopy(self.model)
+        linear_to_conv1d_(out, self.conv1d)
+        out.config = cfg
+        out.save_pretrained(folder)
+        tok = self.source and os.path.isfile(os.path.join(self.source, "tokenizer_config.json"))
+        if tok:
+            load_tokenizer(self.source).save_pretrained(folder)
+        loaded, info = type(out).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                                 output_loading_info=True)
+        odd = [*info.get("missing_keys", []), *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
+        if odd:
+            return {"saved": False, "reason": f"its layers no longer fit the architecture (e.g. {odd[0]}: a "
+                                              f"layer factorized or replaced)"}
+        dev = next(self.parameters()).device
+        back = HFModel(loaded.eval().to(dev), self.kind)
+        conv1d_to_linear_(back.model)
+        probe = _probe_input(self).to(dev)
+        with torch.no_grad():
+            ours = self(probe)
+            diff = float((back(probe) - ours).abs().max())
+        if not diff <= 1e-4 * (float(ours.abs().max()) + 1.0):
+            return {"saved": False, "reason": f"the folder reloaded to different outputs (max difference "
+                                              f"{diff:.3g})"}
+        return {"saved": True, "path": str(folder), "max_abs_diff": diff,
+                "note": "float32 weights (quantized ones as their dequantized values)"}
+
+
+def _probe_input(model: HFModel) -> torch.Tensor:
+    cfg = model.config
+    if model.kind == "image-classification":
+        size = int(getattr(cfg, "image_size", 224))
+        return torch.randn(2, int(getattr(cfg, "num_channels", 3)), size, size,
+                           generator=torch.Generator().manual_seed(0))
+    vocab = int(getattr(cfg, "vocab_size", 100))
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    return torch.stack([ids, torch.ones_like(ids)], dim=1)
+
+
+def linear_to_conv1d_(model: nn.Module, names: list[str]) -> None:
+    """Undo :func:`conv1d_to_linear_` for the modules ``names`` (a ``save_pretrained`` folder of GPT-2
+    must hold its ``Conv1D`` layout)."""
+    if not names:
+        return
+    from transformers.pytorch_utils import Conv1D
+
+    for name in names:
+        lin = model.get_submodule(name)
+        conv = Conv1D(lin.out_features, lin.in_features)
+        with torch.no_grad():
+            conv.weight.data = lin.weight.detach().t().contiguous().clone()
+            conv.bias.data = lin.bias.detach().clone() if lin.bias is not None else torch.zeros(lin.out_features)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, conv)
+
+
+def conv1d_to_linear_(model: nn.Module) -> list[str]:
     """Replace every GPT-2 style ``Conv1D`` (y = x W + b, W of shape (in, out)) by the equal
-    ``nn.Linear``; returns how many. Exact: the Linear computes the same products."""
+    ``nn.Linear``; returns their names. Exact: the Linear computes the same products."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
-        return 0
+        return []
     swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in swaps:
         lin = nn.Linear(conv.weight.shape[0], conv.weight.shape[1], bias=conv.bias is not None,
@@ -156,7 +256,7 @@ def conv1d_to_linear_(model: nn.Module) -> int:
                 lin.bias.copy_(conv.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lin)
-    return len(swaps)
+    return [n for n, _ in swaps]
 
 
 def _truthy(v: Any) -> bool:
@@ -183,8 +283,9 @@ def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
     kind = str(kwargs.get("kind") or _kind_of(arch))
     if kind not in KINDS:
         raise ModelSpecError(f"--model-arg kind= must be one of {', '.join(KINDS)}. Got {kind!r}.")
-    # the config's class, unless --model-arg kind asks for another head (a base encoder of a classifier)
-    cls = getattr(transformers, arch, None) if arch and kind == _kind_of(arch) else None
+    # the config's class, unless --model-arg kind asks for another head (a base encoder of a classifier);
+    # an embedding is the base model's output, whatever head the folder was saved with (a masked LM)
+    cls = getattr(transformers, arch, None) if arch and kind == _kind_of(arch) and kind != "embedding" else None
     if cls is None:
         auto = {"causal-lm": "AutoModelForCausalLM", "sequence-classification":
                 "AutoModelForSequenceClassification", "image-classification":
@@ -195,9 +296,13 @@ def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
     except Exception as e:  # noqa: BLE001 - missing weights, a config the class does not fit
         raise ModelSpecError(f"Loading hf:{name} as {getattr(cls, '__name__', cls)} failed: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    conv1d_to_linear_(hf)
+    if kind == "sequence-classification" and getattr(hf.config, "pad_token_id", None) is None:
+        # decoder classifiers find each text's last token by the pad id: the attention mask pads with eos
+        eos = getattr(hf.config, "eos_token_id", None)
+        hf.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    swapped = conv1d_to_linear_(hf)
     return HFModel(hf.eval(), kind, include_head=_truthy(kwargs.get("include_head", False)),
-                   source=path).eval()
+                   source=path, conv1d=swapped).eval()
 
 
 # -- text data -------------------------------------------------------------------------------------
@@ -206,12 +311,15 @@ def load_tokenizer(path: str) -> Any:
     """The tokenizer saved beside a model (``hf:DIR``'s folder, or a hub name in the local cache)."""
     transformers = require_transformers("Text data (text:, jsonl:, csv:)")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir(path), local_files_only=True)
+        folder = path if os.path.isdir(path) else model_dir(path)  # a tokenizer-only folder is fine
+        tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except ModelSpecError as e:
         raise DataSpecError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - no tokenizer files
         raise DataSpecError(f"No tokenizer could be read from {path!r} ({type(e).__name__}). Save it "
-                            f"beside the model (tokenizer.save_pretrained(DIR)).") from None
+                            f"beside the model (tokenizer.save_pretrained(DIR)) or give --tokenizer DIR.") from None
+    if tok.pad_token is None:  # GPT-2, Llama: records of different lengths pad with the end token
+        tok.pad_token = tok.eos_token or tok.unk_token
     return tok
 
 

@@ -101,6 +101,9 @@ class ModelSpec:
         """The spec as artifacts record it; a file it reads is recorded with its resolved path and
         sha256 too, so :meth:`from_record` finds it from another working directory."""
         out: dict[str, Any] = {"source": self.source, "kwargs": dict(self.kwargs)}
+        prefix, _, rest = self.source.partition(":")
+        if prefix == "hf" and os.path.isdir(rest):  # found again from another working directory
+            out["dir"] = os.path.realpath(rest)
         f = self.file
         if f is not None and Path(f).is_file():
             from sensplan._artifacts import file_sha256
@@ -121,6 +124,9 @@ class ModelSpec:
         nowhere raises a ModelSpecError listing where it looked and naming the fix (``fix``: the
         remedy of the caller, e.g. a flag)."""
         spec = cls.from_dict(d)
+        prefix, _, rest = spec.source.partition(":")
+        if prefix == "hf" and not os.path.isdir(rest) and d.get("dir") and os.path.isdir(d["dir"]):
+            return cls(f"hf:{d['dir']}", spec.kwargs)
         f = spec.file
         if f is None:
             return spec

@@ -152,10 +152,13 @@ class ScanConfig:
 
     def selects(self, unit: str, label: str = "") -> bool:
         """Whether ``units`` lets the scan probe ``unit`` (a group also by its ``label``)."""
-        import fnmatch
+        return not self.units or _selects(self.units, unit, label)
 
-        return not self.units or any(fnmatch.fnmatchcase(unit, p) or (label and fnmatch.fnmatchcase(label, p))
-                                     for p in self.units)
+
+def _selects(patterns: Sequence[str], unit: str, label: str = "") -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(unit, p) or bool(label and fnmatch.fnmatchcase(label, p)) for p in patterns)
 
 
 def _setting_key(setting: Mapping[str, Any]) -> str:
@@ -233,6 +236,10 @@ def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
                for k, v in state.items()}
     for k, first in tied_tensors(state).items():  # e.g. an LM head tied to the embeddings: stored once
         tensors[k]["tied_to"] = first
+        layer = weight_of.get(k)
+        if layer is not None and not layers[layer].get("out_of_scope"):
+            layers[layer]["out_of_scope"] = (f"its weight is the same memory as {first} (tied): compressing "
+                                             f"it would change that tensor too")
     try:
         graph: PruningGraph | None = channel_graph(model, example_input)
         error = ""
@@ -366,6 +373,13 @@ def _probes_to_run(ctx: MethodContext, cfg: ScanConfig) -> tuple[dict[str, Any],
     which group before a later method looks at them."""
     methods = {name: get_method(name) for name in cfg.settings}
     units_of: dict[str, dict[str, str]] = {}
+    for pattern in cfg.units:
+        if not any(_selects((pattern,), u, str(g.get("label", "")))
+                   for u, g in [*((k, {}) for k in ctx.layers), *ctx.groups.items()]):
+            examples = ", ".join([*list(ctx.layers)[:2], *(str(g.get("label") or k) for k, g in
+                                                            list(ctx.groups.items())[:1])])
+            raise UserInputError(f"--units {pattern!r} matches no unit of the model. Unit names look like "
+                                 f"{examples}: e.g. --units '*layers.0.*'.")
     for name in sorted(methods, key=lambda n: execution_order(methods[n])):
         method = methods[name]
         # with --units, a method sees only the selected units (no safety check of the others)

@@ -160,6 +160,16 @@ def test_perplexity_and_embedding_tasks(models: dict[str, Path], corpus: Path) -
     with torch.no_grad():
         w.copy_(saved)
     assert float(worse.signals["kl"].mean()) > 0 and worse.per_sample.shape == (8,)
+    agreement = get_task("agreement")  # on an LM: top-1 next-token agreement and KL per window
+    astate = agreement.prepare(m, data)
+    same = agreement.evaluate(m, data, astate)
+    assert same.score == pytest.approx(1.0) and float(same.signals["kl"].abs().max()) < 1e-5
+    with torch.no_grad():
+        w.mul_(0.0)
+    changed = agreement.evaluate(m, data, astate)
+    with torch.no_grad():
+        w.copy_(saved)
+    assert changed.score < 1.0 and float(changed.signals["kl"].mean()) > 0
     enc = load_model(ModelSpec(f"hf:{models['bert']}", {"kind": "embedding"}))
     edata = _text(models, "bert", corpus, n=8)
     etask = get_task("embedding")
@@ -190,6 +200,18 @@ def test_cli_causal_lm_bits_and_params(models: dict[str, Path], corpus: Path, tm
     scan = json.loads((out / "scan.json").read_text())
     labels = {g["label"] for g in scan["groups"].values() if g["status"] == "scanned"}
     assert {"layer 0 heads", "layer 1 MLP"} <= labels
+    # uniform pruning leaves every layer the same shape: a Llama config can say it, so the result is
+    # also a save_pretrained folder that transformers loads, with the same outputs
+    uni = json.loads((out / "result" / "uniform" / "metrics.json").read_text())
+    if uni["save_pretrained"]["saved"]:
+        folder = out / "result" / "uniform" / "hf"
+        assert uni["save_pretrained"]["max_abs_diff"] < 1e-4
+        back = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        assert back.config.intermediate_size < 48 or back.config.num_key_value_heads < 2
+    else:
+        assert "differs between layers" in uni["save_pretrained"]["reason"]
+    planned = json.loads((out / "result" / "metrics.json").read_text())["save_pretrained"]
+    assert planned["saved"] or planned["reason"]
 
 
 def test_cli_bert_classifier_on_jsonl(models: dict[str, Path], tmp_path: Path) -> None:
@@ -229,3 +251,35 @@ def test_cli_minilm_embedding(tmp_path: Path) -> None:
                  "--methods", "weight_quant", "--setting", "weight_quant=8,4", "--out", str(out)]) == 0
     m = json.loads((out / "result" / "metrics.json").read_text())
     assert m["after"]["score"] > 0.9 and m["comparison"]["bits"]["measured"] <= 6
+
+
+def test_scan_resumes_from_its_journal_and_scans_only_selected_units(models: dict[str, Path], corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    common = ["scan", "--model", f"hf:{models['gpt2']}", "--data", f"text:{corpus}", "--task", "perplexity",
+              "--seq-len", "32", "--samples", "16", "--calib-samples", "8", "--bits", "4g32",
+              "--ratios", "0.5", "--units", "*.h.1.*,layer 0 heads", "--out", str(tmp_path / "s.json")]
+    assert _run(common) == 0
+    first = json.loads((tmp_path / "s.json").read_text())
+    scanned = {r["unit"] for r in first["results"]}
+    assert scanned and all(".h.1." in u or first["groups"].get(u, {}).get("label") == "layer 0 heads"
+                           for u in scanned)
+    assert first["methods"]["weight_quant"]["skipped"]["model.transformer.h.0.attn.c_attn"] == \
+        "not selected by --units"
+    assert _run(common) == 0
+    again = json.loads((tmp_path / "s.json").read_text())
+    assert again["provenance"]["probes_from_journal"] == len(first["results"])
+    assert [r["score"] for r in again["results"]] == [r["score"] for r in first["results"]]
+
+
+def test_fast_scan_estimates_a_language_model(models: dict[str, Path], corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fast.json"
+    assert _run(["scan", "--model", f"hf:{models['llama']}", "--data", f"text:{corpus}", "--task", "perplexity",
+                 "--seq-len", "32", "--samples", "16", "--calib-samples", "16", "--bits", "8,4g32,2g32",
+                 "--ratios", "0.5", "--fast", "--fast-measured", "4", "--out", str(out)]) == 0
+    scan = json.loads(out.read_text())
+    estimated = [r for r in scan["results"] if r.get("estimated")]
+    assert estimated and scan["provenance"]["probes_estimated"] == len(estimated)
+    by = {(r["unit"], r["label"]): r["signals"]["fisher"]["value"] for r in estimated}
+    layer = "model.model.layers.0.mlp.down_proj"
+    if (layer, "int8") in by and (layer, "int2g32") in by:
+        assert by[(layer, "int2g32")] > by[(layer, "int8")] >= 0  # coarser weights, larger estimate

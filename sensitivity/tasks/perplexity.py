@@ -79,6 +79,35 @@ def _coarse(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([top, rest], -1), idx
 
 
+def lm_reference(model: nn.Module, data: EvalSet, batch_size: int, device: torch.device | None,
+                 dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The original model's next-token distributions in coarse form: per window and position, its
+    ``TOP_K`` largest log-probabilities plus the log of the rest's mass, and their token ids (the
+    first is the original's top-1 token)."""
+    refs = []
+    for logits, _ in lm_batches(model, data, batch_size, device, dtype):
+        lp, idx = _coarse(torch.log_softmax(logits[:, :-1], -1), TOP_K)
+        refs.append((lp, idx.int()))
+    if not refs:
+        return None
+    return torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs])
+
+
+def lm_kl(ref: tuple[torch.Tensor, torch.Tensor], start: int, logp: torch.Tensor) -> torch.Tensor:
+    """Per position, KL(original || model) over the coarse form of :func:`lm_reference` for the
+    windows ``start ...`` of ``logp`` (the model's next-token log-probabilities)."""
+    ref_lp = ref[0][start:start + len(logp)].float()
+    ref_idx = ref[1][start:start + len(logp)].long()
+    q_top = logp.gather(-1, ref_idx)
+    if ref_idx.shape[-1] < logp.shape[-1]:
+        q_rest = torch.log1p(-q_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
+    else:
+        q_rest = torch.full_like(q_top[..., :1], -math.inf)
+    q = torch.cat([q_top, q_rest], -1)
+    p = ref_lp.exp()
+    return torch.where(p > 0, p * (ref_lp - q), torch.zeros_like(p)).sum(-1)
+
+
 class Perplexity(Task):
     name = "perplexity"
     metric = Metric("log_perplexity", False, "nats/token")
@@ -90,13 +119,7 @@ class Perplexity(Task):
 
     def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-        refs = []
-        for logits, _ in lm_batches(model, data, batch_size, device, dtype):
-            lp, idx = _coarse(torch.log_softmax(logits[:, :-1], -1), TOP_K)
-            refs.append((lp, idx.int()))
-        if not refs:
-            return None
-        return torch.cat([r[0] for r in refs]), torch.cat([r[1] for r in refs])
+        return lm_reference(model, data, batch_size, device, dtype)
 
     def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
@@ -109,16 +132,7 @@ class Perplexity(Task):
             count = m.sum(1).clamp_min(1.0)
             nll.append((tok_nll * m).sum(1) / count)
             if state is not None:
-                ref_lp = state[0][start:start + len(x)].float()
-                ref_idx = state[1][start:start + len(x)].long()
-                k = ref_idx.shape[-1]
-                q_top = logp.gather(-1, ref_idx)
-                q_rest = torch.log1p(-q_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
-                q = torch.cat([q_top, q_rest], -1) if k < logp.shape[-1] else \
-                    torch.cat([q_top, torch.full_like(q_top[..., :1], -math.inf)], -1)
-                p = ref_lp.exp()
-                terms = torch.where(p > 0, p * (ref_lp - q), torch.zeros_like(p))
-                kls.append((terms.sum(-1) * m).sum(1) / count)
+                kls.append((lm_kl(state, start, logp) * m).sum(1) / count)
             start += len(x)
         per = torch.cat(nll) if nll else torch.zeros(0)
         n = len(data)

@@ -409,7 +409,18 @@ def data_spec(text: str, args: argparse.Namespace, flag: str) -> Any:
             raise UserInputError(f"{flag} {text}: text data needs a tokenizer. Use a Hugging Face model "
                                  f"(--model hf:DIR, whose folder holds its tokenizer) or give "
                                  f"--tokenizer DIR.")
-        spec = dataclasses.replace(spec, tokenizer=tok, seq_len=int(getattr(args, "seq_len", 0) or 0))
+        if os.path.isdir(tok):  # recorded absolute: plan and apply read the data from elsewhere too
+            tok = os.path.realpath(tok)
+        seq_len = int(getattr(args, "seq_len", 0) or 0)
+        if model.startswith("hf:"):
+            from sensplan.sensitivity._hf import max_positions
+
+            limit = max_positions(model[3:])
+            if limit is not None and seq_len > limit:
+                raise UserInputError(f"--seq-len {seq_len} is longer than the model takes ({limit} positions). "
+                                     f"Give --seq-len {limit} or less.")
+            seq_len = seq_len or min(128, limit or 128)
+        spec = dataclasses.replace(spec, tokenizer=tok, seq_len=seq_len)
     return spec
 
 

@@ -122,6 +122,10 @@ def check_finetune(args: argparse.Namespace, problems: Problems) -> FineTuneConf
         evaluated = data_spec(args.data, args, "--data") if args.data else None
     except UserInputError:
         evaluated = None
+    if train is not None and train.is_text and not train.label_field:
+        problems.add(f"--train-data {args.train_data}: fine-tuning distils a classifier on labelled data; "
+                     f"it does not fine-tune a language model or an embedding model. Drop --train-data, or "
+                     f"give labelled records (jsonl:FILE:TEXT:LABEL) for a sequence classifier.")
     if train is not None and evaluated is not None and train.same_source(evaluated):
         problems.add(f"--train-data {args.train_data} is the data the model is measured on (--data {args.data}): "
                      f"distillation would train on the images it is then scored on, and the measured drop "
@@ -252,6 +256,11 @@ def print_metrics(variant: str, metric: str, m: dict[str, Any]) -> None:
         f"{b['payload_bytes'] / 1e6:.3f} -> {a['payload_bytes'] / 1e6:.3f} MB, MACs "
         f"{b['macs'] / 1e6:.2f} -> {a['macs'] / 1e6:.2f} M{lat}"
         + (f"; budget {met}" if met else ""))
+    hf = m.get("save_pretrained")
+    if hf:
+        say(f"    save_pretrained folder: {hf['path']} (loads with from_pretrained; {hf.get('note', '')})"
+            if hf.get("saved") else f"    no save_pretrained folder: {hf.get('reason')}; load model.sensplan "
+                                    f"with sensplan's load_compressed")
 
 
 def _met(met: bool | None) -> str:

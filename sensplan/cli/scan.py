@@ -84,7 +84,9 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                         "the others are skipped with the reason and stay uncompressed")
     g.add_argument("--task", default="classification", metavar="NAME",
                    help="how the model is scored: classification (top-1 against the labels; "
-                        "default) | agreement (top-1 agreement with the original model; no labels)")
+                        "default) | agreement (top-1 agreement with the original model; no labels) | "
+                        "perplexity (a causal language model on text) | embedding (an encoder: cosine "
+                        "similarity to the original's embeddings)")
     g.add_argument("--batch-size", type=int, default=500, metavar="N",
                    help="evaluation batch size (default 500)")
     g.add_argument("--check-samples", type=int, default=8, metavar="N",
