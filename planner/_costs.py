@@ -649,7 +649,8 @@ class Costs:
         self.scan = scan
         self.analytic = AnalyticCosts(scan)
         self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
-        self.signal = signal = _check_signal(self.blocks, signal)
+        self.signal = signal = _check_signal(self.blocks, signal,
+                                             str((scan.data.get("task") or {}).get("planning_signal") or ""))
         #: the plan's drop from a total of the signal (the identity when planning on the drop),
         #: fitted on the measured probes; for a fast scan on the probes measured for it (the map
         #: points), whose signal is the estimate, as on the probes it maps
@@ -780,16 +781,19 @@ def _number(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _check_signal(blocks: Sequence[Block], signal: str) -> str:
+def _check_signal(blocks: Sequence[Block], signal: str, preferred: str = "") -> str:
     """``signal`` when every probe of the scan recorded it, else an ArtifactError naming those it did.
 
-    ``auto`` is ``fisher`` for a fast scan (its probes are estimated), else ``kl`` where every probe
-    recorded it (it ranked probes best on the bench; README "Planning signals"), else ``drop``."""
+    ``auto`` is ``fisher`` for a fast scan (its probes are estimated), else the task's ``preferred``
+    signal when it names one (``perplexity``: ``drop``, the log-perplexity increase, itself a
+    continuous loss), else ``kl`` where every probe recorded it (it ranked probes best on the bench;
+    README "Planning signals"), else ``drop``."""
     probes = [o for b in blocks for o in b.options[1:]]
     have = set.intersection(*(set(o.signals) for o in probes)) if probes else set()
     estimated = sum(1 for o in probes if o.estimated)
     if signal == AUTO:
-        signal = FISHER if estimated else ("kl" if "kl" in have and len(probes) >= 2 else DROP)
+        signal = FISHER if estimated else (preferred if preferred in (DROP, *have) and preferred else
+                                           "kl" if "kl" in have and len(probes) >= 2 else DROP)
     if signal == DROP:
         if estimated:
             raise ArtifactError(f"{estimated} of the scan's {len(probes)} probes were estimated (scan --fast), not "

@@ -604,7 +604,8 @@ def load_eval_set(spec: DataSpec, n: int | None = 2000, seed: int = 0, workers: 
         unreadable = idx[~keep]
         idx = idx[keep]
         x, y = _stack([item for item in items if not isinstance(item, _Unreadable)])
-    counts = np.bincount(y.numpy(), minlength=len(classes)).tolist()
+    labelled = y.numpy()[y.numpy() >= 0]  # -1: an item without a label (text for a language model)
+    counts = np.bincount(labelled, minlength=len(classes)).tolist()
     desc = {**spec.to_dict(), "n_available": int(len(candidates)), "n": int(len(y)), "seed": seed,
             "per_class": counts, "input_shape": list(x.shape[1:]),
             "indices_sha256": _digest(idx)}

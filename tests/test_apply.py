@@ -122,7 +122,7 @@ def _size_tolerance(path) -> float:
 
 @pytest.mark.parametrize("variant", ["planned", "uniform"])
 @pytest.mark.parametrize("budget", ["macs=0.6", "size=0.2", "params=0.5", "bops=0.2",
-                                   "size=0.4,macs=0.8"])
+                                   "size=0.4,macs=0.8", "bits=5", "bits=6,macs=0.8"])
 def test_measured_costs_equal_the_plans_prediction(tmp_path, setup, budget, variant):
     model, data, calib, table = setup
     before = weights_digest(model)
@@ -139,6 +139,9 @@ def test_measured_costs_equal_the_plans_prediction(tmp_path, setup, budget, vari
     assert abs(payload - pred["size"]) <= tol, (payload, pred["size"], tol)
     if tol == 0:  # nothing packed below a byte: the prediction is exact
         assert payload == pred["size"]
+    # bits: the stored bits of every scanned layer's weights per original weight (all in scope here)
+    assert plan.data["scope"]["out_of_scope"] == {} and plan.original["bits"] == 32.0
+    assert abs(m["after"]["bits"] - pred["bits"]) <= 8 * tol / plan.data["scope"]["weights"] + 1e-9
     assert all(b["met"] for b in m["budgets"]) and missed_budgets(m) == []
     # the file holds what was promised, plus a header
     assert 0 < m["after"]["file_bytes"] - payload < 4096

@@ -283,3 +283,20 @@ def test_fast_scan_estimates_a_language_model(models: dict[str, Path], corpus: P
     layer = "model.model.layers.0.mlp.down_proj"
     if (layer, "int8") in by and (layer, "int2g32") in by:
         assert by[(layer, "int2g32")] > by[(layer, "int8")] >= 0  # coarser weights, larger estimate
+
+
+def test_a_tied_lm_head_computes_but_is_stored_once(models: dict[str, Path], corpus: Path) -> None:
+    from sensplan.planner import Costs
+    from sensplan.sensitivity import ScanConfig, scan
+
+    m = load_model(ModelSpec(f"hf:{models['gpt2']}"))
+    data = _text(models, "gpt2", corpus, n=4)
+    table = scan(m, data, ScanConfig({"weight_quant": [{"bits": 8}]}, task="perplexity"), progress=False)
+    head = "model.lm_head.weight"
+    assert table.tensors[head]["tied_to"] == "model.transformer.wte.weight"
+    assert table.layers["model.lm_head"]["out_of_scope"]
+    original = Costs(table).original
+    assert original["params"] == sum(p.numel() for p in m.parameters())  # the tied weight once
+    assert original["size"] == sum(v.numel() * v.element_size() for k, v in m.state_dict().items() if k != head)
+    assert original["macs"] == sum(v["macs"] for v in table.layers.values())  # the head computes
+    assert table.layers["model.lm_head"]["macs"] == 32 * 320

@@ -69,6 +69,9 @@ class Task:
     #: the low-noise signals :meth:`evaluate` returns per sample (name -> what it is, with its unit):
     #: continuous, nearly additive over units, so the planner can add them up (``plan --signal``)
     signals: ClassVar[dict[str, str]] = {}
+    #: what ``plan --signal auto`` adds up for this task's scans ("" = the general rule: ``kl`` when
+    #: recorded, else ``drop``); a task whose score is itself a continuous loss names ``drop``
+    planning_signal: ClassVar[str] = ""
 
     def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
@@ -80,7 +83,8 @@ class Task:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "metric": self.metric.to_dict(), "signals": dict(self.signals)}
+        return {"name": self.name, "metric": self.metric.to_dict(), "signals": dict(self.signals),
+                **({"planning_signal": self.planning_signal} if self.planning_signal else {})}
 
 
 def signal_changes(base: TaskResult, probe: TaskResult) -> dict[str, dict[str, float]]:

@@ -116,6 +116,9 @@ class Perplexity(Task):
                    "perplexity = exp); loss: the same")
     signals = {"kl": f"KL(original || compressed) of the next-token distributions (nats/token; the "
                      f"original's top {TOP_K} tokens and the rest as one bucket)"}
+    # the drop is the log-perplexity increase: a continuous, paired loss; it ranked plans better than
+    # the KL on the bench's GPT-2 (bench/bench_transformers.py, README)
+    planning_signal = "drop"
 
     def prepare(self, model: nn.Module, data: EvalSet, batch_size: int = 500,
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
