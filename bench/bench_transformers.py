@@ -18,7 +18,7 @@ split, and measures both allocations on the report half of the held-out split (o
 sample, the calibration data and the verification split). The text is split by topic: the models are
 trained on 70% of the topics and evaluated on the other 30%.
 
-    python bench/bench_transformers.py                      # about 20 minutes on 2 cores
+    python bench/bench_transformers.py                      # about 40 minutes on 2 cores
     python bench/bench_transformers.py --only llama --steps 600
 """
 
@@ -79,14 +79,19 @@ def build(kind: str, vocab: int) -> Any:
 
 def train_lm(kind: str, cache: Path, steps: int, vocab: int = 1024, seq: int = 64,
              seed: int = 0) -> tuple[Path, dict[str, Any]]:
-    """A causal LM trained on the training topics, saved with its tokenizer (cached by settings)."""
-    folder = cache / f"{kind}-v{vocab}-s{steps}-seed{seed}"
+    """A causal LM trained on the training topics, saved with its tokenizer (cached by settings).
+    Early stopping: every 100 steps the loss on a validation tenth of the training topics (never the
+    eval topics) is measured, and the best checkpoint is kept."""
+    folder = cache / f"{kind}-v{vocab}-s{steps}-seed{seed}-es"
     info_file = folder / "train.json"
     if info_file.is_file():
         return folder, json.loads(info_file.read_text())
     train, _ = split_corpus()
     tok = tokenizer(train, vocab)
-    ids = torch.tensor(tok(train)["input_ids"], dtype=torch.long)
+    all_ids = torch.tensor(tok(train)["input_ids"], dtype=torch.long)
+    cut = int(len(all_ids) * 0.9)
+    ids, val = all_ids[:cut], all_ids[cut:]
+    val_windows = val[: (len(val) // seq) * seq].view(-1, seq)[:128]
     torch.manual_seed(seed)
     model = build(kind, vocab)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -94,7 +99,15 @@ def train_lm(kind: str, cache: Path, steps: int, vocab: int = 1024, seq: int = 6
     g = torch.Generator().manual_seed(seed)
     model.train()
     t0, losses = time.perf_counter(), []
-    for _ in range(steps):
+    best = (math.inf, 0, None)
+    for step in range(steps):
+        if step % 100 == 99 or step == steps - 1:
+            model.eval()
+            with torch.no_grad():
+                v = float(model(input_ids=val_windows, labels=val_windows).loss)
+            model.train()
+            if v < best[0]:
+                best = (v, step + 1, {k: t.detach().clone() for k, t in model.state_dict().items()})
         starts = torch.randint(0, len(ids) - seq - 1, (32,), generator=g)
         batch = torch.stack([ids[s:s + seq] for s in starts])
         loss = model(input_ids=batch, labels=batch).loss
@@ -104,9 +117,12 @@ def train_lm(kind: str, cache: Path, steps: int, vocab: int = 1024, seq: int = 6
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+    if best[2] is not None:
+        model.load_state_dict(best[2])
     info = {"kind": kind, "steps": steps, "seconds": round(time.perf_counter() - t0, 1),
             "params": sum(p.numel() for p in model.parameters()),
-            "train_loss_last100": sum(losses[-100:]) / min(100, len(losses))}
+            "train_loss_last100": sum(losses[-100:]) / min(100, len(losses)),
+            "best_step": best[1], "val_loss": best[0]}
     folder.mkdir(parents=True, exist_ok=True)
     model.eval().save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -223,7 +239,8 @@ def main() -> None:
         folder, info = train_lm(kind, cache, args.steps)
         tok_dir = folder
         print(f"\n{kind}: {info['params'] / 1e6:.2f}M parameters, trained {info['steps']} steps in "
-              f"{info['seconds']:.0f} s (last-100-step train loss {info['train_loss_last100']:.3f})")
+              f"{info['seconds']:.0f} s; kept step {info['best_step']} (validation loss {info['val_loss']:.3f}, "
+              f"on a tenth of the training topics)")
         common = ["run", "--model", f"hf:{folder}", "--data", f"text:{eval_text}", "--task", "perplexity",
                   "--seq-len", "64", "--samples", str(args.samples), "--calib-samples", "64"]
         for budget, methods in (("bits=4.5", "weight_quant"), ("params=0.8", "prune")):
@@ -248,7 +265,7 @@ def main() -> None:
             data = cache / "sentences.jsonl"
             data.write_text("\n".join(json.dumps({"text": s}) for s in sents))
             common = ["run", "--model", f"hf:{mini}", "--data", f"jsonl:{data}:text", "--task", "embedding",
-                      "--seq-len", "64", "--samples", str(args.samples * 2), "--calib-samples", "64"]
+                      "--seq-len", "64", "--samples", str(args.samples), "--calib-samples", "64"]
             for budget, methods in (("bits=4.5", "weight_quant"), ("macs=0.7", "prune")):
                 out = cache / f"out-minilm-{budget.replace('=', '')}"
                 shutil.rmtree(out, ignore_errors=True)

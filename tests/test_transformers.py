@@ -300,3 +300,22 @@ def test_a_tied_lm_head_computes_but_is_stored_once(models: dict[str, Path], cor
     assert original["size"] == sum(v.numel() * v.element_size() for k, v in m.state_dict().items() if k != head)
     assert original["macs"] == sum(v["macs"] for v in table.layers.values())  # the head computes
     assert table.layers["model.lm_head"]["macs"] == 32 * 320
+
+
+def test_a_model_in_the_local_hub_cache_loads_by_name(models: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    # the hub cache's layout: models--ORG--NAME/{refs/main, snapshots/<revision>/<files>}
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(models["llama"], snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    m = load_model(ModelSpec("hf:tiny-org/tiny-llama"))
+    assert m.kind == "causal-lm" and Path(m.source) == snap
