@@ -22,6 +22,7 @@ from sensplan.sensitivity._eval import (
     tune_malloc,
 )
 from sensplan.sensitivity._groups import PruningGraph, channel_graph, check_group, count_macs, n_remove_for
+from sensplan.sensitivity._hf import max_positions as model_max_positions
 from sensplan.sensitivity._models import (
     ModelSpec,
     architecture_digest,
@@ -120,6 +121,7 @@ __all__ = [
     "load_eval_set",
     "load_model",
     "magnitude_mask",
+    "model_max_positions",
     "n_remove_for",
     "nm_mask",
     "pack_codes",

@@ -413,9 +413,9 @@ def data_spec(text: str, args: argparse.Namespace, flag: str) -> Any:
             tok = os.path.realpath(tok)
         seq_len = int(getattr(args, "seq_len", 0) or 0)
         if model.startswith("hf:"):
-            from sensplan.sensitivity._hf import max_positions
+            from sensplan.sensitivity import model_max_positions
 
-            limit = max_positions(model[3:])
+            limit = model_max_positions(model[3:])
             if limit is not None and seq_len > limit:
                 raise UserInputError(f"--seq-len {seq_len} is longer than the model takes ({limit} positions). "
                                      f"Give --seq-len {limit} or less.")
