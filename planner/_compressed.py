@@ -410,7 +410,7 @@ def load_compressed(path: str | os.PathLike[str], model: nn.Module | None = None
         raise IncompatibleModelError(f"The model given to load {str(path)!r} is not the architecture it was "
                                      f"compressed from. Pass a fresh instance of the original model.")
     _replay(model, header, str(path))
-    state = {}
+    state: dict[str, torch.Tensor] = {}
     try:
         for key, e in header["tensors"].items():
             parts = {name: payload[o:o + n] for name, (o, n) in zip(e["part_names"], e["parts"], strict=True)}

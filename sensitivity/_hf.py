@@ -91,7 +91,9 @@ class HFModel(nn.Module):
     ``model`` is the Hugging Face model; ``kind`` one of :data:`KINDS`; ``head`` the FQN (in this
     wrapper) of the output head, out of scope unless ``include_head``."""
 
-    def __init__(self, model: nn.Module, kind: str, *, include_head: bool = False, source: str = "",
+    model: Any  # a transformers PreTrainedModel (its API is not typed as nn.Module's)
+
+    def __init__(self, model: Any, kind: str, *, include_head: bool = False, source: str = "",
                  conv1d: list[str] | None = None) -> None:
         super().__init__()
         self.conv1d = list(conv1d or [])  # the modules that were GPT-2 Conv1D (names inside ``model``)
@@ -125,7 +127,8 @@ class HFModel(nn.Module):
         if x.dim() == 4:  # pixels
             out = self.model(pixel_values=x)
             if self.kind == "embedding":
-                return out.last_hidden_state.mean(dim=1)
+                pooled: torch.Tensor = out.last_hidden_state.mean(dim=1)
+                return pooled
             return out.logits  # type: ignore[no-any-return]
         if x.dim() != 3 or x.shape[1] != 2:
             raise UserInputError(f"A text model takes (batch, 2, tokens) int64 inputs (token ids and "
@@ -138,7 +141,8 @@ class HFModel(nn.Module):
         if self.kind == "embedding":
             h = out.last_hidden_state
             m = mask.unsqueeze(-1).to(h.dtype)
-            return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+            emb: torch.Tensor = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+            return emb
         return out.logits  # type: ignore[no-any-return]
 
 
@@ -154,7 +158,7 @@ class HFModel(nn.Module):
         from sensplan.sensitivity._transformers import find_groups
 
         require_transformers("Writing a save_pretrained folder")
-        cfg = copy.deepcopy(self.model.config)
+        cfg: Any = copy.deepcopy(self.model.config)
         groups = find_groups(self)
         widths = sorted({g.channels for g in groups if g.kind == "mlp"})
         if len(widths) > 1:
@@ -184,7 +188,7 @@ class HFModel(nn.Module):
         if hooked:
             return {"saved": False, "reason": f"{hooked[0]} runs a hook (e.g. quantized activations) that a "
                                               f"transformers model cannot hold"}
-        out = copy.deepcopy(self.model)
+        out: Any = copy.deepcopy(self.model)
         linear_to_conv1d_(out, self.conv1d)
         out.config = cfg
         out.save_pretrained(folder)
@@ -231,6 +235,8 @@ def linear_to_conv1d_(model: nn.Module, names: list[str]) -> None:
 
     for name in names:
         lin = model.get_submodule(name)
+        if not isinstance(lin, nn.Linear):
+            continue
         conv = Conv1D(lin.out_features, lin.in_features)
         with torch.no_grad():
             conv.weight.data = lin.weight.detach().t().contiguous().clone()

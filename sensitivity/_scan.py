@@ -220,7 +220,8 @@ def describe_model(model: nn.Module, example_input: torch.Tensor) -> tuple[
     macs = count_macs(model, example_input)
     layers: dict[str, Any] = {}
     state = model.state_dict()
-    scope = model.out_of_scope() if callable(getattr(model, "out_of_scope", None)) else {}
+    hook = getattr(model, "out_of_scope", None)
+    scope: dict[str, str] = hook() if callable(hook) else {}
     for name, mod in model.named_modules():
         key = layer_weight_key(name, mod)
         if name in macs and key is not None and key in state:

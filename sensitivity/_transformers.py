@@ -82,6 +82,20 @@ def _linear(mods: dict[str, nn.Module], name: str) -> bool:
     return isinstance(mods.get(name), nn.Linear)
 
 
+def _rows_of(mods: dict[str, nn.Module], name: str) -> int:
+    return int(_as_linear(mods[name], name).out_features)
+
+
+def _cols_of(mods: dict[str, nn.Module], name: str) -> int:
+    return int(_as_linear(mods[name], name).in_features)
+
+
+def _as_linear(mod: nn.Module, name: str) -> nn.Linear:
+    if not isinstance(mod, nn.Linear):
+        raise TypeError(f"{name} is a {type(mod).__name__}, not the nn.Linear its group was found with")
+    return mod
+
+
 def _head_dim(mod: nn.Module, q_rows: int) -> int | None:
     for attr in ("head_dim", "attention_head_size", "head_size"):
         v = getattr(mod, attr, None)
@@ -112,20 +126,19 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
         q = k = v = p + "c_attn"
         out_name = p + "c_proj"
         fused = True
-    if q is None or out_name is None:
+    if q is None or k is None or v is None or out_name is None:
         return None
     if fused:
-        rows = mods[q].weight.shape[0]  # type: ignore[union-attr]
+        rows = _rows_of(mods, q)
         if rows % 3:
             return None
         q_rows = kv_rows = rows // 3
     else:
-        q_rows = mods[q].weight.shape[0]  # type: ignore[union-attr]
-        kv_rows = mods[k].weight.shape[0]  # type: ignore[union-attr]
-        if mods[v].weight.shape[0] != kv_rows:  # type: ignore[union-attr]
+        q_rows, kv_rows = _rows_of(mods, q), _rows_of(mods, k)
+        if _rows_of(mods, v) != kv_rows:
             return None
     hd = _head_dim(mod, q_rows)
-    if hd is None or kv_rows % hd or mods[out_name].weight.shape[1] != q_rows:  # type: ignore[union-attr]
+    if hd is None or kv_rows % hd or _cols_of(mods, out_name) != q_rows:
         return None
     heads, kv_heads = q_rows // hd, kv_rows // hd
     if kv_heads == 0 or heads % kv_heads:
@@ -137,12 +150,11 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
                                     _Part(out_name, "in", _rows(hd)))
 
         def fix(attn: nn.Module, removed: int) -> None:
-            kept = attn.split_size - removed * hd  # type: ignore[operator]
-            attn.split_size = kept
-            if hasattr(attn, "num_heads"):
-                attn.num_heads = kept // hd
-            if hasattr(attn, "embed_dim"):
-                attn.embed_dim = kept
+            kept = int(getattr(attn, "split_size")) - removed * hd  # noqa: B009 - typed as Any
+            setattr(attn, "split_size", kept)  # noqa: B010 - plain attributes of the attention module
+            for attr, value in (("num_heads", kept // hd), ("embed_dim", kept)):
+                if hasattr(attn, attr):
+                    setattr(attn, attr, value)
     else:
         parts = (_Part(q, "out", _rows(qw)), _Part(k, "out", _rows(hd)), _Part(v, "out", _rows(hd)),
                  _Part(out_name, "in", _rows(qw)))
@@ -153,7 +165,7 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
                 if isinstance(getattr(attn, attr, None), int):
                     setattr(attn, attr, getattr(attn, attr) - removed * per)
             if isinstance(getattr(attn, "all_head_size", None), int):
-                attn.all_head_size -= removed * qw
+                setattr(attn, "all_head_size", int(getattr(attn, "all_head_size")) - removed * qw)  # noqa: B009, B010
     what = (f"KV head ({per_q} query heads of {hd} dims)" if per_q > 1 else f"head ({hd} dims)")
     return TGroup(q, "heads", kv_heads, parts, name, _layer_index(name), what, fix)
 
@@ -173,8 +185,8 @@ def _mlp(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None
         outs, down = [p + "intermediate.dense"], p + "output.dense"
     if not outs or down is None:
         return None
-    width = mods[outs[0]].weight.shape[0]  # type: ignore[union-attr]
-    if any(mods[o].weight.shape[0] != width for o in outs) or mods[down].weight.shape[1] != width:  # type: ignore[union-attr]
+    width = _rows_of(mods, outs[0])
+    if any(_rows_of(mods, o) != width for o in outs) or _cols_of(mods, down) != width:
         return None
     parts = tuple(_Part(o, "out", _same) for o in outs) + (_Part(down, "in", _same),)
     return TGroup(outs[0], "mlp", width, parts, name, _layer_index(name), "intermediate channel")
@@ -221,6 +233,9 @@ class TransformerGraph:
     def of(cls, model: nn.Module) -> TransformerGraph | None:
         groups = find_groups(model)
         return cls(model, groups) if groups else None
+
+    def _lin(self, name: str) -> nn.Linear:
+        return _as_linear(self.model.get_submodule(name), name)
 
     # -- discovery -----------------------------------------------------------------------------
     def group_ids(self) -> list[str]:
@@ -271,7 +286,7 @@ class TransformerGraph:
         g = self._groups[gid]
         score = torch.zeros(g.channels, dtype=torch.float64)
         for p in g.parts:
-            lin = self.model.get_submodule(p.module)
+            lin = self._lin(p.module)
             for c in range(g.channels):
                 idx = torch.as_tensor(p.index([c]), dtype=torch.long, device=lin.weight.device)
                 w = lin.weight.index_select(0 if p.side == "out" else 1, idx)
@@ -302,9 +317,9 @@ class TransformerGraph:
         if not idxs:
             return saved
         for p in self._groups[gid].parts:
-            lin = self.model.get_submodule(p.module)
+            lin = self._lin(p.module)
             idx = torch.as_tensor(p.index(sorted(idxs)), dtype=torch.long, device=lin.weight.device)
-            targets = [(lin.weight, 0 if p.side == "out" else 1)]
+            targets: list[tuple[torch.Tensor, int]] = [(lin.weight, 0 if p.side == "out" else 1)]
             if p.side == "out" and lin.bias is not None:
                 targets.append((lin.bias, 0))
             for t, dim in targets:
@@ -324,7 +339,7 @@ class TransformerGraph:
             return
         g = self._groups[gid]
         for p in g.parts:
-            lin = self.model.get_submodule(p.module)
+            lin = self._lin(p.module)
             size = lin.weight.shape[0 if p.side == "out" else 1]
             drop = set(p.index(sorted(idxs)))
             keep = torch.tensor([i for i in range(size) if i not in drop], dtype=torch.long,
