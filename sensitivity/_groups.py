@@ -67,7 +67,27 @@ class Member:
     kind: str  # module class name
 
 
-class PruningGraph:
+class ZeroingProbe:
+    """The reversible probe of a channel graph, from its ``zero_`` and ``unzero_``."""
+
+    def zero_(self, gid: str, idxs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def unzero_(self, gid: str, idxs: list[int], saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def zeroed(self, gid: str, idxs: list[int]) -> Iterator[None]:
+        """Zero channels ``idxs`` of group ``gid`` (:meth:`zero_`), restoring them bit-exactly after."""
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            saved = self.zero_(gid, idxs)
+            yield
+        finally:
+            self.unzero_(gid, idxs, saved)
+
+
+class PruningGraph(ZeroingProbe):
     """Torch-Pruning's DependencyGraph of ``model`` traced with ``example_input``, keyed by FQN.
 
     Building it runs one forward pass with autograd enabled (Torch-Pruning traces the graph); the
@@ -278,27 +298,17 @@ class PruningGraph:
         order = torch.argsort(self.importance(gid)[:chunk], stable=True)[: n_remove // step]
         return sorted(int(p) + c * chunk for c in range(step) for p in order)
 
-    # -- the reversible probe --------------------------------------------------------------------
-    @contextmanager
-    def zeroed(self, gid: str, idxs: list[int]) -> Iterator[None]:
-        """Zero channels ``idxs`` of group ``gid`` in every member, restoring them bit-exactly after.
+    # -- the reversible probe (``zeroed``, from ZeroingProbe) -------------------------------------
+    @torch.no_grad()
+    def zero_(self, gid: str, idxs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zero channels ``idxs`` of group ``gid`` in place, and emulate their removal in the norms
+        over the channels; return (tensor, previous value) pairs for :meth:`unzero_`. The executor
+        calls :meth:`unzero_` with ``saved=[]`` before pruning for real.
 
         Zeroing a conv's output channel, its BatchNorm's scale *and* offset, and every consumer's
         input weights makes the channel contribute exactly nothing, as its removal would. Norms over
         the channels (LayerNorm, GroupNorm) are recomputed over the kept channels meanwhile.
         """
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        try:
-            saved = self.zero_(gid, idxs)
-            yield
-        finally:
-            self.unzero_(gid, idxs, saved)
-
-    @torch.no_grad()
-    def zero_(self, gid: str, idxs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Zero channels ``idxs`` of group ``gid`` in place, and emulate their removal in the norms
-        over the channels (see :meth:`zeroed`); return (tensor, previous value) pairs for
-        :meth:`unzero_`. The executor calls :meth:`unzero_` with ``saved=[]`` before pruning for real."""
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         if not idxs:
             return saved

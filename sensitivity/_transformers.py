@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan.sensitivity._groups import Member, n_remove_for
+from sensplan.sensitivity._groups import Member, ZeroingProbe, n_remove_for
 
 Index = Callable[[list[int]], list[int]]
 
@@ -222,7 +222,7 @@ def _sliced(lin: nn.Linear, side: str, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
-class TransformerGraph:
+class TransformerGraph(ZeroingProbe):
     """Heads and MLP groups of a transformer behind :class:`PruningGraph`'s interface."""
 
     def __init__(self, model: nn.Module, groups: list[TGroup]) -> None:
@@ -301,16 +301,7 @@ class TransformerGraph:
         order = torch.argsort(self.importance(gid), stable=True)[:n_remove]
         return sorted(int(i) for i in order)
 
-    # -- the reversible probe --------------------------------------------------------------------
-    @contextmanager
-    def zeroed(self, gid: str, idxs: list[int]) -> Iterator[None]:
-        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-        try:
-            saved = self.zero_(gid, idxs)
-            yield
-        finally:
-            self.unzero_(gid, idxs, saved)
-
+    # -- the reversible probe (``zeroed``, from ZeroingProbe) -------------------------------------
     @torch.no_grad()
     def zero_(self, gid: str, idxs: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
