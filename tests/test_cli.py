@@ -371,6 +371,9 @@ def test_help_states_the_methods_real_defaults(capsys):
     assert f"(default: {','.join(sorted(defaults))})" in out
     bits = ",".join(str(s["bits"]) for s in defaults["weight_quant"].default_settings)
     assert f"--setting weight_quant=B1,B2 (default {bits})" in out
+    wq = defaults["weight_quant"]
+    for_transformers = ",".join(wq.label(s).removeprefix("int") for s in wq.transformer_settings)
+    assert f"With --model hf:... the default is {for_transformers}" in out
     ratios = [s["ratio"] for s in defaults["prune"].default_settings]
     assert ratios[:2] == [0.1, 0.2] and ratios[-1] == 0.8
 

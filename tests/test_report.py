@@ -108,17 +108,18 @@ def test_report_shows_methods_budgets_numbers_and_skips(run, tmp_path):
 def test_report_is_self_contained_with_valid_pngs(run, tmp_path):
     doc = _render(run, tmp_path)
     srcs = re.findall(r'src="([^"]+)"', doc)
-    # before/after is a table on the page (a PNG beside it); this plan was made without verification
-    assert len(srcs) == len(FIGURES) - 2
+    # before/after is a table on the page (a PNG beside it); this plan was made without verification,
+    # and its model is no transformer (no layer grid)
+    assert len(srcs) == len(FIGURES) - 3
     assert "This plan was not verified" in doc
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert _is_png(base64.b64decode(src.split(",", 1)[1]))
     assert not re.search(r'(href|src)="https?:', doc) and "<script" not in doc
     for name in FIGURES:
-        if name != "verification":
+        if name not in ("verification", "layer_grid"):
             assert _is_png((tmp_path / f"{name}.png").read_bytes()), name
-    assert not (tmp_path / "verification.png").exists()
+    assert not (tmp_path / "verification.png").exists() and not (tmp_path / "layer_grid.png").exists()
 
 
 def test_report_from_a_scan_alone(run, tmp_path):

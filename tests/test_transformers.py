@@ -200,6 +200,14 @@ def test_cli_causal_lm_bits_and_params(models: dict[str, Path], corpus: Path, tm
     scan = json.loads((out / "scan.json").read_text())
     labels = {g["label"] for g in scan["groups"].values() if g["status"] == "scanned"}
     assert {"layer 0 heads", "layer 1 MLP"} <= labels
+    from sensplan.planner import Plan
+    from sensplan.reports._render import layer_grid
+    from sensplan.sensitivity import Scan
+
+    layers, kinds, cells = layer_grid(Plan.load(out / "plan.json"), Scan.load(out / "scan.json"))
+    assert layers == [0, 1] and kinds[:2] == ["heads", "MLP"] and "q_proj" in kinds
+    assert (out / "report" / "layer_grid.png").is_file()
+    assert "Out of scope" in (out / "report" / "report.html").read_text()
     # uniform pruning leaves every layer the same shape: a Llama config can say it, so the result is
     # also a save_pretrained folder that transformers loads, with the same outputs
     uni = json.loads((out / "result" / "uniform" / "metrics.json").read_text())

@@ -71,8 +71,8 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                    help="the settings to scan for one method, e.g. sparsity=0.5,0.9 (repeatable; "
                         "default: the method's default settings)")
     g.add_argument("--bits", metavar="B1,B2",
-                   help="shortcut for --setting weight_quant=B1,B2 (default 8,6,4,3,2; for --model hf:... "
-                        "8,6,4g128,4g64,4g32,3g128,3g32,2g32)")
+                   help="shortcut for --setting weight_quant=B1,B2 (default 8,6,4,3,2). With --model "
+                        "hf:... the default is 8,6,4g128,4g64,4g32,3g128,3g32,2g32")
     g.add_argument("--ratios", metavar="R1,R2",
                    help="shortcut for --setting prune=R1,R2: fractions of each group's channels "
                         "removed (default 0.1,0.2,...,0.8)")
