@@ -222,12 +222,27 @@ def _sliced(lin: nn.Linear, side: str, keep: torch.Tensor) -> nn.Linear:
     return new
 
 
+def _squared_norms(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per row (``dim`` 0) or column (``dim`` 1) of ``w``, the sum of its squares in float64, in
+    blocks of rows (no float64 copy of the whole weight)."""
+    w = w.detach()
+    out = torch.zeros(w.shape[dim], dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[0], 256):
+        block = w[start:start + 256].double().pow(2)
+        if dim == 0:
+            out[start:start + len(block)] = block.sum(1)
+        else:
+            out += block.sum(0)
+    return out
+
+
 class TransformerGraph(ZeroingProbe):
     """Heads and MLP groups of a transformer behind :class:`PruningGraph`'s interface."""
 
     def __init__(self, model: nn.Module, groups: list[TGroup]) -> None:
         self.model = model
         self._groups = {g.gid: g for g in groups}
+        self._owner_cache: dict[tuple[str, str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def of(cls, model: nn.Module) -> TransformerGraph | None:
@@ -282,18 +297,29 @@ class TransformerGraph(ZeroingProbe):
     # -- the criterion ---------------------------------------------------------------------------
     @torch.no_grad()
     def importance(self, gid: str) -> torch.Tensor:
-        """Each channel's L2 magnitude over every weight (and bias) entry it owns in the group."""
+        """Each channel's L2 magnitude over every weight (and bias) entry it owns in the group: the
+        squared norm of each row (or column) once, then summed per channel (``select`` asks on every
+        probe; one pass over each weight, not one per channel)."""
         g = self._groups[gid]
         score = torch.zeros(g.channels, dtype=torch.float64)
         for p in g.parts:
             lin = self._lin(p.module)
-            for c in range(g.channels):
-                idx = torch.as_tensor(p.index([c]), dtype=torch.long, device=lin.weight.device)
-                w = lin.weight.index_select(0 if p.side == "out" else 1, idx)
-                score[c] += float(w.double().pow(2).sum())
-                if p.side == "out" and lin.bias is not None:
-                    score[c] += float(lin.bias.index_select(0, idx).double().pow(2).sum())
+            per = _squared_norms(lin.weight, 0 if p.side == "out" else 1)
+            if p.side == "out" and lin.bias is not None:
+                per = per + lin.bias.detach().double().pow(2)
+            idx, owner = self._owners(g, p)
+            score.index_add_(0, owner, per[idx.to(per.device)].cpu())
         return score.sqrt().float()
+
+    def _owners(self, g: TGroup, p: _Part) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions of ``p``'s side that the group's channels own, and each one's channel
+        (built once per group shape)."""
+        key = (g.gid, p.module, p.side, g.channels)
+        if key not in self._owner_cache:
+            per = [p.index([c]) for c in range(g.channels)]
+            self._owner_cache[key] = (torch.tensor([i for rows in per for i in rows], dtype=torch.long),
+                                      torch.tensor([c for c, rows in enumerate(per) for _ in rows], dtype=torch.long))
+        return self._owner_cache[key]
 
     def select(self, gid: str, n_remove: int) -> list[int]:
         if n_remove <= 0:
