@@ -335,7 +335,29 @@ class _Tokens(Dataset[tuple[torch.Tensor, int]]):
         return self.x[i], int(self.y[i])
 
 
+#: the last text data set tokenized, keyed by its spec and the file's size and modification time:
+#: the sample, the calibration data and the verification splits of one run read the same file
+_TOKENIZED: dict[tuple[Any, ...], tuple[_Tokens, np.ndarray, list[str]]] = {}
+
+
 def _open_text(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
+    """The tokenized records of a text spec, tokenized once per file version (the tensors are only
+    read by the callers: they index copies out of them)."""
+    try:
+        st = os.stat(spec.root)
+        key: tuple[Any, ...] | None = (spec, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = None  # the reader below says what is wrong
+    if key is not None and key in _TOKENIZED:
+        return _TOKENIZED[key]
+    out = _tokenize(spec)
+    if key is not None:
+        _TOKENIZED.clear()
+        _TOKENIZED[key] = out
+    return out
+
+
+def _tokenize(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
     from sensplan.sensitivity import _hf
 
     if not spec.tokenizer:
