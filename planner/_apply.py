@@ -506,7 +506,7 @@ def scope_bits(path: str | os.PathLike[str], scope: Mapping[str, Any]) -> float 
     total = int(scope.get("weights") or 0)
     if not total:
         return None
-    header, _ = read_header(path)
+    header, _ = read_header(path, payload=False)  # the parts' lengths: no need for the tensors
     layers = set(scope.get("layers") or ())
     bits = 0
     for key, entry in header.get("tensors", {}).items():

@@ -290,38 +290,43 @@ def payload_size(path: str | os.PathLike[str]) -> int:
     return Path(path).stat().st_size - 20 - int(struct.unpack("<IQ", start[8:20])[1])
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
+def read_header(path: str | os.PathLike[str], *, payload: bool = True) -> tuple[dict[str, Any], bytes]:
+    """The header of a compressed model file and its tensor payload (``payload=False``: the header
+    only, ``b""`` for the payload; the file's size is still checked against the tensors' extent)."""
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"The compressed model {str(p)!r} does not exist. Create it with `sensplan apply`.")
-    raw = p.read_bytes()
     again = "Re-create it with `sensplan apply`."
-    if len(raw) < 20 and MAGIC.startswith(raw[:8]):  # cut inside the magic, version or length
-        raise ArtifactError(f"{str(p)!r} is truncated (only {len(raw)} bytes). {again}")
-    if raw[:8] != MAGIC:
-        raise ArtifactError(f"{str(p)!r} is not a sensplan compressed model (bad magic bytes).")
-    version, hlen = struct.unpack("<IQ", raw[8:20])
-    if version not in READABLE_VERSIONS:
-        raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads versions "
-                            f"{' and '.join(map(str, READABLE_VERSIONS))}. Re-create it with `sensplan apply`, "
-                            f"or load it with the sensplan version that wrote it.")
-    if len(raw) < 20 + hlen:
-        raise ArtifactError(f"{str(p)!r} is truncated: its header needs {hlen} bytes, the file has "
-                            f"{len(raw) - 20}. {again}")
-    try:
-        header = json.loads(zlib.decompress(raw[20:20 + hlen]))
-    except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{str(p)!r} has a corrupt header ({e}). {again}") from None
-    if (not isinstance(header, dict) or header.get("format") != COMPRESSED_FORMAT
-            or any(k not in header for k in ("model", "records", "tensors"))):
-        raise ArtifactError(f"{str(p)!r} has a corrupt header (not a {COMPRESSED_FORMAT} header "
-                            f"with model, records and tensors). {again}")
-    payload = raw[20 + hlen:]
+    with p.open("rb") as f:
+        head = f.read(20)
+        if len(head) < 20 and MAGIC.startswith(head[:8]):  # cut inside the magic, version or length
+            raise ArtifactError(f"{str(p)!r} is truncated (only {len(head)} bytes). {again}")
+        if head[:8] != MAGIC:
+            raise ArtifactError(f"{str(p)!r} is not a sensplan compressed model (bad magic bytes).")
+        version, hlen = struct.unpack("<IQ", head[8:20])
+        if version not in READABLE_VERSIONS:
+            raise ArtifactError(f"{str(p)!r} is container version {version}; this sensplan reads versions "
+                                f"{' and '.join(map(str, READABLE_VERSIONS))}. Re-create it with `sensplan apply`, "
+                                f"or load it with the sensplan version that wrote it.")
+        blob = f.read(hlen)
+        if len(blob) < hlen:
+            raise ArtifactError(f"{str(p)!r} is truncated: its header needs {hlen} bytes, the file has "
+                                f"{len(blob)}. {again}")
+        try:
+            header = json.loads(zlib.decompress(blob))
+        except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{str(p)!r} has a corrupt header ({e}). {again}") from None
+        if (not isinstance(header, dict) or header.get("format") != COMPRESSED_FORMAT
+                or any(k not in header for k in ("model", "records", "tensors"))):
+            raise ArtifactError(f"{str(p)!r} has a corrupt header (not a {COMPRESSED_FORMAT} header "
+                                f"with model, records and tensors). {again}")
+        data = f.read() if payload else b""
+    size = len(data) if payload else p.stat().st_size - 20 - hlen
     end = max((o + n for e in header.get("tensors", {}).values() for o, n in e.get("parts", [])), default=0)
-    if end > len(payload):
+    if end > size:
         raise ArtifactError(f"{str(p)!r} is truncated: its tensors need {end} bytes of payload, the file "
-                            f"has {len(payload)}. Re-create it with `sensplan apply`.")
-    return header, payload
+                            f"has {size}. Re-create it with `sensplan apply`.")
+    return header, data
 
 
 def _decode_values(chunk: bytes, e: Mapping[str, Any], n: int) -> torch.Tensor:
