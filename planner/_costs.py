@@ -238,14 +238,21 @@ def _tensors(scan: Any, blocks: Sequence[Block]) -> list[_Tensor]:
                 for d, per in dims.items():
                     if per:
                         per_dim[int(d)].append((group_block[gid], float(per)))
-        layer = t.get("layer")
-        is_layer = layer is not None and layer in scan.layers
-        out.append(_Tensor(key, tuple(int(s) for s in t["shape"]), tuple(tuple(g) for g in per_dim),
-                           float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
-                           layer if is_layer else None, tuple(local.get(layer, ())) if is_layer else (),
-                           float(scan.layers[layer]["macs"]) if is_layer else 0.0,
-                           _per_weight(scan, layer if is_layer else None, total), not t.get("tied_to")))
+        out.append(_tensor_of(scan, key, t, tuple(tuple(g) for g in per_dim), local, total))
     return out
+
+
+def _tensor_of(scan: Any, key: str, t: Mapping[str, Any], dims: tuple[tuple[tuple[int, float], ...], ...],
+               local: Mapping[str, Sequence[int]], total: int) -> _Tensor:
+    """The scan's tensor ``key`` as the pricing sees it, with the groups that shrink its dims and,
+    for a layer's weight, the layer's own blocks (``local``); ``total``: :func:`scope_weights`."""
+    layer = t.get("layer")
+    layer = str(layer) if layer is not None and layer in scan.layers else None
+    return _Tensor(key, tuple(int(s) for s in t["shape"]), dims, float(t["storage_bits"]),
+                   t.get("kind", "parameter") == "parameter", layer,
+                   tuple(local.get(layer, ())) if layer is not None else (),
+                   float(scan.layers[layer]["macs"]) if layer is not None else 0.0,
+                   _per_weight(scan, layer, total), not t.get("tied_to"))
 
 
 class _Pricing:
@@ -465,14 +472,7 @@ class AnalyticCosts:
             self._pricings = []
             total = scope_weights(self.scan)
             for key, t in self.scan.tensors.items():
-                layer = t.get("layer")
-                is_layer = layer is not None and layer in self.scan.layers
-                tensor = _Tensor(key, tuple(int(s) for s in t["shape"]), tuple(() for _ in t["shape"]),
-                                 float(t["storage_bits"]), t.get("kind", "parameter") == "parameter",
-                                 layer if is_layer else None, (),
-                                 float(self.scan.layers[layer]["macs"]) if is_layer else 0.0,
-                                 _per_weight(self.scan, layer if is_layer else None, total),
-                                 not t.get("tied_to"))
+                tensor = _tensor_of(self.scan, key, t, tuple(() for _ in t["shape"]), {}, total)
                 shrinks = [(gid, int(d), float(per)) for gid, dims in t["shrinks"].items()
                            for d, per in (dims.items() if isinstance(dims, Mapping) else [])]
                 self._pricings.append((tensor, _Pricing(tensor), shrinks))

@@ -16,7 +16,7 @@ from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write
 from sensplan._errors import ArtifactError, BudgetError, UserInputError
 from sensplan._metric import Metric
 from sensplan.planner._budget import Budget
-from sensplan.planner._costs import CostModel, Costs
+from sensplan.planner._costs import CostModel, Costs, scope_weights
 from sensplan.planner._solver import (
     UniformSolution,
     cost_metric,
@@ -205,11 +205,9 @@ def scope(scan: Any) -> dict[str, Any]:
     out), their original weight count, and the layers left out with the reason and their weights."""
     import math
 
-    layers = scan.data.get("layers", {})
     out = {name: {"reason": v["out_of_scope"], "weights": math.prod(v["weight_shape"])}
-           for name, v in layers.items() if v.get("out_of_scope")}
-    inside = [name for name in layers if name not in out]
-    return {"layers": inside, "weights": sum(math.prod(layers[n]["weight_shape"]) for n in inside),
+           for name, v in scan.layers.items() if v.get("out_of_scope")}
+    return {"layers": [name for name in scan.layers if name not in out], "weights": scope_weights(scan),
             "out_of_scope": out}
 
 
