@@ -34,7 +34,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from sensplan._artifacts import atomic_write, atomic_write_bytes, dumps  # noqa: E402
 from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
 from sensplan._metric import Metric  # noqa: E402
-from sensplan._tables import Scan, load_metrics  # noqa: E402
+from sensplan._tables import Scan, layer_index, load_metrics  # noqa: E402
 from sensplan.planner import Plan  # noqa: E402
 
 FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "layer_grid", "verification", "before_after")
@@ -184,9 +184,6 @@ def _column_order(cols: Mapping[str, Sequence[Mapping[str, Any]]], n_declared: i
         return sorted(cols, key=lambda k: (
             _mean_level(r for r in cols[k] if str(r["unit"]) in common), declared(k)))
     return sorted(cols, key=lambda k: (declared(k), _mean_level(cols[k])))
-
-
-_LAYER_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
 
 
 def display_names(scan: Scan) -> dict[str, str]:
@@ -406,10 +403,10 @@ def layer_grid(plan: Plan, scan: Scan, variant: str = "planned") -> Grid:
         if g is not None and g.get("layer") is not None:
             layer, kind = int(g["layer"]), "heads" if g.get("kind") == "heads" else "MLP"
         else:
-            found = _LAYER_INDEX.search(f".{unit}.")
-            if found is None:
+            index = layer_index(unit)
+            if index is None:
                 continue
-            layer, kind = int(found.group(1)), unit.rsplit(".", 1)[-1]
+            layer, kind = index, unit.rsplit(".", 1)[-1]
             if kind in ("dense",):  # BERT's projections are all "dense": name them by their parent
                 kind = ".".join(unit.rsplit(".", 2)[-2:])
         label = str(c.get("label") or "") if c.get("method") else ""

@@ -23,7 +23,6 @@ the readable form ("layer 3 heads").
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from sensplan._tables import layer_index
 from sensplan.sensitivity._groups import Member, ZeroingProbe, n_remove_for
 
 Index = Callable[[list[int]], list[int]]
@@ -68,14 +68,6 @@ def _rows(width: int, offsets: tuple[int, ...] = (0,)) -> Index:
 
 def _same(idxs: list[int]) -> list[int]:
     return list(idxs)
-
-
-_LAYER = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
-
-
-def _layer_index(name: str) -> int | None:
-    found = _LAYER.search(f".{name}.")
-    return int(found.group(1)) if found else None
 
 
 def _linear(mods: dict[str, nn.Module], name: str) -> bool:
@@ -167,7 +159,7 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
             if isinstance(getattr(attn, "all_head_size", None), int):
                 setattr(attn, "all_head_size", int(getattr(attn, "all_head_size")) - removed * qw)  # noqa: B009, B010
     what = (f"KV head ({per_q} query heads of {hd} dims)" if per_q > 1 else f"head ({hd} dims)")
-    return TGroup(q, "heads", kv_heads, parts, name, _layer_index(name), what, fix)
+    return TGroup(q, "heads", kv_heads, parts, name, layer_index(name), what, fix)
 
 
 def _mlp(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None:
@@ -189,7 +181,7 @@ def _mlp(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None
     if any(_rows_of(mods, o) != width for o in outs) or _cols_of(mods, down) != width:
         return None
     parts = tuple(_Part(o, "out", _same) for o in outs) + (_Part(down, "in", _same),)
-    return TGroup(outs[0], "mlp", width, parts, name, _layer_index(name), "intermediate channel")
+    return TGroup(outs[0], "mlp", width, parts, name, layer_index(name), "intermediate channel")
 
 
 def find_groups(model: nn.Module) -> list[TGroup]:

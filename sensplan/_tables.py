@@ -7,6 +7,7 @@ Each view validates the file on load with the same checks as ``sensplan validate
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,15 @@ from typing import Any
 from sensplan._artifacts import file_sha256, read_json, write_json
 from sensplan._errors import ArtifactError
 from sensplan._metric import Metric
+
+_LAYER_INDEX = re.compile(r"\.(?:layers?|h|blocks?)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer a module or unit name is in (``model.layers.3.mlp`` -> 3, GPT-2's
+    ``h.3``, ``blocks.3``), or None."""
+    found = _LAYER_INDEX.search(f".{name}.")
+    return int(found.group(1)) if found else None
 
 SCAN_FORMAT = "sensplan.scan"
 SCAN_SCHEMA_VERSION = 2
