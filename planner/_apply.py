@@ -13,7 +13,6 @@ import itertools
 import math
 import os
 import shutil
-import statistics
 import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -272,25 +271,18 @@ def distill_(student: nn.Module, teacher: nn.Module, loader: Any, cfg: FineTuneC
 @torch.inference_mode()
 def latency(model: nn.Module, example_input: torch.Tensor, *, warmup: int = 10, iters: int = 100,
             max_seconds: float = 10.0) -> dict[str, Any]:
-    """Latency of one forward pass at batch 1 on the model's device: p50 and p95 in milliseconds
-    (wall clock; CUDA is synchronised after each pass)."""
+    """Latency of one forward pass of one model at batch 1 on the model's device: p50 and p95 in
+    milliseconds (wall clock; CUDA is synchronised after each pass). To compare two models, time
+    them interleaved instead (:func:`sensplan.planner._runtime.compare_latency`, as apply does)."""
+    from sensplan.planner._runtime import time_interleaved
+
     tune_malloc()
     model.eval()
     x = example_input[:1]
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        model(x)
-    sync()
-    times: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    while len(times) < iters and (len(times) < 10 or time.perf_counter() < deadline):
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        times.append((time.perf_counter() - t0) * 1000.0)
-    times.sort()
-    return {"p50_ms": statistics.median(times), "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
-            "iters": len(times), "threads": torch.get_num_threads(), "device": str(x.device)}
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else None
+    t = time_interleaved({"model": lambda: model(x)}, warmup=warmup, max_iters=iters, max_seconds=max_seconds,
+                         sync=sync)["model"]
+    return {**t, "threads": torch.get_num_threads(), "device": str(x.device)}
 
 
 def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | None = None,
@@ -309,13 +301,39 @@ def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | No
         unit = name if original is None or name in original else _unit_of(name, eff)
         e = eff.get(unit, LAYER_DEFAULTS)
         bops += macs * e["weight_bits"] * e["act_bits"]
-    out: dict[str, Any] = {"score": ev.score, "loss": ev.loss, "n": ev.n,
+    out: dict[str, Any] = {"score": ev.score, "loss": ev.loss, "n": ev.n, "per_class": per_class(ev, data),
                            "params": int(sum(p.numel() for p in model.parameters())),
                            "macs": int(sum(layer_macs.values())), "bops": int(bops),
                            "file_bytes": int(file_bytes)}
     if timing:
         out["latency"] = latency(model, data.example_input)
     return out
+
+
+def per_class(ev: Any, data: EvalSet) -> dict[str, dict[str, float]] | None:
+    """The task's per-sample score averaged per class label (``n`` items each): a compression that
+    quietly ruins one class shows here. None for data without one integer label per item, or a task
+    without per-sample scores."""
+    per = getattr(ev, "per_sample", None)
+    y = data.y
+    if per is None or y.dim() != 1 or len(per) != len(y) or y.dtype not in (torch.int64, torch.int32):
+        return None
+    per, y = per.detach().double().cpu(), y.cpu()
+    out = {}
+    for label in torch.unique(y[y >= 0]).tolist():
+        mask = y == label
+        name = data.classes[label] if 0 <= label < len(data.classes) else str(label)
+        out[name] = {"n": int(mask.sum()), "score": float(per[mask].mean())}
+    return out or None
+
+
+def class_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per class present in both, before and after, worst change first (the task's metric
+    direction decides what is worse: ``after - before`` is sorted ascending for higher-is-better)."""
+    b, a = before.get("per_class") or {}, after.get("per_class") or {}
+    rows = [{"class": c, "n": b[c]["n"], "before": b[c]["score"], "after": a[c]["score"],
+             "change": a[c]["score"] - b[c]["score"]} for c in b if c in a]
+    return sorted(rows, key=lambda r: r["change"])
 
 
 def _unit_of(module: str, units: Mapping[str, Any]) -> str:
@@ -389,7 +407,9 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
                finetune: FineTuneConfig | None = None,
                model_spec: ModelSpec | None = None, timing: bool = True, progress: bool | None = None,
                before: Mapping[str, Any] | None = None,
-               device: str | torch.device | None = None, measured_on: str | None = None) -> dict[str, Any]:
+               device: str | torch.device | None = None, measured_on: str | None = None,
+               runtime: str = "torch", latency_batch: int = 32,
+               original_onnx: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Apply one allocation of ``plan`` and measure it against the original; write to ``out_dir``:
     ``model.sensplan`` (the compressed model), ``metrics.json`` and ``plan.json`` (the plan applied).
 
@@ -398,6 +418,12 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     metrics.json.
 
     ``device`` runs everything there (on a copy of ``model``); the file is the same on any device.
+    ``timing``: latency p50/p95 of the original and the compressed model at batch 1 and at
+    ``latency_batch``, timed interleaved in this process on torch's thread count, with the machine's
+    load (``metrics["timing"]``, and a warning there when the load made them unreliable).
+    ``runtime="onnxruntime"`` also writes ``model.onnx`` (pruned shapes, the plan's int8 layers as
+    QDQ nodes) and measures it on ONNX Runtime against the original's export (``metrics["runtime"]``;
+    ``original_onnx``: that export, when the caller made it once for several variants).
     ``model`` is never modified. Returns the metrics dictionary; ``metrics["budgets"]`` says which
     budgets were met (the CLI exits non-zero when one is missed). Example::
 
@@ -415,7 +441,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     task = get_task(plan.data["task"]["name"], named_in="The plan")
     state = task.prepare(model, data)
     if before is None:
-        before = measure_original(model, data, model_spec, timing=timing, task=task, task_state=state)
+        before = measure_original(model, data, model_spec, timing=False, task=task, task_state=state)
     cm, history = compress(model, plan, variant, example, calib=calib, data=data, train_loader=train_loader,
                            finetune=finetune, model_spec=model_spec, progress=progress)
     no_ft = None
@@ -427,13 +453,31 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     # plan.json: a failure before then leaves the previous result's three files as they were
     staged = out / f".model.sensplan.{os.getpid()}.partial"
     staged_hf = out / f".hf.{os.getpid()}.partial"  # a save_pretrained folder, for a model that can write one
+    staged_onnx = out / f".model.onnx.{os.getpid()}.partial"
     try:
-        after = _save_and_measure(cm, staged, model, data, task, state, plan.variant(variant), timing,
-                                  staged_hf)
+        after, reloaded = _save_and_measure(cm, staged, model, data, task, state, plan.variant(variant), staged_hf)
         after["bits"] = scope_bits(staged, plan.data.get("scope") or {})
         exported = after.pop("save_pretrained", None)
         del cm
-        comparison, budgets = _compare(plan, plan.variant(variant), before, after, no_ft)
+        timed = None
+        if timing:
+            before, timed = _time_against_original(model, reloaded, example, before, after, latency_batch)
+        on_runtime = None
+        if runtime == "onnxruntime":
+            from sensplan.planner._onnx import measure_on_onnxruntime
+
+            effects = layer_effects(plan.variant(variant))
+            on_runtime = measure_on_onnxruntime(
+                model, reloaded, data, task, state, effects, staged_onnx,
+                calib_x=(calib if calib is not None else data).x, threads=torch.get_num_threads(),
+                batches=[1, latency_batch], timing=timing,
+                original_onnx=Path(original_onnx) if original_onnx is not None else None,
+                unit_of=lambda n: _unit_of(n, effects))
+            on_runtime["calibration"] = ("the plan's calibration data" if calib is not None else
+                                         "the measurement data (no calibration data was given)")
+        del reloaded
+        comparison, budgets = _compare(plan, plan.variant(variant), before, after, no_ft,
+                                       measured_latency(plan, timed, on_runtime))
         metrics = {
             "format": METRICS_FORMAT,
             "schema_version": METRICS_SCHEMA_VERSION,
@@ -452,6 +496,10 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
             "budgets": budgets,
             "fine_tune": ({"config": finetune.__dict__, "history": history} if history and finetune else None),
             "bn_recalibration": calib.description if calib is not None else None,
+            "per_class": class_changes(before, after) if plan.metric.higher_is_better else
+            class_changes(before, after)[::-1],
+            "timing": timed,
+            "runtime": on_runtime,
             "seconds": round(time.perf_counter() - t0, 3),
         }
         if exported is not None:
@@ -459,23 +507,48 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
         write_json(out / "plan.json", dict(plan.data))
         write_json(out / "metrics.json", metrics)
         os.replace(staged, os.path.realpath(out / "model.sensplan"))  # through a symlink, as the JSON files
+        if on_runtime is not None:
+            os.replace(staged_onnx, os.path.realpath(out / "model.onnx"))
         if exported is not None:
             shutil.rmtree(out / "hf", ignore_errors=True)  # a previous result's folder would contradict this one
             if exported.get("saved"):
                 os.replace(staged_hf, out / "hf")
     finally:
         staged.unlink(missing_ok=True)
+        staged_onnx.unlink(missing_ok=True)
         shutil.rmtree(staged_hf, ignore_errors=True)
     return metrics
 
 
+def _time_against_original(model: nn.Module, compressed: nn.Module, example: torch.Tensor,
+                           before: Mapping[str, Any], after: dict[str, Any], batch: int
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Time the original and the compressed model interleaved in this process, at batch 1 and at
+    ``batch`` (see :func:`sensplan.planner._runtime.compare_latency`): ``before`` with the original's
+    batch-1 latency of this run, ``after["latency"]`` set, and the whole timing record."""
+    from sensplan.planner._runtime import compare_latency
+
+    tune_malloc()
+    sync = torch.cuda.synchronize if example.device.type == "cuda" else None
+    threads = torch.get_num_threads()
+    info = {"threads": threads, "device": str(example.device)}
+    with torch.inference_mode():
+        timed = compare_latency({"original": model.eval(), "compressed": compressed.eval()}, example, [1, batch],
+                                threads=threads, sync=sync)
+    timed["device"] = str(example.device)
+    one = timed["batches"]["1"]
+    after["latency"] = {**one["compressed"], **info}
+    return {**before, "latency": {**one["original"], **info}}, timed
+
+
 def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data: EvalSet, task: Task,
-                      state: Any, alloc: Mapping[str, Any], timing: bool, staged_hf: Path | None = None
-                      ) -> dict[str, Any]:
+                      state: Any, alloc: Mapping[str, Any], staged_hf: Path | None = None
+                      ) -> tuple[dict[str, Any], nn.Module]:
     """Write the compressed model to ``staged``, reload it into a copy of the original
-    architecture and measure what was reloaded (the file is what a user deploys). A model with an
-    ``export_pretrained(folder)`` method (a Hugging Face model) also writes its own format into
-    ``staged_hf``: ``after["save_pretrained"]`` says whether it could, and why not."""
+    architecture and measure what was reloaded (the file is what a user deploys); returns the
+    measurements and the reloaded model. A model with an ``export_pretrained(folder)`` method (a
+    Hugging Face model) also writes its own format into ``staged_hf``: ``after["save_pretrained"]``
+    says whether it could, and why not."""
     example = data.example_input
     file_bytes = save_compressed(cm, staged)
     payload_bytes = payload_size(staged)  # encoding again would quantize again
@@ -484,7 +557,7 @@ def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data:
     cm.module = nn.Module()  # one model fewer in memory while the file is reloaded (a 630M ViT: 2.5 GB)
     reloaded = load_compressed(staged, copy.deepcopy(model))
     after = measure(reloaded, data, file_bytes, task=task, task_state=state, effects=layer_effects(alloc),
-                    timing=timing, original={n for n, _ in model.named_modules()})
+                    timing=False, original={n for n, _ in model.named_modules()})
     after["payload_bytes"] = payload_bytes
     export = getattr(reloaded, "export_pretrained", None)
     if staged_hf is not None and callable(export):
@@ -494,7 +567,7 @@ def _save_and_measure(cm: CompressedModel, staged: Path, model: nn.Module, data:
             after["save_pretrained"] = {"saved": False, "reason": f"{type(e).__name__}: {first_line(e)}"}
     with torch.inference_mode():
         after["reload_max_abs_diff"] = float((reloaded(example) - compressed_out).abs().max())
-    return after
+    return after, reloaded
 
 
 def scope_bits(path: str | os.PathLike[str], scope: Mapping[str, Any]) -> float | None:
@@ -518,22 +591,62 @@ def scope_bits(path: str | os.PathLike[str], scope: Mapping[str, Any]) -> float 
     return bits / total
 
 
+def latency_table(plan: Plan) -> dict[str, Any] | None:
+    """The plan's measured latency table (a cost model with a runtime and a batch: ``sensplan
+    profile``), as plan.json describes it; None without one."""
+    for cm in plan.data.get("cost_models") or ():
+        if cm.get("name") == "table" and (cm.get("measured") or {}).get("batch"):
+            return dict(cm)
+    return None
+
+
+def measured_latency(plan: Plan, timed: Mapping[str, Any] | None, on_runtime: Mapping[str, Any] | None
+                     ) -> dict[str, dict[str, float]]:
+    """Per metric of the plan's latency table: the compressed and the original model's measured p50
+    on the table's runtime at the table's batch (empty where apply did not time that)."""
+    table = latency_table(plan)
+    if table is None:
+        return {}
+    where = table["measured"]
+    source = (on_runtime or {}).get("latency") if where.get("runtime") == "onnxruntime" else timed
+    batch = ((source or {}).get("batches") or {}).get(str(where["batch"]))
+    if not batch:
+        return {}
+    return {m: {"compressed": batch["compressed"]["p50_ms"], "original": batch["original"]["p50_ms"]}
+            for m in table["metrics"]}
+
+
 def _compare(plan: Plan, alloc: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
-             no_ft: Mapping[str, Any] | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Predicted against measured, per cost and for the drop; and every budget, met or not."""
+             no_ft: Mapping[str, Any] | None, latency: Mapping[str, Mapping[str, float]] | None = None
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Predicted against measured, per cost and for the drop; and every budget, met or not.
+    ``latency``: a latency table's metric measured end to end (see :func:`measured_latency`)."""
     predicted = dict(alloc["predicted"])
     measured_costs = {"macs": after["macs"], "params": after["params"], "size": after["payload_bytes"],
                       "bops": after["bops"]}
     if after.get("bits") is not None:
         measured_costs["bits"] = after["bits"]
+    for metric, lat in (latency or {}).items():
+        measured_costs[metric] = lat["compressed"]
     comparison: dict[str, Any] = {m: {"predicted": predicted[m], "measured": v,
                                       "ratio": v / predicted[m] if predicted.get(m) else None}
                                   for m, v in measured_costs.items() if m in predicted}
+    for metric, lat in (latency or {}).items():
+        if metric in comparison:  # the table's error on the original too, and as fractions of it
+            orig = float(plan.data["original"].get(metric) or 0.0)
+            comparison[metric].update(
+                original_predicted=orig, original_measured=lat["original"],
+                error=comparison[metric]["ratio"] - 1.0 if comparison[metric]["ratio"] else None,
+                fraction_predicted=predicted[metric] / orig if orig else None,
+                fraction_measured=lat["compressed"] / lat["original"] if lat["original"] else None)
     drop = plan.metric.drop(before["score"], no_ft["score"] if no_ft else after["score"])
     comparison["drop_without_finetune"] = {"predicted": predicted["drop"], "measured": drop}
     budgets = []
     for b in plan.data["objective"]["budgets"]:
         value = measured_costs.get(b["metric"])
+        if value is not None and b["metric"] in (latency or {}) and b.get("kind") == "fraction":
+            # a fraction of the original's latency: against the original measured in the same run
+            value = value / (latency or {})[b["metric"]]["original"] * float(plan.data["original"][b["metric"]])
         met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
         budgets.append({**b, "measured": value, "met": met,
                         **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})

@@ -1,5 +1,6 @@
 """Budgets: ``macs=0.5`` (a fraction of the original), ``size=25%``, ``size=2MB``, ``macs=20M``,
-``bits=4.5`` (mean stored bits per weight of the layers in scope, scales and zero points included)."""
+``bits=4.5`` (mean stored bits per weight of the layers in scope, scales and zero points included),
+``latency=0.6`` or ``latency=3ms`` (the metric of a measured latency table, in milliseconds)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ METRICS = ("size", "macs", "bops", "params", "bits")
 
 _UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
           "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2.0**10, "mib": 2.0**20, "gib": 2.0**30, "b": 1.0}
+#: time units of a latency table's metric (its values are in milliseconds, as sensplan profile writes)
+_TIME_UNITS = {"ms": 1.0, "us": 1e-3, "s": 1e3}
 _RE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|=)\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(%|[a-z]*)\s*$",
                  re.I)
 #: what an absolute amount of each built-in metric counts, and an example with a unit
@@ -60,9 +63,15 @@ class Budget:
                               f"a unit, e.g. {_AMOUNTS.get(metric, ('', 'size=2MB'))[1]}.")
         if unit == "%":
             return cls(metric, num / 100.0, True, unit)
+        if unit in _TIME_UNITS:
+            if metric in METRICS:
+                raise BudgetError(f"The budget {text!r} gives {metric} in {m.group(4)}, a unit of time. Time "
+                                  f"units are for a measured latency table's metric (sensplan profile), e.g. "
+                                  f"latency=3ms.")
+            return cls(metric, num * _TIME_UNITS[unit], False, unit)
         if unit not in _UNITS:
             raise BudgetError(f"Unknown unit {m.group(4)!r} in the budget {text!r}. Use %, B, KB, MB, GB, "
-                              f"KiB, MiB, GiB, K, M or G.")
+                              f"KiB, MiB, GiB, K, M or G (ms, us or s for a latency table).")
         if metric == "bits" and unit == "":  # bits per weight: always an amount (bits=4.5, bits=1)
             return cls(metric, num, False, unit)
         if unit == "" and num <= 1.0:

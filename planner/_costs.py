@@ -93,6 +93,7 @@ class Block:
     options: tuple[Option, ...]
     channels: int = 0
     channel_step: int = 1  # a group's channels go in multiples of this (grouped convs, GroupNorm)
+    round_to: int = 1  # a group's kept width is a multiple of this (scan --round-to)
 
     @property
     def name(self) -> str:
@@ -123,8 +124,9 @@ def blocks_from_scan(scan: Any) -> list[Block]:
                         bool(r.get("estimated")), bool(r.get("map_point")), str(r.get("family") or ""))
                  for r in rows]
         channels = int(scan.groups[unit]["channels"]) if kind == "group" and unit in scan.groups else 0
-        step = int(scan.groups[unit].get("channel_step", 1)) if kind == "group" and unit in scan.groups else 1
-        blocks.append(Block(unit, axis, kind, tuple(opts), channels, step))
+        info = scan.groups.get(unit, {}) if kind == "group" else {}
+        step, round_to = int(info.get("channel_step", 1)), int(info.get("round_to", 1))
+        blocks.append(Block(unit, axis, kind, tuple(opts), channels, step, round_to))
     # groups first (they shape the tensors), then layers, each in the scan's unit order
     unit_order = {u: i for i, u in enumerate([*scan.groups, *scan.layers])}
     blocks.sort(key=lambda b: (b.kind != "group", unit_order.get(b.unit, 10**9), b.axis))
@@ -529,7 +531,15 @@ def _times(factors: tuple[int, ...], table: np.ndarray, vecs: Sequence[tuple[int
 class TableCosts:
     """A measured cost table: ``metric``, a fixed ``overhead`` and per unit, per option key, the
     unit's cost (the key ``none`` = uncompressed). The total is the overhead plus every unit's cost
-    at its chosen option; a unit or option missing from the table costs as ``none`` (or 0).
+    at its chosen option; a unit or option missing from the table costs as ``none`` (or 0). An
+    entry is keyed by its unit's name, or by any name with the unit in its ``"unit"`` field (a
+    channel group and a layer often share a name: ``"group:stem.0"`` and ``"layer:stem.0"``).
+
+    A *joint* entry prices a cost that depends on several units at once (a layer's time depends on
+    the width of the group feeding it and of the group it feeds): ``"factors"``, a list of
+    ``[unit, axis]``; ``"options"``, per factor the option keys of its axis (``none`` first); and
+    ``"costs"``, a nested list indexed by those options, factor by factor. A factor that no block
+    decides stays at ``none``.
 
     File format (JSON; see docs/formats.md)::
 
@@ -544,6 +554,8 @@ class TableCosts:
     entries: Mapping[str, Mapping[str, Any]]
     unit: str = ""
     path: str = ""
+    #: how the table was measured (``sensplan profile``: runtime, batch, threads, ...), if known
+    profile: Mapping[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -560,17 +572,45 @@ class TableCosts:
         try:
             entries = obj["entries"]
             for e in entries.values():
+                if "factors" in e:
+                    shape = np.asarray(e["costs"], dtype=float).shape
+                    if shape != tuple(len(k) for k in e["options"]) or len(e["factors"]) != len(shape):
+                        raise ValueError(f"a joint entry's costs have the shape {shape}, its options "
+                                         f"{[len(k) for k in e['options']]}")
+                    continue
                 for v in e["costs"].values():
                     float(v)
             return cls(str(obj["metric"]), float(obj.get("overhead", 0.0)), entries,
-                       str(obj.get("unit", "")), str(Path(path)))
+                       str(obj.get("unit", "")), str(Path(path)), dict(obj.get("profile") or {}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ArtifactError(f"{str(path)!r} is not a valid cost table ({type(e).__name__}: {e}). "
                                 f"See docs/formats.md for its fields.") from None
 
     def describe(self) -> dict[str, Any]:
+        measured = {k: self.profile[k] for k in ("runtime", "batch", "threads") if k in self.profile}
         return {"name": "table", "metrics": [self.metric], "unit": self.unit, "path": self.path,
-                "overhead": self.overhead}
+                "overhead": self.overhead, **({"measured": measured} if measured else {})}
+
+    @staticmethod
+    def _joint(entry: Mapping[str, Any], blocks: Sequence[Block], acc: _Acc) -> float:
+        """Add a joint entry's term over the blocks of its factors; returns 0, or the entry's
+        constant value when no block decides any of its factors."""
+        table = np.asarray(entry["costs"], dtype=float)
+        factors: list[int] = []
+        for d, ((unit, axis), keys) in enumerate(zip(entry["factors"], entry["options"], strict=True)):
+            pos = {k: n for n, k in enumerate(keys)}
+            none = pos.get(NONE, 0)
+            i = next((bi for bi, b in enumerate(blocks) if b.unit == unit and b.axis == axis), None)
+            if i in factors:
+                raise ArtifactError(f"A joint cost-table entry names {unit!r} ({axis}) twice.")
+            sel = [none] if i is None else [pos.get(o.key, none) for o in blocks[i].options]
+            table = np.take(table, sel, axis=d)  # a factor no block decides: its 'none' (size 1)
+            if i is not None:
+                factors.append(i)
+        if not factors:
+            return float(table.reshape(()))
+        acc.add(tuple(factors), table.reshape([len(blocks[i].options) for i in factors]))
+        return 0.0
 
     @staticmethod
     def _block_of(unit: str, entry: Mapping[str, Any], blocks: Sequence[Block]) -> int | None:
@@ -590,10 +630,13 @@ class TableCosts:
         acc = _Acc()
         constant = self.overhead
         # each entry counts once: on the block that decides its unit and axis, else as a constant
-        for unit, e in self.entries.items():
+        for key, e in self.entries.items():
+            if "factors" in e:
+                constant += self._joint(e, blocks, acc)
+                continue
             costs = e["costs"]
             none = float(costs.get(NONE, 0.0))
-            i = self._block_of(unit, e, blocks)
+            i = self._block_of(str(e.get("unit", key)), e, blocks)
             if i is None:
                 constant += none
             else:
@@ -861,7 +904,9 @@ def _priceable(blocks: list[Block], analytic: AnalyticCosts) -> tuple[list[Block
 
 def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Pairs of (block, option) on one unit that cannot be chosen together: their methods declared
-    each other incompatible (``incompatible_with`` in the scan), or both restructure the layer."""
+    each other incompatible (``incompatible_with`` in the scan), or both restructure the layer; and
+    an option that ``requires`` (a runtime's rule in the scan: ``[unit, axis, other axis]``) an
+    option on another axis of its unit conflicts with that axis's 'none'."""
     incompatible = {name: set(info.get("incompatible_with") or ()) for name, info in scan.methods.items()}
     by_unit: dict[tuple[str, str], list[int]] = {}  # a group and a layer of one name are two units
     for i, b in enumerate(blocks):
@@ -875,6 +920,11 @@ def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int]
                     if both or ob.method in incompatible.get(str(oa.method), ()) or \
                             oa.method in incompatible.get(str(ob.method), ()):
                         out.append(((i, ka), (j, kb)))
+    index = {(b.kind, b.unit, b.axis): i for i, b in enumerate(blocks)}
+    for unit, axis, other in scan.data.get("requires") or ():
+        needs, needed = index.get(("layer", unit, axis)), index.get(("layer", unit, other))
+        if needs is not None and needed is not None:
+            out += [((needs, k), (needed, 0)) for k in range(1, len(blocks[needs].options))]
     return out
 
 

@@ -873,8 +873,8 @@ def _uniform_ratio(cm: Costs, groups: Sequence[int], ratios: Sequence[float], la
     effects = merged_effects(cm.blocks, choice)
     best: UniformSolution | None = None
     for r in ratios:
-        removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels, cm.blocks[i].channel_step)
-                   if r > 0 else 0 for i in groups}
+        removed = {cm.blocks[i].unit: n_remove_for(r, cm.blocks[i].channels, cm.blocks[i].channel_step,
+                                                   cm.blocks[i].round_to) if r > 0 else 0 for i in groups}
         gchoice, costs = _uniform_costs(cm, groups, removed, choice, effects)
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue

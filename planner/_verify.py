@@ -743,25 +743,10 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     side in that many spawned processes, each rebuilding the same verifier from the file (on a
     machine with GPUs, one GPU each in turn); call :meth:`Verifier.close` when done."""
     from sensplan._errors import UserInputError
-    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set, load_model
+    from sensplan.sensitivity import DataSpec, load_eval_set
 
     notes: list[str] = []
-    rec = scan.data["model"]
-    if not rec.get("spec") or not (scan.data.get("data") or {}).get("kind"):
-        raise UserInputError("This scan does not record how to rebuild its model and data (it was made "
-                             "from objects in Python). Pass --no-verify, or verify in Python with "
-                             "make_plan(..., verifier=Verifier(model, data, calib, held)).")
-    beside = os.path.dirname(os.path.abspath(scan.path)) if scan.path else None
-    spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"),
-                                 fix=", or pass --no-verify to plan without measuring")
-    path = _scan_weights(rec, weights, beside)
-    if path is None:
-        notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
-    hint = " Run it where the scan ran, or pass --no-verify."
-    try:
-        model = load_model(spec, path or None, allow_pickle=allow_pickle)
-    except UserInputError as e:
-        raise UserInputError(f"Verifying the plan needs the scan's model {spec.source!r}: {e}{hint}") from None
+    model, spec = model_from_scan(scan, weights=weights, allow_pickle=allow_pickle, notes=notes)
     drec = scan.data["data"]
     data, calib, exclude, dspec = scan_sample(drec, scan.data.get("calibration"),
                                               " Verify on the scan's data, or pass --no-verify.")
@@ -806,6 +791,36 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         notes.append(f"the rebuilt model scores {got:.4f} on the scan's sample, the scan measured "
                      f"{float(scan.baseline['score']):.4f}: the predictions may not apply to this model")
     return verifier, notes
+
+
+def model_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool = False,
+                    notes: list[str] | None = None, purpose: str = "Verifying the plan",
+                    fix: str = "pass --no-verify",
+                    in_python: str = "make_plan(..., verifier=Verifier(model, data, calib, held))"
+                    ) -> tuple[nn.Module, Any]:
+    """The scan's model rebuilt from what ``scan.json`` records (its weights checked by digest) and
+    its spec; ``purpose`` and ``fix`` word the messages (a note about random weights goes to
+    ``notes``)."""
+    from sensplan._errors import UserInputError
+    from sensplan.sensitivity import ModelSpec, load_model
+
+    rec = scan.data["model"]
+    if not rec.get("spec") or not (scan.data.get("data") or {}).get("kind"):
+        raise UserInputError(f"This scan does not record how to rebuild its model and data (it was made "
+                             f"from objects in Python). {fix[0].upper()}{fix[1:]}, or do it in Python with "
+                             f"{in_python}.")
+    beside = os.path.dirname(os.path.abspath(scan.path)) if scan.path else None
+    spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"),
+                                 fix=f", or {fix}")
+    path = _scan_weights(rec, weights, beside)
+    if path is None and notes is not None:
+        notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
+    try:
+        model = load_model(spec, path or None, allow_pickle=allow_pickle)
+    except UserInputError as e:
+        raise UserInputError(f"{purpose} needs the scan's model {spec.source!r}: {e} Run it where the scan "
+                             f"ran, or {fix}.") from None
+    return model, spec
 
 
 def scan_sample(drec: Mapping[str, Any], crec: Mapping[str, Any] | None, hint: str

@@ -1,11 +1,12 @@
 """Render ``report.html`` (self-contained, opens offline) and PNG charts from the artifacts alone.
 
-Reads ``scan.json``, optionally ``plan.json`` and an ``apply`` result directory (``metrics.json``
-and ``uniform/metrics.json``). Never loads a model and never imports torch: everything comes from
-the torch-free artifact views (:mod:`sensplan._tables`, :mod:`sensplan.planner`). Methods,
-axes and settings are shown generically, as the artifacts describe them; nothing here depends on a
-method's name. Every string taken from the model or the artifacts is HTML-escaped. Percentages
-appear only here; the artifacts hold fractions. A drop is positive when the model got worse.
+Reads ``scan.json``, optionally ``plan.json``, an ``apply`` result directory (``metrics.json``
+and ``uniform/metrics.json``) and a ``frontier.json`` (``sensplan frontier``). Never loads a model
+and never imports torch: everything comes from the torch-free artifact views
+(:mod:`sensplan._tables`, :mod:`sensplan.planner`). Methods, axes and settings are shown
+generically, as the artifacts describe them; nothing here depends on a method's name. Every
+string taken from the model or the artifacts is HTML-escaped. Percentages appear only here; the
+artifacts hold fractions. A drop is positive when the model got worse.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ from sensplan._artifacts import atomic_write, atomic_write_bytes, dumps  # noqa:
 from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
 from sensplan._metric import Metric  # noqa: E402
 from sensplan._tables import Scan, layer_index, load_metrics  # noqa: E402
-from sensplan.planner import Plan  # noqa: E402
+from sensplan.planner import Frontier, Plan, plot_frontier  # noqa: E402
 
 FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "layer_grid", "verification", "before_after")
 """The PNG files written beside ``report.html`` (``allocation`` only with a plan, ``verification``
-only with a verified plan). The first two
+only with a verified plan; ``frontier.png`` too, given a frontier). The first two
 hold one panel per scanned method, ``allocation`` one panel per axis."""
 
 VARIANTS = ("planned", "uniform")
@@ -929,7 +930,8 @@ def _provenance(scan: Scan, plan: Plan | None, results: Mapping[str, Mapping[str
 
 
 def _write_figures(out: Path, s: Scan, p: Plan | None, sens: Sequence[Any], fmt: _Fmt,
-                   headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> dict[str, bytes]:
+                   headers: Sequence[str], rows: Sequence[Sequence[Any]],
+                   frontier: Frontier | None = None) -> dict[str, bytes]:
     """Render the PNG figures into ``out`` (removing a previous render's that no longer apply)."""
     names = display_names(s)
     figs: dict[str, bytes] = {"sensitivity_heatmap": fig_heatmap(sens, fmt, names),
@@ -942,10 +944,13 @@ def _write_figures(out: Path, s: Scan, p: Plan | None, sens: Sequence[Any], fmt:
         if p.data.get("verification"):
             figs["verification"] = fig_verification(p, fmt)
     figs["before_after"] = fig_table(headers, rows, f"before / after ({fmt.title})")
+    if frontier is not None:
+        figs["frontier"] = plot_frontier(frontier.data)
     out.mkdir(parents=True, exist_ok=True)
     for name, png in figs.items():
         atomic_write_bytes(out / f"{name}.png", png)
-    for name in ("allocation", "layer_grid", "verification"):  # a previous render's would contradict this page
+    # a previous render's would contradict this page
+    for name in ("allocation", "layer_grid", "verification", "frontier"):
         stale = out / f"{name}.png"
         if name not in figs and stale.is_file():
             stale.unlink()
@@ -1014,6 +1019,38 @@ def _results_sections(s: Scan, p: Plan | None, results: Mapping[str, Any], fmt: 
     return parts
 
 
+def _frontier_section(f: Frontier, fmt: _Fmt, png: bytes) -> str:
+    """Each budget of the sweep: the planned and the uniform drop, predicted and measured."""
+    d = f.data
+    metric, ms = d["metric"], d.get("measurement") or {}
+    original = float(d["original"][metric] or 0.0)
+
+    def measured(entry: Any) -> str:
+        m = (entry or {}).get("measured")
+        return fmt.drop(m.get("drop"), m.get("drop_se")) if m else _DASH
+
+    rows = []
+    for p in d["points"]:
+        b, uni = p["budget"], p.get("uniform")
+        rows.append([str(p["index"]), f"{b['fraction']:.3f}" if _isnum(b.get("fraction")) else _si(b.get("absolute")),
+                     fmt.drop(p["planned"]["predicted"].get("drop")),
+                     f"{fmt.drop(uni['predicted'].get('drop'))} ({uni.get('label', '?')})" if uni else "none fits",
+                     measured(p["planned"]), measured(uni)])
+    cheapest = float(d.get("cheapest") or 0.0)
+    text = (f"{len(d['points'])} budgets of {metric}, from the cheapest reachable plan"
+            + (f" ({cheapest / original:.3f} of the original)" if original else "")
+            + f" to one step under the original, spaced {str(d.get('spacing_rule', d.get('spacing', '?')))}. "
+              f"Each was solved by the planner, beside the uniform allocation at the same budget, and each "
+              f"plan is in {Path(f.path).parent / 'points' if f.path else 'points/'}. "
+            + (f"Measured ({fmt.title} drop ± its paired standard error): {len(ms.get('points', []))} of them, "
+               f"applied without fine-tuning, on {ms.get('measured_on')}." if ms else "None was measured."))
+    return ("<h2>Pareto frontier</h2><p>" + _e(text) + "</p>"
+            + _table(["point", f"{metric} budget (fraction)" if original else f"{metric} budget",
+                      f"planned drop, predicted ({fmt.drop_unit})", "uniform drop, predicted",
+                      "planned drop, measured", "uniform drop, measured"], rows)
+            + _img(png, f"{fmt.title} drop against {metric}, planned and uniform"))
+
+
 def _scope_section(p: Plan) -> str:
     """The layers the ``bits`` metric leaves out (an LM head) and what they weigh."""
     scope = p.data.get("scope") or {}
@@ -1030,13 +1067,15 @@ def _scope_section(p: Plan) -> str:
 
 def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLike[str], *,
                   plan: str | os.PathLike[str] | Plan | None = None,
-                  result: str | os.PathLike[str] | None = None, force: bool = False) -> Path:
+                  result: str | os.PathLike[str] | None = None, force: bool = False,
+                  frontier: str | os.PathLike[str] | Frontier | None = None) -> Path:
     """Write ``report.html`` and the PNG figures (:data:`FIGURES`) into ``out_dir``; return the
     HTML's path.
 
-    ``result`` is the output directory of ``sensplan apply`` (or one ``metrics.json``). The
-    digest chain must hold: the plan records the sha256 of the scan file, each metrics.json that
-    of the plan file. A broken link raises :class:`~sensplan._errors.ArtifactError`; with
+    ``result`` is the output directory of ``sensplan apply`` (or one ``metrics.json``);
+    ``frontier`` a ``frontier.json`` (``sensplan frontier``), shown as its own section. The
+    digest chain must hold: the plan and the frontier record the sha256 of the scan file, each
+    metrics.json that of the plan file. A broken link raises :class:`~sensplan._errors.ArtifactError`; with
     ``force=True`` the report is rendered anyway, with a warning at its top. An ``out_dir`` that
     cannot be written raises :class:`~sensplan._errors.UserInputError` before anything is
     rendered.
@@ -1046,7 +1085,12 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
     s = scan if isinstance(scan, Scan) else Scan.load(scan)
     p = plan if isinstance(plan, Plan) or plan is None else Plan.load(plan)
     results, paths = _load_results(result)
+    f = frontier if isinstance(frontier, Frontier) or frontier is None else Frontier.load(frontier)
     broken = chain_problems(s, p, results, paths)
+    want = (f.data.get("scan") or {}).get("sha256") if f is not None else None
+    if f is not None and want and want != _digest(s):
+        broken.append(f"the frontier {f.path or '(in memory)'!r} was made from a scan with sha256 {_short(want)}, "
+                      f"but {_where(s, 'scan')} has sha256 {_short(_digest(s))}")
     if broken and not force:
         raise ArtifactError("The artifacts do not belong together: " + "; ".join(broken)
                             + ". Pass the files of one run, or pass --force to render anyway.")
@@ -1055,7 +1099,7 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
     fmt = _Fmt(s.metric)
     sens = sensitivities(s)
     headers, rows = _comparison_rows(s, p, results, fmt)
-    figs = _write_figures(out, s, p, sens, fmt, headers, rows)
+    figs = _write_figures(out, s, p, sens, fmt, headers, rows, f)
     parts = [*_head(s, p, fmt, broken), *_results_sections(s, p, results, fmt, headers, rows)]
     parts.append(_methods_section(s, {x.method: x for x in sens}))
     parts.append(f"<h2>Sensitivity</h2><p>{_e(fmt.title)} drop in {_e(fmt.drop_unit)} when one "
@@ -1077,6 +1121,8 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
                          "attention heads and MLP width (pruning), then each projection's weight format.</p>"
                          + _img(figs["layer_grid"], "planned allocation per layer"))
         parts.append(_scope_section(p))
+    if f is not None:
+        parts.append(_frontier_section(f, fmt, figs["frontier"]))
     parts.append(_skipped_section(s))
     if p is not None:
         parts.append("<h2>Solver</h2>" + _solver(p)[0])

@@ -45,6 +45,7 @@ from sensplan.sensitivity._quant import (
     pack_codes,
     quantize,
     quantize_per_channel,
+    remove_input_quant_,
     unpack_codes,
 )
 from sensplan.sensitivity._scan import (
@@ -130,6 +131,7 @@ __all__ = [
     "read_state_dict",
     "recalibrate_batchnorm_",
     "register_model",
+    "remove_input_quant_",
     "scan",
     "stratified_indices",
     "tied_tensors",

@@ -259,3 +259,15 @@ class _InputQuant:
 def install_input_quant(module: torch.nn.Module, qp: Mapping[str, Any]) -> Any:
     """Fake-quantize ``module``'s input with ``qp`` from now on; returns the removable handle."""
     return module.register_forward_pre_hook(_InputQuant(qp))
+
+
+def remove_input_quant_(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """Remove every input fake-quantization of ``model`` (in place); returns the parameters each
+    module had (bits, scale, zero point), e.g. to hand them to an integer runtime."""
+    params: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        for key, hook in list(mod._forward_pre_hooks.items()):
+            if isinstance(hook, _InputQuant):
+                params[name] = dict(hook.qp)
+                del mod._forward_pre_hooks[key]
+    return params

@@ -84,9 +84,15 @@ class ScanConfig:
     #: these shell-style patterns (``scan --units``); empty: every unit. The others are skipped with
     #: the reason, so a plan leaves them as they are.
     units: tuple[str, ...] = ()
+    #: keep each pruned channel group's width a multiple of this (``scan --round-to``: 8 or 16 suit
+    #: the blocked convolution kernels of ONNX Runtime and oneDNN); 1: any width. Not for groups of
+    #: attention heads, whose unit is a head.
+    round_to: int = 1
 
     def __post_init__(self) -> None:
         norm: dict[str, tuple[Setting, ...]] = {}
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise UserInputError(f"round_to must be a positive integer (1: any width). Got {self.round_to!r}.")
         if isinstance(self.units, str) or not all(isinstance(u, str) and u for u in self.units):
             raise UserInputError(f"units must be a sequence of non-empty name patterns, e.g. "
                                  f"('*.mlp.*', 'layer 0 heads'). Got {self.units!r}.")
@@ -148,7 +154,8 @@ class ScanConfig:
         return {"settings": {k: [dict(s) for s in v] for k, v in self.settings.items()},
                 "task": self.task, "batch_size": self.batch_size, "check_samples": self.check_samples,
                 **({"fast": True, "fast_measured": self.fast_measured, "fast_samples": self.fast_samples}
-                   if self.fast else {}), **({"units": list(self.units)} if self.units else {})}
+                   if self.fast else {}), **({"units": list(self.units)} if self.units else {}),
+                **({"round_to": self.round_to} if self.round_to > 1 else {})}
 
     def selects(self, unit: str, label: str = "") -> bool:
         """Whether ``units`` lets the scan probe ``unit`` (a group also by its ``label``)."""
@@ -362,6 +369,9 @@ def _scan_context(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: S
                      **(graph.describe(gid) if hasattr(graph, "describe") else {}),
                      "status": "skipped", "reason": "no group method was scanned."}
                for gid in graph.group_ids()} if graph is not None else {})
+    for info in groups.values():
+        if cfg.round_to > 1 and info.get("kind") != "heads":
+            info["round_to"] = cfg.round_to
     return MethodContext(model, example, layers, groups, tensors, calib=calib, eval_data=data,
                          check_inputs=data.x[: cfg.check_samples], graph=graph,
                          graph_error=graph_error, device=dev)

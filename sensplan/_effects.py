@@ -191,12 +191,28 @@ def kept_values(numel: int, density: float) -> int:
     return max(1, min(numel, int(math.floor(density * numel + 0.5))))
 
 
-def n_remove_for(ratio: float, channels: int, step: int = 1) -> int:
+def n_remove_for(ratio: float, channels: int, step: int = 1, round_to: int = 1) -> int:
     """Channels removed at ``ratio`` of a group of ``channels``: round half up, at least one kept.
 
     With ``step`` > 1 (a group holding a grouped convolution or a GroupNorm: the same positions go
     from each of ``step`` equal chunks) the rounding is per chunk and the count a multiple of
-    ``step``, e.g. ``n_remove_for(0.3, 64, step=4) == 20`` (5 of each chunk of 16)."""
+    ``step``, e.g. ``n_remove_for(0.3, 64, step=4) == 20`` (5 of each chunk of 16).
+
+    With ``round_to`` > 1 (``scan --round-to``: widths kernels like, e.g. 8 or 16) the channels
+    *kept* are the nearest multiple of ``round_to`` (at least ``round_to``; none removed when that
+    is the whole group), e.g. ``n_remove_for(0.3, 64, round_to=8) == 16`` (48 kept, not 45); a
+    rounding that would break the ``step`` chunks is not made."""
+    k = _n_remove(ratio, channels, step)
+    if round_to > 1 and k:
+        kept = max(round_to, int(math.floor((channels - k) / round_to + 0.5)) * round_to)
+        if kept >= channels:
+            return 0
+        if kept % step == 0:
+            return channels - kept
+    return k
+
+
+def _n_remove(ratio: float, channels: int, step: int) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"The 'ratio' parameter must be a float in the range [0.0, 1.0). Got {ratio!r} "
                          f"instead.")

@@ -30,6 +30,8 @@ SCAN_FORMAT = "sensplan.scan"
 SCAN_SCHEMA_VERSION = 2
 METRICS_FORMAT = "sensplan.metrics"
 METRICS_SCHEMA_VERSION = 2
+FRONTIER_FORMAT = "sensplan.frontier"
+FRONTIER_SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,9 @@ class Prune(Method):
         out: list[Setting] = []
         channels = int(ctx.groups[unit]["channels"])
         step = int(ctx.groups[unit].get("channel_step", 1))
+        round_to = int(ctx.groups[unit].get("round_to", 1))
         for s in sorted(settings, key=lambda s: float(s["ratio"])):
-            k = n_remove_for(float(s["ratio"]), channels, step)
+            k = n_remove_for(float(s["ratio"]), channels, step, round_to)
             if k > 0 and all(k != o["n_remove"] for o in out):
                 out.append({"ratio": float(s["ratio"]), "n_remove": k})
         return out

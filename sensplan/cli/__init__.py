@@ -1,6 +1,6 @@
 """The ``sensplan`` command line: one small module per verb; each parses flags, calls the library.
 
-Verbs: scan | plan | apply | report | run | demo | validate | methods | models. Exit codes:
+Verbs: scan | profile | plan | frontier | apply | report | run | demo | validate | methods | models. Exit codes:
 
 - 0: done;
 - 1: a bug in sensplan (the traceback is shown; please report it);
@@ -24,12 +24,12 @@ from typing import NoReturn
 
 from sensplan._errors import SensplanError, UserInputError
 from sensplan._version import __version__
-from sensplan.cli import apply, demo, methods, models, plan, report, run, scan, validate
+from sensplan.cli import apply, demo, frontier, methods, models, plan, profile, report, run, scan, validate
 from sensplan.cli._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, clobber_problem
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
-VERBS = (scan, plan, apply, report, run, demo, validate, methods, models)
+VERBS = (scan, profile, plan, frontier, apply, report, run, demo, validate, methods, models)
 
 EPILOG = """\
 example (a typical session):
@@ -39,6 +39,7 @@ example (a typical session):
       --out result/
   sensplan report --scan scan.json --plan plan.json --result result/ --out report/
   sensplan run ... --budget macs=0.5 --out runs/r1      # all four at once
+  sensplan frontier --scan scan.json --metric size --out frontier/   # drop against cost, 8 budgets
   sensplan demo                                         # offline, about a minute
 """
 

@@ -81,6 +81,14 @@ def add_apply_args(p: argparse.ArgumentParser) -> None:
                    help="which allocations of the plan to apply and measure (default "
                         "planned,uniform)")
     o.add_argument("--no-timing", action="store_true", help="skip the latency measurement")
+    o.add_argument("--runtime", default="torch", metavar="NAME",
+                   help="torch | onnxruntime: also export model.onnx (pruned shapes; the plan's int8 "
+                        "layers as QDQ nodes) and measure its score, latency, memory and file size on "
+                        "ONNX Runtime against the original (needs the ort extra) (default torch)")
+    o.add_argument("--latency-batch", type=int, metavar="B",
+                   help="latency is timed at batch 1 and at batch B, original and compressed "
+                        "interleaved (default: the batch of the plan's latency table from sensplan "
+                        "profile, else 32)")
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -138,11 +146,12 @@ def check_finetune(args: argparse.Namespace, problems: Problems) -> FineTuneConf
                                   max_steps=args.max_steps, seed=args.seed))
 
 
-def result_outputs(out: Path, variants: list[str], flag: str = "--out") -> list[Output]:
+def result_outputs(out: Path, variants: list[str], flag: str = "--out", runtime: str = "torch") -> list[Output]:
     outs = [Output(out, flag, is_dir=True)]
+    files = (*FILES, "model.onnx") if runtime == "onnxruntime" else FILES
     for v in variants:
         d = out if v == "planned" else out / v
-        outs += [Output(d, flag, is_dir=True), *(Output(d / f, flag) for f in FILES)]
+        outs += [Output(d, flag, is_dir=True), *(Output(d / f, flag) for f in files)]
     return outs
 
 
@@ -151,7 +160,19 @@ def check(args: argparse.Namespace, problems: Problems
     """Every check of apply's flags that needs no model, no data and no plan."""
     check_data_args(args, problems)
     check_runtime_args(args, problems)
+    check_execution(args, problems)
     return check_variants(args, problems), check_finetune(args, problems)
+
+
+def check_execution(args: argparse.Namespace, problems: Problems) -> None:
+    """--runtime and --latency-batch."""
+    from sensplan.planner import check_runtime
+
+    problems.check(partial(check_runtime, args.runtime))
+    problems.at_least(args.latency_batch, 1, "--latency-batch")
+    if args.runtime == "onnxruntime" and args.device != "cpu":
+        problems.add(f"--runtime onnxruntime measures on ONNX Runtime's CPU kernels; the torch side would run "
+                     f"on --device {args.device}. Use --device cpu with it, or --runtime torch.")
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -226,18 +247,37 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
         if v not in have:
             say(f"the plan has no {v} allocation (none meets the budget); skipping it")
     state = task.prepare(model, data)
+    from sensplan.planner import latency_table
+
+    table = latency_table(plan)
+    batch = args.latency_batch or int((table or {}).get("measured", {}).get("batch") or 32)
+    if table and table["measured"].get("runtime") != args.runtime and not args.no_timing:
+        say(f"note: the plan's latency table was measured on {table['measured']['runtime']}; apply measures on "
+            f"--runtime {args.runtime}, so its predicted latency is not compared (add --runtime "
+            f"{table['measured']['runtime']})")
     say(f"measuring on {measured_on}")
     say("measuring the original model")
-    before = measure_original(model, data, spec, timing=not args.no_timing, task=task,
-                              task_state=state)
+    before = measure_original(model, data, spec, timing=False, task=task, task_state=state)
     missed: list[str] = []
-    for v in have:
-        say(f"applying the {v} allocation")
-        m = apply_plan(model, plan, data, out if v == "planned" else out / v, variant=v,
-                       calib=calib, train_loader=loader, finetune=ft, model_spec=spec,
-                       timing=not args.no_timing, before=before, measured_on=measured_on)
-        print_metrics(v, task.metric.name, m)
-        missed += [f"{v}: {line}" for line in missed_budgets(m)]
+    out.mkdir(parents=True, exist_ok=True)
+    original_onnx = out / f".original.onnx.{os.getpid()}.partial"
+    try:
+        if args.runtime == "onnxruntime":
+            from sensplan.planner import export_onnx
+
+            say("exporting the original model to ONNX")
+            export_onnx(model, data.example_input, original_onnx)
+        for v in have:
+            say(f"applying the {v} allocation")
+            m = apply_plan(model, plan, data, out if v == "planned" else out / v, variant=v,
+                           calib=calib, train_loader=loader, finetune=ft, model_spec=spec,
+                           timing=not args.no_timing, before=before, measured_on=measured_on,
+                           runtime=args.runtime, latency_batch=batch,
+                           original_onnx=original_onnx if args.runtime == "onnxruntime" else None)
+            print_metrics(v, task.metric.name, m)
+            missed += [f"{v}: {line}" for line in missed_budgets(m)]
+    finally:
+        original_onnx.unlink(missing_ok=True)
     if loader is not None and getattr(loader, "skipped", None):
         bad = {b.path: b.reason for b in loader.skipped}  # each epoch and variant meets them again
         examples = "; ".join(f"{path}: {why}" for path, why in list(bad.items())[:3])
@@ -249,13 +289,37 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
 def print_metrics(variant: str, metric: str, m: dict[str, Any]) -> None:
     b, a = m["before"], m["after"]
     lat = ""
-    if "latency" in a and "latency" in b:
-        lat = f", latency p50 {b['latency']['p50_ms']:.2f} -> {a['latency']['p50_ms']:.2f} ms"
+    for batch, t in ((m.get("timing") or {}).get("batches") or {}).items():
+        lat += (f", latency p50 {t['original']['p50_ms']:.2f} -> {t['compressed']['p50_ms']:.2f} ms at batch "
+                f"{batch}")
     met = ", ".join(f"{x['metric']} {_met(x['met'])}" for x in m["budgets"])
     say(f"  {variant}: {metric} {b['score']:.4f} -> {a['score']:.4f}, size "
         f"{b['payload_bytes'] / 1e6:.3f} -> {a['payload_bytes'] / 1e6:.3f} MB, MACs "
         f"{b['macs'] / 1e6:.2f} -> {a['macs'] / 1e6:.2f} M{lat}"
         + (f"; budget {met}" if met else ""))
+    worst = (m.get("per_class") or [])[:3]
+    if len(m.get("per_class") or []) > 1:
+        say("    worst classes: " + ", ".join(f"{r['class']} {r['before']:.3f} -> {r['after']:.3f}" for r in worst))
+    for name, c in (m.get("comparison") or {}).items():
+        if "original_measured" in c:
+            say(f"    {name} by the latency table: predicted {c['predicted']:.3f} ms, measured {c['measured']:.3f} ms "
+                f"({c['error']:+.1%}); as a fraction of the original: predicted {c['fraction_predicted']:.3f}, "
+                f"measured {c['fraction_measured']:.3f}")
+    timing = m.get("timing") or {}
+    if timing.get("warning"):
+        say(f"    warning: the latency figures are unreliable: {timing['warning']}")
+    rt = m.get("runtime")
+    if rt:
+        ort_b, ort_a = rt["original"], rt["compressed"]
+        speed = ", ".join(f"{k} {v:.2f}x" for k, v in (rt.get("speedup") or {}).items())
+        say(f"    on ONNX Runtime {rt['version']} ({rt['threads']} thread(s)): {metric} {ort_b['score']:.4f} -> "
+            f"{ort_a['score']:.4f}, model.onnx {ort_b['file_bytes'] / 1e6:.3f} -> {ort_a['file_bytes'] / 1e6:.3f} MB"
+            + (f", speed-up {speed}" if speed else "")
+            + f"; {rt['quantized']['int8_nodes']} int8 layer(s)")
+        for layer, why in list(rt["quantized"]["float_layers"].items())[:5]:
+            say(f"      {layer}: {why}")
+        if (rt.get("latency") or {}).get("warning"):
+            say(f"    warning: the ONNX Runtime latency figures are unreliable: {rt['latency']['warning']}")
     hf = m.get("save_pretrained")
     if hf:
         say(f"    save_pretrained folder: {hf['path']} (loads with from_pretrained; {hf.get('note', '')})"
@@ -314,7 +378,7 @@ def main(args: argparse.Namespace) -> int:
     plan = problems.check(partial(Plan.load, args.plan))
     variants, ft = check(args, problems)
     out = Path(args.out)
-    check_outputs(problems, result_outputs(out, variants))
+    check_outputs(problems, result_outputs(out, variants, runtime=args.runtime))
     if plan is not None and not problems.messages:
         check_weights_match(args, plan, problems)
     problems.raise_if_any()

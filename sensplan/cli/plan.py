@@ -59,6 +59,10 @@ def register(sub: SubParsers) -> None:
                    help="measure the uniform candidates side by side on N local worker processes, each "
                         "rebuilding the model and data from scan.json (on GPUs: one each in turn)")
     add_runtime_args(p, dtype=False)
+    p.add_argument("--runtime", default="torch", metavar="NAME",
+                   help="torch | onnxruntime: offer only the options that run faster or smaller there "
+                        "(on onnxruntime: no sparsity, no 16-bit floats, integers at 8 bits only); the "
+                        "ones left out are listed (default torch)")
     p.add_argument("--out", default="plan.json", metavar="FILE",
                    help="where to write the plan (default plan.json)")
     p.set_defaults(fn=main)
@@ -118,6 +122,7 @@ class PlanInputs:
     time_limit: float
     cost_models: tuple[str, ...] = ()
     signal: str = "auto"
+    runtime: str = "torch"
 
     def models(self, scan: Scan) -> list[Any]:
         """The cost tables and the named cost models, built for ``scan``."""
@@ -128,10 +133,13 @@ class PlanInputs:
 
 def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     """The budgets, objective and cost tables from the flags (no scan needed)."""
-    from sensplan.planner import METRICS, Budget, TableCosts, cost_model_metrics, parse_max_drop
+    from sensplan.planner import METRICS, RUNTIMES, Budget, TableCosts, cost_model_metrics, parse_max_drop
     from sensplan.planner._plan import check_objective
 
     problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
+    runtime = getattr(args, "runtime", "torch")
+    if runtime not in RUNTIMES:
+        problems.add(f"--runtime takes one of {', '.join(RUNTIMES)}. Got {runtime!r}.")
     tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ")
               for path in args.cost_table]
     named = [problems.check(partial(cost_model_metrics, n), f"--cost-model {n}: ") for n in args.cost_model]
@@ -154,7 +162,7 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
         return None
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
                       tuple(dict.fromkeys(args.cost_model)),  # the same model named twice counts once
-                      args.signal)
+                      args.signal, runtime)
 
 
 #: the fewest held-out items a verdict may rest on
@@ -174,15 +182,22 @@ def check_verify(args: argparse.Namespace, problems: Problems) -> None:
 
 def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rounds: int = 3,
             notes: Sequence[str] = (), started: float | None = None) -> Plan:
-    from sensplan.planner import make_plan
+    from sensplan.planner import Plan, make_plan, runtime_options, summarize_dropped
 
     for n in notes:
         say(f"note: {n}")
+    scan, dropped = runtime_options(scan, inputs.runtime)
+    lines = summarize_dropped(dropped)
+    for line in lines:
+        say(f"--runtime {inputs.runtime}: not offered: {line}")
     if verifier is not None:
         say("verifying: measuring the plan, its corrections and the uniform candidates ...")
-    plan = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
+    made = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
                      time_limit=inputs.time_limit, cost_models=inputs.models(scan), verifier=verifier,
-                     rounds=rounds, signal=inputs.signal).save(out)
+                     rounds=rounds, signal=inputs.signal)
+    if inputs.runtime != "torch":
+        made = Plan({**made.data, "runtime": {"name": inputs.runtime, "not_offered": lines}})
+    plan = made.save(out)
     print_plan(plan)
     print_verification(plan, time.perf_counter() - started if started is not None else None)
     solver = plan.data["plans"]["planned"].get("solver", {})

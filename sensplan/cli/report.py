@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 EXAMPLE = """\
   sensplan report --scan scan.json --plan plan.json --result result/ --out report/
   sensplan report --scan scan.json --out report/          # the sensitivity charts alone
+  sensplan report --scan scan.json --frontier frontier/frontier.json --out report/
 """
 
 
@@ -23,6 +24,7 @@ def register(sub: SubParsers) -> None:
     p.add_argument("--scan", required=True, metavar="FILE", help="scan.json")
     p.add_argument("--plan", metavar="FILE", help="plan.json")
     p.add_argument("--result", metavar="DIR", help="the output directory of `sensplan apply`")
+    p.add_argument("--frontier", metavar="FILE", help="frontier.json from `sensplan frontier`")
     p.add_argument("--out", default="report", metavar="DIR",
                    help="output directory (default report/)")
     p.add_argument("--force", action="store_true",
@@ -44,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
     problems = Problems()
     check_outputs(problems, report_outputs(Path(args.out)))
     problems.raise_if_any()
-    path = render_report(args.scan, args.out, plan=args.plan, result=args.result, force=args.force)
+    path = render_report(args.scan, args.out, plan=args.plan, result=args.result, force=args.force,
+                         frontier=args.frontier)
     print(path)
     return 0

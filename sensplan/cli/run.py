@@ -71,8 +71,9 @@ def main(args: argparse.Namespace) -> int:
                if args.holdout_data and not args.no_verify else None)
     variants = apply.check_variants(args, problems)
     ft = apply.check_finetune(args, problems)
-    check_outputs(problems, [Output(out, "--out", is_dir=True), *scan.scan_outputs(scan_out),
-                             Output(plan_out, "--out"), *apply.result_outputs(result_out, variants),
+    apply.check_execution(args, problems)
+    check_outputs(problems, [Output(out, "--out", is_dir=True), *scan.scan_outputs(scan_out), Output(plan_out, "--out"),
+                             *apply.result_outputs(result_out, variants, runtime=args.runtime),
                              *report.report_outputs(report_out)])
     problems.raise_if_any()
 

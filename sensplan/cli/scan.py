@@ -78,6 +78,9 @@ def add_scan_args(p: argparse.ArgumentParser) -> None:
                         "removed (default 0.1,0.2,...,0.8)")
     g.add_argument("--no-prune", action="store_true", help="do not scan prune")
     g.add_argument("--no-quantize", action="store_true", help="do not scan weight_quant")
+    g.add_argument("--round-to", type=int, default=1, metavar="N",
+                   help="keep each pruned channel group's width a multiple of N (8 or 16 suit the blocked "
+                        "kernels of ONNX Runtime and oneDNN; see sensplan profile) (default 1: any width)")
     g.add_argument("--units", metavar="PATTERNS",
                    help="scan only the units whose name matches one of these comma-separated shell "
                         "patterns (a head or MLP group also by its label), e.g. '*.layers.0.*,layer 3 heads'; "
@@ -190,6 +193,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
     problems.at_least(args.check_samples, 1, "--check-samples")
     problems.at_least(args.fast_measured, 2, "--fast-measured")
     problems.at_least(args.cache_mb, 0, "--cache-mb")
+    problems.at_least(args.round_to, 1, "--round-to")
     problems.at_least(args.workers, 1, "--workers")
     task = problems.check(lambda: get_task(args.task))
     names = _method_names(args, problems)
@@ -223,7 +227,7 @@ def check_scan_args(args: argparse.Namespace, problems: Problems) -> ScanConfig 
     return problems.check(lambda: ScanConfig(settings, task=args.task, batch_size=args.batch_size,
                                             check_samples=args.check_samples, fast=args.fast,
                                             fast_measured=args.fast_measured, cache_mb=args.cache_mb,
-                                            units=units))
+                                            units=units, round_to=args.round_to))
 
 
 def _values(settings: Any, key: str) -> str:

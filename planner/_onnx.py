@@ -1,0 +1,359 @@
+"""ONNX export, int8 quantization by the plan, and measurement on ONNX Runtime.
+
+See :mod:`sensplan.planner._runtime` for what runs where. The exporter is torch's (``dynamo=True``):
+weight initializers keep their module names, which is how a plan's layer finds its node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sensplan._errors import IncompatibleModelError, first_line
+from sensplan.planner._runtime import compare_latency
+
+#: non-weight operators whose int8 form ORT runs between quantized layers (see :func:`quantize_onnx`)
+_GLUE_OPS = ("Add", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape",
+             "Concat", "Clip")
+
+
+def strip_input_quant(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """A copy of ``model`` without the fake-quantization hooks of activation quantization, and the
+    per-layer parameters they held (bits, scale, zero point)."""
+    from sensplan.sensitivity import remove_input_quant_
+
+    clean = copy.deepcopy(model)
+    return clean, remove_input_quant_(clean)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's progress lines and warnings (stdout, stderr, Python warnings) kept out of the
+    user's terminal; an error still raises."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        root.setLevel(logging.ERROR)  # onnxruntime.quantization logs advice through the root logger
+        try:
+            yield
+        finally:
+            root.setLevel(level)
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Export ``model`` (on the CPU, float32, activation fake-quantization removed) to one ONNX file
+    with a dynamic batch dimension and the weights inside; the layers' weight initializers keep
+    their module names (``layer1.0.conv1.weight``). Returns the removed activation parameters per
+    layer (``act_params``) and the export's seconds."""
+    clean, act = strip_input_quant(model)
+    clean = clean.to("cpu").float().eval()
+    x = example_input[:1].to("cpu")
+    x = x.expand(2, *x.shape[1:]).clone()  # a batch of 1 would be specialised (not dynamic) by torch.export
+    t0 = time.perf_counter()
+    try:
+        with _quiet(), torch.inference_mode(False), torch.no_grad():
+            program = torch.onnx.export(clean, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch", max=1 << 16)},))
+            if program is None:
+                raise RuntimeError("torch.onnx.export returned no program")
+            program.save(os.fspath(path), external_data=False)
+    except Exception as e:  # noqa: BLE001 - any exporter failure is one message
+        raise IncompatibleModelError(f"The model could not be exported to ONNX ({type(e).__name__}: "
+                                     f"{first_line(e)[:300]}). Use --runtime torch.") from e
+    return {"act_params": act, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def layer_nodes(graph: Any) -> dict[str, tuple[str, str, str]]:
+    """Module name -> (node name, op type, activation input) for each weighted node of an
+    exported graph (Conv, Gemm, MatMul), found by its weight initializer ``<module>.weight``
+    (directly or through a Transpose)."""
+    inits = {i.name for i in graph.initializer}
+    source = {}
+    for n in graph.node:  # a transposed weight: follow it back to its initializer
+        if n.op_type in ("Transpose", "Identity") and n.input and n.input[0] in inits:
+            source[n.output[0]] = n.input[0]
+    out = {}
+    for n in graph.node:
+        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
+            continue
+        w = source.get(n.input[1], n.input[1])
+        if w in inits and w.endswith(".weight"):
+            out[w[: -len(".weight")]] = (n.name, n.op_type, n.input[0])
+    return out
+
+
+def int8_layers(effects: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Per layer of a plan with integer weights or activations: "int8" when ORT runs it with its
+    integer kernels (8-bit weights on one scale per channel and 8-bit activations), else why it
+    runs in float."""
+    out = {}
+    for layer, e in effects.items():
+        w = int(e.get("weight_bits", 32)) if e.get("weight_dtype") == "int" else 32
+        a = int(e.get("act_bits", 32))
+        if w == 32 and a == 32:
+            continue
+        if w == 8 and a == 8 and not int(e.get("group_size") or 0):
+            out[layer] = "int8"
+        elif a == 32:
+            out[layer] = f"float: {w}-bit weights without 8-bit activations (ORT has no weight-only kernel here)"
+        elif w == 32:
+            out[layer] = "float: 8-bit activations without 8-bit weights (ORT's integer kernels need both)"
+        else:
+            out[layer] = f"float: no ORT kernel for {w}-bit weights with {a}-bit activations"
+    return out
+
+
+def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan_layers: Mapping[str, str],
+                  act_params: Mapping[str, Mapping[str, Any]], calib: np.ndarray, *,
+                  unit_of: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
+    """Write ``dst``: ``src`` with the layers ``plan_layers`` marks "int8" as QDQ int8 nodes (per
+    channel symmetric int8 weights; asymmetric uint8 activations at the plan's scale and zero point
+    from ``act_params``), everything else float. The operators between two int8 layers (Add, Relu,
+    pooling, ...) are quantized too when every weighted layer around them is int8, calibrated on
+    ``calib`` (the plan's calibration inputs), so the integer kernels are not split by float
+    islands. Returns what was quantized and which layers stayed float, with why."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    model = onnx.load(os.fspath(src))
+    nodes = layer_nodes(model.graph)
+    chosen: dict[str, str] = {}  # node -> unit
+    float_layers: dict[str, str] = {}
+    for layer, (node, _op, _x) in nodes.items():
+        unit = unit_of(layer)
+        state = plan_layers.get(unit)
+        if state == "int8":
+            chosen[node] = unit
+        elif state:
+            float_layers[unit] = state
+    for unit, state in plan_layers.items():
+        if state == "int8" and unit not in chosen.values():
+            float_layers[unit] = "float: the layer has no weighted node in the exported graph"
+    if not chosen:
+        import shutil
+
+        shutil.copyfile(src, dst)
+        return {"int8_nodes": 0, "glue_nodes": 0, "float_layers": float_layers}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    by_node = {n: (layer, x) for layer, (n, _op, x) in nodes.items()}
+    for node, unit in chosen.items():
+        layer, x = by_node[node]
+        qp = act_params.get(layer) or act_params.get(unit)
+        if qp and x not in overrides:
+            overrides[x] = [{"scale": np.array(qp["scale"], dtype=np.float32),
+                             "zero_point": np.array(qp["zero_point"], dtype=np.uint8)}]
+    glue = _glue_nodes(model.graph, set(chosen), set(by_node))
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.batches = iter([{"input": calib[i:i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    with _quiet():
+        quantize_static(os.fspath(src), os.fspath(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=[*chosen, *glue],
+                        extra_options={"TensorQuantOverrides": overrides})
+    return {"int8_nodes": len(chosen), "glue_nodes": len(glue), "float_layers": float_layers}
+
+
+def _glue_nodes(graph: Any, int8: set[str], weighted: set[str]) -> list[str]:
+    """The non-weighted nodes of :data:`_GLUE_OPS` whose nearest weighted producers and consumers
+    (following the graph through other glue nodes) are all int8 nodes."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def ends(node: Any, up: bool, seen: set[str]) -> set[str] | None:
+        """The weighted nodes reached from ``node``; None when a non-glue, non-weighted node (or
+        the graph's input/output) is reached first."""
+        found: set[str] = set()
+        nexts = ([producer.get(i) for i in node.input if i in producer or not _is_init(graph, i)] if up
+                 else [c for o in node.output for c in consumers.get(o, [None])])
+        for m in nexts:
+            if m is None:
+                return None
+            if m.name in weighted:
+                found.add(m.name)
+            elif m.op_type in _GLUE_OPS and m.name not in seen:
+                seen.add(m.name)
+                more = ends(m, up, seen)
+                if more is None:
+                    return None
+                found |= more
+            elif m.op_type not in _GLUE_OPS:
+                return None
+        return found
+
+    out = []
+    for n in graph.node:
+        if n.op_type not in _GLUE_OPS:
+            continue
+        up, down = ends(n, True, {n.name}), ends(n, False, {n.name})
+        if up is not None and down is not None and up and down and up <= int8 and down <= int8:
+            out.append(n.name)
+    return out
+
+
+_INITS: dict[int, set[str]] = {}
+
+
+def _is_init(graph: Any, name: str) -> bool:
+    names = _INITS.get(id(graph))
+    if names is None:
+        names = _INITS[id(graph)] = {i.name for i in graph.initializer}
+    return name in names
+
+
+class OrtModel(nn.Module):
+    """An ONNX Runtime session behind the interface of a PyTorch model: ``forward`` takes a tensor,
+    runs the session on the CPU at ``threads`` threads and returns the output as a tensor on the
+    input's device, so the tasks score it as they score any model."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.path = str(path)
+        self.threads = threads
+        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run_numpy(self, x: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.session.run(None, {self.input_name: x})[0]
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.run_numpy(x.detach().to("cpu").numpy())
+        return torch.from_numpy(out).to(x.device)
+
+
+def ort_version() -> str:
+    import onnxruntime as ort
+
+    return str(ort.__version__)
+
+
+def gold_agreement(reference: nn.Module, candidate: nn.Module, x: torch.Tensor, batch_size: int = 256
+                   ) -> dict[str, Any]:
+    """How closely ``candidate`` reproduces ``reference`` on the gold inputs ``x``: the fraction of
+    equal top-1 predictions and the largest absolute difference of an output value."""
+    agree, worst, n = 0, 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size]
+            a, b = reference(xb).float(), candidate(xb).float().to(xb.device)
+            if a.dim() > 1:
+                agree += int((a.reshape(len(xb), -1, a.shape[-1]).argmax(-1)
+                              == b.reshape(len(xb), -1, b.shape[-1]).argmax(-1)).all(-1).sum())
+            worst = max(worst, float((a - b).abs().max()))
+            n += len(xb)
+    return {"n": n, "top1_agreement": agree / max(1, n), "max_abs_diff": worst}
+
+
+def file_bytes(path: str | os.PathLike[str]) -> int:
+    return Path(path).stat().st_size
+
+
+_PEAK_SCRIPT = """
+import resource, sys, numpy as np, onnxruntime as ort
+path, threads, shape, dtype = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")], sys.argv[4]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1; o.log_severity_level = 3
+s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+x = np.zeros(shape, dtype=dtype)
+s.run(None, {s.get_inputs()[0].name: x})
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory_mb(path: str | os.PathLike[str], example: torch.Tensor, batch: int, threads: int) -> float | None:
+    """The peak resident memory (MiB) that loading ``path`` into an ONNX Runtime session and running
+    one batch of ``batch`` adds to a fresh process that has imported onnxruntime (measured in a
+    child process, so this process's own memory does not count). None where it cannot be measured."""
+    import subprocess
+    import sys
+
+    shape = ",".join(str(v) for v in (batch, *example.shape[1:]))
+    dtype = str(example.dtype).replace("torch.", "")
+    try:
+        done = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, os.fspath(path), str(threads), shape, dtype],
+                              capture_output=True, text=True, timeout=300, check=True)
+        base, peak = (int(v) for v in done.stdout.split()[-2:])
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return None
+    return round((peak - base) / 1024.0, 2)  # ru_maxrss is in KiB on Linux
+
+
+def measure_on_onnxruntime(original: nn.Module, compressed: nn.Module, data: Any, task: Any, state: Any,
+                           effects: Mapping[str, Mapping[str, Any]], staged: Path, *, calib_x: torch.Tensor,
+                           threads: int, batches: Sequence[int], timing: bool = True,
+                           original_onnx: Path | None = None, gold: int = 256,
+                           unit_of: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
+    """Export ``compressed`` to ONNX with the plan's int8 layers quantized (written to ``staged``),
+    and measure it against ``original`` on ONNX Runtime: the task's score on ``data``, agreement
+    with the torch models on the first ``gold`` items, latency at ``batches`` (timed interleaved),
+    peak memory and file size. ``original_onnx``: the original's float export, when the caller made
+    it already (several variants of one plan)."""
+    work = staged.parent
+    tmp = work / f".{staged.name}.float.onnx"
+    orig_path = original_onnx or work / f".{staged.name}.original.onnx"
+    try:
+        t0 = time.perf_counter()
+        if original_onnx is None:
+            export_onnx(original, data.example_input, orig_path)
+        exported = export_onnx(compressed, data.example_input, tmp)
+        quant = quantize_onnx(tmp, staged, int8_layers(effects), exported["act_params"],
+                              calib_x[:256].detach().cpu().numpy(), unit_of=unit_of)
+        seconds = time.perf_counter() - t0
+        ort_orig, ort_comp = OrtModel(orig_path, threads), OrtModel(staged, threads)
+        out: dict[str, Any] = {"name": "onnxruntime", "version": ort_version(), "threads": threads,
+                               "export_seconds": round(seconds, 3), "quantized": quant}
+        x_gold = data.x[:gold]
+        for key, torch_model, ort_model, path in (("original", original, ort_orig, orig_path),
+                                                  ("compressed", compressed, ort_comp, staged)):
+            ev = task.evaluate(ort_model, data, state)
+            out[key] = {"score": ev.score, "loss": ev.loss, "n": ev.n, "file_bytes": file_bytes(path),
+                        "agreement_with_torch": gold_agreement(torch_model, ort_model, x_gold),
+                        "peak_memory_mb": peak_memory_mb(path, data.example_input, max(batches), threads)}
+        out["gold_agreement"] = gold_agreement(ort_orig, ort_comp, x_gold)
+        if timing:
+            timed = compare_latency({"original": ort_orig.run_numpy, "compressed": ort_comp.run_numpy},
+                                    data.example_input.detach().cpu().numpy(), batches, threads=threads)
+            out["latency"] = timed
+            out["speedup"] = {f"batch {b}": ts["original"]["p50_ms"] / ts["compressed"]["p50_ms"]
+                              for b, ts in timed["batches"].items()}
+        return out
+    finally:
+        tmp.unlink(missing_ok=True)
+        if original_onnx is None:
+            Path(orig_path).unlink(missing_ok=True)

@@ -1,0 +1,355 @@
+"""``sensplan profile``: a latency cost table measured on the runtime the model is deployed with.
+
+The table (``sensplan.cost_table``, metric ``latency``, unit ms) prices every option of a scan:
+
+* each weighted layer, timed alone at its real input shape, at every combination of the widths of
+  the channel group feeding it and the group it feeds (a joint entry over the two groups: a
+  layer's time is not the sum of the two changes, and a width a kernel dislikes can cost more
+  than a wider one; the table shows it and the solver sees it);
+* on ONNX Runtime, each layer's 8-bit activation option: the layer as an int8 QDQ operator (ORT
+  fuses it into QLinearConv / QLinearMatMul) against the float one at full width, the cost of the
+  quantize and dequantize at its borders taken off (inside an int8 chain they are not run); at
+  other widths the float time scaled by that ratio. A plan for ``--runtime onnxruntime`` couples
+  the 8-bit activation option with the 8-bit weight option (ORT runs int8 only with both);
+* a fixed ``overhead``: the whole model's measured time less the sum of its layers' times
+  (everything that is not a weighted layer: activations, pooling, additions, the framework; it can
+  be negative, as the runtime fuses a layer with its activation).
+
+So the table predicts a plan's latency as overhead + the sum of its layers' times. ``apply``
+measures the real end-to-end latency, and metrics.json compares the two.
+
+Each operator is timed alone: a torch module for ``--runtime torch``; a one-operator ONNX model
+built with ``onnx.helper`` for ``--runtime onnxruntime``. Operators of equal shape are timed once.
+Supported layers: Conv1d/Conv2d and Linear; other layers keep their time in the overhead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sensplan._artifacts import now_iso, versions
+from sensplan.planner._costs import COST_TABLE_FORMAT, option_key
+from sensplan.planner._runtime import machine_load, time_interleaved
+
+#: each operator's timing: rounds at least / at most, and seconds after the minimum
+_MIN_ITERS, _MAX_ITERS, _SECONDS = 10, 200, 0.4
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One weighted operator at one shape: what gets timed (hashable: equal ops are timed once)."""
+
+    kind: str  # "conv" | "linear"
+    in_shape: tuple[int, ...]  # with the batch
+    out_features: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    bias: bool = True
+    int8: bool = False
+
+
+def _op_of(module: nn.Module, in_shape: tuple[int, ...]) -> _Op | None:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not isinstance(module.padding, str):
+        return _Op("conv", in_shape, module.out_channels, tuple(module.kernel_size), tuple(module.stride),
+                   tuple(module.padding), tuple(module.dilation), module.groups, module.bias is not None)
+    if isinstance(module, nn.Linear):
+        return _Op("linear", in_shape, module.out_features, bias=module.bias is not None)
+    return None
+
+
+def _shrunk(op: _Op, side: str, removed: int) -> _Op:
+    """``op`` with ``removed`` channels fewer on its ``side`` ("in" or "out"); a depthwise
+    convolution loses them on both, with its groups."""
+    import dataclasses
+
+    channels_in = op.in_shape[1] if op.kind == "conv" else op.in_shape[-1]
+    depthwise = op.kind == "conv" and op.groups == channels_in == op.out_features and op.groups > 1
+    out = op.out_features - removed if side == "out" or depthwise else op.out_features
+    cin = channels_in - removed if side == "in" or depthwise else channels_in
+    shape = list(op.in_shape)
+    shape[1 if op.kind == "conv" else -1] = cin
+    return dataclasses.replace(op, in_shape=tuple(shape), out_features=out,
+                               groups=cin if depthwise else op.groups)
+
+
+# -- timing one operator -------------------------------------------------------------------------
+class _TorchTimer:
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def __call__(self, op: _Op) -> float:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(op.in_shape, generator=g)
+        if op.kind == "conv":
+            conv: Any = nn.Conv1d if len(op.kernel) == 1 else nn.Conv2d
+            m: nn.Module = conv(op.in_shape[1], op.out_features, op.kernel, op.stride, op.padding, op.dilation,
+                                op.groups, op.bias)
+        else:
+            m = nn.Linear(op.in_shape[-1], op.out_features, op.bias)
+        m.eval()
+        with torch.inference_mode():
+            t = time_interleaved({"op": lambda: m(x)}, warmup=3, min_iters=_MIN_ITERS, max_iters=_MAX_ITERS,
+                                 max_seconds=_SECONDS)
+        return float(t["op"]["p50_ms"])
+
+
+class _OrtTimer:
+    """Times a one-operator ONNX model built by hand (float, or int8 QDQ with the borders' quantize
+    and dequantize timed separately and taken off)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def _session(self, model: Any) -> Any:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def _time(self, model: Any, x: np.ndarray) -> float:
+        s = self._session(model)
+        name = s.get_inputs()[0].name
+        t = time_interleaved({"op": lambda: s.run(None, {name: x})}, warmup=3, min_iters=_MIN_ITERS,
+                             max_iters=_MAX_ITERS, max_seconds=_SECONDS)
+        return float(t["op"]["p50_ms"])
+
+    def __call__(self, op: _Op) -> float:
+        from onnx import TensorProto, helper, numpy_helper
+
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(op.in_shape).astype(np.float32)
+        cin = op.in_shape[1] if op.kind == "conv" else op.in_shape[-1]
+        if op.kind == "conv":
+            w_shape = (op.out_features, cin // op.groups, *op.kernel)
+        else:
+            w_shape = (op.out_features, cin) if len(op.in_shape) == 2 else (cin, op.out_features)
+        w = rng.standard_normal(w_shape).astype(np.float32) * 0.1
+        inits = []
+        nodes = []
+        x_name = "x"
+        if op.int8:
+            inits += [numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
+                      numpy_helper.from_array(np.array(128, np.uint8), "zx"),
+                      numpy_helper.from_array(np.array(0.05, np.float32), "sy"),
+                      numpy_helper.from_array(np.array(128, np.uint8), "zy")]
+            nodes += [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+                      helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"])]
+            x_name = "xd"
+            axis = 1 if op.kind == "linear" and len(op.in_shape) > 2 else 0
+            scale = (np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis)) / 127).astype(np.float32)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            wq = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+            inits += [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(scale, "sw"),
+                      numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), "zw")]
+            nodes.append(helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["w"], axis=axis))
+        else:
+            inits.append(numpy_helper.from_array(w, "w"))
+        y_name = "yf" if op.int8 else "y"
+        bias = [numpy_helper.from_array(np.zeros(op.out_features, np.float32), "b")] if op.bias else []
+        inits += bias
+        if op.kind == "conv":
+            n = len(op.kernel)
+            nodes.append(helper.make_node("Conv", [x_name, "w", *(["b"] if op.bias else [])], [y_name],
+                                          kernel_shape=list(op.kernel), strides=list(op.stride),
+                                          pads=list(op.padding) * 2, dilations=list(op.dilation), group=op.groups))
+            out_shape: list[Any] = [op.in_shape[0], op.out_features, *(["?"] * n)]
+        elif len(op.in_shape) == 2:
+            nodes.append(helper.make_node("Gemm", [x_name, "w", *(["b"] if op.bias else [])], [y_name], transB=1))
+            out_shape = [op.in_shape[0], op.out_features]
+        else:
+            mm = y_name if not op.bias else "mm"
+            nodes.append(helper.make_node("MatMul", [x_name, "w"], [mm]))
+            if op.bias:
+                nodes.append(helper.make_node("Add", ["mm", "b"], [y_name]))
+            out_shape = [*op.in_shape[:-1], op.out_features]
+        if op.int8:
+            nodes += [helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["yq"]),
+                      helper.make_node("DequantizeLinear", ["yq", "sy", "zy"], ["y"])]
+        vin = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(op.in_shape))
+        graph = helper.make_graph(nodes, "op", [vin], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        t = self._time(model, x)
+        if op.int8:  # the borders: quantize the input, dequantize the output (not run inside an int8 chain)
+            t -= self._border(op.in_shape, x) + self._border(tuple(self._out_shape(op, out_shape)), None)
+            t = max(t, 0.0)
+        return t
+
+    def _out_shape(self, op: _Op, template: list[Any]) -> list[int]:
+        if op.kind != "conv":
+            return [int(v) for v in template]
+        size = []
+        for i, k in enumerate(op.kernel):
+            n = op.in_shape[2 + i]
+            size.append((n + 2 * op.padding[i] - op.dilation[i] * (k - 1) - 1) // op.stride[i] + 1)
+        return [op.in_shape[0], op.out_features, *size]
+
+    def _border(self, shape: tuple[int, ...], x: np.ndarray | None) -> float:
+        """One quantize (float to uint8) or dequantize (uint8 to float) of a tensor of ``shape``:
+        the quantize's time for the input side, the dequantize's for the output side."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+                 numpy_helper.from_array(np.array(128, np.uint8), "z")]
+        if x is not None:
+            node = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])
+            vin = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+            arr = x
+        else:
+            node = helper.make_node("DequantizeLinear", ["x", "s", "z"], ["y"])
+            vin = helper.make_tensor_value_info("x", TensorProto.UINT8, list(shape))
+            arr = np.full(shape, 128, np.uint8)
+        out_type = TensorProto.UINT8 if x is not None else TensorProto.FLOAT
+        graph = helper.make_graph([node], "border", [vin], [helper.make_tensor_value_info("y", out_type, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+        model.ir_version = 10
+        return self._time(model, arr)
+
+
+# -- the table -------------------------------------------------------------------------------------
+def input_shapes(model: nn.Module, example: torch.Tensor, names: set[str]) -> dict[str, tuple[int, ...]]:
+    """The input shape of each module of ``names`` on ``example`` (one forward pass)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if name in names:
+            def hook(_m: nn.Module, args: tuple[Any, ...], name: str = name) -> None:
+                if args and isinstance(args[0], torch.Tensor):
+                    shapes.setdefault(name, tuple(args[0].shape))
+            handles.append(mod.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str, batch: int, threads: int,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The latency cost table of ``scan``'s options for ``model`` on ``runtime`` at ``batch``
+    (see the module docstring). ``example``: one input item."""
+    t0 = time.perf_counter()
+    load0 = machine_load()
+    model = model.eval()
+    x = example[:1].expand(batch, *example.shape[1:]).contiguous().cpu()
+    members = {g: [(str(m[0]), str(m[1])) for m in info.get("members", [])] for g, info in scan.groups.items()}
+    names = set(scan.layers) | {m for ms in members.values() for m, _ in ms}
+    mods = dict(model.named_modules())
+    shapes = input_shapes(model, x, names)
+    ops = {n: op for n in names if n in mods and n in shapes and (op := _op_of(mods[n], shapes[n])) is not None}
+    timer = _OrtTimer(threads) if runtime == "onnxruntime" else _TorchTimer(threads)
+    cache: dict[_Op, float] = {}
+
+    def t(op: _Op) -> float:
+        if op not in cache:
+            cache[op] = timer(op)
+        return cache[op]
+
+    entries: dict[str, dict[str, Any]] = {}
+    not_profiled: dict[str, str] = {}
+    base = {n: t(op) for n, op in ops.items()}
+    rows_by_block: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for r in scan.results:
+        rows_by_block.setdefault((r["unit"], r["axis"]), []).append(r)
+    sides: dict[str, dict[str, str]] = {}  # layer -> side -> the group that shrinks it there
+    for g, ms in members.items():
+        if rows_by_block.get((g, "channels")):
+            for m, side in ms:
+                sides.setdefault(m, {})[side] = g
+    for layer, op in ops.items():
+        # factors: the group on each side, then the layer's int8 (8-bit activation) option
+        factors: list[tuple[str, str]] = []
+        options: list[list[str]] = []
+        grids: list[list[tuple[str, int]]] = []  # per factor option: (side, removed)
+        for side, g in sorted(sides.get(layer, {}).items()):
+            if (g, "channels") in factors:  # one group on both sides (a depthwise convolution)
+                continue
+            rows = rows_by_block[(g, "channels")]
+            factors.append((g, "channels"))
+            options.append(["none", *(option_key(r["method"], r["setting"]) for r in rows)])
+            grids.append([(side, 0), *((side, int((r.get("effect") or {}).get("removed", 0))) for r in rows)])
+        int8_keys = [option_key(r["method"], r["setting"]) for r in rows_by_block.get((layer, "activation"), [])
+                     if runtime == "onnxruntime" and int((r.get("effect") or {}).get("act_bits", 32)) == 8]
+        ratio = t(_with(op, int8=True)) / base[layer] if int8_keys and base[layer] > 0 else 1.0
+        if int8_keys:
+            factors.append((layer, "activation"))
+            options.append(["none", *int8_keys])
+        if not factors:
+            if layer in scan.layers:
+                entries[f"layer:{layer}"] = {"unit": layer, "costs": {"none": base[layer]}}
+            continue
+        shape = [len(o) for o in options]
+        costs = np.zeros(shape)
+        n_groups = len(grids)
+        for idx in np.ndindex(*shape):
+            shrunk = op
+            for f in range(n_groups):
+                side, removed = grids[f][idx[f]]
+                if removed:
+                    shrunk = _shrunk(shrunk, side, removed)
+            value = t(shrunk)
+            if int8_keys and idx[-1] > 0:
+                value *= ratio
+            costs[idx] = value
+        entries[f"layer:{layer}"] = {"unit": layer, "factors": [list(f) for f in factors], "options": options,
+                                     "costs": costs.tolist(),
+                                     **({"int8_ratio": ratio} if int8_keys else {})}
+        if progress:
+            progress(f"{layer}: {int(np.prod(shape))} shape(s)")
+    for layer in scan.layers:
+        if layer not in ops:
+            not_profiled[layer] = f"{type(mods.get(layer)).__name__}: only Conv1d/Conv2d and Linear are timed"
+    whole = _whole_model(model, x, runtime, threads)
+    parts = sum(base.values())
+    load1 = machine_load()
+    return {"format": COST_TABLE_FORMAT, "schema_version": 1, "metric": "latency", "unit": "ms",
+            "overhead": whole - parts, "entries": entries,
+            "profile": {"runtime": runtime, "batch": batch, "threads": threads, "created": now_iso(),
+                        "versions": versions(), "model_ms": whole, "layers_ms": parts,
+                        "operators_timed": len(cache), "not_profiled": not_profiled,
+                        "scan": {"path": scan.path or None, "sha256": scan.sha256 or None},
+                        "load_before": load0, "load_after": load1,
+                        "seconds": round(time.perf_counter() - t0, 2)}}
+
+
+def _with(op: _Op, **kw: Any) -> _Op:
+    import dataclasses
+
+    return dataclasses.replace(op, **kw)
+
+
+def _whole_model(model: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> float:
+    """The whole model's latency at ``x``'s batch on ``runtime`` (median of interleaved rounds)."""
+    if runtime == "onnxruntime":
+        import tempfile
+        from pathlib import Path
+
+        from sensplan.planner._onnx import OrtModel, export_onnx
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "model.onnx"
+            export_onnx(model, x[:1], path)
+            ort_model = OrtModel(path, threads)
+            arr = x.numpy()
+            t = time_interleaved({"m": lambda: ort_model.run_numpy(arr)}, min_iters=_MIN_ITERS, max_seconds=3.0)
+    else:
+        with torch.inference_mode():
+            t = time_interleaved({"m": lambda: model(x)}, min_iters=_MIN_ITERS, max_seconds=3.0)
+    return float(t["m"]["p50_ms"])

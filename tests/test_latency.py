@@ -1,0 +1,192 @@
+"""Latency budgets: tables sensplan profile measures, joint table entries the solver prices
+exactly, kernel-friendly widths (--round-to), and apply's predicted-against-measured latency."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+
+import pytest
+
+from sensplan._effects import n_remove_for
+from sensplan.cli import main
+from sensplan.planner import Budget, Costs, Plan, TableCosts, make_plan
+from sensplan.planner._costs import option_key
+from sensplan.sensitivity import ModelSpec, ScanConfig, scan
+from tests.conftest import seeded_model, self_labelled
+
+HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
+
+
+@pytest.fixture(scope="module")
+def pruned_scan():
+    model = seeded_model("tiny_convnet")
+    data = self_labelled(model, 64)
+    calib = self_labelled(model, 32, seed=9)
+    return scan(model, data, ScanConfig({"prune": [{"ratio": 0.25}, {"ratio": 0.5}, {"ratio": 0.75}]}),
+                calib=calib, model_spec=ModelSpec("sensplan:tiny_convnet"), progress=False)
+
+
+def test_kept_widths_round_to_a_multiple():
+    assert n_remove_for(0.3, 64) == 19
+    assert n_remove_for(0.3, 64, round_to=8) == 16  # 48 kept, not 45
+    assert n_remove_for(0.05, 64, round_to=8) == 0  # the nearest multiple is the whole group
+    assert n_remove_for(0.95, 64, round_to=16) == 48  # at least one multiple kept
+    assert n_remove_for(0.3, 64, step=4, round_to=8) == 16
+    assert n_remove_for(0.3, 12, step=3, round_to=8) == n_remove_for(0.3, 12, step=3)  # 8 breaks the chunks
+
+
+def test_a_round_to_scan_offers_only_friendly_widths():
+    model = seeded_model("tiny_convnet", width=12)
+    data = self_labelled(model, 48)
+    cfg = ScanConfig({"prune": [{"ratio": r} for r in (0.1, 0.3, 0.5, 0.7)]}, round_to=8)
+    table = scan(model, data, cfg, calib=self_labelled(model, 32, seed=9), progress=False)
+    rows = [r for r in table.results if r["method"] == "prune"]
+    assert rows
+    for r in rows:
+        kept = table.groups[r["unit"]]["channels"] - r["effect"]["removed"]
+        assert kept % 8 == 0, (r["unit"], kept)
+    assert table.data["config"]["round_to"] == 8
+
+
+def hand_table(scan_table, unit: str, costs: dict[int, float], other: float = 1.0) -> dict:
+    """A latency table by hand: ``unit``'s option removing k channels costs ``costs[k]`` (its
+    'none' costs[0]); every other group a flat ``other``."""
+    entries = {}
+    for g in scan_table.groups:
+        rows = [r for r in scan_table.results if r["unit"] == g and r["method"] == "prune"]
+        if not rows:
+            continue
+        values = {option_key(r["method"], r["setting"]): (costs[r["effect"]["removed"]] if g == unit else other)
+                  for r in rows}
+        entries[f"group:{g}"] = {"unit": g, "axis": "channels",
+                                 "costs": {"none": costs[0] if g == unit else other, **values}}
+    return {"format": "sensplan.cost_table", "schema_version": 1, "metric": "latency", "unit": "ms",
+            "overhead": 0.5, "entries": entries}
+
+
+def test_the_solver_sees_a_width_that_costs_more_than_a_wider_one(pruned_scan, tmp_path):
+    """An unfriendly width (more channels removed, yet slower: a kernel falls off its fast path)
+    is priced as the table says, so a latency budget picks the friendly width with fewer channels
+    removed, and the plan's predicted latency is the table's sum."""
+    groups = [g for g in pruned_scan.groups if any(r["unit"] == g for r in pruned_scan.results)]
+    g = groups[0]
+    ks = sorted(r["effect"]["removed"] for r in pruned_scan.results if r["unit"] == g)
+    assert len(ks) == 3
+    # removing ks[0] is friendly and fast; removing ks[1] (more) is slower than that
+    costs = {0: 4.0, ks[0]: 2.0, ks[1]: 3.0, ks[2]: 1.9}
+    path = tmp_path / "latency.json"
+    path.write_text(json.dumps(hand_table(pruned_scan, g, costs)))
+    table = TableCosts.load(path)
+    cm = Costs(pruned_scan, [table])
+    others = len(groups) - 1
+    assert cm.original["latency"] == pytest.approx(0.5 + 4.0 + others)
+    budget = 0.5 + 2.5 + others  # ks[0] (2.0) and ks[2] (1.9) fit; ks[1] (3.0) does not
+    plan = make_plan(pruned_scan, [Budget("latency", budget, False)], cost_models=[table])
+    alloc = plan.variant("planned")
+    chosen = alloc["choices"][f"channels:{g}"]
+    assert chosen["effect"].get("removed") in (ks[0], ks[2])
+    assert chosen["effect"].get("removed") != ks[1]
+    expected = 0.5 + costs[chosen["effect"].get("removed", 0)] + others
+    assert alloc["predicted"]["latency"] == pytest.approx(expected)
+    # the least-drop choice that fits is the friendly width with fewer channels removed
+    drops = {r["effect"]["removed"]: r["drop"] for r in pruned_scan.results if r["unit"] == g}
+    if drops[ks[0]] < drops[ks[2]]:
+        assert chosen["effect"]["removed"] == ks[0]
+
+
+def test_a_joint_entry_prices_a_layer_by_both_of_its_widths(pruned_scan, tmp_path):
+    """A layer between two groups: its time at every pair of widths, not the sum of two changes."""
+    groups = [g for g in pruned_scan.groups if any(r["unit"] == g for r in pruned_scan.results)][:2]
+    keys = [["none", *(option_key(r["method"], r["setting"]) for r in pruned_scan.results if r["unit"] == g)]
+            for g in groups]
+    grid = [[10.0 * (i + 1) + j for j in range(len(keys[1]))] for i in range(len(keys[0]))]
+    entry = {"unit": "x", "factors": [[groups[0], "channels"], [groups[1], "channels"]], "options": keys,
+             "costs": grid}
+    path = tmp_path / "joint.json"
+    path.write_text(json.dumps({"format": "sensplan.cost_table", "schema_version": 1, "metric": "latency",
+                                "unit": "ms", "overhead": 1.0, "entries": {"layer:x": entry}}))
+    cm = Costs(pruned_scan, [TableCosts.load(path)])
+    i0, i1 = cm.index[f"channels:{groups[0]}"], cm.index[f"channels:{groups[1]}"]
+    for a in range(len(keys[0])):
+        for b in range(len(keys[1])):
+            got = cm.evaluate({**cm.no_compression(), i0: a, i1: b})["latency"]
+            assert got == pytest.approx(1.0 + grid[a][b])
+    bad = dict(entry, costs=grid[:-1])
+    path.write_text(json.dumps({"format": "sensplan.cost_table", "schema_version": 1, "metric": "latency",
+                                "entries": {"layer:x": bad}}))
+    with pytest.raises(Exception, match="shape"):
+        TableCosts.load(path)
+
+
+def test_latency_budgets_take_time_units():
+    assert Budget.parse("latency=3ms") == Budget("latency", 3.0, False)
+    assert Budget.parse("latency=500us").value == pytest.approx(0.5)
+    assert Budget.parse("latency=0.6") == Budget("latency", 0.6, True)
+    with pytest.raises(Exception, match="unit of time"):
+        Budget.parse("size=3ms")
+
+
+@pytest.mark.parametrize("runtime", ["torch", pytest.param("onnxruntime", marks=pytest.mark.skipif(
+    not HAS_ORT, reason="needs the ort extra"))])
+def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_path, capsys):
+    out = tmp_path
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--data", "digits:test", "--samples", "120",
+                 "--methods", "prune,weight_quant,act_quant", "--setting", "prune=0.25,0.5",
+                 "--setting", "weight_quant=8", "--setting", "act_quant=minmax", "--round-to", "8",
+                 "--out", str(out / "scan.json")]) == 0
+    assert main(["profile", "--scan", str(out / "scan.json"), "--runtime", runtime, "--batch", "4",
+                 "--threads", "1", "--out", str(out / "latency.json")]) == 0
+    table = json.loads((out / "latency.json").read_text())
+    assert table["metric"] == "latency" and table["unit"] == "ms"
+    assert table["profile"]["runtime"] == runtime and table["profile"]["batch"] == 4
+    joint = [e for e in table["entries"].values() if "factors" in e]
+    assert joint and all(len(e["options"]) == len(e["factors"]) for e in joint)
+    # the pruned widths are cheaper than the full one for the layer a group feeds and is fed by
+    full = sum(e["costs"]["none"] if "factors" not in e else _at(e["costs"], 0) for e in table["entries"].values())
+    assert table["profile"]["layers_ms"] == pytest.approx(full, rel=1e-6)
+    if runtime == "onnxruntime":  # the int8 form of a layer is on its 8-bit activation option
+        assert any(f[1] == "activation" for e in joint for f in e["factors"])
+    assert main(["plan", "--scan", str(out / "scan.json"), "--cost-table", str(out / "latency.json"),
+                 "--budget", "latency=0.95", "--no-verify", "--runtime", runtime,
+                 "--out", str(out / "plan.json")]) == 0
+    plan = Plan.load(out / "plan.json")
+    assert plan.variant("planned")["predicted"]["latency_fraction"] <= 0.95 + 1e-9
+    capsys.readouterr()
+    code = main(["apply", "--model", "sensplan:digits_cnn", "--plan", str(out / "plan.json"), "--data",
+                 "digits:test", "--samples", "120", "--variants", "planned", "--runtime", runtime,
+                 "--threads", "1", "--out", str(out / "result")])
+    assert code in (0, 3)  # 3: the measured latency missed the budget on a busy machine
+    metrics = json.loads((out / "result" / "metrics.json").read_text())
+    lat = metrics["comparison"]["latency"]
+    assert lat["predicted"] == pytest.approx(plan.variant("planned")["predicted"]["latency"])
+    assert lat["measured"] > 0 and lat["original_measured"] > 0
+    assert "latency by the latency table: predicted" in capsys.readouterr().err
+    assert metrics["budgets"][0]["measured"] is not None
+
+
+def _at(nested, index: int) -> float:
+    while isinstance(nested, list):
+        nested = nested[index]
+    return float(nested)
+
+
+def test_profile_mistakes_name_the_flag(tmp_path, capsys):
+    assert main(["profile", "--scan", str(tmp_path / "none.json"), "--batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch must be" in err
+
+
+def test_per_class_scores_show_the_worst_classes_first(tmp_path):
+    from sensplan.planner import apply_plan
+
+    model = seeded_model("tiny_convnet")
+    data = self_labelled(model, 64)
+    table = scan(model, data, ScanConfig({"prune": [{"ratio": 0.75}]}), calib=data, progress=False)
+    plan = make_plan(table, [Budget.parse("macs=0.5")])
+    m = apply_plan(copy.deepcopy(model), plan, data, tmp_path, timing=False)
+    rows = m["per_class"]
+    assert rows and [r["change"] for r in rows] == sorted(r["change"] for r in rows)
+    assert sum(r["n"] for r in rows) == len(data)
+    assert set(m["before"]["per_class"]) == {r["class"] for r in rows}
