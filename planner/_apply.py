@@ -327,13 +327,18 @@ def per_class(ev: Any, data: EvalSet) -> dict[str, dict[str, float]] | None:
     return out or None
 
 
+#: classes with fewer measured items than this are listed after the others: their change is noise
+MIN_CLASS_ITEMS = 20
+
+
 def class_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per class present in both, before and after, worst change first (the task's metric
-    direction decides what is worse: ``after - before`` is sorted ascending for higher-is-better)."""
+    """Per class present in both, before and after, ascending by ``after - before`` (the caller
+    reverses it for a lower-is-better metric); classes with fewer than :data:`MIN_CLASS_ITEMS`
+    items come after the rest (a change on a handful of items is noise)."""
     b, a = before.get("per_class") or {}, after.get("per_class") or {}
     rows = [{"class": c, "n": b[c]["n"], "before": b[c]["score"], "after": a[c]["score"],
              "change": a[c]["score"] - b[c]["score"]} for c in b if c in a]
-    return sorted(rows, key=lambda r: r["change"])
+    return sorted(rows, key=lambda r: (r["n"] < MIN_CLASS_ITEMS, r["change"]))
 
 
 def _unit_of(module: str, units: Mapping[str, Any]) -> str:
@@ -497,7 +502,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
             "fine_tune": ({"config": finetune.__dict__, "history": history} if history and finetune else None),
             "bn_recalibration": calib.description if calib is not None else None,
             "per_class": class_changes(before, after) if plan.metric.higher_is_better else
-            class_changes(before, after)[::-1],
+            sorted(class_changes(before, after), key=lambda r: (r["n"] < MIN_CLASS_ITEMS, -r["change"])),
             "timing": timed,
             "runtime": on_runtime,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -509,6 +514,8 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
         os.replace(staged, os.path.realpath(out / "model.sensplan"))  # through a symlink, as the JSON files
         if on_runtime is not None:
             os.replace(staged_onnx, os.path.realpath(out / "model.onnx"))
+        else:  # a previous result's model.onnx would contradict this one
+            (out / "model.onnx").unlink(missing_ok=True)
         if exported is not None:
             shutil.rmtree(out / "hf", ignore_errors=True)  # a previous result's folder would contradict this one
             if exported.get("saved"):
@@ -616,6 +623,16 @@ def measured_latency(plan: Plan, timed: Mapping[str, Any] | None, on_runtime: Ma
             for m in table["metrics"]}
 
 
+def _unmeasured(plan: Plan, metric: str) -> str:
+    """Why apply has no measurement of a budget's ``metric``."""
+    table = latency_table(plan)
+    if table is not None and metric in table["metrics"]:
+        m = table["measured"]
+        return (f"not measured: the latency table was measured on {m.get('runtime')} at batch {m.get('batch')}; "
+                f"apply with --runtime {m.get('runtime')} --latency-batch {m.get('batch')} (and timing on) to check it")
+    return "not measured by apply (a cost-table metric)"
+
+
 def _compare(plan: Plan, alloc: Mapping[str, Any], before: Mapping[str, Any], after: Mapping[str, Any],
              no_ft: Mapping[str, Any] | None, latency: Mapping[str, Mapping[str, float]] | None = None
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -649,7 +666,7 @@ def _compare(plan: Plan, alloc: Mapping[str, Any], before: Mapping[str, Any], af
             value = value / (latency or {})[b["metric"]]["original"] * float(plan.data["original"][b["metric"]])
         met = None if value is None else value <= b["absolute"] * (1 + 1e-6)
         budgets.append({**b, "measured": value, "met": met,
-                        **({"note": "not measured by apply (a cost-table metric)"} if value is None else {})})
+                        **({"note": _unmeasured(plan, b["metric"])} if value is None else {})})
     return comparison, budgets
 
 

@@ -557,6 +557,9 @@ class TableCosts:
     #: how the table was measured (``sensplan profile``: runtime, batch, threads, ...), if known
     profile: Mapping[str, Any] = field(default_factory=dict)
     metrics: tuple[str, ...] = field(init=False)
+    #: after :meth:`terms`: the options ("<axis>:<unit> <key>") of a block a joint entry prices
+    #: that the entry does not name (they cost as its 'none': a table made from another scan?)
+    unpriced: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.metric or self.metric in ANALYTIC_METRICS:
@@ -592,7 +595,8 @@ class TableCosts:
                 "overhead": self.overhead, **({"measured": measured} if measured else {})}
 
     @staticmethod
-    def _joint(entry: Mapping[str, Any], blocks: Sequence[Block], acc: _Acc) -> float:
+    def _joint(entry: Mapping[str, Any], blocks: Sequence[Block], acc: _Acc, unpriced: list[str] | None = None
+               ) -> float:
         """Add a joint entry's term over the blocks of its factors; returns 0, or the entry's
         constant value when no block decides any of its factors."""
         table = np.asarray(entry["costs"], dtype=float)
@@ -604,6 +608,8 @@ class TableCosts:
             if i in factors:
                 raise ArtifactError(f"A joint cost-table entry names {unit!r} ({axis}) twice.")
             sel = [none] if i is None else [pos.get(o.key, none) for o in blocks[i].options]
+            if unpriced is not None and i is not None:
+                unpriced += [f"{blocks[i].name} {o.key}" for o in blocks[i].options[1:] if o.key not in pos]
             table = np.take(table, sel, axis=d)  # a factor no block decides: its 'none' (size 1)
             if i is not None:
                 factors.append(i)
@@ -628,11 +634,12 @@ class TableCosts:
 
     def terms(self, blocks: Sequence[Block]) -> dict[str, list[Term]]:
         acc = _Acc()
+        self.unpriced.clear()
         constant = self.overhead
         # each entry counts once: on the block that decides its unit and axis, else as a constant
         for key, e in self.entries.items():
             if "factors" in e:
-                constant += self._joint(e, blocks, acc)
+                constant += self._joint(e, blocks, acc, self.unpriced)
                 continue
             costs = e["costs"]
             none = float(costs.get(NONE, 0.0))
@@ -905,8 +912,8 @@ def _priceable(blocks: list[Block], analytic: AnalyticCosts) -> tuple[list[Block
 def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Pairs of (block, option) on one unit that cannot be chosen together: their methods declared
     each other incompatible (``incompatible_with`` in the scan), or both restructure the layer; and
-    an option that ``requires`` (a runtime's rule in the scan: ``[unit, axis, other axis]``) an
-    option on another axis of its unit conflicts with that axis's 'none'."""
+    an option that ``requires`` (a runtime's rule in the scan: ``[unit, axis, option key, other
+    axis]``) some option on another axis of its unit conflicts with that axis's 'none'."""
     incompatible = {name: set(info.get("incompatible_with") or ()) for name, info in scan.methods.items()}
     by_unit: dict[tuple[str, str], list[int]] = {}  # a group and a layer of one name are two units
     for i, b in enumerate(blocks):
@@ -921,10 +928,10 @@ def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int]
                             oa.method in incompatible.get(str(ob.method), ()):
                         out.append(((i, ka), (j, kb)))
     index = {(b.kind, b.unit, b.axis): i for i, b in enumerate(blocks)}
-    for unit, axis, other in scan.data.get("requires") or ():
+    for unit, axis, key, other in scan.data.get("requires") or ():
         needs, needed = index.get(("layer", unit, axis)), index.get(("layer", unit, other))
         if needs is not None and needed is not None:
-            out += [((needs, k), (needed, 0)) for k in range(1, len(blocks[needs].options))]
+            out += [((needs, k), (needed, 0)) for k, o in enumerate(blocks[needs].options) if k and o.key == key]
     return out
 
 

@@ -12,7 +12,7 @@ import io
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +78,14 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     return {"act_params": act, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def layer_nodes(graph: Any) -> dict[str, tuple[str, str, str]]:
+def layer_nodes(graph: Any, modules: Collection[str] = ()) -> dict[str, tuple[str, str, str]]:
     """Module name -> (node name, op type, activation input) for each weighted node of an
-    exported graph (Conv, Gemm, MatMul), found by its weight initializer ``<module>.weight``
-    (directly or through a Transpose)."""
+    exported graph (Conv, Gemm, MatMul with a constant weight): by its weight initializer
+    ``<module>.weight`` (directly or through a Transpose), else (a Linear on 3-D input, whose
+    transposed weight the exporter folds into a new initializer) by the innermost of ``modules``
+    in the node's ``pkg.torch.onnx.name_scopes`` metadata."""
+    import ast
+
     inits = {i.name for i in graph.initializer}
     source = {}
     for n in graph.node:  # a transposed weight: follow it back to its initializer
@@ -94,33 +98,46 @@ def layer_nodes(graph: Any) -> dict[str, tuple[str, str, str]]:
         w = source.get(n.input[1], n.input[1])
         if w in inits and w.endswith(".weight"):
             out[w[: -len(".weight")]] = (n.name, n.op_type, n.input[0])
+        elif w in inits and modules:
+            scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+            try:
+                names = [s for s in ast.literal_eval(scopes) if s in modules] if scopes else []
+            except (ValueError, SyntaxError):
+                names = []
+            if names and names[-1] not in out:
+                out[names[-1]] = (n.name, n.op_type, n.input[0])
     return out
 
 
 def int8_layers(effects: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Per layer of a plan with integer weights or activations: "int8" when ORT runs it with its
-    integer kernels (8-bit weights on one scale per channel and 8-bit activations), else why it
-    runs in float."""
+    integer kernels (:func:`~sensplan.planner._runtime.int8_weights` and 8-bit activations), else
+    why it runs in float."""
+    from sensplan.planner._runtime import int8_weights
+
     out = {}
     for layer, e in effects.items():
-        w = int(e.get("weight_bits", 32)) if e.get("weight_dtype") == "int" else 32
+        integer = e.get("weight_dtype") == "int"
         a = int(e.get("act_bits", 32))
-        if w == 32 and a == 32:
+        if not integer and a == 32:
             continue
-        if w == 8 and a == 8 and not int(e.get("group_size") or 0):
+        if int8_weights(e) and a == 8:
             out[layer] = "int8"
         elif a == 32:
-            out[layer] = f"float: {w}-bit weights without 8-bit activations (ORT has no weight-only kernel here)"
-        elif w == 32:
+            out[layer] = "float: integer weights without 8-bit activations (ORT has no weight-only kernel here)"
+        elif not integer:
             out[layer] = "float: 8-bit activations without 8-bit weights (ORT's integer kernels need both)"
         else:
-            out[layer] = f"float: no ORT kernel for {w}-bit weights with {a}-bit activations"
+            out[layer] = (f"float: no ORT kernel for these weights ({int(e.get('weight_bits', 32))}-bit"
+                          f"{', grouped' if int(e.get('group_size') or 0) else ''}"
+                          f"{', with zero points' if int(e.get('zero_point_bits') or 0) else ''}) with {a}-bit "
+                          f"activations")
     return out
 
 
 def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan_layers: Mapping[str, str],
                   act_params: Mapping[str, Mapping[str, Any]], calib: np.ndarray, *,
-                  unit_of: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
+                  unit_of: Callable[[str], str] = lambda s: s, modules: Collection[str] = ()) -> dict[str, Any]:
     """Write ``dst``: ``src`` with the layers ``plan_layers`` marks "int8" as QDQ int8 nodes (per
     channel symmetric int8 weights; asymmetric uint8 activations at the plan's scale and zero point
     from ``act_params``), everything else float. The operators between two int8 layers (Add, Relu,
@@ -137,7 +154,7 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan
     )
 
     model = onnx.load(os.fspath(src))
-    nodes = layer_nodes(model.graph)
+    nodes = layer_nodes(model.graph, modules)
     chosen: dict[str, str] = {}  # node -> unit
     float_layers: dict[str, str] = {}
     for layer, (node, _op, _x) in nodes.items():
@@ -157,12 +174,20 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan
         return {"int8_nodes": 0, "glue_nodes": 0, "float_layers": float_layers}
     overrides: dict[str, list[dict[str, Any]]] = {}
     by_node = {n: (layer, x) for layer, (n, _op, x) in nodes.items()}
+    conflicts = []
     for node, unit in chosen.items():
         layer, x = by_node[node]
-        qp = act_params.get(layer) or act_params.get(unit)
-        if qp and x not in overrides:
-            overrides[x] = [{"scale": np.array(qp["scale"], dtype=np.float32),
-                             "zero_point": np.array(qp["zero_point"], dtype=np.uint8)}]
+        # the unit's input parameters belong to its first node only (a factorized layer's second
+        # factor reads the tensor between them: ORT calibrates that one)
+        qp = act_params.get(layer) or (act_params.get(unit) if layer in (unit, f"{unit}.0") else None)
+        if not qp:
+            continue
+        over = [{"scale": np.array(qp["scale"], dtype=np.float32),
+                 "zero_point": np.array(qp["zero_point"], dtype=np.uint8)}]
+        if x in overrides and float(overrides[x][0]["scale"]) != float(qp["scale"]):
+            conflicts.append(f"{layer} reads the same tensor as another int8 layer with other activation "
+                             f"parameters; the first one's are used")
+        overrides.setdefault(x, over)
     glue = _glue_nodes(model.graph, set(chosen), set(by_node))
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -172,17 +197,24 @@ def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    with _quiet():
-        quantize_static(os.fspath(src), os.fspath(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=[*chosen, *glue],
-                        extra_options={"TensorQuantOverrides": overrides})
-    return {"int8_nodes": len(chosen), "glue_nodes": len(glue), "float_layers": float_layers}
+    try:
+        with _quiet():
+            quantize_static(os.fspath(src), os.fspath(dst), Reader(), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=[*chosen, *glue],
+                            extra_options={"TensorQuantOverrides": overrides})
+    except Exception as e:  # noqa: BLE001 - ORT's quantizer failing on this graph is one message
+        raise IncompatibleModelError(f"ONNX Runtime's quantizer could not quantize the exported model "
+                                     f"({type(e).__name__}: {first_line(e)[:300]}). Plan with --runtime "
+                                     f"onnxruntime without int8 layers, or use --runtime torch.") from e
+    return {"int8_nodes": len(chosen), "glue_nodes": len(glue), "float_layers": float_layers,
+            **({"notes": conflicts} if conflicts else {})}
 
 
 def _glue_nodes(graph: Any, int8: set[str], weighted: set[str]) -> list[str]:
     """The non-weighted nodes of :data:`_GLUE_OPS` whose nearest weighted producers and consumers
     (following the graph through other glue nodes) are all int8 nodes."""
+    inits = {i.name for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[Any]] = {}
     for n in graph.node:
@@ -193,7 +225,7 @@ def _glue_nodes(graph: Any, int8: set[str], weighted: set[str]) -> list[str]:
         """The weighted nodes reached from ``node``; None when a non-glue, non-weighted node (or
         the graph's input/output) is reached first."""
         found: set[str] = set()
-        nexts = ([producer.get(i) for i in node.input if i in producer or not _is_init(graph, i)] if up
+        nexts = ([producer.get(i) for i in node.input if i in producer or i not in inits] if up
                  else [c for o in node.output for c in consumers.get(o, [None])])
         for m in nexts:
             if m is None:
@@ -220,14 +252,21 @@ def _glue_nodes(graph: Any, int8: set[str], weighted: set[str]) -> list[str]:
     return out
 
 
-_INITS: dict[int, set[str]] = {}
+def ort_session(model: str | bytes, threads: int) -> Any:
+    """An ONNX Runtime CPU session on ``threads`` intra-op threads that do not spin between runs
+    (spinning threads of one session would slow the next one's run in an interleaved timing)."""
+    import onnxruntime as ort
 
-
-def _is_init(graph: Any, name: str) -> bool:
-    names = _INITS.get(id(graph))
-    if names is None:
-        names = _INITS[id(graph)] = {i.name for i in graph.initializer}
-    return name in names
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - a model ORT cannot load is one message
+        raise IncompatibleModelError(f"ONNX Runtime could not load the exported model ({type(e).__name__}: "
+                                     f"{first_line(e)[:300]}). Use --runtime torch.") from e
 
 
 class OrtModel(nn.Module):
@@ -237,15 +276,9 @@ class OrtModel(nn.Module):
 
     def __init__(self, path: str | os.PathLike[str], threads: int) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
         self.path = str(path)
         self.threads = threads
-        self.session = ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        self.session = ort_session(self.path, threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def run_numpy(self, x: np.ndarray) -> np.ndarray:
@@ -289,6 +322,7 @@ import resource, sys, numpy as np, onnxruntime as ort
 path, threads, shape, dtype = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")], sys.argv[4]
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1; o.log_severity_level = 3
+o.add_session_config_entry("session.intra_op.allow_spinning", "0")
 s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 x = np.zeros(shape, dtype=dtype)
 s.run(None, {s.get_inputs()[0].name: x})
@@ -333,7 +367,8 @@ def measure_on_onnxruntime(original: nn.Module, compressed: nn.Module, data: Any
             export_onnx(original, data.example_input, orig_path)
         exported = export_onnx(compressed, data.example_input, tmp)
         quant = quantize_onnx(tmp, staged, int8_layers(effects), exported["act_params"],
-                              calib_x[:256].detach().cpu().numpy(), unit_of=unit_of)
+                              calib_x[:256].detach().cpu().numpy(), unit_of=unit_of,
+                              modules={n for n, _ in compressed.named_modules() if n})
         seconds = time.perf_counter() - t0
         ort_orig, ort_comp = OrtModel(orig_path, threads), OrtModel(staged, threads)
         out: dict[str, Any] = {"name": "onnxruntime", "version": ort_version(), "threads": threads,

@@ -7,16 +7,21 @@ The table (``sensplan.cost_table``, metric ``latency``, unit ms) prices every op
   layer's time is not the sum of the two changes, and a width a kernel dislikes can cost more
   than a wider one; the table shows it and the solver sees it);
 * on ONNX Runtime, each layer's 8-bit activation option: the layer as an int8 QDQ operator (ORT
-  fuses it into QLinearConv / QLinearMatMul) against the float one at full width, the cost of the
-  quantize and dequantize at its borders taken off (inside an int8 chain they are not run); at
-  other widths the float time scaled by that ratio. A plan for ``--runtime onnxruntime`` couples
-  the 8-bit activation option with the 8-bit weight option (ORT runs int8 only with both);
-* a fixed ``overhead``: the whole model's measured time less the sum of its layers' times
-  (everything that is not a weighted layer: activations, pooling, additions, the framework; it can
-  be negative, as the runtime fuses a layer with its activation).
+  fuses it into QLinearConv / QLinearMatMul) at every width, the cost of the quantize and
+  dequantize at its borders taken off (inside an int8 chain they are not run). A plan for
+  ``--runtime onnxruntime`` couples the 8-bit activation option with the 8-bit weight option (ORT
+  runs int8 only with both);
+* a calibration against the whole model, measured here: layers timed alone are not the model (the
+  runtime fuses a layer with its activation; a smaller layer saves less inside the model than
+  alone). The whole model is timed at full width, with every group pruned at its option nearest
+  half its channels, and (on ONNX Runtime) with every int8-able layer in int8; a ``scale`` maps
+  the sum of the layers' times onto the first two, an ``int8_factor`` the int8 savings onto the
+  third (``profile.calibration`` records both and the measurements);
+* a fixed ``overhead``: the whole model's time less the scaled sum of its layers' times
+  (everything that is not a weighted layer: activations, pooling, additions, the framework).
 
-So the table predicts a plan's latency as overhead + the sum of its layers' times. ``apply``
-measures the real end-to-end latency, and metrics.json compares the two.
+So the table predicts a plan's latency as overhead + scale * (the layers' times at the plan's widths
+and precisions). ``apply`` measures the real end-to-end latency, and metrics.json compares the two.
 
 Each operator is timed alone: a torch module for ``--runtime torch``; a one-operator ONNX model
 built with ``onnx.helper`` for ``--runtime onnxruntime``. Operators of equal shape are timed once.
@@ -36,7 +41,7 @@ from torch import nn
 
 from sensplan._artifacts import now_iso, versions
 from sensplan.planner._costs import COST_TABLE_FORMAT, option_key
-from sensplan.planner._runtime import machine_load, time_interleaved
+from sensplan.planner._runtime import load_warning, machine_load, other_cores, public_load, time_interleaved
 
 #: each operator's timing: rounds at least / at most, and seconds after the minimum
 _MIN_ITERS, _MAX_ITERS, _SECONDS = 10, 200, 0.4
@@ -67,12 +72,17 @@ def _op_of(module: nn.Module, in_shape: tuple[int, ...]) -> _Op | None:
     return None
 
 
-def _shrunk(op: _Op, side: str, removed: int) -> _Op:
-    """``op`` with ``removed`` channels fewer on its ``side`` ("in" or "out"); a depthwise
-    convolution loses them on both, with its groups."""
+def _shrunk(op: _Op, side: str, removed: int, channels: int = 0) -> _Op:
+    """``op`` when its group of ``channels`` loses ``removed`` on its ``side`` ("in" or "out"): a
+    member whose dim is a multiple of the group's channels loses that many times more (a Linear
+    after a flatten loses each channel's positions; an attention projection each head's width); a
+    depthwise convolution loses them on both sides, with its groups."""
     import dataclasses
 
     channels_in = op.in_shape[1] if op.kind == "conv" else op.in_shape[-1]
+    dim = op.out_features if side == "out" else channels_in
+    if channels and dim != channels and dim % channels == 0:
+        removed *= dim // channels
     depthwise = op.kind == "conv" and op.groups == channels_in == op.out_features and op.groups > 1
     out = op.out_features - removed if side == "out" or depthwise else op.out_features
     cin = channels_in - removed if side == "in" or depthwise else channels_in
@@ -111,13 +121,9 @@ class _OrtTimer:
         self.threads = threads
 
     def _session(self, model: Any) -> Any:
-        import onnxruntime as ort
+        from sensplan.planner._onnx import ort_session
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort_session(model.SerializeToString(), self.threads)
 
     def _time(self, model: Any, x: np.ndarray) -> float:
         s = self._session(model)
@@ -273,11 +279,13 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
         if rows_by_block.get((g, "channels")):
             for m, side in ms:
                 sides.setdefault(m, {})[side] = g
+    raw: dict[str, tuple[list[tuple[str, str]], list[list[str]], np.ndarray, np.ndarray | None]] = {}
     for layer, op in ops.items():
         # factors: the group on each side, then the layer's int8 (8-bit activation) option
         factors: list[tuple[str, str]] = []
         options: list[list[str]] = []
         grids: list[list[tuple[str, int]]] = []  # per factor option: (side, removed)
+        group_channels: list[int] = []
         for side, g in sorted(sides.get(layer, {}).items()):
             if (g, "channels") in factors:  # one group on both sides (a depthwise convolution)
                 continue
@@ -285,48 +293,120 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
             factors.append((g, "channels"))
             options.append(["none", *(option_key(r["method"], r["setting"]) for r in rows)])
             grids.append([(side, 0), *((side, int((r.get("effect") or {}).get("removed", 0))) for r in rows)])
+            group_channels.append(int(scan.groups[g]["channels"]))
         int8_keys = [option_key(r["method"], r["setting"]) for r in rows_by_block.get((layer, "activation"), [])
                      if runtime == "onnxruntime" and int((r.get("effect") or {}).get("act_bits", 32)) == 8]
-        ratio = t(_with(op, int8=True)) / base[layer] if int8_keys and base[layer] > 0 else 1.0
         if int8_keys:
             factors.append((layer, "activation"))
             options.append(["none", *int8_keys])
-        if not factors:
-            if layer in scan.layers:
-                entries[f"layer:{layer}"] = {"unit": layer, "costs": {"none": base[layer]}}
-            continue
         shape = [len(o) for o in options]
-        costs = np.zeros(shape)
-        n_groups = len(grids)
-        for idx in np.ndindex(*shape):
+        grid = np.zeros([len(o) for o in options[:len(grids)]])
+        grid8 = np.zeros_like(grid) if int8_keys else None  # the int8 form at every width
+        for idx in np.ndindex(*grid.shape):
             shrunk = op
-            for f in range(n_groups):
-                side, removed = grids[f][idx[f]]
+            for f, k in enumerate(idx):
+                side, removed = grids[f][k]
                 if removed:
-                    shrunk = _shrunk(shrunk, side, removed)
-            value = t(shrunk)
-            if int8_keys and idx[-1] > 0:
-                value *= ratio
-            costs[idx] = value
-        entries[f"layer:{layer}"] = {"unit": layer, "factors": [list(f) for f in factors], "options": options,
-                                     "costs": costs.tolist(),
-                                     **({"int8_ratio": ratio} if int8_keys else {})}
-        if progress:
-            progress(f"{layer}: {int(np.prod(shape))} shape(s)")
+                    shrunk = _shrunk(shrunk, side, removed, group_channels[f])
+            grid[idx] = t(shrunk)
+            if grid8 is not None:
+                grid8[idx] = t(_with(shrunk, int8=True))
+        raw[layer] = (factors, options, grid, grid8)
+        if progress and factors:
+            progress(f"{layer}: {int(np.prod(shape))} option(s)")
     for layer in scan.layers:
         if layer not in ops:
             not_profiled[layer] = f"{type(mods.get(layer)).__name__}: only Conv1d/Conv2d and Linear are timed"
+    # calibration: the layers timed alone against the whole model timed at full width, at about half
+    # the width (every group pruned at its option nearest half its channels) and all in int8
     whole = _whole_model(model, x, runtime, threads)
     parts = sum(base.values())
+    cal = _calibrate(model, x, scan, rows_by_block, members, ops, base, raw, t, whole, runtime, threads)
+    scale, int8_factor = cal["scale"], cal["int8_factor"]
+    for layer, (factors, options, grid, grid8) in raw.items():
+        if not factors:
+            if layer in scan.layers:
+                entries[f"layer:{layer}"] = {"unit": layer, "costs": {"none": scale * base[layer]}}
+            continue
+        costs = scale * grid
+        if grid8 is not None:  # the int8 option: the float time changed by the (calibrated) int8 saving
+            int8 = scale * (grid + int8_factor * (grid8 - grid))
+            costs = np.stack([costs, *([int8] * (len(options[-1]) - 1))], axis=-1)
+        entries[f"layer:{layer}"] = {"unit": layer, "factors": [list(f) for f in factors], "options": options,
+                                     "costs": costs.tolist()}
     load1 = machine_load()
     return {"format": COST_TABLE_FORMAT, "schema_version": 1, "metric": "latency", "unit": "ms",
-            "overhead": whole - parts, "entries": entries,
+            "overhead": whole - scale * parts, "entries": entries,
             "profile": {"runtime": runtime, "batch": batch, "threads": threads, "created": now_iso(),
                         "versions": versions(), "model_ms": whole, "layers_ms": parts,
-                        "operators_timed": len(cache), "not_profiled": not_profiled,
+                        "calibration": cal, "operators_timed": len(cache), "not_profiled": not_profiled,
                         "scan": {"path": scan.path or None, "sha256": scan.sha256 or None},
-                        "load_before": load0, "load_after": load1,
+                        "load_before": public_load(load0), "load_after": public_load(load1),
+                        "other_cores_busy": other_cores(load0, load1),
+                        "warning": load_warning(load0, load1, threads, {}),
                         "seconds": round(time.perf_counter() - t0, 2)}}
+
+
+def _calibrate(model: nn.Module, x: torch.Tensor, scan: Any, rows_by_block: Mapping[tuple[str, str], Any],
+               members: Mapping[str, list[tuple[str, str]]], ops: Mapping[str, _Op], base: Mapping[str, float],
+               raw: Mapping[str, Any], t: Callable[[_Op], float], whole: float, runtime: str, threads: int
+               ) -> dict[str, Any]:
+    """Operators timed alone are not the model: the runtime fuses a layer with its activation, and a
+    smaller layer saves less than alone. Fit ``whole = overhead + scale * (sum of the layers' times)``
+    through two whole-model measurements (full width, and every group pruned at its option nearest
+    half its channels), then ``int8_factor``: how much of the int8 saving the layers timed alone
+    promised the whole model in int8 delivers. Both are measured here, on profile's own runs."""
+    import copy
+
+    from sensplan.sensitivity import channel_graph
+
+    out: dict[str, Any] = {"scale": 1.0, "int8_factor": 1.0, "how": []}
+    full = sum(base.values())
+    half: dict[str, int] = {}
+    for g in scan.groups:
+        rows = rows_by_block.get((g, "channels"), [])
+        if rows:
+            channels = int(scan.groups[g]["channels"])
+            r = min(rows, key=lambda r: abs(int(r["effect"]["removed"]) - channels / 2))
+            half[g] = int(r["effect"]["removed"])
+    if half:
+        try:
+            pruned = copy.deepcopy(model)
+            graph = channel_graph(pruned, x[:1])
+            chosen = {g: graph.select(g, k) for g, k in half.items()}
+            for g, idxs in chosen.items():
+                graph.prune_(g, idxs)
+            sides: dict[str, dict[str, str]] = {}  # layer -> group -> side (a group once: depthwise)
+            for g in half:
+                for m, side in members.get(g, []):
+                    sides.setdefault(m, {}).setdefault(g, side)
+            smaller = 0.0
+            for layer, op in ops.items():
+                for g, side in sides.get(layer, {}).items():
+                    op = _shrunk(op, side, half[g], int(scan.groups[g]["channels"]))
+                smaller += t(op)
+            measured = _whole_model(pruned, x, runtime, threads)
+            if full - smaller > 1e-9 * full:
+                scale = (whole - measured) / (full - smaller)
+                if 0.2 <= scale <= 5.0:
+                    out["scale"] = scale
+            out["how"].append({"widths": "each group at its option nearest half its channels",
+                               "model_ms": measured, "layers_ms": smaller})
+        except Exception as e:  # noqa: BLE001 - the table stands uncalibrated; said so
+            out["how"].append({"failed": f"{type(e).__name__}: {e}"})
+    int8_layers = {n for n, (_, _, _, grid8) in raw.items() if grid8 is not None}
+    if runtime == "onnxruntime" and int8_layers:
+        saving = sum(float(raw[n][3].flat[0]) - base[n] for n in int8_layers)
+        try:
+            measured = _whole_model(model, x, runtime, threads, int8=int8_layers)
+            if saving < 0:
+                factor = (measured - (whole - out["scale"] * full) - out["scale"] * full) / (out["scale"] * saving)
+                out["int8_factor"] = float(min(3.0, max(0.0, factor)))
+            out["how"].append({"widths": "full, every layer with an 8-bit activation option in int8",
+                               "model_ms": measured})
+        except Exception as e:  # noqa: BLE001
+            out["how"].append({"failed": f"{type(e).__name__}: {e}"})
+    return out
 
 
 def _with(op: _Op, **kw: Any) -> _Op:
@@ -335,17 +415,24 @@ def _with(op: _Op, **kw: Any) -> _Op:
     return dataclasses.replace(op, **kw)
 
 
-def _whole_model(model: nn.Module, x: torch.Tensor, runtime: str, threads: int) -> float:
-    """The whole model's latency at ``x``'s batch on ``runtime`` (median of interleaved rounds)."""
+def _whole_model(model: nn.Module, x: torch.Tensor, runtime: str, threads: int,
+                 int8: set[str] | None = None) -> float:
+    """The whole model's latency at ``x``'s batch on ``runtime`` (median of interleaved rounds);
+    ``int8``: on ONNX Runtime, these layers as int8 QDQ nodes (calibrated on ``x``)."""
     if runtime == "onnxruntime":
         import tempfile
         from pathlib import Path
 
-        from sensplan.planner._onnx import OrtModel, export_onnx
+        from sensplan.planner._onnx import OrtModel, export_onnx, quantize_onnx
 
         with tempfile.TemporaryDirectory() as d:
             path = Path(d) / "model.onnx"
-            export_onnx(model, x[:1], path)
+            info = export_onnx(model, x[:1], path)
+            if int8:
+                q = Path(d) / "int8.onnx"
+                quantize_onnx(path, q, dict.fromkeys(int8, "int8"), info["act_params"], x.numpy(),
+                              modules={n for n, _ in model.named_modules() if n})
+                path = q
             ort_model = OrtModel(path, threads)
             arr = x.numpy()
             t = time_interleaved({"m": lambda: ort_model.run_numpy(arr)}, min_iters=_MIN_ITERS, max_seconds=3.0)

@@ -79,10 +79,19 @@ def kernel_problem(runtime: str, effect: Mapping[str, Any], layer_type: str = ""
             return f"no ONNX Runtime kernel computes with {int(bits)}-bit weights of a {layer_type or 'layer'}"
         if int(effect.get("group_size") or 0):
             return "ONNX Runtime's int8 kernels take one scale per output channel, not per group"
+        if int(effect.get("zero_point_bits") or 0):
+            return "ONNX Runtime's int8 kernels take symmetric weights (no zero point)"
     act = effect.get("act_bits")
     if act is not None and int(act) < 32 and int(act) != 8:
         return f"no ONNX Runtime kernel takes {int(act)}-bit activations (8 only)"
     return None
+
+
+def int8_weights(effect: Mapping[str, Any]) -> bool:
+    """Whether ``effect`` stores weights as ONNX Runtime's int8 kernels take them: 8-bit integers,
+    symmetric, one scale per output channel."""
+    return (effect.get("weight_dtype") == "int" and int(effect.get("weight_bits", 32)) == 8
+            and not int(effect.get("group_size") or 0) and not int(effect.get("zero_point_bits") or 0))
 
 
 def runtime_options(scan: Any, runtime: str) -> tuple[Any, list[dict[str, Any]]]:
@@ -110,21 +119,28 @@ def _couple_int8(rows: list[Mapping[str, Any]], dropped: list[dict[str, Any]]
                  ) -> tuple[list[Mapping[str, Any]], list[list[str]]]:
     """ONNX Runtime computes in int8 only with 8-bit weights *and* 8-bit activations: a layer's
     8-bit weight options require one of its 8-bit activation options and the reverse
-    (``requires``: [unit, axis, axis]: an option on the first axis needs one on the second); a
-    layer scanned with only one of the two loses it (it would run in float)."""
+    (``requires``: [unit, axis, option key, other axis]: that option needs some option on the other
+    axis); a layer scanned with only one of the two loses it (it would run in float)."""
+    from sensplan.planner._costs import option_key
+
     weight_axes: dict[str, str] = {}
     act_axes: dict[str, str] = {}
     for r in rows:
         e = r.get("effect") or {}
-        if e.get("weight_dtype") == "int":
+        if int8_weights(e):
             weight_axes[r["unit"]] = r["axis"]
         if int(e.get("act_bits", 32)) == 8:
             act_axes[r["unit"]] = r["axis"]
     kept = []
+    requires = []
     for r in rows:
-        u = r["unit"]
-        lone = (weight_axes.get(u) == r["axis"] and u not in act_axes) or (act_axes.get(u) == r["axis"]
-                                                                            and u not in weight_axes)
+        u, e = r["unit"], r.get("effect") or {}
+        w8, a8 = int8_weights(e), int(e.get("act_bits", 32)) == 8
+        lone = (w8 and u not in act_axes) or (a8 and u not in weight_axes)
+        if w8 and not lone:
+            requires.append([u, r["axis"], option_key(r["method"], r["setting"]), act_axes[u]])
+        if a8 and not lone:
+            requires.append([u, r["axis"], option_key(r["method"], r["setting"]), weight_axes[u]])
         if lone:
             other = "activations" if u in weight_axes else "weights"
             dropped.append({"unit": u, "method": r["method"], "label": r.get("label", r["method"]),
@@ -132,10 +148,6 @@ def _couple_int8(rows: list[Mapping[str, Any]], dropped: list[dict[str, Any]]
                                       f"and the scan has no 8-bit {other} option for this layer"})
         else:
             kept.append(r)
-    requires = []
-    for u, wa in weight_axes.items():
-        if u in act_axes:
-            requires += [[u, wa, act_axes[u]], [u, act_axes[u], wa]]
     return kept, requires
 
 
@@ -150,25 +162,54 @@ def summarize_dropped(dropped: Sequence[Mapping[str, Any]]) -> list[str]:
 
 # -- timing ----------------------------------------------------------------------------------------
 def machine_load() -> dict[str, Any]:
-    """The load average over the last minute and the usable cores."""
+    """The load average over the last minute, the usable cores, and (where ``/proc/stat`` exists) a
+    sample of the CPU time every process used and this one used, to tell between two samples how
+    many cores *other* work kept busy (:func:`other_cores`)."""
     try:
         load1 = os.getloadavg()[0]
     except OSError:  # not on every platform
         load1 = float("nan")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return {"loadavg_1m": round(load1, 2), "cores": cores}
+    out: dict[str, Any] = {"loadavg_1m": round(load1, 2), "cores": cores}
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+        tick = float(os.sysconf("SC_CLK_TCK"))
+        busy = (sum(fields) - fields[3] - fields[4]) / tick  # all but idle and iowait
+        own = os.times()
+        out["_cpu"] = [time.monotonic(), busy, own.user + own.system]
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def other_cores(before: Mapping[str, Any], after: Mapping[str, Any]) -> float | None:
+    """The cores other processes kept busy on average between two :func:`machine_load` samples
+    (the machine's busy CPU time less this process's, over the wall time); None where unknown."""
+    a, b = before.get("_cpu"), after.get("_cpu")
+    if not a or not b or b[0] - a[0] <= 0:
+        return None
+    return max(0.0, float((b[1] - a[1]) - (b[2] - a[2])) / float(b[0] - a[0]))
 
 
 def load_warning(before: Mapping[str, Any], after: Mapping[str, Any], threads: int,
                  times: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """Why the timings are unreliable, or None: other work held the cores the timing needed (the
-    load average, less the timing's own threads, above the cores left over), or the runs spread
+    """Why the timings are unreliable, or None: other work held cores the timing needed (other
+    processes kept more cores busy than the ``cores - threads`` left over, less half a core; by
+    ``/proc/stat``, else by the load average less the timing's own threads), or the runs spread
     widely (a p95 more than twice the p50)."""
     cores = int(before.get("cores") or 1)
-    load = max(float(before.get("loadavg_1m") or 0.0), float(after.get("loadavg_1m") or 0.0))
+    spare = max(0.5, cores - threads - 0.5)
+    others = other_cores(before, after)
     reasons = []
-    if not math.isnan(load) and load - threads > max(0.5, cores - threads):
-        reasons.append(f"the load average was {load:.1f} on {cores} cores while timing on {threads} thread(s)")
+    if others is not None:
+        if others > spare:
+            reasons.append(f"other processes kept {others:.1f} of {cores} cores busy while timing on {threads} "
+                           f"thread(s)")
+    else:
+        load = max(float(before.get("loadavg_1m") or 0.0), float(after.get("loadavg_1m") or 0.0))
+        if not math.isnan(load) and load - threads > spare:
+            reasons.append(f"the load average was {load:.1f} on {cores} cores while timing on {threads} thread(s)")
     spread = [k for k, t in times.items() if t.get("p50_ms") and t["p95_ms"] > 2 * t["p50_ms"]]
     if spread:
         reasons.append(f"{', '.join(spread)}: p95 more than twice the p50")
@@ -221,8 +262,15 @@ def compare_latency(models: Mapping[str, Callable[[Any], Any]], example: Any,
                                              max_seconds=max_seconds, sync=sync)
     load1 = machine_load()
     flat = {f"{k} at batch {b}": t for b, ts in per_batch.items() for k, t in ts.items()}
-    return {"batches": per_batch, "threads": threads, "load_before": load0, "load_after": load1,
+    others = other_cores(load0, load1)
+    return {"batches": per_batch, "threads": threads, "load_before": public_load(load0),
+            "load_after": public_load(load1), "other_cores_busy": None if others is None else round(others, 2),
             "warning": load_warning(load0, load1, threads, flat)}
+
+
+def public_load(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """A :func:`machine_load` sample as recorded in files (without the raw CPU counters)."""
+    return {k: v for k, v in sample.items() if not k.startswith("_")}
 
 
 def _bound(fn: Callable[[Any], Any], x: Any) -> Callable[[], Any]:

@@ -1016,6 +1016,51 @@ def _results_sections(s: Scan, p: Plan | None, results: Mapping[str, Any], fmt: 
                      + (f"<p class='muted'>{_e(note)}</p>" if note else "")
                      + _table(["quantity", "predicted", "measured", "measured / predicted"],
                               _comparisons(r, fmt, units)))
+        parts += _speed_section(name, r, fmt)
+    return parts
+
+
+def _speed_section(name: str, r: Mapping[str, Any], fmt: _Fmt) -> list[str]:
+    """Latency timed interleaved (torch and, when measured, ONNX Runtime), the runtime's score and
+    agreement, and the classes that lost most."""
+    parts = []
+    rows = []
+    for where, timing in (("torch", r.get("timing")), ("ONNX Runtime", (r.get("runtime") or {}).get("latency"))):
+        for batch, t in ((timing or {}).get("batches") or {}).items():
+            o, c = t["original"], t["compressed"]
+            rows.append([where, batch, f"{o['p50_ms']:.3f} / {o['p95_ms']:.3f}",
+                         f"{c['p50_ms']:.3f} / {c['p95_ms']:.3f}",
+                         f"{o['p50_ms'] / c['p50_ms']:.2f}x" if c["p50_ms"] else "–"])
+    if rows:
+        warn = [w for w in ((r.get("timing") or {}).get("warning"),
+                            ((r.get("runtime") or {}).get("latency") or {}).get("warning")) if w]
+        threads = (r.get("timing") or {}).get("threads") or (r.get("runtime") or {}).get("threads")
+        parts.append(f"<h3>{_e(name)}: latency</h3><p class='muted'>p50 / p95 in ms, original and compressed "
+                     f"timed interleaved in one process on {_e(threads)} thread(s).</p>"
+                     + "".join(f"<p class='warn'>{_e('Unreliable: ' + w)}</p>" for w in warn)
+                     + _table(["runtime", "batch", "original", "compressed", "speed-up"], rows))
+    rt = r.get("runtime")
+    if rt:
+        o, c = rt["original"], rt["compressed"]
+        q = rt.get("quantized") or {}
+        floats = "; ".join(f"{k}: {v}" for k, v in list((q.get("float_layers") or {}).items())[:8])
+        parts.append(f"<h3>{_e(name)}: on ONNX Runtime {_e(rt.get('version'))}</h3>" + _table(
+            ["", "original", "compressed"],
+            [[fmt.title, fmt.score(o["score"]), fmt.score(c["score"])],
+             ["top-1 agreement with the torch model", f"{o['agreement_with_torch']['top1_agreement']:.4f}",
+              f"{c['agreement_with_torch']['top1_agreement']:.4f}"],
+             ["max output difference from torch", f"{o['agreement_with_torch']['max_abs_diff']:.3g}",
+              f"{c['agreement_with_torch']['max_abs_diff']:.3g}"],
+             ["model.onnx", _si(o["file_bytes"], "B"), _si(c["file_bytes"], "B")],
+             ["peak memory added (MiB)", _e(o.get("peak_memory_mb")), _e(c.get("peak_memory_mb"))]])
+            + f"<p class='muted'>{_e(q.get('int8_nodes', 0))} layer(s) run in int8"
+            + (_e(f"; in float: {floats}") if floats else "") + "</p>")
+    worst = (r.get("per_class") or [])[:5]
+    if len(r.get("per_class") or []) > 1:
+        parts.append(f"<h3>{_e(name)}: classes that lost most</h3>" + _table(
+            ["class", "items", "before", "after", "change"],
+            [[_e(w["class"]), w["n"], fmt.score(w["before"]), fmt.score(w["after"]),
+              f"{w['change']:+.4f}"] for w in worst]))
     return parts
 
 

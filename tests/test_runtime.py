@@ -112,6 +112,11 @@ def test_a_pruned_mixed_int8_plan_runs_on_onnxruntime_and_agrees_with_torch(setu
     # torch timing is interleaved too, and the load is recorded
     assert m["timing"]["batches"]["1"]["original"]["iters"] == m["timing"]["batches"]["1"]["compressed"]["iters"]
     assert "loadavg_1m" in m["timing"]["load_before"]
+    # the report shows the runtime's numbers beside torch's
+    from sensplan.reports import render_report
+
+    html = render_report(table, tmp_path / "report", plan=plan, result=tmp_path, force=True).read_text()
+    assert "on ONNX Runtime" in html and "speed-up" in html and "model.onnx" in html
 
 
 def test_the_plans_activation_parameters_reach_the_onnx_file(setup, tmp_path):
@@ -162,6 +167,11 @@ def test_interleaved_timing_runs_each_model_alike_and_flags_a_loaded_machine():
     steady = {"m": {"p50_ms": 1.0, "p95_ms": 1.2}}
     assert load_warning(idle, idle, 1, steady) is None
     assert "load average was 7.5" in load_warning(idle, busy, 1, steady)
+    # /proc/stat samples: 3 of 4 cores busy, this process 1 of them -> 2 cores of other work
+    a = {**idle, "_cpu": [0.0, 0.0, 0.0]}
+    b = {**idle, "_cpu": [10.0, 30.0, 10.0]}
+    assert "other processes kept 2.0 of 4 cores busy" in load_warning(a, b, 2, steady)
+    assert load_warning(a, b, 1, steady) is None  # 3 spare cores: 2 busy leaves room
     assert "p95 more than twice" in load_warning(idle, idle, 1, {"m": {"p50_ms": 1.0, "p95_ms": 3.0}})
     r = compare_latency({"x": lambda v: v.sum(), "y": lambda v: v.mean()}, np.ones((1, 3)), [1, 2], threads=1,
                         max_seconds=0.0)
@@ -213,3 +223,29 @@ def test_apply_runtime_mistakes_name_the_flag(argv, message, tmp_path, capsys):
                  "--data", "digits:test", "--out", str(tmp_path / "out"), *argv])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+class _Tokens(torch.nn.Module):
+    """Linear layers on 3-D input (batch, positions, features), as in a transformer: the exporter
+    folds their transposed weights into new initializers, so only its name metadata finds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))).mean(1)
+
+
+def test_linear_layers_on_3d_input_run_in_int8_on_onnxruntime(tmp_path):
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    data = self_labelled(model, 64, shape=(5, 8))
+    cfg = ScanConfig({"weight_quant": [{"bits": 8}], "act_quant": [{"calib": "minmax", "bits": 8}]})
+    table = scan(model, data, cfg, calib=data, progress=False)
+    plan = mixed_plan(table, ["a", "b"], {})
+    m = apply_plan(model, plan, data, tmp_path, calib=data, runtime="onnxruntime", latency_batch=2, timing=False)
+    q = m["runtime"]["quantized"]
+    assert q["int8_nodes"] == 2 and q["float_layers"] == {}
+    assert m["runtime"]["compressed"]["agreement_with_torch"]["top1_agreement"] >= 0.9

@@ -251,10 +251,14 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
 
     table = latency_table(plan)
     batch = args.latency_batch or int((table or {}).get("measured", {}).get("batch") or 32)
-    if table and table["measured"].get("runtime") != args.runtime and not args.no_timing:
-        say(f"note: the plan's latency table was measured on {table['measured']['runtime']}; apply measures on "
-            f"--runtime {args.runtime}, so its predicted latency is not compared (add --runtime "
-            f"{table['measured']['runtime']})")
+    if table and not args.no_timing:
+        m = table["measured"]
+        if m.get("runtime") != args.runtime or int(m.get("batch") or 0) != batch:
+            say(f"note: the plan's latency table was measured on {m.get('runtime')} at batch {m.get('batch')}; "
+                f"apply times --runtime {args.runtime} at batch {batch}, so its predicted latency is not "
+                f"compared (pass --runtime {m.get('runtime')} --latency-batch {m.get('batch')})")
+        if args.device != "cpu" and m.get("runtime") == "torch":
+            say(f"note: the plan's latency table was measured on the CPU; --device {args.device} times elsewhere")
     say(f"measuring on {measured_on}")
     say("measuring the original model")
     before = measure_original(model, data, spec, timing=False, task=task, task_state=state)
@@ -340,6 +344,24 @@ def report_missed(command: str, missed: list[str]) -> int:
     return EXIT_BUDGET_MISSED
 
 
+def table_threads(args: argparse.Namespace, plan: Plan) -> None:
+    """Time on the thread count the plan's latency table was measured with, unless --threads says
+    otherwise (then say that the prediction was for another count)."""
+    from sensplan.planner import latency_table
+
+    table = latency_table(plan)
+    threads = ((table or {}).get("measured") or {}).get("threads")
+    if not threads or args.no_timing:
+        return
+    if args.threads is None:
+        args.threads = int(threads)
+        say(f"timing on {threads} thread(s), as the plan's latency table was measured (pass --threads N for "
+            f"another count)")
+    elif args.threads != threads:
+        say(f"note: the plan's latency table was measured on {threads} thread(s); --threads {args.threads} "
+            f"times on another count, so the predicted latency may not hold")
+
+
 def check_weights_match(args: argparse.Namespace, plan: Plan, problems: Problems) -> None:
     """Before loading: a plan whose scan read a weights file needs --weights."""
     was = (plan.data.get("model") or {}).get("weights")
@@ -382,6 +404,7 @@ def main(args: argparse.Namespace) -> int:
     if plan is not None and not problems.messages:
         check_weights_match(args, plan, problems)
     problems.raise_if_any()
+    table_threads(args, need(plan))
     set_threads(args)
     model, spec = load_model(args)
     check_compatible(model, need(plan))  # before loading data: a plan for another model fails fast

@@ -27,6 +27,7 @@ from sensplan.cli._common import (
     say,
     set_threads,
 )
+from sensplan.cli.plan import check_tables_runtime
 
 if TYPE_CHECKING:
     from sensplan._tables import Scan
@@ -37,7 +38,8 @@ EXAMPLE = """\
   sensplan frontier --scan scan.json --metric size --out frontier/
   sensplan frontier --scan scan.json --metric macs --points 12 --measure 4 --spacing linear --out frontier/
   sensplan frontier --scan scan.json --metric bits --measure 0 --out frontier/   # solve only: no model
-  sensplan frontier --scan scan.json --cost-table latency.json --metric latency_ms --out frontier/
+  sensplan frontier --scan scan.json --cost-table latency.json --metric latency --runtime onnxruntime \
+      --out frontier/
   sensplan apply --model ... --weights ... --data ... --plan frontier/points/03/plan.json --out r3/
 """
 
@@ -67,6 +69,9 @@ def register(sub: SubParsers) -> None:
                         "--signal` (default auto)")
     g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="stop each budget's solve after this long (default 60)")
+    g.add_argument("--runtime", default="torch", metavar="NAME",
+                   help="torch | onnxruntime: offer only the options that run faster or smaller there, as "
+                        "`sensplan plan --runtime` (default torch)")
     m = p.add_argument_group("the model and data to measure on (default: what scan.json records)")
     m.add_argument("--weights", metavar="FILE",
                    help="the scan's checkpoint, if it moved (checked against the scan's sha256)")
@@ -113,6 +118,7 @@ def check(args: argparse.Namespace, problems: Problems, scan: Scan | None) -> li
         problems.add(f"--metric {args.metric}: unknown metric. Use one of {', '.join(known)}"
                      + (f" (did you mean --metric {close[0]}?)" if close else "")
                      + "; a measured metric needs its --cost-table.")
+    check_tables_runtime(args.cost_table, tables, args.runtime, problems)
     good = [t for t in tables if t is not None]
     if scan is not None and len(good) == len(tables):  # an unknown --signal, before any solving
         problems.check(partial(check_budget_scale, scan, [], good, args.signal))
@@ -178,6 +184,11 @@ def main(args: argparse.Namespace) -> int:
         for n in notes:
             if not n.startswith("the held-out split has only"):  # plan's selection split: not one here
                 say(f"note: {n}")
+    from sensplan.planner import runtime_options, summarize_dropped
+
+    scan, dropped = runtime_options(scan, args.runtime)
+    for line in summarize_dropped(dropped):
+        say(f"--runtime {args.runtime}: not offered: {line}")
     try:
         say(f"solving {args.points} budgets of {args.metric} ...")
         frontier = make_frontier(scan, args.metric, args.points, spacing=args.spacing, cost_models=tables,

@@ -133,19 +133,23 @@ class PlanInputs:
 
 def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     """The budgets, objective and cost tables from the flags (no scan needed)."""
-    from sensplan.planner import METRICS, RUNTIMES, Budget, TableCosts, cost_model_metrics, parse_max_drop
+    from sensplan.planner import METRICS, Budget, TableCosts, cost_model_metrics, parse_max_drop
     from sensplan.planner._plan import check_objective
 
     problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
     runtime = getattr(args, "runtime", "torch")
-    if runtime not in RUNTIMES:
-        problems.add(f"--runtime takes one of {', '.join(RUNTIMES)}. Got {runtime!r}.")
     tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ")
               for path in args.cost_table]
     named = [problems.check(partial(cost_model_metrics, n), f"--cost-model {n}: ") for n in args.cost_model]
     known = [*METRICS, *(t.metric for t in tables if t is not None), *(m for ms in named if ms for m in ms)]
+    check_tables_runtime(args.cost_table, tables, runtime, problems)
     budgets = [problems.check(partial(Budget.parse, text)) for text in args.budget]
+    table_units = {t.metric: t.unit for t in tables if t is not None}
     for text, b in zip(args.budget, budgets, strict=True):
+        if b is not None and b.unit in ("ms", "us", "s") and table_units.get(b.metric, "ms") != "ms":
+            problems.add(f"--budget {text}: a time is read in milliseconds, but the cost table of {b.metric!r} is "
+                         f"in {table_units[b.metric] or 'no unit'}. Give the budget as a fraction ({b.metric}=0.6) "
+                         f"or in the table's unit, without a suffix.")
         if b is not None and b.metric not in known:
             problems.add(f"--budget {text}: unknown metric {b.metric!r}. Use one of "
                          f"{', '.join(known)}; a measured metric needs its --cost-table.")
@@ -163,6 +167,22 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
                       tuple(dict.fromkeys(args.cost_model)),  # the same model named twice counts once
                       args.signal, runtime)
+
+
+def check_tables_runtime(paths: Sequence[str], tables: Sequence[Any], runtime: str, problems: Problems) -> None:
+    """--runtime names a runtime, and every latency table from `sensplan profile` was measured on it
+    (an ONNX Runtime table prices int8 layers that run in float elsewhere)."""
+    from sensplan.planner import RUNTIMES
+
+    if runtime not in RUNTIMES:
+        problems.add(f"--runtime takes one of {', '.join(RUNTIMES)}. Got {runtime!r}.")
+        return
+    for path, t in zip(paths, tables, strict=True):
+        measured_on = (t.profile.get("runtime") if t is not None else None) or runtime
+        if measured_on != runtime and measured_on in RUNTIMES:
+            problems.add(f"--cost-table {path} was measured on {measured_on} (sensplan profile --runtime "
+                         f"{measured_on}); its prices hold there only. Add --runtime {measured_on}, or profile "
+                         f"again with --runtime {runtime}.")
 
 
 #: the fewest held-out items a verdict may rest on
@@ -195,6 +215,11 @@ def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rou
     made = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
                      time_limit=inputs.time_limit, cost_models=inputs.models(scan), verifier=verifier,
                      rounds=rounds, signal=inputs.signal)
+    for table in inputs.cost_tables:
+        if table.unpriced:
+            say(f"note: --cost-table {table.path} does not price {len(table.unpriced)} option(s) of this scan "
+                f"(e.g. {table.unpriced[0]}); they cost as the unit uncompressed. Was it profiled from this scan "
+                f"(sensplan profile --scan {scan.path or 'scan.json'})?")
     if inputs.runtime != "torch":
         made = Plan({**made.data, "runtime": {"name": inputs.runtime, "not_offered": lines}})
     plan = made.save(out)

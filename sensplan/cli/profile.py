@@ -82,6 +82,12 @@ def main(args: argparse.Namespace) -> int:
     info = table["profile"]
     say(f"whole model {info['model_ms']:.3f} ms, its weighted layers {info['layers_ms']:.3f} ms, overhead "
         f"{table['overhead']:.3f} ms; {info['operators_timed']} operator shapes timed in {info['seconds']:.0f} s")
+    cal = info.get("calibration") or {}
+    failed = [h["failed"] for h in cal.get("how", []) if "failed" in h]
+    say(f"calibrated against the whole model: scale {cal.get('scale', 1.0):.3f}, int8 factor "
+        f"{cal.get('int8_factor', 1.0):.3f}" + (f"; calibration failed: {'; '.join(failed)}" if failed else ""))
+    if info.get("warning"):
+        say(f"warning: the timings are unreliable: {info['warning']}")
     for layer, why in list(info["not_profiled"].items())[:5]:
         say(f"  not timed: {layer} ({why}); its time is in the overhead")
     print(os.fspath(args.out))
