@@ -305,7 +305,7 @@ def print_metrics(variant: str, metric: str, m: dict[str, Any]) -> None:
     if len(m.get("per_class") or []) > 1:
         say("    worst classes: " + ", ".join(f"{r['class']} {r['before']:.3f} -> {r['after']:.3f}" for r in worst))
     for name, c in (m.get("comparison") or {}).items():
-        if "original_measured" in c:
+        if "original_measured" in c and None not in (c["error"], c["fraction_predicted"], c["fraction_measured"]):
             say(f"    {name} by the latency table: predicted {c['predicted']:.3f} ms, measured {c['measured']:.3f} ms "
                 f"({c['error']:+.1%}); as a fraction of the original: predicted {c['fraction_predicted']:.3f}, "
                 f"measured {c['fraction_measured']:.3f}")
