@@ -386,12 +386,15 @@ def _calibrate(model: nn.Module, x: torch.Tensor, scan: Any, rows_by_block: Mapp
                     op = _shrunk(op, side, half[g], int(scan.groups[g]["channels"]))
                 smaller += t(op)
             measured = _whole_model(pruned, x, runtime, threads)
-            if full - smaller > 1e-9 * full:
-                scale = (whole - measured) / (full - smaller)
-                if 0.2 <= scale <= 5.0:
-                    out["scale"] = scale
-            out["how"].append({"widths": "each group at its option nearest half its channels",
-                               "model_ms": measured, "layers_ms": smaller})
+            step: dict[str, Any] = {"widths": "each group at its option nearest half its channels",
+                                    "model_ms": measured, "layers_ms": smaller}
+            scale = (whole - measured) / (full - smaller) if full - smaller > 1e-9 * full else float("nan")
+            if 0.2 <= scale <= 5.0:
+                out["scale"] = scale
+            else:
+                step["failed"] = (f"the whole model changed {scale:.2g} times as much as its layers timed alone "
+                                  f"(outside 0.2 to 5): the layers do not explain its time; scale 1 kept")
+            out["how"].append(step)
         except Exception as e:  # noqa: BLE001 - the table stands uncalibrated; said so
             out["how"].append({"failed": f"{type(e).__name__}: {e}"})
     int8_layers = {n for n, (_, _, _, grid8) in raw.items() if grid8 is not None}
@@ -399,11 +402,14 @@ def _calibrate(model: nn.Module, x: torch.Tensor, scan: Any, rows_by_block: Mapp
         saving = sum(float(raw[n][3].flat[0]) - base[n] for n in int8_layers)
         try:
             measured = _whole_model(model, x, runtime, threads, int8=int8_layers)
+            step = {"widths": "full, every layer with an 8-bit activation option in int8", "model_ms": measured}
             if saving < 0:
-                factor = (measured - (whole - out["scale"] * full) - out["scale"] * full) / (out["scale"] * saving)
+                factor = (measured - whole) / (out["scale"] * saving)
                 out["int8_factor"] = float(min(3.0, max(0.0, factor)))
-            out["how"].append({"widths": "full, every layer with an 8-bit activation option in int8",
-                               "model_ms": measured})
+                if factor <= 0:
+                    step["failed"] = (f"the whole model in int8 took {measured:.3g} ms against {whole:.3g} ms in "
+                                      f"float: int8 saves nothing here, so the table prices it at the float time")
+            out["how"].append(step)
         except Exception as e:  # noqa: BLE001
             out["how"].append({"failed": f"{type(e).__name__}: {e}"})
     return out

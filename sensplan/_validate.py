@@ -201,16 +201,20 @@ def validate_files(paths: list[str]) -> list[str]:
         except (OSError, ValueError) as e:
             problems.append(f"{raw}: cannot be read as JSON ({e})")
             continue
-        if fmt not in _CHECKS and fmt != "sensplan.cost_table":
-            problems.append(f"{raw}: unknown format {fmt!r} (expected one of {', '.join(_CHECKS)})")
+        if fmt not in _CHECKS and fmt not in _LOADERS:
+            problems.append(f"{raw}: unknown format {fmt!r} (expected one of {', '.join([*_CHECKS, *_LOADERS])})")
             continue
-        if fmt == "sensplan.cost_table":
-            from sensplan.planner import TableCosts
+        if fmt in _LOADERS:  # checked by the planner's own reader (imported lazily: no torch)
+            import importlib
 
+            module, name = _LOADERS[fmt]
             try:
-                TableCosts.load(path)
+                loaded_obj = getattr(importlib.import_module(module), name).load(path)
             except Exception as e:  # noqa: BLE001 - reported, not raised
                 problems.append(f"{raw}: {e}")
+                continue
+            if fmt == "sensplan.frontier":
+                problems += [f"{raw}: {m}" for m in _frontier_plans(path, loaded_obj.data)]
             continue
         try:
             obj = read_json(path, fmt, (2,) if fmt != "sensplan.metrics" else (1, 2))
@@ -226,6 +230,25 @@ def validate_files(paths: list[str]) -> list[str]:
         if scan_obj is not None and not problems:
             problems += [f"{path_}: {m}" for m in plan_against_scan(scan_obj, obj)]
     return problems
+
+
+#: formats read by the planner's classes: a cost table (``sensplan profile``'s, or one by hand) and a
+#: frontier (``sensplan frontier``)
+_LOADERS = {"sensplan.cost_table": ("sensplan.planner", "TableCosts"),
+            "sensplan.frontier": ("sensplan.planner", "Frontier")}
+
+
+def _frontier_plans(path: Path, data: Mapping[str, Any]) -> list[str]:
+    """Every point's plan file exists beside the frontier and has the sha256 it records."""
+    out = []
+    for point in data.get("points") or ():
+        rec = point.get("plan") or {}
+        plan_path = path.parent / str(rec.get("path", ""))
+        if not rec.get("path") or not plan_path.is_file():
+            out.append(f"point {point.get('index')}'s plan {rec.get('path')!r} is missing")
+        elif rec.get("sha256") and file_sha256(plan_path) != rec["sha256"]:
+            out.append(f"point {point.get('index')}'s plan {rec.get('path')!r} changed since the frontier was made")
+    return out
 
 
 def plan_against_scan(scan: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:

@@ -209,3 +209,15 @@ def test_help_ends_with_an_example():
     assert code == 0 and out.startswith("usage: sensplan frontier")
     example = out[out.rindex("\nexample"):]
     assert all(line.lstrip().startswith("sensplan ") for line in example.strip().splitlines()[1:])
+
+
+def test_validate_checks_a_frontier_and_its_point_plans(swept, tmp_path):
+    import shutil
+
+    assert run(["validate", str(swept["out"] / "frontier.json")])[0] == 0
+    copy = tmp_path / "frontier"
+    shutil.copytree(swept["out"], copy)
+    plan = copy / "points" / "01" / "plan.json"
+    plan.write_text(plan.read_text().replace('"planned"', '"planned" ', 1))  # a plan edited after the sweep
+    code, out, _ = run(["validate", str(copy / "frontier.json")])
+    assert code == 2 and "point 1's plan 'points/01/plan.json' changed since the frontier was made" in out

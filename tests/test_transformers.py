@@ -327,3 +327,32 @@ def test_a_model_in_the_local_hub_cache_loads_by_name(models: dict[str, Path], t
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
     m = load_model(ModelSpec("hf:tiny-org/tiny-llama"))
     assert m.kind == "causal-lm" and Path(m.source) == snap
+
+
+@pytest.mark.skipif(not all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")),
+                    reason="needs the ort extra")
+def test_a_causal_lm_profiles_and_runs_in_int8_on_onnxruntime(models: dict[str, Path], corpus: Path,
+                                                               tmp_path: Path) -> None:
+    """Token ids in, logits out, Linear layers on 3-D input: the export, the int8 layers (found
+    through the exporter's name metadata) and the ORT score all work for a transformer."""
+    data = ["--data", f"text:{corpus}", "--seq-len", "32", "--samples", "24"]
+    assert _run(["scan", "--model", f"hf:{models['llama']}", *data, "--task", "perplexity", "--methods",
+                 "prune,weight_quant,act_quant", "--setting", "prune=0.25,0.5", "--setting", "weight_quant=8",
+                 "--setting", "act_quant=minmax", "--out", str(tmp_path / "scan.json")]) == 0
+    assert _run(["profile", "--scan", str(tmp_path / "scan.json"), "--runtime", "onnxruntime", "--batch", "2",
+                 "--threads", "1", "--out", str(tmp_path / "latency.json")]) == 0
+    table = json.loads((tmp_path / "latency.json").read_text())
+    assert any(f[1] == "activation" for e in table["entries"].values() for f in e.get("factors", []))
+    assert _run(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.7", "--no-verify",
+                 "--runtime", "onnxruntime", "--out", str(tmp_path / "plan.json")]) == 0
+    code = _run(["apply", "--model", f"hf:{models['llama']}", *data, "--plan", str(tmp_path / "plan.json"),
+                 "--runtime", "onnxruntime", "--variants", "planned", "--no-timing", "--out", str(tmp_path / "r")])
+    assert code == 0
+    m = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    rt = m["runtime"]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    int8 = {c["unit"] for c in plan["plans"]["planned"]["choices"].values() if c["method"] == "act_quant"}
+    assert int8 and rt["quantized"]["int8_nodes"] == len(int8) and rt["quantized"]["float_layers"] == {}
+    # the ORT model scores as the torch model it came from (log-perplexity, nats per token)
+    assert abs(rt["compressed"]["score"] - m["after"]["score"]) < 0.05
+    assert abs(rt["original"]["score"] - m["before"]["score"]) < 1e-3
