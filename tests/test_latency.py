@@ -149,7 +149,8 @@ def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_
     cal = table["profile"]["calibration"]
     assert full == pytest.approx(cal["scale"] * table["profile"]["layers_ms"], rel=1e-6)
     assert table["overhead"] + full == pytest.approx(table["profile"]["model_ms"], rel=1e-6)
-    assert [h for h in cal["how"] if "failed" in h] == []
+    # a fit the whole model does not bear out (sub-millisecond timings of a tiny model can) is not used
+    assert all(cal["scale"] == 1.0 for h in cal["how"] if "failed" in h and "half" in h["widths"])
     if runtime == "onnxruntime":  # the int8 form of a layer is on its 8-bit activation option
         assert any(f[1] == "activation" for e in joint for f in e["factors"])
     assert main(["plan", "--scan", str(out / "scan.json"), "--cost-table", str(out / "latency.json"),
