@@ -274,11 +274,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
     rows_by_block: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for r in scan.results:
         rows_by_block.setdefault((r["unit"], r["axis"]), []).append(r)
-    sides: dict[str, dict[str, str]] = {}  # layer -> side -> the group that shrinks it there
-    for g, ms in members.items():
-        if rows_by_block.get((g, "channels")):
-            for m, side in ms:
-                sides.setdefault(m, {})[side] = g
+    groups_of = _groups_of(members, {g for g in scan.groups if rows_by_block.get((g, "channels"))})
     raw: dict[str, tuple[list[tuple[str, str]], list[list[str]], np.ndarray, np.ndarray | None]] = {}
     for layer, op in ops.items():
         # factors: the group on each side, then the layer's int8 (8-bit activation) option
@@ -286,9 +282,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
         options: list[list[str]] = []
         grids: list[list[tuple[str, int]]] = []  # per factor option: (side, removed)
         group_channels: list[int] = []
-        for side, g in sorted(sides.get(layer, {}).items()):
-            if (g, "channels") in factors:  # one group on both sides (a depthwise convolution)
-                continue
+        for g, side in groups_of.get(layer, {}).items():
             rows = rows_by_block[(g, "channels")]
             factors.append((g, "channels"))
             options.append(["none", *(option_key(r["method"], r["setting"]) for r in rows)])
@@ -321,7 +315,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
     # the width (every group pruned at its option nearest half its channels) and all in int8
     whole = _whole_model(model, x, runtime, threads)
     parts = sum(base.values())
-    cal = _calibrate(model, x, scan, rows_by_block, members, ops, base, raw, t, whole, runtime, threads)
+    cal = _calibrate(model, x, scan, rows_by_block, groups_of, ops, base, raw, t, whole, runtime, threads)
     scale, int8_factor = cal["scale"], cal["int8_factor"]
     for layer, (factors, options, grid, grid8) in raw.items():
         if not factors:
@@ -347,8 +341,24 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
                         "seconds": round(time.perf_counter() - t0, 2)}}
 
 
+def _groups_of(members: Mapping[str, list[tuple[str, str]]], scanned: set[str]) -> dict[str, dict[str, str]]:
+    """Layer -> the scanned groups that shrink it -> the side ("in" or "out"), in side order (in,
+    then out); a group on both sides of one layer (a depthwise convolution) once, as _shrunk
+    shrinks both sides for it."""
+    by_side: dict[str, dict[str, str]] = {}
+    for g, ms in members.items():
+        if g in scanned:
+            for m, side in ms:
+                by_side.setdefault(m, {})[side] = g
+    out: dict[str, dict[str, str]] = {}
+    for layer, sides in by_side.items():
+        for side, g in sorted(sides.items()):
+            out.setdefault(layer, {}).setdefault(g, side)
+    return out
+
+
 def _calibrate(model: nn.Module, x: torch.Tensor, scan: Any, rows_by_block: Mapping[tuple[str, str], Any],
-               members: Mapping[str, list[tuple[str, str]]], ops: Mapping[str, _Op], base: Mapping[str, float],
+               groups_of: Mapping[str, Mapping[str, str]], ops: Mapping[str, _Op], base: Mapping[str, float],
                raw: Mapping[str, Any], t: Callable[[_Op], float], whole: float, runtime: str, threads: int
                ) -> dict[str, Any]:
     """Operators timed alone are not the model: the runtime fuses a layer with its activation, and a
@@ -376,13 +386,9 @@ def _calibrate(model: nn.Module, x: torch.Tensor, scan: Any, rows_by_block: Mapp
             chosen = {g: graph.select(g, k) for g, k in half.items()}
             for g, idxs in chosen.items():
                 graph.prune_(g, idxs)
-            sides: dict[str, dict[str, str]] = {}  # layer -> group -> side (a group once: depthwise)
-            for g in half:
-                for m, side in members.get(g, []):
-                    sides.setdefault(m, {}).setdefault(g, side)
             smaller = 0.0
             for layer, op in ops.items():
-                for g, side in sides.get(layer, {}).items():
+                for g, side in groups_of.get(layer, {}).items():
                     op = _shrunk(op, side, half[g], int(scan.groups[g]["channels"]))
                 smaller += t(op)
             measured = _whole_model(pruned, x, runtime, threads)
