@@ -27,7 +27,7 @@ from sensplan.cli._common import (
     say,
     set_threads,
 )
-from sensplan.cli.plan import check_tables_runtime
+from sensplan.cli.plan import check_tables_runtime, for_runtime
 
 if TYPE_CHECKING:
     from sensplan._tables import Scan
@@ -184,11 +184,7 @@ def main(args: argparse.Namespace) -> int:
         for n in notes:
             if not n.startswith("the held-out split has only"):  # plan's selection split: not one here
                 say(f"note: {n}")
-    from sensplan.planner import runtime_options, summarize_dropped
-
-    scan, dropped = runtime_options(scan, args.runtime)
-    for line in summarize_dropped(dropped):
-        say(f"--runtime {args.runtime}: not offered: {line}")
+    scan, _ = for_runtime(scan, args.runtime)
     try:
         say(f"solving {args.points} budgets of {args.metric} ...")
         frontier = make_frontier(scan, args.metric, args.points, spacing=args.spacing, cost_models=tables,

@@ -185,6 +185,18 @@ def check_tables_runtime(paths: Sequence[str], tables: Sequence[Any], runtime: s
                          f"again with --runtime {runtime}.")
 
 
+def for_runtime(scan: Scan, runtime: str) -> tuple[Scan, list[str]]:
+    """``scan`` with only the options that have a kernel on ``runtime``, and a line per option left
+    out (each said to the user)."""
+    from sensplan.planner import runtime_options, summarize_dropped
+
+    scan, dropped = runtime_options(scan, runtime)
+    lines = summarize_dropped(dropped)
+    for line in lines:
+        say(f"--runtime {runtime}: not offered: {line}")
+    return scan, lines
+
+
 #: the fewest held-out items a verdict may rest on
 MIN_HOLDOUT = 50
 
@@ -202,14 +214,11 @@ def check_verify(args: argparse.Namespace, problems: Problems) -> None:
 
 def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rounds: int = 3,
             notes: Sequence[str] = (), started: float | None = None) -> Plan:
-    from sensplan.planner import Plan, make_plan, runtime_options, summarize_dropped
+    from sensplan.planner import Plan, make_plan
 
     for n in notes:
         say(f"note: {n}")
-    scan, dropped = runtime_options(scan, inputs.runtime)
-    lines = summarize_dropped(dropped)
-    for line in lines:
-        say(f"--runtime {inputs.runtime}: not offered: {line}")
+    scan, lines = for_runtime(scan, inputs.runtime)
     if verifier is not None:
         say("verifying: measuring the plan, its corrections and the uniform candidates ...")
     made = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
