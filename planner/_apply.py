@@ -414,7 +414,8 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
                before: Mapping[str, Any] | None = None,
                device: str | torch.device | None = None, measured_on: str | None = None,
                runtime: str = "torch", latency_batch: int = 32,
-               original_onnx: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+               original_onnx: str | os.PathLike[str] | None = None,
+               original_on_runtime: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Apply one allocation of ``plan`` and measure it against the original; write to ``out_dir``:
     ``model.sensplan`` (the compressed model), ``metrics.json`` and ``plan.json`` (the plan applied).
 
@@ -428,7 +429,9 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     load (``metrics["timing"]``, and a warning there when the load made them unreliable).
     ``runtime="onnxruntime"`` also writes ``model.onnx`` (pruned shapes, the plan's int8 layers as
     QDQ nodes) and measures it on ONNX Runtime against the original's export (``metrics["runtime"]``;
-    ``original_onnx``: that export, when the caller made it once for several variants).
+    ``original_onnx``: that export, and ``original_on_runtime`` its
+    :func:`~sensplan.planner._onnx.ort_measurements`, when the caller made them once for several
+    variants).
     ``model`` is never modified. Returns the metrics dictionary; ``metrics["budgets"]`` says which
     budgets were met (the CLI exits non-zero when one is missed). Example::
 
@@ -477,7 +480,7 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
                 calib_x=(calib if calib is not None else data).x, threads=torch.get_num_threads(),
                 batches=[1, latency_batch], timing=timing,
                 original_onnx=Path(original_onnx) if original_onnx is not None else None,
-                unit_of=lambda n: _unit_of(n, effects))
+                original_measured=original_on_runtime, unit_of=lambda n: _unit_of(n, effects))
             on_runtime["calibration"] = ("the plan's calibration data" if calib is not None else
                                          "the measurement data (no calibration data was given)")
         del reloaded

@@ -348,16 +348,29 @@ def peak_memory_mb(path: str | os.PathLike[str], example: torch.Tensor, batch: i
     return round((peak - base) / 1024.0, 2)  # ru_maxrss is in KiB on Linux
 
 
+def ort_measurements(torch_model: nn.Module, path: str | os.PathLike[str], data: Any, task: Any, state: Any, *,
+                     threads: int, batch: int, gold: int = 256, ort_model: OrtModel | None = None
+                     ) -> dict[str, Any]:
+    """The ONNX file ``path`` (exported from ``torch_model``) on ONNX Runtime: the task's score on
+    ``data``, its agreement with ``torch_model`` on the first ``gold`` items, its file size and the
+    peak memory a session running a batch of ``batch`` adds."""
+    ort_model = ort_model or OrtModel(path, threads)
+    ev = task.evaluate(ort_model, data, state)
+    return {"score": ev.score, "loss": ev.loss, "n": ev.n, "file_bytes": file_bytes(path),
+            "agreement_with_torch": gold_agreement(torch_model, ort_model, data.x[:gold]),
+            "peak_memory_mb": peak_memory_mb(path, data.example_input, batch, threads)}
+
+
 def measure_on_onnxruntime(original: nn.Module, compressed: nn.Module, data: Any, task: Any, state: Any,
                            effects: Mapping[str, Mapping[str, Any]], staged: Path, *, calib_x: torch.Tensor,
                            threads: int, batches: Sequence[int], timing: bool = True,
-                           original_onnx: Path | None = None, gold: int = 256,
-                           unit_of: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
+                           original_onnx: Path | None = None, original_measured: Mapping[str, Any] | None = None,
+                           gold: int = 256, unit_of: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
     """Export ``compressed`` to ONNX with the plan's int8 layers quantized (written to ``staged``),
-    and measure it against ``original`` on ONNX Runtime: the task's score on ``data``, agreement
-    with the torch models on the first ``gold`` items, latency at ``batches`` (timed interleaved),
-    peak memory and file size. ``original_onnx``: the original's float export, when the caller made
-    it already (several variants of one plan)."""
+    and measure it against ``original`` on ONNX Runtime (:func:`ort_measurements` for each, then
+    their agreement and their latency at ``batches``, timed interleaved). ``original_onnx``: the
+    original's float export, and ``original_measured`` its :func:`ort_measurements`, when the caller
+    made them already (several variants of one plan measure the original once)."""
     work = staged.parent
     tmp = work / f".{staged.name}.float.onnx"
     orig_path = original_onnx or work / f".{staged.name}.original.onnx"
@@ -373,14 +386,11 @@ def measure_on_onnxruntime(original: nn.Module, compressed: nn.Module, data: Any
         ort_orig, ort_comp = OrtModel(orig_path, threads), OrtModel(staged, threads)
         out: dict[str, Any] = {"name": "onnxruntime", "version": ort_version(), "threads": threads,
                                "export_seconds": round(seconds, 3), "quantized": quant}
-        x_gold = data.x[:gold]
-        for key, torch_model, ort_model, path in (("original", original, ort_orig, orig_path),
-                                                  ("compressed", compressed, ort_comp, staged)):
-            ev = task.evaluate(ort_model, data, state)
-            out[key] = {"score": ev.score, "loss": ev.loss, "n": ev.n, "file_bytes": file_bytes(path),
-                        "agreement_with_torch": gold_agreement(torch_model, ort_model, x_gold),
-                        "peak_memory_mb": peak_memory_mb(path, data.example_input, max(batches), threads)}
-        out["gold_agreement"] = gold_agreement(ort_orig, ort_comp, x_gold)
+        side = {"threads": threads, "batch": max(batches), "gold": gold}
+        out["original"] = dict(original_measured or ort_measurements(original, orig_path, data, task, state,
+                                                                     ort_model=ort_orig, **side))
+        out["compressed"] = ort_measurements(compressed, staged, data, task, state, ort_model=ort_comp, **side)
+        out["gold_agreement"] = gold_agreement(ort_orig, ort_comp, data.x[:gold])
         if timing:
             timed = compare_latency({"original": ort_orig.run_numpy, "compressed": ort_comp.run_numpy},
                                     data.example_input.detach().cpu().numpy(), batches, threads=threads)

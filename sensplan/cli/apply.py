@@ -265,19 +265,25 @@ def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: An
     missed: list[str] = []
     out.mkdir(parents=True, exist_ok=True)
     original_onnx = out / f".original.onnx.{os.getpid()}.partial"
+    on_runtime = None
     try:
-        if args.runtime == "onnxruntime":
-            from sensplan.planner import export_onnx
+        if args.runtime == "onnxruntime":  # the original's export and measurements serve every variant
+            import torch
 
-            say("exporting the original model to ONNX")
+            from sensplan.planner import export_onnx, ort_measurements
+
+            say("exporting the original model to ONNX and measuring it on ONNX Runtime")
             export_onnx(model, data.example_input, original_onnx)
+            on_runtime = ort_measurements(model, original_onnx, data, task, state,
+                                          threads=torch.get_num_threads(), batch=batch)
         for v in have:
             say(f"applying the {v} allocation")
             m = apply_plan(model, plan, data, out if v == "planned" else out / v, variant=v,
                            calib=calib, train_loader=loader, finetune=ft, model_spec=spec,
                            timing=not args.no_timing, before=before, measured_on=measured_on,
                            runtime=args.runtime, latency_batch=batch,
-                           original_onnx=original_onnx if args.runtime == "onnxruntime" else None)
+                           original_onnx=original_onnx if args.runtime == "onnxruntime" else None,
+                           original_on_runtime=on_runtime)
             print_metrics(v, task.metric.name, m)
             missed += [f"{v}: {line}" for line in missed_budgets(m)]
     finally:
