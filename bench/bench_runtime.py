@@ -47,25 +47,24 @@ def metrics(path: Path) -> dict[str, Any]:
     return json.loads((path / "metrics.json").read_text())
 
 
+def speeds(timing: dict[str, Any], batch: int) -> str:
+    """p50 original -> compressed, and the speed-up, at batch 1 and ``batch`` (a ``timing`` record)."""
+    parts = []
+    for b, digits in (("1", 3), (str(batch), 2)):
+        o, c = timing["batches"][b]["original"]["p50_ms"], timing["batches"][b]["compressed"]["p50_ms"]
+        parts.append(f"batch {b} {o:.{digits}f} -> {c:.{digits}f} ms ({o / c:.2f}x)")
+    return "p50 " + ", ".join(parts) + (f"; WARNING {timing['warning']}" if timing.get("warning") else "")
+
+
 def ort_line(m: dict[str, Any], batch: int) -> str:
     rt = m["runtime"]
-    lat = rt["latency"]["batches"]
-    b1, bb = lat["1"], lat[str(batch)]
-    return (f"top-1 ORT {rt['original']['score']:.4f} -> {rt['compressed']['score']:.4f}; ORT p50 batch 1 "
-            f"{b1['original']['p50_ms']:.3f} -> {b1['compressed']['p50_ms']:.3f} ms ({rt['speedup']['batch 1']:.2f}x), "
-            f"batch {batch} {bb['original']['p50_ms']:.2f} -> {bb['compressed']['p50_ms']:.2f} ms "
-            f"({rt['speedup'][f'batch {batch}']:.2f}x); model.onnx {rt['original']['file_bytes'] / 1e6:.3f} -> "
+    return (f"top-1 ORT {rt['original']['score']:.4f} -> {rt['compressed']['score']:.4f}; ORT "
+            f"{speeds(rt['latency'], batch)}; model.onnx {rt['original']['file_bytes'] / 1e6:.3f} -> "
             f"{rt['compressed']['file_bytes'] / 1e6:.3f} MB; {rt['quantized']['int8_nodes']} int8 layers")
 
 
 def torch_line(m: dict[str, Any], batch: int) -> str:
-    t = m["timing"]["batches"]
-    b1, bb = t["1"], t[str(batch)]
-    return (f"torch p50 batch 1 {b1['original']['p50_ms']:.3f} -> {b1['compressed']['p50_ms']:.3f} ms "
-            f"({b1['original']['p50_ms'] / b1['compressed']['p50_ms']:.2f}x), batch {batch} "
-            f"{bb['original']['p50_ms']:.2f} -> {bb['compressed']['p50_ms']:.2f} ms "
-            f"({bb['original']['p50_ms'] / bb['compressed']['p50_ms']:.2f}x)"
-            + (f"; WARNING {m['timing']['warning']}" if m["timing"].get("warning") else ""))
+    return f"torch {speeds(m['timing'], batch)}"
 
 
 def ort_quantize_static_baseline(model: Any, calib_x: Any, data: Any, ours: Path, threads: int, batch: int
