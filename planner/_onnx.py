@@ -21,11 +21,8 @@ import torch
 from torch import nn
 
 from sensplan._errors import IncompatibleModelError, first_line
+from sensplan.planner._ort_quant import int8_layers, quant_config, run_quantize_static
 from sensplan.planner._runtime import compare_latency
-
-#: non-weight operators whose int8 form ORT runs between quantized layers (see :func:`quantize_onnx`)
-_GLUE_OPS = ("Add", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten", "Reshape",
-             "Concat", "Clip")
 
 
 def strip_input_quant(model: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
@@ -78,178 +75,50 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
     return {"act_params": act, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def layer_nodes(graph: Any, modules: Collection[str] = ()) -> dict[str, tuple[str, str, str]]:
-    """Module name -> (node name, op type, activation input) for each weighted node of an
-    exported graph (Conv, Gemm, MatMul with a constant weight): by its weight initializer
-    ``<module>.weight`` (directly or through a Transpose), else (a Linear on 3-D input, whose
-    transposed weight the exporter folds into a new initializer) by the innermost of ``modules``
-    in the node's ``pkg.torch.onnx.name_scopes`` metadata."""
-    import ast
-
-    inits = {i.name for i in graph.initializer}
-    source = {}
-    for n in graph.node:  # a transposed weight: follow it back to its initializer
-        if n.op_type in ("Transpose", "Identity") and n.input and n.input[0] in inits:
-            source[n.output[0]] = n.input[0]
-    out = {}
-    for n in graph.node:
-        if n.op_type not in ("Conv", "Gemm", "MatMul") or len(n.input) < 2:
-            continue
-        w = source.get(n.input[1], n.input[1])
-        if w in inits and w.endswith(".weight"):
-            out[w[: -len(".weight")]] = (n.name, n.op_type, n.input[0])
-        elif w in inits and modules:
-            scopes = next((p.value for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
-            try:
-                names = [s for s in ast.literal_eval(scopes) if s in modules] if scopes else []
-            except (ValueError, SyntaxError):
-                names = []
-            if names and names[-1] not in out:
-                out[names[-1]] = (n.name, n.op_type, n.input[0])
-    return out
-
-
-def int8_layers(effects: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-    """Per layer of a plan with integer weights or activations: "int8" when ORT runs it with its
-    integer kernels (:func:`~sensplan.planner._runtime.int8_weights` and 8-bit activations), else
-    why it runs in float."""
-    from sensplan.planner._runtime import int8_weights
-
-    out = {}
-    for layer, e in effects.items():
-        integer = e.get("weight_dtype") == "int"
-        a = int(e.get("act_bits", 32))
-        if not integer and a == 32:
-            continue
-        if int8_weights(e) and a == 8:
-            out[layer] = "int8"
-        elif a == 32:
-            out[layer] = "float: integer weights without 8-bit activations (ORT has no weight-only kernel here)"
-        elif not integer:
-            out[layer] = "float: 8-bit activations without 8-bit weights (ORT's integer kernels need both)"
-        else:
-            out[layer] = (f"float: no ORT kernel for these weights ({int(e.get('weight_bits', 32))}-bit"
-                          f"{', grouped' if int(e.get('group_size') or 0) else ''}"
-                          f"{', with zero points' if int(e.get('zero_point_bits') or 0) else ''}) with {a}-bit "
-                          f"activations")
-    return out
-
-
 def quantize_onnx(src: str | os.PathLike[str], dst: str | os.PathLike[str], plan_layers: Mapping[str, str],
                   act_params: Mapping[str, Mapping[str, Any]], calib: np.ndarray, *,
                   unit_of: Callable[[str], str] = lambda s: s, modules: Collection[str] = ()) -> dict[str, Any]:
     """Write ``dst``: ``src`` with the layers ``plan_layers`` marks "int8" as QDQ int8 nodes (per
     channel symmetric int8 weights; asymmetric uint8 activations at the plan's scale and zero point
-    from ``act_params``), everything else float. The operators between two int8 layers (Add, Relu,
-    pooling, ...) are quantized too when every weighted layer around them is int8, calibrated on
-    ``calib`` (the plan's calibration inputs), so the integer kernels are not split by float
-    islands. Returns what was quantized and which layers stayed float, with why."""
+    from ``act_params``), everything else float, as :func:`~sensplan.planner._ort_quant.quant_config`
+    says (the configuration ``sensplan export --to onnxruntime`` writes); the glue operators it adds
+    are calibrated on ``calib`` (the plan's calibration inputs). Returns what was quantized and which
+    layers stayed float, with why."""
     import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
-    model = onnx.load(os.fspath(src))
-    nodes = layer_nodes(model.graph, modules)
-    chosen: dict[str, str] = {}  # node -> unit
-    float_layers: dict[str, str] = {}
-    for layer, (node, _op, _x) in nodes.items():
-        unit = unit_of(layer)
-        state = plan_layers.get(unit)
-        if state == "int8":
-            chosen[node] = unit
-        elif state:
-            float_layers[unit] = state
-    for unit, state in plan_layers.items():
-        if state == "int8" and unit not in chosen.values():
-            float_layers[unit] = "float: the layer has no weighted node in the exported graph"
-    if not chosen:
+    config = quant_config(onnx.load(os.fspath(src)).graph, plan_layers, act_params, unit_of=unit_of,
+                          modules=modules)
+    return apply_quant_config(src, dst, config, calib)
+
+
+def export_for_plan(compressed: nn.Module, example_input: torch.Tensor, effects: Mapping[str, Mapping[str, Any]],
+                    path: str | os.PathLike[str], *, unit_of: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
+    """Export ``compressed`` (the executor's model of a plan) to the float ONNX file ``path`` and
+    return the ``quantize_static`` configuration that makes the plan's int8 layers (by their merged
+    ``effects``) int8 on it (:func:`~sensplan.planner._ort_quant.quant_config`, with the activation
+    parameters the plan's activation quantization calibrated). ``apply --runtime onnxruntime``
+    quantizes with it (:func:`apply_quant_config`); ``export --to onnxruntime`` writes it."""
+    import onnx
+
+    exported = export_onnx(compressed, example_input, path)
+    return quant_config(onnx.load(os.fspath(path)).graph, int8_layers(effects), exported["act_params"],
+                        unit_of=unit_of, modules={n for n, _ in compressed.named_modules() if n})
+
+
+def apply_quant_config(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: Mapping[str, Any],
+                       calib: np.ndarray) -> dict[str, Any]:
+    """Write ``dst``: ``src`` quantized as ``config`` (:func:`export_for_plan`) says (a copy when
+    no layer is int8); returns what was quantized and which layers stayed float, with why."""
+    float_layers = dict(config["float_layers"])
+    if not config["layers"]:
         import shutil
 
         shutil.copyfile(src, dst)
         return {"int8_nodes": 0, "glue_nodes": 0, "float_layers": float_layers}
-    overrides: dict[str, list[dict[str, Any]]] = {}
-    by_node = {n: (layer, x) for layer, (n, _op, x) in nodes.items()}
-    conflicts = []
-    for node, unit in chosen.items():
-        layer, x = by_node[node]
-        # the unit's input parameters belong to its first node only (a factorized layer's second
-        # factor reads the tensor between them: ORT calibrates that one)
-        qp = act_params.get(layer) or (act_params.get(unit) if layer in (unit, f"{unit}.0") else None)
-        if not qp:
-            continue
-        over = [{"scale": np.array(qp["scale"], dtype=np.float32),
-                 "zero_point": np.array(qp["zero_point"], dtype=np.uint8)}]
-        if x in overrides and float(overrides[x][0]["scale"]) != float(qp["scale"]):
-            conflicts.append(f"{layer} reads the same tensor as another int8 layer with other activation "
-                             f"parameters; the first one's are used")
-        overrides.setdefault(x, over)
-    glue = _glue_nodes(model.graph, set(chosen), set(by_node))
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.batches = iter([{"input": calib[i:i + 32]} for i in range(0, len(calib), 32)])
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    try:
-        with _quiet():
-            quantize_static(os.fspath(src), os.fspath(dst), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=[*chosen, *glue],
-                            extra_options={"TensorQuantOverrides": overrides})
-    except Exception as e:  # noqa: BLE001 - ORT's quantizer failing on this graph is one message
-        raise IncompatibleModelError(f"ONNX Runtime's quantizer could not quantize the exported model "
-                                     f"({type(e).__name__}: {first_line(e)[:300]}). Plan with --runtime "
-                                     f"onnxruntime without int8 layers, or use --runtime torch.") from e
-    return {"int8_nodes": len(chosen), "glue_nodes": len(glue), "float_layers": float_layers,
-            **({"notes": conflicts} if conflicts else {})}
-
-
-def _glue_nodes(graph: Any, int8: set[str], weighted: set[str]) -> list[str]:
-    """The non-weighted nodes of :data:`_GLUE_OPS` whose nearest weighted producers and consumers
-    (following the graph through other glue nodes) are all int8 nodes."""
-    inits = {i.name for i in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-
-    def ends(node: Any, up: bool, seen: set[str]) -> set[str] | None:
-        """The weighted nodes reached from ``node``; None when a non-glue, non-weighted node (or
-        the graph's input/output) is reached first."""
-        found: set[str] = set()
-        nexts = ([producer.get(i) for i in node.input if i in producer or i not in inits] if up
-                 else [c for o in node.output for c in consumers.get(o, [None])])
-        for m in nexts:
-            if m is None:
-                return None
-            if m.name in weighted:
-                found.add(m.name)
-            elif m.op_type in _GLUE_OPS and m.name not in seen:
-                seen.add(m.name)
-                more = ends(m, up, seen)
-                if more is None:
-                    return None
-                found |= more
-            elif m.op_type not in _GLUE_OPS:
-                return None
-        return found
-
-    out = []
-    for n in graph.node:
-        if n.op_type not in _GLUE_OPS:
-            continue
-        up, down = ends(n, True, {n.name}), ends(n, False, {n.name})
-        if up is not None and down is not None and up and down and up <= int8 and down <= int8:
-            out.append(n.name)
-    return out
+    with _quiet():
+        run_quantize_static(src, dst, config, calib)
+    return {"int8_nodes": len(config["layers"]), "glue_nodes": len(config["glue"]), "float_layers": float_layers,
+            **({"notes": list(config["notes"])} if config["notes"] else {})}
 
 
 def ort_session(model: str | bytes, threads: int) -> Any:
@@ -378,10 +247,8 @@ def measure_on_onnxruntime(original: nn.Module, compressed: nn.Module, data: Any
         t0 = time.perf_counter()
         if original_onnx is None:
             export_onnx(original, data.example_input, orig_path)
-        exported = export_onnx(compressed, data.example_input, tmp)
-        quant = quantize_onnx(tmp, staged, int8_layers(effects), exported["act_params"],
-                              calib_x[:256].detach().cpu().numpy(), unit_of=unit_of,
-                              modules={n for n, _ in compressed.named_modules() if n})
+        config = export_for_plan(compressed, data.example_input, effects, tmp, unit_of=unit_of)
+        quant = apply_quant_config(tmp, staged, config, calib_x[:256].detach().cpu().numpy())
         seconds = time.perf_counter() - t0
         ort_orig, ort_comp = OrtModel(orig_path, threads), OrtModel(staged, threads)
         out: dict[str, Any] = {"name": "onnxruntime", "version": ort_version(), "threads": threads,

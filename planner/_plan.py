@@ -7,14 +7,16 @@ See docs/formats.md for the schema. Every decision block of the scan is listed e
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sensplan._artifacts import file_sha256, now_iso, read_json, versions, write_json
+from sensplan._artifacts import file_sha256, now_iso, versions, write_json
 from sensplan._errors import ArtifactError, BudgetError, UserInputError
 from sensplan._metric import Metric
+from sensplan._plan_format import PLAN_FORMAT, PLAN_SCHEMA_VERSION, migration_note, read_plan
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import CostModel, Costs, scope_weights
 from sensplan.planner._solver import (
@@ -27,10 +29,8 @@ from sensplan.planner._solver import (
     uniform_label,
 )
 
-PLAN_FORMAT = "sensplan.plan"
 #: half-width of a 95% interval in standard errors
 Z95 = 1.96
-PLAN_SCHEMA_VERSION = 2
 VARIANTS = ("planned", "uniform")
 
 
@@ -64,13 +64,20 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:
-        obj = read_json(path, PLAN_FORMAT, (PLAN_SCHEMA_VERSION,))
+        """Read and check a plan.json. A plan of an older schema_version is migrated in memory (the
+        file is left as it is; a note on stderr says so, and ``data["migrated"]`` records it); the
+        digest is the file's, so what is made from it chains to the file."""
+        obj = read_plan(path)
         from sensplan._validate import check_plan
 
         problems = check_plan(obj)
         if problems:
-            raise ArtifactError(f"{str(path)!r} is not a valid plan: {problems[0]}. Re-run `sensplan "
+            more = f" (and {len(problems) - 1} more: `sensplan validate` lists them)" if len(problems) > 1 else ""
+            raise ArtifactError(f"{str(path)!r} is not a valid plan: {problems[0]}{more}. Re-run `sensplan "
                                 f"plan`, or check it with `sensplan validate`.")
+        note = migration_note(obj)
+        if note:
+            print(f"note: {path}: {note}", file=sys.stderr, flush=True)
         return cls(obj, file_sha256(path), str(path))
 
 

@@ -88,6 +88,11 @@ def read_json(path: str | os.PathLike[str], fmt: str, versions: tuple[int, ...])
         raise ArtifactError(f"{str(p)!r} is not a {fmt} file (its format is {got!r}). "
                             f"Pass the file written by {made_by}.")
     v = obj.get("schema_version")
+    if isinstance(v, int) and not isinstance(v, bool) and versions and v > max(versions):
+        raise ArtifactError(
+            f"{str(p)!r} has {fmt} schema_version {v}: a newer sensplan wrote it, and this sensplan "
+            f"{__version__} reads up to version {max(versions)}. Upgrade sensplan (pip install -U sensplan), "
+            f"or re-create the file with this one ({made_by}).")
     if v not in versions:
         raise ArtifactError(
             f"{str(p)!r} has {fmt} schema_version {v!r}, but this sensplan {__version__} reads "

@@ -16,6 +16,7 @@ from typing import Any, TypeGuard
 from sensplan._artifacts import file_sha256
 from sensplan._effects import merge
 from sensplan._effects import to_data as effect_data
+from sensplan._plan_format import PLAN_FORMAT, migration_note, read_plan, schema_problems, semantic_problems
 
 _NUM = (int, float)
 
@@ -114,48 +115,12 @@ def check_scan(obj: Mapping[str, Any]) -> list[str]:
     return p
 
 
-def _check_metric_of_task(obj: Mapping[str, Any], what: str) -> list[str]:
-    task = obj.get("task")
-    if not _map(task) or not _map(task.get("metric")) or not isinstance(task["metric"].get("name"), str):
-        return [f"{what} lacks task.metric.name (the task's metric: name, higher_is_better, unit)"]
-    return []
-
-
 def check_plan(obj: Mapping[str, Any]) -> list[str]:
-    """Problems of a plan.json object (empty = valid)."""
-    p = _need(obj, ("plans", "original", "scan", "model", "task", "objective"), "the plan")
-    if p:
-        return p
-    p += _check_metric_of_task(obj, "the plan")
-    for key in ("plans", "original", "scan", "model", "objective"):
-        if not _map(obj[key]):
-            p.append(f"{key!r} must be an object, not {obj[key]!r}"[:200])
-    if p:
-        return p
-    bad = [k for k, v in obj["original"].items() if not _num(v)]
-    if bad:
-        p.append(f"original.{bad[0]} is {obj['original'][bad[0]]!r}, not a number")
-    for name, v in obj["plans"].items():
-        if v is None:
-            continue
-        if not _map(v):
-            p.append(f"the {name!r} allocation is {v!r}, not an object"[:200])
-            continue
-        for k in ("choices", "predicted"):
-            if not _map(v.get(k)):
-                p.append(f"the {name!r} allocation lacks {k!r}")
-        if _map(v.get("predicted")) and not _num(v["predicted"].get("drop")):
-            p.append(f"the {name!r} allocation's predicted drop is not a number")
-        for block, c in (v.get("choices") or {}).items() if _map(v.get("choices")) else ():
-            if not _map(c) or not isinstance(c.get("unit"), str) or "method" not in c:
-                p.append(f"the {name!r} allocation's choice {block!r} lacks unit/method")
-                break
-            if c["method"] is not None and (not isinstance(c["method"], str)
-                                            or not _map(c.get("setting"))):
-                p.append(f"the {name!r} allocation's choice {block!r} needs a method name and a "
-                         f"setting object")
-                break
-    return p
+    """Problems of a plan.json object at the current schema_version (empty = valid): each way it
+    breaks the published schema (``sensplan/schemas/plan.schema.json``, one line with its JSON
+    path), then what the schema cannot say (see ``_plan_format.semantic_problems``). Migrate an
+    older plan first (``migrate_plan``)."""
+    return schema_problems(obj) or semantic_problems(obj)
 
 
 def check_metrics(obj: Mapping[str, Any]) -> list[str]:
@@ -178,11 +143,13 @@ def check_metrics(obj: Mapping[str, Any]) -> list[str]:
 _CHECKS = {"sensplan.scan": check_scan, "sensplan.plan": check_plan, "sensplan.metrics": check_metrics}
 
 
-def validate_files(paths: list[str]) -> list[str]:
+def validate_files(paths: list[str], notes: list[str] | None = None) -> list[str]:
     """Check each file and the digest chain between them; return messages (empty = all valid).
 
     The chain: a plan records the sha256 of the scan it was made from, a result (metrics.json)
-    records the sha256 of the plan it applied. Files given together must chain.
+    records the sha256 of the plan it applied. Files given together must chain. A plan of an older
+    schema_version is checked as migrated in memory; ``notes`` (when given) gets a line
+    ``PATH: note: ...`` saying so.
     """
     from sensplan._artifacts import read_json
 
@@ -217,7 +184,13 @@ def validate_files(paths: list[str]) -> list[str]:
                 problems += [f"{raw}: {m}" for m in _frontier_plans(path, loaded_obj.data)]
             continue
         try:
-            obj = read_json(path, fmt, (2,) if fmt != "sensplan.metrics" else (1, 2))
+            if fmt == PLAN_FORMAT:
+                obj = read_plan(path)
+                note = migration_note(obj)
+                if note and notes is not None:
+                    notes.append(f"{raw}: note: {note}")
+            else:
+                obj = read_json(path, fmt, (2,) if fmt != "sensplan.metrics" else (1, 2))
         except Exception as e:  # noqa: BLE001 - reported, not raised
             problems.append(f"{raw}: {e}")
             continue
@@ -230,6 +203,27 @@ def validate_files(paths: list[str]) -> list[str]:
         if scan_obj is not None and not problems:
             problems += [f"{path_}: {m}" for m in plan_against_scan(scan_obj, obj)]
     return problems
+
+
+def write_migrated(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> str:
+    """Write the plan ``src`` migrated to the current schema_version to ``out`` (``src`` is never
+    rewritten); return a line saying what was done. Raises :class:`UserInputError` when ``src`` is
+    not a valid plan or ``out`` is ``src``."""
+    from sensplan._artifacts import write_json
+    from sensplan._errors import ArtifactError, UserInputError
+
+    if Path(out).exists() and Path(out).resolve() == Path(src).resolve():
+        raise UserInputError(f"--migrate {out} is the plan itself; sensplan never rewrites the plan it reads. "
+                             f"Name another file, e.g. --migrate {Path(out).with_suffix('')}_v2.json.")
+    obj = read_plan(src)
+    problems = check_plan(obj)
+    if problems:
+        raise ArtifactError(f"{str(src)!r} is not a valid plan once migrated: {problems[0]}. Make the plan "
+                            f"again with `sensplan plan`.")
+    write_json(out, obj)
+    m = obj.get("migrated")
+    was = f"schema_version {m['from']}, migrated" if isinstance(m, Mapping) else "already current, copied"
+    return f"wrote {out}: {src} ({was}) as plan.json schema_version {obj['schema_version']}"
 
 
 #: formats read by the planner's classes: a cost table (``sensplan profile``'s, or one by hand) and a

@@ -21,7 +21,8 @@ SOURCES = {"sensplan": "sensplan", "sensitivity": "sensplan.sensitivity",
            "planner": "sensplan.planner", "reports": "sensplan.reports"}
 SUBPACKAGES = ("sensitivity", "planner", "reports", "cli")
 PACKAGES = ["sensplan", "sensplan.sensitivity", "sensplan.sensitivity.methods",
-            "sensplan.sensitivity.tasks", "sensplan.planner", "sensplan.reports", "sensplan.cli"]
+            "sensplan.sensitivity.tasks", "sensplan.planner", "sensplan.planner.export", "sensplan.reports",
+            "sensplan.cli"]
 
 #: (importing module, another package's private module) edges that the design needs
 NECESSARY = {

@@ -1,6 +1,7 @@
 """The ``sensplan`` command line: one small module per verb; each parses flags, calls the library.
 
-Verbs: scan | profile | plan | frontier | apply | report | run | demo | validate | methods | models. Exit codes:
+Verbs: scan | profile | plan | frontier | apply | export | report | run | demo | validate | methods |
+models. Exit codes:
 
 - 0: done;
 - 1: a bug in sensplan (the traceback is shown; please report it);
@@ -24,12 +25,25 @@ from typing import NoReturn
 
 from sensplan._errors import SensplanError, UserInputError
 from sensplan._version import __version__
-from sensplan.cli import apply, demo, frontier, methods, models, plan, profile, report, run, scan, validate
+from sensplan.cli import (
+    apply,
+    demo,
+    export,
+    frontier,
+    methods,
+    models,
+    plan,
+    profile,
+    report,
+    run,
+    scan,
+    validate,
+)
 from sensplan.cli._common import EXIT_INTERRUPTED, EXIT_USER_ERROR, Interrupted, clobber_problem
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
-VERBS = (scan, profile, plan, frontier, apply, report, run, demo, validate, methods, models)
+VERBS = (scan, profile, plan, frontier, apply, export, report, run, demo, validate, methods, models)
 
 EPILOG = """\
 example (a typical session):
@@ -40,6 +54,7 @@ example (a typical session):
   sensplan report --scan scan.json --plan plan.json --result result/ --out report/
   sensplan run ... --budget macs=0.5 --out runs/r1      # all four at once
   sensplan frontier --scan scan.json --metric size --out frontier/   # drop against cost, 8 budgets
+  sensplan export --plan plan.json --to onnxruntime --out ort.json  # for another tool (--list)
   sensplan demo                                         # offline, about a minute
 """
 

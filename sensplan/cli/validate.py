@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 EXAMPLE = """\
   sensplan validate scan.json plan.json result/     # each file, and plan <- scan, result <- plan
   sensplan validate runs/r20/scan.json runs/r20/plan.json runs/r20/result/model.sensplan
+  sensplan validate old_plan.json --migrate plan_v2.json   # an older plan, written at the current version
 """
 
 
@@ -22,19 +23,30 @@ def register(sub: SubParsers) -> None:
                                   "cost-table and model.sensplan files, and that they chain.",
                  EXAMPLE)
     p.add_argument("files", nargs="+", metavar="FILE", help="the files to check")
+    p.add_argument("--migrate", metavar="OUT", default=None,
+                   help="with one plan FILE: write it, migrated to the current plan.json schema_version, to "
+                        "OUT (the plan itself is never rewritten; every command reads an older plan as "
+                        "migrated anyway). The plan's schema is docs/plan.schema.json")
     p.set_defaults(fn=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from sensplan._validate import validate_files
+    from sensplan._validate import validate_files, write_migrated
 
-    problems = validate_files(list(args.files))
+    if args.migrate is not None and len(args.files) != 1:
+        raise UserInputError(f"--migrate writes one plan: give one plan FILE, not {len(args.files)} files "
+                             f"(e.g. sensplan validate plan.json --migrate plan_v2.json).")
+    notes: list[str] = []
+    problems = validate_files(list(args.files), notes)
     shown: set[int] = set()
     for path in args.files:
         mine = [i for i, p in enumerate(problems) if p.startswith(f"{path}: ")]
         shown.update(mine)
         if not mine:
             print(f"{path}: OK")
+        for note in notes:
+            if note.startswith(f"{path}: "):
+                print(note)
         for i in mine:
             print(problems[i])
     for i, p in enumerate(problems):
@@ -42,4 +54,6 @@ def main(args: argparse.Namespace) -> int:
             print(p)
     if problems:
         raise UserInputError(f"{len(problems)} problem(s) found; see above.")
+    if args.migrate is not None:
+        print(write_migrated(args.files[0], args.migrate))
     return 0

@@ -1,0 +1,425 @@
+"""The exporter plug-in kind: ``plan.json`` -> another tool's configuration file.
+
+An exporter reads one allocation of a plan (``plans.planned`` or ``plans.uniform``) and writes what
+the target tool takes as input. It decides from each choice's *effect* (the declared vocabulary of
+``sensplan._effects``: ``weight_bits``, ``weight_dtype``, ``group_size``, ``zero_point_bits``,
+``act_bits``, ``density``, ``removed``, ``structure`` ...), never from a method's name, so a
+third-party method whose effect is "4-bit integer weights in groups of 128" exports as the built-in
+one does.
+
+What the target cannot express is never silently lost: :meth:`ExportRequest.unsupported` refuses the
+export with one message naming the fix, or, with ``drop_unsupported``, leaves it out and lists it in
+:attr:`Exported.dropped` (the CLI prints each; the written file records them under ``dropped``).
+
+This module is torch-free. An exporter that needs the model (the channel indices of Torch-Pruning,
+the ONNX graph of ONNX Runtime) asks the request for it (:meth:`ExportRequest.loaded`), which calls
+the loader the caller gave: the CLI rebuilds the plan's model, Python passes its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sensplan._effects import merge_per_unit
+from sensplan._errors import UserInputError
+from sensplan._registry import Registry
+
+#: the ``format`` of the JSON files the exporters write (each adds ``target``)
+EXPORT_FORMAT = "sensplan.export"
+EXPORT_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What an exporter that needs the model gets: the model (eval mode, CPU), one example input
+    batch, and the calibration data the executor recalibrates and calibrates activations on
+    (an ``EvalSet``, or None)."""
+
+    model: Any
+    example_input: Any
+    calib: Any = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer of an allocation, as the exporters see it: the merged effect of its choices on
+    every axis, its name in the target tool (``target``), and the blocks that chose it."""
+
+    unit: str
+    target: str
+    effect: Mapping[str, Any]
+    blocks: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def int_weights(self) -> bool:
+        return self.effect.get("weight_dtype") == "int"
+
+    @property
+    def weight_bits(self) -> int:
+        return int(self.effect.get("weight_bits", 32))
+
+    @property
+    def group_size(self) -> int:
+        """0: one scale per output channel; g: one per g consecutive values of a row."""
+        return int(self.effect.get("group_size") or 0)
+
+    @property
+    def symmetric(self) -> bool:
+        return not int(self.effect.get("zero_point_bits") or 0)
+
+    @property
+    def act_bits(self) -> int:
+        return int(self.effect.get("act_bits", 32))
+
+    @property
+    def float_dtype(self) -> str | None:
+        """``float16``/``bfloat16`` for 16-bit float weights, else None."""
+        d = self.effect.get("weight_dtype")
+        return str(d) if d in ("float16", "bfloat16") else None
+
+    @property
+    def sparse(self) -> bool:
+        return float(self.effect.get("density", 1.0)) < 1.0 or self.effect.get("sparse_format") not in (None, "dense")
+
+    @property
+    def restructured(self) -> bool:
+        return bool(self.effect.get("structure"))
+
+    @property
+    def describe(self) -> str:
+        return " + ".join(self.labels) or "none"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A choice the target cannot express: the ``block`` (``<axis>:<unit>``), its label and why."""
+
+    block: str
+    label: str
+    why: str
+
+    def line(self) -> str:
+        return f"{self.block} ({self.label}): {self.why}"
+
+
+@dataclass
+class Exported:
+    """What an exporter produced: the text of the ``--out`` file, other files to write beside it
+    (name -> bytes, each written atomically next to ``--out``), what it left out (with
+    ``drop_unsupported``) and notes on how the target will treat the rest."""
+
+    text: str
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    dropped: list[Unsupported] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportRequest:
+    """One export: the plan, which allocation, whether to drop what the target cannot express (else
+    refuse), where the file goes, and how to get the model when the exporter needs it."""
+
+    plan: Any  # a sensplan.planner.Plan
+    target: str
+    variant: str = "planned"
+    drop_unsupported: bool = False
+    out: Path = Path("export.out")
+    model_loader: Callable[[], LoadedModel] | None = None
+    _loaded: LoadedModel | None = None
+    dropped: list[Unsupported] = field(default_factory=list)
+
+    # -- the allocation ----------------------------------------------------------------------
+    @property
+    def allocation(self) -> Mapping[str, Any]:
+        alloc: Mapping[str, Any] = self.plan.variant(self.variant)
+        return alloc
+
+    @property
+    def choices(self) -> dict[str, Mapping[str, Any]]:
+        """Every block of the allocation (``<axis>:<unit>`` -> its choice), ``method: null`` included."""
+        return dict(self.allocation["choices"])
+
+    def applied(self) -> dict[str, Mapping[str, Any]]:
+        """The blocks that apply a method."""
+        return {b: c for b, c in self.choices.items() if c.get("method")}
+
+    @property
+    def is_transformer(self) -> bool:
+        """Whether the plan's model is a Hugging Face model (``--model hf:...``)."""
+        spec = (self.plan.data.get("model") or {}).get("spec") or {}
+        return str(spec.get("source", "")).startswith("hf:")
+
+    def target_name(self, unit: str) -> str:
+        """The module's name in the target tool: a Hugging Face model's names without sensplan's
+        wrapper prefix (``model.model.layers.0.mlp.up_proj`` -> ``model.layers.0.mlp.up_proj``,
+        the name in ``AutoModelForCausalLM.from_pretrained(...).named_modules()``)."""
+        if self.is_transformer and unit.startswith("model."):
+            return unit[len("model."):]
+        return unit
+
+    def layers(self, *, all_layers: bool = True) -> dict[str, LayerSpec]:
+        """Per layer unit (choices of ``kind: layer``), its merged effect; with ``all_layers`` the
+        layers the plan leaves float too (an empty effect)."""
+        layer_choices = [(b, c) for b, c in self.choices.items() if c.get("kind") == "layer"]
+        effects = merge_per_unit((c["unit"], c.get("effect") or {}) for _, c in layer_choices if c.get("method"))
+        out: dict[str, LayerSpec] = {}
+        for unit in dict.fromkeys(c["unit"] for _, c in layer_choices):
+            mine = [(b, c) for b, c in layer_choices if c["unit"] == unit and c.get("method")]
+            if not mine and not all_layers:
+                continue
+            out[unit] = LayerSpec(unit, self.target_name(unit), effects.get(unit, {}), tuple(b for b, _ in mine),
+                                  tuple(str(c.get("label") or c["method"]) for _, c in mine))
+        return out
+
+    def groups(self) -> dict[str, Mapping[str, Any]]:
+        """The channel groups the allocation shrinks (``removed`` > 0): group root -> its choice."""
+        return {c["unit"]: c for c in self.choices.values()
+                if c.get("kind") == "group" and int((c.get("effect") or {}).get("removed") or 0) > 0}
+
+    # -- what the target cannot express -------------------------------------------------------
+    def unsupported(self, items: Sequence[Unsupported], fix: str) -> list[Unsupported]:
+        """Refuse the export when ``items`` is not empty (one message: how many choices, the
+        first few, and ``fix``), or, with ``drop_unsupported``, record them as dropped and return
+        them (the exporter then leaves them out)."""
+        if not items:
+            return []
+        if self.drop_unsupported:
+            self.dropped.extend(items)
+            return list(items)
+        first = "; ".join(i.line() for i in items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
+        raise UserInputError(f"--to {self.target} cannot express {len(items)} choice(s) of the plan's {self.variant} "
+                             f"allocation: {first}. Pass --drop-unsupported to export without them (they are listed "
+                             f"in the file's 'dropped'), or {fix}.")
+
+    def group_items(self, why: str) -> list[Unsupported]:
+        return [Unsupported(f"{c['axis']}:{u}", str(c.get("label")), why) for u, c in self.groups().items()]
+
+    def layer_items(self, spec: LayerSpec, why: str) -> list[Unsupported]:
+        return [Unsupported(b, lbl, why) for b, lbl in zip(spec.blocks, spec.labels, strict=True)]
+
+    # -- the model ---------------------------------------------------------------------------
+    def loaded(self) -> LoadedModel:
+        if self._loaded is None:
+            if self.model_loader is None:
+                raise UserInputError(f"--to {self.target} needs the plan's model; pass it (Python: "
+                                     f"export_plan(..., model=..., example_input=...)).")
+            self._loaded = self.model_loader()
+        return self._loaded
+
+    # -- the written file ---------------------------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        """The provenance every JSON export starts with."""
+        from sensplan._artifacts import now_iso
+        from sensplan._version import __version__
+
+        model = self.plan.data.get("model") or {}
+        return {"format": EXPORT_FORMAT, "schema_version": EXPORT_SCHEMA_VERSION, "target": self.target,
+                "created": now_iso(), "sensplan": __version__,
+                "plan": {"path": self.plan.path or None, "sha256": self.plan.sha256 or None, "variant": self.variant},
+                "model": {"spec": model.get("spec"), "weights": model.get("weights"),
+                          "architecture_digest": model.get("architecture_digest")}}
+
+    def dropped_record(self) -> list[dict[str, str]]:
+        return [{"block": d.block, "label": d.label, "why": d.why} for d in self.dropped]
+
+
+class Exporter:
+    """Base of an exporter plug-in: ``name`` (``--to NAME``), ``description``, ``suffix`` (the
+    usual extension of its file), ``needs_model``; :meth:`export` returns the file's content."""
+
+    name = ""
+    description = ""
+    suffix = ".json"
+    needs_model = False
+
+    def export(self, request: ExportRequest) -> Exported:
+        raise NotImplementedError
+
+
+EXPORTERS: Registry[Exporter] = Registry("exporter", flag="--to", entry_points="sensplan.exporters")
+
+
+def load_exporters() -> Registry[Exporter]:
+    """The registry with every built-in exporter (the public modules of this package) and the
+    ``sensplan.exporters`` entry points of other packages."""
+    import sensplan.planner.export as pkg
+
+    EXPORTERS.discover(pkg.__name__, pkg.__path__, Exporter)
+    return EXPORTERS
+
+
+def export_plan(plan: Any, target: str, out: str | os.PathLike[str], *, variant: str = "planned",
+                drop_unsupported: bool = False, model: Any = None, example_input: Any = None, calib: Any = None,
+                model_loader: Callable[[], LoadedModel] | None = None) -> Exported:
+    """Export one allocation of ``plan`` (a :class:`~sensplan.planner.Plan`) for the tool ``target``
+    (an exporter's name) into ``out``, written atomically, with any extra files beside it.
+
+    ``model``/``example_input``/``calib`` (or ``model_loader``): the plan's model, for exporters
+    that need it (``torch-pruning``, ``onnxruntime``). Raises ``UserInputError`` when the target
+    cannot express a choice, unless ``drop_unsupported``. Returns what was written and dropped.
+
+    >>> export_plan(Plan.load("plan.json"), "csv", "plan.csv")  # doctest: +SKIP
+    """
+    from sensplan._artifacts import atomic_write_bytes
+
+    exporter = load_exporters().get(target)
+    if model_loader is None and model is not None:
+        loaded = LoadedModel(model, example_input, calib)
+        model_loader = lambda: loaded  # noqa: E731
+    req = ExportRequest(plan, target, variant, drop_unsupported, Path(out), model_loader)
+    plan.variant(variant)  # an absent allocation is one clear message
+    result = exporter.export(req)
+    result.dropped = list(req.dropped)
+    out_path = Path(out)
+    for name, data in result.extra_files.items():
+        atomic_write_bytes(out_path.parent / name, data)
+    atomic_write_bytes(out_path, result.text.encode())
+    return result
+
+
+# -- small writers ---------------------------------------------------------------------------------
+def to_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+
+
+_PLAIN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+def to_yaml(obj: Any, indent: int = 0) -> str:
+    """Block-style YAML of plain data (dicts, lists, strings, numbers, booleans, None). Strings that
+    could be read as another type are written as JSON strings (a valid YAML double-quoted scalar),
+    so any YAML reader gives back ``obj``."""
+    pad = "  " * indent
+    if isinstance(obj, Mapping):
+        if not obj:
+            return pad + "{}\n"
+        out = []
+        for k, v in obj.items():
+            key = _scalar(k)
+            if isinstance(v, (Mapping, list, tuple)) and v:
+                out.append(f"{pad}{key}:\n{to_yaml(v, indent + 1)}")
+            else:
+                out.append(f"{pad}{key}: {_inline(v)}\n")
+        return "".join(out)
+    if isinstance(obj, (list, tuple)):
+        if not obj:
+            return pad + "[]\n"
+        out = []
+        for v in obj:
+            if isinstance(v, (Mapping, list, tuple)) and v:
+                body = to_yaml(v, indent + 1)
+                out.append(f"{pad}- {body.lstrip()}")
+            else:
+                out.append(f"{pad}- {_inline(v)}\n")
+        return "".join(out)
+    return pad + _inline(obj) + "\n"
+
+
+def _inline(v: Any) -> str:
+    if isinstance(v, Mapping) and not v:
+        return "{}"
+    if isinstance(v, (list, tuple)) and not v:
+        return "[]"
+    return _scalar(v)
+
+
+def _scalar(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return json.dumps(v)
+    s = str(v)
+    if _PLAIN.match(s) and s.lower() not in ("true", "false", "null", "yes", "no", "on", "off", "y", "n", "~"):
+        return s
+    return json.dumps(s)
+
+
+def exact_regex(name: str) -> str:
+    """A regular expression that matches the module name ``name`` and nothing else."""
+    return "^" + re.escape(name) + "$"
+
+
+# -- what quantization-only targets share -------------------------------------------------------------
+def quantization_only(request: ExportRequest, tool: str, *, int_bits: Sequence[int] = tuple(range(2, 9)),
+                      activations: bool = True, zero_points: bool = True,
+                      fix: str = "") -> dict[str, LayerSpec]:
+    """The layers a quantization tool can take, refusing (or dropping) the rest: channel pruning,
+    factorized layers, sparsity and 16-bit float weights always; integer weights of other widths
+    than ``int_bits``; activation quantization unless ``activations``; zero points unless
+    ``zero_points``. Returns every layer of the allocation (float ones with an empty effect), with
+    the dropped choices' fields taken out of their effect."""
+    items: list[Unsupported] = list(request.group_items(
+        f"{tool} quantizes; it does not remove channels (export the pruning with --to torch-pruning and "
+        f"replay it on the model first)"))
+    specs = request.layers()
+    out: dict[str, LayerSpec] = {}
+    for unit, spec in specs.items():
+        bad: dict[str, str] = {}
+        if spec.restructured:
+            bad["structure"] = f"{tool} does not factorize layers"
+        if spec.sparse:
+            bad["sparse"] = f"{tool} does not store sparse weights here"
+        if spec.float_dtype:
+            bad["float"] = f"{tool} quantizes to integers; {spec.float_dtype} weights are a dtype cast"
+        if spec.int_weights and spec.weight_bits not in int_bits:
+            widths = "/".join(str(b) for b in int_bits)
+            bad["bits"] = f"{tool} takes {widths}-bit integer weights, not {spec.weight_bits}"
+        if spec.int_weights and not spec.symmetric and not zero_points:
+            bad["zp"] = f"{tool} takes symmetric integer weights (no zero point)"
+        if spec.act_bits < 32 and not activations:
+            bad["act"] = f"{tool} quantizes weights only (not a layer's input activations)"
+        if not bad:
+            out[unit] = spec
+            continue
+        # blame the blocks whose effect carries the unsupported field
+        keep_blocks: list[str] = []
+        keep_labels: list[str] = []
+        dropped_fields: set[str] = set()
+        for block, label in zip(spec.blocks, spec.labels, strict=True):
+            e = request.choices[block].get("effect") or {}
+            whys = [w for k, w in bad.items() if _carries(e, k)]
+            if whys:
+                items.append(Unsupported(block, label, "; ".join(whys)))
+                dropped_fields.update(e)
+            else:
+                keep_blocks.append(block)
+                keep_labels.append(label)
+        effect = {k: v for k, v in spec.effect.items() if k not in dropped_fields}
+        out[unit] = LayerSpec(unit, spec.target, effect, tuple(keep_blocks), tuple(keep_labels))
+    request.unsupported(items, fix or f"plan without those methods for {tool}")
+    return out
+
+
+def _carries(effect: Mapping[str, Any], what: str) -> bool:
+    if what == "structure":
+        return bool(effect.get("structure"))
+    if what == "sparse":
+        return "density" in effect or "sparse_format" in effect
+    if what == "float":
+        return effect.get("weight_dtype") in ("float16", "bfloat16")
+    if what in ("bits", "zp"):
+        return effect.get("weight_dtype") == "int"
+    if what == "act":
+        return int(effect.get("act_bits", 32)) < 32
+    return False
+
+
+def out_of_scope(request: ExportRequest) -> list[str]:
+    """The target names of the layers the plan's scan left out of scope (e.g. an LM head)."""
+    return [request.target_name(u) for u in ((request.plan.data.get("scope") or {}).get("out_of_scope") or {})]
+
+
+def require_transformer(request: ExportRequest, tool: str) -> None:
+    if not request.is_transformer:
+        spec = ((request.plan.data.get("model") or {}).get("spec") or {}).get("source", "?")
+        raise UserInputError(f"--to {tool} is for Hugging Face transformers (a plan of --model hf:DIR); this plan's "
+                             f"model is {spec!r}. Use --to modelopt, onnxruntime, nncf or csv.")

@@ -1,0 +1,48 @@
+"""``--to csv``: one row per decision block, for spreadsheets. Expresses everything the plan says."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from sensplan.planner.export._core import EXPORTERS, Exported, Exporter, ExportRequest
+
+#: the columns, in order (docs/exporters.md describes each)
+COLUMNS = ("block", "unit", "axis", "kind", "method", "label", "setting", "predicted_unit_drop", "channels",
+           "n_remove", "removed_fraction", "weight_bits", "weight_dtype", "group_size", "zero_point_bits",
+           "act_bits", "density", "sparse_format", "restructured")
+
+
+@EXPORTERS.register
+class CsvExporter(Exporter):
+    name = "csv"
+    description = "one row per block (unit, axis, method, setting, predicted drop, channels, bits) for spreadsheets"
+    suffix = ".csv"
+
+    def export(self, request: ExportRequest) -> Exported:
+        drops = request.allocation.get("unit_drops") or {}
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(COLUMNS)
+        for block, c in request.choices.items():
+            e = c.get("effect") or {}
+            channels = c.get("channels")
+            removed = e.get("removed")
+            w.writerow([
+                block, c["unit"], c["axis"], c.get("kind", ""), c.get("method") or "", c.get("label", ""),
+                json.dumps(c.get("setting") or {}, sort_keys=True, separators=(",", ":")),
+                _num(drops.get(block)), _num(channels), _num(removed),
+                _num(int(removed) / int(channels) if removed is not None and channels else None),
+                _num(e.get("weight_bits")), e.get("weight_dtype", ""), _num(e.get("group_size")),
+                _num(e.get("zero_point_bits")), _num(e.get("act_bits")), _num(e.get("density")),
+                e.get("sparse_format", ""), "yes" if e.get("structure") else ""])
+        return Exported(buf.getvalue())
+
+
+def _num(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)

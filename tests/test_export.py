@@ -1,0 +1,437 @@
+"""``sensplan export``: every exporter on a CNN plan (pruning, per-channel int weights, int8 inputs)
+and on a transformer plan (head/MLP pruning, group-wise int weights), checked against what the
+target tool does with the file: Torch-Pruning's own pruner replays the channels sensplan's executor
+removes, ONNX Runtime's quantize_static quantizes exactly the plan's int8 layers at the plan's scales,
+compressed-tensors validates the llm-compressor recipe, and the name patterns of ModelOpt, GPTQModel,
+AutoRound and NNCF resolve, by each tool's documented matching rule, to the plan's per-layer formats.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import csv
+import fnmatch
+import json
+import re
+
+import pytest
+import torch
+
+from sensplan._errors import UserInputError
+from sensplan.cli import main
+from sensplan.planner import Budget, Plan, compress, make_plan
+from sensplan.planner.export import EXPORTERS, export_plan, load_exporters, replay_torch_pruning
+from sensplan.sensitivity import ModelSpec, ScanConfig, scan
+from tests.conftest import CIFAR_RESNET, RESNET20_JPEG, needs_shared, seeded_model, self_labelled
+
+SPEC = ModelSpec("sensplan:tiny_resnet")
+CNN_SETTINGS = {"prune": [{"ratio": 0.25}, {"ratio": 0.5}], "weight_quant": [{"bits": 8}, {"bits": 4}],
+                "act_quant": [{"calib": "minmax", "bits": 8}]}
+
+
+def hand_plan(table, picks) -> Plan:
+    """A plan whose choices are exactly ``picks`` ([(unit, method, setting subset)]), the rest none."""
+    base = make_plan(table, [Budget.parse("size=0.99")])
+    data = copy.deepcopy(dict(base.data))
+    alloc = data["plans"]["planned"]
+    for c in alloc["choices"].values():
+        c.update(method=None, setting={}, label="none", effect={})
+    for unit, method, setting in picks:
+        r = next(r for r in table.results if r["unit"] == unit and r["method"] == method
+                 and all(r["setting"].get(k) == v for k, v in setting.items())
+                 and len(r["setting"]) == len(setting) + ("n_remove" in r["setting"] and "n_remove" not in setting))
+        alloc["choices"][f"{r['axis']}:{unit}"].update(method=method, setting=dict(r["setting"]), label=r["label"],
+                                                         effect=dict(r["effect"]))
+    data["plans"]["uniform"] = None
+    return Plan(data, "0" * 64, "plan.json")
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = seeded_model("tiny_resnet")
+    data = self_labelled(model, 48)
+    calib = self_labelled(model, 32, seed=9)
+    table = scan(model, data, ScanConfig(CNN_SETTINGS), calib=calib, model_spec=SPEC, progress=False)
+    groups = [g for g in table.groups if any(r["unit"] == g and r["method"] == "prune" for r in table.results)]
+    return model, data, calib, table, groups
+
+
+def test_the_built_in_exporters_are_registered():
+    names = set(load_exporters().names())
+    assert {"torch-pruning", "onnxruntime", "modelopt", "llm-compressor", "gptqmodel", "autoround", "nncf",
+            "csv"} <= names
+    assert all(EXPORTERS.origin(n) == "built-in" for n in names)
+    with pytest.raises(UserInputError, match="Did you mean 'modelopt'"):
+        EXPORTERS.get("modelop")
+
+
+# -- csv ------------------------------------------------------------------------------------------
+def test_csv_has_one_row_per_block_with_its_effect(cnn, tmp_path):
+    model, data, calib, table, groups = cnn
+    layers = list(table.layers)
+    plan = hand_plan(table, [(groups[0], "prune", {"ratio": 0.5}), (layers[0], "weight_quant", {"bits": 4}),
+                             (layers[0], "act_quant", {"calib": "minmax", "bits": 8})])
+    export_plan(plan, "csv", tmp_path / "plan.csv")
+    rows = list(csv.DictReader((tmp_path / "plan.csv").read_text().splitlines()))
+    choices = plan.variant()["choices"]
+    assert [r["block"] for r in rows] == list(choices)
+    by = {r["block"]: r for r in rows}
+    g = by[f"channels:{groups[0]}"]
+    assert int(g["n_remove"]) == choices[f"channels:{groups[0]}"]["effect"]["removed"] > 0
+    assert float(g["removed_fraction"]) == pytest.approx(int(g["n_remove"]) / int(g["channels"]))
+    assert by[f"weight:{layers[0]}"]["weight_bits"] == "4" and by[f"weight:{layers[0]}"]["weight_dtype"] == "int"
+    assert by[f"activation:{layers[0]}"]["act_bits"] == "8"
+    assert all(r["method"] == "" for b, r in by.items() if not choices[b]["method"])
+    assert json.loads(by[f"weight:{layers[0]}"]["setting"]) == {"bits": 4}
+
+
+# -- torch-pruning --------------------------------------------------------------------------------
+def test_torch_pruning_replay_matches_the_executor(cnn, tmp_path):
+    model, data, calib, table, groups = cnn
+    plan = hand_plan(table, [(groups[0], "prune", {"ratio": 0.5}), (groups[-1], "prune", {"ratio": 0.25})])
+    x = data.x[:1]
+    export_plan(plan, "torch-pruning", tmp_path / "tp.json", model=model, example_input=x)
+    spec = json.loads((tmp_path / "tp.json").read_text())
+    assert spec["target"] == "torch-pruning" and len(spec["groups"]) == 2
+    assert spec["pruning_ratio_dict"] == {g["root"]: g["n_remove"] / g["channels"] for g in spec["groups"]}
+    # the indices are Torch-Pruning's own GroupMagnitudeImportance ranking on the unpruned weights
+    import torch_pruning as tp
+
+    ref = copy.deepcopy(model).eval()
+    dg = tp.DependencyGraph().build_dependency(ref, example_inputs=x)
+    mods = dict(ref.named_modules())
+    imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+    for g in spec["groups"]:
+        root = mods[g["root"]]
+        full = dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels, list(range(g["channels"])))
+        scores = imp(full)
+        assert g["idxs"] == sorted(torch.argsort(scores, stable=True)[: g["n_remove"]].tolist())
+    # replayed with Torch-Pruning's pruner: the executor's shapes and outputs (no recalibration)
+    replayed = replay_torch_pruning(copy.deepcopy(model), tmp_path / "tp.json", x)
+    cm, _ = compress(model, plan, "planned", x)
+    ours = cm.module.state_dict()
+    theirs = replayed.state_dict()
+    assert {k: tuple(v.shape) for k, v in theirs.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert any(theirs[k].shape != v.shape for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.allclose(replayed(data.x), cm.module(data.x), atol=1e-5)
+
+
+def test_torch_pruning_refuses_quantization_unless_told_to_drop_it(cnn, tmp_path):
+    model, data, calib, table, groups = cnn
+    layer = list(table.layers)[1]
+    plan = hand_plan(table, [(groups[0], "prune", {"ratio": 0.5}), (layer, "weight_quant", {"bits": 4})])
+    with pytest.raises(UserInputError, match=r"cannot express 1 choice.*weight:.*--drop-unsupported"):
+        export_plan(plan, "torch-pruning", tmp_path / "tp.json", model=model, example_input=data.x[:1])
+    assert not (tmp_path / "tp.json").exists()
+    out = export_plan(plan, "torch-pruning", tmp_path / "tp.json", drop_unsupported=True, model=model,
+                      example_input=data.x[:1])
+    assert [d.block for d in out.dropped] == [f"weight:{layer}"]
+    spec = json.loads((tmp_path / "tp.json").read_text())
+    assert spec["dropped"][0]["block"] == f"weight:{layer}" and len(spec["groups"]) == 1
+
+
+# -- onnxruntime ----------------------------------------------------------------------------------
+def test_onnxruntime_config_quantizes_exactly_the_plans_int8_layers(cnn, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from onnxruntime.quantization import quantize_static
+
+    from sensplan.planner.export import quantize_static_kwargs
+
+    model, data, calib, table, groups = cnn
+    layers = list(table.layers)
+    int8, int4 = layers[:3], layers[3]
+    picks = [(groups[0], "prune", {"ratio": 0.5}), (int4, "weight_quant", {"bits": 4})]
+    picks += [(u, "weight_quant", {"bits": 8}) for u in int8]
+    picks += [(u, "act_quant", {"calib": "minmax", "bits": 8}) for u in int8]
+    plan = hand_plan(table, picks)
+    with pytest.raises(UserInputError, match="no ONNX Runtime kernel computes with 4-bit weights"):
+        export_plan(plan, "onnxruntime", tmp_path / "ort.json", model=model, example_input=data.x[:1], calib=calib)
+    out = export_plan(plan, "onnxruntime", tmp_path / "ort.json", drop_unsupported=True, model=model,
+                      example_input=data.x[:1], calib=calib)
+    assert [d.block for d in out.dropped] == [f"weight:{int4}"]
+    cfg = json.loads((tmp_path / "ort.json").read_text())
+    assert set(cfg["layers"]) == set(int8) and cfg["float_layers"] == {}
+    float_onnx = tmp_path / cfg["onnx_model"]
+    assert float_onnx.is_file()
+    # ORT's own quantizer, fed the exported configuration
+    x = calib.x.numpy()
+    reader = _Reader(x)
+    quantize_static(str(float_onnx), str(tmp_path / "int8.onnx"), reader, **quantize_static_kwargs(cfg))
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    deq_inputs = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    for layer in layers:
+        quantized = any(w.startswith(layer + ".weight") for w in deq_inputs)
+        assert quantized == (layer in int8), layer
+    # the int8 layers' inputs carry the plan's activation scale and zero point (the executor's)
+    cm, _ = compress(model, plan_without(plan, f"weight:{int4}"), "planned", data.x[:1], calib=calib)
+    act = dict(cm.records)[_act_method(cm.records)]
+    by_output = {o: n for n in graph.node for o in n.output}
+    weighted = {n.name: n for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    for layer in int8:
+        node = weighted[cfg["layers"][layer]["node"]]
+        dq = by_output[node.input[0]]
+        assert dq.op_type == "DequantizeLinear"
+        assert float(inits[dq.input[1]]) == pytest.approx(act[layer]["scale"], rel=1e-6)
+        assert int(inits[dq.input[2]]) == act[layer]["zero_point"]
+    # the float layers (the excluded nodes) read float inputs
+    for name in cfg["quantize_static"]["nodes_to_exclude"]:
+        producer = by_output.get(weighted[name].input[0])
+        assert producer is None or producer.op_type != "DequantizeLinear", name
+    assert len(cfg["quantize_static"]["nodes_to_exclude"]) == len(layers) - len(int8)
+
+
+def plan_without(plan: Plan, block: str) -> Plan:
+    data = copy.deepcopy(dict(plan.data))
+    data["plans"]["planned"]["choices"][block].update(method=None, setting={}, label="none", effect={})
+    return Plan(data)
+
+
+def _act_method(records) -> str:
+    return next(name for name, rec in records if rec and all("scale" in v for v in rec.values()))
+
+
+class _Reader:
+    def __init__(self, x):
+        self.batches = iter([{"input": x[i:i + 16]} for i in range(0, len(x), 16)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+# -- a transformer plan -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from sensplan.sensitivity import DataSpec, load_eval_set, load_model
+    from tests import hf_tiny
+
+    root = tmp_path_factory.mktemp("llama")
+    folder = hf_tiny.save("llama", root / "llama")
+    corpus = root / "corpus.txt"
+    corpus.write_text(hf_tiny.corpus()[:20000])
+    spec = ModelSpec(f"hf:{folder}")
+    model = load_model(spec)
+    data = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=4)
+    cfg = ScanConfig({"prune": [{"ratio": 0.5}], "weight_quant": [{"bits": 8}, {"bits": 4, "group": 32},
+                                                                   {"bits": 4, "group": 32, "zero_point": True}]},
+                     task="perplexity", units=("*layers.0.*",), check_samples=2)
+    table = scan(model, data, cfg, model_spec=spec, progress=False)
+    blocks = make_plan(table, [Budget.parse("size=0.99")]).variant()["choices"]
+    layers = [u for u in table.layers if f"weight:{u}" in blocks]  # the scanned ones
+    picks = [(layers[0], "weight_quant", {"bits": 8})]
+    picks += [(u, "weight_quant", {"bits": 4, "group": 32}) for u in layers[1:4]]
+    picks += [(layers[4], "weight_quant", {"bits": 4, "group": 32, "zero_point": True})]  # layers[5:] stay float
+    assert len(layers) == 7
+    group = next(g for g in table.groups if g.endswith("mlp.gate_proj"))
+    plan = hand_plan(table, [*picks, (group, "prune", {"ratio": 0.5})])
+    hf_names = {n for n, _ in model.model.named_modules()}
+    expected = {}  # HF module name -> (bits, group size, symmetric) or None (float)
+    for u in layers:
+        e = plan.variant()["choices"][f"weight:{u}"]["effect"]
+        expected[u.removeprefix("model.")] = ((e["weight_bits"], e.get("group_size", 0), not e.get("zero_point_bits"))
+                                              if e else None)
+    return plan, expected, hf_names, f"weight:{layers[0]}", group
+
+
+def test_llm_compressor_recipe_validates_and_targets_the_plans_layers(llama, tmp_path):
+    yaml = pytest.importorskip("yaml")
+    plan, expected, hf_names, _, group = llama
+    with pytest.raises(UserInputError, match="does not remove channels"):
+        export_plan(plan, "llm-compressor", tmp_path / "recipe.yaml")
+    export_plan(plan, "llm-compressor", tmp_path / "recipe.yaml", drop_unsupported=True)
+    text = (tmp_path / "recipe.yaml").read_text()
+    assert f"# dropped: channels:{group}" in text
+    mod = yaml.safe_load(text)["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    got = {}
+    for g in mod["config_groups"].values():
+        w = g["weights"]
+        for t in g["targets"]:
+            assert t in hf_names
+            got[t] = (w["num_bits"], w.get("group_size") or 0, w["symmetric"])
+            assert w["strategy"] == ("group" if w.get("group_size") else "channel")
+    assert got == {k: v for k, v in expected.items() if v}
+    assert set(mod["ignore"]) >= {k for k, v in expected.items() if not v} | {"lm_head"}
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    cfg = ct.QuantizationConfig(config_groups={k: ct.QuantizationScheme.model_validate(v)
+                                               for k, v in mod["config_groups"].items()}, ignore=mod["ignore"])
+    assert len(cfg.config_groups) == 3
+
+
+def _gptq_resolve(cfg: dict, name: str):
+    """GPTQModel's documented rule: the first dynamic key that re.match()es the name wins; '-:' skips
+    the module, '+:' (or no prefix) overrides the base fields."""
+    base = (cfg["bits"], cfg["group_size"], cfg["sym"])
+    for key, over in cfg["dynamic"].items():
+        sign, pattern = (key[0], key[2:]) if key[:2] in ("+:", "-:") else ("+", key)
+        if re.match(pattern, name):
+            if sign == "-":
+                return None
+            return (over.get("bits", base[0]), over.get("group_size", base[1]), over.get("sym", base[2]))
+    return base
+
+
+def test_gptqmodel_and_autoround_give_every_layer_its_planned_format(llama, tmp_path):
+    plan, expected, hf_names, _, _ = llama
+    export_plan(plan, "gptqmodel", tmp_path / "gptq.json", drop_unsupported=True)
+    cfg = json.loads((tmp_path / "gptq.json").read_text())["quantize_config"]
+    export_plan(plan, "autoround", tmp_path / "ar.json", drop_unsupported=True)
+    ar = json.loads((tmp_path / "ar.json").read_text())
+    for name, want in expected.items():
+        assert name in hf_names
+        as_gptq = None if want is None else (want[0], want[1] or -1, want[2])
+        assert _gptq_resolve(cfg, name) == as_gptq, name
+        lc = ar["layer_config"][name]
+        assert (lc == {"bits": 16}) if want is None else (lc == {"bits": want[0], "group_size": want[1] or -1,
+                                                                  "sym": want[2]})
+    assert (cfg["bits"], cfg["group_size"]) == (4, 32)  # the most common format is the base
+
+
+def test_modelopt_config_names_each_quantizer(llama, cnn, tmp_path):
+    plan, expected, hf_names, _, _ = llama
+    export_plan(plan, "modelopt", tmp_path / "mo.py", drop_unsupported=True)
+    text = (tmp_path / "mo.py").read_text()
+    assigned = {t.id: ast.literal_eval(n.value) for n in ast.parse(text).body if isinstance(n, ast.Assign)
+                for t in n.targets}  # a valid Python module of literals
+    config = assigned["CONFIG"]
+    assert [d["block"] for d in assigned["DROPPED"]]  # the pruning and the zero-point layer
+    quant_cfg = config["quant_cfg"]
+    assert list(quant_cfg)[0] == "default" and quant_cfg["default"] == {"enable": False}
+    quantizers = [f"{n}.weight_quantizer" for n in hf_names if n] + [f"{n}.input_quantizer" for n in hf_names if n]
+    for name, want in expected.items():
+        q = f"{name}.weight_quantizer"
+        matches = [p for p in quant_cfg if p != "default" and fnmatch.fnmatch(q, p)]
+        if want is None or not want[2]:  # float, or zero points ModelOpt's int quantizer lacks (dropped)
+            assert not matches
+            continue
+        assert [p for p in quant_cfg if p != "default" and any(fnmatch.fnmatch(x, p) for x in quantizers)]
+        attrs = quant_cfg[matches[-1]]
+        assert attrs["num_bits"] == want[0]
+        assert attrs.get("block_sizes") == ({-1: want[1]} if want[1] else None)
+    # the CNN plan: per-channel int8 weights and 8-bit inputs, as JSON
+    model, data, calib, table, groups = cnn
+    layer = list(table.layers)[0]
+    cnn_plan = hand_plan(table, [(layer, "weight_quant", {"bits": 8}),
+                                 (layer, "act_quant", {"calib": "minmax", "bits": 8})])
+    export_plan(cnn_plan, "modelopt", tmp_path / "mo.json")
+    qc = json.loads((tmp_path / "mo.json").read_text())["quant_cfg"]
+    assert qc[f"{layer}.weight_quantizer"] == {"num_bits": 8, "axis": 0, "enable": True}
+    assert qc[f"{layer}.input_quantizer"] == {"num_bits": 8, "axis": None, "enable": True}
+
+
+def test_nncf_maps_a_mixed_plan_to_a_ratio_and_ignored_scope(llama, tmp_path):
+    plan, expected, hf_names, _, _ = llama
+    with pytest.raises(UserInputError, match="does not remove channels"):
+        export_plan(plan, "nncf", tmp_path / "nncf.json", drop_unsupported=False)
+    out = export_plan(plan, "nncf", tmp_path / "nncf.json", drop_unsupported=True)
+    assert sum("one 4-bit scheme" in d.why for d in out.dropped) == 1
+    doc = json.loads((tmp_path / "nncf.json").read_text())
+    args = doc["compress_weights"]
+    assert (args["mode"], args["group_size"], args["backup_mode"]) == ("INT4_SYM", 32, "INT8_SYM")
+    # one int8 and three int4 layers kept (the asymmetric int4 layer is dropped): the ratio by layer count
+    # when the plan's scan is not found, here 3 / 4
+    assert args["ratio"] == pytest.approx(3 / 4) and doc["ratio_counted_by"].startswith("layers")
+    assert doc["exact"] is False and out.notes
+    floats = [n for n, v in expected.items() if v is None]
+    assert len(floats) == 2 and set(args["ignored_scope"]["names"]) >= set(floats)
+    assert all(re.match(p, n + "/linear/0") for p, n in zip(args["ignored_scope"]["patterns"],
+                                                            args["ignored_scope"]["names"], strict=True))
+
+
+def test_llm_targets_refuse_a_cnn_plan(cnn, tmp_path):
+    model, data, calib, table, groups = cnn
+    plan = hand_plan(table, [(list(table.layers)[0], "weight_quant", {"bits": 4})])
+    for target in ("gptqmodel", "autoround"):
+        with pytest.raises(UserInputError, match="is for Hugging Face transformers"):
+            export_plan(plan, target, tmp_path / "x.json")
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_cli_exports_lists_and_refuses_with_exit_2(cnn, tmp_path, capsys):
+    model, data, calib, table, groups = cnn
+    plan = hand_plan(table, [(groups[0], "prune", {"ratio": 0.5}), (list(table.layers)[0], "weight_quant",
+                                                                     {"bits": 4})])
+    path = tmp_path / "plan.json"
+    Plan(plan.data).save(path)
+    assert main(["export", "--list"]) == 0
+    listed = capsys.readouterr().out
+    assert "torch-pruning:" in listed and "(needs the model)" in listed
+    assert main(["export", "--plan", str(path), "--to", "csv", "--out", str(tmp_path / "p.csv")]) == 0
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == len(plan.variant()["choices"]) + 1
+    assert main(["export", "--plan", str(path), "--to", "modelopt", "--out", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot express 1 choice" in err and "--drop-unsupported" in err and len(err.strip().splitlines()) == 1
+    assert main(["export", "--plan", str(path), "--to", "modelopt", "--drop-unsupported",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    assert "dropped (--drop-unsupported): channels:" in capsys.readouterr().err
+    # torch-pruning from the CLI rebuilds the plan's model (sensplan:tiny_resnet, random weights)
+    assert main(["export", "--plan", str(path), "--to", "torch-pruning", "--drop-unsupported",
+                 "--out", str(tmp_path / "tp.json")]) == 0
+    assert len(json.loads((tmp_path / "tp.json").read_text())["groups"]) == 1
+    assert main(["export", "--plan", str(path), "--to", "nope", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_exporting_needs_no_torch_for_file_only_targets(cnn, tmp_path):
+    from tests.test_torch_free import run_blocked
+
+    model, data, calib, table, groups = cnn
+    plan = hand_plan(table, [(list(table.layers)[0], "weight_quant", {"bits": 4})])
+    Plan(plan.data).save(tmp_path / "plan.json")
+    code = ("import sys\nfrom sensplan.cli import main\n"
+            "codes = [main(['export', '--plan', sys.argv[1] + '/plan.json', '--to', t, '--out', sys.argv[1] + '/' + t])"
+            " for t in ('csv', 'modelopt', 'llm-compressor', 'nncf')]\n"
+            "print('EXIT', codes, [m for m in sys.modules if m.split('.')[0] in ('torch', 'torch_pruning')])\n")
+    proc = run_blocked(code, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "EXIT [0, 0, 0, 0] []"
+
+
+def test_a_third_party_exporter_registers_by_name(tmp_path, cnn):
+    from sensplan.planner.export import Exported, Exporter
+
+    class Count(Exporter):
+        name = "count-layers"
+
+        def export(self, request):
+            return Exported(str(len(request.layers(all_layers=False))))
+
+    EXPORTERS.add("count-layers", Count())
+    try:
+        model, data, calib, table, groups = cnn
+        plan = hand_plan(table, [(u, "weight_quant", {"bits": 8}) for u in list(table.layers)[:2]])
+        export_plan(plan, "count-layers", tmp_path / "n.txt")
+        assert (tmp_path / "n.txt").read_text() == "2"
+    finally:
+        EXPORTERS.remove("count-layers")
+
+
+@pytest.mark.shared
+@needs_shared
+def test_torch_pruning_replay_on_the_real_resnet20(tmp_path):
+    import numpy as np
+
+    from sensplan.sensitivity import EvalSet, load_model
+
+    spec = ModelSpec(f"{CIFAR_RESNET}:resnet20")
+    model = load_model(spec, str(RESNET20_JPEG))
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    data = EvalSet(x, y, [str(i) for i in range(10)], {"spec": "synthetic", "kind": "synthetic", "n": 16, "seed": 0,
+                                                        "input_shape": [3, 32, 32]}, np.arange(16))
+    table = scan(model, data, ScanConfig({"prune": [{"ratio": 0.5}]}, check_samples=2), model_spec=spec,
+                 progress=False)
+    pruned = sorted({r["unit"] for r in table.results})
+    assert len(pruned) >= 5
+    plan = hand_plan(table, [(g, "prune", {"ratio": 0.5}) for g in pruned])
+    export_plan(plan, "torch-pruning", tmp_path / "tp.json", model=model, example_input=x[:1])
+    replayed = replay_torch_pruning(load_model(spec, str(RESNET20_JPEG)), tmp_path / "tp.json", x[:1])
+    cm, _ = compress(model, plan, "planned", x[:1])
+    assert ({k: v.shape for k, v in replayed.state_dict().items()}
+            == {k: v.shape for k, v in cm.module.state_dict().items()})
+    with torch.no_grad():
+        assert torch.allclose(replayed(x), cm.module(x), atol=1e-4)
