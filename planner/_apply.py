@@ -304,10 +304,21 @@ def measure(model: nn.Module, data: EvalSet, file_bytes: int, *, task: Task | No
     out: dict[str, Any] = {"score": ev.score, "loss": ev.loss, "n": ev.n, "per_class": per_class(ev, data),
                            "params": int(sum(p.numel() for p in model.parameters())),
                            "macs": int(sum(layer_macs.values())), "bops": int(bops),
-                           "file_bytes": int(file_bytes)}
+                           "file_bytes": int(file_bytes), **per_sample_record(ev, data)}
     if timing:
         out["latency"] = latency(model, data.example_input)
     return out
+
+
+def per_sample_record(ev: Any, data: EvalSet) -> dict[str, Any]:
+    """The task's score of every measured item (rounded to 6 significant digits) and the digest of
+    which items they are (``items``): two variants measured on the same items compare pairwise, so
+    the report gives their difference a paired standard error. Empty without per-sample scores."""
+    per = getattr(ev, "per_sample", None)
+    if per is None or len(per) != ev.n:
+        return {}
+    return {"per_sample": [float(f"{v:.6g}") for v in per.detach().double().cpu().tolist()],
+            "items": data.description.get("indices_sha256")}
 
 
 def per_class(ev: Any, data: EvalSet) -> dict[str, dict[str, float]] | None:
@@ -455,7 +466,8 @@ def apply_plan(model: nn.Module, plan: Plan, data: EvalSet, out_dir: str | os.Pa
     no_ft = None
     if history:  # what the scan predicts is the drop before fine-tuning: measure that too
         raw, _ = compress(model, plan, variant, example, calib=calib, data=data, model_spec=model_spec)
-        no_ft = task.evaluate(raw.module, data, state).to_dict()
+        ev = task.evaluate(raw.module, data, state)
+        no_ft = {**ev.to_dict(), **per_sample_record(ev, data)}
         del raw
     # The model file is written under a temporary name and takes its place after metrics.json and
     # plan.json: a failure before then leaves the previous result's three files as they were

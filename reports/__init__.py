@@ -2,5 +2,6 @@
 model, never torch)."""
 
 from sensplan.reports._render import FIGURES, render_report
+from sensplan.reports._verdict import Verdict, verdict, verdict_line, verdict_of
 
-__all__ = ["FIGURES", "render_report"]
+__all__ = ["FIGURES", "Verdict", "render_report", "verdict", "verdict_line", "verdict_of"]

@@ -37,6 +37,8 @@ from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
 from sensplan._metric import Metric  # noqa: E402
 from sensplan._tables import Scan, layer_index, load_metrics  # noqa: E402
 from sensplan.planner import Frontier, Plan, plot_frontier  # noqa: E402
+from sensplan.reports._interactive import CSS, SCRIPT, chart, heatmap, table  # noqa: E402
+from sensplan.reports._verdict import Verdict, verdict  # noqa: E402
 
 FIGURES = ("sensitivity_heatmap", "drop_curves", "allocation", "layer_grid", "verification", "before_after")
 """The PNG files written beside ``report.html`` (``allocation`` only with a plan, ``verification``
@@ -147,6 +149,7 @@ class _Sensitivity:
     columns: list[str]
     drops: _Matrix
     levels: dict[str, dict[str, float]]  # unit -> label -> level: how strong each probe was
+    ses: _Matrix  # the drops' paired standard errors (NaN where none)
 
 
 def _column_of(setting: Mapping[str, Any], declared: Sequence[Mapping[str, Any]]) -> str:
@@ -163,7 +166,10 @@ def _column_label(labels: Iterable[str], fallback: str) -> str:
     uniq = sorted(set(labels))
     if len(uniq) == 1:
         return uniq[0]
-    prefix = os.path.commonprefix(uniq).rstrip(" ([{=:,;")
+    prefix = os.path.commonprefix(uniq)
+    if prefix and prefix[-1].isalnum() and any(len(u) > len(prefix) and u[len(prefix)].isalnum() for u in uniq):
+        prefix = re.sub(r"[\w.%]+$", "", prefix)  # "prune 30% (1" of "(10 ch)" and "(19 ch)": not a word
+    prefix = prefix.rstrip(" ([{=:,;")
     return prefix if len(prefix) >= 2 else fallback
 
 
@@ -213,14 +219,17 @@ def sensitivities(scan: Scan) -> list[_Sensitivity]:
             labels.append(label if label not in labels else f"{label} ({fallback})")
         units = list(dict.fromkeys(str(r["unit"]) for r in rows))
         m = np.full((len(units), len(keys)), np.nan)
+        se = np.full((len(units), len(keys)), np.nan)
         levels: dict[str, dict[str, float]] = {}
         for j, k in enumerate(keys):
             for r in cols[k]:
                 if _isnum(r.get("drop")):
                     m[units.index(str(r["unit"])), j] = float(r["drop"])
+                if _isnum(r.get("drop_se")):
+                    se[units.index(str(r["unit"])), j] = float(r["drop_se"])
                 lv = float(r["level"]) if _isnum(r.get("level")) else float(j)
                 levels.setdefault(str(r["unit"]), {})[str(r.get("label", ""))] = lv
-        out.append(_Sensitivity(method, info, units, labels, m, levels))
+        out.append(_Sensitivity(method, info, units, labels, m, levels, se))
     return out
 
 
@@ -279,8 +288,9 @@ def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str
 def fig_curves(sens: Sequence[_Sensitivity], fmt: _Fmt, highlight: int = 6) -> bytes:
     """One panel per method: the drop of every unit against its settings, ordered by strength; the
     ``highlight`` most sensitive units in colour."""
+    sens = [s for s in sens if len(s.columns) > 1]  # one setting is a point, not a curve
     if not sens:
-        return _empty("nothing was scanned")
+        return _empty("no method was scanned at two settings or more")
     ncols = min(3, len(sens))
     nrows = math.ceil(len(sens) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False)
@@ -351,6 +361,11 @@ def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[s
     by_axis = _by_axis(plan)
     if not by_axis:
         return _empty("the plan has no decision blocks")
+    # an axis no allocation compresses (all-float bits in a MACs plan) is not a chart
+    allocs = [a for n in VARIANTS if (a := plan.data["plans"].get(n))]
+    used = {axis: blocks for axis, blocks in by_axis.items()
+            if any((a["choices"].get(b) or {}).get("method") for a in allocs for b in blocks)}
+    by_axis = used or by_axis
     shown = [(n, a) for n in VARIANTS if (a := plan.data["plans"].get(n))]
     every = _blocks(plan)
     palette = plt.get_cmap("tab10")
@@ -495,11 +510,11 @@ def fig_verification(plan: Plan, fmt: _Fmt) -> bytes:
     return _png(fig)
 
 
-def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
+def _verification_section(plan: Plan, fmt: _Fmt, svg: str) -> str:
     ver = plan.data.get("verification")
     if not ver:
         return ("<h2>Verification</h2><p class='muted'>This plan was not verified (planned with "
-                "--no-verify): its drop is the scan's additive prediction, unmeasured.</p>")
+                "--no-verify): its drop is the scan's additive prediction, unmeasured.</p>" + svg)
     winner = ver.get("winner", {})
     split = ver.get("split", {})
     # uniform winning outright is a finding to see; a tie (the plan within noise of uniform) is not
@@ -541,8 +556,74 @@ def _verification_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
                      fmt.drop(held.get("drop"), held.get("drop_se")), ""])
     parts.append(_table(["candidate", f"predicted drop ({fmt.drop_unit})", "measured, scan sample",
                          "measured, held-out", "note"], rows))
-    parts.append(_img(png, "predicted against measured drop per candidate"))
+    parts.append(svg)
     return "".join(parts)
+
+
+def _applied_drop(r: Mapping[str, Any], fmt: _Fmt) -> Any:
+    """An applied allocation's measured drop before fine-tuning: what the plan predicts."""
+    nf = ((r.get("comparison") or {}).get("drop_without_finetune") or {}).get("measured")
+    if _isnum(nf):
+        return nf
+    b, a = r.get("before") or {}, r.get("after") or {}
+    if not r.get("after_without_finetune") and _isnum(b.get("score")) and _isnum(a.get("score")):
+        return fmt.metric.drop(float(b["score"]), float(a["score"]))
+    return None
+
+
+def predicted_vs_measured(plan: Plan | None, results: Mapping[str, Mapping[str, Any]], fmt: _Fmt) -> str:
+    """Predicted against measured drop, as an SVG: every verification round (held-out, else the scan's
+    sample) with its interval, every uniform candidate, the chosen one, and each applied allocation
+    (measured before fine-tuning, where apply measured). Empty when nothing was measured."""
+    f = fmt.factor
+    ver = (plan.data.get("verification") or {}) if plan is not None else {}
+    rounds = [r for r in ver.get("rounds", []) if "sample" in r]
+
+    def held_or_sample(r: Mapping[str, Any]) -> tuple[Any, str]:
+        m = r.get("held_out") or r.get("sample") or {}
+        return m.get("drop"), "held-out" if r.get("held_out") else "scan sample"
+
+    def tip(name: str, pred: Any, meas: Any, where: str) -> str:
+        return f"{name}: predicted {fmt.drop(pred)}, measured {fmt.drop(meas)} {fmt.drop_unit} ({where})"
+
+    series: list[dict[str, Any]] = []
+    pts: list[dict[str, Any]] = []
+    for r in rounds:
+        y, where = held_or_sample(r)
+        pred = r["predicted"]
+        lo, hi = pred.get("drop_interval") or (pred["drop"], pred["drop"])
+        pts.append({"x": f * float(pred["drop"]), "y": f * float(y) if _isnum(y) else None, "label": str(r["round"]),
+                    "xerr": (f * (lo - pred["drop"]), f * (hi - pred["drop"])),
+                    "tip": tip(f"plan round {r['round']}", pred["drop"], y, where)})
+    if pts:
+        series.append({"name": "plan rounds (95% interval)", "points": pts, "line": True})
+    unis: list[dict[str, Any]] = []
+    for u in ver.get("uniform", []):
+        y, where = held_or_sample(u)
+        unis.append({"x": f * float(u["predicted"]["drop"]), "y": f * float(y) if _isnum(y) else None,
+                     "tip": tip(f"uniform {u['label']}", u["predicted"]["drop"], y, where)})
+    if unis:
+        series.append({"name": "uniform candidates", "points": unis, "marker": "square"})
+    win = (ver.get("winner") or {}).get("name", "")
+    chosen = [p for p, name in [*zip(pts, (f"plan round {r['round']}" for r in rounds), strict=True),
+                                *zip(unis, (f"uniform {u['label']}" for u in ver.get("uniform", [])),
+                                     strict=True)] if name == win]
+    if chosen:
+        series.append({"name": "chosen", "points": [{**chosen[0], "label": "", "xerr": None}], "marker": "star",
+                       "colour": "#000"})
+    for name, r in results.items():
+        y = _applied_drop(r, fmt)
+        pred = (r.get("predicted") or {}).get("drop")
+        if y is not None and pred is not None and _isnum(y) and _isnum(pred):
+            series.append({"name": f"{name} as applied", "marker": "star",
+                           "points": [{"x": f * float(pred), "y": f * float(y),
+                                       "tip": tip(f"{name} as applied, before fine-tuning", pred, y,
+                                                  str(r.get("measured_on") or "apply's data"))}]})
+    if not any(p.get("y") is not None for s_ in series for p in s_["points"]):
+        return ""
+    return chart("predicted against measured drop", series, diagonal=True,
+                 xlabel=f"predicted {fmt.title} drop ({fmt.drop_unit})",
+                 ylabel=f"measured {fmt.title} drop ({fmt.drop_unit})")
 
 
 # -- the numbers -------------------------------------------------------------------------------
@@ -595,7 +676,7 @@ def _comparison_rows(scan: Scan, plan: Plan | None, results: Mapping[str, Mappin
         for m in costs:
             frac = pred.get(f"{m}_fraction")
             col[m] = _cost(m, pred.get(m), units) + (f" ({frac:.3f}×)" if _isnum(frac) else "")
-        cols.append((f"{name} (predicted)", col))
+        cols.append((f"{_variant_name(plan, name)} (predicted)", col))
         if res is None:
             continue
         a, b = res["after"], res["before"]
@@ -613,9 +694,17 @@ def _comparison_rows(scan: Scan, plan: Plan | None, results: Mapping[str, Mappin
             o = measured_cost(b, m) if _isnum(measured_cost(b, m)) else original.get(m)
             ratio = f" ({v / o:.3f}×)" if _isnum(v) and _isnum(o) and o else ""
             col[m] = _cost(m, v, units) + ratio
-        cols.append((f"{name} (measured)", col))
+        cols.append((f"{_variant_name(plan, name)} (measured)", col))
     rows = [[n] + [c.get(n, _DASH) for _, c in cols] for n in names]
     return ["quantity", *[h for h, _ in cols]], rows
+
+
+def _variant_name(plan: Plan | None, name: str) -> str:
+    """``uniform prune 30%``: the uniform allocation by its label (the one chosen by prediction at
+    the budget; verification may have measured other uniform candidates)."""
+    alloc = plan.data["plans"].get(name) if plan is not None else None
+    label = ((alloc or {}).get("uniform") or {}).get("label") if name == "uniform" else None
+    return f"uniform {label}" if label and not str(label).startswith("uniform") else name
 
 
 def _budget_rows(plan: Plan | None, results: Mapping[str, Mapping[str, Any]],
@@ -752,14 +841,7 @@ def _check_writable(out: Path) -> None:
 
 
 # -- html --------------------------------------------------------------------------------------
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;
-max-width:1150px;color:#222;padding:0 1em}h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;
-border-bottom:1px solid #ddd}h3{font-size:1.02em}table{border-collapse:collapse;font-size:.85em;
-margin:.5em 0}td,th{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}img{max-width:100%;border:1px solid #eee}
-code{background:#f4f4f4;padding:0 .2em}
-.bad{color:#b00;font-weight:600}.ok{color:#070}.tie{color:#333}.muted{color:#777;font-size:.85em}
-.warn{border:2px solid #b00;background:#fff3f3;padding:.6em 1em;margin:1em 0}"""
+_CSS = CSS
 
 
 def _e(x: Any) -> str:
@@ -767,17 +849,10 @@ def _e(x: Any) -> str:
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
-           cls: Callable[[int, Any], str] | None = None) -> str:
-    """An HTML table; every cell escaped; ``cls(column, value)`` may name a CSS class for a cell."""
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = []
-    for r in rows:
-        cells = []
-        for j, c in enumerate(r):
-            k = cls(j, c) if cls else ""
-            cells.append(f"<td class='{k}'>{_e(c)}</td>" if k else f"<td>{_e(c)}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+           cls: Callable[[int, Any], str] | None = None, **kw: Any) -> str:
+    """A sortable HTML table in a scrolling box; every cell escaped; ``cls(column, value)`` may name
+    a CSS class for a cell (see :func:`sensplan.reports._interactive.table` for ``kw``)."""
+    return table(headers, rows, cell_class=cls, **kw)
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -862,8 +937,127 @@ def _skipped_section(scan: Scan) -> str:
     return "".join(parts)
 
 
+def _heatmaps(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str]) -> str:
+    """One SVG heatmap per method, each on its own colour scale (a quantization map of 0-3 points
+    is not washed out by a pruning map of 0-60), with hover values and click-to-select."""
+    if not sens:
+        return "<p>Nothing was scanned.</p>"
+    f = fmt.factor
+
+    def val(v: Any) -> str:
+        return f"{float(v):.2f}" if fmt.percent else f"{float(v):.3g}"
+
+    out = []
+    for x in sens:
+        values = [[None if np.isnan(v) else float(v) * f for v in row] for row in x.drops]
+        ses = [[None if np.isnan(v) else float(v) * f for v in row] for row in x.ses]
+        title = (f"{x.method} ({x.info.get('axis', '?')}): {fmt.title} drop per "
+                 f"{x.info.get('unit_kind', 'unit')}")
+        # drops within the probes' noise stay pale: the scale reaches at least 1.96 x the largest SE
+        noise = 1.96 * max([v for row in ses for v in row if v is not None] + [0.0])
+        top = max([v for row in values for v in row if v is not None] + [noise])
+        out.append("<div>" + heatmap(title, x.units, names, x.columns, values, ses, unit_label=fmt.drop_unit,
+                                     fmt_value=val, vmax=top) + "</div>")
+    return "".join(out)
+
+
+def _probe_se(scan: Scan) -> dict[tuple[str, str, str], float]:
+    """(method, unit, label) -> the probe's drop standard error."""
+    return {(str(r.get("method")), str(r.get("unit")), str(r.get("label"))): float(r["drop_se"])
+            for r in scan.results if _isnum(r.get("drop_se"))}
+
+
+def _worst(sens: Sequence[_Sensitivity]) -> dict[tuple[str, str | None], tuple[float, str]]:
+    """(unit, axis) and (unit, None) -> its largest scanned drop (on that axis; on any) and where."""
+    out: dict[tuple[str, str | None], tuple[float, str]] = {}
+    for x in sens:
+        for i, u in enumerate(x.units):
+            row = x.drops[i]
+            if not np.isfinite(row).any():
+                continue
+            j = int(np.nanargmax(row))
+            where = x.columns[j] if x.columns[j].startswith(x.method) else f"{x.method} {x.columns[j]}"
+            for k in ((u, str(x.info.get("axis"))), (u, None)):
+                if k not in out or row[j] > out[k][0]:
+                    out[k] = (float(row[j]), where)
+    return out
+
+
+def _units_section(scan: Scan, plan: Plan | None, sens: Sequence[_Sensitivity], fmt: _Fmt,
+                   names: Mapping[str, str]) -> str:
+    """Every unit (with a plan: every decision block) in one sortable, filterable table: the planned
+    and uniform settings with their predicted drops and 95% intervals, the largest scanned drop, and
+    why a method skipped the unit."""
+    skipped: dict[tuple[str, str | None], list[str]] = {}  # (unit, axis) and (unit, None)
+    for m, sk in scan.skipped().items():
+        axis = str((scan.methods.get(m) or {}).get("axis"))
+        for u, why in sk.items():
+            for k in ((str(u), axis), (str(u), None)):
+                skipped.setdefault(k, []).append(f"{m}: {why}")
+    worst = _worst(sens)
+    se_of = _probe_se(scan)
+
+    def interval(c: Mapping[str, Any] | None, d: Any) -> tuple[str, Any]:
+        if not c or not _isnum(d):
+            return _DASH, None
+        if not c.get("method"):
+            return fmt.drop(d), d
+        se = se_of.get((str(c.get("method")), str(c.get("unit")), str(c.get("label"))))
+        if se is None or se <= 0:
+            return fmt.drop(d), d
+        return f"{fmt.drop(d)} [{fmt.drop(d - 1.96 * se)}, {fmt.drop(d + 1.96 * se)}]", d
+
+    rows, keys, units = [], [], []
+    listed: set[tuple[str, str]] = set()
+    if plan is not None:
+        planned = plan.data["plans"].get("planned") or {}
+        uniform = plan.data["plans"].get("uniform") or {}
+        blocks = _blocks(plan)
+        for b in (b for axis_blocks in _by_axis(plan).values() for b in axis_blocks):
+            c = blocks[b]
+            unit = str(c.get("unit", b))
+            pc = (planned.get("choices") or {}).get(b)
+            uc = (uniform.get("choices") or {}).get(b)
+            pd, pk = interval(pc, (planned.get("unit_drops") or {}).get(b))
+            ud, uk = interval(uc, (uniform.get("unit_drops") or {}).get(b))
+            w = worst.get((unit, str(c.get("axis"))))
+            listed.add((unit, str(c.get("axis"))))
+            rows.append([names.get(unit, unit), str(c.get("axis", "?")),
+                         pc.get("label", pc.get("method") or "none") if pc else _DASH, pd,
+                         uc.get("label", uc.get("method") or "none") if uc else _DASH, ud,
+                         f"{fmt.drop(w[0])} ({w[1]})" if w else _DASH,
+                         "; ".join(skipped.get((unit, str(c.get("axis"))), []))])
+            keys.append([None, None, None, pk * fmt.factor if _isnum(pk) else None, None,
+                         uk * fmt.factor if _isnum(uk) else None, w[0] * fmt.factor if w else None, None])
+            units.append(unit)
+        for (unit, ax), reasons in skipped.items():  # a unit no block lists on that axis: never planned
+            if ax is not None and (unit, ax) not in listed:
+                listed.add((unit, ax))
+                rows.append([names.get(unit, unit), ax, "not planned", _DASH, "not planned", _DASH, _DASH,
+                             "; ".join(reasons)])
+                keys.append([None] * 8)
+                units.append(unit)
+        headers = ["unit", "axis", "planned", f"planned drop, predicted ({fmt.drop_unit}) [95%]",
+                   "uniform", f"uniform drop, predicted ({fmt.drop_unit}) [95%]",
+                   f"largest scanned drop ({fmt.drop_unit})", "skipped by"]
+    else:
+        every = list(dict.fromkeys([u for x in sens for u in x.units] + [u for u, _ in skipped]))
+        for unit in every:
+            w = worst.get((unit, None))
+            methods = [x.method for x in sens if unit in x.units]
+            rows.append([names.get(unit, unit), ", ".join(methods) or _DASH,
+                         f"{fmt.drop(w[0])} ({w[1]})" if w else _DASH, "; ".join(skipped.get((unit, None), []))])
+            keys.append([None, None, w[0] * fmt.factor if w else None, None])
+            units.append(unit)
+        headers = ["unit", "methods scanned", f"largest scanned drop ({fmt.drop_unit})", "skipped by"]
+    text = ("<h2>Per unit</h2><p>Sort by a column with a click on its header; type to filter (every word "
+            "must match). A click on a heatmap cell selects its unit here. Intervals are 95%: the "
+            "predicted drop ± 1.96 × the probe's paired standard error.</p>")
+    return text + _table(headers, rows, table_id="units", keys=keys, row_units=units,
+                         filter_label="filter units (e.g. conv int4)")
+
+
 def _allocation_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
-    planned = plan.data["plans"].get("planned") or {}
     uniform = plan.data["plans"].get("uniform")
     parts = ["<h2>Allocation</h2>"]
     if uniform is None:
@@ -877,20 +1071,8 @@ def _allocation_section(plan: Plan, fmt: _Fmt, png: bytes) -> str:
             desc += f"; {u['ratio']:.0%} of every channel group removed"
         parts.append(f"<p>{_e(desc)}.</p>")
     parts.append(_img(png, "per-unit allocation, planned vs uniform"))
-    rows = []
-    blocks = _blocks(plan)
-    for b in (b for axis_blocks in _by_axis(plan).values() for b in axis_blocks):
-        c = blocks[b]
-        pc = (planned.get("choices") or {}).get(b)
-        uc = (uniform or {}).get("choices", {}).get(b) if uniform else None
-        rows.append([b, c.get("unit", "?"), c.get("axis", "?"),
-                     pc.get("label", pc.get("method") or "none") if pc else _DASH,
-                     uc.get("label", uc.get("method") or "none") if uc else _DASH,
-                     fmt.drop((planned.get("unit_drops") or {}).get(b)),
-                     fmt.drop((uniform or {}).get("unit_drops", {}).get(b)) if uniform else _DASH])
-    parts.append(_table(["block", "unit", "axis", "planned", "uniform",
-                         f"planned predicted drop ({fmt.drop_unit})",
-                         f"uniform predicted drop ({fmt.drop_unit})"], rows))
+    parts.append("<p class='muted'>Every unit's setting, with its predicted drop, is in the per-unit table "
+                 "above.</p>")
     return "".join(parts)
 
 
@@ -957,21 +1139,24 @@ def _write_figures(out: Path, s: Scan, p: Plan | None, sens: Sequence[Any], fmt:
     return figs
 
 
-def _head(s: Scan, p: Plan | None, fmt: _Fmt, broken: Sequence[str]) -> list[str]:
-    """The page's head, the digest-chain warning, what was scanned, and the goal."""
+def _head(s: Scan, p: Plan | None, fmt: _Fmt, broken: Sequence[str], v: Verdict) -> list[str]:
+    """The page's head, the digest-chain warning, the verdict, what was scanned, and the goal."""
     model = s.data.get("model") or {}
     spec = str((model.get("spec") or {}).get("source", "?"))
     data = s.data.get("data") or {}
     prov = s.data.get("provenance") or {}
     task = s.data.get("task") or {}
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>sensplan report: {_e(spec)}"
-             f"</title><style>{_CSS}</style></head><body>",
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+             f"<title>sensplan report: {_e(spec)}</title><style>{_CSS}</style></head><body>",
+             "<div id='tip' role='tooltip'></div>",
              f"<h1>sensplan report: <code>{_e(spec)}</code></h1>"]
     if broken:
         parts.append("<div class='warn'><b>Warning: the digest chain is broken</b> (rendered with "
                      "--force). These files do not come from one run, so predictions and "
                      "measurements may not match:<ul>"
                      + "".join(f"<li>{_e(b)}</li>" for b in broken) + "</ul></div>")
+    parts.append(f"<p class='verdict {_e(v.level)}' id='verdict'><b>Verdict:</b> {_e(v.line)}</p>")
     better = "higher" if fmt.metric.higher_is_better else "lower"
     parts.append("<p>" + _e(
         f"Task {task.get('name', '?')}: {fmt.title} ({better} is better). Evaluated on "
@@ -1064,7 +1249,7 @@ def _speed_section(name: str, r: Mapping[str, Any], fmt: _Fmt) -> list[str]:
     return parts
 
 
-def _frontier_section(f: Frontier, fmt: _Fmt, png: bytes) -> str:
+def _frontier_section(f: Frontier, fmt: _Fmt) -> str:
     """Each budget of the sweep: the planned and the uniform drop, predicted and measured."""
     d = f.data
     metric, ms = d["metric"], d.get("measurement") or {}
@@ -1093,7 +1278,47 @@ def _frontier_section(f: Frontier, fmt: _Fmt, png: bytes) -> str:
             + _table(["point", f"{metric} budget (fraction)" if original else f"{metric} budget",
                       f"planned drop, predicted ({fmt.drop_unit})", "uniform drop, predicted",
                       "planned drop, measured", "uniform drop, measured"], rows)
-            + _img(png, f"{fmt.title} drop against {metric}, planned and uniform"))
+            + _frontier_chart(d, fmt))
+
+
+def _frontier_chart(d: Mapping[str, Any], fmt: _Fmt) -> str:
+    """The frontier as an SVG: the drop against the budget, planned and uniform, predicted and (where
+    measured) measured. Nothing for a single budget: one point is not a curve."""
+    metric = d["metric"]
+    original = float(d["original"][metric] or 0.0)
+    points = d["points"]
+    if len(points) < 2:
+        return ""
+    f = fmt.factor
+
+    def x_of(p: Mapping[str, Any]) -> Any:
+        b = p["budget"]
+        if _isnum(b.get("fraction")):
+            return b["fraction"]
+        return b["absolute"] / original if original and _isnum(b.get("absolute")) else b.get("absolute")
+
+    series = []
+    for name, key in (("planned", "planned"), ("uniform", "uniform")):
+        for what in ("predicted", "measured"):
+            pts = []
+            for p in points:
+                e = p.get(key) or {}
+                m = e.get(what) or {}
+                if _isnum(m.get("drop")) and _isnum(x_of(p)):
+                    label = f" ({e.get('label')})" if key == "uniform" and e.get("label") else ""
+                    pts.append({"x": float(x_of(p)), "y": f * float(m["drop"]),
+                                "tip": f"{name}{label} at {metric} {float(x_of(p)):.3f}: {what} drop "
+                                       f"{fmt.drop(m['drop'], m.get('drop_se'))} {fmt.drop_unit}"})
+            if pts:
+                series.append({"name": f"{name}, {what}", "points": pts, "line": what == "predicted",
+                               "marker": "circle" if name == "planned" else "square",
+                               "colour": ("#1f77b4" if name == "planned" else "#ff7f0e") if what == "predicted"
+                               else ("#0b3d91" if name == "planned" else "#a04000")})
+    if not series:
+        return ""
+    return chart(f"{fmt.title} drop against {metric}", series,
+                 xlabel=f"{metric} budget (fraction of the original)" if original else f"{metric} budget",
+                 ylabel=f"{fmt.title} drop ({fmt.drop_unit})", fmt_x=lambda v: f"{v:.2f}")
 
 
 def _scope_section(p: Plan) -> str:
@@ -1145,7 +1370,8 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
     sens = sensitivities(s)
     headers, rows = _comparison_rows(s, p, results, fmt)
     figs = _write_figures(out, s, p, sens, fmt, headers, rows, f)
-    parts = [*_head(s, p, fmt, broken), *_results_sections(s, p, results, fmt, headers, rows)]
+    v = verdict(p, results, s.metric)
+    parts = [*_head(s, p, fmt, broken, v), *_results_sections(s, p, results, fmt, headers, rows)]
     parts.append(_methods_section(s, {x.method: x for x in sens}))
     parts.append(f"<h2>Sensitivity</h2><p>{_e(fmt.title)} drop in {_e(fmt.drop_unit)} when one "
                  f"unit alone is compressed by one method at one setting (positive = worse). "
@@ -1156,10 +1382,12 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
                      f"(<code>scan --fast</code>: the Fisher estimate of the KL divergence, in scan.json's "
                      f"signals), not measured, so they have no drop and are grey here. The plan maps the "
                      f"estimate to the drop through the measured ones.</p>")
-    parts.append(_img(figs["sensitivity_heatmap"], f"{fmt.title} drop per unit and setting"))
-    parts.append(_img(figs["drop_curves"], f"{fmt.title} drop curves per method"))
+    parts.append(_heatmaps(sens, fmt, display_names(s)))
+    if any(len(x.columns) > 1 for x in sens):  # a curve needs two settings
+        parts.append(_img(figs["drop_curves"], f"{fmt.title} drop curves per method"))
+    parts.append(_units_section(s, p, sens, fmt, display_names(s)))
     if p is not None:
-        parts.append(_verification_section(p, fmt, figs.get("verification", b"")))
+        parts.append(_verification_section(p, fmt, predicted_vs_measured(p, results, fmt)))
         parts.append(_allocation_section(p, fmt, figs["allocation"]))
         if "layer_grid" in figs:
             parts.append("<h3>Per layer</h3><p>The planned allocation of each transformer layer: its "
@@ -1167,12 +1395,12 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
                          + _img(figs["layer_grid"], "planned allocation per layer"))
         parts.append(_scope_section(p))
     if f is not None:
-        parts.append(_frontier_section(f, fmt, figs["frontier"]))
+        parts.append(_frontier_section(f, fmt))
     parts.append(_skipped_section(s))
     if p is not None:
         parts.append("<h2>Solver</h2>" + _solver(p)[0])
     parts.append(_provenance(s, p, results, paths))
-    parts.append("</body></html>")
+    parts.append(f"<script>{SCRIPT}</script></body></html>")
     doc = "\n".join(parts)
     path = out / "report.html"
     atomic_write(path, lambda f: f.write(doc.encode()))

@@ -97,3 +97,19 @@ def tiny_resnet() -> torch.nn.Module:
 @pytest.fixture
 def tiny_convnet() -> torch.nn.Module:
     return seeded_model("tiny_convnet")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """``sensplan demo`` run once for the session, as a new user runs it (one fine-tuning epoch and
+    no timing, to keep the suite short): its exit code, stdout, stderr and output directory."""
+    from sensplan.cli import main
+
+    out = tmp_path_factory.mktemp("demo")
+    import contextlib
+    import io
+
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        code = main(["demo", "--out", str(out), "--epochs", "1", "--no-timing"])
+    return {"code": code, "out": o.getvalue(), "err": e.getvalue(), "dir": out}

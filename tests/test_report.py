@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import html
+import io
 import json
 import re
 import shutil
@@ -13,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -83,21 +85,22 @@ def test_report_shows_methods_budgets_numbers_and_skips(run, tmp_path):
         for k, v in m["comparison"].items():
             if "ratio" in v:
                 assert f"<td>{k}</td>" in doc and f"{v['ratio']:.4f}" in doc
-    for col in ("planned (predicted)", "planned (measured)", "uniform (predicted)",
-                "uniform (measured)"):
-        assert f"<th>{col}</th>" in doc
+    label = p.variant("uniform")["uniform"]["label"]
+    for col in ("planned (predicted)", "planned (measured)", f"uniform {label} (predicted)",
+                f"uniform {label} (measured)"):
+        assert f"<th>{html.escape(col)}</th>" in doc
     # skipped units with their reasons
     skipped = {(m, u): why for m, sk in s.skipped().items() for u, why in sk.items()}
     assert skipped, "the tiny convnet's output group is never prunable"
     for (m, u), why in skipped.items():
         cells = "".join(f"<td>{html.escape(x)}</td>" for x in (m, u, why))
         assert cells in doc
-    # the allocation lists every block, with both option labels
+    # the per-unit table lists every block (a row of its unit), with both option labels
     for block, c in p.variant("planned")["choices"].items():
         u = p.variant("uniform")["choices"][block]
-        assert (f"<td>{html.escape(block)}</td><td>{html.escape(c['unit'])}</td>"
-                f"<td>{html.escape(c['axis'])}</td><td>{html.escape(c['label'])}</td>"
-                f"<td>{html.escape(u['label'])}</td>") in doc
+        assert (f"<tr data-unit='{html.escape(c['unit'])}'><td>{html.escape(c['unit'])}</td>"
+                f"<td>{html.escape(c['axis'])}</td><td>{html.escape(c['label'])}</td>") in doc
+        assert f"<td>{html.escape(u['label'])}</td>" in doc
     assert "proven optimal" in doc and "not proven optimal" not in doc
     assert "top-1" in doc and "Provenance" in doc and str(run["scan"]) in doc
     for h in ("Goal", "Before / after", "Methods", "Sensitivity", "Allocation", "Skipped units",
@@ -108,14 +111,20 @@ def test_report_shows_methods_budgets_numbers_and_skips(run, tmp_path):
 def test_report_is_self_contained_with_valid_pngs(run, tmp_path):
     doc = _render(run, tmp_path)
     srcs = re.findall(r'src="([^"]+)"', doc)
-    # before/after is a table on the page (a PNG beside it); this plan was made without verification,
-    # and its model is no transformer (no layer grid)
-    assert len(srcs) == len(FIGURES) - 3
+    # before/after is a table on the page (a PNG beside it), the heatmaps are inline SVG (a PNG
+    # beside them); this plan was made without verification, and its model is no transformer (no
+    # layer grid)
+    assert len(srcs) == len(FIGURES) - 4
+    # one heatmap per method, and predicted against measured for the two applied allocations
+    assert doc.count("<svg class='chart'") == len(Scan.load(run["scan"]).methods) + 1
+    assert "planned as applied" in doc and "uniform as applied" in doc
     assert "This plan was not verified" in doc
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         assert _is_png(base64.b64decode(src.split(",", 1)[1]))
-    assert not re.search(r'(href|src)="https?:', doc) and "<script" not in doc
+    # one inline script, the report's own: nothing is fetched
+    assert not re.search(r'(href|src)=["\']https?:', doc) and doc.count("<script") == 1
+    assert "<script>" in doc and "<script src" not in doc
     for name in FIGURES:
         if name not in ("verification", "layer_grid"):
             assert _is_png((tmp_path / f"{name}.png").read_bytes()), name
@@ -170,7 +179,7 @@ def test_everything_from_the_model_is_escaped(run, tmp_path):
     data["layers"][EVIL] = dict(data["layers"][row["unit"]])
     doc = render_report(Scan(data), tmp_path).read_text()
     assert "<img src=x" not in doc and "&lt;img src=x onerror=" in doc
-    assert "because &lt;img" in doc and "does &lt;img" in doc and "<script" not in doc
+    assert "because &lt;img" in doc and "does &lt;img" in doc and doc.count("<script") == 1
     assert _is_png((tmp_path / "sensitivity_heatmap.png").read_bytes())
 
 
@@ -270,3 +279,67 @@ def test_rendering_imports_no_torch(run, tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "rendered" in proc.stdout and (out / "report.html").is_file()
+
+
+def test_the_verdict_leads_and_every_unit_is_in_one_sortable_table(run, tmp_path):
+    doc = _render(run, tmp_path)
+    p = Plan.load(run["plan"])
+    verdict = doc.index("id='verdict'")
+    assert verdict < doc.index("<h2>Goal</h2>") and "<b>Verdict:</b>" in doc
+    # both allocations were applied on the same items: the verdict compares them pairwise
+    assert "(paired SE)" in doc[verdict:doc.index("</p>", verdict)]
+    table = doc[doc.index("<table id='units' class='sortable'>"):]
+    table = table[:table.index("</table>")]
+    assert "data-filter='units'" in doc
+    for block, c in p.variant("planned")["choices"].items():
+        assert f"<tr data-unit='{html.escape(c['unit'])}'>" in table, block
+    # a unit a method skipped shows the reason on that method's axis, and only there
+    s = Scan.load(run["scan"])
+    for m, sk in s.skipped().items():
+        axis = s.methods[m]["axis"]
+        for u, why in sk.items():
+            rows = [r for r in table.split("<tr")[1:] if f"data-unit='{html.escape(u)}'" in r]
+            assert any(f"<td>{html.escape(axis)}</td>" in r and html.escape(why) in r for r in rows)
+            assert not any(html.escape(why) in r for r in rows if f"<td>{html.escape(axis)}</td>" not in r)
+
+
+def test_each_method_has_its_own_colour_scale_and_whole_column_labels(run):
+    from sensplan.reports._render import _column_label, _Fmt, _heatmaps, sensitivities
+
+    s = Scan.load(run["scan"])
+    sens = sensitivities(s)
+    doc = _heatmaps(sens, _Fmt(s.metric), {})
+    tops = re.findall(r"<text x='[\d.]+' y='[\d.]+' font-size='10' text-anchor='start' fill='#222' "
+                      r"font-weight='normal'>([\d.]+)</text><text", doc)
+    assert len(tops) == len(sens)  # one legend per method
+    worst = {x.method: float(np.nanmax(x.drops)) * 100 for x in sens}
+    for x, top in zip(sens, tops, strict=True):
+        assert float(top) >= worst[x.method]  # each legend reaches its own method's largest drop
+    # a label shared up to a digit is cut at a word, not in the middle of a number
+    assert _column_label(["prune 30% (10 ch)", "prune 30% (19 ch)"], "#2") == "prune 30%"
+    assert _column_label(["int4", "int4"], "#0") == "int4"
+    # every cell has its value on hover and its unit for a click
+    assert doc.count("data-tip=") == sum(x.drops.size for x in sens)
+
+
+def test_only_charts_that_apply_are_drawn(run):
+    from sensplan.reports._render import _Fmt, fig_allocation, fig_curves, sensitivities
+
+    s = Scan.load(run["scan"])
+    data = copy.deepcopy(dict(Plan.load(run["plan"]).data))
+    for alloc in data["plans"].values():  # a MACs-only plan: no block of the weight axis compresses
+        for c in alloc["choices"].values():
+            if c["axis"] != "channels":
+                c.update(method=None, setting={}, label="none", effect={})
+    sens = sensitivities(s)
+    one_axis = fig_allocation(Plan(data), sens, list(s.methods))
+    both = fig_allocation(Plan.load(run["plan"]), sens, list(s.methods))
+    w1, w2 = Image.open(io.BytesIO(one_axis)).size[0], Image.open(io.BytesIO(both)).size[0]
+    assert w1 < w2  # one panel fewer
+    # a method scanned at a single setting draws no curve
+    single = [x for x in sens if len(x.columns) == 1]
+    assert single
+    w, h = Image.open(io.BytesIO(fig_curves(single, _Fmt(s.metric)))).size
+    assert w > 3 * h  # the one-line "nothing to draw" figure, not a panel with one point
+    w, h = Image.open(io.BytesIO(fig_curves(sens, _Fmt(s.metric)))).size
+    assert w < 3 * h

@@ -58,7 +58,7 @@ def register(sub: SubParsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from sensplan.reports import render_report
+    from sensplan.reports import render_report, verdict_line
 
     out = Path(args.out)
     scan_out, plan_out, result_out, report_out = (out / "scan.json", out / "plan.json",
@@ -92,7 +92,9 @@ def main(args: argparse.Namespace) -> int:
                            result_out)
     say("== report ==")
     html = render_report(table, report_out, plan=the_plan, result=result_out)
-    say(f"done in {time.perf_counter() - t0:.0f} s; open {html}")
+    say(f"done in {time.perf_counter() - t0:.0f} s")
+    say(f"verdict: {verdict_line(the_plan, result_out)}")
+    say(f"report: {html}")
     print(os.fspath(out))
     return apply.report_missed("run", missed)
 
