@@ -193,7 +193,13 @@ class ExportRequest:
         if self.drop_unsupported:
             self.dropped.extend(items)
             return list(items)
-        first = "; ".join(i.line() for i in items[:3]) + (f"; and {len(items) - 3} more" if len(items) > 3 else "")
+        by_why: dict[str, list[Unsupported]] = {}
+        for i in items:  # one reason, said once, with the blocks it stops
+            by_why.setdefault(i.why, []).append(i)
+        first = "; ".join(
+            ", ".join(f"{i.block} ({i.label})" for i in same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3
+                                                                     else "") + f": {why}"
+            for why, same in by_why.items())
         raise UserInputError(f"--to {self.target} cannot express {len(items)} choice(s) of the plan's {self.variant} "
                              f"allocation: {first}. Pass --drop-unsupported to export without them (they are listed "
                              f"in the file's 'dropped'), or {fix}.")
