@@ -112,20 +112,25 @@ def _same_allocation(plan: Any) -> bool:
     return bool(p and u) and settings(p) == settings(u)
 
 
-def _verification_note(plan: Any, metric: Metric, winner: str | None) -> str | None:
-    """Why verification's order differs from the measurement's, when it does."""
+def _verification_note(plan: Any, metric: Metric, winner: str | None, fine_tuned: bool,
+                       before_ft: str | None) -> str | None:
+    """Why verification's order differs from the measurement's, when it does. Verification measures
+    before fine-tuning, on the split it chose on; ``before_ft`` is the order this measurement found
+    before fine-tuning (when there was fine-tuning)."""
     ver = (plan.data.get("verification") or {}) if plan is not None else {}
     vs = ver.get("vs_best_uniform")
     if not vs or not _num(vs.get("advantage")) or float(vs["advantage"]) == 0 or ver.get("within_noise"):
         return None
     chose = "planned" if float(vs["advantage"]) > 0 else "uniform"
-    if winner == chose:
+    if winner == chose or (fine_tuned and before_ft == chose):  # the same order, or fine-tuning explains it
         return None
     held = (ver.get("split") or {}).get("held_out")
-    return (f"verification chose {chose} by {metric.format_drop(abs(float(vs['advantage'])))} on its "
-            f"{held if held is not None else '?'}-item held-out split ({ver.get('chosen_on', '?')}), "
-            f"where the candidates were chosen: a difference that small on that many items is within "
-            f"its noise, and the measurement here, on data no choice touched, is the one to trust")
+    by = metric.format_drop(abs(float(vs["advantage"])))
+    n = f"its {held}-item held-out split" if held else "the split it chose on"
+    if fine_tuned:
+        return f"verification, which measures before fine-tuning, chose {chose} by {by} on {n}"
+    return (f"verification chose {chose} by {by} on {n}, where the candidates were chosen (a choice flatters "
+            f"what it picks); the measurement here, on data no choice touched, is the one to trust")
 
 
 def verdict(plan: Any, results: Mapping[str, Mapping[str, Any]], metric: Metric | None = None) -> Verdict:
@@ -149,7 +154,11 @@ def _compare(plan: Any, metric: Metric, p: Mapping[str, Any], u: Mapping[str, An
     diff = _difference(metric, pa, ua)
     pname, uname = _planned_name(plan), _uniform_name(plan)
     where = p.get("measured_on") or "the measurement data"
-    if diff is None:
+    if not (_num(pa.get("score")) and _num(ua.get("score"))):
+        return Verdict("Planned and uniform were applied, but "
+                       + ("neither score was" if not (_num(pa.get("score")) or _num(ua.get("score"))) else
+                          "one score was not") + " measured: no comparison.")
+    if diff is None or (p.get("measured_on") or None) != (u.get("measured_on") or None):
         return Verdict(f"Planned and uniform were measured on different data ({where}; "
                        f"{u.get('measured_on') or '?'}): no comparison. Apply both with the same --data.")
     adv, se, paired = diff
@@ -178,24 +187,24 @@ def _compare(plan: Any, metric: Metric, p: Mapping[str, Any], u: Mapping[str, An
                        f"No winner: the {pname} allocation and {uname} score the same"), "tie"
     notes = []
     pn, un = p.get("after_without_finetune"), u.get("after_without_finetune")
-    if ft and pn and un:
-        before = _difference(metric, pn, un)
-        if before is not None and _order(*before[:2]) != winner:
-            was = _order(*before[:2])
-            said = (f"the plan led by {_by(metric, *before)}" if was == "planned" else
-                    f"uniform led by {_by(metric, *before)}" if was == "uniform" else
-                    f"they were within the noise ({_by(metric, *before)})")
-            notes.append(f"before fine-tuning {said}: fine-tuning recovered more for "
-                         f"{'uniform' if adv < (before[0]) else 'the plan'}, and the plan's predictions "
-                         f"are of the model before fine-tuning")
+    before = _difference(metric, pn, un) if ft and pn and un else None
+    was = _order(*before[:2]) if before is not None else None
+    if before is not None and was != winner:
+        said = (f"the plan led by {_by(metric, *before)}" if was == "planned" else
+                f"uniform led by {_by(metric, *before)}" if was == "uniform" else
+                f"they were within the noise ({_by(metric, *before)})")
+        notes.append(f"before fine-tuning {said}: fine-tuning recovered more for "
+                     f"{'uniform' if adv < before[0] else 'the plan'}, and the plan's predictions "
+                     f"are of the model before fine-tuning")
     if se is None and metric.unit != "fraction":
         notes.append("no per-item scores were recorded, so the difference has no error bar")
-    vnote = _verification_note(plan, metric, winner)
+    vnote = _verification_note(plan, metric, winner, bool(ft), was)
     if vnote:
         notes.append(vnote)
     line = f"{head}{ft} ({scores}), on {n:,} items: {where}."
     if notes:
-        line += " " + "; ".join(n_[0].upper() + n_[1:] for n_ in notes) + "."
+        joined = "; ".join(notes)
+        line += " " + joined[0].upper() + joined[1:] + "."
     return Verdict(line, winner, adv, se, paired, n, where, tuple(notes), level)
 
 
@@ -212,7 +221,8 @@ def _alone(plan: Any, metric: Metric, p: Mapping[str, Any]) -> Verdict:
     diff = _difference(metric, a, b)  # the drop is the original's advantage over the compressed
     drop = -diff[0] if diff else metric.drop(float(b["score"]), float(a["score"]))
     se = diff[1] if diff else None
-    text = metric.format_drop(drop) + (f" ± {metric.format_drop(se).split()[0]} (paired SE)" if se else "")
+    kind = "paired" if diff and diff[2] else "unpaired"
+    text = metric.format_drop(drop) + (f" ± {metric.format_drop(se).split()[0]} ({kind} SE)" if se else "")
     reason = ("no uniform allocation meets the budget" if plan is not None and
               (plan.data.get("plans") or {}).get("uniform") is None else
               "the uniform allocation was not applied (apply --variant both)")

@@ -86,6 +86,19 @@ def test_csv_has_one_row_per_block_with_its_effect(cnn, tmp_path):
     assert json.loads(by[f"weight:{layers[0]}"]["setting"]) == {"bits": 4}
 
 
+def test_csv_names_never_run_as_spreadsheet_formulas(cnn, tmp_path):
+    model, data, calib, table, groups = cnn
+    layers = list(table.layers)
+    plan = hand_plan(table, [(layers[0], "weight_quant", {"bits": 4})])
+    data_ = copy.deepcopy(dict(plan.data))
+    c = data_["plans"]["planned"]["choices"][f"weight:{layers[0]}"]
+    c["label"] = '=HYPERLINK("http://x","int4")'
+    export_plan(Plan(data_), "csv", tmp_path / "plan.csv")
+    row = next(r for r in csv.DictReader((tmp_path / "plan.csv").read_text().splitlines())
+               if r["block"] == f"weight:{layers[0]}")
+    assert row["label"] == "'" + c["label"] and row["weight_bits"] == "4"
+
+
 # -- torch-pruning --------------------------------------------------------------------------------
 def test_torch_pruning_replay_matches_the_executor(cnn, tmp_path):
     model, data, calib, table, groups = cnn
@@ -342,6 +355,86 @@ def test_nncf_maps_a_mixed_plan_to_a_ratio_and_ignored_scope(llama, tmp_path):
                                                             args["ignored_scope"]["names"], strict=True))
 
 
+def test_layers_the_plan_does_not_list_stay_float_in_every_target(llama, tmp_path):
+    """The llama plan scans layers.0 only (``units``): layers.1 and the LM head have no choice, so the
+    plan leaves them float. GPTQModel, AutoRound and NNCF quantize every layer not excluded, so each
+    export must exclude them; llm-compressor and ModelOpt must not target them."""
+    plan, expected, hf_names, _, _ = llama
+    linear = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$")
+    unlisted = sorted(n for n in hf_names if linear.match(n) and n not in expected) + ["lm_head"]
+    assert len(unlisted) == 8  # layers.1's seven projections and the head
+    export_plan(plan, "gptqmodel", tmp_path / "gptq.json", drop_unsupported=True)
+    gptq = json.loads((tmp_path / "gptq.json").read_text())["quantize_config"]
+    export_plan(plan, "autoround", tmp_path / "ar.json", drop_unsupported=True)
+    ar = json.loads((tmp_path / "ar.json").read_text())["layer_config"]
+    export_plan(plan, "nncf", tmp_path / "nncf.json", drop_unsupported=True)
+    scope = json.loads((tmp_path / "nncf.json").read_text())["compress_weights"]["ignored_scope"]
+    export_plan(plan, "llm-compressor", tmp_path / "recipe.yaml", drop_unsupported=True)
+    yaml = pytest.importorskip("yaml")
+    mod = yaml.safe_load((tmp_path / "recipe.yaml").read_text())["quant_stage"]["quant_modifiers"]
+    targets = {t for g in mod["QuantizationModifier"]["config_groups"].values() for t in g["targets"]}
+    for name in unlisted:
+        assert _gptq_resolve(gptq, name) is None, name
+        assert ar[name] == {"bits": 16}, name
+        assert any(re.match(p, name + "/linear/0") for p in scope["patterns"]), name
+        assert name not in targets
+
+
+def test_a_file_written_beside_out_never_replaces_one_of_the_users(cnn, tmp_path):
+    """onnxruntime writes <out stem>.onnx beside --out: an existing file there that an earlier export
+    to the same --out did not write (the user's own model.onnx, or the plan) is refused before any
+    work; the export's own earlier file is replaced."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model, data, calib, table, groups = cnn
+    layer = list(table.layers)[0]
+    plan = hand_plan(table, [(layer, "weight_quant", {"bits": 8}),
+                             (layer, "act_quant", {"calib": "minmax", "bits": 8})])
+    theirs = tmp_path / "model.onnx"
+    theirs.write_bytes(b"the user's own deployed model")
+    calls = []
+
+    def loader():
+        calls.append(1)
+        from sensplan.planner.export import LoadedModel
+
+        return LoadedModel(model, data.x[:1], calib)
+
+    with pytest.raises(UserInputError, match=r"--out .*model\.json: the onnxruntime export also writes .*model\.onnx "
+                                             r"beside it, and that file exists.*Choose another --out"):
+        export_plan(plan, "onnxruntime", tmp_path / "model.json", model_loader=loader)
+    assert theirs.read_bytes() == b"the user's own deployed model" and not (tmp_path / "model.json").exists()
+    assert not calls  # refused before the model was loaded
+    # the plan itself, named like the .onnx: refused from the command line too (exit 2, one line)
+    Plan(plan.data).save(tmp_path / "p.onnx")
+    assert main(["export", "--plan", str(tmp_path / "p.onnx"), "--to", "onnxruntime",
+                 "--out", str(tmp_path / "p.json")]) == 2
+    assert json.loads((tmp_path / "p.onnx").read_text())["format"] == "sensplan.plan"
+    # an export's own .onnx is replaced when the export is made again
+    export_plan(plan, "onnxruntime", tmp_path / "ort.json", model_loader=loader)
+    first = (tmp_path / "ort.onnx").stat().st_mtime_ns
+    export_plan(plan, "onnxruntime", tmp_path / "ort.json", model_loader=loader)
+    assert (tmp_path / "ort.onnx").stat().st_mtime_ns >= first and len(calls) == 2
+
+
+def test_the_modelopt_python_module_parses_whatever_the_plan_path(cnn, tmp_path):
+    model, data, calib, table, groups = cnn
+    layer = list(table.layers)[0]
+    plan = hand_plan(table, [(layer, "weight_quant", {"bits": 8})])
+    odd = 'C:\\Users\\me\\"""plan\n.json'  # a backslash escape, a docstring's quotes, a newline
+    plan = Plan(plan.data, plan.sha256, odd)
+    export_plan(plan, "modelopt", tmp_path / "mo.py")
+    text = (tmp_path / "mo.py").read_text()
+    assigned = {t.id: ast.literal_eval(n.value) for n in ast.parse(text).body if isinstance(n, ast.Assign)
+                for t in n.targets}
+    assert assigned["SOURCE"]["plan"]["path"] == odd
+    assert assigned["CONFIG"]["quant_cfg"][f"{layer}.weight_quantizer"] == {"num_bits": 8, "axis": 0, "enable": True}
+    export_plan(plan, "llm-compressor", tmp_path / "r.yaml")
+    yaml = pytest.importorskip("yaml")
+    assert yaml.safe_load((tmp_path / "r.yaml").read_text())["quant_stage"]
+
+
 def test_llm_targets_refuse_a_cnn_plan(cnn, tmp_path):
     model, data, calib, table, groups = cnn
     plan = hand_plan(table, [(list(table.layers)[0], "weight_quant", {"bits": 4})])
@@ -373,6 +466,14 @@ def test_cli_exports_lists_and_refuses_with_exit_2(cnn, tmp_path, capsys):
                  "--out", str(tmp_path / "tp.json")]) == 0
     assert len(json.loads((tmp_path / "tp.json").read_text())["groups"]) == 1
     assert main(["export", "--plan", str(path), "--to", "nope", "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    # no uniform allocation met the budget (null): the flag to change, and to what
+    Plan({**plan.data, "plans": {**plan.data["plans"], "uniform": None}}).save(tmp_path / "unull.json")
+    assert main(["export", "--plan", str(tmp_path / "unull.json"), "--to", "csv", "--variant", "uniform",
+                 "--out", str(tmp_path / "u.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "--variant uniform: the plan has no uniform allocation" in err and "--variant planned" in err
+    assert not (tmp_path / "u.csv").exists()
 
 
 def test_exporting_needs_no_torch_for_file_only_targets(cnn, tmp_path):
@@ -435,3 +536,15 @@ def test_torch_pruning_replay_on_the_real_resnet20(tmp_path):
             == {k: v.shape for k, v in cm.module.state_dict().items()})
     with torch.no_grad():
         assert torch.allclose(replayed(x), cm.module(x), atol=1e-4)
+
+
+def test_a_plan_that_quantizes_nothing_is_not_a_recipe_to_quantize_everything(cnn, tmp_path):
+    """NNCF compresses every layer it is not told to skip, and llm-compressor needs a config group:
+    a pruning-only plan has nothing to give them."""
+    model, data, calib, table, groups = cnn
+    plan = hand_plan(table, [(groups[0], "prune", {"ratio": 0.5})])
+    for target in ("nncf", "llm-compressor"):
+        out = tmp_path / f"x.{target}"
+        with pytest.raises(UserInputError, match=r"quantizes no layer .* nothing to export.*--to torch-pruning"):
+            export_plan(plan, target, out, drop_unsupported=True)
+        assert not out.exists()

@@ -355,3 +355,11 @@ def test_migrate_mistakes_name_the_fix(plans, tmp_path, capsys):
     assert code == 2 and "never rewrites the plan it reads" in err
     code, out, _ = _cli(["validate", str(plans["budget"]), "--migrate", str(tmp_path / "copy.json")], capsys)
     assert code == 0 and "already current, copied" in out
+    # OUT a directory, or under a file: one line naming --migrate, exit 2, no traceback
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path / "a_dir", tmp_path / "a_file" / "p.json"):
+        code, out, err = _cli(["validate", str(plans["budget"]), "--migrate", str(bad)], capsys)
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert "--migrate" in err and "Choose another --migrate" in err
+    assert (tmp_path / "a_file").read_text() == "x"

@@ -3,7 +3,8 @@
 Playwright's own browser download cannot work on these machines, so the test drives the system's
 Chromium (Debian's ``chromium`` package, ``/usr/bin/chromium``; or ``SENSPLAN_CHROMIUM``). It skips
 when Playwright or the browser is missing. ``SENSPLAN_SCREENSHOT=PATH`` also saves the screenshot
-there (the README's picture comes from it).
+there (the README's picture comes from it); ``SENSPLAN_REPORT=report.html`` opens that report
+instead of the session's demo run (a full ``sensplan demo`` for that picture).
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium here (apt-get 
 #: the flags of a headless Chromium on a machine with no network (no background connections)
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def report(request) -> Path:
+    """The demo's report: the session's demo run, or ``SENSPLAN_REPORT`` (a report.html, e.g. of a
+    full ``sensplan demo`` for the README's screenshot)."""
+    given = os.environ.get("SENSPLAN_REPORT")
+    if given:
+        return Path(given).resolve()
+    run = request.getfixturevalue("demo_run")
+    assert run["code"] == 0, run["err"]
+    return Path(run["dir"]) / "report" / "report.html"
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +65,7 @@ def _column(page, col: int) -> list[float]:
                            f".filter(v => v !== null).map(Number)")
 
 
-def test_the_demo_report_works_in_chromium(demo_run, browser, tmp_path):
-    assert demo_run["code"] == 0, demo_run["err"]
-    report = Path(demo_run["dir"]) / "report" / "report.html"
+def test_the_demo_report_works_in_chromium(report, browser, tmp_path):
     page, errors, requests = _open(browser, report, 1280)
 
     # offline: nothing but the file itself and inline data
@@ -110,9 +121,9 @@ def test_the_demo_report_works_in_chromium(demo_run, browser, tmp_path):
     page.close()
 
 
-def test_the_report_fits_a_phone_screen(demo_run, browser):
+def test_the_report_fits_a_phone_screen(report, browser):
     """At 400 px nothing but the tables' own boxes scrolls sideways."""
-    page, errors, _ = _open(browser, Path(demo_run["dir"]) / "report" / "report.html", 400)
+    page, errors, _ = _open(browser, report, 400)
     assert page.evaluate("document.documentElement.scrollWidth") <= 401
     assert errors == []
     page.close()

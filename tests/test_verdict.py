@@ -94,3 +94,17 @@ def test_a_plan_that_is_the_uniform_allocation_says_so():
     same = [1.0] * 50
     v = verdict(plan, {"planned": _m(same), "uniform": _m(same)}, TOP1)
     assert v.line.startswith("The plan is the uniform allocation (prune 30%)") and v.level == "tie"
+
+
+def test_a_missing_score_or_other_data_is_named_and_the_error_bar_says_what_it_is():
+    p, u = _m([1.0] * 90 + [0.0] * 10), _m([1.0] * 80 + [0.0] * 20)
+    u["after"]["score"] = None
+    assert "one score was not measured" in verdict(None, {"planned": p, "uniform": u}, TOP1).line
+    # the same item count and digest, but measured on other data: not compared item by item
+    p, u = _m([1.0] * 90 + [0.0] * 10), _m([1.0] * 80 + [0.0] * 20, where="--data other: out of sample")
+    assert "different data" in verdict(None, {"planned": p, "uniform": u}, TOP1).line
+    # without per-item scores, the drop from the original carries the unpaired error, named so
+    alone = _m([1.0] * 80 + [0.0] * 20)
+    for rec in (alone["after"], alone["before"]):
+        del rec["per_sample"]
+    assert "± 4.00 (unpaired SE)" in verdict(None, {"planned": alone}, TOP1).line

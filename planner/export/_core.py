@@ -245,6 +245,11 @@ class Exporter:
     suffix = ".json"
     needs_model = False
 
+    def beside(self, out: Path) -> list[str]:
+        """The names of the files :meth:`export` writes beside ``out`` (its ``extra_files``), known
+        before it runs, so that an existing file of the user's there is never overwritten."""
+        return []
+
     def export(self, request: ExportRequest) -> Exported:
         raise NotImplementedError
 
@@ -281,13 +286,37 @@ def export_plan(plan: Any, target: str, out: str | os.PathLike[str], *, variant:
         model_loader = lambda: loaded  # noqa: E731
     req = ExportRequest(plan, target, variant, drop_unsupported, Path(out), model_loader)
     plan.variant(variant)  # an absent allocation is one clear message
+    out_path = Path(out)
+    for name in exporter.beside(out_path):
+        _check_beside(out_path, out_path.parent / name, target)
     result = exporter.export(req)
     result.dropped = list(req.dropped)
-    out_path = Path(out)
     for name, data in result.extra_files.items():
+        if name not in exporter.beside(out_path):  # a plug-in that did not declare it: check it now
+            _check_beside(out_path, out_path.parent / name, target)
         atomic_write_bytes(out_path.parent / name, data)
     atomic_write_bytes(out_path, result.text.encode())
     return result
+
+
+def _check_beside(out: Path, path: Path, target: str) -> None:
+    """Refuse to write ``path`` (a file an export adds beside ``out``) over a file that an earlier
+    ``--to target`` export to ``out`` did not write: it may be the user's own (their model.onnx
+    beside ``--out model.json``), or ``out`` itself."""
+    if os.path.realpath(path) == os.path.realpath(out):
+        raise UserInputError(f"--out {out}: the {target} export also writes {path.name} beside it, which is "
+                             f"--out itself. Choose another --out (e.g. {out.with_suffix('.json')}).")
+    if not path.exists():
+        return
+    try:
+        earlier = json.loads(out.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    if isinstance(earlier, dict) and earlier.get("format") == EXPORT_FORMAT and earlier.get("target") == target:
+        return  # the export this one replaces wrote it
+    raise UserInputError(f"--out {out}: the {target} export also writes {path} beside it, and that file exists "
+                         f"but is not from an earlier --to {target} export to {out}; sensplan does not overwrite "
+                         f"it. Choose another --out (the extra file is named after it), or move {path} away.")
 
 
 # -- small writers ---------------------------------------------------------------------------------
@@ -355,6 +384,16 @@ def exact_regex(name: str) -> str:
 
 
 # -- what quantization-only targets share -------------------------------------------------------------
+def nothing_quantized(request: ExportRequest, tool: str) -> UserInputError:
+    """The refusal of a quantization tool's export whose allocation quantizes no layer it can take:
+    such a file would make the tool quantize by its defaults (NNCF compresses every layer it is not
+    told to skip; llm-compressor's modifier needs a config group)."""
+    return UserInputError(f"--to {request.target}: the plan's {request.variant} allocation quantizes no layer "
+                          f"{tool} can take, so there is nothing to export (a file would make {tool} quantize by "
+                          f"its own defaults). Export the pruning with --to torch-pruning, or plan with integer "
+                          f"weights (--methods ...,weight_quant).")
+
+
 def quantization_only(request: ExportRequest, tool: str, *, int_bits: Sequence[int] = tuple(range(2, 9)),
                       activations: bool = True, zero_points: bool = True,
                       fix: str = "") -> dict[str, LayerSpec]:
@@ -420,8 +459,15 @@ def _carries(effect: Mapping[str, Any], what: str) -> bool:
 
 
 def out_of_scope(request: ExportRequest) -> list[str]:
-    """The target names of the layers the plan's scan left out of scope (e.g. an LM head)."""
-    return [request.target_name(u) for u in ((request.plan.data.get("scope") or {}).get("out_of_scope") or {})]
+    """The target names of the layers the plan leaves float without a choice for them: those its scan
+    left out of scope (e.g. an LM head), and those in scope that no block of the allocation names (a
+    scan of some units only, ``--units``). A target that compresses every layer it is not told to
+    skip (GPTQModel, AutoRound, NNCF) must be told to skip these too."""
+    scope = request.plan.data.get("scope") or {}
+    planned = {c["unit"] for c in request.choices.values() if c.get("kind") == "layer"}
+    names = [u for u in scope.get("layers") or [] if u not in planned]
+    names += [u for u in scope.get("out_of_scope") or {} if u not in planned]
+    return [request.target_name(u) for u in dict.fromkeys(names)]
 
 
 def require_transformer(request: ExportRequest, tool: str) -> None:

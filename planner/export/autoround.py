@@ -2,7 +2,8 @@
 
 Every layer of the plan is listed: integer weights with their bits, ``group_size`` (-1: one scale
 per output row) and ``sym`` (false where the plan has zero points); a float layer as
-``{"bits": 16}``, which AutoRound keeps unquantized. The base ``bits``/``group_size``/``sym`` for
+``{"bits": 16}``, which AutoRound keeps unquantized (so are the layers the plan's scan left out:
+out of scope, or not among ``--units``). The base ``bits``/``group_size``/``sym`` for
 ``AutoRound(...)`` are the most common scheme. Weight-only.
 """
 
@@ -16,6 +17,7 @@ from sensplan.planner.export._core import (
     Exported,
     Exporter,
     ExportRequest,
+    out_of_scope,
     quantization_only,
     require_transformer,
     to_json,
@@ -38,6 +40,8 @@ class AutoRoundExporter(Exporter):
                 layer_config[spec.target] = {"bits": bits, "group_size": group, "sym": sym}
             else:
                 layer_config[spec.target] = {"bits": 16}
+        for name in out_of_scope(request):  # float in the plan, but AutoRound quantizes every block's layers
+            layer_config.setdefault(name, {"bits": 16})
         quantized = [weight_scheme(s) for s in specs.values() if s.int_weights]
         base = Counter(quantized).most_common(1)[0][0] if quantized else (4, 128, True)
         doc = {**request.header(), "bits": base[0], "group_size": base[1], "sym": base[2],

@@ -3,7 +3,8 @@
 The base ``bits``/``group_size``/``sym`` are the scheme most of the plan's quantized layers share;
 every other quantized layer gets a positive override ``"+:^<name>$": {bits, group_size, sym}``
 (GPTQModel matches each key, a regex with an optional ``+:``/``-:`` prefix, against the module's
-full name), and every layer the plan keeps float a negative one ``"-:^<name>$": {}`` (skipped).
+full name), and every layer the plan keeps float a negative one ``"-:^<name>$": {}`` (skipped),
+the layers its scan left out (of scope, or not among ``--units``) included.
 One scale per output row is ``group_size: -1``. Weight-only: GPTQModel takes 2, 3, 4 or 8 bits.
 """
 
@@ -18,6 +19,7 @@ from sensplan.planner.export._core import (
     Exporter,
     ExportRequest,
     exact_regex,
+    out_of_scope,
     quantization_only,
     require_transformer,
     to_json,
@@ -49,6 +51,8 @@ class GptqModelExporter(Exporter):
             elif weight_scheme(spec) != base:
                 bits, group, sym = weight_scheme(spec)
                 dynamic[f"+:{exact_regex(spec.target)}"] = {"bits": bits, "group_size": group, "sym": sym}
+        for name in out_of_scope(request):  # float in the plan, but GPTQModel quantizes what is not skipped
+            dynamic.setdefault(f"-:{exact_regex(name)}", {})
         cfg = {"bits": base[0], "group_size": base[1], "sym": base[2], "desc_act": False, "lm_head": False,
                "dynamic": dynamic}
         doc = {**request.header(), "quantize_config": cfg, "dropped": request.dropped_record()}

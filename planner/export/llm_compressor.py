@@ -20,6 +20,7 @@ from sensplan.planner.export._core import (
     Exported,
     Exporter,
     ExportRequest,
+    nothing_quantized,
     out_of_scope,
     quantization_only,
     to_yaml,
@@ -47,14 +48,17 @@ class LlmCompressorExporter(Exporter):
                 by_scheme[key] = f"group_{len(by_scheme)}"
                 groups[by_scheme[key]] = {"targets": [], **scheme}
             groups[by_scheme[key]]["targets"].append(spec.target)
+        if not groups:
+            raise nothing_quantized(request, "llm-compressor")
         ignore += [n for n in out_of_scope(request) if n not in ignore]
         recipe = {"quant_stage": {"quant_modifiers": {"QuantizationModifier": {
             "ignore": ignore, "config_groups": groups}}}}
         head = request.header()
-        lines = [f"# llm-compressor recipe exported by sensplan {head['sensplan']} from {head['plan']['path']} "
+        path = json.dumps(head["plan"]["path"])  # a JSON string: a newline in it would end the comment
+        lines = [f"# llm-compressor recipe exported by sensplan {head['sensplan']} from {path} "
                  f"(sha256 {head['plan']['sha256']}, {request.variant} allocation)",
                  f"# model: {json.dumps(head['model']['spec'])}"]
-        lines += [f"# dropped: {d.line()}" for d in request.dropped]
+        lines += [f"# dropped: {' '.join(d.line().splitlines())}" for d in request.dropped]
         notes = [] if request.is_transformer else ["llm-compressor's oneshot expects a Hugging Face model"]
         return Exported("\n".join(lines) + "\n" + to_yaml(recipe), notes=notes)
 

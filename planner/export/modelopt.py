@@ -46,10 +46,12 @@ class ModelOptExporter(Exporter):
                 cfg[f"{spec.target}.input_quantizer"] = {"num_bits": spec.act_bits, "axis": None, "enable": True}
         config = {"quant_cfg": cfg, "algorithm": "max"}
         if request.out.suffix == ".py":
-            head = request.header()
-            text = (f'"""ModelOpt config exported by sensplan {head["sensplan"]} from {head["plan"]["path"]} '
-                    f'({request.variant}).\n\nimport modelopt.torch.quantization as mtq\n'
-                    f'from this_file import CONFIG\nmodel = mtq.quantize(model, CONFIG, forward_loop)\n"""\n\n'
+            # the provenance is a literal (SOURCE), not docstring text: a path may hold a backslash or quotes
+            source = {k: v for k, v in request.header().items() if k in ("target", "sensplan", "plan", "model")}
+            text = ('"""A ModelOpt config exported by sensplan (where from: SOURCE; what the plan had that\n'
+                    "ModelOpt cannot express: DROPPED).\n\nimport modelopt.torch.quantization as mtq\n"
+                    'from this_file import CONFIG\nmodel = mtq.quantize(model, CONFIG, forward_loop)\n"""\n\n'
+                    f"SOURCE = {pprint.pformat(source, width=110, sort_dicts=False)}\n\n"
                     f"DROPPED = {pprint.pformat(request.dropped_record(), width=110)}\n\n"
                     f"CONFIG = {pprint.pformat(config, width=110, sort_dicts=False)}\n")
             return Exported(text)

@@ -25,6 +25,7 @@ from sensplan.planner.export._core import (
     ExportRequest,
     LayerSpec,
     Unsupported,
+    nothing_quantized,
     out_of_scope,
     quantization_only,
     to_json,
@@ -68,7 +69,7 @@ class NncfExporter(Exporter):
         elif int8:
             args = {"mode": "INT8_SYM" if eight[0][0] else "INT8_ASYM"}
         else:
-            args = {"mode": "INT8_ASYM"}
+            raise nothing_quantized(request, "NNCF compress_weights")
         args["all_layers"] = True
         args["ignored_scope"] = {"names": floats, "patterns": [f"^{re.escape(n)}(/|$)" for n in floats],
                                  "validate": False}

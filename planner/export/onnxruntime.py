@@ -35,6 +35,9 @@ class OnnxRuntimeExporter(Exporter):
                    "exclusions and TensorQuantOverrides for the plan's int8 layers")
     needs_model = True
 
+    def beside(self, out: Path) -> list[str]:
+        return [onnx_name_for(out)]
+
     def export(self, request: ExportRequest) -> Exported:
         from sensplan.planner import Plan
 
@@ -56,9 +59,7 @@ class OnnxRuntimeExporter(Exporter):
                                                                            effect={})
             plan = Plan(data, plan.sha256, plan.path)
         config, onnx_bytes = compressed_onnx(plan, request)
-        onnx_name = request.out.with_suffix(".onnx").name
-        if onnx_name == request.out.name:
-            onnx_name = request.out.name + ".onnx"
+        onnx_name = onnx_name_for(request.out)
         doc = {**request.header(), "onnx_model": onnx_name,
                "quantize_static": {**STATIC_OPTIONS,
                                    "nodes_to_quantize": config["nodes_to_quantize"],
@@ -72,6 +73,13 @@ class OnnxRuntimeExporter(Exporter):
                           "onnx_model, 'model.int8.onnx', reader, **quantize_static_kwargs(this['quantize_static']))"}
         notes = [f"{len(config['layers'])} int8 layer(s); the float model is {onnx_name} beside the file"]
         return Exported(to_json(doc), extra_files={onnx_name: onnx_bytes}, notes=notes)
+
+
+def onnx_name_for(out: Path) -> str:
+    """The float model's file name beside ``out``: ``<out stem>.onnx`` (``<out>.onnx`` for an
+    ``--out`` that already ends in .onnx)."""
+    name = out.with_suffix(".onnx").name
+    return out.name + ".onnx" if name == out.name else name
 
 
 def compressed_onnx(plan: Any, request: ExportRequest) -> tuple[dict[str, Any], bytes]:

@@ -30,13 +30,14 @@ class CsvExporter(Exporter):
             channels = c.get("channels")
             removed = e.get("removed")
             w.writerow([
-                block, c["unit"], c["axis"], c.get("kind", ""), c.get("method") or "", c.get("label", ""),
+                _text(block), _text(c["unit"]), _text(c["axis"]), c.get("kind", ""), _text(c.get("method") or ""),
+                _text(c.get("label", "")),
                 json.dumps(c.get("setting") or {}, sort_keys=True, separators=(",", ":")),
                 _num(drops.get(block)), _num(channels), _num(removed),
                 _num(int(removed) / int(channels) if removed is not None and channels else None),
                 _num(e.get("weight_bits")), e.get("weight_dtype", ""), _num(e.get("group_size")),
                 _num(e.get("zero_point_bits")), _num(e.get("act_bits")), _num(e.get("density")),
-                e.get("sparse_format", ""), "yes" if e.get("structure") else ""])
+                _text(e.get("sparse_format", "")), "yes" if e.get("structure") else ""])
         return Exported(buf.getvalue())
 
 
@@ -46,3 +47,10 @@ def _num(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
     return str(v)
+
+
+def _text(v: object) -> str:
+    """A name as a spreadsheet shows it: one that starts like a formula (``=``, ``+``, ``-``, ``@``,
+    a tab or carriage return) is prefixed with ``'``, so opening the file never runs it."""
+    s = str(v)
+    return "'" + s if s[:1] in ("=", "+", "-", "@", "\t", "\r") else s

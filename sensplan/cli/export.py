@@ -82,7 +82,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_outputs(problems, [Output(out, "--out")])
     if plan is not None and exporter is not None and not problems.messages:
-        problems.check(partial(plan.variant, args.variant))
+        have = [k for k, v in plan.data["plans"].items() if v is not None]
+        if args.variant in ("planned", "uniform") and args.variant not in have:
+            problems.add(f"--variant {args.variant}: the plan has no {args.variant} allocation (null: none met its "
+                         f"objective). Export --variant {have[0] if have else 'planned'} instead.")
+        else:
+            problems.check(partial(plan.variant, args.variant))
     problems.raise_if_any()
     loader = partial(load_for_export, args, need(plan)) if need(exporter).needs_model else None
     result = export_plan(need(plan), args.to, out, variant=args.variant, drop_unsupported=args.drop_unsupported,
@@ -126,7 +131,8 @@ def load_for_export(args: argparse.Namespace, plan: Plan) -> LoadedModel:
             raise UserInputError("--to onnxruntime calibrates the plan's activation quantization on the plan's data, "
                                  "but this plan does not record it. Export in Python with export_plan(..., calib=...).")
         sample, calib, _, _ = scan_sample(rec, scan_rec.get("calibration"),
-                                          " Run the export where the scan's data is.")
+                                          " Run the export where the scan's data is, or export in Python "
+                                          "with export_plan(..., model=..., example_input=..., calib=...).")
         calib = calib if calib is not None else sample
         example = sample.example_input
     else:

@@ -54,6 +54,8 @@ def register(sub: SubParsers) -> None:
     add_runtime_args(p, dtype=True)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory: scan.json, plan.json, result/, report/")
+    # `sensplan demo` prints the verdict in its own summary: not twice
+    p.add_argument("--no-verdict", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(fn=main)
 
 
@@ -93,8 +95,9 @@ def main(args: argparse.Namespace) -> int:
     say("== report ==")
     html = render_report(table, report_out, plan=the_plan, result=result_out)
     say(f"done in {time.perf_counter() - t0:.0f} s")
-    say(f"verdict: {verdict_line(the_plan, result_out)}")
-    say(f"report: {html}")
+    if not args.no_verdict:
+        say(f"verdict: {verdict_line(the_plan, result_out)}")
+        say(f"report: {html}")
     print(os.fspath(out))
     return apply.report_missed("run", missed)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sensplan._errors import UserInputError
-from sensplan.cli._common import add_verb
+from sensplan.cli._common import Output, add_verb, output_problem
 
 if TYPE_CHECKING:
     from sensplan.cli._common import SubParsers
@@ -36,6 +37,10 @@ def main(args: argparse.Namespace) -> int:
     if args.migrate is not None and len(args.files) != 1:
         raise UserInputError(f"--migrate writes one plan: give one plan FILE, not {len(args.files)} files "
                              f"(e.g. sensplan validate plan.json --migrate plan_v2.json).")
+    if args.migrate is not None:  # before checking: an unwritable OUT is one line, not a traceback after it
+        why = output_problem(Output(Path(args.migrate), "--migrate"))
+        if why:
+            raise UserInputError(why)
     notes: list[str] = []
     problems = validate_files(list(args.files), notes)
     shown: set[int] = set()
