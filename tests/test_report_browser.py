@@ -68,6 +68,13 @@ def _column(page, col: int) -> list[float]:
 def test_the_demo_report_works_in_chromium(report, browser, tmp_path):
     page, errors, requests = _open(browser, report, 1280)
 
+    # the page as it opens: the verdict, then the numbers
+    shot = tmp_path / "report.png"
+    page.screenshot(path=str(shot), full_page=False)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("SENSPLAN_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["SENSPLAN_SCREENSHOT"])
+
     # offline: nothing but the file itself and inline data
     assert requests and all(u.startswith(("file:", "data:")) for u in requests), requests
     # the verdict is the first thing on the page
@@ -112,11 +119,6 @@ def test_the_demo_report_works_in_chromium(report, browser, tmp_path):
     selected = page.eval_on_selector_all("#units tr.sel", "rs => rs.map(r => r.getAttribute('data-unit'))")
     assert selected and set(selected) == {target}
 
-    shot = tmp_path / "report.png"
-    page.screenshot(path=str(shot), full_page=False)
-    assert shot.stat().st_size > 10_000
-    if os.environ.get("SENSPLAN_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["SENSPLAN_SCREENSHOT"])
     assert errors == []
     page.close()
 
