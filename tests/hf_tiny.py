@@ -73,3 +73,16 @@ def save(kind: str, folder: str | Path, seed: int = 0, model=None) -> Path:
     if kind != "vit":
         tokenizer().save_pretrained(folder)
     return folder
+
+
+def text_model(kind: str, root: str | Path, n: int, seq_len: int = 16):
+    """A saved tiny ``kind`` (``root/kind``) with text windows of the test corpus tokenized for it:
+    ``(ModelSpec("hf:root/kind"), the EvalSet of n windows)``."""
+    from sensplan.sensitivity import DataSpec, ModelSpec, load_eval_set
+
+    root = Path(root)
+    folder = save(kind, root / kind)
+    text = root / "corpus.txt"
+    text.write_text(corpus()[:20000])
+    return ModelSpec(f"hf:{folder}"), load_eval_set(DataSpec("text", str(text), tokenizer=str(folder),
+                                                            seq_len=seq_len), n=n)

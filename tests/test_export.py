@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 
-from sensplan._errors import UserInputError
+from sensplan._errors import IncompatibleModelError, UserInputError
 from sensplan.cli import main
 from sensplan.planner import Budget, Plan, compress, make_plan
 from sensplan.planner.export import EXPORTERS, export_plan, load_exporters, replay_torch_pruning
@@ -220,16 +220,11 @@ class _Reader:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     pytest.importorskip("transformers")
-    from sensplan.sensitivity import DataSpec, load_eval_set, load_model
+    from sensplan.sensitivity import load_model
     from tests import hf_tiny
 
-    root = tmp_path_factory.mktemp("llama")
-    folder = hf_tiny.save("llama", root / "llama")
-    corpus = root / "corpus.txt"
-    corpus.write_text(hf_tiny.corpus()[:20000])
-    spec = ModelSpec(f"hf:{folder}")
+    spec, data = hf_tiny.text_model("llama", tmp_path_factory.mktemp("llama"), n=4)
     model = load_model(spec)
-    data = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=4)
     cfg = ScanConfig({"prune": [{"ratio": 0.5}], "weight_quant": [{"bits": 8}, {"bits": 4, "group": 32},
                                                                    {"bits": 4, "group": 32, "zero_point": True}]},
                      task="perplexity", units=("*layers.0.*",), check_samples=2)
@@ -378,6 +373,151 @@ def test_layers_the_plan_does_not_list_stay_float_in_every_target(llama, tmp_pat
         assert ar[name] == {"bits": 16}, name
         assert any(re.match(p, name + "/linear/0") for p in scope["patterns"]), name
         assert name not in targets
+
+
+# -- torch-pruning on transformers ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama_heads(tmp_path_factory):
+    """The tiny grouped-query Llama (4 query heads on 2 KV heads of 8 dims, MLP width 48) scanned for
+    pruning in both layers, and the save_pretrained folder it was loaded from."""
+    pytest.importorskip("transformers")
+    from sensplan.sensitivity import load_model
+    from tests import hf_tiny
+
+    root = tmp_path_factory.mktemp("llama_heads")
+    spec, data = hf_tiny.text_model("llama", root, n=4)
+    model = load_model(spec)
+    table = scan(model, data, ScanConfig({"prune": [{"ratio": 0.5}, {"ratio": 0.25}]}, task="perplexity",
+                                         check_samples=2), model_spec=spec, progress=False)
+    return model, data, table, root / "llama"
+
+
+def _linear_shapes(model) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def test_torch_pruning_replays_transformer_heads_and_mlp_channels_on_the_from_pretrained_model(llama_heads,
+                                                                                               tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch_pruning as tp
+
+    from sensplan.sensitivity import channel_graph
+
+    model, data, table, folder = llama_heads
+    heads = sorted(g for g in table.groups if g.endswith("self_attn.q_proj"))
+    mlps = sorted(g for g in table.groups if g.endswith("mlp.gate_proj"))
+    assert len(heads) == len(mlps) == 2
+    plan = hand_plan(table, [(heads[1], "prune", {"ratio": 0.25}), (mlps[0], "prune", {"ratio": 0.5}),
+                             (mlps[1], "prune", {"ratio": 0.25})])
+    x = data.x[:1]
+    export_plan(plan, "torch-pruning", tmp_path / "tp.json", model=model, example_input=x)
+    spec = json.loads((tmp_path / "tp.json").read_text())
+    by = {g["root"]: g for g in spec["groups"]}
+    assert set(by) == {g.removeprefix("model.") for g in (heads[1], mlps[0], mlps[1])}  # the user's names
+    assert spec["pruning_ratio_dict"] == {} and spec["importance"]["criterion"].startswith("L2 norm")
+    # the executor's selection, on the unpruned weights
+    graph = channel_graph(model, x)
+    for gid in (heads[1], mlps[0], mlps[1]):
+        g = by[gid.removeprefix("model.")]
+        assert g["idxs"] == graph.select(gid, g["n_remove"]) and g["ratio"] == g["n_remove"] / g["channels"]
+    # one KV head: its 8 key and value rows, the 16 rows of the 2 query heads that read it, and the
+    # output projection's 16 columns
+    h = by[heads[1].removeprefix("model.")]
+    assert (h["kind"], h["channels"], h["n_remove"], h["block"]) == ("heads", 2, 1, "model.layers.1.self_attn")
+    kv = h["idxs"][0]
+    members = {m["module"].rpartition(".")[2]: m for m in h["members"]}
+    assert {k: (m["side"], m["size"]) for k, m in members.items()} == {
+        "q_proj": ("out", 32), "k_proj": ("out", 16), "v_proj": ("out", 16), "o_proj": ("in", 32)}
+    assert members["k_proj"]["idxs"] == members["v_proj"]["idxs"] == list(range(8 * kv, 8 * kv + 8))
+    assert members["q_proj"]["idxs"] == members["o_proj"]["idxs"] == list(range(16 * kv, 16 * kv + 16))
+    assert h["attributes"] == {}  # Llama's attention reads its head count from the projections' shapes
+    m0 = by[mlps[0].removeprefix("model.")]
+    assert (m0["kind"], m0["channels"], m0["n_remove"]) == ("mlp", 48, 24)
+    assert [(m["module"], m["side"], m["idxs"]) for m in m0["members"]] == [
+        (f"model.layers.0.mlp.{n}", side, m0["idxs"]) for n, side in
+        (("gate_proj", "out"), ("up_proj", "out"), ("down_proj", "in"))]
+    # replayed on the user's model, from_pretrained, with Torch-Pruning's functions: the executor's
+    # shapes and logits
+    cm, _ = compress(model, plan, "planned", x)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert replay_torch_pruning(hf, tmp_path / "tp.json") is hf
+    assert _linear_shapes(hf) == _linear_shapes(cm.module.model) != _linear_shapes(model.model)
+    ids, mask = data.x[:, 0].long(), data.x[:, 1].long()
+    with torch.no_grad():
+        ours = cm.module(data.x)
+        assert torch.allclose(hf(input_ids=ids, attention_mask=mask, use_cache=False).logits, ours, atol=1e-5)
+    # the documented snippet, with torch and torch_pruning only
+    plain = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    modules = dict(plain.named_modules())
+    for g in spec["groups"]:
+        for m in g["members"]:
+            prune = tp.prune_linear_out_channels if m["side"] == "out" else tp.prune_linear_in_channels
+            prune(modules[m["module"]], m["idxs"])
+        for attr, value in g["attributes"].items():
+            setattr(modules[g["block"]], attr, value)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids, attention_mask=mask, use_cache=False).logits, ours, atol=1e-5)
+    # a second replay finds the model pruned already: one clear refusal, nothing changed
+    with pytest.raises(IncompatibleModelError, match="replay on the unpruned model"):
+        replay_torch_pruning(hf, tmp_path / "tp.json")
+    assert _linear_shapes(hf) == _linear_shapes(cm.module.model)
+
+
+def test_torch_pruning_sets_the_head_attributes_sensplan_lowers(tmp_path):
+    """BERT's self-attention keeps num_attention_heads and all_head_size: the file states their new
+    values, and the replay on BertForSequenceClassification.from_pretrained matches sensplan's own
+    removal (TransformerGraph.prune_)."""
+    transformers = pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from sensplan.planner.export.torch_pruning import _transformer_group
+    from sensplan.sensitivity import channel_graph, load_model
+    from tests import hf_tiny
+
+    folder = hf_tiny.save("bert", tmp_path / "bert")
+    model = load_model(ModelSpec(f"hf:{folder}"))
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.stack([ids, torch.ones_like(ids)], dim=1)
+    graph = channel_graph(model, x[:1])
+    gid = next(g for g in graph.group_ids() if g.endswith("layer.0.attention.self.query"))
+    request = SimpleNamespace(target_name=lambda u: u.removeprefix("model."))
+    entry = _transformer_group(request, model, graph, gid, 1)  # 1 of 4 heads
+    assert entry["block"] == "bert.encoder.layer.0.attention.self"
+    assert entry["attributes"] == {"num_attention_heads": 3, "all_head_size": 24}
+    assert [(m["module"].rpartition(".")[2], m["side"], len(m["idxs"])) for m in entry["members"]] == [
+        ("query", "out", 8), ("key", "out", 8), ("value", "out", 8), ("dense", "in", 8)]
+    ours = copy.deepcopy(model)
+    channel_graph(ours, x[:1]).prune_(gid, entry["idxs"])
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    replay_torch_pruning(hf, {"target": "torch-pruning", "groups": [entry]})
+    assert _linear_shapes(hf) == _linear_shapes(ours.model)
+    block = hf.get_submodule(entry["block"])
+    assert (block.num_attention_heads, block.all_head_size) == (3, 24)
+    with torch.no_grad():
+        assert torch.allclose(hf(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, ours(x), atol=1e-5)
+
+
+def test_torch_pruning_refuses_gpt2_conv1d_groups_with_the_reason(tmp_path):
+    """GPT-2's c_attn/c_proj/c_fc are Conv1D in the user's model (weights stored transposed): Torch-Pruning's
+    linear functions would cut the wrong dimension, so their groups are refused, or dropped and listed."""
+    pytest.importorskip("transformers")
+    from sensplan.sensitivity import load_model
+    from tests import hf_tiny
+
+    spec, data = hf_tiny.text_model("gpt2", tmp_path, n=2)
+    model = load_model(spec)
+    table = scan(model, data, ScanConfig({"prune": [{"ratio": 0.5}]}, task="perplexity", units=("*h.0.*",),
+                                         check_samples=2), model_spec=spec, progress=False)
+    pruned = sorted({r["unit"] for r in table.results if r["method"] == "prune"})
+    assert {g.rpartition(".")[2] for g in pruned} == {"c_attn", "c_fc"}
+    plan = hand_plan(table, [(g, "prune", {"ratio": 0.5}) for g in pruned])
+    with pytest.raises(UserInputError, match=r"cannot express 2 choice.*GPT-2's Conv1D.*no pruning function"):
+        export_plan(plan, "torch-pruning", tmp_path / "tp.json", model=model, example_input=data.x[:1])
+    assert not (tmp_path / "tp.json").exists()
+    out = export_plan(plan, "torch-pruning", tmp_path / "tp.json", drop_unsupported=True, model=model,
+                      example_input=data.x[:1])
+    assert sorted(d.block for d in out.dropped) == [f"channels:{g}" for g in pruned]
+    assert json.loads((tmp_path / "tp.json").read_text())["groups"] == [] and out.notes
 
 
 def test_a_file_written_beside_out_never_replaces_one_of_the_users(cnn, tmp_path):

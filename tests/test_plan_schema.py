@@ -107,15 +107,10 @@ def transformer_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama's plan: head and MLP groups, perplexity as the task."""
     pytest.importorskip("transformers")
     from sensplan.sensitivity import load_model
-    from sensplan.sensitivity._data import DataSpec, load_eval_set
     from tests import hf_tiny
 
     folder = tmp_path_factory.mktemp("llama")
-    hf = hf_tiny.save("llama", folder / "llama")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(hf_tiny.corpus()[:20000])
-    spec = ModelSpec(f"hf:{hf}")
-    data = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(hf), seq_len=16), n=8)
+    spec, data = hf_tiny.text_model("llama", folder, n=8)
     config = ScanConfig({"prune": [{"ratio": 0.5}], "weight_quant": [{"bits": 8}, {"bits": 4}]}, task="perplexity")
     table = scan(load_model(spec), data, config, model_spec=spec, progress=False).save(folder / "scan.json")
     make_plan(table, [Budget.parse("size=0.7")]).save(folder / "plan.json")

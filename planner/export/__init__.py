@@ -27,9 +27,10 @@ from sensplan.planner.export._core import (
 )
 
 
-def replay_torch_pruning(model: Any, export: Any, example_inputs: Any) -> Any:
-    """Prune ``model`` in place with Torch-Pruning's own DependencyGraph, removing exactly the
-    channels a ``torch-pruning`` export lists; returns the model. See
+def replay_torch_pruning(model: Any, export: Any, example_inputs: Any = None) -> Any:
+    """Prune ``model`` in place with Torch-Pruning's own functions (its DependencyGraph for a traced
+    model's groups, ``prune_linear_out/in_channels`` for a transformer's heads and MLPs), removing
+    exactly the channels a ``torch-pruning`` export lists; returns the model. See
     :func:`sensplan.planner.export.torch_pruning.replay_torch_pruning`."""
     from sensplan.planner.export.torch_pruning import replay_torch_pruning as replay
 
