@@ -251,8 +251,8 @@ def _empty(text: str) -> bytes:
 
 
 def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str] | None = None) -> bytes:
-    """One panel per method: units x settings, the drop in the metric's points (one colour scale
-    for all methods, so their sensitivities compare). ``names``: what to show for a unit."""
+    """One panel per method: units x settings, the drop in the metric's points, each panel on its own
+    colour scale (its colour bar says which). ``names``: what to show for a unit."""
     names = names or {}
     if not sens:
         return _empty("nothing was scanned")
@@ -260,10 +260,11 @@ def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str
     width = min(16.0, max(6.0, 3.0 + 1.1 * max(len(s.columns) for s in sens)))
     fig, axes = plt.subplots(len(sens), 1, figsize=(width, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
-    finite = [float(np.nanmax(s.drops)) for s in sens if np.isfinite(s.drops).any()]
-    vmax = max(0.01, *finite) * fmt.factor if finite else 0.01 * fmt.factor
     cmap = plt.get_cmap("magma_r").with_extremes(bad="0.92")
     for ax, s in zip(axes[:, 0], sens, strict=True):
+        # a scale per method (as on the page): a 0-3 point map is not washed out by a 0-60 one
+        top = float(np.nanmax(s.drops)) if np.isfinite(s.drops).any() else 0.0
+        vmax = max(0.01, top) * fmt.factor
         v = s.drops * fmt.factor
         im = ax.imshow(np.ma.masked_invalid(np.clip(v, 0, None)), aspect="auto", cmap=cmap, vmin=0,
                        vmax=vmax)
