@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from sensplan._errors import IncompatibleModelError, first_line
-from sensplan.planner._ort_quant import int8_layers, quant_config, run_quantize_static
+from sensplan.planner._ort_nbits import apply_nbits, nbits_config
+from sensplan.planner._ort_quant import int8_layers, layer_nodes, quant_config, run_quantize_static
 from sensplan.planner._runtime import compare_latency
 
 
@@ -96,29 +97,47 @@ def export_for_plan(compressed: nn.Module, example_input: torch.Tensor, effects:
     """Export ``compressed`` (the executor's model of a plan) to the float ONNX file ``path`` and
     return the ``quantize_static`` configuration that makes the plan's int8 layers (by their merged
     ``effects``) int8 on it (:func:`~sensplan.planner._ort_quant.quant_config`, with the activation
-    parameters the plan's activation quantization calibrated). ``apply --runtime onnxruntime``
+    parameters the plan's activation quantization calibrated), its ``nbits`` section the Linear
+    layers with weight-only integer weights that become MatMulNBits nodes
+    (:func:`~sensplan.planner._ort_nbits.nbits_config`). ``apply --runtime onnxruntime``
     quantizes with it (:func:`apply_quant_config`); ``export --to onnxruntime`` writes it."""
     import onnx
 
     exported = export_onnx(compressed, example_input, path)
-    return quant_config(onnx.load(os.fspath(path)).graph, int8_layers(effects), exported["act_params"],
-                        unit_of=unit_of, modules={n for n, _ in compressed.named_modules() if n})
+    graph = onnx.load(os.fspath(path)).graph
+    modules = {n for n, _ in compressed.named_modules() if n}
+    states = int8_layers(effects)
+    config = quant_config(graph, states, exported["act_params"], unit_of=unit_of, modules=modules)
+    config["nbits"] = nbits_config(graph, {u: effects[u] for u, s in states.items() if s == "nbits"},
+                                   layer_nodes(graph, modules), unit_of=unit_of)
+    return config
 
 
 def apply_quant_config(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: Mapping[str, Any],
                        calib: np.ndarray) -> dict[str, Any]:
     """Write ``dst``: ``src`` quantized as ``config`` (:func:`export_for_plan`) says (a copy when
-    no layer is int8); returns what was quantized and which layers stayed float, with why."""
+    no layer is int8), then its ``nbits`` layers made MatMulNBits nodes
+    (:func:`~sensplan.planner._ort_nbits.apply_nbits`); returns what was quantized (``int8_nodes``,
+    ``glue_nodes``, ``nbits_nodes`` and per unit ``nbits_layers``) and which layers stayed float,
+    with why."""
     float_layers = dict(config["float_layers"])
+    nbits = config.get("nbits") or {"layers": {}, "float_layers": {}, "notes": []}
+    float_layers.update(nbits["float_layers"])
+    notes = [*config["notes"], *nbits["notes"]]
     if not config["layers"]:
         import shutil
 
         shutil.copyfile(src, dst)
-        return {"int8_nodes": 0, "glue_nodes": 0, "float_layers": float_layers}
-    with _quiet():
-        run_quantize_static(src, dst, config, calib)
-    return {"int8_nodes": len(config["layers"]), "glue_nodes": len(config["glue"]), "float_layers": float_layers,
-            **({"notes": list(config["notes"])} if config["notes"] else {})}
+    else:
+        with _quiet():
+            run_quantize_static(src, dst, config, calib)
+    out: dict[str, Any] = {"int8_nodes": len(config["layers"]), "glue_nodes": len(config["glue"])}
+    if nbits["layers"]:  # after the QDQ step, which left these nodes float (they are in nodes_to_exclude)
+        done = apply_nbits(dst, dst, nbits)
+        float_layers.update(done["float_layers"])
+        out.update(nbits_nodes=len(done["layers"]), nbits_layers=done["layers"],
+                   nbits_rounding="the plan's codes, scales and zero points (sensplan's quantizer)")
+    return {**out, "float_layers": float_layers, **({"notes": notes} if notes else {})}
 
 
 def ort_session(model: str | bytes, threads: int) -> Any:

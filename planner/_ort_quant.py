@@ -67,8 +67,11 @@ def layer_nodes(graph: Any, modules: Collection[str] = ()) -> dict[str, tuple[st
 
 def int8_layers(effects: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Per layer of a plan with integer weights or activations: "int8" when ORT runs it with its
-    integer kernels (:func:`~sensplan.planner._runtime.int8_weights` and 8-bit activations), else
-    why it runs in float."""
+    integer kernels (:func:`~sensplan.planner._runtime.int8_weights` and 8-bit activations),
+    "nbits" when its integer weights are a MatMulNBits node's (:mod:`sensplan.planner._ort_nbits`:
+    a Linear's weights of 2, 4 or 8 bits; the graph decides whether the layer is one, and its
+    activations then run in float), else why it runs in float."""
+    from sensplan.planner._ort_nbits import nbits_problem, weight_only
     from sensplan.planner._runtime import int8_weights
 
     out = {}
@@ -79,8 +82,11 @@ def int8_layers(effects: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
             continue
         if int8_weights(e) and a == 8:
             out[layer] = "int8"
+        elif integer and weight_only(e):
+            out[layer] = "nbits"
         elif a == 32:
-            out[layer] = "float: integer weights without 8-bit activations (ORT has no weight-only kernel here)"
+            out[layer] = (f"float: ORT's weight-only kernel (MatMulNBits) does not take these weights: "
+                          f"{nbits_problem(e)}")
         elif not integer:
             out[layer] = "float: 8-bit activations without 8-bit weights (ORT's integer kernels need both)"
         else:
@@ -112,7 +118,7 @@ def quant_config(graph: Any, plan_layers: Mapping[str, str], act_params: Mapping
         state = plan_layers.get(unit)
         if state == "int8":
             chosen[node] = unit
-        elif state:
+        elif state and state != "nbits":  # the MatMulNBits layers: see _ort_nbits.nbits_config
             float_layers[unit] = state
     for unit, state in plan_layers.items():
         if state == "int8" and unit not in chosen.values():

@@ -25,7 +25,9 @@ and precisions). ``apply`` measures the real end-to-end latency, and metrics.jso
 
 Each operator is timed alone: a torch module for ``--runtime torch``; a one-operator ONNX model
 built with ``onnx.helper`` for ``--runtime onnxruntime``. Operators of equal shape are timed once.
-Supported layers: Conv1d/Conv2d and Linear; other layers keep their time in the overhead.
+Supported layers: Conv1d/Conv2d and Linear; other layers keep their time in the overhead. A
+Linear's weight-only integer options (MatMulNBits on ONNX Runtime) are not timed: they cost the
+layer's float time, and ``profile.unpriced`` lists them.
 """
 
 from __future__ import annotations
@@ -41,7 +43,15 @@ from torch import nn
 
 from sensplan._artifacts import now_iso, versions
 from sensplan.planner._costs import COST_TABLE_FORMAT, option_key
-from sensplan.planner._runtime import load_warning, machine_load, other_cores, public_load, time_interleaved
+from sensplan.planner._ort_nbits import weight_only
+from sensplan.planner._runtime import (
+    int8_weights,
+    load_warning,
+    machine_load,
+    other_cores,
+    public_load,
+    time_interleaved,
+)
 
 #: each operator's timing: rounds at least / at most, and seconds after the minimum
 _MIN_ITERS, _MAX_ITERS, _SECONDS = 10, 200, 0.4
@@ -328,12 +338,19 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
             costs = np.stack([costs, *([int8] * (len(options[-1]) - 1))], axis=-1)
         entries[f"layer:{layer}"] = {"unit": layer, "factors": [list(f) for f in factors], "options": options,
                                      "costs": costs.tolist()}
+    # MatMulNBits (a Linear's weight-only integer weights on ONNX Runtime) is not timed: the table
+    # prices those options at the layer's float time, and says so
+    unpriced = {f"{r['unit']} {option_key(r['method'], r['setting'])}":
+                "MatMulNBits (weight-only integer weights on ONNX Runtime) is not timed: priced at the float time"
+                for r in scan.results if runtime == "onnxruntime" and r.get("axis") == "weight"
+                and weight_only(r.get("effect") or {}) and not int8_weights(r.get("effect") or {})}
     load1 = machine_load()
     return {"format": COST_TABLE_FORMAT, "schema_version": 1, "metric": "latency", "unit": "ms",
             "overhead": whole - scale * parts, "entries": entries,
             "profile": {"runtime": runtime, "batch": batch, "threads": threads, "created": now_iso(),
                         "versions": versions(), "model_ms": whole, "layers_ms": parts,
                         "calibration": cal, "operators_timed": len(cache), "not_profiled": not_profiled,
+                        **({"unpriced": unpriced} if unpriced else {}),
                         "scan": {"path": scan.path or None, "sha256": scan.sha256 or None},
                         "load_before": public_load(load0), "load_after": public_load(load1),
                         "other_cores_busy": other_cores(load0, load1),

@@ -9,11 +9,17 @@ activation scale and zero point of each quantized layer are the plan's (``act_qu
 parameters, passed as ``TensorQuantOverrides``); the weights, already on the plan's 8-bit grid,
 are quantized per output channel by ORT, which finds the same codes.
 
+A Linear layer's weight-only integer weights of 2, 4 or 8 bits (per output channel or in groups,
+with or without zero points) become ``MatMulNBits`` nodes carrying the plan's own codes, scales and
+zero points (:mod:`sensplan.planner._ort_nbits`); its activations then run in float.
+
 What has no kernel on ONNX Runtime (:func:`kernel_problem`): sparsity (dense kernels multiply the
-zeros), weights of 2-7 bits or in groups (no integer kernel for a Conv), activations below 8 bits,
-16-bit float weights (the CPU kernels compute in float32). ``sensplan plan --runtime onnxruntime``
-drops those options before solving and says which; ``apply`` runs a layer whose int8 weights lack
-int8 activations (or the reverse) in float, and says so in metrics.json.
+zeros), a Conv's weights of 2-7 bits or in groups or with zero points, a Linear's of 3, 5, 6 or 7
+bits (MatMulNBits takes 2, 4 and 8), activations below 8 bits, 16-bit float weights (the CPU
+kernels compute in float32). ``sensplan plan --runtime onnxruntime``
+drops those options before solving and says which; ``apply`` runs a Conv whose int8 weights lack
+int8 activations (or any layer with int8 activations without int8 weights) in float, and says so
+in metrics.json.
 
 This module is torch-free (the planner uses it); the export, quantization and measurement on ONNX
 Runtime are in :mod:`sensplan.planner._onnx`.
@@ -38,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from sensplan._errors import UserInputError
+from sensplan.planner._ort_nbits import NBITS_LAYER_TYPES, nbits_problem
 
 #: the runtimes ``--runtime`` takes
 RUNTIMES = ("torch", "onnxruntime")
@@ -74,13 +81,17 @@ def kernel_problem(runtime: str, effect: Mapping[str, Any], layer_type: str = ""
     if dtype in ("float16", "bfloat16"):
         return "ONNX Runtime's CPU kernels compute in float32: 16-bit weights would be cast back"
     bits = effect.get("weight_bits")
-    if dtype == "int" and bits is not None:
-        if int(bits) != 8:
-            return f"no ONNX Runtime kernel computes with {int(bits)}-bit weights of a {layer_type or 'layer'}"
-        if int(effect.get("group_size") or 0):
-            return "ONNX Runtime's int8 kernels take one scale per output channel, not per group"
-        if int(effect.get("zero_point_bits") or 0):
+    if dtype == "int" and bits is not None and not int8_weights(effect):
+        # weight-only kernel: a Linear's weights as MatMulNBits (2, 4 or 8 bits, groups, zero points)
+        if layer_type not in NBITS_LAYER_TYPES:
+            if int(bits) != 8:
+                return f"no ONNX Runtime kernel computes with {int(bits)}-bit weights of a {layer_type or 'layer'}"
+            if int(effect.get("group_size") or 0):
+                return "ONNX Runtime's int8 kernels take one scale per output channel, not per group"
             return "ONNX Runtime's int8 kernels take symmetric weights (no zero point)"
+        why = nbits_problem(effect)
+        if why:
+            return why
     act = effect.get("act_bits")
     if act is not None and int(act) < 32 and int(act) != 8:
         return f"no ONNX Runtime kernel takes {int(act)}-bit activations (8 only)"

@@ -145,14 +145,21 @@ def test_options_without_an_onnxruntime_kernel_are_dropped_with_the_reason(setup
     kept, dropped = runtime_options(table, "onnxruntime")
     methods = {r["method"] for r in kept.results}
     assert "sparsity" not in methods and {"prune", "weight_quant", "act_quant"} <= methods
-    assert all(r["setting"].get("bits") == 8 for r in kept.results if r["method"] == "weight_quant")
+    # 4-bit weights stay only on Linear layers (MatMulNBits); a Conv's are dropped
+    linear = {u for u, info in table.layers.items() if info["type"] == "Linear"}
+    assert linear and all(r["setting"].get("bits") == 8 or r["unit"] in linear
+                          for r in kept.results if r["method"] == "weight_quant")
+    assert {r["unit"] for r in kept.results if r["method"] == "weight_quant" and r["setting"]["bits"] == 4} == linear
     reasons = {d["method"]: d["reason"] for d in dropped}
-    assert "sparse" in reasons["sparsity"] and "4-bit" in reasons["weight_quant"]
+    assert "sparse" in reasons["sparsity"] and "4-bit weights of a Conv2d" in reasons["weight_quant"]
     same, none = runtime_options(table, "torch")
     assert same is table and none == []
     assert kernel_problem("onnxruntime", {"weight_dtype": "float16", "weight_bits": 16})
     assert kernel_problem("onnxruntime", {"act_bits": 4})
-    assert kernel_problem("onnxruntime", {"weight_dtype": "int", "weight_bits": 8, "group_size": 32})
+    assert kernel_problem("onnxruntime", {"weight_dtype": "int", "weight_bits": 8, "group_size": 32}, "Conv2d")
+    w4 = {"weight_dtype": "int", "weight_bits": 4, "group_size": 32, "zero_point_bits": 4}
+    assert kernel_problem("onnxruntime", w4, "Linear") is None
+    assert "not 3-bit" in kernel_problem("onnxruntime", {**w4, "weight_bits": 3}, "Linear")
     assert kernel_problem("onnxruntime", {"removed": 3}) is None
 
 
@@ -196,11 +203,14 @@ def test_plan_for_onnxruntime_offers_only_options_with_a_kernel_and_says_which_i
             continue
         for c in alloc["choices"].values():
             assert c["method"] != "sparsity"
-            assert c["method"] != "weight_quant" or c["setting"]["bits"] == 8
+            assert c["method"] != "weight_quant" or c["setting"]["bits"] == 8 or c["unit"] == "head"
         # ORT computes in int8 only with both: 8-bit weights and 8-bit activations come together
+        # (a Linear's 4-bit weights run as MatMulNBits, whatever its activations)
+        nbits = {c["unit"] for c in alloc["choices"].values() if c["method"] == "weight_quant"
+                 and c["setting"]["bits"] != 8}
         by_layer = {}
         for c in alloc["choices"].values():
-            if c["kind"] == "layer" and c["method"]:
+            if c["kind"] == "layer" and c["method"] and c["unit"] not in nbits:
                 by_layer.setdefault(c["unit"], set()).add(c["method"])
         assert any("weight_quant" in m for m in by_layer.values())
         assert all(("weight_quant" in m) == ("act_quant" in m) for m in by_layer.values()), by_layer

@@ -37,6 +37,15 @@ def replay_torch_pruning(model: Any, export: Any, example_inputs: Any = None) ->
     return replay(model, export, example_inputs)
 
 
+def apply_matmul_nbits(src: Any, dst: Any, export: Any) -> dict[str, Any]:
+    """Write ``dst``: the ONNX model ``src`` with an ``onnxruntime`` export's ``matmul_nbits``
+    nodes as MatMulNBits nodes carrying the plan's own codes, scales and zero points. See
+    :func:`sensplan.planner.export.onnxruntime.apply_matmul_nbits`."""
+    from sensplan.planner.export.onnxruntime import apply_matmul_nbits as nbits
+
+    return nbits(src, dst, export)
+
+
 def quantize_static_kwargs(config: Any) -> dict[str, Any]:
     """The keyword arguments of ``onnxruntime.quantization.quantize_static`` from an
     ``onnxruntime`` export. See :func:`sensplan.planner.export.onnxruntime.quantize_static_kwargs`."""
@@ -54,6 +63,7 @@ __all__ = [
     "LayerSpec",
     "LoadedModel",
     "Unsupported",
+    "apply_matmul_nbits",
     "export_plan",
     "load_exporters",
     "quantize_static_kwargs",

@@ -10,9 +10,17 @@ layer's input pinned to the plan's activation scale and zero point (``TensorQuan
 Weights are quantized by ORT per output channel, symmetric int8: on the plan's grid already, ORT
 finds the same codes. The float ONNX file is written beside ``--out`` (``<out stem>.onnx``).
 
-What ORT cannot express (``kernel_problem``): weights of 2-7 bits, in groups or with zero points,
-16-bit float weights, sparsity, activations below 8 bits; and a layer with 8-bit weights but float
-inputs (or the reverse), since ORT's integer kernels need both.
+A Linear layer's weight-only integer weights of 2, 4 or 8 bits (in groups or per channel, with or
+without zero points) are listed in ``matmul_nbits``: per unit its node, bits, block size and
+symmetry (:func:`sensplan.planner._ort_nbits.nbits_config`, the mapping ``apply`` uses), and
+grouped by format as arguments of ORT's own ``MatMulNBitsQuantizer`` (``nodes_to_include``; it
+rounds on its own scales). :func:`apply_matmul_nbits` writes the plan's own codes instead, as
+``apply --runtime onnxruntime`` does.
+
+What ORT cannot express (``kernel_problem``): a Conv's weights of 2-7 bits, in groups or with zero
+points, a Linear's of 3, 5, 6 or 7 bits, 16-bit float weights, sparsity, activations below 8 bits;
+and int8 activations without 8-bit per-channel symmetric weights, since ORT's integer kernels need
+both.
 """
 
 from __future__ import annotations
@@ -42,10 +50,11 @@ class OnnxRuntimeExporter(Exporter):
         from sensplan.planner import Plan
 
         items: list[Unsupported] = []
+        modules = dict(request.loaded().model.named_modules())
         for unit, spec in request.layers(all_layers=False).items():
-            why = kernel_problem("onnxruntime", spec.effect)
+            why = kernel_problem("onnxruntime", spec.effect, type(modules.get(unit)).__name__)
             state = int8_layers({unit: spec.effect}).get(unit)
-            if why is None and state not in (None, "int8"):
+            if why is None and state not in (None, "int8", "nbits"):
                 why = str(state).removeprefix("float: ")
             if why:
                 items += request.layer_items(spec, why)
@@ -59,6 +68,7 @@ class OnnxRuntimeExporter(Exporter):
                                                                            effect={})
             plan = Plan(data, plan.sha256, plan.path)
         config, onnx_bytes = compressed_onnx(plan, request)
+        nbits = config.get("nbits") or {"layers": {}, "float_layers": {}, "notes": []}
         onnx_name = onnx_name_for(request.out)
         doc = {**request.header(), "onnx_model": onnx_name,
                "quantize_static": {**STATIC_OPTIONS,
@@ -66,12 +76,17 @@ class OnnxRuntimeExporter(Exporter):
                                    "nodes_to_exclude": config["nodes_to_exclude"],
                                    "op_types_to_quantize": sorted(_op_types(config, onnx_bytes)),
                                    "tensor_overrides": config["tensor_overrides"]},
-               "layers": {u: {"node": n, "state": "int8"} for u, n in config["layers"].items()},
-               "glue_nodes": config["glue"], "float_layers": config["float_layers"],
-               "notes": config["notes"], "dropped": request.dropped_record(),
-               "consume": "from sensplan.planner.export import quantize_static_kwargs; quantize_static("
-                          "onnx_model, 'model.int8.onnx', reader, **quantize_static_kwargs(this['quantize_static']))"}
-        notes = [f"{len(config['layers'])} int8 layer(s); the float model is {onnx_name} beside the file"]
+               "matmul_nbits": {"nodes": nbits["layers"], "groups": matmul_nbits_groups(nbits)},
+               "layers": {**{u: {"node": n, "state": "int8"} for u, n in config["layers"].items()},
+                          **{u: {"node": v["node"], "state": "nbits"} for u, v in nbits["layers"].items()}},
+               "glue_nodes": config["glue"], "float_layers": {**config["float_layers"], **nbits["float_layers"]},
+               "notes": [*config["notes"], *nbits["notes"]], "dropped": request.dropped_record(),
+               "consume": "from sensplan.planner.export import quantize_static_kwargs, apply_matmul_nbits; "
+                          "quantize_static(onnx_model, 'model.int8.onnx', reader, "
+                          "**quantize_static_kwargs(this['quantize_static'])); "
+                          "apply_matmul_nbits('model.int8.onnx', 'model.ort.onnx', this)"}
+        notes = [f"{len(config['layers'])} int8 layer(s), {len(nbits['layers'])} MatMulNBits layer(s); the float "
+                 f"model is {onnx_name} beside the file"]
         return Exported(to_json(doc), extra_files={onnx_name: onnx_bytes}, notes=notes)
 
 
@@ -117,3 +132,31 @@ def quantize_static_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
 
     section = config.get("quantize_static", config)
     return kwargs(section)
+
+
+def matmul_nbits_groups(nbits: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``matmul_nbits`` section's nodes grouped by format, as the arguments of one run of ORT's
+    own ``MatMulNBitsQuantizer`` each (``bits``, ``block_size``, ``is_symmetric``,
+    ``nodes_to_include``). ORT's quantizer rounds to nearest on its own scales: the same format, not
+    the plan's codes (``apply_matmul_nbits`` writes those)."""
+    groups: dict[tuple[int, int, bool], list[str]] = {}
+    for spec in (nbits.get("layers") or {}).values():
+        groups.setdefault((int(spec["bits"]), int(spec["block_size"]), bool(spec["symmetric"])), []).append(
+            spec["node"])
+    return [{"bits": b, "block_size": bs, "is_symmetric": sym, "nodes_to_include": nodes}
+            for (b, bs, sym), nodes in groups.items()]
+
+
+def apply_matmul_nbits(src: str | Path, dst: str | Path, export: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``dst``: the ONNX model ``src`` (the export's float model, or the model
+    ``quantize_static`` made of it) with the export's ``matmul_nbits`` nodes as MatMulNBits nodes
+    carrying the plan's codes, scales and zero points: what ``apply --runtime onnxruntime`` does
+    (:func:`sensplan.planner._ort_nbits.apply_nbits`)::
+
+        cfg = json.load(open("ort.json"))
+        apply_matmul_nbits("model.int8.onnx", "model.ort.onnx", cfg)
+    """
+    from sensplan.planner._ort_nbits import apply_nbits
+
+    section = export.get("matmul_nbits", export)
+    return apply_nbits(src, dst, {"layers": section.get("nodes") or {}})

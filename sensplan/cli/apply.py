@@ -325,7 +325,9 @@ def print_metrics(variant: str, metric: str, m: dict[str, Any]) -> None:
         say(f"    on ONNX Runtime {rt['version']} ({rt['threads']} thread(s)): {metric} {ort_b['score']:.4f} -> "
             f"{ort_a['score']:.4f}, model.onnx {ort_b['file_bytes'] / 1e6:.3f} -> {ort_a['file_bytes'] / 1e6:.3f} MB"
             + (f", speed-up {speed}" if speed else "")
-            + f"; {rt['quantized']['int8_nodes']} int8 layer(s)")
+            + f"; {rt['quantized']['int8_nodes']} int8 layer(s)"
+            + (f", {rt['quantized']['nbits_nodes']} MatMulNBits layer(s)"
+               if rt["quantized"].get("nbits_nodes") else ""))
         for layer, why in list(rt["quantized"]["float_layers"].items())[:5]:
             say(f"      {layer}: {why}")
         if (rt.get("latency") or {}).get("warning"):

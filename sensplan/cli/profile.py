@@ -90,5 +90,8 @@ def main(args: argparse.Namespace) -> int:
         say(f"warning: the timings are unreliable: {info['warning']}")
     for layer, why in list(info["not_profiled"].items())[:5]:
         say(f"  not timed: {layer} ({why}); its time is in the overhead")
+    if info.get("unpriced"):
+        first, why = next(iter(info["unpriced"].items()))
+        say(f"note: {len(info['unpriced'])} option(s) priced at the float time (e.g. {first}): {why}")
     print(os.fspath(args.out))
     return 0
