@@ -173,7 +173,7 @@ def nbits_tensors(w: np.ndarray, bits: int, group_size: int, symmetric: bool
     difference between the weights they encode and ``w`` (0.0 when ``w`` was on the grid)."""
     import torch
 
-    from sensplan.sensitivity._quant import QFormat, dequantize_codes, quantize
+    from sensplan.sensitivity import QFormat, dequantize_codes, quantize
 
     n, k = w.shape
     wt = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))

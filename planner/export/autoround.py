@@ -5,6 +5,10 @@ per output row) and ``sym`` (false where the plan has zero points); a float laye
 ``{"bits": 16}``, which AutoRound keeps unquantized (so are the layers the plan's scan left out:
 out of scope, or not among ``--units``). The base ``bits``/``group_size``/``sym`` for
 ``AutoRound(...)`` are the most common scheme. Weight-only.
+
+AutoRound keeps a Linear float (``bits`` 16, over the user's ``layer_config``) when either dimension
+of its weight is not a multiple of 32: such an integer layer is refused (its shape is read from the
+plan's scan, when found), so the file never says more than AutoRound will do.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sensplan.planner.export._core import (
     to_json,
 )
 from sensplan.planner.export.gptqmodel import weight_scheme
+from sensplan.planner.export.nncf import scan_layers
 
 
 @EXPORTERS.register
@@ -33,9 +38,16 @@ class AutoRoundExporter(Exporter):
     def export(self, request: ExportRequest) -> Exported:
         require_transformer(request, self.name)
         specs = quantization_only(request, self.name, activations=False)
+        shapes = {u: v.get("weight_shape") or [] for u, v in (scan_layers(request) or {}).items()}
+        items = []
+        for spec in specs.values():
+            if spec.int_weights and any(int(d) % 32 for d in shapes.get(spec.unit, [])[:2]):
+                items += request.layer_items(spec, f"AutoRound keeps a layer whose weight shape "
+                                                   f"{tuple(shapes[spec.unit])} is not a multiple of 32 float")
+        dropped = {d.block for d in request.unsupported(items, "plan those layers float")}
         layer_config: dict[str, dict[str, Any]] = {}
         for spec in specs.values():
-            if spec.int_weights:
+            if spec.int_weights and not set(spec.blocks) & dropped:
                 bits, group, sym = weight_scheme(spec)
                 layer_config[spec.target] = {"bits": bits, "group_size": group, "sym": sym}
             else:

@@ -66,9 +66,11 @@ def _json_keys(obj: Any) -> Any:
     return obj
 
 
-def load_modelopt_config(path: str) -> dict[str, Any]:
+def load_modelopt_config(path: str, *, entries: bool = False) -> dict[str, Any]:
     """``{"quant_cfg", "algorithm"}`` from a ``modelopt`` JSON export, as ``mtq.quantize`` takes it
-    (``block_sizes``' dimension keys back to ints)."""
+    (``block_sizes``' dimension keys back to ints). ``entries``: ``quant_cfg`` as the ordered list of
+    ``{"quantizer_name", "cfg", "enable"}`` entries that ModelOpt 0.4x takes without a deprecation
+    warning (see :func:`quant_cfg_entries`); else the dict form older releases take."""
     data = json.loads(Path(path).read_text())
 
     def fix(cfg: Any) -> Any:
@@ -76,4 +78,22 @@ def load_modelopt_config(path: str) -> dict[str, Any]:
             return {(int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k): fix(v) for k, v in cfg.items()}
         return cfg
 
-    return {"quant_cfg": fix(data["quant_cfg"]), "algorithm": data.get("algorithm", "max")}
+    quant_cfg = fix(data["quant_cfg"])
+    return {"quant_cfg": quant_cfg_entries(quant_cfg) if entries else quant_cfg,
+            "algorithm": data.get("algorithm", "max")}
+
+
+def quant_cfg_entries(quant_cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The dict form of ``quant_cfg`` as ModelOpt's list form, in the same order (later entries
+    win): ``"default"`` becomes ``"quantizer_name": "*"``, each attribute dict its ``cfg`` (``None``
+    when it only switches the quantizer off) and ``enable``.
+
+    >>> quant_cfg_entries({"default": {"enable": False}, "fc.input_quantizer": {"num_bits": 8, "enable": True}})[1]
+    {'quantizer_name': 'fc.input_quantizer', 'cfg': {'num_bits': 8}, 'enable': True}
+    """
+    out = []
+    for name, attrs in quant_cfg.items():
+        cfg = {k: v for k, v in attrs.items() if k != "enable"}
+        out.append({"quantizer_name": "*" if name == "default" else name, "cfg": cfg or None,
+                    "enable": bool(attrs.get("enable", True))})
+    return out

@@ -7,12 +7,22 @@ primary mode. A plan that mixes 4- and 8-bit layers maps to ratio = (weights of 
 (weights of all its integer layers), counted from the plan's scan when it is found (else by layer
 count, and the file says so). NNCF then picks *which* layers get 4 bits by its own sensitivity
 metric: the plan's proportion is kept, its per-layer choice is not (the file says so under
-``exact``). The plan's float layers go into ``ignored_scope`` (module names, and regex patterns that
-match NNCF's node names, which start with the module name).
+``exact``). NNCF's ``ratio`` counts Linear/MatMul (and embedding) weights only: convolutions are
+always compressed in the backup mode, so a 4-bit convolution is refused and the ratio leaves the
+8-bit convolutions out (which layers are convolutions is read from the plan's scan).
+
+The plan's float layers are listed as ``ignored_modules`` (module names). NNCF's ignored scope names
+graph nodes, not modules, and its PyTorch node names are not module names (``stem/0/conv2d/0``; a
+decoder layer called from a ``ModuleList`` loses its index: ``model/self_attn/q_proj/linear/1`` is
+``model.layers.1.self_attn.q_proj``), so :func:`nncf_arguments` resolves them on the model: it traces
+NNCF's graph and ignores every operation that reads a weight of a module the plan does not quantize
+(those, and modules the plan never saw, such as embeddings, which NNCF compresses with
+``all_layers``).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -35,20 +45,25 @@ from sensplan.planner.export._core import (
 @EXPORTERS.register
 class NncfExporter(Exporter):
     name = "nncf"
-    description = "NNCF: compress_weights mode/group_size/ratio/backup_mode and an IgnoredScope of the float layers"
+    description = "NNCF: compress_weights mode/group_size/ratio/backup_mode and the float layers to ignore"
 
     def export(self, request: ExportRequest) -> Exported:
         specs = quantization_only(request, "NNCF compress_weights", int_bits=(4, 8), activations=False)
         int4 = {u: s for u, s in specs.items() if s.int_weights and s.weight_bits == 4}
         int8 = {u: s for u, s in specs.items() if s.int_weights and s.weight_bits == 8}
         items: list[Unsupported] = []
+        scanned = scan_layers(request)
+        convs = {u for u, v in (scanned or {}).items() if _CONV.match(str(v.get("type", "")))}
+        for u in convs & set(int4):
+            items += request.layer_items(int4[u], "NNCF compresses convolutions only in its 8-bit backup mode (its "
+                                                  "4-bit modes take Linear/MatMul and embedding weights)")
         for s in int8.values():
             if s.group_size:
                 items += request.layer_items(s, "NNCF's 8-bit weight modes are per output channel, not grouped")
-        four = Counter((s.symmetric, s.group_size) for s in int4.values()).most_common(1)
+        four = Counter((s.symmetric, s.group_size) for u, s in int4.items() if u not in convs).most_common(1)
         eight = Counter(s.symmetric for s in int8.values() if not s.group_size).most_common(1)
-        for s in int4.values():
-            if (s.symmetric, s.group_size) != four[0][0]:
+        for u, s in int4.items():
+            if u not in convs and (s.symmetric, s.group_size) != four[0][0]:
                 items += request.layer_items(s, "NNCF takes one 4-bit scheme (symmetry, group size) per call")
         for s in int8.values():
             if not s.group_size and s.symmetric != eight[0][0]:
@@ -58,12 +73,14 @@ class NncfExporter(Exporter):
         int8 = {u: s for u, s in int8.items() if not set(s.blocks) & dropped}
         floats = [s.target for u, s in specs.items() if u not in int4 and u not in int8]
         floats += [n for n in out_of_scope(request) if n not in floats]
-        sizes, counted_by = _weights(request, [*int4, *int8])
+        # NNCF's ratio is over the weights its 4-bit mode may take: convolutions always get the backup mode
+        defining = [u for u in int8 if u not in convs]
+        sizes, counted_by = _weights(scanned, [*int4, *defining])
         args: dict[str, Any]
         if int4:
-            sym, group = four[0][0]
+            sym, group = Counter((s.symmetric, s.group_size) for s in int4.values()).most_common(1)[0][0]
             backup = ("INT8_SYM" if eight[0][0] else "INT8_ASYM") if int8 else "NONE"
-            total = sum(sizes[u] for u in [*int4, *int8])
+            total = sum(sizes[u] for u in [*int4, *defining])
             args = {"mode": "INT4_SYM" if sym else "INT4_ASYM", "group_size": group or -1,
                     "ratio": round(sum(sizes[u] for u in int4) / total, 6), "backup_mode": backup}
         elif int8:
@@ -71,12 +88,10 @@ class NncfExporter(Exporter):
         else:
             raise nothing_quantized(request, "NNCF compress_weights")
         args["all_layers"] = True
-        args["ignored_scope"] = {"names": floats, "patterns": [f"^{re.escape(n)}(/|$)" for n in floats],
-                                 "validate": False}
-        exact = (not int4 or not int8)
-        doc = {**request.header(), "compress_weights": args,
+        exact = (not int4 or not defining)
+        doc = {**request.header(), "compress_weights": args, "ignored_modules": floats,
                "layers": {s.target: _state(s) for s in specs.values()},
-               "ratio_counted_by": counted_by if int4 and int8 else None,
+               "ratio_counted_by": counted_by if int4 and defining else None,
                "exact": exact, "exact_note": None if exact else (
                    "NNCF picks which layers get the 4-bit mode by its own sensitivity metric; the plan's share "
                    "of 4-bit weights is kept, its per-layer choice is not"),
@@ -87,15 +102,17 @@ class NncfExporter(Exporter):
 
 def _state(spec: LayerSpec) -> str:
     if not spec.int_weights:
-        return "float (ignored_scope)"
+        return "float (ignored_modules)"
     return f"int{spec.weight_bits}{'' if spec.symmetric else ' asym'}" + (
         f" g{spec.group_size}" if spec.group_size else "")
 
 
-def _weights(request: ExportRequest, units: list[str]) -> tuple[dict[str, float], str]:
-    """Each layer's weight count from the plan's scan (found at its recorded path with its recorded
-    digest), else 1 per layer."""
-    import math
+_CONV = re.compile(r"^Conv(Transpose)?[123]d$")
+
+
+def scan_layers(request: ExportRequest) -> dict[str, Any] | None:
+    """The ``layers`` of the plan's scan (found at its recorded path with its recorded digest), else None."""
+    import json
     import os
 
     rec = request.plan.data.get("scan") or {}
@@ -104,9 +121,51 @@ def _weights(request: ExportRequest, units: list[str]) -> tuple[dict[str, float]
         from sensplan._artifacts import file_sha256
 
         if not rec.get("sha256") or file_sha256(path) == rec["sha256"]:
-            import json
+            layers: dict[str, Any] = json.loads(Path(path).read_text()).get("layers") or {}
+            return layers
+    return None
 
-            layers = json.loads(Path(path).read_text()).get("layers") or {}
-            if all(u in layers for u in units):
-                return {u: float(math.prod(layers[u]["weight_shape"])) for u in units}, "weights (from the scan)"
+
+def _weights(layers: dict[str, Any] | None, units: list[str]) -> tuple[dict[str, float], str]:
+    """Each layer's weight count from the plan's scan, else 1 per layer."""
+    import math
+
+    if layers is not None and all(u in layers for u in units):
+        return {u: float(math.prod(layers[u]["weight_shape"])) for u in units}, "weights (from the scan)"
     return dict.fromkeys(units, 1.0), "layers (the plan's scan was not found: each layer counts 1)"
+
+
+def nncf_arguments(path: str | os.PathLike[str], model: Any, example_input: Any) -> dict[str, Any]:
+    """The keyword arguments of ``nncf.compress_weights(model, **kwargs)`` from an ``nncf`` export:
+    the modes as NNCF's enums, ``dataset`` (``example_input`` alone: NNCF's PyTorch backend traces
+    the model with it; a dict is passed as keyword inputs) and an ``IgnoredScope`` naming every graph
+    operation that reads a weight of a module the plan does not quantize: the file's
+    ``ignored_modules``, and those the plan never saw (NNCF with ``all_layers`` also compresses
+    embeddings, which sensplan does not scan).
+
+    >>> model = nncf.compress_weights(model, **nncf_arguments("nncf.json", model, x[:1]))  # doctest: +SKIP
+    """
+    import json
+
+    import nncf
+    from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import build_nncf_graph
+
+    doc = json.loads(Path(path).read_text())
+    a = dict(doc["compress_weights"])
+    planned = {name for name, state in doc["layers"].items() if not str(state).startswith("float")}
+    planned -= set(doc.get("ignored_modules") or [])
+    params = {n.rpartition(".")[0] for n, _ in model.named_parameters()}
+    graph = build_nncf_graph(model, example_input)
+    names = []
+    for node in graph.get_all_nodes():  # an operation reading "<module>.<parameter>" of a module not planned
+        owners = {e.from_node.node_name.rpartition(".")[0] for e in graph.get_input_edges(node)} & params
+        if owners - planned:
+            names.append(node.node_name)
+    kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode[a["mode"]], "all_layers": a["all_layers"],
+                              "ignored_scope": nncf.IgnoredScope(names=names, validate=False),
+                              "dataset": nncf.Dataset([example_input])}
+    if "group_size" in a:
+        kwargs["group_size"] = a["group_size"]
+        kwargs["ratio"] = a["ratio"]
+        kwargs["backup_mode"] = nncf.BackupMode[a["backup_mode"]]
+    return kwargs
