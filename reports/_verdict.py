@@ -244,7 +244,9 @@ def _from_plan(plan: Any, metric: Metric) -> Verdict:
         return Verdict(f"Predicted only (the plan was not verified and not applied): the planned allocation "
                        f"drops {metric.format_drop(float(pred.get('drop') or 0.0))}. Run sensplan apply "
                        f"to measure it.")
-    line = str(ver.get("verdict") or "")
+    line = str(ver.get("verdict") or "").strip()
+    if line and not line.endswith("."):
+        line += "."
     if _num(exp.get("drop")):
         line += (f" Expected drop {metric.format_drop(float(exp['drop']))}"
                  + (f" ± {metric.format_drop(float(exp['drop_se'])).split()[0]}" if _num(exp.get("drop_se")) else "")

@@ -108,3 +108,13 @@ def test_a_missing_score_or_other_data_is_named_and_the_error_bar_says_what_it_i
     for rec in (alone["after"], alone["before"]):
         del rec["per_sample"]
     assert "± 4.00 (unpaired SE)" in verdict(None, {"planned": alone}, TOP1).line
+
+
+def test_a_verified_plan_not_yet_applied_gives_verifications_verdict_and_what_to_expect():
+    plan = Plan({"plans": {"planned": {"choices": {}, "expected": {
+        "drop": 0.0282, "drop_se": 0.0035, "measured_on": "report split (no choice touched it)"}}},
+        "verification": {"verdict": "plan round 1 wins: 1.0 pt better than uniform", "winner": {"kind": "plan"}}})
+    v = verdict(plan, {}, TOP1)
+    assert v.line == ("plan round 1 wins: 1.0 pt better than uniform. Expected drop 2.82 pt ± 0.35, measured on "
+                      "the report split (no choice touched it). Not applied yet.")
+    assert v.winner == "planned" and v.level == "ok"
