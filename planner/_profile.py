@@ -43,7 +43,7 @@ from torch import nn
 
 from sensplan._artifacts import now_iso, versions
 from sensplan.planner._costs import COST_TABLE_FORMAT, option_key
-from sensplan.planner._ort_nbits import weight_only
+from sensplan.planner._ort_nbits import NBITS_LAYER_TYPES, weight_only
 from sensplan.planner._runtime import (
     int8_weights,
     load_warning,
@@ -343,6 +343,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
     unpriced = {f"{r['unit']} {option_key(r['method'], r['setting'])}":
                 "MatMulNBits (weight-only integer weights on ONNX Runtime) is not timed: priced at the float time"
                 for r in scan.results if runtime == "onnxruntime" and r.get("axis") == "weight"
+                and (scan.layers.get(str(r["unit"])) or {}).get("type") in NBITS_LAYER_TYPES
                 and weight_only(r.get("effect") or {}) and not int8_weights(r.get("effect") or {})}
     load1 = machine_load()
     return {"format": COST_TABLE_FORMAT, "schema_version": 1, "metric": "latency", "unit": "ms",

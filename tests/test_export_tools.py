@@ -144,6 +144,31 @@ def test_nncf_on_the_tiny_llama(llama, tmp_path, mix):
     assert four == pytest.approx(doc["compress_weights"]["ratio"], abs=0.15)
 
 
+def test_nncf_ignores_no_planned_layer_of_a_model_with_a_root_parameter(tmp_path):
+    """A parameter of the root module (a ViT's ``cls_token``) has no module prefix; activation nodes
+    ("x", "/relu/0") have none either, and must not count as reading it (every node was ignored)."""
+    pytest.importorskip("nncf")
+    from torch import nn
+
+    from sensplan.planner.export.nncf import nncf_arguments
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+            self.fc1, self.fc2, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc3(self.fc2(torch.relu(self.fc1(x)))) * self.scale
+
+    (tmp_path / "nncf.json").write_text(json.dumps({
+        "compress_weights": {"mode": "INT8_SYM", "all_layers": True}, "ignored_modules": ["fc3"],
+        "layers": {"fc1": "int8", "fc2": "int8", "fc3": "float (ignored_modules)"}}))
+    names = nncf_arguments(tmp_path / "nncf.json", Net().eval(), torch.randn(2, 64))["ignored_scope"].names
+    assert "fc3/linear/0" in names
+    assert not {"fc1/linear/0", "fc2/linear/0"} & set(names)
+
+
 def _copy(model):
     import copy
 

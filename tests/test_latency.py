@@ -134,7 +134,7 @@ def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_
     out = tmp_path
     assert main(["scan", "--model", "sensplan:digits_cnn", "--data", "digits:test", "--samples", "120",
                  "--methods", "prune,weight_quant,act_quant", "--setting", "prune=0.25,0.5",
-                 "--setting", "weight_quant=8", "--setting", "act_quant=minmax", "--round-to", "8",
+                 "--setting", "weight_quant=8,4", "--setting", "act_quant=minmax", "--round-to", "8",
                  "--out", str(out / "scan.json")]) == 0
     assert main(["profile", "--scan", str(out / "scan.json"), "--runtime", runtime, "--batch", "4",
                  "--threads", "1", "--out", str(out / "latency.json")]) == 0
@@ -153,6 +153,13 @@ def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_
     assert all(cal["scale"] == 1.0 for h in cal["how"] if "failed" in h and "half" in h["widths"])
     if runtime == "onnxruntime":  # the int8 form of a layer is on its 8-bit activation option
         assert any(f[1] == "activation" for e in joint for f in e["factors"])
+        # a Linear's weight-only int4 runs as MatMulNBits, untimed: said so; a conv's has no kernel at all
+        scan = json.loads((out / "scan.json").read_text())
+        linears = {u for u, layer in scan["layers"].items() if layer["type"] == "Linear"}
+        unpriced = table["profile"]["unpriced"]
+        assert unpriced and {k.split(" ")[0] for k in unpriced} == linears
+    else:
+        assert not table["profile"].get("unpriced")
     assert main(["plan", "--scan", str(out / "scan.json"), "--cost-table", str(out / "latency.json"),
                  "--budget", "latency=0.95", "--no-verify", "--runtime", runtime,
                  "--out", str(out / "plan.json")]) == 0

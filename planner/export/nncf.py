@@ -154,11 +154,14 @@ def nncf_arguments(path: str | os.PathLike[str], model: Any, example_input: Any)
     a = dict(doc["compress_weights"])
     planned = {name for name, state in doc["layers"].items() if not str(state).startswith("float")}
     planned -= set(doc.get("ignored_modules") or [])
-    params = {n.rpartition(".")[0] for n, _ in model.named_parameters()}
+    # full parameter names: an activation node's name has no "." ("x", "/relu/0"), and its empty
+    # "module" would match a parameter of the root module (a ViT's cls_token) and ignore every node
+    params = {n for n, _ in model.named_parameters()}
     graph = build_nncf_graph(model, example_input)
     names = []
     for node in graph.get_all_nodes():  # an operation reading "<module>.<parameter>" of a module not planned
-        owners = {e.from_node.node_name.rpartition(".")[0] for e in graph.get_input_edges(node)} & params
+        owners = {e.from_node.node_name.rpartition(".")[0] for e in graph.get_input_edges(node)
+                  if e.from_node.node_name in params}
         if owners - planned:
             names.append(node.node_name)
     kwargs: dict[str, Any] = {"mode": nncf.CompressWeightsMode[a["mode"]], "all_layers": a["all_layers"],
