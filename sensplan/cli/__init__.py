@@ -55,7 +55,7 @@ example (a typical session):
   sensplan run ... --budget macs=0.5 --out runs/r1      # all four at once
   sensplan frontier --scan scan.json --metric size --out frontier/   # drop against cost, 8 budgets
   sensplan export --plan plan.json --to onnxruntime --out ort.json  # for another tool (--list)
-  sensplan demo                                         # offline, about a minute
+  sensplan demo                                         # offline, about 30 s
 """
 
 

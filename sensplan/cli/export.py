@@ -62,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
 
     exporters = load_exporters()
     if args.list:
-        for e in exporters:
+        for e in sorted(exporters, key=lambda e: e.name):
             need_model = " (needs the model)" if e.needs_model else ""
             print(f"{e.name}: {e.description}{need_model}")
         for b in exporters.broken:
