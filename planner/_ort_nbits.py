@@ -223,21 +223,31 @@ def apply_nbits(src: str | os.PathLike[str], dst: str | os.PathLike[str], config
     done: dict[str, dict[str, Any]] = {}
     float_layers: dict[str, str] = {}
     for unit, spec in (config.get("layers") or {}).items():
+        inits: list[Any] = []
         node = by_name.get(spec["node"])
         w = None if node is None else _weight(graph, node)
         if node is None or w is None:
             float_layers[unit] = f"float: node {spec['node']} is not in the quantized graph"
             continue
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        c = _constant(graph, bias) if bias else None
+        if bias and (c is None or c.size != w.shape[0]):  # MatMulNBits adds a bias of exactly [N]
+            float_layers[unit] = (f"float: the Gemm's bias {bias!r} is not a constant of {w.shape[0]} values "
+                                  f"(MatMulNBits takes a bias of shape [N])")
+            continue
         bits, bs = int(spec["bits"]), int(spec["block_size"])
         b, scales, zp, diff = nbits_tensors(w, bits, int(spec["group_size"]), bool(spec["symmetric"]))
         base = f"{spec['node']}.nbits"
-        inits = [numpy_helper.from_array(b, f"{base}.B"), numpy_helper.from_array(scales, f"{base}.scales")]
+        if c is not None and c.shape != (w.shape[0],):  # a [1, N] bias, which Gemm broadcasts
+            inits.append(numpy_helper.from_array(c.reshape(-1), f"{base}.bias"))
+            bias = f"{base}.bias"
+        inits += [numpy_helper.from_array(b, f"{base}.B"), numpy_helper.from_array(scales, f"{base}.scales")]
         inputs = [node.input[0], f"{base}.B", f"{base}.scales"]
         if zp is not None:
             inits.append(numpy_helper.from_array(zp, f"{base}.zero_points"))
             inputs.append(f"{base}.zero_points")
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            inputs += [""] * (5 - len(inputs)) + [node.input[2]]  # zero_points, g_idx, then bias
+        if bias:
+            inputs += [""] * (5 - len(inputs)) + [bias]  # zero_points, g_idx, then bias
         new = helper.make_node("MatMulNBits", inputs, list(node.output), name=spec["node"], domain=MS_DOMAIN,
                                K=w.shape[1], N=w.shape[0], bits=bits, block_size=bs)
         idx = list(graph.node).index(node)
@@ -252,6 +262,14 @@ def apply_nbits(src: str | os.PathLike[str], dst: str | os.PathLike[str], config
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     onnx.save(model, os.fspath(dst))
     return {"layers": done, "float_layers": float_layers}
+
+
+def _constant(graph: Any, name: str) -> np.ndarray | None:
+    """The value of initializer ``name`` (None for a computed tensor)."""
+    from onnx import numpy_helper
+
+    init = next((i for i in graph.initializer if i.name == name), None)
+    return None if init is None else numpy_helper.to_array(init)
 
 
 def _prune_unused(graph: Any) -> None:

@@ -97,3 +97,37 @@ def test_a_llamas_4bit_group_weights_run_as_matmulnbits_with_the_plans_codes(tmp
     x = np.ones(shape, dtype=np.int64)  # token ids (and a mask): ones are valid for both
     outs = [s.run(None, {"input": x})[0] for s in sessions]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_gemms_bias_of_shape_1_n_is_carried_and_a_computed_one_keeps_the_layer_float(tmp_path: Path) -> None:
+    """MatMulNBits takes a bias of exactly [N]: a constant [1, N] (which Gemm broadcasts) is reshaped;
+    a bias computed in the graph has no such form, so the layer stays float with the reason."""
+    import torch
+
+    from sensplan.planner._ort_nbits import apply_nbits
+    from sensplan.sensitivity._quant import QFormat, dequantize_codes, quantize
+
+    rng = np.random.default_rng(1)
+    q, s, z = quantize(torch.from_numpy(rng.standard_normal((6, 40)).astype(np.float32)), QFormat(4, 32, False))
+    w = dequantize_codes(q, s, z, 32).numpy()
+    bias = rng.standard_normal((1, 6)).astype(np.float32)
+    f = onnx.TensorProto.FLOAT
+    a = rng.standard_normal((3, 40)).astype(np.float32)
+    spec = {"layers": {"fc": {"node": "gemm", "bits": 4, "block_size": 32, "group_size": 32, "symmetric": True}}}
+    for computed in (False, True):
+        inits = [onnx.numpy_helper.from_array(w, "W"), onnx.numpy_helper.from_array(bias, "C0")]
+        nodes = [onnx.helper.make_node("Identity", ["C0"], ["C"])] if computed else []
+        nodes.append(onnx.helper.make_node("Gemm", ["A", "W", "C" if computed else "C0"], ["Y"], name="gemm",
+                                           transB=1))
+        graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("A", f, ["n", 40])],
+                                       [onnx.helper.make_tensor_value_info("Y", f, ["n", 6])], inits)
+        onnx.save(onnx.helper.make_model(graph, ir_version=10, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+                  tmp_path / "src.onnx")
+        done = apply_nbits(tmp_path / "src.onnx", tmp_path / "dst.onnx", spec)
+        y = ort.InferenceSession(str(tmp_path / "dst.onnx"), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+        np.testing.assert_allclose(y, a @ w.T + bias, rtol=1e-5, atol=1e-5)
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "dst.onnx")).graph.node}
+        if computed:
+            assert "Gemm" in ops and "MatMulNBits" not in ops and "shape [N]" in done["float_layers"]["fc"]
+        else:
+            assert "MatMulNBits" in ops and done["layers"]["fc"]["weight_max_abs_diff"] == 0.0
