@@ -329,6 +329,15 @@ def test_autoround_refuses_a_layer_it_would_keep_float(llama, tmp_path):
     plan = hand_plan(table, [(k_proj, "weight_quant", {"bits": 8})])
     with pytest.raises(UserInputError, match=r"AutoRound keeps a layer whose weight shape \(16, 32\)"):
         export_plan(plan, "autoround", tmp_path / "ar.json")
+    # without the plan's scan the shapes are unknown: the export goes through and says what it did not check
+    import copy
+
+    from sensplan.planner import Plan
+
+    data = copy.deepcopy(dict(plan.data))
+    data["scan"] = {**data["scan"], "path": str(tmp_path / "gone" / "scan.json")}
+    out = export_plan(Plan(data), "autoround", tmp_path / "ar.json")
+    assert any("was not found" in n and "shapes" in n and "not checked" in n for n in out.notes)
 
 
 # -- llm-compressor (its matching and scheme engine, compressed-tensors) ---------------------------

@@ -27,7 +27,7 @@ from sensplan.planner.export._core import (
     to_json,
 )
 from sensplan.planner.export.gptqmodel import weight_scheme
-from sensplan.planner.export.nncf import scan_layers
+from sensplan.planner.export.nncf import scan_layers, unchecked_note
 
 
 @EXPORTERS.register
@@ -58,4 +58,6 @@ class AutoRoundExporter(Exporter):
         base = Counter(quantized).most_common(1)[0][0] if quantized else (4, 128, True)
         doc = {**request.header(), "bits": base[0], "group_size": base[1], "sym": base[2],
                "layer_config": layer_config, "dropped": request.dropped_record()}
-        return Exported(to_json(doc))
+        notes = unchecked_note(request, "the layers' shapes (AutoRound keeps a layer whose dims are not multiples "
+                                        "of 32 in 16 bits)") if quantized else []
+        return Exported(to_json(doc), notes=notes)

@@ -96,7 +96,8 @@ class NncfExporter(Exporter):
                    "NNCF picks which layers get the 4-bit mode by its own sensitivity metric; the plan's share "
                    "of 4-bit weights is kept, its per-layer choice is not"),
                "dropped": request.dropped_record()}
-        notes = [] if exact else [doc["exact_note"]]
+        notes = ([] if exact else [doc["exact_note"]]) + (
+            unchecked_note(request, "which layers are convolutions (NNCF's 4-bit modes skip them)") if int4 else [])
         return Exported(to_json(doc), notes=notes)
 
 
@@ -115,15 +116,30 @@ def scan_layers(request: ExportRequest) -> dict[str, Any] | None:
     import json
     import os
 
+    from sensplan._artifacts import file_sha256
+
     rec = request.plan.data.get("scan") or {}
     path = rec.get("path")
-    if path and os.path.isfile(path):
-        from sensplan._artifacts import file_sha256
-
-        if not rec.get("sha256") or file_sha256(path) == rec["sha256"]:
-            layers: dict[str, Any] = json.loads(Path(path).read_text()).get("layers") or {}
+    if not path:
+        return None
+    here = Path(request.plan.path).parent if getattr(request.plan, "path", None) else None
+    # as recorded (absolute, or relative to where the plan was made), else beside the plan
+    for candidate in [Path(path), *([here / path, here / Path(path).name] if here is not None else [])]:
+        if os.path.isfile(candidate) and (not rec.get("sha256") or file_sha256(candidate) == rec["sha256"]):
+            layers: dict[str, Any] = json.loads(candidate.read_text()).get("layers") or {}
             return layers
     return None
+
+
+def unchecked_note(request: ExportRequest, what: str) -> list[str]:
+    """A note for the export's output when the plan's scan was not found, so ``what`` could not be
+    checked against the model's layers."""
+    if scan_layers(request) is not None:
+        return []
+    path = (request.plan.data.get("scan") or {}).get("path")
+    where = (f"the plan's scan ({path}) was not found beside the plan or where it was recorded, with its digest"
+             if path else "the plan records no scan file")
+    return [f"{where}: {what} were not checked. Keep the scan with the plan to have them checked"]
 
 
 def _weights(layers: dict[str, Any] | None, units: list[str]) -> tuple[dict[str, float], str]:
