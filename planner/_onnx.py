@@ -205,6 +205,9 @@ def file_bytes(path: str | os.PathLike[str]) -> int:
     return Path(path).stat().st_size
 
 
+# The child builds its session with the options of ort_session written out again, on purpose: importing
+# sensplan there (about 560 MiB of high-water mark) would hide the session's own peak, which
+# ru_maxrss can only see above everything loaded before it.
 _PEAK_SCRIPT = """
 import resource, sys, numpy as np, onnxruntime as ort
 path, threads, shape, dtype = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")], sys.argv[4]
