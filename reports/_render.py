@@ -75,11 +75,7 @@ class _Fmt:
         return "points" if self.percent else (self.metric.unit or "score units")
 
     def score(self, x: Any) -> str:
-        if not _isnum(x):
-            return _DASH
-        if self.percent:
-            return f"{100 * float(x):.2f}%"
-        return f"{float(x):.4g} {self.metric.unit}".strip()
+        return self.metric.format_score(float(x)) if _isnum(x) else _DASH
 
     def drop(self, x: Any, se: Any = None) -> str:
         if not _isnum(x):

@@ -139,8 +139,7 @@ def verdict(plan: Any, results: Mapping[str, Mapping[str, Any]], metric: Metric 
     if metric is None:
         task = (plan.data.get("task") if plan is not None else None) or next(
             (r.get("task") for r in results.values() if r.get("task")), None) or {}
-        m = task.get("metric") or {}
-        metric = Metric(m.get("name", "score"), bool(m.get("higher_is_better", True)), m.get("unit", "fraction"))
+        metric = Metric.from_dict({"name": "score", "unit": "fraction", **(task.get("metric") or {})})
     p, u = results.get("planned"), results.get("uniform")
     if p is not None and u is not None:
         return _compare(plan, metric, p, u)
@@ -209,9 +208,7 @@ def _compare(plan: Any, metric: Metric, p: Mapping[str, Any], u: Mapping[str, An
 
 
 def _score(metric: Metric, x: Any) -> str:
-    if not _num(x):
-        return "–"
-    return f"{100 * float(x):.2f}%" if metric.unit == "fraction" else f"{float(x):.4g} {metric.unit}".strip()
+    return metric.format_score(float(x)) if _num(x) else "–"
 
 
 def _alone(plan: Any, metric: Metric, p: Mapping[str, Any]) -> Verdict:

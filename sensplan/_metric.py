@@ -44,6 +44,13 @@ class Metric:
             return f"{100 * v:.2f} pt"
         return f"{v:.4g} {self.unit}".rstrip()
 
+    def format_score(self, v: float) -> str:
+        """A score as people read it: percent for a fraction (``0.9123`` -> ``"91.23%"``), else the
+        value in the metric's unit (``"12.3 ppl"``)."""
+        if self.unit == "fraction":
+            return f"{100 * v:.2f}%"
+        return f"{v:.4g} {self.unit}".rstrip()
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "higher_is_better": self.higher_is_better, "unit": self.unit}
 

@@ -158,14 +158,13 @@ def summary_lines(out: str | Path) -> list[str]:
 def variant_lines(variant: str, m: Mapping[str, Any]) -> list[str]:
     """One variant's summary: its score before and after, its costs as fractions of the original,
     and its latency against the original's, timed interleaved (with the timing's warning)."""
-    metric = ((m.get("task") or {}).get("metric") or {})
-    unit = metric.get("unit", "fraction")
-    name = metric.get("name", "score")
+    from sensplan._metric import Metric
+
+    metric = Metric.from_dict({"name": "score", "unit": "fraction", **((m.get("task") or {}).get("metric") or {})})
+    name = metric.name
 
     def score(x: Any) -> str:
-        if not isinstance(x, (int, float)):
-            return "-"
-        return f"{100 * x:.2f}%" if unit == "fraction" else f"{x:.4g}"
+        return metric.format_score(float(x)) if isinstance(x, (int, float)) else "-"
 
     before, after = m.get("before") or {}, m.get("after") or {}
     raw = m.get("after_without_finetune")
