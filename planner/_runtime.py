@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from sensplan._effects import is_sparse
 from sensplan._errors import UserInputError
 from sensplan.planner._ort_nbits import NBITS_LAYER_TYPES, nbits_problem
 
@@ -75,7 +76,7 @@ def kernel_problem(runtime: str, effect: Mapping[str, Any], layer_type: str = ""
     ``runtime``; None when it does. ``layer_type``: the layer's class name (Conv2d, Linear, ...)."""
     if runtime != "onnxruntime":
         return None
-    if float(effect.get("density", 1.0)) < 1.0 or effect.get("sparse_format") not in (None, "dense"):
+    if is_sparse(effect):
         return "ONNX Runtime has no sparse kernel: the zeros are stored and multiplied"
     dtype = effect.get("weight_dtype")
     if dtype in ("float16", "bfloat16"):

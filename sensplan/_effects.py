@@ -144,6 +144,11 @@ def index_bits(row_len: int) -> int:
     return 16 if row_len <= 65536 else 32
 
 
+def is_sparse(effect: Mapping[str, Any]) -> bool:
+    """Whether an option keeps only some of a weight's values (a density below 1, or a sparse format)."""
+    return float(effect.get("density", 1.0)) < 1.0 or effect.get("sparse_format") not in (None, "dense")
+
+
 def sparse_layout(effect: Mapping[str, Any], row_len: int) -> str:
     """The stored layout of a weight: "dense", "bitmask", "csr" or "nm".
 

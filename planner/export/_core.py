@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sensplan._effects import merge_per_unit
+from sensplan._effects import is_sparse, merge_per_unit
 from sensplan._errors import UserInputError
 from sensplan._registry import Registry
 
@@ -86,7 +86,7 @@ class LayerSpec:
 
     @property
     def sparse(self) -> bool:
-        return float(self.effect.get("density", 1.0)) < 1.0 or self.effect.get("sparse_format") not in (None, "dense")
+        return is_sparse(self.effect)
 
     @property
     def restructured(self) -> bool:
