@@ -238,12 +238,14 @@ class ExportRequest:
 
 class Exporter:
     """Base of an exporter plug-in: ``name`` (``--to NAME``), ``description``, ``suffix`` (the
-    usual extension of its file), ``needs_model``; :meth:`export` returns the file's content."""
+    usual extension of its file), ``needs_model``, ``needs_calib`` (the model's loader must also give
+    the plan's calibration data); :meth:`export` returns the file's content."""
 
     name = ""
     description = ""
     suffix = ".json"
     needs_model = False
+    needs_calib = False
 
     def beside(self, out: Path) -> list[str]:
         """The names of the files :meth:`export` writes beside ``out`` (its ``extra_files``), known

@@ -42,6 +42,7 @@ class OnnxRuntimeExporter(Exporter):
     description = ("ONNX Runtime: the compressed float model (<out>.onnx) plus quantize_static's nodes, "
                    "exclusions and TensorQuantOverrides for the plan's int8 layers")
     needs_model = True
+    needs_calib = True  # the glue operators between int8 layers are calibrated on the plan's data
 
     def beside(self, out: Path) -> list[str]:
         return [onnx_name_for(out)]

@@ -21,7 +21,7 @@ from sensplan.cli._common import Output, Problems, add_verb, check_outputs, need
 if TYPE_CHECKING:
     from sensplan.cli._common import SubParsers
     from sensplan.planner import Plan
-    from sensplan.planner.export import LoadedModel
+    from sensplan.planner.export import Exporter, LoadedModel
 
 EXAMPLE = """\
   sensplan export --plan plan.json --to csv --out plan.csv
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             problems.check(partial(plan.variant, args.variant))
     problems.raise_if_any()
-    loader = partial(load_for_export, args, need(plan)) if need(exporter).needs_model else None
+    loader = partial(load_for_export, args, need(plan), need(exporter)) if need(exporter).needs_model else None
     result = export_plan(need(plan), args.to, out, variant=args.variant, drop_unsupported=args.drop_unsupported,
                          model_loader=loader)
     for d in result.dropped:
@@ -102,9 +102,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_for_export(args: argparse.Namespace, plan: Plan) -> LoadedModel:
-    """The plan's model (or --model's), an example input, and the plan's calibration data (drawn
-    again from what the plan records) for an exporter that runs the executor."""
+def load_for_export(args: argparse.Namespace, plan: Plan, exporter: Exporter) -> LoadedModel:
+    """The plan's model (or --model's), an example input, and, for an exporter that asks for it
+    (``needs_calib``), the plan's calibration data (drawn again from what the plan records)."""
     import torch
 
     from sensplan.planner import model_from_scan, scan_sample
@@ -125,10 +125,10 @@ def load_for_export(args: argparse.Namespace, plan: Plan) -> LoadedModel:
                                    in_python="export_plan(plan, ..., model=..., example_input=...)")
     model = model.eval()
     calib = None
-    if args.to == "onnxruntime":
+    if exporter.needs_calib:
         rec = scan_rec.get("sample")
         if not rec or not rec.get("kind"):
-            raise UserInputError("--to onnxruntime calibrates the plan's activation quantization on the plan's data, "
+            raise UserInputError(f"--to {args.to} calibrates the plan's activation quantization on the plan's data, "
                                  "but this plan does not record it. Export in Python with export_plan(..., calib=...).")
         sample, calib, _, _ = scan_sample(rec, scan_rec.get("calibration"),
                                           " Run the export where the scan's data is, or export in Python "
