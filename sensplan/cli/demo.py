@@ -186,15 +186,23 @@ def variant_lines(variant: str, m: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def speedups(m: Mapping[str, Any]) -> dict[str, float]:
+    """Per timed batch (as metrics.json names it, smallest first), the original's p50 over the
+    compressed model's, both timed interleaved."""
+    batches = (m.get("timing") or {}).get("batches") or {}
+    return {b: float(batches[b]["original"]["p50_ms"]) / float(batches[b]["compressed"]["p50_ms"])
+            for b in sorted(batches, key=int)}
+
+
 def overhead_bound(m: Mapping[str, Any]) -> str | None:
     """The largest timed batch when the compressed model's speed-up over the original at batch 1 is
     less than half of that at the largest batch (the per-call overhead hides the saved arithmetic),
     else None."""
-    batches = (m.get("timing") or {}).get("batches") or {}
-    big = max(batches, key=int, default=None)
-    if "1" not in batches or big in (None, "1"):
+    sp = speedups(m)
+    big = next(reversed(sp), None)
+    if "1" not in sp or big in (None, "1"):
         return None
-    s1, sb = (float(batches[b]["original"]["p50_ms"]) / float(batches[b]["compressed"]["p50_ms"]) for b in ("1", big))
+    s1, sb = sp["1"], sp[big]
     return big if sb > 1.2 and s1 - 1 < (sb - 1) / 2 else None
 
 
@@ -203,18 +211,12 @@ def slower_than_uniform(planned: Mapping[str, Any], uniform: Mapping[str, Any]) 
     at the largest timed batch (each is timed interleaved with the original, so their speed-ups
     compare even when the load changed between them): a MACs or size budget counts arithmetic or
     bytes, not time."""
-    def speedup(m: Mapping[str, Any]) -> tuple[str, float] | None:
-        batches = (m.get("timing") or {}).get("batches") or {}
-        if not batches:
-            return None
-        b = max(batches, key=int)
-        return b, float(batches[b]["original"]["p50_ms"]) / float(batches[b]["compressed"]["p50_ms"])
-
-    p, u = speedup(planned), speedup(uniform)
-    if p is None or u is None or p[0] != u[0] or p[1] >= 0.9 * u[1]:
+    sp, su = speedups(planned), speedups(uniform)
+    b = next(reversed(sp), None)
+    if b is None or b != next(reversed(su), None) or sp[b] >= 0.9 * su[b]:
         return []
-    return [f"note: the planned model is {p[1]:.2f}x faster than the original at batch {p[0]}, the uniform one "
-            f"{u[1]:.2f}x: the budget counts arithmetic, not time, and layers differ in time per MAC. "
+    return [f"note: the planned model is {sp[b]:.2f}x faster than the original at batch {b}, the uniform one "
+            f"{su[b]:.2f}x: the budget counts arithmetic, not time, and layers differ in time per MAC. "
             f"To budget time itself, see `sensplan profile` (README: Faster for real)"]
 
 
