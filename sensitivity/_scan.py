@@ -297,6 +297,11 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     with cache.unchanged():
         state = task.prepare(runs, data_dev, cfg.batch_size, dev, dtype)
         base = task.evaluate(runs, data_dev, state, cfg.batch_size, dev, dtype)
+    problem = task.check_baseline(base, data_dev)
+    if problem:
+        cache.close()
+        model.train(was_training)
+        raise UserInputError(problem)
     ctx = _scan_context(model, data_dev, calib_dev, cfg, dev)
     reference = batchnorm_statistics(model, calib_dev) if calib_dev is not None else {}
     header = _journal_header(model, data, calib if reference else None, cfg, weights, dtype)

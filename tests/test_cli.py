@@ -15,7 +15,7 @@ import torch
 from sensplan._artifacts import write_json
 from sensplan.cli import main
 from sensplan.sensitivity.methods import all_methods
-from tests.conftest import seeded_model
+from tests.conftest import digits_model
 
 FAST = ["--samples", "200", "--calib-samples", "100", "--threads", "1"]
 
@@ -34,7 +34,7 @@ def model_args(weights):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), path)
+    torch.save(digits_model().state_dict(), path)
     return path
 
 
@@ -527,7 +527,7 @@ def test_apply_accepts_the_scans_weights_from_another_file_and_refuses_other_val
     from sensplan.planner import Budget, make_plan
     from sensplan.sensitivity import DataSpec, ModelSpec, ScanConfig, load_eval_set, scan
 
-    model = seeded_model("digits_cnn", width=8)
+    model = digits_model()
     model.load_state_dict(torch.load(weights))
     data = load_eval_set(DataSpec.parse("digits"), 100, seed=0)
     table = scan(model, data, ScanConfig.of(bits=(4,), ratios=(0.5,)), progress=False,

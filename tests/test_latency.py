@@ -8,13 +8,14 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from sensplan._effects import n_remove_for
 from sensplan.cli import main
 from sensplan.planner import Budget, Costs, Plan, TableCosts, make_plan
 from sensplan.planner._costs import option_key
 from sensplan.sensitivity import ModelSpec, ScanConfig, scan
-from tests.conftest import seeded_model, self_labelled
+from tests.conftest import digits_model, seeded_model, self_labelled
 
 HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript"))
 
@@ -132,7 +133,9 @@ def test_latency_budgets_take_time_units():
     not HAS_ORT, reason="needs the ort extra"))])
 def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_path, capsys):
     out = tmp_path
-    assert main(["scan", "--model", "sensplan:digits_cnn", "--data", "digits:test", "--samples", "120",
+    torch.save(digits_model(width=32).state_dict(), out / "w.pt")
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--weights", str(out / "w.pt"), "--data",
+                 "digits:test", "--samples", "120",
                  "--methods", "prune,weight_quant,act_quant", "--setting", "prune=0.25,0.5",
                  "--setting", "weight_quant=8,4", "--setting", "act_quant=minmax", "--round-to", "8",
                  "--out", str(out / "scan.json")]) == 0
@@ -166,7 +169,8 @@ def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_
     plan = Plan.load(out / "plan.json")
     assert plan.variant("planned")["predicted"]["latency_fraction"] <= 0.95 + 1e-9
     capsys.readouterr()
-    code = main(["apply", "--model", "sensplan:digits_cnn", "--plan", str(out / "plan.json"), "--data",
+    code = main(["apply", "--model", "sensplan:digits_cnn", "--weights", str(out / "w.pt"), "--plan",
+                 str(out / "plan.json"), "--data",
                  "digits:test", "--samples", "120", "--variants", "planned", "--runtime", runtime,
                  "--threads", "1", "--out", str(out / "result")])
     assert code in (0, 3)  # 3: the measured latency missed the budget on a busy machine

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from sensplan.cli import build_parser, main
-from tests.conftest import ROOT, seeded_model
+from tests.conftest import ROOT, digits_model, seeded_model
 
 #: small and fast: the digits CNN at width 8 on 100 digits
 DIGITS = ["--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", "{ws}/w.pt",
@@ -69,11 +69,13 @@ def ws(tmp_path_factory) -> Path:
     from sensplan.planner import Budget, make_plan
 
     ws = tmp_path_factory.mktemp("ws")
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), ws / "w.pt")
+    torch.save(digits_model().state_dict(), ws / "w.pt")
     torch.save(seeded_model("tiny_convnet").state_dict(), ws / "tc.pt")
-    broken = seeded_model("digits_cnn", width=8).state_dict()
+    broken = digits_model().state_dict()
     broken["stem.0.weight"][0, 0, 0, 0] = float("nan")  # a checkpoint saved after training diverged
     torch.save(broken, ws / "nan.pt")
+    # untrained: it answers one class for every digit (top-1 0.10)
+    torch.save(seeded_model("digits_cnn", width=8).state_dict(), ws / "chance.pt")
     argv = [a.format(ws=ws, out=ws) for a in ["scan", *DIGITS, "--bits", "8", "--ratios", "0.5",
                                               "--out", "{ws}/scan.json"]]
     assert main(argv) == 0
@@ -214,6 +216,9 @@ CASES = [
     ("zero-workers", [*SCAN, *DIGITS, "--workers", "0"], ["--workers must be >= 1. Got 0"]),
     ("weights-with-nan", [*SCAN, *[a.replace("w.pt", "nan.pt") for a in DIGITS]],
      ["outputs on the data are not finite", "check --weights"]),
+    ("weights-at-chance-level", [*SCAN, *[a.replace("w.pt", "chance.pt") for a in DIGITS]],
+     ["top-1 on the data is 0.100, no better than always answering the most common class", "--weights",
+      "--task agreement"]),
     ("zero-train-samples", [*APPLY, "--train-data", "digits:train", "--train-samples", "0"],
      ["--train-samples must be >= 1"]),
     ("negative-epochs", [*APPLY, "--train-data", "digits:train", "--epochs", "-1"],

@@ -13,7 +13,7 @@ import torch
 from sensplan.cli import main
 from sensplan.planner import scan_sample, split_held
 from sensplan.sensitivity import DataSpec, load_eval_set
-from tests.conftest import seeded_model
+from tests.conftest import digits_model
 
 MODEL = ["--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--threads", "1"]
 
@@ -21,7 +21,7 @@ MODEL = ["--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--threads"
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     ws = tmp_path_factory.mktemp("oos")
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), ws / "w.pt")
+    torch.save(digits_model().state_dict(), ws / "w.pt")
     return ws
 
 

@@ -16,7 +16,7 @@ import torch
 
 from sensplan._errors import ArtifactError
 from sensplan.sensitivity import DataSpec, ModelSpec, ScanConfig, load_eval_set, load_model, scan
-from tests.conftest import seeded_model
+from tests.conftest import digits_model
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 
@@ -48,7 +48,7 @@ def _run(weights: Path, out: Path) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_sigkill_then_resume_redoes_nothing_and_equals_an_uninterrupted_scan(tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
-    torch.save(seeded_model("digits_cnn").state_dict(), weights)
+    torch.save(digits_model(width=32).state_dict(), weights)
     full = tmp_path / "full.json"
     _run(weights, full)
     expected = _rows(full)
@@ -80,7 +80,7 @@ def test_sigkill_then_resume_redoes_nothing_and_equals_an_uninterrupted_scan(tmp
 
 def test_more_settings_reuse_rows_and_other_data_is_refused(tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
-    torch.save(seeded_model("digits_cnn").state_dict(), weights)
+    torch.save(digits_model(width=32).state_dict(), weights)
     spec = ModelSpec("sensplan:digits_cnn")
     model = load_model(spec, weights)
     data = load_eval_set(DataSpec.parse("digits:test"), 100, seed=0)
@@ -100,7 +100,7 @@ def test_more_settings_reuse_rows_and_other_data_is_refused(tmp_path: Path) -> N
 
 
 def test_a_journal_from_float32_is_not_reused_under_another_dtype(tmp_path):
-    model = seeded_model("digits_cnn", width=8)
+    model = digits_model()
     data = load_eval_set(DataSpec.parse("digits:test"), 60, seed=0)
     cfg = ScanConfig({"weight_quant": [{"bits": 4}]})
     journal = tmp_path / "scan.json.journal"

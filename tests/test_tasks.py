@@ -113,6 +113,25 @@ def test_classification_without_labels_points_to_the_agreement_task(setup):
         scan(model, unlabelled, ScanConfig(SETTINGS), progress=False)
 
 
+def test_a_model_at_chance_level_is_refused_before_any_probe_and_agreement_still_scans_it(setup):
+    """Labels the model gets right only by chance (a seeded shuffle of its own answers): the
+    labelled scan stops with one message naming the fix, and scans nothing; agreement, which
+    compares with the model's own answers, is unaffected. Data the model beats chance on passes."""
+    model, clean, data, calib, _, agreement = setup
+    g = torch.Generator().manual_seed(3)
+    shuffled = relabelled(clean, clean.y[torch.randperm(len(clean.y), generator=g)], "shuffled")
+    top = float(torch.bincount(shuffled.y).max()) / len(shuffled.y)
+    with pytest.raises(UserInputError, match=r"no better than always answering the most common class "
+                                             rf"\({top:.3f} of 128 samples\).*--weights.*--task agreement"):
+        scan(model, shuffled, ScanConfig(SETTINGS), calib=calib, model_spec=SPEC, progress=False)
+    again = scan(model, shuffled, ScanConfig(SETTINGS, task="agreement"), calib=calib, model_spec=SPEC,
+                 progress=False)
+    assert again.baseline["score"] == 1.0 and len(again.results) == len(agreement.results)
+    task = get_task("classification")
+    base = task.evaluate(model, data, task.prepare(model, data))
+    assert 0.6 < base.score < 0.8 and task.check_baseline(base, data) is None  # noisy labels: 71% right
+
+
 def test_an_unknown_task_suggests_the_closest():
     with pytest.raises(UserInputError, match="Did you mean 'agreement'") as e:
         ScanConfig({"weight_quant": [{"bits": 4}]}, task="agreemnt")

@@ -214,10 +214,10 @@ def test_the_held_out_split_is_disjoint_and_the_sample_is_the_scans(tmp_path):
     from sensplan.cli import main
     from sensplan.planner import verifier_from_scan
     from sensplan.sensitivity import Scan
-    from tests.conftest import seeded_model
+    from tests.conftest import digits_model
 
     weights = tmp_path / "w.pt"
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    torch.save(digits_model().state_dict(), weights)
     assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
                  "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8",
                  "--no-prune", "--out", str(tmp_path / "scan.json")]) == 0
@@ -248,10 +248,10 @@ def test_an_unverified_plan_still_carries_an_interval(toys):
 
 def test_sensplan_plan_verifies_on_the_scans_model_and_data_by_default(tmp_path, capsys):
     from sensplan.cli import main
-    from tests.conftest import seeded_model
+    from tests.conftest import digits_model, seeded_model
 
     weights = tmp_path / "w.pt"
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    torch.save(digits_model().state_dict(), weights)
     scan_args = ["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
                  "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8,2",
                  "--ratios", "0.5", "--out", str(tmp_path / "scan.json")]
@@ -286,10 +286,10 @@ def test_verification_measures_in_the_scans_dtype_and_leaves_the_model_alone(tmp
     from sensplan.cli import main
     from sensplan.planner import verifier_from_scan
     from sensplan.sensitivity import Scan
-    from tests.conftest import seeded_model
+    from tests.conftest import digits_model, seeded_model
 
     weights = tmp_path / "w.pt"
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    torch.save(digits_model().state_dict(), weights)
     assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
                  "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8",
                  "--no-prune", "--dtype", "bfloat16", "--out", str(tmp_path / "scan.json")]) == 0
@@ -466,10 +466,10 @@ def test_plan_workers_measure_the_uniform_candidates_as_one_process_does(tmp_pat
     """`sensplan plan --workers 2`: the uniform candidates go to two spawned processes that rebuild
     the verifier from scan.json; every measurement in plan.json equals the single process's."""
     from sensplan.cli import main
-    from tests.conftest import seeded_model
+    from tests.conftest import digits_model
 
     weights = tmp_path / "w.pt"
-    torch.save(seeded_model("digits_cnn", width=8).state_dict(), weights)
+    torch.save(digits_model().state_dict(), weights)
     assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
                  "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8,4,2",
                  "--ratios", "0.25,0.5", "--threads", "1", "--out", str(tmp_path / "scan.json")]) == 0

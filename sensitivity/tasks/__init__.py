@@ -82,6 +82,12 @@ class Task:
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
         raise NotImplementedError
 
+    def check_baseline(self, base: TaskResult, data: EvalSet) -> str | None:
+        """Why the original's ``base`` result on ``data`` makes a scan meaningless (e.g. a score at
+        chance level: every probe would measure noise), as one sentence naming the fix; None when
+        it is fine. Checked before any probe runs."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "metric": self.metric.to_dict(), "signals": dict(self.signals),
                 **({"planning_signal": self.planning_signal} if self.planning_signal else {})}

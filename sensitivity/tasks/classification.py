@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,6 +48,31 @@ class Classification(Task):
         if ref is not None:
             signals["kl"] = torch.cat(kls) if kls else torch.zeros(0)
         return TaskResult(float(per.sum()) / n, float(loss.double().sum()) / n, n, per, signals=signals)
+
+
+    def check_baseline(self, base: TaskResult, data: EvalSet) -> str | None:
+        # no better than always answering the most common class: broken weights, a wrong
+        # normalisation or another class order (a model whose weights are NaN-free but untrained, or
+        # collapsed onto one class, would otherwise be scanned "successfully" with every drop 0)
+        y = data.y
+        if y.dim() != 1:
+            return None
+        counts = torch.bincount(y[y >= 0].long().cpu())
+        n = int(counts.sum())
+        if n < _CHANCE_MIN or int((counts > 0).sum()) < 2:
+            return None  # too few labelled samples, or one class, to tell
+        top = float(counts.max()) / n
+        if base.score > top + 3 * math.sqrt(top * (1 - top) / n):
+            return None
+        return (f"The original model's top-1 on the data is {base.score:.3f}, no better than always "
+                f"answering the most common class ({top:.3f} of {n} samples), so every probe would measure "
+                f"noise. Check --weights (the trained checkpoint), --mean/--std and the class order "
+                f"(--class-map); to measure changes against the model's own answers instead, use "
+                f"--task agreement.")
+
+
+#: fewer labelled samples than this are not checked for a chance-level baseline
+_CHANCE_MIN = 50
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
