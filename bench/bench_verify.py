@@ -1,44 +1,51 @@
-"""Benchmark of the self-checking planner on the real CIFAR ResNets (../shared), no fine-tuning.
+"""Benchmark of mixed precision on the real CIFAR ResNets (../shared), no fine-tuning: the issue's table.
 
 For each model the full CIFAR-10 JPEG test set (10,000 images) is split, stratified and seeded, into
 the scan's sample (2,000), BatchNorm calibration (500), the verification's held-out split (2,500)
-and a final test split (5,000) that nothing in planning saw. For each budget and each planning
-signal (``--signals``, default kl then drop: the default signal and the top-1 drop it replaced) it
-prints, all measured in this run:
+and a final test split (5,000) that nothing in planning saw. Per model, all measured in this run:
 
-- the plan without verification (the solver's prediction) and the verified plan: the predicted and
-  measured drop per verification round, and which candidate won;
-- top-1 on the test split of: the verified plan, the unverified plan, the uniform plan chosen by
-  prediction, and the best uniform candidate in hindsight (every uniform candidate measured on the
-  test split);
-- planning time, verification included.
+- ``scan --fast`` (the default methods) on the sample: its time, how many probes it estimated;
+- the default scan (prune + weight_quant) on the sample, for the size budgets; the same scan plus
+  ``act_quant`` at ``--act-bits`` (percentile ranges) for the bops budgets (weight bits alone cannot
+  reach them: int2 weights with float inputs are 1/16 of the BOPs);
+- the same probes of a seeded ``--spearman-fraction`` of the units scanned on the test split (the
+  "full-set" values), and per method the Spearman rank correlation of each signal of the sample
+  scan (drop, loss, kl, margin) and of the fast scan's Fisher estimate with them;
+- for each budget and each planning signal (``--signals``, default kl then drop: the default signal
+  and the top-1 drop it replaced): the verified plan (its rounds and verdict), and top-1 on the test
+  split of the verified plan, the unverified plan, the uniform plan chosen by prediction and the best
+  uniform candidate in hindsight (every uniform candidate of the same format family measured on the
+  test split); the plan's expected drop against its test-split drop; planning time.
 
 At the end, per signal: how often the verified plan is below the best uniform plan by more than the
-noise, its margins at the size budgets, and the mean absolute error of the final prediction (the
-verified plan's expected drop) against the test split, over plans whose expected drop is at most 2
-points. Spearman correlations of the signals and ``--fast`` are in bench_signals.py.
+noise, the issue's size targets, and the mean absolute error of the expected drop against the test
+split over plans whose expected drop is at most 2 points.
 
-    python bench/bench_verify.py [--models resnet20,resnet56] [--budgets macs=0.7,...] [--signals kl,drop]
-        [--cache DIR]
+    python bench/bench_verify.py [--models resnet20,resnet56] [--budgets size=0.1,...] [--signals kl,drop]
+        [--act-bits 8,6,4] [--spearman-fraction 0.2] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shared import ROOT, best_uniform, cifar_resnets, cifar_splits, cifar_test_dir  # noqa: E402
 
-BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,macs=0.7,macs=0.5"
+BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,bops=0.03,bops=0.015"
 NOISE = 0.002  # 0.2 points
 #: the issue's targets: the verified plan above the best uniform plan by at least this (points)
 TARGETS = {"size=0.1": 1.0, "size=0.078": 1.0, "size=0.125": 0.3}
+SIGNALS = ("drop", "loss", "kl", "margin")
 
 
 def main() -> int:
@@ -47,8 +54,11 @@ def main() -> int:
     ap.add_argument("--models", default="resnet20,resnet56")
     ap.add_argument("--budgets", default=BUDGETS)
     ap.add_argument("--signals", default="kl,drop")
+    ap.add_argument("--act-bits", default="8,6,4", help="act_quant settings scanned for bops budgets")
+    ap.add_argument("--spearman-fraction", type=float, default=0.2,
+                    help="the share of units (seeded) whose probes are scanned on the test split too")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--cache", help="keep each model's scan (and its journal) here and reuse it")
+    ap.add_argument("--cache", help="keep each model's scan journals here and reuse them")
     args = ap.parse_args()
     test_dir = cifar_test_dir(args.shared)
     if test_dir is None:
@@ -56,20 +66,35 @@ def main() -> int:
 
     from sensplan.planner import Budget, Verifier, make_plan
     from sensplan.sensitivity import ScanConfig, scan
+    from sensplan.sensitivity._scan import default_settings
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; started {time.strftime('%Y-%m-%d %H:%M')}")
     sample, calib, held, test = cifar_splits(test_dir)
-    summary = []
+    with_act = {**default_settings(),
+                "act_quant": tuple({"calib": "percentile", "bits": int(b)} for b in args.act_bits.split(","))}
+    summary, spearman = [], []
+    cache = Path(args.cache) if args.cache else None
+    if cache:
+        cache.mkdir(parents=True, exist_ok=True)
     for name, weights, spec, model in cifar_resnets(args.shared, args.models):
-        cache = Path(args.cache) if args.cache else None
-        t = time.perf_counter()
-        journal = (cache / f"{name}.scan.json.journal") if cache else None
-        if cache:
-            cache.mkdir(parents=True, exist_ok=True)
-        table = scan(model, sample, ScanConfig(), calib=calib, model_spec=spec, weights=str(weights),
-                     progress=False, journal=journal)
-        print(f"\n== {name}: scan {len(table.results)} probes in {time.perf_counter() - t:.0f} s "
-              f"({table.data['provenance'].get('probes_from_journal', 0)} from the journal) ==")
+
+        def timed_scan(data, what: str, cfg, name: str = name, weights: Path = weights, spec=spec, model=model):
+            t = time.perf_counter()
+            table = scan(model, data, cfg, calib=calib, model_spec=spec, weights=str(weights), progress=False,
+                         journal=(cache / f"{name}.{what}.journal") if cache else None)
+            seconds = time.perf_counter() - t
+            print(f"{name}: scan {what}: {len(table.results)} probes in {seconds:.1f} s "
+                  f"({table.data['provenance'].get('probes_from_journal', 0)} from the journal)", flush=True)
+            return table, seconds
+
+        print(f"\n== {name} ==")
+        fast, fast_s = timed_scan(sample, "fast", ScanConfig(fast=True))
+        n_est = sum(1 for r in fast.results if r.get("estimated"))
+        print(f"{name}: --fast {fast_s:.1f} s ({n_est} probes estimated, {len(fast.results) - n_est} measured)")
+        table, _ = timed_scan(sample, "sample", ScanConfig())
+        table_act, _ = timed_scan(sample, "sample", ScanConfig(with_act))  # the same journal: act_quant only
+        spearman += _spearman(name, table_act, fast, timed_scan, test, with_act, args.spearman_fraction, fast_s)
+
         verifier = Verifier(model, sample, calib, held, model_spec=spec)
         judge = Verifier(model, sample, calib, test, model_spec=spec)  # measures on the test split
         base = judge.baseline("classification")
@@ -81,14 +106,60 @@ def main() -> int:
 
         for text in args.budgets.split(","):
             budget = [Budget.parse(text)]
-            hindsight, best_label = best_uniform(judge, table, budget, make_plan(table, budget, signal="drop").data)
-            print(f"\n{name} {text}: best uniform in hindsight {hindsight:.4f} ({best_label})")
+            source = table_act if budget[0].metric == "bops" else table
+            hindsight, best_label = best_uniform(judge, source, budget, make_plan(source, budget, signal="drop").data)
+            print(f"\n{name} {text}: best uniform in hindsight {hindsight:.4f} ({best_label})", flush=True)
             for signal in args.signals.split(","):
-                summary.append(_one(name, text, signal, table, budget, verifier, test_top1, base, hindsight,
+                summary.append(_one(name, text, signal, source, budget, verifier, test_top1, base, hindsight,
                                     args.rounds, make_plan))
+    if spearman:
+        print("\n== Spearman against the test split's values of the same probes (a seeded share of the units) ==")
+        print(f"{'model':<9} {'method':<13} {'n':>4} {'against':<14} "
+              + " ".join(f"{s:>7}" for s in (*SIGNALS, "fisher")))
+        for row in spearman:
+            print(f"{row['model']:<9} {row['method']:<13} {row['n']:>4} {row['against']:<14} "
+                  + " ".join(f"{row[s]:>7.3f}" for s in (*SIGNALS, "fisher")))
     if summary:
         _summary(summary, args.signals.split(","))
     return 0
+
+
+def _key(r: dict) -> tuple[str, str, str]:
+    return r["unit"], r["method"], json.dumps(r["setting"], sort_keys=True)
+
+
+def _value(r: dict, signal: str) -> float:
+    return float(r["drop"]) if signal == "drop" else float(r["signals"][signal]["value"])
+
+
+def _spearman(name: str, table, fast, timed_scan, test, settings, fraction: float, fast_s: float) -> list[dict]:
+    """Scan the probes of a seeded share of the units on the test split; per method, the Spearman
+    correlation of each sample signal (and of the fast scan's estimate) with the test split's drops
+    and loss increases of the same probes."""
+    from sensplan.sensitivity import ScanConfig
+
+    units = sorted({r["unit"] for r in table.results})
+    chosen = sorted(random.Random(0).sample(units, max(2, round(fraction * len(units)))))
+    exact = tuple("".join(f"[{c}]" if c in "*?[" else c for c in u) for u in chosen)
+    full, _ = timed_scan(test, "test-split", ScanConfig(settings, units=exact))
+    truth = {_key(r): r for r in full.results}
+    fast_rows = {_key(r): r for r in fast.results}
+    out = []
+    for method in dict.fromkeys(r["method"] for r in table.results):
+        rows = [r for r in table.results if r["method"] == method and _key(r) in truth]
+        if len(rows) < 3:
+            continue
+        for against in ("drop", "loss_increase"):
+            ref = [float(truth[_key(r)][against]) for r in rows]
+            row = {"model": name, "method": method, "n": len(rows), "against": against, "fast_s": fast_s}
+            for s in SIGNALS:
+                row[s] = float(spearmanr([_value(r, s) for r in rows], ref)[0])
+            paired = [(r, fast_rows[_key(r)]) for r in rows if _key(r) in fast_rows]
+            row["fisher"] = float(spearmanr([_value(f, "fisher") for _, f in paired],
+                                            [float(truth[_key(r)][against]) for r, _ in paired])[0]) \
+                if len(paired) >= 3 else float("nan")
+            out.append(row)
+    return out
 
 
 def _one(name: str, text: str, signal: str, table, budget, verifier, test_top1, base, hindsight, rounds,
