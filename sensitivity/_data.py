@@ -12,7 +12,11 @@ Data specs:
 - ``jsonl:FILE:FIELD[:LABEL]`` and ``csv:FILE:FIELD[:LABEL]``: one text per record, with an optional
   label field. Text is tokenized with the tokenizer saved beside the model (``tokenizer``: a
   Hugging Face model folder, see :mod:`sensplan.sensitivity._hf`) into (batch, 2, tokens) int64
-  inputs: the token ids and the attention mask.
+  inputs: the token ids and the attention mask;
+- ``datasets:DIR:FIELD[:LABEL]``: the same from a Hugging Face ``datasets`` folder written by
+  ``Dataset.save_to_disk`` (one split: ``DIR/test`` of a ``DatasetDict``), read with
+  ``datasets.load_from_disk`` (the optional ``datasets`` package). A ``ClassLabel`` label column
+  gives its integer ids and its class names.
 
 Preprocessing (:class:`Preprocess`): optional resize and center crop, then ``(x - mean) / std`` on
 [0, 1] pixels. Images default to the ImageNet mean/std; digits to mean 0.5, std 0.5.
@@ -35,7 +39,7 @@ from sensplan._errors import DataSpecError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TEXT_KINDS = ("text", "jsonl", "csv")
+TEXT_KINDS = ("text", "jsonl", "csv", "datasets")
 _DIGITS_SPLIT_SEED = 0  # fixed, so digits:train and digits:test never overlap across runs
 
 
@@ -81,7 +85,8 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A data source: ``kind`` ('digits', 'imagefolder', 'cifar10'), its ``root``, ``split``.
+    """A data source: ``kind`` ('digits', 'imagefolder', 'cifar10', or one of :data:`TEXT_KINDS`),
+    its ``root`` (a folder or file), ``split``.
 
     ``class_map`` ((class name, output index) pairs, see :func:`load_class_map`) gives each class
     of the data the model's output index; without it, classes are numbered in sorted order from 0.
@@ -95,7 +100,7 @@ class DataSpec:
     preprocess: Preprocess = field(default_factory=Preprocess)
     class_map: tuple[tuple[str, int], ...] | None = None
     skip_unreadable: bool = False
-    #: text data: the record fields (jsonl, csv), the tokenizer's folder and the window length
+    #: text data: the record fields (jsonl, csv, datasets), the tokenizer's folder and the window length
     text_field: str = ""
     label_field: str = ""
     tokenizer: str = ""
@@ -103,7 +108,8 @@ class DataSpec:
 
     @classmethod
     def parse(cls, text: str, preprocess: Preprocess | None = None) -> DataSpec:
-        """Parse ``digits[:split]``, ``cifar10:ROOT[:split]``, ``imagefolder:DIR`` or a bare ``DIR``."""
+        """Parse ``digits[:split]``, ``cifar10:ROOT[:split]``, ``imagefolder:DIR``, a bare ``DIR``,
+        ``text:FILE``, ``jsonl:FILE:FIELD[:LABEL]``, ``csv:...`` or ``datasets:DIR:FIELD[:LABEL]``."""
         pp = preprocess or Preprocess()
         if not isinstance(text, str) or not text:
             raise DataSpecError("The data spec is empty. Use 'digits', 'imagefolder:DIR', a directory, "
@@ -125,18 +131,20 @@ class DataSpec:
             if not rest:
                 raise DataSpecError("text: needs a file, e.g. --data text:corpus.txt.")
             return cls("text", rest, "", pp)
-        if head in ("jsonl", "csv"):
+        if head in ("jsonl", "csv", "datasets"):
             parts = rest.split(":")
             if len(parts) not in (2, 3) or not all(parts):
-                raise DataSpecError(f"Use {head}:FILE:TEXT_FIELD or {head}:FILE:TEXT_FIELD:LABEL_FIELD, "
-                                    f"e.g. {head}:reviews.{head}:text:label. Got {text!r}.")
+                where, example = ("DIR", "reviews/test") if head == "datasets" else ("FILE", f"reviews.{head}")
+                raise DataSpecError(f"Use {head}:{where}:TEXT_FIELD or {head}:{where}:TEXT_FIELD:LABEL_FIELD, "
+                                    f"e.g. {head}:{example}:text:label. Got {text!r}.")
             return cls(head, parts[0], "", pp, text_field=parts[1],
                        label_field=parts[2] if len(parts) == 3 else "")
         if os.path.isdir(text):
             return cls("imagefolder", text, "", pp)
         raise DataSpecError(f"The data spec {text!r} is neither an existing directory nor one of "
                             f"'digits[:train|test]', 'imagefolder:DIR', 'cifar10:ROOT[:train|test]', "
-                            f"'text:FILE', 'jsonl:FILE:FIELD[:LABEL]', 'csv:FILE:FIELD[:LABEL]'.")
+                            f"'text:FILE', 'jsonl:FILE:FIELD[:LABEL]', 'csv:FILE:FIELD[:LABEL]', "
+                            f"'datasets:DIR:FIELD[:LABEL]'.")
 
     @property
     def is_text(self) -> bool:
@@ -335,19 +343,30 @@ class _Tokens(Dataset[tuple[torch.Tensor, int]]):
         return self.x[i], int(self.y[i])
 
 
-#: the last text data set tokenized, keyed by its spec and the file's size and modification time:
-#: the sample, the calibration data and the verification splits of one run read the same file
+#: the last text data set tokenized, keyed by its spec and its files' sizes and modification times:
+#: the sample, the calibration data and the verification splits of one run read the same data
 _TOKENIZED: dict[tuple[Any, ...], tuple[_Tokens, np.ndarray, list[str]]] = {}
 
 
-def _open_text(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
-    """The tokenized records of a text spec, tokenized once per file version (the tensors are only
-    read by the callers: they index copies out of them)."""
+def _version(path: str) -> tuple[Any, ...] | None:
+    """What changes when the data at ``path`` changes: a file's modification time and size, or those
+    of every file in a folder (a ``datasets`` folder: ``save_to_disk`` writes its state.json and
+    arrow files anew). None when it cannot be read (the reader says what is wrong)."""
     try:
-        st = os.stat(spec.root)
-        key: tuple[Any, ...] | None = (spec, st.st_mtime_ns, st.st_size)
+        st = os.stat(path)
+        if not os.path.isdir(path):
+            return (st.st_mtime_ns, st.st_size)
+        files = [(e.name, e.stat()) for e in os.scandir(path) if e.is_file()]
+        return tuple(sorted((name, f.st_mtime_ns, f.st_size) for name, f in files))
     except OSError:
-        key = None  # the reader below says what is wrong
+        return None
+
+
+def _open_text(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
+    """The tokenized records of a text spec, tokenized once per version of the data (the tensors
+    are only read by the callers: they index copies out of them)."""
+    version = _version(spec.root)
+    key = None if version is None else (spec, version)
     if key is not None and key in _TOKENIZED:
         return _TOKENIZED[key]
     out = _tokenize(spec)
@@ -374,10 +393,17 @@ def _tokenize(spec: DataSpec) -> tuple[_Tokens, np.ndarray, list[str]]:
         x = _hf.tokenize_text(p.read_text(encoding="utf-8", errors="replace"), tok, seq_len)
         y, classes = np.full(len(x), -1, dtype=np.int64), ["text"]  # -1: no labels
     else:
-        texts, labels = _hf.read_records(spec.kind, spec.root, spec.text_field, spec.label_field or None)
+        names: list[str] | None = None  # a datasets ClassLabel's class names
+        if spec.kind == "datasets":
+            texts, labels, names = _hf.read_dataset(spec.root, spec.text_field, spec.label_field or None)
+        else:
+            texts, labels = _hf.read_records(spec.kind, spec.root, spec.text_field, spec.label_field or None)
         x = _hf.tokenize_records(texts, tok, seq_len)
         if spec.label_field:
-            y, classes = _hf.label_ids(labels, spec.root)
+            if names is not None:
+                y, classes = np.asarray(labels, dtype=np.int64), names
+            else:
+                y, classes = _hf.label_ids(labels, spec.root)
             y = _mapped(y, classes, spec)
         else:
             y, classes = np.full(len(x), -1, dtype=np.int64), ["text"]
@@ -506,6 +532,10 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
         images = _Images(_visible_folder(datasets.ImageFolder)(str(root), transform=tf,
                                                               is_valid_file=_visible_image(root)))
     except (FileNotFoundError, RuntimeError) as e:
+        if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+            raise DataSpecError(f"{spec.root!r} is a Hugging Face datasets folder (save_to_disk), not an "
+                                f"image folder. Give text data as --data datasets:{spec.root}:TEXT_COLUMN"
+                                f"[:LABEL_COLUMN].") from None
         raise DataSpecError(f"{spec.root!r} is not an ImageFolder tree ({e}). It needs one subfolder "
                             f"per class with images inside, e.g. {spec.root}/cat/0001.jpg.") from None
     labels = _mapped([t for _, t in images.samples], images.classes, spec)

@@ -133,7 +133,7 @@ class HFModel(nn.Module):
         if x.dim() != 3 or x.shape[1] != 2:
             raise UserInputError(f"A text model takes (batch, 2, tokens) int64 inputs (token ids and "
                                  f"attention mask). Got {tuple(x.shape)}: use text data (text:FILE, "
-                                 f"jsonl:FILE:FIELD, csv:FILE:FIELD) with --model hf:DIR.")
+                                 f"jsonl:FILE:FIELD, csv:FILE:FIELD, datasets:DIR:FIELD) with --model hf:DIR.")
         x = x.long()  # a float zero input (a rebuild's example input) is a valid all-padding batch
         ids, mask = x[:, 0], x[:, 1]
         extra = {"use_cache": False} if self.kind == "causal-lm" else {}  # no KV cache per probe
@@ -315,7 +315,7 @@ def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
 
 def load_tokenizer(path: str) -> Any:
     """The tokenizer saved beside a model (``hf:DIR``'s folder, or a hub name in the local cache)."""
-    transformers = require_transformers("Text data (text:, jsonl:, csv:)")
+    transformers = require_transformers("Text data (text:, jsonl:, csv:, datasets:)")
     try:
         folder = path if os.path.isdir(path) else model_dir(path)  # a tokenizer-only folder is fine
         tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -406,6 +406,72 @@ def read_records(kind: str, path: str, field: str, label: str | None) -> tuple[l
     texts = [str(r.get(field, "")) for r in rows]
     labels = [r.get(label) for r in rows] if label is not None else []
     return texts, labels
+
+
+def read_dataset(path: str, field: str, label: str | None) -> tuple[list[str], list[Any], list[str] | None]:
+    """Texts and labels of a Hugging Face ``datasets`` folder written by ``Dataset.save_to_disk``,
+    read with ``datasets.load_from_disk`` (nothing is downloaded), and the class names when the
+    label column is a ``ClassLabel`` (its labels are then its integer ids); None otherwise."""
+    spec = f"--data datasets:{path}:{field}" + (f":{label}" if label else "")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataSpecError(f"{spec}: the folder {path!r} does not exist. Give the folder "
+                            f"Dataset.save_to_disk wrote.")
+    if (folder / "dataset_dict.json").is_file():
+        try:
+            splits = [str(s) for s in json.loads((folder / "dataset_dict.json").read_text())["splits"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            splits = sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file())
+        split = next((s for s in ("test", "validation") if s in splits), splits[0] if splits else "SPLIT")
+        example = f"datasets:{os.path.join(path, split)}:{field}"
+        raise DataSpecError(f"{spec}: {path!r} holds a DatasetDict (splits: {', '.join(splits) or 'none'}), "
+                            f"not one data set. Name one split's folder, e.g. --data {example}"
+                            + (f":{label}." if label else "."))
+    if not (folder / "state.json").is_file():
+        raise DataSpecError(f"{spec}: {path!r} is not a folder written by Dataset.save_to_disk (it has "
+                            f"no state.json). Check --data.")
+    try:
+        import datasets
+    except ImportError:
+        raise DataSpecError(f"{spec}: reading a Hugging Face datasets folder needs the datasets "
+                            f"package: pip install datasets.") from None
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:  # noqa: BLE001 - a damaged folder, a newer format
+        raise DataSpecError(f"{spec}: datasets.load_from_disk cannot read {path!r} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise DataSpecError(f"{spec}: {path!r} holds a {type(ds).__name__}, not one Dataset. Check --data.")
+    features = ds.features
+    columns = list(features)
+    for name in (field, label):
+        if name is not None and name not in features:
+            raise DataSpecError(f"{spec}: {path!r} has no column {name!r} (its columns: "
+                                f"{', '.join(columns[:8])}{', ...' if len(columns) > 8 else ''}). Use "
+                                f"datasets:DIR:TEXT_COLUMN[:LABEL_COLUMN].")
+
+    def is_text(f: Any) -> bool:
+        return isinstance(f, datasets.Value) and f.dtype in ("string", "large_string")
+
+    if not is_text(features[field]):
+        strings = [c for c in columns if is_text(features[c])]
+        raise DataSpecError(f"{spec}: the column {field!r} holds {features[field]}, not text. Name a string "
+                            f"column (its string columns: {', '.join(strings) or 'none'}).")
+    if len(ds) == 0:
+        raise DataSpecError(f"{spec}: {path!r} holds no records.")
+    plain = ds.with_format(None)  # a saved torch/numpy format would hand back tensors
+    texts = ["" if t is None else str(t) for t in plain[field]]
+    if label is None:
+        return texts, [], None
+    labels = list(plain[label])
+    feature = features[label]
+    if isinstance(feature, datasets.ClassLabel):
+        if any(v is None or int(v) < 0 for v in labels):  # -1: no label, e.g. a benchmark's test split
+            raise DataSpecError(f"{spec}: some records have no label (-1), as in a benchmark's unlabelled "
+                                f"test split. Use a labelled split, or leave the label column out of "
+                                f"--data for a task that needs none.")
+        return texts, [int(v) for v in labels], [str(n) for n in feature.names]
+    return texts, labels, None
 
 
 def label_ids(labels: list[Any], path: str) -> tuple[np.ndarray, list[str]]:

@@ -45,7 +45,7 @@ def lm_batches(model: nn.Module, data: EvalSet, batch_size: int, device: torch.d
     use_autocast = dtype is not None and dtype != torch.float32
     if data.x.dim() != 3 or data.x.shape[1] != 2 or data.x.is_floating_point():
         raise UserInputError("The perplexity task needs tokenized text (--data text:FILE, jsonl:..., "
-                             "csv:...) and a causal language model (--model hf:DIR).")
+                             "csv:..., datasets:...) and a causal language model (--model hf:DIR).")
     step = max(1, min(batch_size, 8))  # until the vocabulary is known
     i = 0
     with torch.inference_mode():

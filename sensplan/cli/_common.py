@@ -208,7 +208,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, metavar="SPEC",
                    help="DIR or imagefolder:DIR (class subfolders) | cifar10:ROOT[:train|test] | "
                         "digits[:train|test] | text:FILE | jsonl:FILE:FIELD[:LABEL] | "
-                        "csv:FILE:FIELD[:LABEL] (text needs --model hf:DIR or --tokenizer)")
+                        "csv:FILE:FIELD[:LABEL] | datasets:DIR:FIELD[:LABEL] (DIR: a Hugging Face "
+                        "datasets save_to_disk folder; text needs --model hf:DIR or --tokenizer)")
     g.add_argument("--samples", type=int, default=2000, metavar="N",
                    help="size of the stratified, seeded evaluation sample (default 2000; 0 = all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default 0)")
@@ -221,7 +222,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                         "instead of stopping with an error that names them")
     g.add_argument("--seq-len", type=int, default=0, metavar="N",
                    help="text: tokens per window (text:FILE) or the most tokens per record (jsonl, "
-                        "csv); default min(128, the model's limit)")
+                        "csv, datasets); default min(128, the model's limit)")
     g.add_argument("--tokenizer", metavar="DIR",
                    help="text: the folder of a Hugging Face tokenizer (default: --model hf:DIR's)")
     g.add_argument("--resize", type=int, metavar="PX", help="resize the shorter image side to PX")

@@ -133,7 +133,8 @@ def check_finetune(args: argparse.Namespace, problems: Problems) -> FineTuneConf
     if train is not None and train.is_text and not train.label_field:
         problems.add(f"--train-data {args.train_data}: fine-tuning distils a classifier on labelled data; "
                      f"it does not fine-tune a language model or an embedding model. Drop --train-data, or "
-                     f"give labelled records (jsonl:FILE:TEXT:LABEL) for a sequence classifier.")
+                     f"give labelled records (jsonl:FILE:TEXT:LABEL or datasets:DIR:TEXT:LABEL) for a "
+                     f"sequence classifier.")
     if train is not None and evaluated is not None and train.same_source(evaluated):
         problems.add(f"--train-data {args.train_data} is the data the model is measured on (--data {args.data}): "
                      f"distillation would train on the images it is then scored on, and the measured drop "
