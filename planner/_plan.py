@@ -110,6 +110,7 @@ def _allocation(cm: Costs, choice: Mapping[int, int], costs: Mapping[str, float]
             "skipped": {m: v for m, v in skipped.items() if v},
             "predicted": {"drop": drop, "drop_se": se, "drop_interval": [drop - Z95 * se, drop + Z95 * se],
                           "score": metric.after_drop(scan.baseline["score"], drop),
+                          "signal_total": cm.objective(choice),  # what the map reads the drop off
                           **{m: costs[m] for m in cm.metrics},
                           **{f"{m}_fraction": costs[m] / cm.original[m] if cm.original[m] else None
                              for m in cm.metrics}},
@@ -238,5 +239,11 @@ def uniform_allocation(cm: Costs, uni: UniformSolution, scan: Any) -> dict[str, 
                 c.update(method=method, setting={key: uni.ratio, "n_remove": k},
                          label=f"{method} {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
                 out["unit_drops"][b.name] = cm.drop_of(interp_drop(cm, i, k))
+    # the total the drop was read off: a group at a ratio between its scanned settings counts its
+    # signal interpolated between them (as the candidate's predicted drop does)
+    drops = cm.drop_table("drop")
+    out["predicted"]["signal_total"] = float(sum(
+        interp_drop(cm, i, uni.removed[b.unit]) if b.kind == "group" else drops[i][uni.choice.get(i, 0)]
+        for i, b in enumerate(cm.blocks)))
     out["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uniform_label(cm, uni)}
     return out

@@ -158,6 +158,15 @@ def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [round(first + k * step, 10) for k in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Round tick values inside [10**lo, 10**hi] for a logarithmic axis (``lo``, ``hi``: decimal
+    logarithms): the powers of ten, with 2 and 5 times them where fewer than three powers fit."""
+    first, last = math.ceil(lo - 1e-9), math.floor(hi + 1e-9)
+    mults = (1.0,) if last - first >= 2 else (1.0, 2.0, 5.0)
+    return [m * 10.0 ** k for k in range(first - 1, last + 1) for m in mults
+            if lo - 1e-9 <= math.log10(m * 10.0 ** k) <= hi + 1e-9]
+
+
 def _text(x: float, y: float, s: str, *, size: int = 11, anchor: str = "start", rotate: float | None = None,
           fill: str = "#222", weight: str = "normal") -> str:
     rot = f" transform='rotate({rotate} {x:.1f} {y:.1f})'" if rotate is not None else ""
@@ -233,16 +242,40 @@ def heatmap(title: str, units: Sequence[str], names: Mapping[str, str], columns:
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
 
+def _marker(marker: str, x: float, y: float, col: str, k: float = 1.0) -> str:
+    """A point's shape centred on (x, y), ``k`` times its size in the plot (a circle by default)."""
+    if marker == "square":
+        return (f"<rect x='{x - 5 * k:.1f}' y='{y - 5 * k:.1f}' width='{10 * k:.1f}' height='{10 * k:.1f}' "
+                f"fill='{col}'/>")
+    if marker == "star":
+        star = ((0, -8), (2.4, -2.4), (8, -2.4), (3.5, 1.5), (5, 8), (0, 4), (-5, 8), (-3.5, 1.5), (-8, -2.4),
+                (-2.4, -2.4))
+        d = " L".join(f"{x + k * a:.1f},{y + k * b:.1f}" for a, b in star)
+        return f"<path d='M{d} Z' fill='{col}' stroke='#000' stroke-width='.6'/>"
+    return f"<circle cx='{x:.1f}' cy='{y:.1f}' r='{4.5 * k:g}' fill='{col}'/>"
+
+
 def chart(title: str, series: Sequence[Mapping[str, Any]], *, xlabel: str, ylabel: str,
-          diagonal: bool = False, fmt_x: Any = None, fmt_y: Any = None) -> str:
+          diagonal: bool = False, fmt_x: Any = None, fmt_y: Any = None, log_x: bool = False) -> str:
     """An SVG scatter or line chart. Each series: ``name``, ``points`` (``[{x, y, tip, xerr?,
-    unit?}]``), ``line`` (join the points), ``marker`` (``circle``, ``square``, ``star``).
-    ``diagonal``: draw y = x (measured = predicted). Every point has a hover tip."""
+    unit?, link?}]``; ``link``: another y value, joined to the point by a dashed vertical line),
+    ``line`` (join the points), ``marker`` (``circle``, ``square``, ``star``, or ``none``: a line
+    alone, with the series' ``tip`` on hover), ``cls`` (a class on each point's group and on the
+    line, for tests and styles). ``diagonal``: draw y = x (measured = predicted). ``log_x``: a
+    logarithmic x axis (points at x <= 0 are not drawn). Every point has a hover tip."""
     fmt_x = fmt_x or (lambda v: f"{v:.4g}")
     fmt_y = fmt_y or (lambda v: f"{v:.4g}")
-    pts = [p for s in series for p in s["points"] if _isnum(p.get("x")) and _isnum(p.get("y"))]
-    xs = [float(p["x"]) for p in pts] + [float(p["x"]) + e for p in pts for e in (p.get("xerr") or (0, 0))]
-    ys = [float(p["y"]) for p in pts]
+
+    def drawn(p: Mapping[str, Any]) -> bool:
+        return _isnum(p.get("x")) and _isnum(p.get("y")) and (not log_x or float(p["x"]) > 0)
+
+    def tx(v: float) -> float:  # the x axis' own coordinate
+        return math.log10(v) if log_x else v
+
+    pts = [p for s in series for p in s["points"] if drawn(p)]
+    xs = [tx(float(p["x"])) for p in pts] + [tx(float(p["x"]) + e) for p in pts for e in (p.get("xerr") or (0, 0))
+                                              if not log_x or float(p["x"]) + e > 0]
+    ys = [float(p["y"]) for p in pts] + [float(p["link"]) for p in pts if _isnum(p.get("link"))]
     if diagonal:
         xs, ys = xs + [0.0], ys + [0.0]
     lo_x, hi_x = (min(xs), max(xs)) if xs else (0.0, 1.0)
@@ -250,39 +283,44 @@ def chart(title: str, series: Sequence[Mapping[str, Any]], *, xlabel: str, ylabe
     if diagonal:
         lo_x = lo_y = min(lo_x, lo_y)
         hi_x = hi_y = max(hi_x, hi_y)
-    pad_x = (hi_x - lo_x) * 0.08 or 1.0
+    pad_x = (hi_x - lo_x) * 0.08 or (0.5 if log_x else 1.0)
     pad_y = (hi_y - lo_y) * 0.08 or 1.0
     lo_x, hi_x, lo_y, hi_y = lo_x - pad_x, hi_x + pad_x, lo_y - pad_y, hi_y + pad_y
     w, h, ml, mr, mt, mb = 640.0, 400.0, 64.0, 16.0, 30.0, 92.0
     pw, ph = w - ml - mr, h - mt - mb
 
     def X(v: float) -> float:
-        return ml + (v - lo_x) / (hi_x - lo_x) * pw
+        return ml + (tx(v) - lo_x) / (hi_x - lo_x) * pw
 
     def Y(v: float) -> float:
         return mt + ph - (v - lo_y) / (hi_y - lo_y) * ph
 
     parts = [_text(ml, 18, title, size=12, weight="600"),
              f"<rect x='{ml}' y='{mt}' width='{pw}' height='{ph}' fill='none' stroke='#ccc'/>"]
-    for vx in ticks(lo_x, hi_x):
+    for vx in (log_ticks(lo_x, hi_x) if log_x else ticks(lo_x, hi_x)):
         parts.append(f"<line x1='{X(vx):.1f}' y1='{mt}' x2='{X(vx):.1f}' y2='{mt + ph}' stroke='#f0f0f0'/>")
         parts.append(_text(X(vx), mt + ph + 14, fmt_x(vx), size=10, anchor="middle"))
     for vy in ticks(lo_y, hi_y):
         parts.append(f"<line x1='{ml}' y1='{Y(vy):.1f}' x2='{ml + pw}' y2='{Y(vy):.1f}' stroke='#f0f0f0'/>")
         parts.append(_text(ml - 4, Y(vy) + 3, fmt_y(vy), size=10, anchor="end"))
-    parts.append(_text(ml + pw / 2, mt + ph + 32, xlabel, size=11, anchor="middle"))
+    parts.append(_text(ml + pw / 2, mt + ph + 32, xlabel + (" (log scale)" if log_x else ""), size=11,
+                       anchor="middle"))
     parts.append(_text(14, mt + ph / 2, ylabel, size=11, anchor="middle", rotate=-90))
     if diagonal:
-        parts.append(f"<line x1='{X(lo_x):.1f}' y1='{Y(lo_x):.1f}' x2='{X(hi_x):.1f}' y2='{Y(hi_x):.1f}' "
+        a, b = (10.0 ** lo_x, 10.0 ** hi_x) if log_x else (lo_x, hi_x)
+        parts.append(f"<line x1='{X(a):.1f}' y1='{Y(a):.1f}' x2='{X(b):.1f}' y2='{Y(b):.1f}' "
                      f"stroke='#999' stroke-dasharray='4 3'><title>measured = predicted</title></line>")
     legend_x = ml
     for si, s in enumerate(series):
         col = s.get("colour") or _COLOURS[si % len(_COLOURS)]
-        good = [p for p in s["points"] if _isnum(p.get("x")) and _isnum(p.get("y"))]
+        cls = f" class='{esc(s['cls'])}'" if s.get("cls") else ""
+        marker = s.get("marker", "circle")
+        good = [p for p in s["points"] if drawn(p)]
         if s.get("line") and len(good) > 1:
             d = " ".join(f"{X(float(p['x'])):.1f},{Y(float(p['y'])):.1f}" for p in good)
-            parts.append(f"<polyline points='{d}' fill='none' stroke='{col}' stroke-width='1.6'/>")
-        for p in good:
+            tip = f"><title>{esc(s['tip'])}</title></polyline>" if s.get("tip") else "/>"
+            parts.append(f"<polyline{cls} points='{d}' fill='none' stroke='{col}' stroke-width='1.6'{tip}")
+        for p in good if marker != "none" else ():
             x, y = X(float(p["x"])), Y(float(p["y"]))
             tip = str(p.get("tip") or f"{s['name']}: ({fmt_x(p['x'])}, {fmt_y(p['y'])})")
             err = p.get("xerr")
@@ -290,22 +328,21 @@ def chart(title: str, series: Sequence[Mapping[str, Any]], *, xlabel: str, ylabe
             if err:
                 bar = (f"<line x1='{X(float(p['x']) + err[0]):.1f}' y1='{y:.1f}' x2='{X(float(p['x']) + err[1]):.1f}' "
                        f"y2='{y:.1f}' stroke='{col}' stroke-opacity='.35' stroke-width='4'/>")
+            if _isnum(p.get("link")):
+                bar += (f"<line x1='{x:.1f}' y1='{Y(float(p['link'])):.1f}' x2='{x:.1f}' y2='{y:.1f}' "
+                        f"stroke='{col}' stroke-width='1.2' stroke-dasharray='3 2'/>")
             unit = f" data-unit='{esc(p['unit'])}'" if p.get("unit") else ""
-            marker = s.get("marker", "circle")
-            shape = (f"<rect x='{x - 5:.1f}' y='{y - 5:.1f}' width='10' height='10' fill='{col}'/>"
-                     if marker == "square" else
-                     f"<path d='M{x:.1f},{y - 8:.1f} L{x + 2.4:.1f},{y - 2.4:.1f} L{x + 8:.1f},{y - 2.4:.1f} "
-                     f"L{x + 3.5:.1f},{y + 1.5:.1f} L{x + 5:.1f},{y + 8:.1f} L{x:.1f},{y + 4:.1f} "
-                     f"L{x - 5:.1f},{y + 8:.1f} L{x - 3.5:.1f},{y + 1.5:.1f} L{x - 8:.1f},{y - 2.4:.1f} "
-                     f"L{x - 2.4:.1f},{y - 2.4:.1f} Z' fill='{col}' stroke='#000' stroke-width='.6'/>"
-                     if marker == "star" else f"<circle cx='{x:.1f}' cy='{y:.1f}' r='4.5' fill='{col}'/>")
-            parts.append(f"<g data-tip='{esc(tip)}'{unit}>{bar}{shape}<title>{esc(tip)}</title></g>")
+            parts.append(f"<g{cls} data-tip='{esc(tip)}'{unit}>{bar}{_marker(marker, x, y, col)}"
+                         f"<title>{esc(tip)}</title></g>")
             if p.get("label"):
                 parts.append(_text(x + 6, y - 6, str(p["label"]), size=9))
         # the legend, under the plot
         row_y = mt + ph + 52 + 16 * (si // 3)
         lx = legend_x + 200 * (si % 3)
-        parts.append(f"<rect x='{lx:.1f}' y='{row_y - 9:.1f}' width='10' height='10' fill='{col}'/>"
-                     + _text(lx + 14, row_y, str(s["name"])[:34], size=10))
+        key = (f"<line x1='{lx:.1f}' y1='{row_y - 4:.1f}' x2='{lx + 10:.1f}' y2='{row_y - 4:.1f}' stroke='{col}' "
+               f"stroke-width='2'/>" if marker == "none" else
+               f"<rect x='{lx:.1f}' y='{row_y - 9:.1f}' width='10' height='10' fill='{col}'/>"
+               if marker == "circle" else _marker(marker, lx + 5, row_y - 4, col, 0.7))
+        parts.append(key + _text(lx + 14, row_y, str(s["name"])[:34], size=10))
     height = max(h, mt + ph + 60 + 16 * ((len(series) - 1) // 3 + 1))
     return _svg(w, height, parts, title)

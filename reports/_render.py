@@ -34,9 +34,10 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from sensplan._artifacts import atomic_write, atomic_write_bytes, dumps  # noqa: E402
 from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
-from sensplan._metric import Metric  # noqa: E402
+from sensplan._metric import FISHER, Metric  # noqa: E402
 from sensplan._tables import Scan, layer_index, load_metrics  # noqa: E402
 from sensplan.planner import Frontier, Plan, plot_frontier  # noqa: E402
+from sensplan.planner._signal import DropMap  # noqa: E402
 from sensplan.reports._interactive import CSS, SCRIPT, chart, heatmap, table  # noqa: E402
 from sensplan.reports._verdict import Verdict, verdict  # noqa: E402
 
@@ -623,6 +624,140 @@ def predicted_vs_measured(plan: Plan | None, results: Mapping[str, Mapping[str, 
                  ylabel=f"measured {fmt.title} drop ({fmt.drop_unit})")
 
 
+# -- the planning signal's map ----------------------------------------------------------------
+#: how many x values draw the map on a logarithmic axis (it is piecewise linear in the signal)
+_MAP_SAMPLES = 160
+
+
+def map_probes(scan: Scan, plan: Plan) -> list[Mapping[str, Any]]:
+    """The scan's probes the plan's drop map was fitted on (as the planner picks them): every
+    measured probe; in a fast scan only the map points, whose signal is the estimate. Probes of
+    units the plan left out (a skip, or an option the costs could not price) are not counted."""
+    signal = str((plan.data.get("objective") or {}).get("signal") or "")
+    fast = any(r.get("estimated") for r in scan.results)
+    skipped = (plan.data["plans"].get("planned") or {}).get("skipped") or {}
+    return [r for r in scan.results
+            if (r.get("map_point") if fast else not r.get("estimated")) and _isnum(r.get("drop"))
+            and signal in (r.get("signals") or {}) and r["unit"] not in (skipped.get(r["method"]) or {})]
+
+
+def _signal_text(scan: Scan, signal: str) -> str:
+    if signal == FISHER:
+        return "the Fisher estimate of the KL divergence from the original model's outputs (nats)"
+    desc = ((scan.data.get("task") or {}).get("signals") or {}).get(signal)
+    return f"{signal}, the {desc}" if desc else signal
+
+
+def _variant_measured(alloc: Mapping[str, Any]) -> tuple[Any, str]:
+    """An allocation's drop as verification measured it: held-out, else on the scan's sample."""
+    ver = alloc.get("verified") or {}
+    for key, where in (("held_out", "held-out"), ("sample", "scan sample")):
+        if _isnum((ver.get(key) or {}).get("drop")):
+            return ver[key]["drop"], where
+    return None, ""
+
+
+def drop_map_section(scan: Scan, plan: Plan, fmt: _Fmt) -> str:
+    """How the plan's predicted drop was obtained when it planned on a signal (not the drop): the
+    probes the map was fitted on (signal, measured drop), the map, each allocation's total signal
+    with its predicted drop and, where verification measured it, its measured drop; with a caption.
+    Empty for a plan made with ``--signal drop``."""
+    obj = plan.data.get("objective") or {}
+    signal, knots = str(obj.get("signal") or ""), (obj.get("drop_map") or {}).get("knots") or []
+    if not signal or signal == "drop" or not knots:
+        return ""
+    dmap = DropMap(signal, tuple((float(a), float(b)) for a, b in knots))
+    f, probes, names = fmt.factor, map_probes(scan, plan), display_names(scan)
+    fast = any(r.get("estimated") for r in scan.results)
+    xs = [float(r["signals"][signal].get("value") or 0.0) for r in probes]
+    positive = [x for x in xs if x > 0]
+    log_x = len(positive) >= 2 and max(positive) > 100 * min(positive)
+    left_out = len(xs) - len(positive) if log_x else 0
+
+    def sx(v: float) -> str:
+        return f"{v:.3g}"
+
+    series: list[dict[str, Any]] = []
+    methods = list(scan.methods)
+    for m in sorted({str(r["method"]) for r in probes}, key=lambda m: methods.index(m) if m in methods else 99):
+        pts = []
+        for r, x in zip(probes, xs, strict=True):
+            if r["method"] == m:
+                label = r.get("label") or _setting_text(r.get("setting") or {})
+                pts.append({"x": x, "y": f * float(r["drop"]), "unit": r["unit"],
+                            "tip": f"{names.get(r['unit'], r['unit'])} · {label}: {signal} {sx(x)}, "
+                                   f"drop {fmt.drop(r['drop'], r.get('drop_se'))} {fmt.drop_unit}"})
+        series.append({"name": f"{m} probes", "points": pts, "cls": "probe"})
+    marks: list[dict[str, Any]] = []
+    notes: list[str] = []
+    unrecorded = 0
+    for name in VARIANTS:
+        alloc = plan.data["plans"].get(name)
+        pred = (alloc or {}).get("predicted") or {}
+        if alloc is None or not _isnum(pred.get("drop")):
+            continue
+        if not _isnum(pred.get("signal_total")):
+            unrecorded += 1
+            continue
+        total, label = float(pred["signal_total"]), _variant_name(plan, name)
+        colour = "#000" if name == "planned" else "#888"
+        tip = f"{label}: {signal} total {sx(total)}"
+        if abs(float(pred["drop"]) - dmap(total)) > 1e-9 + 1e-6 * abs(dmap(total)):
+            notes.append(f"The {label} allocation's predicted drop ({fmt.drop(pred['drop'])} {fmt.drop_unit}) "
+                         f"is not the map's value at its total ({fmt.drop(dmap(total))}): it includes the "
+                         f"corrections verification learned from measured joint drops.")
+        if log_x and total <= 0:
+            notes.append(f"The {label} allocation's total is {sx(total)}, off the logarithmic axis.")
+            continue
+        marks.append({"name": f"{label}: predicted", "marker": "square", "colour": colour, "cls": "variant",
+                      "points": [{"x": total, "y": f * float(pred["drop"]),
+                                  "tip": f"{tip}, predicted drop {fmt.drop(pred['drop'])} {fmt.drop_unit}"}]})
+        drop, where = _variant_measured(alloc or {})
+        if drop is not None:
+            marks.append({"name": f"{label}: measured, {where}", "marker": "star", "colour": colour,
+                          "cls": "variant-measured",
+                          "points": [{"x": total, "y": f * float(drop), "link": f * float(pred["drop"]),
+                                      "tip": f"{label}: measured drop {fmt.drop(drop)} {fmt.drop_unit} "
+                                             f"({where}), predicted {fmt.drop(pred['drop'])}"}]})
+    # the map over everything drawn: piecewise linear between its knots, then along the line from
+    # the origin to its last knot (as DropMap continues it)
+    every = [*xs, *(float(m["points"][0]["x"]) for m in marks), *(k[0] for k in dmap.knots)]
+    if log_x:
+        lo, hi = min(x for x in every if x > 0), max(every)
+        grid = {lo * (hi / lo) ** (k / _MAP_SAMPLES) for k in range(_MAP_SAMPLES + 1)}
+        grid |= {k[0] for k in dmap.knots if lo <= k[0] <= hi}
+    else:
+        grid = {k[0] for k in dmap.knots} | {max(every)}
+    line = [{"x": x, "y": f * dmap(x)} for x in sorted(grid)]
+    series.append({"name": "drop map (fitted)", "points": line, "line": True, "marker": "none",
+                   "colour": "#555", "cls": "map",
+                   "tip": f"the drop map: {len(dmap.knots)} knots, then the slope from 0 to the last"})
+    svg = chart(f"the drop map: {signal} to {fmt.title} drop", [*series, *marks],
+                xlabel=f"{signal} per probe; per allocation, its total",
+                ylabel=f"{fmt.title} drop ({fmt.drop_unit})", fmt_x=sx, log_x=log_x)
+    what = (f"The plan did not add up the probes' measured {fmt.title} drops, which are too noisy to rank "
+            f"settings by; it added up {_signal_text(scan, signal)}. ")
+    if fast:
+        estimated = sum(1 for r in scan.results if r.get("estimated"))
+        what += (f"This is a fast scan: the x values are Fisher estimates, and the map (line) was fitted on "
+                 f"the {len(probes)} map points (dots), the probes measured to map the estimate to the drop "
+                 f"({estimated} others were only estimated). ")
+    else:
+        what += f"The map (line) was fitted on the scan's {len(probes)} measured probes (dots). "
+    what += (f"It is the non-decreasing curve through 0 closest to them (isotonic regression), continued "
+             f"beyond the last probe along the line from the origin. Each allocation's predicted drop is "
+             f"read off the map at its total {signal} (square)")
+    what += ("; where verification measured it, the star is its measured drop." if any(
+        m["cls"] == "variant-measured" for m in marks) else ".")
+    if unrecorded:
+        what += " This plan does not record its allocations' totals (an older sensplan wrote it): they are not marked."
+    if left_out:
+        what += (f" The {signal} axis is logarithmic: {left_out} probe(s) with a value of 0 or less are left out "
+                 f"(the map counts them at 0).")
+    return ("<h2>Drop model</h2>" + svg + "<p>" + _e(what) + "</p>"
+            + "".join(f"<p class='muted'>{_e(n)}</p>" for n in notes))
+
+
 # -- the numbers -------------------------------------------------------------------------------
 _BEFORE_KEY = {"size": "payload_bytes"}  # the measured counterpart of a predicted cost, where named
 
@@ -876,6 +1011,8 @@ def _goal(plan: Plan, fmt: _Fmt, units: Mapping[str, str]) -> str:
     models = ", ".join(f"{c.get('name', '?')} ({', '.join(map(str, c.get('metrics', [])))})"
                        for c in plan.data.get("cost_models") or [])
     drop_model = obj.get("drop_model", "?")
+    if obj.get("signal") not in (None, "drop") and (obj.get("drop_map") or {}).get("knots"):
+        drop_model += " (the map is drawn under Drop model below)"
     return (f"<p><b>Goal:</b> {_e(goal)}.</p><p>{_e(f'Drop model: {drop_model}.')} "
             f"{_e('Costs: ' + (models or 'analytic') + '.')}</p>")
 
@@ -1384,6 +1521,7 @@ def render_report(scan: str | os.PathLike[str] | Scan, out_dir: str | os.PathLik
         parts.append(_img(figs["drop_curves"], f"{fmt.title} drop curves per method"))
     parts.append(_units_section(s, p, sens, fmt, display_names(s)))
     if p is not None:
+        parts.append(drop_map_section(s, p, fmt))
         parts.append(_verification_section(p, fmt, predicted_vs_measured(p, results, fmt)))
         parts.append(_allocation_section(p, fmt, figs["allocation"]))
         if "layer_grid" in figs:

@@ -115,8 +115,9 @@ def test_report_is_self_contained_with_valid_pngs(run, tmp_path):
     # beside them); this plan was made without verification, and its model is no transformer (no
     # layer grid)
     assert len(srcs) == len(FIGURES) - 4
-    # one heatmap per method, and predicted against measured for the two applied allocations
-    assert doc.count("<svg class='chart'") == len(Scan.load(run["scan"]).methods) + 1
+    # one heatmap per method, the drop map (the plan added up the KL divergence), and predicted
+    # against measured for the two applied allocations
+    assert doc.count("<svg class='chart'") == len(Scan.load(run["scan"]).methods) + 2
     assert "planned as applied" in doc and "uniform as applied" in doc
     assert "This plan was not verified" in doc
     for src in srcs:
@@ -343,3 +344,125 @@ def test_only_charts_that_apply_are_drawn(run):
     assert w > 3 * h  # the one-line "nothing to draw" figure, not a panel with one point
     w, h = Image.open(io.BytesIO(fig_curves(sens, _Fmt(s.metric)))).size
     assert w < 3 * h
+
+
+# -- the drop map: how a plan made on a signal predicts its drop ------------------------------------
+def _section(doc: str, title: str) -> str:
+    return doc.split(f"<h2>{title}</h2>", 1)[1].split("<h2>", 1)[0]
+
+
+def _centre(group: str) -> tuple[float, float]:
+    """The centre of a variant's square marker in the chart's coordinates."""
+    x, y, w = (float(v) for v in re.search(r"<rect x='([\d.-]+)' y='([\d.-]+)' width='([\d.]+)'", group).groups())
+    return x + w / 2, y + w / 2
+
+
+def test_a_signal_plan_draws_its_map_the_probes_it_was_fitted_on_and_each_allocation(run, tmp_path):
+    from sensplan.planner._signal import DropMap
+    from sensplan.reports._render import _Fmt, drop_map_section, map_probes
+
+    s, p = Scan.load(run["scan"]), Plan.load(run["plan"])
+    obj = p.data["objective"]
+    assert obj["signal"] == "kl"  # auto: the scan recorded the KL divergence
+    probes = map_probes(s, p)
+    assert len(probes) == sum(1 for r in s.results if not r.get("estimated")) > 2
+    # the probes the report draws are the ones the planner fitted the map on: refitted, the same map
+    refit = DropMap.fit("kl", [(r["signals"]["kl"]["value"], r["drop"]) for r in probes])
+    np.testing.assert_allclose(np.array(refit.knots), np.array(obj["drop_map"]["knots"]))
+    dmap = DropMap("kl", tuple(tuple(k) for k in obj["drop_map"]["knots"]))
+    planned, uniform = p.variant("planned")["predicted"], p.variant("uniform")["predicted"]
+    assert dmap(planned["signal_total"]) == pytest.approx(planned["drop"])  # the map at the solver's total
+    # a uniform ratio between the scanned ones: its total counts each group's signal interpolated
+    # between the scanned settings, and its drop is the map there too
+    assert p.variant("uniform")["uniform"]["ratio"] not in [x["ratio"] for x in SETTINGS["prune"]]
+    assert dmap(uniform["signal_total"]) == pytest.approx(uniform["drop"])
+    drawn_at = {"planned": f"kl total {planned['signal_total']:.3g}",
+                "uniform": f"kl total {uniform['signal_total']:.3g}"}
+
+    doc = _render(run, tmp_path / "a")
+    assert doc.index("<h2>Drop model</h2>") < doc.index("<h2>Verification</h2>")
+    sec = _section(doc, "Drop model")
+    assert sec.count("<svg class='chart'") == 1
+    # one dot per fitting probe, its hover naming its signal value and measured drop
+    assert sec.count("<g class='probe'") == len(probes)
+    for r in probes:
+        assert f"kl {r['signals']['kl']['value']:.3g}, drop {100 * r['drop']:.2f}" in sec
+    assert f"fitted on the scan&#x27;s {len(probes)} measured probes" in sec
+    # the map: one line, non-decreasing (SVG y grows downwards)
+    assert sec.count("<polyline class='map'") == 1
+    line = [tuple(map(float, xy.split(","))) for xy in
+            re.search(r"<polyline class='map' points='([^']+)'", sec).group(1).split()]
+    assert len(line) > 2 and all(a[0] <= b[0] and a[1] >= b[1] for a, b in zip(line[:-1], line[1:], strict=True))
+    # a square per allocation at (its total, its predicted drop): on the map
+    squares = re.findall(r"<g class='variant'.*?</g>", sec)
+    assert len(squares) == 2 and "variant-measured" not in sec  # not verified: nothing measured
+    assert "is not the map's value" not in sec
+    for variant, g in zip(("planned", "uniform"), squares, strict=True):
+        pred = p.variant(variant)["predicted"]
+        assert f"{drawn_at[variant]}, predicted drop {100 * pred['drop']:.2f}" in g
+        x, y = _centre(g)
+        assert float(np.interp(x, [a for a, _ in line], [b for _, b in line])) == pytest.approx(y, abs=1.5)
+
+    # verified: a star where verification measured an allocation (held-out), joined to its square
+    data = copy.deepcopy(dict(p.data))
+    data["plans"]["planned"]["verified"] = {"sample": None, "report": None, "candidate": "plan round 1",
+                                            "held_out": {"drop": 0.0625, "drop_se": 0.02, "score": 0.9375, "n": 64}}
+    sec = drop_map_section(s, Plan(data), _Fmt(s.metric))
+    squares = re.findall(r"<g class='variant'.*?</g>", sec)
+    stars = re.findall(r"<g class='variant-measured'.*?</g>", sec)
+    assert len(squares) == 2 and len(stars) == 1  # the uniform allocation was not measured
+    assert "measured drop 6.25 points (held-out), predicted" in stars[0]
+    link = re.search(r"<line x1='([\d.]+)' y1='([\d.]+)' x2='([\d.]+)' y2='([\d.]+)' [^>]*stroke-dasharray='3 2'",
+                     stars[0])
+    x, y = _centre(squares[0])
+    assert (float(link[1]), float(link[2])) == pytest.approx((x, y), abs=0.11)  # from the planned square ...
+    # ... straight down to the star: it measured less than predicted
+    assert p.variant("planned")["predicted"]["drop"] > 0.0625
+    assert float(link[3]) == pytest.approx(x, abs=0.11) and float(link[4]) > y + 10
+    assert "where verification measured it, the star is its measured drop" in sec
+
+    # a probe at a signal of 0 cannot sit on the logarithmic axis: left out, and said so
+    assert "(log scale)" in sec
+    zeroed = copy.deepcopy(dict(s.data))
+    zeroed["results"][0]["signals"]["kl"]["value"] = 0.0
+    sec = drop_map_section(Scan(zeroed), p, _Fmt(s.metric))
+    assert sec.count("<g class='probe'") == len(probes) - 1
+    assert "logarithmic: 1 probe(s) with a value of 0 or less are left out" in sec
+
+    # an older plan records no totals: the probes and the map, no allocation marked
+    data = copy.deepcopy(dict(p.data))
+    for alloc in data["plans"].values():
+        del alloc["predicted"]["signal_total"]
+    sec = drop_map_section(s, Plan(data), _Fmt(s.metric))
+    assert sec.count("<g class='probe'") == len(probes) and "class='variant" not in sec
+    assert "they are not marked" in sec
+
+
+def test_a_plan_on_the_drop_itself_has_no_map(run, tmp_path):
+    s = Scan.load(run["scan"])
+    p = make_plan(s, [Budget.parse(b) for b in BUDGETS], signal="drop").save(tmp_path / "plan.json")
+    assert p.data["objective"]["signal"] == "drop" and p.data["objective"]["drop_map"] is None
+    pred = p.variant("planned")["predicted"]
+    assert pred["signal_total"] == pytest.approx(pred["drop"])  # the signal is the drop: the map is the identity
+    doc = render_report(run["scan"], tmp_path / "r", plan=p.path).read_text()
+    assert "<h2>Drop model</h2>" not in doc and "class='probe'" not in doc and "class='map'" not in doc
+    assert doc.count("<svg class='chart'") == len(s.methods)  # the heatmaps only
+
+
+def test_a_fast_scans_map_is_drawn_on_its_map_points_only(tmp_path):
+    model = seeded_model("tiny_convnet")
+    data, calib = self_labelled(model, n=64), self_labelled(model, n=32, seed=1)
+    settings = {"weight_quant": [{"bits": 8}, {"bits": 4}, {"bits": 2}], "act_quant": [{"calib": "minmax", "bits": 4}]}
+    table = scan(model, data, ScanConfig(settings, fast=True, fast_measured=3), calib=calib,
+                 progress=False).save(tmp_path / "scan.json")
+    points = [r for r in table.results if r.get("map_point")]
+    # activation quantization cannot be estimated: measured, but not a map point
+    assert len(points) == 3 and any(not r.get("estimated") and not r.get("map_point") for r in table.results)
+    p = make_plan(table, [Budget.parse("size=0.5")]).save(tmp_path / "plan.json")
+    assert p.data["objective"]["signal"] == "fisher"
+    sec = _section(render_report(table.path, tmp_path / "r", plan=p.path).read_text(), "Drop model")
+    assert sec.count("<g class='probe'") == len(points)
+    for r in points:  # at its estimate, with its measured drop
+        assert f"fisher {r['signals']['fisher']['value']:.3g}, drop {100 * r['drop']:.2f}" in sec
+    assert "the x values are Fisher estimates" in sec and f"fitted on the {len(points)} map points" in sec
+    assert sec.count("<g class='variant'") == 2
