@@ -11,12 +11,21 @@ The table (``sensplan.cost_table``, metric ``latency``, unit ms) prices every op
   dequantize at its borders taken off (inside an int8 chain they are not run). A plan for
   ``--runtime onnxruntime`` couples the 8-bit activation option with the 8-bit weight option (ORT
   runs int8 only with both);
+* on ONNX Runtime, each Linear's weight-only integer options (2, 4 or 8 bits, per channel or in
+  groups, with or without zero points): the layer as the one ``MatMulNBits`` node ``apply`` makes
+  of it (:mod:`sensplan.planner._ort_nbits`: the same block size, packed codes, scales and zero
+  points, here of random weights) at every width, as a factor of its own: the layer's weight axis.
+  The node computes with float activations, so with one of these weights the layer's 8-bit
+  activation option costs the same time (``apply`` runs that layer as MatMulNBits, its
+  activations float); only 8-bit per-channel symmetric weights make it an int8 operator;
 * a calibration against the whole model, measured here: layers timed alone are not the model (the
   runtime fuses a layer with its activation; a smaller layer saves less inside the model than
   alone). The whole model is timed at full width, with every group pruned at its option nearest
   half its channels, and (on ONNX Runtime) with every int8-able layer in int8; a ``scale`` maps
   the sum of the layers' times onto the first two, an ``int8_factor`` the int8 savings onto the
-  third (``profile.calibration`` records both and the measurements);
+  third (``profile.calibration`` records both and the measurements). The MatMulNBits times take
+  the same ``scale``; no whole-model run checks them (the model is not timed with its Linears as
+  MatMulNBits);
 * a fixed ``overhead``: the whole model's time less the scaled sum of its layers' times
   (everything that is not a weighted layer: activations, pooling, additions, the framework).
 
@@ -25,9 +34,11 @@ and precisions). ``apply`` measures the real end-to-end latency, and metrics.jso
 
 Each operator is timed alone: a torch module for ``--runtime torch``; a one-operator ONNX model
 built with ``onnx.helper`` for ``--runtime onnxruntime``. Operators of equal shape are timed once.
-Supported layers: Conv1d/Conv2d and Linear; other layers keep their time in the overhead. A
-Linear's weight-only integer options (MatMulNBits on ONNX Runtime) are not timed: they cost the
-layer's float time, and ``profile.unpriced`` lists them.
+Supported layers: Conv1d/Conv2d and Linear; other layers keep their time in the overhead. The
+weight-only integer options ONNX Runtime has no kernel for (a Linear's of 3, 5, 6 or 7 bits, a
+Conv's other than 8-bit per channel with 8-bit activations) cost the layer's float time, and
+``profile.unpriced`` lists them with the reason (``plan --runtime onnxruntime`` does not offer
+them).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from sensplan.planner._costs import COST_TABLE_FORMAT, option_key
 from sensplan.planner._ort_nbits import NBITS_LAYER_TYPES, weight_only
 from sensplan.planner._runtime import (
     int8_weights,
+    kernel_problem,
     load_warning,
     machine_load,
     other_cores,
@@ -71,6 +83,11 @@ class _Op:
     groups: int = 1
     bias: bool = True
     int8: bool = False
+    #: a Linear as a MatMulNBits node: its weights' bits (32: float), group size (0: one scale per
+    #: output channel) and whether it has zero points
+    bits: int = 32
+    group_size: int = 0
+    zero_points: bool = False
 
 
 def _op_of(module: nn.Module, in_shape: tuple[int, ...]) -> _Op | None:
@@ -145,6 +162,8 @@ class _OrtTimer:
     def __call__(self, op: _Op) -> float:
         from onnx import TensorProto, helper, numpy_helper
 
+        if op.bits < 32:
+            return self._nbits(op)
         rng = np.random.default_rng(0)
         x = rng.standard_normal(op.in_shape).astype(np.float32)
         cin = op.in_shape[1] if op.kind == "conv" else op.in_shape[-1]
@@ -205,6 +224,41 @@ class _OrtTimer:
             t -= self._border(op.in_shape, x) + self._border(tuple(self._out_shape(op, out_shape)), None)
             t = max(t, 0.0)
         return t
+
+    def _nbits(self, op: _Op) -> float:
+        """A Linear as ``apply`` writes it for weight-only integer weights: one MatMulNBits node
+        (:func:`~sensplan.planner._ort_nbits.apply_nbits`: a Gemm's bias as the node's; a MatMul's
+        Add kept after it), its packed codes, scales and zero points from random weights."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        from sensplan.planner._ort_nbits import MS_DOMAIN, block_size_for, nbits_tensors
+
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal(op.in_shape).astype(np.float32)
+        k, n = op.in_shape[-1], op.out_features
+        w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
+        b, scales, zp, _ = nbits_tensors(w, op.bits, op.group_size, not op.zero_points)
+        inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")]
+        inputs = ["x", "B", "scales"]
+        if zp is not None:
+            inits.append(numpy_helper.from_array(zp, "zero_points"))
+            inputs.append("zero_points")
+        gemm = len(op.in_shape) == 2  # the exporter's Gemm (bias inside) or MatMul + Add
+        if op.bias:
+            inits.append(numpy_helper.from_array(np.zeros(n, np.float32), "bias"))
+            if gemm:
+                inputs += [""] * (5 - len(inputs)) + ["bias"]  # zero_points, g_idx, then bias
+        mm = "mm" if op.bias and not gemm else "y"
+        nodes = [helper.make_node("MatMulNBits", inputs, [mm], domain=MS_DOMAIN, K=k, N=n, bits=op.bits,
+                                  block_size=block_size_for(op.group_size, k))]
+        if mm != "y":
+            nodes.append(helper.make_node("Add", ["mm", "bias"], ["y"]))
+        vin = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(op.in_shape))
+        graph = helper.make_graph(nodes, "op", [vin], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                  inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
+        model.ir_version = 10
+        return self._time(model, x)
 
     def _out_shape(self, op: _Op, template: list[Any]) -> list[int]:
         if op.kind != "conv":
@@ -286,8 +340,12 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
         rows_by_block.setdefault((r["unit"], r["axis"]), []).append(r)
     groups_of = _groups_of(members, {g for g in scan.groups if rows_by_block.get((g, "channels"))})
     raw: dict[str, tuple[list[tuple[str, str]], list[list[str]], np.ndarray, np.ndarray | None]] = {}
+    # per layer with MatMulNBits options: its weight axis's option keys, and per key the format's
+    # time at every width (None: the option is not a MatMulNBits node; it costs the float time)
+    nbits: dict[str, tuple[list[str], list[np.ndarray | None]]] = {}
     for layer, op in ops.items():
-        # factors: the group on each side, then the layer's int8 (8-bit activation) option
+        # factors: the group on each side, then the layer's weight axis when a Linear has weight-only
+        # integer options (MatMulNBits), then its int8 (8-bit activation) option
         factors: list[tuple[str, str]] = []
         options: list[list[str]] = []
         grids: list[list[tuple[str, int]]] = []  # per factor option: (side, removed)
@@ -298,6 +356,12 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
             options.append(["none", *(option_key(r["method"], r["setting"]) for r in rows)])
             grids.append([(side, 0), *((side, int((r.get("effect") or {}).get("removed", 0))) for r in rows)])
             group_channels.append(int(scan.groups[g]["channels"]))
+        weight_rows = rows_by_block.get((layer, "weight"), []) if runtime == "onnxruntime" and op.kind == "linear" \
+            else []
+        formats = [_nbits_format(r.get("effect") or {}) for r in weight_rows]
+        if any(formats):
+            factors.append((layer, "weight"))
+            options.append(["none", *(option_key(r["method"], r["setting"]) for r in weight_rows)])
         int8_keys = [option_key(r["method"], r["setting"]) for r in rows_by_block.get((layer, "activation"), [])
                      if runtime == "onnxruntime" and int((r.get("effect") or {}).get("act_bits", 32)) == 8]
         if int8_keys:
@@ -306,6 +370,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
         shape = [len(o) for o in options]
         grid = np.zeros([len(o) for o in options[:len(grids)]])
         grid8 = np.zeros_like(grid) if int8_keys else None  # the int8 form at every width
+        by_format = {f: np.zeros_like(grid) for f in dict.fromkeys(formats) if f}  # each MatMulNBits form
         for idx in np.ndindex(*grid.shape):
             shrunk = op
             for f, k in enumerate(idx):
@@ -315,7 +380,11 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
             grid[idx] = t(shrunk)
             if grid8 is not None:
                 grid8[idx] = t(_with(shrunk, int8=True))
+            for (bits, group_size, zero_points), at in by_format.items():
+                at[idx] = t(_with(shrunk, bits=bits, group_size=group_size, zero_points=zero_points))
         raw[layer] = (factors, options, grid, grid8)
+        if by_format:
+            nbits[layer] = (options[len(grids)][1:], [by_format[f] if f else None for f in formats])
         if progress and factors:
             progress(f"{layer}: {int(np.prod(shape))} option(s)")
     for layer in scan.layers:
@@ -333,18 +402,22 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
                 entries[f"layer:{layer}"] = {"unit": layer, "costs": {"none": scale * base[layer]}}
             continue
         costs = scale * grid
-        if grid8 is not None:  # the int8 option: the float time changed by the (calibrated) int8 saving
-            int8 = scale * (grid + int8_factor * (grid8 - grid))
+        int8 = scale * (grid + int8_factor * (grid8 - grid)) if grid8 is not None else None
+        if layer in nbits:  # the weight axis: a MatMulNBits option its own time, any other the float one
+            # (with the 8-bit activation option too: apply runs the layer as MatMulNBits, activations
+            # float; only 8-bit per-channel weights, not MatMulNBits's, make it an int8 operator)
+            timed = nbits[layer][1]
+            costs = np.stack([costs, *(costs if g is None else scale * g for g in timed)], axis=-1)
+            if int8 is not None:
+                int8 = np.stack([int8, *(int8 if g is None else scale * g for g in timed)], axis=-1)
+        if int8 is not None:  # the int8 option: the float time changed by the (calibrated) int8 saving
             costs = np.stack([costs, *([int8] * (len(options[-1]) - 1))], axis=-1)
         entries[f"layer:{layer}"] = {"unit": layer, "factors": [list(f) for f in factors], "options": options,
                                      "costs": costs.tolist()}
-    # MatMulNBits (a Linear's weight-only integer weights on ONNX Runtime) is not timed: the table
-    # prices those options at the layer's float time, and says so
-    unpriced = {f"{r['unit']} {option_key(r['method'], r['setting'])}":
-                "MatMulNBits (weight-only integer weights on ONNX Runtime) is not timed: priced at the float time"
-                for r in scan.results if runtime == "onnxruntime" and r.get("axis") == "weight"
-                and (scan.layers.get(str(r["unit"])) or {}).get("type") in NBITS_LAYER_TYPES
-                and weight_only(r.get("effect") or {}) and not int8_weights(r.get("effect") or {})}
+    # weight-only integer options ONNX Runtime has no kernel for: the layer's float time, and why
+    unpriced = {} if runtime != "onnxruntime" else \
+        _unpriced(scan, {(layer, key) for layer, (keys, timed) in nbits.items()
+                         for key, g in zip(keys, timed, strict=True) if g is not None})
     load1 = machine_load()
     return {"format": COST_TABLE_FORMAT, "schema_version": 1, "metric": "latency", "unit": "ms",
             "overhead": whole - scale * parts, "entries": entries,
@@ -357,6 +430,37 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
                         "other_cores_busy": other_cores(load0, load1),
                         "warning": load_warning(load0, load1, threads, {}),
                         "seconds": round(time.perf_counter() - t0, 2)}}
+
+
+def _nbits_format(effect: Mapping[str, Any]) -> tuple[int, int, bool] | None:
+    """(bits, group size, zero points) of an option ``apply --runtime onnxruntime`` runs as a
+    MatMulNBits node on a Linear: weight-only integers of 2, 4 or 8 bits, not the 8-bit per-channel
+    symmetric ones ORT's int8 kernels take with 8-bit activations (a plan ties those to them);
+    None for any other option."""
+    if not weight_only(effect) or int8_weights(effect) or int(effect.get("act_bits", 32)) < 32:
+        return None
+    zero_points = bool(int(effect.get("zero_point_bits") or 0))
+    return int(effect["weight_bits"]), int(effect.get("group_size") or 0), zero_points
+
+
+def _unpriced(scan: Any, timed: set[tuple[str, str]]) -> dict[str, str]:
+    """``{"<layer> <option key>": why}``: the scan's weight-only integer options that were not timed
+    (the layer's float time stands for them) because ONNX Runtime has no kernel for them; ``timed``:
+    the (layer, option key) pairs timed as MatMulNBits."""
+    out: dict[str, str] = {}
+    for r in scan.results:
+        e = r.get("effect") or {}
+        key = option_key(r["method"], r["setting"])
+        if r.get("axis") != "weight" or e.get("weight_dtype") != "int" or int8_weights(e) \
+                or int(e.get("act_bits", 32)) < 32 or (str(r["unit"]), key) in timed:
+            continue
+        layer_type = str((scan.layers.get(str(r["unit"])) or {}).get("type", ""))
+        why = kernel_problem("onnxruntime", e, layer_type)
+        if why is None and layer_type not in NBITS_LAYER_TYPES:
+            why = f"no ONNX Runtime kernel computes with weight-only integers of a {layer_type or 'layer'}"
+        out[f"{r['unit']} {key}"] = (f"{why}; plan --runtime onnxruntime does not offer it" if why else
+                                     "the layer was not timed (profile.not_profiled says why)")
+    return out
 
 
 def _groups_of(members: Mapping[str, list[tuple[str, str]]], scanned: set[str]) -> dict[str, dict[str, str]]:

@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -156,11 +157,14 @@ def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_
     assert all(cal["scale"] == 1.0 for h in cal["how"] if "failed" in h and "half" in h["widths"])
     if runtime == "onnxruntime":  # the int8 form of a layer is on its 8-bit activation option
         assert any(f[1] == "activation" for e in joint for f in e["factors"])
-        # a Linear's weight-only int4 runs as MatMulNBits, untimed: said so; a conv's has no kernel at all
+        # a Linear's weight-only int4 is timed as MatMulNBits, on its weight axis; a conv's has no
+        # kernel at all: it keeps the float time, said so
         scan = json.loads((out / "scan.json").read_text())
         linears = {u for u, layer in scan["layers"].items() if layer["type"] == "Linear"}
+        assert linears and all([u, "weight"] in table["entries"][f"layer:{u}"]["factors"] for u in linears)
         unpriced = table["profile"]["unpriced"]
-        assert unpriced and {k.split(" ")[0] for k in unpriced} == linears
+        assert unpriced and {k.split(" ")[0] for k in unpriced} == set(scan["layers"]) - linears
+        assert all("Conv2d" in why for why in unpriced.values())
     else:
         assert not table["profile"].get("unpriced")
     assert main(["plan", "--scan", str(out / "scan.json"), "--cost-table", str(out / "latency.json"),
@@ -180,6 +184,108 @@ def test_profile_writes_a_table_that_plan_accepts_and_apply_checks(runtime, tmp_
     assert lat["measured"] > 0 and lat["original_measured"] > 0
     assert "latency by the latency table: predicted" in capsys.readouterr().err
     assert metrics["budgets"][0]["measured"] is not None
+
+
+def _fake_ms(model) -> float:
+    """A made-up, deterministic time for a one-operator ONNX model: a MatMulNBits node's from its
+    K, N, bits, block size and zero points; any other model's from its initializers' sizes."""
+    node = next((n for n in model.graph.node if n.op_type == "MatMulNBits"), None)
+    if node is not None:
+        a = {at.name: at.i for at in node.attribute}
+        return _nbits_ms(a["K"], a["N"], a["bits"], a["block_size"], len(node.input) > 3 and node.input[3] != "")
+    return 1.0 + 1e-5 * sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+
+
+def _nbits_ms(k: int, n: int, bits: int, block_size: int, zero_points: bool) -> float:
+    return 0.2 + 0.01 * bits + 1e-6 * k * n + 1e-4 * block_size + 0.003 * zero_points
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="needs the ort extra")
+def test_profile_times_a_linears_weight_only_integers_as_matmulnbits(tmp_path, monkeypatch, capsys):
+    """On ONNX Runtime a Linear's weight-only integers (int4 group-wise, int4 with zero points) are
+    timed as the MatMulNBits node apply makes, at every width, on the layer's weight axis (a factor
+    of its joint entry; with the 8-bit activation option too, which MatMulNBits runs in float);
+    3-bit (no kernel) and a Conv's weight-only integers keep the float time, listed with why; and
+    plan takes the table. The timer's measurements are replaced by made-up times of the models it
+    builds (each is still loaded and run once on ORT), so the prices can be checked exactly."""
+    from onnx import load_from_string
+
+    from sensplan.planner import _profile
+    from sensplan.planner._ort_nbits import block_size_for
+
+    def fake_time(self, model, x):
+        session = self._session(model)
+        session.run(None, {session.get_inputs()[0].name: x})  # ORT takes the model and runs it
+        return _fake_ms(load_from_string(model.SerializeToString()))
+
+    def fake_whole(model, x, runtime, threads, int8=None):  # int8 saves nothing: priced at the float time
+        return 6.0 + 1e-5 * sum(p.numel() for p in model.parameters())
+
+    monkeypatch.setattr(_profile._OrtTimer, "_time", fake_time)
+    monkeypatch.setattr(_profile, "_whole_model", fake_whole)
+    model = seeded_model("tiny_convnet", width=16)  # Linear 11 (128 -> 16), Linear 13 (16 -> 4)
+    data = self_labelled(model, 48)
+    w4g, w4a, w3, w8 = {"bits": 4, "group": 32}, {"bits": 4, "zero_point": True}, {"bits": 3}, {"bits": 8}
+    cfg = ScanConfig({"prune": [{"ratio": 0.5}], "weight_quant": [w4g, w4a, w3, w8],
+                      "act_quant": [{"calib": "minmax", "bits": 8}]})
+    table = scan(model, data, cfg, calib=self_labelled(model, 32, seed=9), progress=False).save(tmp_path / "scan.json")
+    cost = _profile.profile(model, data.x[:1], table, runtime="onnxruntime", batch=2, threads=1)
+    scale = cost["profile"]["calibration"]["scale"]
+    assert scale != 1.0 and cost["profile"]["calibration"]["int8_factor"] == 0.0
+
+    entry = cost["entries"]["layer:11"]
+    assert entry["factors"] == [["6", "channels"], ["11", "channels"], ["11", "weight"], ["11", "activation"]]
+    keys = entry["options"][2]
+    assert keys[0] == "none" and set(keys[1:]) == {option_key("weight_quant", s) for s in (w4g, w4a, w3, w8)}
+    removed = [[0, *(r["effect"]["removed"] for r in table.results if r["unit"] == g and r["method"] == "prune")]
+               for g in ("6", "11")]
+    costs = np.asarray(entry["costs"])
+    for i, j in np.ndindex(costs.shape[:2]):
+        k, n = 128 - 4 * removed[0][i], 16 - removed[1][j]  # group 6's 32 channels are 128 features flattened
+        float_ms = scale * (1.0 + 1e-5 * (k * n + n))  # the weight and the bias
+        assert costs[i, j, 0, 0] == pytest.approx(float_ms)
+        for w, key in enumerate(keys):
+            nbits = {option_key("weight_quant", w4g): _nbits_ms(k, n, 4, 32, False),
+                     option_key("weight_quant", w4a): _nbits_ms(k, n, 4, block_size_for(0, k), True)}.get(key)
+            if nbits is not None:  # the MatMulNBits node's time, 8-bit activations or not (they run float)
+                assert costs[i, j, w, 0] == costs[i, j, w, 1] == pytest.approx(scale * nbits)
+                assert costs[i, j, w, 0] != pytest.approx(float_ms)
+            else:  # none, 3-bit (no kernel), 8-bit per channel (an int8 operator, with the 8-bit activations)
+                assert costs[i, j, w, 0] == pytest.approx(float_ms)
+                assert costs[i, j, w, 1] == costs[i, j, 0, 1]
+    unpriced = cost["profile"]["unpriced"]
+    for layer in ("11", "13"):
+        assert "not 3-bit" in unpriced[f"{layer} {option_key('weight_quant', w3)}"]
+        assert not any(k.startswith(f"{layer} ") and '"bits":4' in k for k in unpriced)
+    assert "Conv2d" in unpriced[f"0 {option_key('weight_quant', w4g)}"]
+
+    (tmp_path / "latency.json").write_text(json.dumps(cost))
+    original = cost["profile"]["model_ms"]
+    saving = float(costs[0, 0, 0, 0] - costs[0, 0, keys.index(option_key("weight_quant", w4g)), 0])
+    budget = original - saving / 2
+    capsys.readouterr()
+    assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--cost-table", str(tmp_path / "latency.json"),
+                 "--budget", f"latency={budget}ms", "--no-verify", "--runtime", "onnxruntime",
+                 "--out", str(tmp_path / "plan.json")]) == 0
+    assert "does not price" not in capsys.readouterr().err  # the entries name every option the plan weighs
+    planned = Plan.load(tmp_path / "plan.json").variant("planned")
+    chosen = {(c["unit"], block.split(":", 1)[0]): option_key(c["method"], c["setting"])
+              for block, c in planned["choices"].items() if c.get("method")}
+    assert planned["predicted"]["latency"] == pytest.approx(_table_ms(cost, chosen))
+    assert planned["predicted"]["latency"] <= budget + 1e-9
+
+
+def _table_ms(table, chosen) -> float:
+    """A plan's latency by the table: the overhead plus each entry at the chosen options."""
+    total = table["overhead"]
+    for e in table["entries"].values():
+        if "factors" not in e:
+            total += e["costs"]["none"]
+            continue
+        idx = tuple(keys.index(chosen.get(tuple(f), "none"))
+                    for f, keys in zip(e["factors"], e["options"], strict=True))
+        total += float(np.asarray(e["costs"])[idx])
+    return total
 
 
 def _at(nested, index: int) -> float:
