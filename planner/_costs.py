@@ -913,7 +913,8 @@ def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int]
     """Pairs of (block, option) on one unit that cannot be chosen together: their methods declared
     each other incompatible (``incompatible_with`` in the scan), or both restructure the layer; and
     an option that ``requires`` (a runtime's rule in the scan: ``[unit, axis, option key, other
-    axis]``) some option on another axis of its unit conflicts with that axis's 'none'."""
+    axis, allowed]``) one of the ``allowed`` option keys on another axis of its unit (any but
+    'none' when ``allowed`` is left out) conflicts with that axis's other options."""
     incompatible = {name: set(info.get("incompatible_with") or ()) for name, info in scan.methods.items()}
     by_unit: dict[tuple[str, str], list[int]] = {}  # a group and a layer of one name are two units
     for i, b in enumerate(blocks):
@@ -928,10 +929,14 @@ def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int]
                             oa.method in incompatible.get(str(ob.method), ()):
                         out.append(((i, ka), (j, kb)))
     index = {(b.kind, b.unit, b.axis): i for i, b in enumerate(blocks)}
-    for unit, axis, key, other in scan.data.get("requires") or ():
+    for unit, axis, key, other, *allowed in scan.data.get("requires") or ():
         needs, needed = index.get(("layer", unit, axis)), index.get(("layer", unit, other))
-        if needs is not None and needed is not None:
-            out += [((needs, k), (needed, 0)) for k, o in enumerate(blocks[needs].options) if k and o.key == key]
+        if needs is None or needed is None:
+            continue
+        ok = set(allowed[0]) if allowed else {o.key for o in blocks[needed].options[1:]}
+        refused = [kb for kb, ob in enumerate(blocks[needed].options) if not kb or ob.key not in ok]
+        out += [((needs, k), (needed, kb)) for k, o in enumerate(blocks[needs].options) if k and o.key == key
+                for kb in refused]
     return out
 
 

@@ -128,31 +128,37 @@ def runtime_options(scan: Any, runtime: str) -> tuple[Any, list[dict[str, Any]]]
 
 
 def _couple_int8(rows: list[Mapping[str, Any]], dropped: list[dict[str, Any]]
-                 ) -> tuple[list[Mapping[str, Any]], list[list[str]]]:
+                 ) -> tuple[list[Mapping[str, Any]], list[list[Any]]]:
     """ONNX Runtime computes in int8 only with 8-bit weights *and* 8-bit activations: a layer's
     8-bit weight options require one of its 8-bit activation options and the reverse
-    (``requires``: [unit, axis, option key, other axis]: that option needs some option on the other
-    axis); a layer scanned with only one of the two loses it (it would run in float)."""
+    (``requires``: [unit, axis, option key, other axis, the other axis's option keys it allows]);
+    so an 8-bit activation goes with neither float weights nor another weight format (e.g. 4-bit
+    weights, which run as MatMulNBits with float activations). A layer scanned with only one of the
+    two loses it (it would run in float)."""
     from sensplan.planner._costs import option_key
 
     weight_axes: dict[str, str] = {}
     act_axes: dict[str, str] = {}
+    w8_keys: dict[str, list[str]] = {}
+    a8_keys: dict[str, list[str]] = {}
     for r in rows:
         e = r.get("effect") or {}
         if int8_weights(e):
             weight_axes[r["unit"]] = r["axis"]
+            w8_keys.setdefault(r["unit"], []).append(option_key(r["method"], r["setting"]))
         if int(e.get("act_bits", 32)) == 8:
             act_axes[r["unit"]] = r["axis"]
+            a8_keys.setdefault(r["unit"], []).append(option_key(r["method"], r["setting"]))
     kept = []
-    requires = []
+    requires: list[list[Any]] = []
     for r in rows:
         u, e = r["unit"], r.get("effect") or {}
         w8, a8 = int8_weights(e), int(e.get("act_bits", 32)) == 8
         lone = (w8 and u not in act_axes) or (a8 and u not in weight_axes)
         if w8 and not lone:
-            requires.append([u, r["axis"], option_key(r["method"], r["setting"]), act_axes[u]])
+            requires.append([u, r["axis"], option_key(r["method"], r["setting"]), act_axes[u], a8_keys[u]])
         if a8 and not lone:
-            requires.append([u, r["axis"], option_key(r["method"], r["setting"]), weight_axes[u]])
+            requires.append([u, r["axis"], option_key(r["method"], r["setting"]), weight_axes[u], w8_keys[u]])
         if lone:
             other = "activations" if u in weight_axes else "weights"
             dropped.append({"unit": u, "method": r["method"], "label": r.get("label", r["method"]),

@@ -163,6 +163,28 @@ def test_options_without_an_onnxruntime_kernel_are_dropped_with_the_reason(setup
     assert kernel_problem("onnxruntime", {"removed": 3}) is None
 
 
+def test_on_onnxruntime_8_bit_activations_go_only_with_8_bit_weights(setup):
+    """ORT runs a layer in int8 only with int8 weights and activations; a Linear's 4-bit weights run
+    as MatMulNBits with float activations. So the 8-bit activation option conflicts with float
+    weights and with 4-bit weights, and 8-bit weights conflict with float activations."""
+    from sensplan.planner import Costs
+
+    _, _, _, table = setup
+    kept, _ = runtime_options(table, "onnxruntime")
+    cm = Costs(kept, signal="drop")
+    linear = next(u for u, info in table.layers.items() if info["type"] == "Linear")
+    w = cm.index[next(b.name for b in cm.blocks if b.unit == linear and b.axis == "weight")]
+    a = cm.index[next(b.name for b in cm.blocks if b.unit == linear and b.axis == "activation")]
+    conflicts = {frozenset(pair) for pair in cm.conflicts}
+    bits = {k: o.effect.get("weight_bits") for k, o in enumerate(cm.blocks[w].options)}
+    assert {4, 8} <= set(bits.values()) and len(cm.blocks[a].options) > 1
+    for ka in range(1, len(cm.blocks[a].options)):  # every 8-bit activation option
+        for kw, b in bits.items():
+            assert (frozenset({(a, ka), (w, kw)}) in conflicts) == (b != 8), (ka, kw, b)
+    for kw, b in bits.items():
+        assert (frozenset({(w, kw), (a, 0)}) in conflicts) == (b == 8)
+
+
 def test_interleaved_timing_runs_each_model_alike_and_flags_a_loaded_machine():
     calls: list[str] = []
     t = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=2,
