@@ -240,8 +240,13 @@ def act_qparams(lo: float, hi: float, bits: int) -> dict[str, Any]:
 def fake_quantize_activation(x: torch.Tensor, qp: Mapping[str, Any]) -> torch.Tensor:
     levels = 2 ** int(qp["bits"]) - 1
     scale, zp = float(qp["scale"]), int(qp["zero_point"])
-    q = torch.clamp(torch.round(x / scale) + zp, 0, levels)
-    return ((q - zp) * scale).to(x.dtype)
+    if x.requires_grad and torch.is_grad_enabled():
+        q = torch.clamp(torch.round(x / scale) + zp, 0, levels)
+        return ((q - zp) * scale).to(x.dtype)
+    # the same operations in place on one new tensor (bit-identical, about half the time)
+    q = x / scale
+    q.round_().add_(zp).clamp_(0, levels).sub_(zp).mul_(scale)
+    return q.to(x.dtype)
 
 
 class _InputQuant:

@@ -79,6 +79,20 @@ def test_activation_range_always_includes_zero():
     assert act_qparams(0.0, 0.0, 8) == {"bits": 8, "scale": 1.0, "zero_point": 0}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fake_activation_quantization_in_place_equals_the_formula_and_keeps_gradients_flowing(dtype):
+    qp = act_qparams(-1.0, 3.0, 8)
+    scale, zp = qp["scale"], qp["zero_point"]
+    # ties at half steps, values beyond the range, and random ones
+    x = torch.cat([(torch.arange(-300, 900) + 0.5) * scale - zp * scale, torch.randn(5000) * 3]).to(dtype)
+    want = ((torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale).to(dtype)
+    got = fake_quantize_activation(x, qp)
+    assert got.dtype == dtype and torch.equal(got, want) and not torch.equal(x, got)
+    leaf = x.float().clone().requires_grad_(True)  # under autograd: the out-of-place form
+    fake_quantize_activation(leaf, qp).sum().backward()
+    assert leaf.grad is not None
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_fake_activation_quantization_rounds_to_the_grid_and_clamps(bits):
     qp = act_qparams(-1.0, 3.0, bits)
