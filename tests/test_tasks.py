@@ -121,7 +121,7 @@ def test_a_model_at_chance_level_is_refused_before_any_probe_and_agreement_still
     g = torch.Generator().manual_seed(3)
     shuffled = relabelled(clean, clean.y[torch.randperm(len(clean.y), generator=g)], "shuffled")
     top = float(torch.bincount(shuffled.y).max()) / len(shuffled.y)
-    with pytest.raises(UserInputError, match=r"no better than always answering the most common class "
+    with pytest.raises(UserInputError, match=r"of always answering the most common class "
                                              rf"\({top:.3f} of 128 samples\).*--weights.*--task agreement"):
         scan(model, shuffled, ScanConfig(SETTINGS), calib=calib, model_spec=SPEC, progress=False)
     again = scan(model, shuffled, ScanConfig(SETTINGS, task="agreement"), calib=calib, model_spec=SPEC,
@@ -130,6 +130,29 @@ def test_a_model_at_chance_level_is_refused_before_any_probe_and_agreement_still
     task = get_task("classification")
     base = task.evaluate(model, data, task.prepare(model, data))
     assert 0.6 < base.score < 0.8 and task.check_baseline(base, data) is None  # noisy labels: 71% right
+
+
+def test_the_chance_check_passes_a_real_model_on_imbalanced_labels_and_skips_what_it_cannot_judge():
+    from sensplan.sensitivity.tasks import TaskResult
+
+    task = get_task("classification")
+    y = torch.cat([torch.zeros(900, dtype=torch.long), torch.ones(100, dtype=torch.long)])  # 90/10
+
+    def data(labels: torch.Tensor, kind: str = "imagefolder") -> EvalSet:
+        return EvalSet(torch.zeros(len(labels), 1), labels, ["a", "b"], {"kind": kind})
+
+    def result(score: float, n: int = 1000) -> TaskResult:
+        return TaskResult(score, 0.0, n)
+
+    assert task.check_baseline(result(0.92), data(y)) is None  # above 0.90 by more than its 0.0095 SE
+    refused = task.check_baseline(result(0.905), data(y))
+    assert "within one standard error (0.009) of always answering the most common class (0.900 of 1000" in refused
+    assert "--mean/--std" in refused
+    assert "the label field" in task.check_baseline(result(0.905), data(y, "jsonl"))  # text: no --mean/--std
+    assert task.check_baseline(result(0.0), data(y[:49])) is None  # too few to tell
+    assert task.check_baseline(result(0.0), data(torch.zeros(100, dtype=torch.long))) is None  # one class
+    assert task.check_baseline(result(0.0), data(torch.full((100,), -1))) is None  # no labels
+    assert task.check_baseline(result(0.0), data(torch.zeros(100, 2))) is None  # not class indices
 
 
 def test_an_unknown_task_suggests_the_closest():
