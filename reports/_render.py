@@ -631,9 +631,15 @@ _MAP_SAMPLES = 160
 
 def map_probes(scan: Scan, plan: Plan) -> list[Mapping[str, Any]]:
     """The scan's probes the plan's drop map was fitted on (as the planner picks them): every
-    measured probe; in a fast scan only the map points, whose signal is the estimate. Probes of
-    units the plan left out (a skip, or an option the costs could not price) are not counted."""
+    measured probe; in a fast scan only the map points, whose signal is the estimate; for a plan
+    made for a runtime, of the options it runs. Probes of units the plan left out (a skip, or an
+    option the costs could not price) are not counted."""
     signal = str((plan.data.get("objective") or {}).get("signal") or "")
+    runtime = str((plan.data.get("runtime") or {}).get("name") or "torch")
+    if runtime != "torch":  # planned on the options the runtime runs (plan --runtime)
+        from sensplan.planner._runtime import runtime_options
+
+        scan = runtime_options(scan, runtime)[0]
     fast = any(r.get("estimated") for r in scan.results)
     skipped = (plan.data["plans"].get("planned") or {}).get("skipped") or {}
     return [r for r in scan.results

@@ -438,6 +438,25 @@ def test_a_signal_plan_draws_its_map_the_probes_it_was_fitted_on_and_each_alloca
     assert "they are not marked" in sec
 
 
+def test_the_map_of_a_plan_for_onnxruntime_is_drawn_on_the_options_it_was_fitted_on(run):
+    """plan --runtime onnxruntime fits the map on the options ORT runs: the report draws those."""
+    from sensplan.planner import Budget, make_plan
+    from sensplan.planner._runtime import runtime_options
+    from sensplan.planner._signal import DropMap
+    from sensplan.reports._render import map_probes
+
+    s = Scan.load(run["scan"])
+    kept, dropped = runtime_options(s, "onnxruntime")
+    assert dropped  # sparsity and a Conv's 4-bit weights have no ORT kernel
+    made = make_plan(kept, [Budget.parse("size=0.5")])
+    p = Plan({**made.data, "runtime": {"name": "onnxruntime", "not_offered": []}})
+    probes = map_probes(s, p)
+    assert probes and not {(d["unit"], d["method"], d["label"]) for d in dropped} & \
+        {(r["unit"], r["method"], r["label"]) for r in probes}
+    refit = DropMap.fit("kl", [(r["signals"]["kl"]["value"], r["drop"]) for r in probes])
+    np.testing.assert_allclose(np.array(refit.knots), np.array(p.data["objective"]["drop_map"]["knots"]))
+
+
 def test_a_plan_on_the_drop_itself_has_no_map(run, tmp_path):
     s = Scan.load(run["scan"])
     p = make_plan(s, [Budget.parse(b) for b in BUDGETS], signal="drop").save(tmp_path / "plan.json")
