@@ -533,8 +533,9 @@ def open_dataset(spec: DataSpec, *, augment: bool = False) -> tuple[Dataset[Any]
                                                               is_valid_file=_visible_image(root)))
     except (FileNotFoundError, RuntimeError) as e:
         if (root / "state.json").is_file() or (root / "dataset_dict.json").is_file():
+            folder = os.path.join(spec.root, "SPLIT") if (root / "dataset_dict.json").is_file() else spec.root
             raise DataSpecError(f"{spec.root!r} is a Hugging Face datasets folder (save_to_disk), not an "
-                                f"image folder. Give text data as --data datasets:{spec.root}:TEXT_COLUMN"
+                                f"image folder. Give text data as datasets:{folder}:TEXT_COLUMN"
                                 f"[:LABEL_COLUMN].") from None
         raise DataSpecError(f"{spec.root!r} is not an ImageFolder tree ({e}). It needs one subfolder "
                             f"per class with images inside, e.g. {spec.root}/cat/0001.jpg.") from None

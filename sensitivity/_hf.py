@@ -412,7 +412,8 @@ def read_dataset(path: str, field: str, label: str | None) -> tuple[list[str], l
     """Texts and labels of a Hugging Face ``datasets`` folder written by ``Dataset.save_to_disk``,
     read with ``datasets.load_from_disk`` (nothing is downloaded), and the class names when the
     label column is a ``ClassLabel`` (its labels are then its integer ids); None otherwise."""
-    spec = f"--data datasets:{path}:{field}" + (f":{label}" if label else "")
+    # the spec, not a flag: the same folder may be --data, --calib-data, --holdout-data or --train-data
+    spec = f"datasets:{path}:{field}" + (f":{label}" if label else "")
     folder = Path(path)
     if not folder.is_dir():
         raise DataSpecError(f"{spec}: the folder {path!r} does not exist. Give the folder "
@@ -422,14 +423,13 @@ def read_dataset(path: str, field: str, label: str | None) -> tuple[list[str], l
             splits = [str(s) for s in json.loads((folder / "dataset_dict.json").read_text())["splits"]]
         except (OSError, ValueError, KeyError, TypeError):
             splits = sorted(p.name for p in folder.iterdir() if (p / "state.json").is_file())
-        split = next((s for s in ("test", "validation") if s in splits), splits[0] if splits else "SPLIT")
-        example = f"datasets:{os.path.join(path, split)}:{field}"
+        example = f"datasets:{os.path.join(path, 'SPLIT')}:{field}" + (f":{label}" if label else "")
         raise DataSpecError(f"{spec}: {path!r} holds a DatasetDict (splits: {', '.join(splits) or 'none'}), "
-                            f"not one data set. Name one split's folder, e.g. --data {example}"
-                            + (f":{label}." if label else "."))
+                            f"not one data set. Name the split's folder: {example}, SPLIT one of them (a "
+                            f"training split only for --train-data).")
     if not (folder / "state.json").is_file():
         raise DataSpecError(f"{spec}: {path!r} is not a folder written by Dataset.save_to_disk (it has "
-                            f"no state.json). Check --data.")
+                            f"no state.json). Give the folder Dataset.save_to_disk wrote.")
     try:
         import datasets
     except ImportError:
@@ -441,7 +441,7 @@ def read_dataset(path: str, field: str, label: str | None) -> tuple[list[str], l
         raise DataSpecError(f"{spec}: datasets.load_from_disk cannot read {path!r} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''}).") from None
     if not isinstance(ds, datasets.Dataset):
-        raise DataSpecError(f"{spec}: {path!r} holds a {type(ds).__name__}, not one Dataset. Check --data.")
+        raise DataSpecError(f"{spec}: {path!r} holds a {type(ds).__name__}, not one Dataset. Give one split's folder.")
     features = ds.features
     columns = list(features)
     for name in (field, label):
@@ -465,11 +465,13 @@ def read_dataset(path: str, field: str, label: str | None) -> tuple[list[str], l
         return texts, [], None
     labels = list(plain[label])
     feature = features[label]
+    whole = isinstance(feature, datasets.ClassLabel) or (isinstance(feature, datasets.Value)
+                                                          and feature.dtype.startswith(("int", "uint")))
+    if whole and any(v is None or int(v) < 0 for v in labels):  # -1: no label, e.g. a benchmark's test split
+        raise DataSpecError(f"{spec}: some records have no label (-1), as in a benchmark's unlabelled "
+                            f"test split. Use a labelled split, or leave the label column out of the "
+                            f"spec for a task that needs none.")
     if isinstance(feature, datasets.ClassLabel):
-        if any(v is None or int(v) < 0 for v in labels):  # -1: no label, e.g. a benchmark's test split
-            raise DataSpecError(f"{spec}: some records have no label (-1), as in a benchmark's unlabelled "
-                                f"test split. Use a labelled split, or leave the label column out of "
-                                f"--data for a task that needs none.")
         return texts, [int(v) for v in labels], [str(n) for n in feature.names]
     return texts, labels, None
 

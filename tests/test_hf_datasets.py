@@ -108,10 +108,23 @@ def test_a_dataset_dict_folder_names_its_splits(tok: Path, tmp_path: Path) -> No
     with pytest.raises(DataSpecError, match=r"DatasetDict \(splits: train, test\)") as e:
         load_eval_set(_spec(f"datasets:{tmp_path / 'dd'}:text", tok))
     msg = str(e.value)
-    assert "--data" in msg and f"datasets:{tmp_path / 'dd' / 'test'}:text" in msg and "\n" not in msg
+    assert f"datasets:{tmp_path / 'dd' / 'SPLIT'}:text, SPLIT one of them" in msg and "\n" not in msg
     assert len(load_eval_set(_spec(f"datasets:{tmp_path / 'dd' / 'test'}:text", tok), n=None)) == 6
     # the folder given as an image folder says how to read it instead
     with pytest.raises(DataSpecError, match="Hugging Face datasets folder"):
+        load_eval_set(DataSpec.parse(str(tmp_path / "dd")))
+
+
+def test_unlabelled_records_are_refused_in_a_classlabel_or_integer_label_column(tok: Path, tmp_path: Path) -> None:
+    rows = _rows(6)
+    rows[2] = {**rows[2], "label": -1, "n": -1}  # a benchmark's unlabelled test split writes -1
+    folder = _save(rows, tmp_path / "ds")
+    for column in ("label", "n"):  # a ClassLabel, an int64 column
+        with pytest.raises(DataSpecError, match=r"some records have no label \(-1\)"):
+            load_eval_set(_spec(f"datasets:{folder}:text:{column}", tok))
+    # a DatasetDict given where images were expected: the hint names a split's folder
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_rows(6))}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataSpecError, match=r"datasets:.*dd/SPLIT:TEXT_COLUMN"):
         load_eval_set(DataSpec.parse(str(tmp_path / "dd")))
 
 
@@ -149,4 +162,4 @@ def test_without_the_datasets_package_the_message_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(DataSpecError, match="pip install datasets") as e:
         load_eval_set(_spec(f"datasets:{folder}:text", tok))
-    assert str(e.value).startswith(f"--data datasets:{folder}:text") and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"datasets:{folder}:text") and "\n" not in str(e.value)
