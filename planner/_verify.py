@@ -461,7 +461,8 @@ class _Rounds:
         """Measure round ``k`` (begun at ``started``); learn from it unless it is ``last``. True when
         it confirmed the prediction (no more rounds are needed)."""
         cm, model = self.cm, self.model
-        pred = self.current.predicted_drop(full, penalty(cm, full, model.penalties()))
+        extra = penalty(cm, full, model.penalties())
+        pred = self.current.predicted_drop(full, extra)
         pred_se = self.current.predicted_se(full)
         sample, held = self.verifier.measure(self.data, alloc)
         if sample is None:  # pragma: no cover - measured on the sample unless told otherwise
@@ -475,7 +476,9 @@ class _Rounds:
                                "sample": sample.to_dict(), "held_out": held.to_dict() if held else None,
                                "within_interval": within, "costs": cm.evaluate(full)}
         alloc = dict(alloc)
-        alloc["predicted"] = {**alloc["predicted"], "drop": pred, "drop_se": pred_se, "drop_interval": [lo, hi]}
+        alloc["predicted"] = {**alloc["predicted"], "drop": pred, "drop_se": pred_se, "drop_interval": [lo, hi],
+                              # the corrected total (surcharges and learned pair penalties) the map read
+                              "signal_total": self.current.objective(full) + extra}
         self.candidates.append({"name": f"plan round {k + 1}", "kind": "plan", "alloc": alloc,
                                 "sample": sample, "held": held, "costs": rec["costs"]})
         if not within and not last:

@@ -708,10 +708,6 @@ def drop_map_section(scan: Scan, plan: Plan, fmt: _Fmt) -> str:
         total, label = float(pred["signal_total"]), _variant_name(plan, name)
         colour = "#000" if name == "planned" else "#888"
         tip = f"{label}: {signal} total {sx(total)}"
-        if abs(float(pred["drop"]) - dmap(total)) > 1e-9 + 1e-6 * abs(dmap(total)):
-            notes.append(f"The {label} allocation's predicted drop ({fmt.drop(pred['drop'])} {fmt.drop_unit}) "
-                         f"is not the map's value at its total ({fmt.drop(dmap(total))}): it includes the "
-                         f"corrections verification learned from measured joint drops.")
         if log_x and total <= 0:
             notes.append(f"The {label} allocation's total is {sx(total)}, off the logarithmic axis.")
             continue

@@ -148,6 +148,8 @@ def test_compounding_errors_are_measured_corrected_and_solved_again(toys):
     assert sorted(_choices(plan).values()) == ["nudge", "placebo"]
     assert plan.variant()["verified"]["held_out"]["drop"] < 0.05
     assert ver["winner"]["kind"] == "plan" and ver["winner"]["name"] != "plan round 1"
+    # the corrected round's total includes what was learned: with the signal drop, it is the drop
+    assert plan.variant()["predicted"]["signal_total"] == pytest.approx(plan.variant()["predicted"]["drop"])
     # the only uniform candidate within the budget is nudge everywhere: measured, and beaten
     assert [u["label"] for u in ver["uniform"]] == ["nudge same"]
     assert ver["vs_best_uniform"]["advantage"] > 0.3
