@@ -239,11 +239,6 @@ def uniform_allocation(cm: Costs, uni: UniformSolution, scan: Any) -> dict[str, 
                 c.update(method=method, setting={key: uni.ratio, "n_remove": k},
                          label=f"{method} {uni.ratio:.0%} ({k} ch)", effect={"removed": k})
                 out["unit_drops"][b.name] = cm.drop_of(interp_drop(cm, i, k))
-    # the total the drop was read off: a group at a ratio between its scanned settings counts its
-    # signal interpolated between them (as the candidate's predicted drop does)
-    drops = cm.drop_table("drop")
-    out["predicted"]["signal_total"] = float(sum(
-        interp_drop(cm, i, uni.removed[b.unit]) if b.kind == "group" else drops[i][uni.choice.get(i, 0)]
-        for i, b in enumerate(cm.blocks)))
+    out["predicted"]["signal_total"] = uni.signal_total  # a group between its scanned settings interpolated
     out["uniform"] = {"ratio": uni.ratio, "layer_options": uni.layer_options, "label": uniform_label(cm, uni)}
     return out

@@ -766,6 +766,9 @@ class UniformSolution:
     choice: dict[int, int]
     predicted_drop: float
     costs: dict[str, float]
+    #: the total of the planning signal the drop was read off (a group between its scanned settings
+    #: interpolated)
+    signal_total: float = 0.0
 
 
 def uniform_label(cm: Costs, uni: UniformSolution) -> str:
@@ -878,12 +881,12 @@ def _uniform_ratio(cm: Costs, groups: Sequence[int], ratios: Sequence[float], la
         gchoice, costs = _uniform_costs(cm, groups, removed, choice, effects)
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue
-        drop = cm.drop_of(layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups))
+        total = layer_drop + sum(interp_drop(cm, i, removed[cm.blocks[i].unit]) for i in groups)
         sol = UniformSolution(float(r), {f"{ax}:uniform": k for ax, k in layer_opts.items()},
-                              removed, gchoice, float(drop), costs)
+                              removed, gchoice, float(cm.drop_of(total)), costs, float(total))
         if max_drop is None:
             return sol  # larger ratios with these layer options only cost accuracy
-        if drop <= max_drop + 1e-12 and (best is None or costs[metric] < best.costs[metric]):
+        if sol.predicted_drop <= max_drop + 1e-12 and (best is None or costs[metric] < best.costs[metric]):
             best = sol
     return best
 
