@@ -207,6 +207,26 @@ def nbits_tensors(w: np.ndarray, bits: int, group_size: int, symmetric: bool
     return b, np.ascontiguousarray(scales, dtype=np.float32), zp, diff
 
 
+def matmul_nbits(x: str, outputs: list[str], w: np.ndarray, bits: int, group_size: int, symmetric: bool,
+                 base: str, bias: str | None = None, name: str | None = None) -> tuple[Any, list[Any], float]:
+    """One MatMulNBits node computing ``x @ w.T`` (``w``: [N, K]) with ``bias`` (an input name, or
+    None) added: (the node, its initializers ``{base}.B``, ``.scales`` and ``.zero_points``, the
+    largest weight change quantization made)."""
+    from onnx import helper, numpy_helper
+
+    b, scales, zp, diff = nbits_tensors(w, bits, group_size, symmetric)
+    inits = [numpy_helper.from_array(b, f"{base}.B"), numpy_helper.from_array(scales, f"{base}.scales")]
+    inputs = [x, f"{base}.B", f"{base}.scales"]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, f"{base}.zero_points"))
+        inputs.append(f"{base}.zero_points")
+    if bias:
+        inputs += [""] * (5 - len(inputs)) + [bias]  # zero_points, g_idx, then bias
+    node = helper.make_node("MatMulNBits", inputs, outputs, name=name, domain=MS_DOMAIN, K=w.shape[1],
+                            N=w.shape[0], bits=bits, block_size=block_size_for(group_size, w.shape[1]))
+    return node, inits, diff
+
+
 def apply_nbits(src: str | os.PathLike[str], dst: str | os.PathLike[str], config: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``dst``: ``src`` with each node of ``config["layers"]`` (:func:`nbits_config`) replaced
     by a MatMulNBits node carrying the plan's codes, scales and zero points (a Gemm's bias becomes
@@ -236,20 +256,13 @@ def apply_nbits(src: str | os.PathLike[str], dst: str | os.PathLike[str], config
                                   f"(MatMulNBits takes a bias of shape [N])")
             continue
         bits, bs = int(spec["bits"]), int(spec["block_size"])
-        b, scales, zp, diff = nbits_tensors(w, bits, int(spec["group_size"]), bool(spec["symmetric"]))
         base = f"{spec['node']}.nbits"
         if c is not None and c.shape != (w.shape[0],):  # a [1, N] bias, which Gemm broadcasts
             inits.append(numpy_helper.from_array(c.reshape(-1), f"{base}.bias"))
             bias = f"{base}.bias"
-        inits += [numpy_helper.from_array(b, f"{base}.B"), numpy_helper.from_array(scales, f"{base}.scales")]
-        inputs = [node.input[0], f"{base}.B", f"{base}.scales"]
-        if zp is not None:
-            inits.append(numpy_helper.from_array(zp, f"{base}.zero_points"))
-            inputs.append(f"{base}.zero_points")
-        if bias:
-            inputs += [""] * (5 - len(inputs)) + [bias]  # zero_points, g_idx, then bias
-        new = helper.make_node("MatMulNBits", inputs, list(node.output), name=spec["node"], domain=MS_DOMAIN,
-                               K=w.shape[1], N=w.shape[0], bits=bits, block_size=bs)
+        new, more, diff = matmul_nbits(node.input[0], list(node.output), w, bits, int(spec["group_size"]),
+                                       bool(spec["symmetric"]), base, bias, name=spec["node"])
+        inits += more
         idx = list(graph.node).index(node)
         graph.node.remove(node)
         graph.node.insert(idx, new)

@@ -17,7 +17,9 @@ The table (``sensplan.cost_table``, metric ``latency``, unit ms) prices every op
   points, here of random weights) at every width, as a factor of its own: the layer's weight axis.
   The node computes with float activations, so with one of these weights the layer's 8-bit
   activation option costs the same time (``apply`` runs that layer as MatMulNBits, its
-  activations float); only 8-bit per-channel symmetric weights make it an int8 operator;
+  activations float); only 8-bit per-channel symmetric weights make it an int8 operator. A plan
+  for ``--runtime onnxruntime`` never chooses those cells (an 8-bit activation goes only with
+  8-bit weights there); they are priced for a plan made without ``--runtime``;
 * a calibration against the whole model, measured here: layers timed alone are not the model (the
   runtime fuses a layer with its activation; a smaller layer saves less inside the model than
   alone). The whole model is timed at full width, with every group pruned at its option nearest
@@ -56,6 +58,7 @@ from sensplan._artifacts import now_iso, versions
 from sensplan.planner._costs import COST_TABLE_FORMAT, option_key
 from sensplan.planner._ort_nbits import NBITS_LAYER_TYPES, weight_only
 from sensplan.planner._runtime import (
+    int8_activations,
     int8_weights,
     kernel_problem,
     load_warning,
@@ -231,28 +234,19 @@ class _OrtTimer:
         Add kept after it), its packed codes, scales and zero points from random weights."""
         from onnx import TensorProto, helper, numpy_helper
 
-        from sensplan.planner._ort_nbits import MS_DOMAIN, block_size_for, nbits_tensors
+        from sensplan.planner._ort_nbits import MS_DOMAIN, matmul_nbits
 
         rng = np.random.default_rng(0)
         x = rng.standard_normal(op.in_shape).astype(np.float32)
         k, n = op.in_shape[-1], op.out_features
         w = rng.standard_normal((n, k)).astype(np.float32) * 0.1
-        b, scales, zp, _ = nbits_tensors(w, op.bits, op.group_size, not op.zero_points)
-        inits = [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")]
-        inputs = ["x", "B", "scales"]
-        if zp is not None:
-            inits.append(numpy_helper.from_array(zp, "zero_points"))
-            inputs.append("zero_points")
         gemm = len(op.in_shape) == 2  # the exporter's Gemm (bias inside) or MatMul + Add
-        if op.bias:
-            inits.append(numpy_helper.from_array(np.zeros(n, np.float32), "bias"))
-            if gemm:
-                inputs += [""] * (5 - len(inputs)) + ["bias"]  # zero_points, g_idx, then bias
+        inits = [numpy_helper.from_array(np.zeros(n, np.float32), "bias")] if op.bias else []
         mm = "mm" if op.bias and not gemm else "y"
-        nodes = [helper.make_node("MatMulNBits", inputs, [mm], domain=MS_DOMAIN, K=k, N=n, bits=op.bits,
-                                  block_size=block_size_for(op.group_size, k))]
-        if mm != "y":
-            nodes.append(helper.make_node("Add", ["mm", "bias"], ["y"]))
+        node, more, _ = matmul_nbits("x", [mm], w, op.bits, op.group_size, not op.zero_points, "w",
+                                     "bias" if op.bias and gemm else None)
+        inits += more
+        nodes = [node, *([helper.make_node("Add", ["mm", "bias"], ["y"])] if mm != "y" else [])]
         vin = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(op.in_shape))
         graph = helper.make_graph(nodes, "op", [vin], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                                   inits)
@@ -363,7 +357,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
             factors.append((layer, "weight"))
             options.append(["none", *(option_key(r["method"], r["setting"]) for r in weight_rows)])
         int8_keys = [option_key(r["method"], r["setting"]) for r in rows_by_block.get((layer, "activation"), [])
-                     if runtime == "onnxruntime" and int((r.get("effect") or {}).get("act_bits", 32)) == 8]
+                     if runtime == "onnxruntime" and int8_activations(r.get("effect") or {})]
         if int8_keys:
             factors.append((layer, "activation"))
             options.append(["none", *int8_keys])

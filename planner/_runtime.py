@@ -99,6 +99,11 @@ def kernel_problem(runtime: str, effect: Mapping[str, Any], layer_type: str = ""
     return None
 
 
+def int8_activations(effect: Mapping[str, Any]) -> bool:
+    """Whether ``effect`` quantizes the layer's input to 8 bits, as ONNX Runtime's int8 kernels take it."""
+    return int(effect.get("act_bits", 32)) == 8
+
+
 def int8_weights(effect: Mapping[str, Any]) -> bool:
     """Whether ``effect`` stores weights as ONNX Runtime's int8 kernels take them: 8-bit integers,
     symmetric, one scale per output channel."""
@@ -146,14 +151,14 @@ def _couple_int8(rows: list[Mapping[str, Any]], dropped: list[dict[str, Any]]
         if int8_weights(e):
             weight_axes[r["unit"]] = r["axis"]
             w8_keys.setdefault(r["unit"], []).append(option_key(r["method"], r["setting"]))
-        if int(e.get("act_bits", 32)) == 8:
+        if int8_activations(e):
             act_axes[r["unit"]] = r["axis"]
             a8_keys.setdefault(r["unit"], []).append(option_key(r["method"], r["setting"]))
     kept = []
     requires: list[list[Any]] = []
     for r in rows:
         u, e = r["unit"], r.get("effect") or {}
-        w8, a8 = int8_weights(e), int(e.get("act_bits", 32)) == 8
+        w8, a8 = int8_weights(e), int8_activations(e)
         lone = (w8 and u not in act_axes) or (a8 and u not in weight_axes)
         if w8 and not lone:
             requires.append([u, r["axis"], option_key(r["method"], r["setting"]), act_axes[u], a8_keys[u]])
