@@ -183,6 +183,13 @@ def test_on_onnxruntime_8_bit_activations_go_only_with_8_bit_weights(setup):
             assert (frozenset({(a, ka), (w, kw)}) in conflicts) == (b != 8), (ka, kw, b)
     for kw, b in bits.items():
         assert (frozenset({(w, kw), (a, 0)}) in conflicts) == (b == 8)
+    # a rule without its allowed keys (as written before they were recorded): only 'none' is refused
+    from sensplan._tables import Scan
+
+    older = Scan({**kept.data, "requires": [r[:4] for r in kept.data["requires"]]}, kept.sha256, kept.path)
+    old_conflicts = {frozenset(pair) for pair in Costs(older, signal="drop").conflicts}
+    for ka in range(1, len(cm.blocks[a].options)):
+        assert {kw for kw in bits if frozenset({(a, ka), (w, kw)}) in old_conflicts} == {0}
 
 
 def test_interleaved_timing_runs_each_model_alike_and_flags_a_loaded_machine():
