@@ -22,7 +22,7 @@ noise, the issue's size targets, and the mean absolute error of the expected dro
 split over plans whose expected drop is at most 2 points.
 
     python bench/bench_verify.py [--models resnet20,resnet56] [--budgets size=0.1,...] [--signals kl,drop]
-        [--act-bits 8,6,4] [--spearman-fraction 0.2] [--cache DIR]
+        [--act-bits 8,6,4] [--spearman-fraction 0.2] [--cache DIR] [--no-plans]
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def main() -> int:
     ap.add_argument("--spearman-fraction", type=float, default=0.2,
                     help="the share of units (seeded) whose probes are scanned on the test split too")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-plans", action="store_true",
+                    help="only the scans, the --fast time and the Spearman correlations (with --cache, "
+                         "the measured scans come from their journals; --fast is always timed)")
     ap.add_argument("--cache", help="keep each model's scan journals here and reuse them")
     args = ap.parse_args()
     test_dir = cifar_test_dir(args.shared)
@@ -96,6 +99,8 @@ def main() -> int:
         table_act, _ = timed_scan(sample, "sample", ScanConfig(with_act))  # the same journal: act_quant only
         spearman += _spearman(name, table_act, fast, timed_scan, test, with_act, args.spearman_fraction, fast_s)
 
+        if args.no_plans:
+            continue
         verifier = Verifier(model, sample, calib, held, model_spec=spec)
         judge = Verifier(model, sample, calib, test, model_spec=spec)  # measures on the test split
         base = judge.baseline("classification")
