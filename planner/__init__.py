@@ -41,6 +41,7 @@ from sensplan.planner._runtime import (
     summarize_dropped,
     time_interleaved,
 )
+from sensplan.planner._signal import DropMap
 from sensplan.planner._solver import (
     Solution,
     UniformSolution,
@@ -99,6 +100,7 @@ __all__ = [
     "CompressedModel",
     "CostModel",
     "Costs",
+    "DropMap",
     "FineTuneConfig",
     "Frontier",
     "Measured",

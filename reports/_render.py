@@ -36,8 +36,7 @@ from sensplan._artifacts import atomic_write, atomic_write_bytes, dumps  # noqa:
 from sensplan._errors import ArtifactError, UserInputError  # noqa: E402
 from sensplan._metric import FISHER, Metric  # noqa: E402
 from sensplan._tables import Scan, layer_index, load_metrics  # noqa: E402
-from sensplan.planner import Frontier, Plan, plot_frontier  # noqa: E402
-from sensplan.planner._signal import DropMap  # noqa: E402
+from sensplan.planner import DropMap, Frontier, Plan, plot_frontier, runtime_options  # noqa: E402
 from sensplan.reports._interactive import CSS, SCRIPT, chart, heatmap, table  # noqa: E402
 from sensplan.reports._verdict import Verdict, verdict  # noqa: E402
 
@@ -637,8 +636,6 @@ def map_probes(scan: Scan, plan: Plan) -> list[Mapping[str, Any]]:
     signal = str((plan.data.get("objective") or {}).get("signal") or "")
     runtime = str((plan.data.get("runtime") or {}).get("name") or "torch")
     if runtime != "torch":  # planned on the options the runtime runs (plan --runtime)
-        from sensplan.planner._runtime import runtime_options
-
         scan = runtime_options(scan, runtime)[0]
     fast = any(r.get("estimated") for r in scan.results)
     skipped = (plan.data["plans"].get("planned") or {}).get("skipped") or {}

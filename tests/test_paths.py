@@ -13,6 +13,7 @@ import torch
 from sensplan import ModelSpecError
 from sensplan.cli import main
 from sensplan.planner import load_compressed
+from tests.conftest import fit_digits
 
 NET = '''
     from torch import nn
@@ -42,7 +43,7 @@ def project(tmp_path, monkeypatch):
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    torch.save(module.tiny().state_dict(), a / "weights" / "w.pt")
+    torch.save(fit_digits(module.tiny()).state_dict(), a / "weights" / "w.pt")  # above chance
     model = ["--model", "net.py:tiny", "--weights", "weights/w.pt", "--data", "digits", *FAST]
     assert main(["scan", *model, "--bits", "8,4", "--ratios", "0.5", "--out", "scan.json"]) == 0
     assert main(["plan", "--scan", "scan.json", "--budget", "size=0.5", "--no-verify", "--out", "plan.json"]) == 0
