@@ -774,9 +774,13 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
                          f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
     held, report = split_held(held, drec.get("seed", 0) + 3, notes)
     if held is not None and len(held) < 200:
-        notes.append(f"the held-out split has only {len(held)} items: differences between candidates of "
-                     f"less than about {100 * 2 / len(held) ** 0.5:.0f} points there may be noise (more data "
-                     f"outside the scan's sample, or --holdout-data SPEC, makes the verdict firmer)")
+        # a fraction metric (top-1): two paired standard errors are at most 2/sqrt(n); others: no bound
+        unit = str(((scan.data.get("task") or {}).get("metric") or {}).get("unit") or "")
+        size = (f"differences between candidates of less than about {100 * 2 / len(held) ** 0.5:.0f} points"
+                if unit == "fraction" else "small differences between candidates")
+        notes.append(f"the held-out split has only {len(held)} items: {size} there may be noise (a larger "
+                     f"--holdout-samples, more data outside the scan's sample, or --holdout-data SPEC makes "
+                     f"the verdict firmer)")
     import torch
 
     dtype = getattr(torch, str(scan.data.get("provenance", {}).get("dtype") or "float32"), None)
@@ -816,13 +820,23 @@ def model_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool
     spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"),
                                  fix=f", or {fix}")
     path = _scan_weights(rec, weights, beside)
-    if path is None and notes is not None:
-        notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
     try:
         model = load_model(spec, path or None, allow_pickle=allow_pickle)
     except UserInputError as e:
         raise UserInputError(f"{purpose} needs the scan's model {spec.source!r}: {e} Run it where the scan "
                              f"ran, or {fix}.") from None
+    if path is None and rec.get("weights_digest"):
+        # no weights file (a hf: folder's own files, or a factory's seeded initialisation): the
+        # values are checked against the scan's digest, which a changed folder does not match
+        from sensplan.sensitivity import weights_digest
+
+        if weights_digest(model) != rec["weights_digest"]:
+            raise UserInputError(f"{purpose} needs the weights the scan measured, but {spec.source!r} now "
+                                 f"builds others (digest {weights_digest(model)}, the scan's "
+                                 f"{rec['weights_digest']}): its files changed since the scan. Restore them, "
+                                 f"scan again, or {fix}.")
+    elif path is None and notes is not None:
+        notes.append("the scan used randomly initialised weights; they are rebuilt, not checked")
     return model, spec
 
 

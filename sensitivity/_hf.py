@@ -117,11 +117,17 @@ class HFModel(nn.Module):
 
     def out_of_scope(self) -> dict[str, str]:
         """Layers the scan leaves out by default, with the reason (sensplan's scope hook)."""
+        out: dict[str, str] = {}
+        if self.kind == "embedding":  # the mean-pooled output never reads a BERT-style pooler
+            out.update({n: "the pooler: the embedding is the mean of the last hidden states, which never "
+                           "reads it (compressing it would look free)"
+                        for n, m in self.named_modules() if ".pooler." in f".{n}." and isinstance(m, nn.Linear)})
         if self.include_head or not self.head:
-            return {}
+            return out
         what = "the language-model head (lm_head)" if self.kind == "causal-lm" else "the output head"
-        return {self.head: f"{what}: left out of scope by default, as the embeddings are; "
-                           f"--model-arg include_head=true scans it"}
+        out[self.head] = (f"{what}: left out of scope by default, as the embeddings are; "
+                          f"--model-arg include_head=true scans it")
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # pixels

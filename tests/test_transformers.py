@@ -173,8 +173,17 @@ def test_perplexity_and_embedding_tasks(models: dict[str, Path], corpus: Path) -
     enc = load_model(ModelSpec(f"hf:{models['bert']}", {"kind": "embedding"}))
     edata = _text(models, "bert", corpus, n=8)
     etask = get_task("embedding")
-    res = etask.evaluate(enc, edata, etask.prepare(enc, edata))
+    estate = etask.prepare(enc, edata)
+    res = etask.evaluate(enc, edata, estate)
     assert res.score == pytest.approx(1.0, abs=1e-5) and res.per_sample.shape == (8,)
+    # the mean-pooled embedding never reads BERT's pooler: out of scope, so it cannot look free
+    pooler = [n for n, mod in enc.named_modules() if n.endswith("pooler.dense")]
+    assert pooler and all("never reads it" in enc.out_of_scope()[n] for n in pooler)
+    with torch.no_grad():
+        enc.get_submodule(pooler[0]).weight.mul_(0.0)
+    assert etask.evaluate(enc, edata, estate).score == pytest.approx(res.score)  # against the original
+    cls = load_model(ModelSpec(f"hf:{models['bert']}"))  # a classifier's pooler feeds its head: in scope
+    assert not [n for n in cls.out_of_scope() if "pooler" in n]
 
 
 def _run(argv: list[str]) -> int:

@@ -192,7 +192,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, metavar="SPEC",
                    help="torchvision:NAME | sensplan:NAME | path/file.py:FACTORY | "
-                        "package.module:FACTORY | pickle:FILE")
+                        "package.module:FACTORY | pickle:FILE | hf:DIR or hf:ORG/NAME (a Hugging Face "
+                        "save_pretrained folder, or the local hub cache)")
     g.add_argument("--weights", metavar="FILE",
                    help="checkpoint: a state dict; {'state_dict': ...} nesting and 'module.' "
                         "prefixes are handled (loaded with weights_only=True)")

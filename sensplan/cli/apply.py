@@ -387,8 +387,11 @@ def check_weights_values(args: argparse.Namespace, plan: Plan, model: Any) -> No
     from sensplan.sensitivity import weights_digest
 
     rec = plan.data.get("model") or {}
-    was = rec.get("weights") or "weights set in Python"
-    got = f"--weights {args.weights}" if args.weights else "randomly initialised weights (no --weights)"
+    source = str((rec.get("spec") or {}).get("source") or "")
+    folder = source.startswith("hf:") and not args.weights  # the weights are the folder's files
+    was = rec.get("weights") or (f"the files of {source} at scan time" if folder else "weights set in Python")
+    got = (f"--weights {args.weights}" if args.weights else f"the files of {source} now" if folder
+           else "randomly initialised weights (no --weights)")
     if rec.get("weights_digest"):
         same = weights_digest(model) == rec["weights_digest"]
     elif rec.get("weights_sha256") and args.weights:
@@ -396,9 +399,10 @@ def check_weights_values(args: argparse.Namespace, plan: Plan, model: Any) -> No
     else:
         return
     if not same:
+        fix = ("Restore the folder's files, or scan and plan again with these." if folder else
+               "Pass the scan's --weights, or scan and plan again with these.")
         raise UserInputError(f"The model's weights ({got}) are not the ones the plan was made from ({was}): "
-                             f"its predicted drops and choices are for those. Pass the scan's --weights, "
-                             f"or scan and plan again with these.")
+                             f"its predicted drops and choices are for those. {fix}")
 
 
 def main(args: argparse.Namespace) -> int:

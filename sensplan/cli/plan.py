@@ -86,14 +86,14 @@ def add_verify_args(p: argparse.ArgumentParser) -> None:
 def add_budget_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("budget")
     g.add_argument("--budget", action="append", default=[], metavar="METRIC=VALUE",
-                   help="size|macs|bops|params (or a --cost-table metric); a fraction (0.5, 50%%) "
-                        "of the original or an absolute value (2MB, 20M). Repeat for several "
-                        "budgets.")
+                   help="size|macs|bops|params|bits (or a --cost-table metric, e.g. latency); a "
+                        "fraction (0.5, 50%%) of the original or an absolute value (2MB, 20M; bits: "
+                        "mean stored bits per weight, e.g. bits=4.5). Repeat for several budgets.")
     g.add_argument("--max-drop", metavar="DROP",
                    help="instead: the cheapest plan whose predicted drop is at most DROP "
                         "(0.01 or 1%%)")
     g.add_argument("--minimize", metavar="METRIC",
-                   help="the cost to minimise with --max-drop: size|macs|bops|params or a "
+                   help="the cost to minimise with --max-drop: size|macs|bops|params|bits or a "
                         "--cost-table metric (default: the first budget's metric)")
     g.add_argument("--cost-table", action="append", default=[], metavar="FILE",
                    help="a measured cost table (sensplan.cost_table JSON, e.g. latency per unit "
