@@ -825,9 +825,9 @@ def model_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool
     except UserInputError as e:
         raise UserInputError(f"{purpose} needs the scan's model {spec.source!r}: {e} Run it where the scan "
                              f"ran, or {fix}.") from None
-    if path is None and rec.get("weights_digest"):
-        # no weights file (a hf: folder's own files, or a factory's seeded initialisation): the
-        # values are checked against the scan's digest, which a changed folder does not match
+    if path is None and rec.get("weights_digest") and str(spec.source).startswith("hf:"):
+        # a hf: folder's weights are its own files: checked against the scan's digest, which a
+        # changed folder does not match (a factory's weights set in Python cannot be rebuilt: noted)
         from sensplan.sensitivity import weights_digest
 
         if weights_digest(model) != rec["weights_digest"]:
