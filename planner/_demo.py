@@ -20,23 +20,27 @@ from sensplan.sensitivity import DataSpec, ModelSpec, build_model, evaluate, loa
 DEMO_MODEL = "sensplan:digits_cnn"
 
 
-def train_digits_model(seed: int = 0, epochs: int = 30) -> nn.Module:
-    """Train ``sensplan:digits_cnn`` on ``digits:train`` (Adam, cosine decay): 99.6-100% top-1
-    on digits:test (seeds 0-2)."""
-    torch.manual_seed(seed)
-    model = build_model(ModelSpec(DEMO_MODEL)).train()
+def train_digits_model(seed: int = 0, epochs: int = 30, model: nn.Module | None = None, *,
+                       cosine: bool = True, weight_decay: float = 1e-4) -> nn.Module:
+    """Train ``sensplan:digits_cnn`` (or ``model``, in place: 1-channel 8x8 inputs, 10 outputs) on
+    ``digits:train`` (Adam, with ``cosine`` decay): 99.6-100% top-1 on digits:test (seeds 0-2)."""
+    if model is None:
+        torch.manual_seed(seed)
+        model = build_model(ModelSpec(DEMO_MODEL))
+    model.train()
     loader = train_loader(DataSpec.parse("digits:train"), 64, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=weight_decay)
     steps = epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps))) if cosine else None
     for _ in range(epochs):
         for x, y in loader:
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
     return model.eval()
 
 

@@ -58,20 +58,9 @@ def seeded_model(name: str, seed: int = 0, **kwargs: object) -> torch.nn.Module:
 def fit_digits(model: torch.nn.Module, seed: int = 0, epochs: int = 2) -> torch.nn.Module:
     """``model`` (1-channel 8x8 inputs, 10 outputs) trained briefly on digits:train, in place, in
     eval mode: well above chance (a scan refuses a model at chance level), in about half a second."""
-    from torch import nn
+    from sensplan.planner._demo import train_digits_model
 
-    from sensplan.sensitivity import DataSpec, train_loader
-
-    model.train()
-    loader = train_loader(DataSpec.parse("digits:train"), 64, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_digits_model(seed, epochs, model, cosine=False, weight_decay=0.0)
 
 
 @functools.cache
