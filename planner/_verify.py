@@ -830,9 +830,10 @@ def model_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool
         # changed folder does not match (a factory's weights set in Python cannot be rebuilt: noted)
         from sensplan.sensitivity import weights_digest
 
-        if weights_digest(model) != rec["weights_digest"]:
+        now = weights_digest(model)
+        if now != rec["weights_digest"]:
             raise UserInputError(f"{purpose} needs the weights the scan measured, but {spec.source!r} now "
-                                 f"builds others (digest {weights_digest(model)}, the scan's "
+                                 f"builds others (digest {now}, the scan's "
                                  f"{rec['weights_digest']}): its files changed since the scan. Restore them, "
                                  f"scan again, or {fix}.")
     elif path is None and notes is not None:
