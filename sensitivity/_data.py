@@ -590,7 +590,7 @@ class EvalSet:
 
     @property
     def example_input(self) -> torch.Tensor:
-        return self.x[:1].clone()
+        return self.x[:1].clone(memory_format=torch.contiguous_format)
 
     def split(self, n_first: int, seed: int, roles: tuple[str, str] = ("first part", "second part")
               ) -> tuple[EvalSet, EvalSet]:
@@ -609,6 +609,14 @@ class EvalSet:
             desc["indices_sha256"] = _digest(indices)
         return EvalSet(self.x.index_select(0, sel), self.y.index_select(0, sel.to(self.y.device)), self.classes,
                        desc, indices)
+
+    def in_layout(self, channels_last: bool) -> EvalSet:
+        """The same data with 4-D inputs in channels-last memory order (``channels_last``) or
+        contiguous; itself when they already are (see ``_eval.channels_last_wins``)."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        if self.x.dim() != 4 or self.x.is_contiguous(memory_format=fmt):
+            return self
+        return dataclasses.replace(self, x=self.x.contiguous(memory_format=fmt))
 
     def to(self, device: torch.device | str) -> EvalSet:
         """The same data with its tensors on ``device`` (itself when already there)."""

@@ -35,6 +35,7 @@ from sensplan.sensitivity._data import EvalSet, check_classes_fit
 from sensplan.sensitivity._eval import (
     batchnorm_state_restored,
     batchnorm_statistics,
+    channels_last_wins,
     device_of,
     recalibrate_batchnorm_,
 )
@@ -289,6 +290,10 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     was_training = model.training
     model.eval()
     check_model_and_data(model, data_dev, task, dev, dtype)
+    # inputs in the memory order the model runs fastest on (timed; see channels_last_wins)
+    channels_last = channels_last_wins(model, data_dev.x, cfg.batch_size, dtype)
+    data_dev = data_dev.in_layout(channels_last)
+    calib_dev = calib_dev.in_layout(channels_last) if calib_dev is not None else None
     spread_out = workers > 1 or ray is not None
     # with workers, this process only orders the probes: each worker has a cache of its own
     cache = _prefix_cache(model, data_dev, calib_dev, cfg, order_only=spread_out)
@@ -345,6 +350,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
         "provenance": {"started": started, "seconds": round(time.perf_counter() - t0, 3),
                        "versions": versions(), "torch_threads": torch.get_num_threads(),
                        "device": str(dev), "dtype": str(dtype or torch.float32).replace("torch.", ""),
+                       "input_layout": "channels_last" if channels_last else "contiguous",
                        "journal": str(journal) if journal else None,
                        "probes_from_journal": sum(1 for r in results if r.get("from_journal")),
                        **({"probes_estimated": sum(1 for r in results if r.get("estimated"))} if cfg.fast else {}),

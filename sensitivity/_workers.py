@@ -51,6 +51,7 @@ class Payload:
     probes: list[tuple[str, str, str]]
     methods: dict[str, type] = field(default_factory=dict)
     spill_root: str | None = None
+    channels_last: bool = False  # the inputs' memory order (see _eval.channels_last_wins)
 
 
 def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: Any, base: Any,
@@ -78,7 +79,8 @@ def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: An
     methods = {n: type(METHODS.get(n)) for n in names}
     return Payload(model_spec, state, module, data.to("cpu"), calib.to("cpu") if calib is not None else None,
                    config, base, str(device), dtype, threads,
-                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods, spill_root)
+                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods, spill_root,
+                   data.x.dim() == 4 and not data.x.is_contiguous())
 
 
 def device_in_turn(device: str | torch.device, rank: int) -> torch.device:
@@ -112,8 +114,9 @@ class _Worker:
             model.load_state_dict(p.state or {})
         model = model.to(dev).eval()
         cfg = p.config
-        data = p.data.to(dev)
-        calib = p.calib.to(dev) if p.calib is not None else None
+        # the main process's choice of memory order, restated (pickling need not keep strides)
+        data = p.data.to(dev).in_layout(p.channels_last)
+        calib = p.calib.to(dev).in_layout(p.channels_last) if p.calib is not None else None
         task = get_task(cfg.task)
         state = task.prepare(model, data, cfg.batch_size, dev, p.dtype)
         ctx = _scan_context(model, data, calib, cfg, dev)
