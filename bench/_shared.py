@@ -39,6 +39,12 @@ def cifar_test_dir(shared: str | Path) -> Path | None:
     return test_dir
 
 
+#: weight_quant's default settings, and the finer family of bench_formats.py and bench_verify.py's
+#: --formats finer: those plus 5 bits, zero points (4a, 3a, 2a) and group-wise scales of 64 values
+DEFAULT_FORMATS = ("8", "6", "4", "3", "2")
+FINER_FORMATS = (*DEFAULT_FORMATS, "5", "4a", "3a", "2a", "4g64", "3g64", "2ag64")
+
+
 def cifar_resnets(shared: str | Path, names: str) -> Iterator[tuple[str, Path, Any, Any]]:
     """Each CIFAR ResNet of ``names`` (``"resnet20,resnet56"``) that ``shared`` has: (name, weights
     file, spec, model); one it lacks is said so and skipped."""

@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared import DEFAULT_FORMATS as DEFAULT  # noqa: E402
+from _shared import FINER_FORMATS as FINER  # noqa: E402
 from _shared import best_uniform, resnet20_bench  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078"
-DEFAULT = ("8", "6", "4", "3", "2")
-FINER = (*DEFAULT, "5", "4a", "3a", "2a", "4g64", "3g64", "2ag64")
 
 
 def main() -> int:

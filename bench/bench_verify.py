@@ -5,9 +5,12 @@ the scan's sample (2,000), BatchNorm calibration (500), the verification's held-
 and a final test split (5,000) that nothing in planning saw. Per model, all measured in this run:
 
 - ``scan --fast`` (the default methods) on the sample: its time, how many probes it estimated;
-- the default scan (prune + weight_quant) on the sample, for the size budgets; the same scan plus
-  ``act_quant`` at ``--act-bits`` (percentile ranges) for the bops budgets (weight bits alone cannot
-  reach them: int2 weights with float inputs are 1/16 of the BOPs);
+- the scan the plans choose from on the sample, for the size budgets: prune and weight_quant, with
+  ``--formats finer`` (the default) the finer weight family of bench_formats.py (the default 8, 6,
+  4, 3, 2 bits per channel plus 5 bits, zero points and group-wise scales), with ``--formats
+  default`` the default settings alone; the same scan plus ``act_quant`` at ``--act-bits``
+  (percentile ranges) for the bops budgets (weight bits alone cannot reach them: int2 weights with
+  float inputs are 1/16 of the BOPs);
 - the same probes of a seeded ``--spearman-fraction`` of the units scanned on the test split (the
   "full-set" values), and per method the Spearman rank correlation of each signal of the sample
   scan (drop, loss, kl, margin) and of the fast scan's Fisher estimate with them;
@@ -22,7 +25,7 @@ noise, the issue's size targets, and the mean absolute error of the expected dro
 split over plans whose expected drop is at most 2 points.
 
     python bench/bench_verify.py [--models resnet20,resnet56] [--budgets size=0.1,...] [--signals kl,drop]
-        [--act-bits 8,6,4] [--spearman-fraction 0.2] [--cache DIR] [--no-plans]
+        [--act-bits 8,6,4] [--formats finer|default] [--spearman-fraction 0.2] [--cache DIR] [--no-plans]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import ROOT, best_uniform, cifar_resnets, cifar_splits, cifar_test_dir  # noqa: E402
+from _shared import FINER_FORMATS, ROOT, best_uniform, cifar_resnets, cifar_splits, cifar_test_dir  # noqa: E402
 
 BUDGETS = "size=0.156,size=0.125,size=0.1,size=0.078,bops=0.03,bops=0.015"
 NOISE = 0.002  # 0.2 points
@@ -55,6 +58,9 @@ def main() -> int:
     ap.add_argument("--budgets", default=BUDGETS)
     ap.add_argument("--signals", default="kl,drop")
     ap.add_argument("--act-bits", default="8,6,4", help="act_quant settings scanned for bops budgets")
+    ap.add_argument("--formats", choices=("default", "finer"), default="finer",
+                    help="the weight_quant settings plans (and uniform plans) choose from: the default "
+                         "8/6/4/3/2 bits per channel, or those plus " + ", ".join(FINER_FORMATS[5:]))
     ap.add_argument("--spearman-fraction", type=float, default=0.2,
                     help="the share of units (seeded) whose probes are scanned on the test split too")
     ap.add_argument("--rounds", type=int, default=3)
@@ -68,13 +74,18 @@ def main() -> int:
         return 0
 
     from sensplan.planner import Budget, Verifier, make_plan
-    from sensplan.sensitivity import ScanConfig, scan
+    from sensplan.sensitivity import ScanConfig, get_method, scan
     from sensplan.sensitivity._scan import default_settings
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; started {time.strftime('%Y-%m-%d %H:%M')}")
     sample, calib, held, test = cifar_splits(test_dir)
-    with_act = {**default_settings(),
-                "act_quant": tuple({"calib": "percentile", "bits": int(b)} for b in args.act_bits.split(","))}
+    act = tuple({"calib": "percentile", "bits": int(b)} for b in args.act_bits.split(","))
+    with_act = {**default_settings(), "act_quant": act}  # what the Spearman part compares
+    planned = {**default_settings()}
+    if args.formats == "finer":
+        planned["weight_quant"] = get_method("weight_quant").parse_settings(",".join(FINER_FORMATS))
+    print(f"weight formats planned from: {args.formats} "
+          f"({', '.join(get_method('weight_quant').label(x) for x in planned['weight_quant'])})")
     summary, spearman = [], []
     cache = Path(args.cache) if args.cache else None
     if cache:
@@ -95,8 +106,9 @@ def main() -> int:
         fast, fast_s = timed_scan(sample, "fast", ScanConfig(fast=True))
         n_est = sum(1 for r in fast.results if r.get("estimated"))
         print(f"{name}: --fast {fast_s:.1f} s ({n_est} probes estimated, {len(fast.results) - n_est} measured)")
-        table, _ = timed_scan(sample, "sample", ScanConfig())
-        table_act, _ = timed_scan(sample, "sample", ScanConfig(with_act))  # the same journal: act_quant only
+        table, _ = timed_scan(sample, "sample", ScanConfig(planned))
+        # the same journal: act_quant only
+        table_act, _ = timed_scan(sample, "sample", ScanConfig({**planned, "act_quant": act}))
         spearman += _spearman(name, table_act, fast, timed_scan, test, with_act, args.spearman_fraction, fast_s)
 
         if args.no_plans:
