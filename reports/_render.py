@@ -190,9 +190,21 @@ def _column_order(cols: Mapping[str, Sequence[Mapping[str, Any]]], n_declared: i
 
 
 def display_names(scan: Scan) -> dict[str, str]:
-    """Unit -> the name the report shows: a transformer's head or MLP group by its label ("layer 3
-    heads"), every other unit by its name."""
+    """Group id -> the name the report shows for the group: a transformer's head or MLP group by its
+    label ("layer 3 heads"). A group's id is one of its layers' names, and a layer method's unit of
+    that name is the single layer: apply these to group units only (see :func:`names_of`)."""
     return {gid: str(g["label"]) for gid, g in (scan.data.get("groups") or {}).items() if g.get("label")}
+
+
+def names_of(names: Mapping[str, str], info: Mapping[str, Any] | None) -> Mapping[str, str]:
+    """``names`` (group labels) for the units of a method described by ``info`` when it works on
+    groups; none for a method on single layers, whose units keep their own names."""
+    return names if (info or {}).get("unit_kind") == "group" else {}
+
+
+def group_axes(methods: Mapping[str, Mapping[str, Any]]) -> set[str]:
+    """The axes of the group methods among ``methods`` (method -> its scan info)."""
+    return {str(i.get("axis")) for i in methods.values() if i.get("unit_kind") == "group"}
 
 
 def sensitivities(scan: Scan) -> list[_Sensitivity]:
@@ -264,7 +276,8 @@ def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str
         v = s.drops * fmt.factor
         im = ax.imshow(np.ma.masked_invalid(np.clip(v, 0, None)), aspect="auto", cmap=cmap, vmin=0,
                        vmax=vmax)
-        ax.set_yticks(range(len(s.units)), [_tx(names.get(u, u)) for u in s.units], fontsize=7)
+        shown_names = names_of(names, s.info)
+        ax.set_yticks(range(len(s.units)), [_tx(shown_names.get(u, u)) for u in s.units], fontsize=7)
         ax.set_xticks(range(len(s.columns)), [_tx(c) for c in s.columns], fontsize=7,
                       rotation=20 if max(len(c) for c in s.columns) > 8 else 0, ha="right"
                       if max(len(c) for c in s.columns) > 8 else "center")
@@ -388,7 +401,8 @@ def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[s
                         color="white" if float(img[i, j].mean()) < 0.45 else "black")
         ax.imshow(img, aspect="auto", interpolation="nearest")
         units = [str(every[b].get("unit", b)) for b in blocks]
-        ax.set_yticks(range(len(blocks)), [_tx(names.get(u, u)) for u in units], fontsize=7)
+        labels = names if axis in group_axes({x.method: x.info for x in sens}) else {}
+        ax.set_yticks(range(len(blocks)), [_tx(labels.get(u, u)) for u in units], fontsize=7)
         ax.set_xticks(range(len(shown)), [n for n, _ in shown], fontsize=8)
         ax.xaxis.tick_top()
         ax.set_xticks(np.arange(len(shown) + 1) - 0.5, minor=True)
@@ -688,7 +702,8 @@ def drop_map_section(scan: Scan, plan: Plan, fmt: _Fmt) -> str:
             if r["method"] == m:
                 label = r.get("label") or _setting_text(r.get("setting") or {})
                 pts.append({"x": x, "y": f * float(r["drop"]), "unit": r["unit"],
-                            "tip": f"{names.get(r['unit'], r['unit'])} · {label}: {signal} {sx(x)}, "
+                            "tip": f"{names_of(names, scan.methods.get(m)).get(r['unit'], r['unit'])} · "
+                                   f"{label}: {signal} {sx(x)}, "
                                    f"drop {fmt.drop(r['drop'], r.get('drop_se'))} {fmt.drop_unit}"})
         series.append({"name": f"{m} probes", "points": pts, "cls": "probe"})
     marks: list[dict[str, Any]] = []
@@ -1089,8 +1104,8 @@ def _heatmaps(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str])
         # drops within the probes' noise stay pale: the scale reaches at least 1.96 x the largest SE
         noise = 1.96 * max([v for row in ses for v in row if v is not None] + [0.0])
         top = max([v for row in values for v in row if v is not None] + [noise])
-        out.append("<div>" + heatmap(title, x.units, names, x.columns, values, ses, unit_label=fmt.drop_unit,
-                                     fmt_value=val, vmax=top) + "</div>")
+        out.append("<div>" + heatmap(title, x.units, names_of(names, x.info), x.columns, values, ses,
+                                     unit_label=fmt.drop_unit, fmt_value=val, vmax=top) + "</div>")
     return "".join(out)
 
 
@@ -1129,6 +1144,20 @@ def _units_section(scan: Scan, plan: Plan | None, sens: Sequence[_Sensitivity], 
                 skipped.setdefault(k, []).append(f"{m}: {why}")
     worst = _worst(sens)
     se_of = _probe_se(scan)
+    on_groups = group_axes(scan.methods)
+    skips = {m: {str(u) for u in sk} for m, sk in scan.skipped().items()}
+
+    def shown(unit: str, axis: str | None) -> str:
+        """A group unit by its label; a layer by its name (both when a unit of that name was
+        scanned as a group by one method and as a layer by another)."""
+        label = names.get(unit)
+        if label is None:
+            return unit
+        if axis is not None:
+            return label if axis in on_groups else unit
+        kinds = {(scan.methods.get(m) or {}).get("unit_kind") for m in
+                 [*(x.method for x in sens if unit in x.units), *(m for m, sk in skips.items() if unit in sk)]}
+        return label if kinds == {"group"} else unit if "group" not in kinds else f"{unit} ({label})"
 
     def interval(c: Mapping[str, Any] | None, d: Any) -> tuple[str, Any]:
         if not c or not _isnum(d):
@@ -1155,7 +1184,7 @@ def _units_section(scan: Scan, plan: Plan | None, sens: Sequence[_Sensitivity], 
             ud, uk = interval(uc, (uniform.get("unit_drops") or {}).get(b))
             w = worst.get((unit, str(c.get("axis"))))
             listed.add((unit, str(c.get("axis"))))
-            rows.append([names.get(unit, unit), str(c.get("axis", "?")),
+            rows.append([shown(unit, str(c.get("axis", "?"))), str(c.get("axis", "?")),
                          pc.get("label", pc.get("method") or "none") if pc else _DASH, pd,
                          uc.get("label", uc.get("method") or "none") if uc else _DASH, ud,
                          f"{fmt.drop(w[0])} ({w[1]})" if w else _DASH,
@@ -1166,7 +1195,7 @@ def _units_section(scan: Scan, plan: Plan | None, sens: Sequence[_Sensitivity], 
         for (unit, ax), reasons in skipped.items():  # a unit no block lists on that axis: never planned
             if ax is not None and (unit, ax) not in listed:
                 listed.add((unit, ax))
-                rows.append([names.get(unit, unit), ax, "not planned", _DASH, "not planned", _DASH, _DASH,
+                rows.append([shown(unit, ax), ax, "not planned", _DASH, "not planned", _DASH, _DASH,
                              "; ".join(reasons)])
                 keys.append([None] * 8)
                 units.append(unit)
@@ -1178,7 +1207,7 @@ def _units_section(scan: Scan, plan: Plan | None, sens: Sequence[_Sensitivity], 
         for unit in every:
             w = worst.get((unit, None))
             methods = [x.method for x in sens if unit in x.units]
-            rows.append([names.get(unit, unit), ", ".join(methods) or _DASH,
+            rows.append([shown(unit, None), ", ".join(methods) or _DASH,
                          f"{fmt.drop(w[0])} ({w[1]})" if w else _DASH, "; ".join(skipped.get((unit, None), []))])
             keys.append([None, None, w[0] * fmt.factor if w else None, None])
             units.append(unit)

@@ -484,3 +484,30 @@ def test_a_fast_scans_map_is_drawn_on_its_map_points_only(tmp_path):
         assert f"fisher {r['signals']['fisher']['value']:.3g}, drop {100 * r['drop']:.2f}" in sec
     assert "the x values are Fisher estimates" in sec and f"fitted on the {len(points)} map points" in sec
     assert sec.count("<g class='variant'") == 2
+
+
+def test_a_group_label_names_the_group_and_not_the_layer_whose_name_is_its_id(run, tmp_path):
+    """A group's id is one of its layers' names (a transformer's heads group is named after its query
+    projection): the group's label ("layer 0 heads") names the group unit, while a layer method's
+    unit of the same name is shown by its own name, in the heatmaps and in the per-unit table."""
+    from sensplan.reports._render import _Fmt, _heatmaps, display_names, sensitivities
+
+    data = copy.deepcopy(dict(Scan.load(run["scan"]).data))
+    quantized = {r["unit"] for r in data["results"] if r["method"] == "weight_quant"}
+    gid = next(g for g in data["groups"] if g in quantized and any(
+        r["unit"] == g and r["method"] == "prune" for r in data["results"]))
+    data["groups"][gid]["label"] = "layer 0 heads"
+    s = Scan(data)
+    sens = {x.method: x for x in sensitivities(s)}
+    names = display_names(s)
+    prune_map = _heatmaps([sens["prune"]], _Fmt(s.metric), names)
+    quant_map = _heatmaps([sens["weight_quant"]], _Fmt(s.metric), names)
+    assert ">layer 0 heads</text>" in prune_map
+    assert "layer 0 heads" not in quant_map and f">{html.escape(gid)}</text>" in quant_map
+    (tmp_path / "scan.json").write_text(json.dumps(data))
+    doc = render_report(tmp_path / "scan.json", tmp_path / "out", plan=run["plan"], force=True).read_text()
+    table = doc[doc.index("<table id='units' class='sortable'>"):]
+    rows = [r for r in table[:table.index("</table>")].split("<tr")[1:] if f"data-unit='{html.escape(gid)}'" in r]
+    by_axis = {axis: r for r in rows for axis in ("channels", "weight") if f"<td>{axis}</td>" in r}
+    assert "<td>layer 0 heads</td>" in by_axis["channels"]
+    assert f"<td>{html.escape(gid)}</td>" in by_axis["weight"] and "layer 0 heads" not in by_axis["weight"]
