@@ -699,8 +699,9 @@ class Costs:
         self.scan = scan
         self.analytic = AnalyticCosts(scan)
         self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
-        self.signal = signal = _check_signal(self.blocks, signal,
-                                             str((scan.data.get("task") or {}).get("planning_signal") or ""))
+        task = scan.data.get("task") or {}
+        self.signal = signal = _check_signal(self.blocks, signal, str(task.get("planning_signal") or ""),
+                                             task.get("signals"), str(task.get("name") or ""))
         #: the plan's drop from a total of the signal (the identity when planning on the drop),
         #: fitted on the measured probes; for a fast scan on the probes measured for it (the map
         #: points), whose signal is the estimate, as on the probes it maps
@@ -831,8 +832,11 @@ def _number(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _check_signal(blocks: Sequence[Block], signal: str, preferred: str = "") -> str:
-    """``signal`` when every probe of the scan recorded it, else an ArtifactError naming those it did.
+def _check_signal(blocks: Sequence[Block], signal: str, preferred: str = "",
+                  offered: Mapping[str, Any] | Sequence[str] | None = None, task: str = "") -> str:
+    """``signal`` when every probe of the scan recorded it, else an ArtifactError naming those it did
+    (``offered``: the signals the scan's task declares, when the scan says; none means its probes
+    carry the drop alone, and scanning again would not change that).
 
     ``auto`` is ``fisher`` for a fast scan (its probes are estimated), else the task's ``preferred``
     signal when it names one (``perplexity``: ``drop``, the log-perplexity increase, itself a
@@ -851,6 +855,10 @@ def _check_signal(blocks: Sequence[Block], signal: str, preferred: str = "") -> 
                                 f"auto), or scan without --fast.")
         return signal
     if signal not in have:
+        if offered is not None and not offered and not have:
+            raise ArtifactError(f"The scan's task{f' ({task})' if task else ''} records no planning signal "
+                                f"besides the drop, so {signal!r} cannot be planned on. Plan on the drop: "
+                                f"--signal drop (or auto, the default).")
         offered = ", ".join([DROP, *sorted(have)])
         raise ArtifactError(f"The planning signal {signal!r} is not in every probe of the scan (a scan made before "
                             f"sensplan recorded signals, or one whose task does not offer it). Use one of: "

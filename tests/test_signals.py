@@ -13,10 +13,13 @@ spread over 0..0.5 it flips several times as many samples.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
+from sensplan._tables import Scan
 from sensplan.planner import Budget, Costs, compress, make_plan
 from sensplan.planner._signal import DropMap, isotonic
 from sensplan.sensitivity import ScanConfig, WeightMethod, get_task, scan
@@ -145,3 +148,19 @@ def test_the_drop_map_is_monotone_anchored_at_zero_and_inverts():
         assert m(t * 1.001 + 1e-9) >= drop - 1e-12
     identity = DropMap.fit("drop", [])
     assert identity(0.3) == 0.3 and identity.inverse(0.3) == 0.3
+
+
+def test_a_task_without_signals_is_told_to_plan_on_the_drop_not_to_scan_again(nudges):
+    """An embedding scan's task records no signals: asking for one names --signal drop, and does
+    not send the user to scan again (which would record none either)."""
+    from sensplan import ArtifactError
+
+    table = scan(Chain(), margins(40, 0.5, 0.7, 0), ScanConfig({"nudge_a": [{"level": 1}]}), progress=False)
+    data = copy.deepcopy(dict(table.data))
+    data["task"] = {**data["task"], "name": "embedding", "signals": {}}
+    for r in data["results"]:
+        r.pop("signals", None)
+    with pytest.raises(ArtifactError, match=r"task \(embedding\) records no planning signal.*--signal drop") as e:
+        Costs(Scan(data), signal="loss")
+    assert "scan again" not in str(e.value)
+    assert Costs(Scan(data)).signal == "drop"  # auto
