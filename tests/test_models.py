@@ -137,3 +137,7 @@ def test_cli_warns_loudly_without_weights(capsys):
     cli_load_model(args)
     err = capsys.readouterr().err
     assert "WARNING: no --weights" in err and "RANDOMLY INITIALISED" in err and "seeded" in err
+    assert "sensplan demo" not in err
+    # the demo's model: the warning says which command trains it
+    cli_load_model(argparse.Namespace(model="sensplan:digits_cnn", model_arg=[], weights=None, allow_pickle=False))
+    assert "`sensplan demo --out DIR` trains this model" in capsys.readouterr().err

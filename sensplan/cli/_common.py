@@ -361,7 +361,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, ModelSpec]:
         say("WARNING: no --weights: the model has RANDOMLY INITIALISED weights. Its drops, plan and "
             "results say nothing about a trained model. The initialisation is seeded (0), so scan, plan "
             "and apply see the same random model, but another torch version or a factory that draws "
-            "its own random numbers may build a different one. Pass --weights FILE for real results.")
+            "its own random numbers may build a different one. Pass --weights FILE for real results."
+            + (" `sensplan demo --out DIR` trains this model on digits and writes DIR/digits_cnn.pt."
+               if spec.source == "sensplan:digits_cnn" else ""))
     return model, spec
 
 
