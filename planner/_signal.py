@@ -28,28 +28,46 @@ AUTO = "auto"
 def isotonic(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The non-decreasing least-squares fit of ``y`` on ``x`` (pool adjacent violators): its knots
     ``(xs, fs)``, one per distinct ``x``, ``xs`` increasing."""
+    xs, blocks = _pooled(x, y)
+    fs = np.concatenate([np.full(int(n), m) for m, _, n, _ in blocks])
+    return xs, fs
+
+
+def centred_isotonic(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Centred isotonic regression (Oron and Flournoy, 2017): one knot per block that pool adjacent
+    violators pooled, at the block's mean ``x`` and its mean ``y``; between knots, linear. Where
+    :func:`isotonic` is flat over a pooled block, this keeps rising through it: a map of the
+    signal to the drop has no plateau on which a larger total predicts the same drop."""
+    _, blocks = _pooled(x, y)
+    return np.array([sx / w for _, w, _, sx in blocks]), np.array([m for m, _, _, _ in blocks])
+
+
+def _pooled(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, list[list[float]]]:
+    """The distinct ``x`` (increasing) and the blocks of pool adjacent violators over them, each
+    ``[mean y, weight (points), distinct x values, sum of the points' x]``."""
     order = np.argsort(np.asarray(x, dtype=float), kind="stable")
     xv, yv = np.asarray(x, dtype=float)[order], np.asarray(y, dtype=float)[order]
     xs, first = np.unique(xv, return_index=True)
     counts = np.diff(np.append(first, len(xv)))
     means = np.add.reduceat(yv, first) / counts
-    # pool adjacent violators: blocks of (mean, weight, how many knots)
     blocks: list[list[float]] = []
-    for m, w in zip(means, counts, strict=True):
-        blocks.append([float(m), float(w), 1.0])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            m2, w2, n2 = blocks.pop()
-            m1, w1, n1 = blocks.pop()
-            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2])
-    fs = np.concatenate([np.full(int(n), m) for m, _, n in blocks])
-    return xs, fs
+    for xi, m, w in zip(xs, means, counts, strict=True):
+        blocks.append([float(m), float(w), 1.0, float(xi * w)])
+        # ties pool too: the least-squares fit is the same, and the centred fit gets no flat piece
+        while len(blocks) > 1 and blocks[-2][0] >= blocks[-1][0]:
+            m2, w2, n2, s2 = blocks.pop()
+            m1, w1, n1, s1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2, n1 + n2, s1 + s2])
+    return xs, blocks
 
 
 @dataclass(frozen=True)
 class DropMap:
     """A non-decreasing map from a total of ``signal`` to the task's drop, piecewise linear between
     its ``knots`` (signal, drop), 0 at 0, and beyond the last knot continued with the slope from the
-    origin to it (sums of many units go past every single probe). The identity for ``drop``."""
+    origin to it (sums of many units go past every single probe). The knots are the centred
+    isotonic fit (:func:`centred_isotonic`): no plateau, so a correction that adds to a plan's total
+    adds to its predicted drop. The identity for ``drop``."""
 
     signal: str
     knots: tuple[tuple[float, float], ...] = ()
@@ -61,10 +79,11 @@ class DropMap:
         if signal == DROP:
             return cls(DROP)
         pts = [(max(0.0, float(s)), max(0.0, float(d))) for s, d in points]
-        xs, fs = isotonic([0.0, *(p[0] for p in pts)], [0.0, *(p[1] for p in pts)])
+        xs, fs = centred_isotonic([0.0, *(p[0] for p in pts)], [0.0, *(p[1] for p in pts)])
         fs = np.maximum.accumulate(np.maximum(fs, 0.0))
-        fs[0] = 0.0 if xs[0] == 0.0 else fs[0]
-        return cls(signal, tuple((float(a), float(b)) for a, b in zip(xs, fs, strict=True)))
+        # anchored at the origin: a block that pooled it has its knot further right
+        knots = [(0.0, 0.0), *((float(a), float(b)) for a, b in zip(xs, fs, strict=True) if a > 0.0)]
+        return cls(signal, tuple(knots))
 
     @property
     def identity(self) -> bool:
@@ -105,4 +124,4 @@ class DropMap:
         return {"signal": self.signal, "knots": [list(k) for k in self.knots]}
 
 
-__all__ = ["AUTO", "DROP", "FISHER", "DropMap", "isotonic"]
+__all__ = ["AUTO", "DROP", "FISHER", "DropMap", "centred_isotonic", "isotonic"]

@@ -21,7 +21,7 @@ import torch
 
 from sensplan._tables import Scan
 from sensplan.planner import Budget, Costs, compress, make_plan
-from sensplan.planner._signal import DropMap, isotonic
+from sensplan.planner._signal import DropMap, centred_isotonic, isotonic
 from sensplan.sensitivity import ScanConfig, WeightMethod, get_task, scan
 from sensplan.sensitivity._data import EvalSet
 from tests.conftest import registered
@@ -134,6 +134,22 @@ def test_isotonic_fit_is_the_least_squares_monotone_fit():
     for _ in range(50):
         other = np.maximum.accumulate(fs + rng.normal(0, 0.02, len(fs)))
         assert best <= float(((np.interp(x, xs, other) - y) ** 2).sum()) + 1e-12
+
+
+def test_the_drop_map_has_no_plateau_where_isotonic_pools_probes():
+    """Probes out of order pool into one flat block of the isotonic fit; the map keeps rising
+    through it (centred isotonic regression), so a plan whose total grows by a correction is
+    predicted to drop more, not the same."""
+    pts = [(0.1, 0.3), (0.2, 0.1), (0.3, 0.2), (0.5, 0.5)]
+    xs, fs = isotonic([p[0] for p in pts], [p[1] for p in pts])
+    assert fs[0] == fs[1] == fs[2] == pytest.approx(0.2)  # the plateau from 0.1 to 0.3
+    cx, cf = centred_isotonic([p[0] for p in pts], [p[1] for p in pts])
+    assert list(cx) == pytest.approx([0.2, 0.5]) and list(cf) == pytest.approx([0.2, 0.5])
+    m = DropMap.fit("kl", pts)
+    values = [m(t) for t in np.linspace(0.0, 0.6, 61)]
+    assert np.all(np.diff(values) > 0)  # strictly rising: no total is predicted like a smaller one
+    assert m(0.25) > m(0.15) and m(0.0) == 0.0
+    assert m(0.2) == pytest.approx(0.2) and m(0.5) == pytest.approx(0.5)
 
 
 def test_the_drop_map_is_monotone_anchored_at_zero_and_inverts():
