@@ -777,7 +777,10 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
             draw = {"from": "the scan's data outside its sample and calibration", "n": holdout_samples,
                     "seed": drec.get("seed", 0) + 2, "split_seed": drec.get("seed", 0) + 3}
         except UserInputError:
-            notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration: "
+            n_calib = len(exclude) - len(data)  # the calibration drawn from the same data, if any
+            why = (f" (its sample took {len(data)} and the calibration {n_calib}: a smaller --calib-samples, or "
+                   f"--calib-data SPEC from other data, at scan time leaves items for it)" if n_calib > 0 else "")
+            notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration{why}: "
                          f"candidates are compared on the scan's sample (pass --holdout-data SPEC)")
     held, report = split_held(held, drec.get("seed", 0) + 3, notes)
     if held is not None and len(held) < 200:

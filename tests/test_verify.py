@@ -238,6 +238,29 @@ def test_the_held_out_split_is_disjoint_and_the_sample_is_the_scans(tmp_path):
     assert set(v2.held.indices.tolist()) | set(v2.report.indices.tolist()) == held | report
 
 
+def test_with_the_data_used_up_the_note_names_the_calibration_that_took_it(tmp_path):
+    """digits:test has 540 items: a 200-item sample leaves 340, and the default 500 calibration
+    samples take them all. The note says so and names the scan's flags that leave items over."""
+    from sensplan.cli import main
+    from sensplan.planner import verifier_from_scan
+    from sensplan.sensitivity import Scan
+    from tests.conftest import digits_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(digits_model().state_dict(), weights)
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits:test", "--samples", "200", "--bits", "8", "--no-prune",
+                 "--out", str(tmp_path / "scan.json")]) == 0
+    table = Scan.load(tmp_path / "scan.json")
+    v, notes = verifier_from_scan(table, holdout_samples=100)
+    assert v.held is None
+    note = next(n for n in notes if "has no items outside" in n)
+    n_calib = table.data["calibration"]["n"]
+    assert n_calib == table.data["data"]["n_available"] - 200
+    assert f"its sample took 200 and the calibration {n_calib}" in note
+    assert "--calib-samples" in note and "--calib-data" in note and "--holdout-data" in note
+
+
 def test_an_unverified_plan_still_carries_an_interval(toys):
     model, data = Chain(), margin_data(200, 0)
     plan = make_plan(_scan(model, data), [Budget.parse("size=16B")])
