@@ -100,7 +100,7 @@ class Verifier:
     def __init__(self, model: nn.Module, data: EvalSet, calib: EvalSet | None, held: EvalSet | None = None,
                  *, report: EvalSet | None = None, model_spec: ModelSpec | None = None,
                  device: str | torch.device | None = None, batch_size: int = 500,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, channels_last: bool | None = None) -> None:
         import torch
 
         from sensplan.sensitivity._eval import channels_last_wins
@@ -118,8 +118,10 @@ class Verifier:
         # in an order whose every head is stratified by class: a race measures a head first
         self.held = _interleaved(held.to(dev)) if held is not None and len(held) else None
         self.report = report.to(dev) if report is not None and len(report) else None
-        # inputs in the memory order the model runs fastest on (timed once; see channels_last_wins)
-        self.channels_last = channels_last_wins(self.model, self.data.x, batch_size, self.dtype)
+        # inputs in the memory order the model runs fastest on (timed once, see channels_last_wins;
+        # or the order given: the scan's, so that a pool's workers all measure in one order)
+        self.channels_last = channels_last if channels_last is not None else \
+            channels_last_wins(self.model, self.data.x, batch_size, self.dtype)
         for split in ("data", "calib", "held", "report"):
             if getattr(self, split) is not None:
                 setattr(self, split, getattr(self, split).in_layout(self.channels_last))
@@ -743,7 +745,8 @@ class _Correction:
 
 def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool = False,
                        holdout: Any = None, holdout_samples: int | None = 5000,
-                       device: str | torch.device | None = None, workers: int = 1) -> tuple[Verifier, list[str]]:
+                       device: str | torch.device | None = None, workers: int = 1,
+                       channels_last: bool | None = None) -> tuple[Verifier, list[str]]:
     """The model, sample and calibration data the scan measured, rebuilt from what ``scan.json``
     records (each checked against its digest), plus a held-out split: ``holdout`` (a DataSpec), or
     else up to ``holdout_samples`` items of the scan's data that neither the sample nor the
@@ -777,7 +780,9 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
             draw = {"from": "the scan's data outside its sample and calibration", "n": holdout_samples,
                     "seed": drec.get("seed", 0) + 2, "split_seed": drec.get("seed", 0) + 3}
         except UserInputError:
-            n_calib = len(exclude) - len(data)  # the calibration drawn from the same data, if any
+            # the calibration drawn from the same data outside the sample, if any (a calibration that
+            # reused the sample, because the sample took everything, leaves nothing to save)
+            n_calib = len(np.setdiff1d(exclude, data.indices)) if data.indices is not None else 0
             why = (f" (its sample took {len(data)} and the calibration {n_calib}: a smaller --calib-samples, or "
                    f"--calib-data SPEC from other data, at scan time leaves items for it)" if n_calib > 0 else "")
             notes.append(f"--data {drec.get('spec')} has no items outside the scan's sample and calibration{why}: "
@@ -794,13 +799,17 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
     import torch
 
     dtype = getattr(torch, str(scan.data.get("provenance", {}).get("dtype") or "float32"), None)
+    if channels_last is None:  # the memory order the scan measured in (timed again when it does not say)
+        layout = (scan.data.get("provenance") or {}).get("input_layout")
+        channels_last = None if layout is None else layout == "channels_last"
     verifier = Verifier(model, data, calib, held, report=report, model_spec=spec, device=device,
-                        dtype=dtype if isinstance(dtype, torch.dtype) else None)
+                        dtype=dtype if isinstance(dtype, torch.dtype) else None, channels_last=channels_last)
     verifier.held_draw = draw if report is not None else None
     if workers > 1 and scan.path:
         verifier.pool = _Pool(workers, {"scan": os.path.abspath(scan.path), "sha256": scan.sha256, "weights": weights,
                                         "allow_pickle": allow_pickle, "holdout": holdout,
-                                        "holdout_samples": holdout_samples, "device": device})
+                                        "holdout_samples": holdout_samples, "device": device,
+                                        "channels_last": verifier.channels_last})
     elif workers > 1:
         notes.append("the scan was not read from a file, so its verification runs in this process only")
     got = verifier.baseline(scan.data["task"]["name"])["sample"]

@@ -55,11 +55,13 @@ def channels_last_wins(model: nn.Module, x: torch.Tensor, batch_size: int = 500,
     and the verifiers of one run measure in the same order (the layouts' results differ by float
     rounding, about 1e-6 relative, so a borderline model timed again elsewhere may round apart).
     """
-    if x.dim() != 4 or not x.is_floating_point() or not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+    if x.dim() != 4 or not len(x) or not x.is_floating_point() or \
+            not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return False
     dev = device_of(model)
+    half = dtype if dtype is not None and dtype != torch.float32 else None  # float32 is no autocast
     key = (type(model).__qualname__, tuple((n, tuple(p.shape)) for n, p in model.named_parameters()),
-           tuple(x.shape[1:]), str(dev), str(dtype), min(trial, batch_size))
+           tuple(x.shape[1:]), str(dev), str(half), min(trial, batch_size))
     if key not in _LAYOUT:
         _LAYOUT[key] = _channels_last_faster(model, x, dev, batch_size, dtype, margin, trial)
     return _LAYOUT[key]

@@ -329,7 +329,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
             pinned = device is not None and torch.device(device).index is not None
             p = _workers.payload(model, model_spec, data, calib if reference else None, cfg, base,
                                  dev if pinned or dev.type != "cuda" else torch.device("cuda"), dtype,
-                                 _workers.threads_per_worker(workers), todo, spill_root)
+                                 _workers.threads_per_worker(workers), todo, spill_root, channels_last)
             runner = _workers.RayRunner(p, workers, ray or None) if ray is not None else \
                 _workers.ProcessRunner(p, workers)
         results = _run_probes(ctx, todo, _open_journal(journal, header, resume), progress, prober,
@@ -609,7 +609,14 @@ def _model_record(model: nn.Module, example: torch.Tensor, model_spec: ModelSpec
             "weights_digest": header["weights_digest"],  # of the values, whatever the file
             "architecture_digest": architecture_digest(model),
             "input_shape": list(example.shape[1:]),
-            "outputs": int(_outputs(model, example))}
+            "outputs": int(_outputs(model, example)),
+            # MoE experts split out of a fused module (see _moe): their layers exist only in sensplan's model
+            **({"split_experts": [f"model.{n}" for n in model.experts]}
+               if _names(getattr(model, "experts", None)) else {})}
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(n, str) for n in v)
 
 
 def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: MethodContext, unit: str,

@@ -56,7 +56,7 @@ class Payload:
 
 def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: Any, base: Any,
             device: torch.device, dtype: torch.dtype | None, threads: int, todo: Sequence[Any],
-            spill_root: str | None = None) -> Payload:
+            spill_root: str | None = None, channels_last: bool = False) -> Payload:
     """The payload of ``model`` (on the CPU): rebuilt from ``model_spec`` with its current weights,
     or pickled whole when there is no spec (its class must be importable)."""
     from sensplan.sensitivity._scan import _setting_key
@@ -79,8 +79,7 @@ def payload(model: nn.Module, model_spec: Any, data: Any, calib: Any, config: An
     methods = {n: type(METHODS.get(n)) for n in names}
     return Payload(model_spec, state, module, data.to("cpu"), calib.to("cpu") if calib is not None else None,
                    config, base, str(device), dtype, threads,
-                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods, spill_root,
-                   data.x.dim() == 4 and not data.x.is_contiguous())
+                   [(m.name, u, _setting_key(s)) for m, u, s in todo], methods, spill_root, channels_last)
 
 
 def device_in_turn(device: str | torch.device, rank: int) -> torch.device:

@@ -29,6 +29,18 @@ needs_shared = pytest.mark.skipif(
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def contiguous_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test measures on contiguous inputs unless it asks otherwise: the scan's choice of
+    channels-last inputs is timed (see ``_eval.channels_last_wins``), so it could differ between
+    machines and runs, and the orders round apart (about 1e-7). ``tests/test_layout.py`` tests the
+    choice itself, and the scans and verifiers that follow it."""
+    from sensplan.sensitivity import _eval
+
+    monkeypatch.setattr(_eval, "_LAYOUT", {})
+    monkeypatch.setattr(_eval, "_channels_last_faster", lambda *args, **kwargs: False)
+
+
 @contextmanager
 def registered(*methods: type) -> Iterator[None]:
     """The method classes ``methods`` registered meanwhile (a test's toy methods), removed after."""

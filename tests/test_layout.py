@@ -113,6 +113,32 @@ def test_a_channels_last_scan_matches_a_contiguous_one(monkeypatch, workers):
         assert s["loss_increase"] == pytest.approx(r["loss_increase"], rel=1e-3, abs=1e-5)
 
 
+def test_workers_measure_in_the_main_process_order(monkeypatch):
+    """The workers get the main process's choice (not a guess from the data they are sent): a
+    channels-last scan on two workers gives the rows of one process, up to the rounding of
+    oneDNN's channels-last convolutions on another thread count (contiguous ones are bit-identical:
+    tests/test_workers.py)."""
+    from sensplan.sensitivity import _workers
+
+    model = seeded_model("tiny_resnet")
+    data = self_labelled(model, n=64)
+    calib = self_labelled(model, n=32, seed=1)
+    cfg = ScanConfig.of(bits=(8, 4), ratios=(0.5,), batch_size=32)
+    monkeypatch.setattr(scan_module, "channels_last_wins", lambda *a, **k: True)
+    sent = []
+    payload = _workers.payload
+    monkeypatch.setattr(_workers, "payload", lambda *a, **k: sent.append(payload(*a, **k)) or sent[-1])
+    one = scan(model, data, cfg, calib=calib, progress=False)
+    two = scan(model, data, cfg, calib=calib, progress=False, workers=2)
+    assert [p.channels_last for p in sent] == [True]
+    keys = ("unit", "method", "setting", "drop", "lost", "gained")
+    assert [{k: r.get(k) for k in keys} for r in one.results] == [{k: r.get(k) for k in keys} for r in two.results]
+    for a, b in zip(one.results, two.results, strict=True):
+        assert b["loss_increase"] == pytest.approx(a["loss_increase"], rel=1e-4, abs=1e-5)
+        for name, s in a["signals"].items():
+            assert b["signals"][name]["value"] == pytest.approx(s["value"], rel=1e-4, abs=1e-5)
+
+
 def test_the_verifier_measures_in_the_chosen_order(monkeypatch):
     model = seeded_model("tiny_resnet")
     data = self_labelled(model, n=32)
@@ -122,3 +148,26 @@ def test_the_verifier_measures_in_the_chosen_order(monkeypatch):
     assert v.channels_last
     assert not v.held.x.is_contiguous() and v.held.x.is_contiguous(memory_format=torch.channels_last)
     assert not v.data.x.is_contiguous()
+    # an order given (the scan's, or the main verifier's for its pool) is not timed again
+    monkeypatch.setattr(_eval, "channels_last_wins", lambda *a, **k: pytest.fail("timed again"))
+    given = Verifier(model, data, None, held, channels_last=False)
+    assert not given.channels_last and given.held.x.is_contiguous()
+
+
+def test_a_verifier_from_a_scan_measures_in_the_scans_order(monkeypatch, tmp_path):
+    from sensplan.cli import main
+    from sensplan.planner import verifier_from_scan
+    from sensplan.sensitivity import Scan
+    from tests.conftest import digits_model
+
+    weights = tmp_path / "w.pt"
+    torch.save(digits_model().state_dict(), weights)
+    monkeypatch.setattr(scan_module, "channels_last_wins", lambda *a, **k: True)
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits", "--samples", "150", "--calib-samples", "100", "--bits", "8",
+                 "--no-prune", "--out", str(tmp_path / "scan.json")]) == 0
+    table = Scan.load(tmp_path / "scan.json")
+    assert table.data["provenance"]["input_layout"] == "channels_last"
+    monkeypatch.setattr(_eval, "channels_last_wins", lambda *a, **k: pytest.fail("timed again"))
+    v, _ = verifier_from_scan(table, holdout_samples=None)
+    assert v.channels_last and v.held.x.is_contiguous(memory_format=torch.channels_last)
