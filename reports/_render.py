@@ -428,7 +428,9 @@ def layer_grid(plan: Plan, scan: Scan, variant: str = "planned") -> Grid:
         unit = str(c.get("unit", ""))
         g = groups.get(unit) if c.get("kind") == "group" else None
         if g is not None and g.get("layer") is not None:
-            layer, kind = int(g["layer"]), "heads" if g.get("kind") == "heads" else "MLP"
+            layer = int(g["layer"])
+            kind = "heads" if g.get("kind") == "heads" else f"expert {g['expert']}" if g.get("expert") is not None \
+                else "MLP"
         else:
             index = layer_index(unit)
             if index is None:
@@ -436,6 +438,9 @@ def layer_grid(plan: Plan, scan: Scan, variant: str = "planned") -> Grid:
             layer, kind = index, unit.rsplit(".", 1)[-1]
             if kind in ("dense",):  # BERT's projections are all "dense": name them by their parent
                 kind = ".".join(unit.rsplit(".", 2)[-2:])
+            expert = re.search(r"\.experts\.(\d+)\.[^.]+$", unit)  # an MoE expert's projection (see _moe)
+            if expert:
+                kind = f"expert {expert.group(1)} {kind}"
         label = str(c.get("label") or "") if c.get("method") else ""
         cells.setdefault((layer, kind), [])
         if label:
@@ -443,7 +448,9 @@ def layer_grid(plan: Plan, scan: Scan, variant: str = "planned") -> Grid:
     layers = sorted({k[0] for k in cells})
     if len(layers) < 2:
         return [], [], {}
-    kinds = sorted({k[1] for k in cells}, key=lambda k: (k not in ("heads", "MLP"), k != "heads", k))
+    kinds = sorted({k[1] for k in cells}, key=lambda k: (k not in ("heads", "MLP"), k != "heads",
+                                                         [(0, int(t), "") if t.isdigit() else (1, 0, t)
+                                                          for t in k.split()]))
     return layers, kinds, {k: " + ".join(v) or "none" for k, v in cells.items()}
 
 

@@ -786,8 +786,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     plus the two attention products (2 x L x S x E) under the attention module's name, and the
     output projection (L x E x E) under ``<name>.out_proj``. A Conv/Linear whose forward never runs
     but whose weight a parent passes to ``F.linear`` / ``F.conv*`` itself (torchvision's Swin
-    attention: ``F.linear(x, self.qkv.weight)``) is counted from those calls. Other operations
-    (norms, activations, pooling, additions) are not counted.
+    attention: ``F.linear(x, self.qkv.weight)``) is counted from those calls. A module with an
+    ``expected_macs(tokens_per_sample)`` method (an MoE block's experts, see ``_moe``: each runs on
+    the tokens routed to it) gives its layers' counts itself, from the tokens its forward received.
+    Other operations (norms, activations, pooling, additions) are not counted.
     """
     macs: dict[str, int] = {}
     hooks = []
@@ -848,8 +850,19 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
             macs[f"{name}.out_proj"] = macs.get(f"{name}.out_proj", 0) + tokens[0] * e * e
         return fn
 
+    tokens: dict[str, float] = {}
+
+    def routed_hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, inp: Any, out: Any) -> None:
+            x = inp[0] if inp else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 1:
+                tokens[name] = tokens.get(name, 0.0) + x.numel() / (batch * x.shape[-1])
+        return fn
+
     attention_parts = set()
     for name, mod in model.named_modules():
+        if callable(getattr(mod, "expected_macs", None)):
+            hooks.append(mod.register_forward_hook(routed_hook(name)))
         if isinstance(mod, nn.MultiheadAttention):
             attention_parts.add(f"{name}.out_proj")
             hooks.append(mod.register_forward_hook(mha_hook(name), with_kwargs=True))
@@ -864,6 +877,8 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
             h.remove()
     for name, v in functional.items():
         macs.setdefault(name, round(v))  # attention's out_proj is in already, from its module's hook
+    for name, n in tokens.items():  # routed layers: an even share of the tokens, not this example's
+        macs.update({f"{name}.{rel}": v for rel, v in model.get_submodule(name).expected_macs(n).items()})
     return macs
 
 

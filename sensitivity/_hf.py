@@ -94,9 +94,10 @@ class HFModel(nn.Module):
     model: Any  # a transformers PreTrainedModel (its API is not typed as nn.Module's)
 
     def __init__(self, model: Any, kind: str, *, include_head: bool = False, source: str = "",
-                 conv1d: list[str] | None = None) -> None:
+                 conv1d: list[str] | None = None, experts: list[str] | None = None) -> None:
         super().__init__()
         self.conv1d = list(conv1d or [])  # the modules that were GPT-2 Conv1D (names inside ``model``)
+        self.experts = list(experts or [])  # the fused MoE experts split per expert (see _moe)
         if kind not in KINDS:
             raise ModelSpecError(f"kind must be one of {', '.join(KINDS)}. Got {kind!r}.")
         self.model = model
@@ -161,12 +162,13 @@ class HFModel(nn.Module):
         on a probe input), or ``{"saved": False, "reason"}``."""
         import copy
 
+        from sensplan.sensitivity._moe import fuse_experts_, split_experts_
         from sensplan.sensitivity._transformers import find_groups
 
         require_transformers("Writing a save_pretrained folder")
         cfg: Any = copy.deepcopy(self.model.config)
         groups = find_groups(self)
-        widths = sorted({g.channels for g in groups if g.kind == "mlp"})
+        widths = sorted({g.channels for g in groups if g.kind == "mlp" and g.expert is None})
         if len(widths) > 1:
             return {"saved": False, "reason": f"the MLP width differs between layers ({widths[0]} to "
                                               f"{widths[-1]}), and a transformers config holds one"}
@@ -196,6 +198,9 @@ class HFModel(nn.Module):
                                               f"transformers model cannot hold"}
         out: Any = copy.deepcopy(self.model)
         linear_to_conv1d_(out, self.conv1d)
+        unfused = fuse_experts_(out, self.experts, cfg)
+        if unfused:
+            return {"saved": False, "reason": unfused}
         out.config = cfg
         out.save_pretrained(folder)
         tok = self.source and os.path.isfile(os.path.join(self.source, "tokenizer_config.json"))
@@ -210,6 +215,7 @@ class HFModel(nn.Module):
         dev = next(self.parameters()).device
         back = HFModel(loaded.eval().to(dev), self.kind)
         conv1d_to_linear_(back.model)
+        split_experts_(back.model)
         probe = _probe_input(self).to(dev)
         with torch.no_grad():
             ours = self(probe)
@@ -312,9 +318,12 @@ def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
         # decoder classifiers find each text's last token by the pad id: the attention mask pads with eos
         eos = getattr(hf.config, "eos_token_id", None)
         hf.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    from sensplan.sensitivity._moe import split_experts_
+
     swapped = conv1d_to_linear_(hf)
+    experts = split_experts_(hf)  # fused MoE experts: one Linear pair per expert
     return HFModel(hf.eval(), kind, include_head=_truthy(kwargs.get("include_head", False)),
-                   source=path, conv1d=swapped).eval()
+                   source=path, conv1d=swapped, experts=experts).eval()
 
 
 # -- text data -------------------------------------------------------------------------------------

@@ -54,10 +54,13 @@ class TGroup:
     layer: int | None  # the transformer layer's index, when its name has one
     per_channel: str  # what one channel is, e.g. "KV head (2 query heads of 16 dims)"
     fix: Callable[[nn.Module, int], None] | None = None  # sets the module's attributes after a removal
+    expert: int | None = None  # an MoE expert's index (its MLP group; see _moe)
 
     @property
     def label(self) -> str:
         where = f"layer {self.layer}" if self.layer is not None else self.block
+        if self.expert is not None:
+            return f"{where} expert {self.expert} MLP"
         return f"{where} {'heads' if self.kind == 'heads' else 'MLP'}"
 
 
@@ -184,13 +187,36 @@ def _mlp(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None
     return TGroup(outs[0], "mlp", width, parts, name, layer_index(name), "intermediate channel")
 
 
+def _experts(name: str, mod: nn.Module) -> list[TGroup]:
+    """Each expert of a split MoE block (see ``_moe``): its intermediate channels, the gate and up
+    rows of its fused ``gate_up_proj`` (channel c: rows c and I + c) with ``down_proj``'s columns."""
+    from sensplan.sensitivity._moe import SplitExperts
+
+    if not isinstance(mod, SplitExperts):
+        return []
+    out = []
+    for e in range(mod.num_experts):
+        expert = mod.expert(e)
+        if not (isinstance(expert.gate_up_proj, nn.Linear) and isinstance(expert.down_proj, nn.Linear)):
+            continue
+        width = int(expert.down_proj.in_features)
+        if expert.gate_up_proj.out_features != 2 * width:
+            continue
+        p = f"{name}.{e}"
+        parts = (_Part(f"{p}.gate_up_proj", "out", _rows(1, (0, width))), _Part(f"{p}.down_proj", "in", _same))
+        out.append(TGroup(f"{p}.gate_up_proj", "mlp", width, parts, p, layer_index(name), "intermediate channel",
+                          expert=e))
+    return out
+
+
 def find_groups(model: nn.Module) -> list[TGroup]:
-    """The attention-head and MLP groups of ``model``, in module order."""
+    """The attention-head and MLP groups of ``model`` (an MoE block's: one per expert), in module
+    order."""
     mods = dict(model.named_modules())
     found: list[TGroup] = []
     used: set[str] = set()
     for name, mod in model.named_modules():
-        for g in (_attention(name, mod, mods), _mlp(name, mod, mods)):
+        for g in (_attention(name, mod, mods), _mlp(name, mod, mods), *_experts(name, mod)):
             if g is None or any(part.module in used for part in g.parts):
                 continue
             found.append(g)
@@ -255,7 +281,7 @@ class TransformerGraph(ZeroingProbe):
         """What the scan's ``groups`` section records besides the channel count."""
         g = self._groups[gid]
         return {"kind": g.kind, "label": g.label, "layer": g.layer, "block": g.block,
-                "per_channel": g.per_channel}
+                "per_channel": g.per_channel, **({"expert": g.expert} if g.expert is not None else {})}
 
     def unsafe_reason(self, gid: str) -> str:
         return ""

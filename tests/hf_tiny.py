@@ -3,7 +3,8 @@
 ``save(kind, folder)`` writes a ``save_pretrained`` folder that ``--model hf:FOLDER`` loads: a
 byte-level BPE tokenizer trained on Python's own ``pydoc_data`` text, plus a 2-layer model of the
 kind: ``gpt2`` (GPT-2 LM, fused ``Conv1D`` projections), ``llama`` (Llama LM with grouped-query
-attention: 4 query heads on 2 KV heads, gated MLP, RMSNorm), ``bert`` (BERT sequence classifier,
+attention: 4 query heads on 2 KV heads, gated MLP, RMSNorm), ``mixtral`` (a Mixtral LM: the
+Llama attention with a sparse MoE block of 4 experts, 2 per token, stored fused), ``bert`` (BERT sequence classifier,
 3 labels), ``vit`` (ViT image classifier on 8x8 images, 10 labels; no tokenizer).
 """
 
@@ -58,6 +59,12 @@ def build(kind: str, seed: int = 0, vocab: int = 320):
         cfg = tf.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=48, max_position_embeddings=64, num_labels=3, pad_token_id=0)
         return tf.BertForSequenceClassification(cfg)
+    if kind == "mixtral":
+        cfg = tf.MixtralConfig(vocab_size=vocab, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                               num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0,
+                               tie_word_embeddings=False)
+        return tf.MixtralForCausalLM(cfg)
     if kind == "vit":
         cfg = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=48, num_labels=10)

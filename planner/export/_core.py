@@ -134,6 +134,7 @@ class ExportRequest:
     model_loader: Callable[[], LoadedModel] | None = None
     _loaded: LoadedModel | None = None
     dropped: list[Unsupported] = field(default_factory=list)
+    left_out: set[str] = field(default_factory=set)  # blocks dropped before the exporter ran
 
     # -- the allocation ----------------------------------------------------------------------
     @property
@@ -143,8 +144,9 @@ class ExportRequest:
 
     @property
     def choices(self) -> dict[str, Mapping[str, Any]]:
-        """Every block of the allocation (``<axis>:<unit>`` -> its choice), ``method: null`` included."""
-        return dict(self.allocation["choices"])
+        """Every block of the allocation (``<axis>:<unit>`` -> its choice), ``method: null`` included
+        (less the blocks :func:`export_plan` left out before the exporter ran)."""
+        return {b: c for b, c in self.allocation["choices"].items() if b not in self.left_out}
 
     def applied(self) -> dict[str, Mapping[str, Any]]:
         """The blocks that apply a method."""
@@ -204,6 +206,18 @@ class ExportRequest:
                              f"allocation: {first}. Pass --drop-unsupported to export without them (they are listed "
                              f"in the file's 'dropped'), or {fix}.")
 
+    def split_expert_items(self) -> list[Unsupported]:
+        """The applied blocks on an MoE expert that sensplan split out of a fused experts module
+        (``model.split_experts`` in the plan; see ``sensitivity/_moe.py``): the model that
+        ``from_pretrained`` builds has no module of that name."""
+        return [Unsupported(b, str(c.get("label") or c.get("method")), EXPERT_WHY)
+                for b, c in self.applied().items() if self.split_expert(str(c.get("unit", "")))]
+
+    def split_expert(self, unit: str) -> bool:
+        """Whether ``unit`` is a layer of an MoE expert that sensplan split out (see above)."""
+        roots = tuple(f"{r}." for r in (self.plan.data.get("model") or {}).get("split_experts") or ())
+        return bool(roots) and unit.startswith(roots)
+
     def group_items(self, why: str) -> list[Unsupported]:
         return [Unsupported(f"{c['axis']}:{u}", str(c.get("label")), why) for u, c in self.groups().items()]
 
@@ -246,6 +260,9 @@ class Exporter:
     suffix = ".json"
     needs_model = False
     needs_calib = False
+    #: whether the file names the modules of the user's model (a split MoE expert has none: its
+    #: choices are refused, or left out with ``drop_unsupported``)
+    names_modules = True
 
     def beside(self, out: Path) -> list[str]:
         """The names of the files :meth:`export` writes beside ``out`` (its ``extra_files``), known
@@ -291,6 +308,10 @@ def export_plan(plan: Any, target: str, out: str | os.PathLike[str], *, variant:
     out_path = Path(out)
     for name in exporter.beside(out_path):
         _check_beside(out_path, out_path.parent / name, target)
+    if exporter.names_modules:
+        experts = req.unsupported(req.split_expert_items(), "apply the plan with `sensplan apply`, whose "
+                                  "model.sensplan loads with sensplan.planner.load_compressed")
+        req.left_out.update(i.block for i in experts)
     result = exporter.export(req)
     result.dropped = list(req.dropped)
     for name, data in result.extra_files.items():
@@ -319,6 +340,11 @@ def _check_beside(out: Path, path: Path, target: str) -> None:
     raise UserInputError(f"--out {out}: the {target} export also writes {path} beside it, and that file exists "
                          f"but is not from an earlier --to {target} export to {out}; sensplan does not overwrite "
                          f"it. Choose another --out (the extra file is named after it), or move {path} away.")
+
+
+#: why a split MoE expert's choice cannot be exported by module name
+EXPERT_WHY = ("an MoE expert's layer exists only in sensplan's split of the fused experts (one Linear per expert); "
+              "the model from_pretrained builds holds all experts in one 3-D weight")
 
 
 # -- small writers ---------------------------------------------------------------------------------
@@ -469,7 +495,8 @@ def out_of_scope(request: ExportRequest) -> list[str]:
     planned = {c["unit"] for c in request.choices.values() if c.get("kind") == "layer"}
     names = [u for u in scope.get("layers") or [] if u not in planned]
     names += [u for u in scope.get("out_of_scope") or {} if u not in planned]
-    return [request.target_name(u) for u in dict.fromkeys(names)]
+    # a split MoE expert's layer has no name in the target's model (its choices were refused or dropped)
+    return [request.target_name(u) for u in dict.fromkeys(names) if not request.split_expert(u)]
 
 
 def require_transformer(request: ExportRequest, tool: str) -> None:

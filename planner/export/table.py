@@ -17,6 +17,7 @@ COLUMNS = ("block", "unit", "axis", "kind", "method", "label", "setting", "predi
 @EXPORTERS.register
 class CsvExporter(Exporter):
     name = "csv"
+    names_modules = False  # sensplan's own unit names, one row each
     description = "one row per block (unit, axis, method, setting, predicted drop, channels, bits) for spreadsheets"
     suffix = ".csv"
 
