@@ -859,6 +859,10 @@ def _check_signal(blocks: Sequence[Block], signal: str, preferred: str = "",
             raise ArtifactError(f"The scan's task{f' ({task})' if task else ''} records no planning signal "
                                 f"besides the drop, so {signal!r} cannot be planned on. Plan on the drop: "
                                 f"--signal drop (or auto, the default).")
+        if offered is not None and signal not in offered:
+            named = f" ({task})" if task else ""
+            raise ArtifactError(f"{signal!r} is not a planning signal of the scan's task{named}: it records "
+                                f"{', '.join([DROP, *sorted(offered)])}. Use one of them (--signal).")
         offered = ", ".join([DROP, *sorted(have)])
         raise ArtifactError(f"The planning signal {signal!r} is not in every probe of the scan (a scan made before "
                             f"sensplan recorded signals, or one whose task does not offer it). Use one of: "

@@ -118,8 +118,15 @@ def test_a_signal_the_scan_did_not_record_is_refused_naming_those_it_did(nudges)
 
     table = scan(Chain(), margins(40, 0.5, 0.7, 0), ScanConfig({"nudge_a": [{"level": 1}]}), progress=False)
     assert set(table.results[0]["signals"]) == {"loss", "kl", "margin"}
-    with pytest.raises(ArtifactError, match="'entropy' is not in every probe.*drop, kl, loss, margin"):
+    with pytest.raises(ArtifactError, match=r"'entropy' is not a planning signal of the scan's task "
+                                            r"\(classification\): it records drop, kl, loss, margin"):
         Costs(table, signal="entropy")
+    # a signal the task offers but this scan's probes lack (a scan made before sensplan recorded it)
+    data = copy.deepcopy(dict(table.data))
+    for r in data["results"]:
+        r["signals"].pop("margin")
+    with pytest.raises(ArtifactError, match="'margin' is not in every probe.*drop, kl, loss.*scan again"):
+        Costs(Scan(data), signal="margin")
 
 
 def test_isotonic_fit_is_the_least_squares_monotone_fit():
