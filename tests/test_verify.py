@@ -259,6 +259,13 @@ def test_with_the_data_used_up_the_note_names_the_calibration_that_took_it(tmp_p
     assert n_calib == table.data["data"]["n_available"] - 200
     assert f"its sample took 200 and the calibration {n_calib}" in note
     assert "--calib-samples" in note and "--calib-data" in note and "--holdout-data" in note
+    # a sample of everything: the calibration reuses it, so a smaller --calib-samples would free nothing
+    assert main(["scan", "--model", "sensplan:digits_cnn", "--model-arg", "width=8", "--weights", str(weights),
+                 "--data", "digits:test", "--samples", "2000", "--bits", "8", "--no-prune",
+                 "--out", str(tmp_path / "all.json")]) == 0
+    _, notes = verifier_from_scan(Scan.load(tmp_path / "all.json"), holdout_samples=100)
+    note = next(n for n in notes if "has no items outside" in n)
+    assert "its sample took" not in note and "--calib-samples" not in note
 
 
 def test_an_unverified_plan_still_carries_an_interval(toys):
