@@ -878,7 +878,8 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
     for name, v in functional.items():
         macs.setdefault(name, round(v))  # attention's out_proj is in already, from its module's hook
     for name, n in tokens.items():  # routed layers: an even share of the tokens, not this example's
-        macs.update({f"{name}.{rel}": v for rel, v in model.get_submodule(name).expected_macs(n).items()})
+        routed: Any = model.get_submodule(name)
+        macs.update({f"{name}.{rel}": v for rel, v in routed.expected_macs(n).items()})
     return macs
 
 

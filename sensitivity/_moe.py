@@ -47,7 +47,8 @@ class SplitExperts(nn.Module):
 
     def __init__(self, fused: nn.Module) -> None:
         super().__init__()
-        gate_up, down = fused.gate_up_proj, fused.down_proj
+        gate_up: torch.Tensor = getattr(fused, "gate_up_proj")  # noqa: B009 - typed, not a module
+        down: torch.Tensor = getattr(fused, "down_proj")  # noqa: B009
         n, two_i, hidden = gate_up.shape
         self.num_experts = int(n)
         self.act_fn = fused.act_fn
@@ -74,7 +75,8 @@ class SplitExperts(nn.Module):
             token, slot = torch.where(top_k_index == e)
             expert = self.expert(int(e))
             gate, up = expert.gate_up_proj(hidden_states[token]).chunk(2, dim=-1)
-            y = expert.down_proj(self.act_fn(gate) * up) * top_k_weights[token, slot, None]
+            act: Any = self.act_fn
+            y = expert.down_proj(act(gate) * up) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 

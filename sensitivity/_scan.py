@@ -611,7 +611,7 @@ def _model_record(model: nn.Module, example: torch.Tensor, model_spec: ModelSpec
             "input_shape": list(example.shape[1:]),
             "outputs": int(_outputs(model, example)),
             # MoE experts split out of a fused module (see _moe): their layers exist only in sensplan's model
-            **({"split_experts": [f"model.{n}" for n in model.experts]}
+            **({"split_experts": [f"model.{n}" for n in getattr(model, "experts")]}  # noqa: B009
                if _names(getattr(model, "experts", None)) else {})}
 
 
