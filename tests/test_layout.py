@@ -25,22 +25,18 @@ class Flattens(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(x)
-        return self.fc(y.view(y.shape[0], -1))
+        return self.fc(self.flat(y))
+
+    def flat(self, y: torch.Tensor) -> torch.Tensor:
+        return y.view(y.shape[0], -1)
 
 
-class Strided(nn.Module):
+class Strided(Flattens):
     """A CNN whose output depends on the memory order (it reads the raw storage): a wrong answer,
     not an error, on channels-last inputs."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        flat = torch.as_strided(y, (y.shape[0], y.numel() // y.shape[0]), (y.numel() // y.shape[0], 1))
-        return self.fc(flat)
+    def flat(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.as_strided(y, (y.shape[0], y.numel() // y.shape[0]), (y.numel() // y.shape[0], 1))
 
 
 def test_a_model_that_views_activations_keeps_contiguous_inputs():
