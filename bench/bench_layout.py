@@ -40,7 +40,7 @@ def build(name: str) -> torch.nn.Module:
 
 
 def main() -> int:
-    from sensplan.sensitivity._eval import channels_last_wins
+    from sensplan.sensitivity import channels_last_wins
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(MODELS))

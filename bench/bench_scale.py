@@ -117,7 +117,7 @@ def _scan_speed(name, model, sample, calib, everything, uncached: bool, naive_to
         times.append(time.perf_counter() - t)
     naive_probe = statistics.median(times)
     # the same loop on channels-last inputs, where the model runs faster on them (as the scan does)
-    from sensplan.sensitivity._eval import channels_last_wins
+    from sensplan.sensitivity import channels_last_wins
 
     fast_layout = channels_last_wins(model, everything.x)
     naive_cl = None

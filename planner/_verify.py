@@ -103,7 +103,7 @@ class Verifier:
                  dtype: torch.dtype | None = None, channels_last: bool | None = None) -> None:
         import torch
 
-        from sensplan.sensitivity._eval import channels_last_wins
+        from sensplan.sensitivity import channels_last_wins
 
         if device is not None and torch.device(device) != next(model.parameters()).device:
             model = copy.deepcopy(model).to(device)

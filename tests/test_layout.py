@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import sensplan.sensitivity._scan as scan_module
+from sensplan import sensitivity
 from sensplan.planner import Verifier
 from sensplan.sensitivity import ScanConfig, _eval, scan
 from sensplan.sensitivity._eval import _channels_last_faster, channels_last_wins
@@ -139,13 +140,13 @@ def test_the_verifier_measures_in_the_chosen_order(monkeypatch):
     model = seeded_model("tiny_resnet")
     data = self_labelled(model, n=32)
     held = self_labelled(model, n=32, seed=2)
-    monkeypatch.setattr(_eval, "channels_last_wins", lambda *a, **k: True)
+    monkeypatch.setattr(sensitivity, "channels_last_wins", lambda *a, **k: True)
     v = Verifier(model, data, None, held)
     assert v.channels_last
     assert not v.held.x.is_contiguous() and v.held.x.is_contiguous(memory_format=torch.channels_last)
     assert not v.data.x.is_contiguous()
     # an order given (the scan's, or the main verifier's for its pool) is not timed again
-    monkeypatch.setattr(_eval, "channels_last_wins", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(sensitivity, "channels_last_wins", lambda *a, **k: pytest.fail("timed again"))
     given = Verifier(model, data, None, held, channels_last=False)
     assert not given.channels_last and given.held.x.is_contiguous()
 
@@ -164,6 +165,6 @@ def test_a_verifier_from_a_scan_measures_in_the_scans_order(monkeypatch, tmp_pat
                  "--no-prune", "--out", str(tmp_path / "scan.json")]) == 0
     table = Scan.load(tmp_path / "scan.json")
     assert table.data["provenance"]["input_layout"] == "channels_last"
-    monkeypatch.setattr(_eval, "channels_last_wins", lambda *a, **k: pytest.fail("timed again"))
+    monkeypatch.setattr(sensitivity, "channels_last_wins", lambda *a, **k: pytest.fail("timed again"))
     v, _ = verifier_from_scan(table, holdout_samples=None)
     assert v.channels_last and v.held.x.is_contiguous(memory_format=torch.channels_last)
