@@ -142,8 +142,8 @@ def fuse_experts_(model: nn.Module, names: list[str], config: Any = None) -> str
         down = torch.stack([x.down_proj.weight.detach() for x in experts])
         fused: Any = split.fused_class(config)
         if fused.gate_up_proj.shape != gate_up.shape or fused.down_proj.shape != down.shape:
-            return (f"the experts of {name} were pruned ({down.shape[-1]} of {fused.down_proj.shape[-1]} "
-                    f"intermediate channels in the widest), and a transformers config holds one expert width")
+            return (f"the experts of {name} were pruned to {down.shape[-1]} of their {fused.down_proj.shape[-1]} "
+                    f"intermediate channels, which the config's expert width does not say")
         fused.gate_up_proj = nn.Parameter(gate_up)
         fused.down_proj = nn.Parameter(down)
         parent, _, child = name.rpartition(".")

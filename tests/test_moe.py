@@ -98,6 +98,30 @@ def test_each_expert_is_a_pruning_group_of_gate_up_and_down(mixtral: Path, corpu
     assert why is not None and "different widths (22 to 24)" in why
 
 
+def test_experts_pruned_to_one_width_save_as_a_transformers_folder(mixtral: Path, corpus: Path,
+                                                                    tmp_path: Path) -> None:
+    """Every expert at one width is what the config's expert width (Mixtral: intermediate_size)
+    says: the folder is written fused and reloads with the same outputs."""
+    m = load_model(ModelSpec(f"hf:{mixtral}"))
+    x = _text(mixtral, corpus, n=4).x
+    g = channel_graph(m, x[:1])
+    for gid in (gid for gid in g.group_ids() if "expert" in g.describe(gid)):
+        g.prune_(gid, [1, 7, 20, 22])
+    with torch.no_grad():
+        ours = m(x)
+    saved = m.export_pretrained(tmp_path / "hf")
+    assert saved["saved"], saved
+    back = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert back.config.intermediate_size == WIDTH - 4
+    assert back.model.layers[1].mlp.experts.down_proj.shape == (EXPERTS, HIDDEN, WIDTH - 4)
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=x[:, 0], attention_mask=x[:, 1]).logits, ours, atol=1e-5)
+    # one expert narrower than the rest: no config says it
+    g.prune_("model.model.layers.0.mlp.experts.1.gate_up_proj", [0])
+    refused = m.export_pretrained(tmp_path / "hf2")
+    assert not refused["saved"] and "different widths (19 to 20)" in refused["reason"]
+
+
 def test_expert_macs_count_top_k_of_the_experts_per_token(mixtral: Path, corpus: Path) -> None:
     m = load_model(ModelSpec(f"hf:{mixtral}"))
     x = _text(mixtral, corpus, n=2).x

@@ -32,7 +32,8 @@ class Prune(Method):
     values_only = True  # the probe zeroes channels (norms over channels get a hook: then measured)
     default_settings = tuple({"ratio": r} for r in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8))
     setting_key = "ratio"
-    description = "structured pruning of a coupled channel group (fraction of channels removed)"
+    description = ("structured pruning of a coupled channel group (fraction of channels removed); on a "
+                   "transformer: attention heads, MLP channels, and each MoE expert's channels")
     speed_note = "removes channels for real: fewer MACs and smaller tensors on every runtime"
 
     def check_setting(self, setting: Mapping[str, Any]) -> Setting:
