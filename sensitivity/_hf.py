@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from sensplan._errors import DataSpecError, ModelSpecError, UserInputError
+from sensplan.sensitivity._models import swap_module
 
 KINDS = ("causal-lm", "sequence-classification", "image-classification", "embedding")
 INSTALL = 'pip install "sensplan[hf]"'
@@ -265,8 +266,7 @@ def linear_to_conv1d_(model: nn.Module, names: list[str]) -> None:
         with torch.no_grad():
             conv.weight.data = lin.weight.detach().t().contiguous().clone()
             conv.bias.data = lin.bias.detach().clone() if lin.bias is not None else torch.zeros(lin.out_features)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, conv)
+        swap_module(model, name, conv)
 
 
 def conv1d_to_linear_(model: nn.Module) -> list[str]:
@@ -284,8 +284,7 @@ def conv1d_to_linear_(model: nn.Module) -> list[str]:
             lin.weight.copy_(conv.weight.t())
             if conv.bias is not None:
                 lin.bias.copy_(conv.bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, lin)
+        swap_module(model, name, lin)
     return [n for n, _ in swaps]
 
 

@@ -399,6 +399,15 @@ def load_model(spec: ModelSpec, weights: str | os.PathLike[str] | None = None, *
     return model.eval()
 
 
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule ``name`` of ``model`` is; return the module it replaced."""
+    parent, _, child = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    old = owner.get_submodule(child)
+    setattr(owner, child, new)
+    return old
+
+
 def architecture_digest(model: nn.Module) -> str:
     """A digest of the model's state-dict names and shapes: equal for the same architecture."""
     h = hashlib.sha256()

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sensplan.sensitivity._models import swap_module
+
 
 class Expert(nn.Module):
     """One expert: ``down_proj(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)``."""
@@ -114,9 +116,7 @@ def split_experts_(model: nn.Module) -> list[str]:
     :class:`SplitExperts`, in place; returns their names."""
     names = [n for n, m in model.named_modules() if n and _splittable(m)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, SplitExperts(owner.get_submodule(child)))
+        swap_module(model, name, SplitExperts(model.get_submodule(name)))
     return names
 
 
@@ -146,6 +146,5 @@ def fuse_experts_(model: nn.Module, names: list[str], config: Any = None) -> str
                     f"intermediate channels, which the config's expert width does not say")
         fused.gate_up_proj = nn.Parameter(gate_up)
         fused.down_proj = nn.Parameter(down)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, fused.to(gate_up.device))
+        swap_module(model, name, fused.to(gate_up.device))
     return None

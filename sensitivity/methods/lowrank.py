@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sensplan._expr import Stored, Structure, maximum, minimum, round_half_up
+from sensplan.sensitivity._models import swap_module
 from sensplan.sensitivity.methods import (
     METHODS,
     Method,
@@ -87,15 +88,6 @@ def _fill_(pair: nn.Sequential, a: torch.Tensor, b: torch.Tensor, bias: torch.Te
         if bias is not None and out_bias is not None:
             out_bias.copy_(bias)
     return pair
-
-
-def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where module ``name`` is; return the module it replaced."""
-    parent, _, child = name.rpartition(".")
-    owner = model.get_submodule(parent) if parent else model
-    old = owner.get_submodule(child)
-    setattr(owner, child, new)
-    return old
 
 
 def _keep(n: int, removed: Sequence[int]) -> torch.Tensor:
@@ -187,11 +179,11 @@ class LowRank(Method):
     @contextmanager
     def probe(self, ctx: MethodContext, unit: str, setting: Setting) -> Iterator[None]:
         original = ctx.module(unit)
-        _swap(ctx.model, unit, self._build(ctx, unit, setting))
+        swap_module(ctx.model, unit, self._build(ctx, unit, setting))
         try:
             yield
         finally:
-            _swap(ctx.model, unit, original)
+            swap_module(ctx.model, unit, original)
 
     def _build(self, ctx: MethodContext, unit: str, setting: Mapping[str, Any]) -> nn.Sequential:
         """The factorized replacement of ``unit`` in the numbering of the layer as it is now (the
@@ -216,7 +208,7 @@ class LowRank(Method):
         record = ctx.records.setdefault(self.name, {})
         for layer, setting in assignment.items():
             new = self._build(ctx, layer, setting)
-            _swap(ctx.model, layer, new)
+            swap_module(ctx.model, layer, new)
             record[layer] = {"rank": int(_weight(new[0]).shape[0])}
 
     def finalize_(self, ctx: MethodContext, assignment: Mapping[str, Setting]) -> None:
@@ -232,7 +224,7 @@ class LowRank(Method):
             dev = a.device
             bias = b0.detach().index_select(0, keep_out.to(dev)) if b0 is not None else None
             new = _pair(first, len(keep_in), a.shape[0], len(keep_out), bias is not None)
-            _swap(ctx.model, layer, _fill_(new, a.index_select(1, keep_in.to(dev)),
+            swap_module(ctx.model, layer, _fill_(new, a.index_select(1, keep_in.to(dev)),
                                            b.index_select(0, keep_out.to(dev)), bias))
 
     def rebuild_(self, ctx: MethodContext, record: Any) -> None:
@@ -240,7 +232,7 @@ class LowRank(Method):
         for layer, rec in record.items():
             mod = ctx.module(layer)
             w = _weight(mod)
-            _swap(ctx.model, layer, _pair(mod, w.shape[1], int(rec["rank"]), w.shape[0], _bias(mod) is not None))
+            swap_module(ctx.model, layer, _pair(mod, w.shape[1], int(rec["rank"]), w.shape[0], _bias(mod) is not None))
 
     # -- compatibility ------------------------------------------------------------------------------
     def can_be_followed_by(self, other: Method) -> bool:
