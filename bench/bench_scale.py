@@ -108,27 +108,23 @@ def _scan_speed(name, model, sample, calib, everything, uncached: bool, naive_to
 
     if not naive_too:
         return scan(model, sample, ScanConfig(), calib=calib, progress=False)
-    task = get_task("classification")
-    times = []
-    state = task.prepare(model.eval(), everything)
-    for _ in range(3):
-        t = time.perf_counter()
-        task.evaluate(model, everything, state)
-        times.append(time.perf_counter() - t)
-    naive_probe = statistics.median(times)
-    # the same loop on channels-last inputs, where the model runs faster on them (as the scan does)
     from sensplan.sensitivity import channels_last_wins
 
-    fast_layout = channels_last_wins(model, everything.x)
-    naive_cl = None
-    if fast_layout:
-        last = everything.in_layout(True)
+    task = get_task("classification")
+    state = task.prepare(model.eval(), everything)
+
+    def one_evaluation(data) -> float:
+        """One evaluation of the original on ``data``, median of 3 (s)."""
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            task.evaluate(model, last, state)
+            task.evaluate(model, data, state)
             times.append(time.perf_counter() - t)
-        naive_cl = statistics.median(times)
+        return statistics.median(times)
+
+    naive_probe = one_evaluation(everything)
+    # the same loop on channels-last inputs, where the model runs faster on them (as the scan does)
+    naive_cl = one_evaluation(everything.in_layout(True)) if channels_last_wins(model, everything.x) else None
     t = time.perf_counter()
     table = scan(model, sample, ScanConfig(), calib=calib, progress=False)
     cached_s = time.perf_counter() - t
