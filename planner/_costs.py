@@ -855,12 +855,12 @@ def _check_signal(blocks: Sequence[Block], signal: str, preferred: str = "",
                                 f"auto), or scan without --fast.")
         return signal
     if signal not in have:
+        named = f" ({task})" if task else ""
         if offered is not None and not offered and not have:
-            raise ArtifactError(f"The scan's task{f' ({task})' if task else ''} records no planning signal "
+            raise ArtifactError(f"The scan's task{named} records no planning signal "
                                 f"besides the drop, so {signal!r} cannot be planned on. Plan on the drop: "
                                 f"--signal drop (or auto, the default).")
         if offered is not None and signal not in offered:
-            named = f" ({task})" if task else ""
             raise ArtifactError(f"{signal!r} is not a planning signal of the scan's task{named}: it records "
                                 f"{', '.join([DROP, *sorted(offered)])}. Use one of them (--signal).")
         offered = ", ".join([DROP, *sorted(have)])
