@@ -16,9 +16,12 @@ units whose sample drops happened to be low (the winner's curse). So, with a :cl
 3. measures the uniform candidates at the same budget (every combination of layer options, each
    with the least pruning that fits) the same way;
 4. keeps the best *measured* candidate on the held-out split (on the sample when there is none):
-   a plan round or a uniform candidate, and records which won and by how much. A plan that beats
-   the best uniform candidate by no more than one paired standard error is a tie, and the uniform
-   allocation is kept (:func:`_within_noise`).
+   a plan round or a uniform candidate (an exact tie goes to uniform), and records which won, by
+   how much, and whether that margin was within one paired standard error (:func:`_within_noise`:
+   a close call, reported as such). A margin within noise does not hand the choice to uniform: the
+   uniform side is the best of up to :data:`MAX_UNIFORM` candidates on the same split, so it is the
+   likelier of the two to have been lucky there, and a head start would stack a second bias on
+   that one (``bench/bench_pick.py`` measures both rules on outcomes whose truth is known).
 
 Scanned drops within their standard error of zero are not taken as free: the corrected rounds use
 ``max(drop, se)`` (:meth:`Costs.adjusted`). The first round uses the scan as it is.
@@ -403,7 +406,7 @@ def verify(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequence[Budget]
             "name": by_prediction["name"], "drop": measured(by_prediction).drop,
             "cost": by_prediction["costs"].get(metric),
             "advantage": measured(by_prediction).drop - measured(winner).drop},
-        "within_noise": pick.tie,
+        "within_noise": pick.close,
         "cost_metric": metric, "winner_cost": winner["costs"].get(metric),
         "verdict": _verdict(pick, cm, split, max_drop, metric),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -530,8 +533,8 @@ def _measure_uniform(data: dict[str, Any], cm: Costs, scan: Any, budgets: Sequen
 
 class _Pick:
     """The winner among the measured candidates, on the held-out split (the sample when there is
-    none): the least drop in budget mode (a plan within noise of the best uniform is a tie, and
-    the uniform is kept), the cheapest within the max-drop otherwise."""
+    none): the least drop in budget mode (an exact tie goes to uniform; a margin within one paired
+    standard error is recorded as a close call), the cheapest within the max-drop otherwise."""
 
     def __init__(self, candidates: Sequence[dict[str, Any]], split: str, max_drop: float | None,
                  metric: str) -> None:
@@ -544,14 +547,16 @@ class _Pick:
             if unis else None
         self.by_prediction = unis[0] if unis else None  # what uniform_choice picks: sorted that way
         candidates = [c for c in candidates if self.measured(c).stopped is None]
-        self.tie: dict[str, Any] | None = None
+        #: the winner's margin over the best of the other kind when it is within one paired standard
+        #: error of it (a close call; the choice stands)
+        self.close: dict[str, Any] | None = None
         if max_drop is None:
-            winner = min(candidates, key=lambda c: (self.measured(c).drop, c["kind"] != "plan"))
-            if winner["kind"] == "plan" and self.best_uniform is not None:
-                self.tie = _within_noise(self.measured(winner), self.measured(self.best_uniform))
-                if self.tie is not None:
-                    self.tie.update(plan=winner["name"], uniform=self.best_uniform["name"])
-                    winner = self.best_uniform
+            winner = min(candidates, key=lambda c: (self.measured(c).drop, c["kind"] == "plan"))
+            other = self.best_uniform if winner["kind"] == "plan" else self.best_plan
+            if other is not None and self.measured(other).stopped is None:
+                self.close = _within_noise(self.measured(winner), self.measured(other))
+                if self.close is not None:
+                    self.close.update(winner=winner["name"], runner_up=other["name"])
         else:
             ok = [c for c in candidates if within_max_drop(self.measured(c), max_drop)]
             winner = (min(ok, key=lambda c: (c["costs"][metric], self.measured(c).drop)) if ok
@@ -587,9 +592,9 @@ def _final_allocation(data: dict[str, Any], pick: _Pick, split: str, report: Mea
                                          "scan sample (the plan was chosen on it: optimistic)")}
     if winner["kind"] == "uniform":
         first = dict(data["plans"]["planned"].get("solver", {}))
-        why = ("the plan is the uniform candidate: the best planned round measured within one paired "
-               "standard error of it (a tie)" if pick.tie is not None else
-               "the plan is the uniform candidate that measured best")
+        why = "the plan is the uniform candidate that measured best" + (
+            " (within one paired standard error of the best planned round: a close call)"
+            if pick.close is not None else "")
         final["solver"] = {**first, "status": f"{first.get('status', '?')} (round 1); {why}"}
         lo, hi = _interval(final["predicted"]["drop"], m.se,
                            final["predicted"].get("drop_se", 0.0) if split == "held" else 0.0)
@@ -598,18 +603,18 @@ def _final_allocation(data: dict[str, Any], pick: _Pick, split: str, report: Mea
 
 
 def _verdict(pick: _Pick, cm: Costs, split: str, max_drop: float | None, metric: str) -> str:
-    winner, best_uni, tie = pick.winner, pick.best_uniform, pick.tie
+    winner, best_uni, close = pick.winner, pick.best_uniform, pick.close
     where = _split_name(split)
     if max_drop is not None:
         return _max_drop_verdict(winner, pick.candidates, pick.measured, metric, cm.original.get(metric) or 1.0,
                                  max_drop, where)
-    if tie is not None:
-        return (f"uniform kept: {tie['plan']} measured {_pts(tie['advantage'])} better than {winner['name']} "
-                f"on the {where}, within one paired standard error ({_pts(tie['se'])}); the plan is that "
-                f"uniform allocation")
+    noise = "" if close is None else f", within one paired standard error ({_pts(close['se'])}): a close call"
     if winner["kind"] == "uniform":
-        return (f"uniform wins: {winner['name']} measured {_pts(-(pick.gap(winner) or 0.0))} better than the "
-                f"best planned round on the {where}; the plan is that uniform allocation")
+        by = -(pick.gap(winner) or 0.0)
+        return ((f"uniform wins: {winner['name']} measured {_pts(by)} better than the best planned round on "
+                 f"the {where}{noise}" if by > 0 else
+                 f"uniform wins: {winner['name']} measured the same as the best planned round on the {where} "
+                 f"(a tie goes to uniform)") + "; the plan is that uniform allocation")
     if best_uni is None:
         return f"{winner['name']} kept; no uniform candidate meets the budget"
     vs_best = pick.gap(best_uni)
@@ -621,7 +626,7 @@ def _verdict(pick: _Pick, cm: Costs, split: str, max_drop: float | None, metric:
                 f"samples of the {where}, where the race stopped them; the best of them ({best_uni['name']}) by "
                 f"{_pts(stopped['worse_by'])} (± {_pts(stopped['se'])})")
     return (f"{winner['name']} wins: {_pts(vs_best or 0.0)} better than the best uniform "
-            f"({best_uni['name']}) on the {where}")
+            f"({best_uni['name']}) on the {where}{noise}")
 
 
 #: one-sided 95% quantile of the normal distribution
@@ -635,17 +640,17 @@ def within_max_drop(m: Measured, max_drop: float) -> bool:
     return m.drop + Z95_ONE_SIDED * m.se <= max_drop
 
 
-def _within_noise(plan: Measured, uniform: Measured) -> dict[str, float] | None:
-    """When a plan measures better than the best uniform candidate by no more than one standard error
-    of their paired difference (same samples), the two are a tie and the uniform allocation is
-    kept: it is simpler, and the plan, picked from many, is the likelier of the two to have been
-    lucky on these samples. Returns the advantage and the standard error for a tie, else None."""
+def _within_noise(winner: Measured, runner_up: Measured) -> dict[str, float] | None:
+    """When the winner measured better than the runner-up by no more than one standard error of
+    their paired difference (same samples), the call was close: the advantage and that standard
+    error, else None (also when there are no per-sample scores to pair)."""
     from sensplan.sensitivity.tasks import paired_se
 
-    if plan.per_sample is None or uniform.per_sample is None or len(plan.per_sample) != len(uniform.per_sample):
+    if winner.per_sample is None or runner_up.per_sample is None \
+            or len(winner.per_sample) != len(runner_up.per_sample):
         return None
-    se = paired_se(uniform.per_sample, plan.per_sample)[2]
-    advantage = uniform.drop - plan.drop
+    se = paired_se(runner_up.per_sample, winner.per_sample)[2]
+    advantage = runner_up.drop - winner.drop
     return {"advantage": advantage, "se": se} if advantage <= se else None
 
 
