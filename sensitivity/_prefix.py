@@ -22,8 +22,17 @@ BatchNorm layers normalise by batch statistics there), and only BatchNorm layers
 measured: those before it see exactly what they saw in the original.
 
 Memory is bounded by ``limit_mb`` (``scan --cache-mb``); batches beyond it are written to a
-temporary folder and read back. A model ``torch.fx`` cannot trace runs every probe in full, and the
-scan says why (``PrefixCache.reason``).
+temporary folder and read back.
+
+A model ``torch.fx`` cannot trace (data-dependent control flow; every Hugging Face transformer) is
+cut by *module replay* instead (:class:`_Calls`): one run of the check inputs records the order in
+which modules are entered and return; a probe cuts where its first changed module is entered, and
+every module called once that returned before the cut (the outermost such) gives, per batch, the
+output it gave before instead of running. The code between module calls still runs. The same
+guards apply (the check inputs, every probe). Batches whose modules run in another order than the
+check inputs' (routing that depends on the data) are not detected by the check; MoE experts, which
+all read the router's output, are safe. A model neither way can cut runs every probe in full, and
+the scan says why (``PrefixCache.reason``).
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ CHECK_SAMPLES = 2
 @dataclass
 class _Entry:
     pos: int
-    values: list[Any] | None
+    values: Any  # the live values (graph) or the replayed outputs by module (modules)
     path: str | None
     nbytes: int
 
@@ -74,11 +83,18 @@ def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
             memo[key] = value.detach().clone()
         return memo[key]
     if isinstance(value, tuple):
-        return tuple(_clone(v, memo) for v in value)
+        items = [_clone(v, memo) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a namedtuple keeps its type
     if isinstance(value, list):
         return [_clone(v, memo) for v in value]
     if isinstance(value, dict):
-        return {k: _clone(v, memo) for k, v in value.items()}
+        copied = {k: _clone(v, memo) for k, v in value.items()}
+        if type(value) is not dict:  # e.g. a transformers ModelOutput: read by attribute
+            try:
+                return type(value)(**copied)
+            except TypeError:
+                pass
+        return copied
     return value
 
 
@@ -91,6 +107,137 @@ def _global_hooks() -> tuple[int, ...]:
 
 def _hook_keys(mod: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)
+
+
+class _Calls:
+    """The model's module calls in the order they ran, recorded from one run of the check inputs:
+    what a model ``torch.fx`` cannot trace is cut by instead of a graph (*module replay*).
+
+    A position is a step of that run (a module entered or returned); a probe cuts at the step where
+    its first changed module is entered. Below a cut, every module called exactly once and
+    returned before the cut (the largest such, not those inside them) is *replayed*: its
+    ``forward`` returns the output it gave on that batch before, without running. The code around
+    the module calls (a transformer's mask, the residual sums) still runs."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.model = model
+        self.enter: dict[str, int] = {}
+        self.exit: dict[str, int] = {}
+        self.calls: Counter[str] = Counter()
+        self.caller: dict[str, str | None] = {}  # the module running when it was first entered
+        #: the check inputs' output of every module called once (by name)
+        self.outputs: dict[str, Any] = {}
+        step = 0
+        stack: list[str] = []
+
+        def wrap(name: str, forward: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                nonlocal step
+                self.calls[name] += 1
+                if name not in self.enter:
+                    self.enter[name], self.caller[name] = step, stack[-1] if stack else None
+                step += 1
+                stack.append(name)
+                try:
+                    out = forward(*args, **kwargs)
+                finally:
+                    stack.pop()
+                self.exit[name] = step
+                step += 1
+                self.outputs[name] = _clone(out, {})
+                return out
+            return run
+
+        with _patched(model, {n: (lambda f, n=n: wrap(n, f)) for n, _ in model.named_modules()}), torch.no_grad():
+            self.result = model(x)
+        self.end = step  # beyond every call: the cut of a probe that changed nothing
+        self.once = {n for n, c in self.calls.items() if c == 1 and n in self.exit}
+        self.outputs = {n: v for n, v in self.outputs.items() if n in self.once}
+        self._skips: dict[int, list[str]] = {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in _tensors(list(self.outputs.values())))
+
+    def deepest(self, name: str) -> int | None:
+        """Where a change to ``name`` (a module or tensor FQN) first shows: the step that enters the
+        deepest module at or above it that ran; None when none did but the root."""
+        parts = name.split(".") if name else []
+        for k in range(len(parts), 0, -1):
+            at = self.enter.get(".".join(parts[:k]))
+            if at is not None:
+                return at
+        return None
+
+    def position(self, name: str) -> int:
+        """The first step that runs ``name`` or anything inside it (the deepest caller above when it
+        never ran itself)."""
+        pre = name + "."
+        inside = [i for n, i in self.enter.items() if n == name or n.startswith(pre)]
+        if inside:
+            return min(inside)
+        at = self.deepest(name)
+        return at if at is not None else 0
+
+    def skipped(self, cut: int) -> list[str]:
+        """The modules replayed below ``cut``: called once, returned before it, and not inside
+        another such module."""
+        if cut not in self._skips:
+            def done(n: str | None) -> bool:
+                return n is not None and n in self.once and self.exit[n] < cut
+
+            out = []
+            for n in self.once:
+                if not done(n):
+                    continue
+                up = self.caller.get(n)
+                while up is not None and not done(up):
+                    up = self.caller.get(up)
+                if up is None:
+                    out.append(n)
+            self._skips[cut] = sorted(out, key=self.enter.__getitem__)
+        return self._skips[cut]
+
+    def run(self, x: Any, replay: dict[str, Any], record: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+        """``model(x)`` with the modules in ``replay`` (name -> output) returning those outputs, and
+        the outputs of the modules in ``record``."""
+        got: dict[str, Any] = {}
+        wanted = set(record)
+
+        def wrap(name: str, forward: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                if name in replay:
+                    out = _clone(replay[name], {})
+                    if name in wanted:
+                        got[name] = replay[name]
+                    return out
+                out = forward(*args, **kwargs)
+                if name in wanted:
+                    got[name] = _clone(out, {})
+                return out
+            return run
+
+        with _patched(self.model, {n: (lambda f, n=n: wrap(n, f)) for n in set(replay) | wanted}):
+            out = self.model(x)
+        return out, got
+
+
+@contextmanager
+def _patched(model: nn.Module, wrappers: dict[str, Any]) -> Iterator[None]:
+    """Each named module's ``forward`` replaced by ``wrappers[name](forward)`` (an attribute of the
+    instance: its hooks still run around it), restored after."""
+    saved: list[tuple[nn.Module, Any]] = []
+    try:
+        for name, wrap in wrappers.items():
+            m = model.get_submodule(name) if name else model
+            saved.append((m, m.__dict__.get("forward")))
+            m.forward = wrap(m.forward)  # type: ignore[method-assign]
+        yield
+    finally:
+        for m, own in reversed(saved):
+            if own is None:
+                del m.forward
+            else:
+                m.forward = own  # type: ignore[method-assign]
 
 
 #: the count of probes run from a cut unchecked (the check values did not fit)
@@ -125,11 +272,25 @@ class PrefixCache:
         if self.limit <= 0:
             self.reason = "turned off (--cache-mb 0): every probe runs the whole model"
             return
+        #: "graph" (cut in the torch.fx graph) or "modules" (module replay, see :class:`_Calls`)
+        self.mode = "graph"
+        self.calls: _Calls | None = None
+        self.no_graph: str | None = None  # why the graph could not be used
         try:
-            self._trace()
+            try:
+                self._trace()
+            except Exception as e:  # noqa: BLE001 - the user's model: anything torch.fx cannot follow
+                self.no_graph = str(e) if isinstance(e, _Unusable) else \
+                    f"torch.fx cannot trace or run the model ({type(e).__name__}: {first_line(e, 200)})"
+                self._record_calls()
             if order_only:
                 return
             self._snapshot()
+            if self.calls is not None:
+                if self.calls.nbytes() > self.limit // 4:
+                    self.calls.outputs = {}
+                    self.counts[UNCHECKED] = 0
+                return
             for k in range(len(self._check), 0, -1):  # two samples, or one when two do not fit
                 self._check_values = self._values_at_every_cut(self._check[:k])
                 if self._check_values is not None:
@@ -138,10 +299,11 @@ class PrefixCache:
             else:
                 self.counts[UNCHECKED] = 0
         except _Unusable as e:
-            self.reason = str(e)
-        except Exception as e:  # noqa: BLE001 - the user's model: anything torch.fx cannot follow
-            self.reason = (f"torch.fx cannot trace or run the model ({type(e).__name__}: "
-                           f"{first_line(e, 200)}); every probe runs the whole model")
+            self.reason = f"{self.no_graph}; {e}" if self.no_graph else str(e)
+        except Exception as e:  # noqa: BLE001 - the user's model: anything the replay cannot follow
+            self.reason = ((f"{self.no_graph}; " if self.no_graph else "")
+                           + f"module replay failed ({type(e).__name__}: {first_line(e, 200)}); every probe "
+                             f"runs the whole model")
 
     @property
     def active(self) -> bool:
@@ -183,6 +345,22 @@ class PrefixCache:
             raise _Unusable("the traced graph does not reproduce the model's outputs bit for bit: every "
                             "probe runs the whole model")
 
+    def _record_calls(self) -> None:
+        """Module replay instead of the graph: record the module calls, and check that replaying
+        every module returned before the middle one gives ``model(x)`` bit for bit."""
+        if self.model._forward_pre_hooks:  # a pre-hook on the top module could change its input
+            raise _Unusable("the model has pre-hooks on its top module: every probe runs the whole model")
+        calls = _Calls(self.model, self._check)
+        with torch.inference_mode():
+            want = self.model(self._check)
+        steps = sorted(calls.enter.values())
+        for cut in (steps[len(steps) // 2], calls.end):
+            got = calls.run(self._check, {n: calls.outputs[n] for n in calls.skipped(cut)}, [])[0]
+            if not _same(want, got) or not _same(want, calls.result):
+                raise _Unusable("replaying the model's modules does not reproduce its outputs bit for bit: "
+                                "every probe runs the whole model")
+        self.mode, self.calls, self.output = "modules", calls, calls.end
+
     def live(self, pos: int) -> list[Any]:
         """The nodes before ``pos`` whose values a node at or after it reads (inputs included)."""
         if pos not in self._live_cache:
@@ -195,6 +373,8 @@ class PrefixCache:
         one of them or something inside; the end when none does (for ordering probes)."""
         if not self.active:
             return 0
+        if self.calls is not None:
+            return min((self.calls.position(n) for n in modules), default=self.calls.end)
         best = len(self.nodes)
         for name in modules:
             pre = name + "."
@@ -325,6 +505,8 @@ class PrefixCache:
     def _node_of(self, name: str) -> int | None:
         """The first node that runs ``name`` (a module or tensor FQN): a leaf module at or above it,
         or a ``get_attr`` of it; None for anything else (the root, a module the trace went through)."""
+        if self.calls is not None:
+            return self.calls.deepest(name)
         parts = name.split(".") if name else []
         found = [i for i in (self.attr_at.get(name),
                              *(self.leaf_at.get(".".join(parts[:k])) for k in range(len(parts), 0, -1)))
@@ -356,6 +538,13 @@ class PrefixCache:
             self.cut = None
 
     def _checks(self, cut: int) -> bool:
+        if self.calls is not None:
+            if not self.calls.outputs:  # the check values did not fit: the placement is trusted
+                self.counts[UNCHECKED] += 1
+                return True
+            replay = {n: self.calls.outputs[n] for n in self.calls.skipped(cut)}
+            with torch.inference_mode():
+                return _same(self.model(self._check), self.calls.run(self._check, replay, [])[0])
         if self._check_values is None:  # the check values did not fit: the placement is trusted
             self.counts[UNCHECKED] += 1
             return True
@@ -377,9 +566,13 @@ class PrefixCache:
         start = (entry.pos, self._load(entry)) if entry is not None and entry.pos <= cut else None
         if start is not None and start[0] == cut:
             self.counts["batches from the cache"] += 1
-            return self._run(x, start, None)
+            return self._run(x, start, None) if self.calls is None else self.calls.run(x, start[1], [])[0]
         self.counts["batches cached"] += 1
-        return self._run(x, start, cut, lambda env, _: self._store(key, cut, env))
+        if self.calls is not None:
+            out, got = self.calls.run(x, start[1] if start is not None else {}, self.calls.skipped(cut))
+            self._store(key, cut, got)
+            return out
+        return self._run(x, start, cut, lambda env, _: self._store(key, cut, [env[n] for n in self.live(cut)]))
 
     def _key(self, x: Any) -> tuple[Any, ...] | None:
         if not isinstance(x, torch.Tensor):
@@ -392,11 +585,12 @@ class PrefixCache:
                         tuple(n for n, m in self.model.named_modules() if m.training))
         return None
 
-    def _store(self, key: tuple[Any, ...], pos: int, env: dict[Any, Any]) -> None:
+    def _store(self, key: tuple[Any, ...], pos: int, values: Any) -> None:
+        """Keep ``values`` (the live values of graph position ``pos``, or the outputs of the modules
+        replayed below step ``pos``) for the batch ``key``."""
         old = self.entries.pop(key, None)
         if old is not None:
             self._drop(old)
-        values = [env[n] for n in self.live(pos)]
         flat = [t for t in _tensors(values) if t.numel()]
         ptrs = {t.untyped_storage().data_ptr() for t in flat}
         if len(ptrs) < len({id(t) for t in flat}):  # views of one another: a copy would split them
@@ -419,11 +613,12 @@ class PrefixCache:
         self.counts["batches spilled to disk"] += 1
         self.entries[key] = _Entry(pos, None, path, nbytes)
 
-    def _load(self, entry: _Entry) -> list[Any]:
+    def _load(self, entry: _Entry) -> Any:
         if entry.values is not None:
             return entry.values
         # our own file, written above: any Python value the graph passes along may be in it
-        return list(torch.load(str(entry.path), map_location=self._check.device, weights_only=False))
+        got = torch.load(str(entry.path), map_location=self._check.device, weights_only=False)
+        return got if self.calls is not None else list(got)
 
     def _drop(self, entry: _Entry) -> None:
         if entry.path is not None:
@@ -441,7 +636,10 @@ class PrefixCache:
 
     def record(self) -> dict[str, Any]:
         """What the scan reports: whether the cache ran, why not, and what it did."""
+        how = None if not self.active else "graph (torch.fx)" if self.calls is None else \
+            f"module replay ({self.no_graph})"
         return {"used": self.active, "reason": self.reason, "limit_mb": round(self.limit / 2 ** 20, 1),
+                **({"mode": how} if how else {}),
                 **({"where": "in each worker (this process only ordered the probes)"} if self.order_only else {}),
                 **dict(sorted(self.counts.items()))}
 

@@ -142,14 +142,15 @@ class Untraceable(nn.Module):
         return self.fc2(torch.relu(h))
 
 
-def test_a_model_fx_cannot_trace_runs_every_probe_in_full_and_says_why():
+def test_a_model_neither_traced_nor_replayed_runs_every_probe_in_full_and_says_why():
     torch.manual_seed(0)
     model = Untraceable().eval()
+    model.register_forward_pre_hook(lambda m, args: None)  # could change the input: no replay
     data = labelled(model, torch.randn(60, 3, 2, 2))
     off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=30))
     assert on == off
     assert not record["used"]
-    assert "torch.fx" in record["reason"]
+    assert "torch.fx" in record["reason"] and "pre-hooks on its top module" in record["reason"]
 
 
 def test_activations_beyond_the_memory_limit_go_to_disk_and_are_removed_after(tmp_path, monkeypatch):
@@ -283,3 +284,43 @@ def test_a_module_called_twice_or_a_tied_weight_cuts_at_its_first_use():
         model.head.weight.mul_(2.0)
     off, on, record = both(model, data, ScanConfig.defaults(["weight_quant", "act_quant"], batch_size=40))
     assert on == off and record.get("probes run in full", 0) == 0
+
+
+def test_a_model_fx_cannot_trace_is_cut_by_module_replay_bit_identically():
+    """Data-dependent control flow stops torch.fx; the scan then replays, per batch, the outputs of
+    the modules that returned before the probe's first changed one (module replay), and the rows
+    are the same bit for bit."""
+    torch.manual_seed(0)
+    model = Untraceable().eval()
+    data = labelled(model, torch.randn(60, 3, 2, 2))
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant", "act_quant"], batch_size=30))
+    assert on == off
+    assert record["used"] and record["mode"].startswith("module replay (torch.fx cannot trace")
+    assert record["probes run from a cut"] == len(on) and record.get("probes run in full", 0) == 0
+    assert record["batches from the cache"] > 0
+
+
+@pytest.mark.parametrize("kind, task", [("llama", "perplexity"), ("gpt2", "perplexity"), ("mixtral", "perplexity"),
+                                        ("bert", "classification")])
+def test_hugging_face_models_scan_bit_identically_through_module_replay(tmp_path, kind, task):
+    """transformers' models do not trace with torch.fx (masks and caches branch on their inputs):
+    module replay cuts them at the first changed module instead, heads and MLP groups included."""
+    pytest.importorskip("transformers")
+    from sensplan.sensitivity import load_model
+    from tests import hf_tiny
+
+    spec, data = hf_tiny.text_model(kind, tmp_path, n=12, seq_len=16)
+    if kind == "bert":  # a sequence classifier: its own predictions as labels
+        model = load_model(spec)
+        with torch.no_grad():
+            data = EvalSet(data.x, model(data.x).argmax(1), ["a", "b", "c"], data.description, data.indices)
+    model = load_model(spec)
+    settings = {"weight_quant": [{"bits": 4}, {"bits": 3, "group": 32}], "prune": [{"ratio": 0.5}]}
+    off = scan(model, data, ScanConfig(settings, batch_size=6, cache_mb=0, task=task), model_spec=spec,
+               progress=False)
+    on = scan(model, data, ScanConfig(settings, batch_size=6, task=task), model_spec=spec, progress=False)
+    record = on.data["provenance"]["prefix_cache"]
+    assert rows(on) == rows(off) and len(rows(on)) > 8
+    assert record["used"] and record["mode"].startswith("module replay"), record
+    assert record.get("probes run in full", 0) == 0
+    assert record["batches from the cache"] >= record["batches cached"]
