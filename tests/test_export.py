@@ -141,6 +141,7 @@ def test_torch_pruning_refuses_quantization_unless_told_to_drop_it(cnn, tmp_path
     out = export_plan(plan, "torch-pruning", tmp_path / "tp.json", drop_unsupported=True, model=model,
                       example_input=data.x[:1])
     assert [d.block for d in out.dropped] == [f"weight:{layer}"]
+    assert any(n.startswith("without the 1 dropped choice(s)") for n in out.notes), out.notes
     spec = json.loads((tmp_path / "tp.json").read_text())
     assert spec["dropped"][0]["block"] == f"weight:{layer}" and len(spec["groups"]) == 1
 
@@ -598,7 +599,9 @@ def test_cli_exports_lists_and_refuses_with_exit_2(cnn, tmp_path, capsys):
     assert "cannot express 1 choice" in err and "--drop-unsupported" in err and len(err.strip().splitlines()) == 1
     assert main(["export", "--plan", str(path), "--to", "modelopt", "--drop-unsupported",
                  "--out", str(tmp_path / "m.json")]) == 0
-    assert "dropped (--drop-unsupported): channels:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dropped (--drop-unsupported) 1 choice(s): " in err and "\n  channels:" in err
+    assert "note: without the 1 dropped choice(s)" in err
     # torch-pruning from the CLI rebuilds the plan's model (sensplan:tiny_resnet, random weights)
     assert main(["export", "--plan", str(path), "--to", "torch-pruning", "--drop-unsupported",
                  "--out", str(tmp_path / "tp.json")]) == 0

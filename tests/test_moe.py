@@ -4,6 +4,8 @@ count top_k of the experts per token, and a tiny Mixtral runs scan, plan and app
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -174,11 +176,19 @@ def test_a_mixtral_runs_scan_plan_and_apply_with_expert_units(mixtral: Path, cor
         export_plan(plan, "llm-compressor", tmp_path / "recipe.yaml")
     done = export_plan(plan, "llm-compressor", tmp_path / "recipe.yaml", drop_unsupported=True)
     assert len(done.dropped) == 2 * EXPERTS * 2
+    # what the result reaches with the experts left float, from the plan's scan: not the budget
+    reached = [n for n in done.notes if n.startswith(f"without the {2 * EXPERTS * 2} dropped choice(s)")]
+    assert len(reached) == 1 and "bits " in reached[0] and "NOT met" in reached[0], done.notes
     recipe = [line for line in done.text.splitlines() if not line.lstrip().startswith("#")]
     assert not [line for line in recipe if "experts." in line]  # listed as dropped, in comments only
     assert "self_attn.q_proj" in done.text
     table = export_plan(plan, "csv", tmp_path / "plan.csv")  # sensplan's own names: every block
     assert not table.dropped and "experts.3.down_proj" in table.text
+    rows = list(csv.DictReader(io.StringIO(table.text)))
+    row = next(r for r in rows if r["unit"] == "model.model.layers.1.mlp.experts.3.down_proj")
+    assert (row["module"], row["expert"]) == ("model.layers.1.mlp.experts.down_proj", "3")
+    row = next(r for r in rows if r["unit"] == "model.model.layers.1.self_attn.q_proj")
+    assert (row["module"], row["expert"]) == ("model.layers.1.self_attn.q_proj", "")
 
     out = tmp_path / "params"
     assert main(["run", *common, "--budget", "params=0.8", "--methods", "prune", "--ratios", "0.25,0.5",

@@ -314,12 +314,64 @@ def export_plan(plan: Any, target: str, out: str | os.PathLike[str], *, variant:
         req.left_out.update(i.block for i in experts)
     result = exporter.export(req)
     result.dropped = list(req.dropped)
+    if result.dropped:
+        result.notes.append(reached_without(plan, variant, {d.block for d in result.dropped}))
     for name, data in result.extra_files.items():
         if name not in exporter.beside(out_path):  # a plug-in that did not declare it: check it now
             _check_beside(out_path, out_path.parent / name, target)
         atomic_write_bytes(out_path.parent / name, data)
     atomic_write_bytes(out_path, result.text.encode())
     return result
+
+
+def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
+    """What the allocation costs with the ``dropped`` blocks left as they are (the target keeps
+    them float), against the plan's budgets: computed from the plan's scan when it can be read (by
+    the path the plan records, or beside the plan), said to be unknown otherwise."""
+    from sensplan._tables import Scan
+    from sensplan.planner._costs import Costs, option_key
+
+    rec = plan.data.get("scan") or {}
+    where = [Path(rec["path"])] if rec.get("path") else []
+    if plan.path and rec.get("path"):
+        where.append(Path(plan.path).parent / Path(rec["path"]).name)
+    scan = None
+    for path in where:
+        try:
+            found = Scan.load(path)
+        except (OSError, ValueError, UserInputError):
+            continue
+        if not rec.get("sha256") or found.sha256 == rec["sha256"]:
+            scan = found
+            break
+    n = len(dropped)
+    if scan is None:
+        return (f"without the {n} dropped choice(s) the target keeps those layers as they are, so the result "
+                f"may no longer meet the plan's budgets; the costs are not known here: the plan's scan "
+                f"({rec.get('path') or 'unsaved'}) cannot be read")
+    cm = Costs(scan)
+    keep = option_key(None, {})
+    choices = plan.variant(variant)["choices"]
+    try:
+        choice = cm.choice_of({b: keep if b in dropped else option_key(c.get("method"), c.get("setting", {}))
+                               for b, c in choices.items() if b in cm.index})
+    except (KeyError, ValueError):
+        return (f"without the {n} dropped choice(s) the target keeps those layers as they are; the plan's scan "
+                f"does not hold its options, so the budget reached is not known")
+    costs = cm.evaluate({i: choice.get(i, 0) for i in range(len(cm.blocks))})
+    parts = []
+    for b in plan.data.get("objective", {}).get("budgets") or []:
+        metric, limit = b["metric"], b["absolute"]
+        if metric not in costs:
+            parts.append(f"{metric}: not computed from the scan (a measured cost table)")
+            continue
+        frac = costs[metric] / cm.original[metric] if cm.original.get(metric) else None
+        was = (plan.variant(variant).get("costs") or {}).get(metric)
+        parts.append(f"{metric} {costs[metric]:.6g}" + (f" ({frac:.3f} of the original)" if frac is not None else "")
+                     + (f" against the plan's {was:.6g}" if was is not None else "")
+                     + f" and the budget's {limit:.6g}: " + ("still met" if costs[metric] <= limit * (1 + 1e-9)
+                                                              else "NOT met"))
+    return f"without the {n} dropped choice(s), which the target keeps as they are: " + "; ".join(parts)
 
 
 def _check_beside(out: Path, path: Path, target: str) -> None:

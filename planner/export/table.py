@@ -11,7 +11,7 @@ from sensplan.planner.export._core import EXPORTERS, Exported, Exporter, ExportR
 #: the columns, in order (docs/exporters.md describes each)
 COLUMNS = ("block", "unit", "axis", "kind", "method", "label", "setting", "predicted_unit_drop", "channels",
            "n_remove", "removed_fraction", "weight_bits", "weight_dtype", "group_size", "zero_point_bits",
-           "act_bits", "density", "sparse_format", "restructured")
+           "act_bits", "density", "sparse_format", "restructured", "module", "expert")
 
 
 @EXPORTERS.register
@@ -38,8 +38,21 @@ class CsvExporter(Exporter):
                 _num(int(removed) / int(channels) if removed is not None and channels else None),
                 _num(e.get("weight_bits")), e.get("weight_dtype", ""), _num(e.get("group_size")),
                 _num(e.get("zero_point_bits")), _num(e.get("act_bits")), _num(e.get("density")),
-                _text(e.get("sparse_format", "")), "yes" if e.get("structure") else ""])
+                _text(e.get("sparse_format", "")), "yes" if e.get("structure") else "",
+                *map(_text, _module(request, str(c["unit"])))])
         return Exported(buf.getvalue())
+
+
+def _module(request: ExportRequest, unit: str) -> tuple[str, str]:
+    """The unit's module name in the user's model (a Hugging Face model's, without sensplan's
+    wrapper prefix) and, for a layer or group of an MoE expert that sensplan split out, the fused
+    module that holds it and the expert's index (``...experts.3.down_proj`` -> ``...experts.down_proj``, 3)."""
+    name = request.target_name(unit)
+    if not request.split_expert(unit):
+        return name, ""
+    head, _, rest = name.partition(".experts.")
+    index, _, tail = rest.partition(".")
+    return f"{head}.experts" + (f".{tail}" if tail else ""), index
 
 
 def _num(v: object) -> str:

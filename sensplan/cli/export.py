@@ -92,8 +92,13 @@ def main(args: argparse.Namespace) -> int:
     loader = partial(load_for_export, args, need(plan), need(exporter)) if need(exporter).needs_model else None
     result = export_plan(need(plan), args.to, out, variant=args.variant, drop_unsupported=args.drop_unsupported,
                          model_loader=loader)
-    for d in result.dropped:
-        say(f"dropped (--drop-unsupported): {d.line()}")
+    by_why: dict[str, list[str]] = {}
+    for d in result.dropped:  # one reason said once, with the choices it dropped
+        by_why.setdefault(d.why, []).append(f"{d.block} ({d.label})")
+    for why, blocks in by_why.items():
+        say(f"dropped (--drop-unsupported) {len(blocks)} choice(s): {why}:")
+        for b in blocks:
+            say(f"  {b}")
     for n in result.notes:
         say(f"note: {n}")
     for name in result.extra_files:
