@@ -26,6 +26,7 @@ are (they are not Linear layers): ``--model-arg include_head=true`` scans the he
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -105,6 +106,7 @@ class HFModel(nn.Module):
         self.kind = kind
         self.source = source
         self.include_head = include_head
+        self._takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         names = {m: n for n, m in self.named_modules()}
         self.head = names.get(out, "") if out is not None else ""
@@ -144,7 +146,8 @@ class HFModel(nn.Module):
                                  f"jsonl:FILE:FIELD, csv:FILE:FIELD, datasets:DIR:FIELD) with --model hf:DIR.")
         x = x.long()  # a float zero input (a rebuild's example input) is a valid all-padding batch
         ids, mask = x[:, 0], x[:, 1]
-        extra = {"use_cache": False} if self.kind == "causal-lm" else {}  # no KV cache per probe
+        # no KV cache: nothing to keep between calls, and no object every layer writes to
+        extra = {"use_cache": False} if self.kind == "causal-lm" or self._takes_use_cache else {}
         out = self.model(input_ids=ids, attention_mask=mask, **extra)
         if self.kind == "embedding":
             h = out.last_hidden_state

@@ -37,6 +37,7 @@ the scan says why (``PrefixCache.reason``).
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import tempfile
@@ -84,7 +85,11 @@ def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
         return memo[key]
     if isinstance(value, tuple):
         items = [_clone(v, memo) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a namedtuple keeps its type
+        if hasattr(value, "_fields"):  # a namedtuple keeps its type
+            return type(value)(*items)
+        if hasattr(type(value), "n_fields"):  # a torch.return_types structseq (values, indices)
+            return type(value)(items)
+        return tuple(items)
     if isinstance(value, list):
         return [_clone(v, memo) for v in value]
     if isinstance(value, dict):
@@ -109,6 +114,10 @@ def _hook_keys(mod: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)
 
 
+class _Mismatch(Exception):
+    """A batch called a replayed module more than once: it cannot be replayed."""
+
+
 class _Calls:
     """The model's module calls in the order they ran, recorded from one run of the check inputs:
     what a model ``torch.fx`` cannot trace is cut by instead of a graph (*module replay*).
@@ -125,8 +134,6 @@ class _Calls:
         self.exit: dict[str, int] = {}
         self.calls: Counter[str] = Counter()
         self.caller: dict[str, str | None] = {}  # the module running when it was first entered
-        #: the check inputs' output of every module called once (by name)
-        self.outputs: dict[str, Any] = {}
         step = 0
         stack: list[str] = []
 
@@ -139,24 +146,57 @@ class _Calls:
                 step += 1
                 stack.append(name)
                 try:
-                    out = forward(*args, **kwargs)
+                    return forward(*args, **kwargs)
                 finally:
                     stack.pop()
-                self.exit[name] = step
-                step += 1
-                self.outputs[name] = _clone(out, {})
+                    self.exit[name] = step
+                    step += 1
+            return run
+
+        with _patched(model, {n: (lambda f, n=n: wrap(n, f)) for n, _ in model.named_modules()}), \
+                torch.inference_mode():
+            model(x)
+        self.end = step  # beyond every call: the cut of a probe that changed nothing
+        self.once = {n for n, c in self.calls.items() if c == 1 and n in self.exit}
+        # a module is ever replayed only when another one is entered after it returned and before
+        # its caller returns (the root: by a probe that changed nothing)
+        steps = sorted(self.enter.values())
+
+        def replayable(n: str) -> bool:
+            up = self.caller.get(n)
+            until = self.exit[up] if up is not None else self.end
+            i = bisect.bisect_right(steps, self.exit[n])
+            return n == "" or (i < len(steps) and steps[i] < until)
+
+        self.replayable = {n for n in self.once if replayable(n)}
+        #: the check inputs' output of every replayable module (by name); empty when they did not fit
+        self.outputs: dict[str, Any] = {}
+        self.check: torch.Tensor | None = None
+        self._skips: dict[int, list[str]] = {}
+
+    def keep_outputs(self, x: torch.Tensor, limit: int) -> bool:
+        """Record the replayable modules' outputs for ``x`` (the check inputs), unless they take
+        more than ``limit`` bytes. Whether they fit."""
+        self.outputs, total, fits = {}, 0, True
+
+        def wrap(name: str, forward: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                nonlocal total, fits
+                out = forward(*args, **kwargs)
+                if fits:
+                    self.outputs[name] = _clone(out, {})
+                    total += sum(t.numel() * t.element_size() for t in _tensors(out))
+                    fits = total <= limit
                 return out
             return run
 
-        with _patched(model, {n: (lambda f, n=n: wrap(n, f)) for n, _ in model.named_modules()}), torch.no_grad():
-            self.result = model(x)
-        self.end = step  # beyond every call: the cut of a probe that changed nothing
-        self.once = {n for n, c in self.calls.items() if c == 1 and n in self.exit}
-        self.outputs = {n: v for n, v in self.outputs.items() if n in self.once}
-        self._skips: dict[int, list[str]] = {}
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in _tensors(list(self.outputs.values())))
+        with _patched(self.model, {n: (lambda f, n=n: wrap(n, f)) for n in self.replayable}), torch.no_grad():
+            self.model(x)
+        if not fits:
+            self.outputs = {}
+        else:
+            self.check = x
+        return fits
 
     def deepest(self, name: str) -> int | None:
         """Where a change to ``name`` (a module or tensor FQN) first shows: the step that enters the
@@ -186,7 +226,7 @@ class _Calls:
                 return n is not None and n in self.once and self.exit[n] < cut
 
             out = []
-            for n in self.once:
+            for n in self.replayable:
                 if not done(n):
                     continue
                 up = self.caller.get(n)
@@ -197,19 +237,24 @@ class _Calls:
             self._skips[cut] = sorted(out, key=self.enter.__getitem__)
         return self._skips[cut]
 
-    def run(self, x: Any, replay: dict[str, Any], record: Sequence[str]) -> tuple[Any, dict[str, Any]]:
+    def run(self, x: Any, replay: dict[str, Any], record: Sequence[str]) -> tuple[Any, dict[str, Any] | None]:
         """``model(x)`` with the modules in ``replay`` (name -> output) returning those outputs, and
-        the outputs of the modules in ``record``."""
+        the outputs of the modules in ``record`` (private copies), or None when one of them did
+        not run exactly once on ``x`` (its output is not this batch's to keep). Raises
+        :class:`_Mismatch` when a replayed module is called twice."""
         got: dict[str, Any] = {}
         wanted = set(record)
+        calls: Counter[str] = Counter()
 
         def wrap(name: str, forward: Any) -> Any:
             def run(*args: Any, **kwargs: Any) -> Any:
+                calls[name] += 1
                 if name in replay:
-                    out = _clone(replay[name], {})
+                    if calls[name] > 1:
+                        raise _Mismatch(name)
                     if name in wanted:
                         got[name] = replay[name]
-                    return out
+                    return _clone(replay[name], {})
                 out = forward(*args, **kwargs)
                 if name in wanted:
                     got[name] = _clone(out, {})
@@ -218,7 +263,7 @@ class _Calls:
 
         with _patched(self.model, {n: (lambda f, n=n: wrap(n, f)) for n in set(replay) | wanted}):
             out = self.model(x)
-        return out, got
+        return out, (got if all(calls[n] == 1 for n in wanted) else None)
 
 
 @contextmanager
@@ -287,9 +332,6 @@ class PrefixCache:
                 return
             self._snapshot()
             if self.calls is not None:
-                if self.calls.nbytes() > self.limit // 4:
-                    self.calls.outputs = {}
-                    self.counts[UNCHECKED] = 0
                 return
             for k in range(len(self._check), 0, -1):  # two samples, or one when two do not fit
                 self._check_values = self._values_at_every_cut(self._check[:k])
@@ -346,20 +388,30 @@ class PrefixCache:
                             "probe runs the whole model")
 
     def _record_calls(self) -> None:
-        """Module replay instead of the graph: record the module calls, and check that replaying
-        every module returned before the middle one gives ``model(x)`` bit for bit."""
+        """Module replay instead of the graph: record the module calls, keep the check inputs'
+        outputs of the modules a probe may replay (two samples, or one when two take more than a
+        quarter of the cache; none when even one does: probes are then unchecked), and check that
+        replaying the modules returned before the middle one gives ``model(x)`` bit for bit."""
         if self.model._forward_pre_hooks:  # a pre-hook on the top module could change its input
             raise _Unusable("the model has pre-hooks on its top module: every probe runs the whole model")
         calls = _Calls(self.model, self._check)
-        with torch.inference_mode():
-            want = self.model(self._check)
+        self.mode, self.calls, self.output = "modules", calls, calls.end
+        if self.order_only:
+            return
+        if not any(calls.keep_outputs(self._check[:k], self.limit // 4) for k in range(len(self._check), 0, -1)):
+            self.counts[UNCHECKED] = 0
+            return
+        self._check = calls.check if calls.check is not None else self._check
+        base = self._bases[0]
+        # a full run on other samples before each replay of the check inputs: state a replayed
+        # module would have left (an attribute set in forward) is then another batch's, and shows
+        self._decoy = base[-len(self._check):] if len(base) > len(self._check) else self._check.flip(0)
         steps = sorted(calls.enter.values())
         for cut in (steps[len(steps) // 2], calls.end):
-            got = calls.run(self._check, {n: calls.outputs[n] for n in calls.skipped(cut)}, [])[0]
-            if not _same(want, got) or not _same(want, calls.result):
+            if not self._checks(cut, count=False):
+                self.mode, self.calls, self.output = "graph", None, 0
                 raise _Unusable("replaying the model's modules does not reproduce its outputs bit for bit: "
                                 "every probe runs the whole model")
-        self.mode, self.calls, self.output = "modules", calls, calls.end
 
     def live(self, pos: int) -> list[Any]:
         """The nodes before ``pos`` whose values a node at or after it reads (inputs included)."""
@@ -537,14 +589,19 @@ class PrefixCache:
         finally:
             self.cut = None
 
-    def _checks(self, cut: int) -> bool:
+    def _checks(self, cut: int, count: bool = True) -> bool:
         if self.calls is not None:
             if not self.calls.outputs:  # the check values did not fit: the placement is trusted
-                self.counts[UNCHECKED] += 1
+                self.counts[UNCHECKED] += count
                 return True
             replay = {n: self.calls.outputs[n] for n in self.calls.skipped(cut)}
             with torch.inference_mode():
-                return _same(self.model(self._check), self.calls.run(self._check, replay, [])[0])
+                self.model(self._decoy)  # replay first, after another batch; the whole model last
+                try:
+                    got = self.calls.run(self._check, replay, [])[0]
+                except Exception:  # noqa: BLE001 - whatever the replay broke: that probe runs in full
+                    return False
+                return _same(self.model(self._check), got)
         if self._check_values is None:  # the check values did not fit: the placement is trusted
             self.counts[UNCHECKED] += 1
             return True
@@ -564,15 +621,35 @@ class PrefixCache:
             return self.model(x)
         entry = self.entries.get(key)
         start = (entry.pos, self._load(entry)) if entry is not None and entry.pos <= cut else None
+        if self.calls is not None:
+            return self._replay(self.calls, x, key, cut, start)
         if start is not None and start[0] == cut:
             self.counts["batches from the cache"] += 1
-            return self._run(x, start, None) if self.calls is None else self.calls.run(x, start[1], [])[0]
+            return self._run(x, start, None)
         self.counts["batches cached"] += 1
-        if self.calls is not None:
-            out, got = self.calls.run(x, start[1] if start is not None else {}, self.calls.skipped(cut))
-            self._store(key, cut, got)
-            return out
         return self._run(x, start, cut, lambda env, _: self._store(key, cut, [env[n] for n in self.live(cut)]))
+
+    def _replay(self, calls: _Calls, x: torch.Tensor, key: tuple[Any, ...], cut: int,
+                start: tuple[int, Any] | None) -> Any:
+        """``forward`` by module replay: from the batch's outputs at ``cut`` when it has them, else
+        from those of an earlier cut (or none), keeping the outputs at ``cut``."""
+        try:
+            if start is not None and start[0] == cut:
+                self.counts["batches from the cache"] += 1
+                return calls.run(x, start[1], [])[0]
+            out, got = calls.run(x, start[1] if start is not None else {}, calls.skipped(cut))
+        except _Mismatch:  # this batch calls a replayed module twice: it runs whole
+            self.counts["batches run in full (a replayed module ran twice)"] += 1
+            old = self.entries.pop(key, None)
+            if old is not None:
+                self._drop(old)
+            return self.model(x)
+        if got is None:
+            self.counts["batches not cached (a module ran other than once)"] += 1
+        else:
+            self.counts["batches cached"] += 1
+            self._store(key, cut, got, copied=True)
+        return out
 
     def _key(self, x: Any) -> tuple[Any, ...] | None:
         if not isinstance(x, torch.Tensor):
@@ -585,9 +662,9 @@ class PrefixCache:
                         tuple(n for n, m in self.model.named_modules() if m.training))
         return None
 
-    def _store(self, key: tuple[Any, ...], pos: int, values: Any) -> None:
+    def _store(self, key: tuple[Any, ...], pos: int, values: Any, copied: bool = False) -> None:
         """Keep ``values`` (the live values of graph position ``pos``, or the outputs of the modules
-        replayed below step ``pos``) for the batch ``key``."""
+        replayed below step ``pos``) for the batch ``key`` (``copied``: they are private copies)."""
         old = self.entries.pop(key, None)
         if old is not None:
             self._drop(old)
@@ -596,7 +673,7 @@ class PrefixCache:
         if len(ptrs) < len({id(t) for t in flat}):  # views of one another: a copy would split them
             self.counts["batches not cached (live values are views of one another)"] += 1
             return
-        values = _clone(values, {})
+        values = values if copied else _clone(values, {})
         nbytes = sum(t.numel() * t.element_size() for t in flat)
         if self.in_memory + nbytes <= self.limit:
             self.in_memory += nbytes

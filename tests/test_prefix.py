@@ -324,3 +324,71 @@ def test_hugging_face_models_scan_bit_identically_through_module_replay(tmp_path
     assert record["used"] and record["mode"].startswith("module replay"), record
     assert record.get("probes run in full", 0) == 0
     assert record["batches from the cache"] >= record["batches cached"]
+
+
+class Saver(nn.Module):
+    """A layer that keeps what it computed (an attribute set in forward) for others to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.saved = h.mean(0, keepdim=True)
+        return h
+
+
+class Stateful(nn.Module):
+    """Untraceable (data-dependent control flow), with a module whose saved attribute is read after
+    it returns (``saved``), or a module that some batches call twice (``twice``): module replay
+    must not give a stale or a reused value."""
+
+    def __init__(self, saved: bool, twice: bool):
+        super().__init__()
+        self.first, self.fc2, self.fc3 = Saver(), nn.Linear(16, 16), nn.Linear(16, 4)
+        self.read_saved, self.twice = saved, twice
+
+    def forward(self, x):
+        h = self.first(x.flatten(1))
+        if h.detach().sum() > 1e9:  # data-dependent control flow: torch.fx cannot follow it
+            h = h * 0
+        h = self.fc2(torch.relu(h)) + (self.first.saved if self.read_saved else 0)
+        if self.twice and bool(x[0, 0, 0, 0] > 0):
+            h = h + self.fc2(torch.relu(h))
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize("saved, twice", [(True, False), (False, True)], ids=["saved-attribute", "called-twice"])
+def test_module_replay_never_gives_a_stale_or_reused_value(saved, twice):
+    torch.manual_seed(0)
+    model = Stateful(saved, twice).eval()
+    x = torch.randn(60, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    x[:30, 0, 0, 0] = -1.0  # the check inputs and the first batch call fc2 once; the second batch twice
+    x[30, 0, 0, 0] = 1.0
+    data = labelled(model, x)
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=30))
+    assert on == off
+    assert record["used"] and record["mode"].startswith("module replay")
+    if saved:  # replaying `first` leaves its attribute stale: the check sees it, those probes run whole
+        assert record.get("probes run in full", 0) >= 2
+    else:  # the second batch calls fc2 twice: its outputs are never kept, so fc2 is never replayed there
+        assert record["batches not cached (a module ran other than once)"] >= 1
+
+
+def test_module_replay_keeps_check_outputs_only_of_modules_a_probe_can_replay(tmp_path):
+    pytest.importorskip("transformers")
+    from sensplan.sensitivity import load_model
+    from tests import hf_tiny
+
+    spec, data = hf_tiny.text_model("llama", tmp_path, n=4, seq_len=16)
+    cache = PrefixCache(load_model(spec), [data.x], data.x[:2])
+    calls = cache.calls
+    assert cache.active and calls is not None
+    # the logits come back three times (the wrapper, the LM, its head): kept once, for the root
+    assert {"", "model.model.embed_tokens", "model.model.layers.0"} <= set(calls.outputs)
+    assert "model.lm_head" not in calls.outputs and "model" not in calls.outputs
+    assert set(calls.outputs) == calls.replayable
+    # a limit below one sample's outputs: no check values, and probes are counted unchecked
+    small = PrefixCache(load_model(spec), [data.x], data.x[:2], limit_mb=0.01)
+    assert small.active and small.calls is not None and not small.calls.outputs
