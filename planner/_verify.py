@@ -849,11 +849,16 @@ def model_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool
     except UserInputError as e:
         raise UserInputError(f"{purpose} needs the scan's model {spec.source!r}: {e} Run it where the scan "
                              f"ran, or {fix}.") from None
-    if path is None and rec.get("weights_digest") and str(spec.source).startswith("hf:"):
+    if path is None and str(spec.source).startswith("hf:"):
         # a hf: folder's weights are its own files: checked against the scan's digest, which a
         # changed folder does not match (a factory's weights set in Python cannot be rebuilt: noted)
         from sensplan.sensitivity import weights_digest
 
+        if not rec.get("weights_digest"):
+            if notes is not None:
+                notes.append(f"the scan recorded no digest of {spec.source!r}'s weights: they are loaded from "
+                             f"its files, not checked")
+            return model, spec
         now = weights_digest(model)
         if now != rec["weights_digest"]:
             raise UserInputError(f"{purpose} needs the weights the scan measured, but {spec.source!r} now "

@@ -583,7 +583,9 @@ class PrefixCache:
     def unchanged(self) -> Iterator[None]:
         """Outside any probe: cache what reaches the output, so that a second pass over the same
         batches (the task's reference, then the baseline) does not run the model again."""
-        self.cut = self.output if self.active and not self.order_only else None
+        # (module replay keeps no final outputs: a language model's are its logits, often the
+        # largest tensor it makes, and the pass they save is one of many)
+        self.cut = self.output if self.active and not self.order_only and self.calls is None else None
         try:
             yield
         finally:

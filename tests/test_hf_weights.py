@@ -36,3 +36,15 @@ def test_a_changed_hf_folder_is_refused_by_plan_and_apply_and_an_unchanged_one_i
     err = capsys.readouterr().err
     assert f"(the files of hf:{model} now)" in err and "Restore the folder's files" in err
     assert "randomly initialised" not in err and "--weights" not in err
+
+    # a scan that recorded no digest of the folder (made before digests were kept): the folder's
+    # weights are loaded and said to be unchecked, never called random
+    import json
+
+    rec = json.loads((tmp_path / "scan.json").read_text())
+    del rec["model"]["weights_digest"]
+    (tmp_path / "old-scan.json").write_text(json.dumps(rec))
+    assert main(["plan", "--scan", str(tmp_path / "old-scan.json"), "--budget", "bits=28", "--holdout-samples",
+                 "100", "--out", str(tmp_path / "p3.json")]) == 0
+    err = capsys.readouterr().err
+    assert "recorded no digest" in err and "not checked" in err and "randomly initialised" not in err

@@ -18,6 +18,7 @@ the loader the caller gave: the CLI rebuilds the plan's model, Python passes its
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -215,8 +216,12 @@ class ExportRequest:
 
     def split_expert(self, unit: str) -> bool:
         """Whether ``unit`` is a layer of an MoE expert that sensplan split out (see above)."""
-        roots = tuple(f"{r}." for r in (self.plan.data.get("model") or {}).get("split_experts") or ())
+        roots = self._expert_roots
         return bool(roots) and unit.startswith(roots)
+
+    @functools.cached_property
+    def _expert_roots(self) -> tuple[str, ...]:
+        return tuple(f"{r}." for r in (self.plan.data.get("model") or {}).get("split_experts") or ())
 
     def group_items(self, why: str) -> list[Unsupported]:
         return [Unsupported(f"{c['axis']}:{u}", str(c.get("label")), why) for u, c in self.groups().items()]
