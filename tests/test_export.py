@@ -19,8 +19,10 @@ import pytest
 import torch
 
 from sensplan._errors import IncompatibleModelError, UserInputError
+from sensplan._tables import Scan
 from sensplan.cli import main
 from sensplan.planner import Budget, Plan, compress, make_plan
+from sensplan.planner._costs import Costs, option_key
 from sensplan.planner.export import EXPORTERS, export_plan, load_exporters, replay_torch_pruning
 from sensplan.sensitivity import ModelSpec, ScanConfig, scan
 from tests.conftest import CIFAR_RESNET, RESNET20_JPEG, needs_shared, seeded_model, self_labelled
@@ -142,6 +144,30 @@ def test_torch_pruning_refuses_quantization_unless_told_to_drop_it(cnn, tmp_path
                       example_input=data.x[:1])
     assert [d.block for d in out.dropped] == [f"weight:{layer}"]
     assert any(n.startswith("without the 1 dropped choice(s)") for n in out.notes), out.notes
+
+
+def test_a_dropped_export_says_what_the_rest_costs_against_the_budget(cnn, tmp_path):
+    """With the plan's scan at hand, the note prices what the target gets: the kept choices, the
+    dropped ones left as they are. Here the dropped 4-bit layer leaves the size above the budget."""
+    model, data, calib, table, groups = cnn
+    layer = list(table.layers)[1]
+    table.save(tmp_path / "scan.json")
+    plan = hand_plan(Scan.load(tmp_path / "scan.json"),
+                     [(groups[0], "prune", {"ratio": 0.5}), (layer, "weight_quant", {"bits": 4})])
+    plan.data["scan"].update(path=str(tmp_path / "scan.json"), sha256=Scan.load(tmp_path / "scan.json").sha256)
+    with_both = Costs(table).evaluate(Costs(table).choice_of(
+        {b: option_key(c["method"], c["setting"]) for b, c in plan.variant()["choices"].items()}))
+    plan.data["objective"]["budgets"] = [{"metric": "size", "absolute": with_both["size"]}]
+    out = export_plan(plan, "torch-pruning", tmp_path / "tp.json", drop_unsupported=True, model=model,
+                      example_input=data.x[:1])
+    note = next(n for n in out.notes if n.startswith("without the 1 dropped choice(s)"))
+    assert "size " in note and "NOT met" in note, note
+    # planned with --max-drop: no budget, the minimised metric is priced
+    plan.data["objective"].update(budgets=[], minimize="size")
+    out = export_plan(plan, "torch-pruning", tmp_path / "tp.json", drop_unsupported=True, model=model,
+                      example_input=data.x[:1])
+    note = next(n for n in out.notes if n.startswith("without the 1 dropped choice(s)"))
+    assert note.split(": ", 1)[1].startswith("size ") and "NOT met" not in note, note
     spec = json.loads((tmp_path / "tp.json").read_text())
     assert spec["dropped"][0]["block"] == f"weight:{layer}" and len(spec["groups"]) == 1
 

@@ -376,6 +376,12 @@ def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
                      + (f" against the plan's {was:.6g}" if was is not None else "")
                      + f" and the budget's {limit:.6g}: " + ("still met" if costs[metric] <= limit * (1 + 1e-9)
                                                               else "NOT met"))
+    if not parts:  # planned with --max-drop: no budget, only the metric it minimised
+        metric = plan.data.get("objective", {}).get("minimize")
+        if metric in costs:
+            was = (plan.variant(variant).get("costs") or {}).get(metric)
+            parts.append(f"{metric} {costs[metric]:.6g}"
+                         + (f" against the plan's {was:.6g}" if was is not None else ""))
     return f"without the {n} dropped choice(s), which the target keeps as they are: " + "; ".join(parts)
 
 
