@@ -274,13 +274,14 @@ def _patched(model: nn.Module, wrappers: dict[str, Any]) -> Iterator[None]:
     try:
         for name, wrap in wrappers.items():
             m = model.get_submodule(name) if name else model
-            saved.append((m, m.__dict__.get("forward")))
+            own = m.__dict__.get("forward")
             m.forward = wrap(m.forward)  # type: ignore[method-assign]
+            saved.append((m, own))  # only once set: a module that refuses it is left as it is
         yield
     finally:
         for m, own in reversed(saved):
             if own is None:
-                del m.forward
+                m.__dict__.pop("forward", None)
             else:
                 m.forward = own  # type: ignore[method-assign]
 

@@ -392,3 +392,23 @@ def test_module_replay_keeps_check_outputs_only_of_modules_a_probe_can_replay(tm
     # a limit below one sample's outputs: no check values, and probes are counted unchecked
     small = PrefixCache(load_model(spec), [data.x], data.x[:2], limit_mb=0.01)
     assert small.active and small.calls is not None and not small.calls.outputs
+
+
+def test_a_module_that_refuses_a_patched_forward_leaves_the_model_as_it_was():
+    """Module replay patches ``forward`` on instances; a module that refuses it (a property, as a
+    scripted module's is) turns replay off, and every module it patched before is restored."""
+    from sensplan.sensitivity._prefix import _patched
+
+    class Stubborn(nn.Linear):
+        @property
+        def forward(self):  # no setter: assigning it raises
+            return super().forward
+
+    model = nn.Sequential(nn.Linear(4, 4), Stubborn(4, 4), nn.Linear(4, 2))
+    with pytest.raises(AttributeError), _patched(model, {n: (lambda f: f) for n in ("0", "1", "2")}):
+        pass
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    x = torch.randn(3, 4)
+    cache = PrefixCache(model, [x], x[:2])
+    assert cache.active  # fx traces it: the graph is used, replay not needed
+    assert all("forward" not in m.__dict__ for m in model.modules())
