@@ -110,7 +110,7 @@ def run(trials: int, n: int, base_acc: float, rho: float, seed: int) -> None:
                 got_new.append(true[pick.winner["name"]])
                 got_old.append(true[old_rule(pick)["name"]])
                 if len(ses) < 200:
-                    ses.append(paired_se(per[2], per[1])[2])
+                    ses.append(paired_se(per[3], per[1])[2])  # plan round 1 against the best uniform
             for rule, got in (("least drop (in use)", got_new), ("tie to uniform (before)", got_old)):
                 rows[rule].append(100 * (BEST_UNIFORM_DROP / 100 - np.mean(got)))
                 tails[rule].append(100 * float(np.mean(BEST_UNIFORM_DROP - 100 * np.array(got) < -TAIL)))

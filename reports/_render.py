@@ -535,7 +535,7 @@ def _verification_section(plan: Plan, fmt: _Fmt, svg: str) -> str:
                 "--no-verify): its drop is the scan's additive prediction, unmeasured.</p>" + svg)
     winner = ver.get("winner", {})
     split = ver.get("split", {})
-    # uniform winning outright is a finding to see; a tie (the plan within noise of uniform) is not
+    # uniform winning outright is a finding to see; a close call (within one paired standard error) is not
     cls = ("bad" if winner.get("kind") == "uniform" and not ver.get("within_noise")
            else "tie" if winner.get("kind") == "uniform" else "ok")
     held_n, report_n = split.get("held_out"), split.get("report")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sensplan._effects import is_sparse, merge_per_unit
-from sensplan._errors import UserInputError
+from sensplan._errors import UserInputError, first_line
 from sensplan._registry import Registry
 
 #: the ``format`` of the JSON files the exporters write (each adds ``target``)
@@ -329,19 +329,40 @@ def export_plan(plan: Any, target: str, out: str | os.PathLike[str], *, variant:
     return result
 
 
+def scan_paths(plan: Any) -> list[Path]:
+    """Where the plan's scan may be: as recorded (absolute, or relative to where the plan was made),
+    else relative to the plan's folder, else beside the plan (the caller checks the digest)."""
+    path = (plan.data.get("scan") or {}).get("path")
+    if not path:
+        return []
+    here = Path(plan.path).parent if getattr(plan, "path", None) else None
+    return [Path(path), *([here / path, here / Path(path).name] if here is not None else [])]
+
+
 def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
     """What the allocation costs with the ``dropped`` blocks left as they are (the target keeps
-    them float), against the plan's budgets: computed from the plan's scan when it can be read (by
-    the path the plan records, or beside the plan), said to be unknown otherwise."""
+    them float), against the plan's budgets: computed from the plan's scan when it can be read (see
+    :func:`scan_paths`; checked by digest), said to be unknown otherwise. Never raises: it is a
+    note on an export that is already made."""
+    n = len(dropped)
+    unknown = (f"without the {n} dropped choice(s) the target keeps those layers as they are, so the result "
+               f"may no longer meet the plan's budgets; ")
+    try:
+        text = _priced_without(plan, variant, dropped)
+    except Exception as e:  # noqa: BLE001 - a plan or scan this cannot price: say so, export anyway
+        return unknown + f"what it costs could not be computed ({type(e).__name__}: {first_line(e, 160)})"
+    return f"without the {n} dropped choice(s), which the target keeps as they are: {text}" if text else \
+        unknown + "the costs are not known here"
+
+
+def _priced_without(plan: Any, variant: str, dropped: set[str]) -> str | None:
     from sensplan._tables import Scan
     from sensplan.planner._costs import Costs, option_key
+    from sensplan.planner._solver import _relative_slack
 
     rec = plan.data.get("scan") or {}
-    where = [Path(rec["path"])] if rec.get("path") else []
-    if plan.path and rec.get("path"):
-        where.append(Path(plan.path).parent / Path(rec["path"]).name)
     scan = None
-    for path in where:
+    for path in scan_paths(plan):
         try:
             found = Scan.load(path)
         except (OSError, ValueError, UserInputError):
@@ -349,40 +370,39 @@ def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
         if not rec.get("sha256") or found.sha256 == rec["sha256"]:
             scan = found
             break
-    n = len(dropped)
     if scan is None:
-        return (f"without the {n} dropped choice(s) the target keeps those layers as they are, so the result "
-                f"may no longer meet the plan's budgets; the costs are not known here: the plan's scan "
-                f"({rec.get('path') or 'unsaved'}) cannot be read")
-    cm = Costs(scan)
+        return (f"the costs are not known here: the plan's scan ({rec.get('path') or 'unsaved'}) cannot be "
+                f"read")
+    cm = Costs(scan, (), str((plan.data.get("objective") or {}).get("signal") or "drop"))
     keep = option_key(None, {})
     choices = plan.variant(variant)["choices"]
     try:
-        choice = cm.choice_of({b: keep if b in dropped else option_key(c.get("method"), c.get("setting", {}))
+        choice = cm.choice_of({b: keep if b in dropped else option_key(c.get("method"), c.get("setting") or {})
                                for b, c in choices.items() if b in cm.index})
-    except (KeyError, ValueError):
-        return (f"without the {n} dropped choice(s) the target keeps those layers as they are; the plan's scan "
-                f"does not hold its options, so the budget reached is not known")
+    except (KeyError, ValueError):  # e.g. a uniform allocation's off-grid group
+        return "the costs are not known here: the plan's scan does not hold every option it chose"
     costs = cm.evaluate({i: choice.get(i, 0) for i in range(len(cm.blocks))})
+    was_costs = plan.variant(variant).get("costs") or {}
+    objective = plan.data.get("objective") or {}
     parts = []
-    for b in plan.data.get("objective", {}).get("budgets") or []:
-        metric, limit = b["metric"], b["absolute"]
-        if metric not in costs:
+    for b in objective.get("budgets") or []:
+        metric, limit = b.get("metric"), b.get("absolute")
+        if metric not in costs or limit is None:
             parts.append(f"{metric}: not computed from the scan (a measured cost table)")
             continue
         frac = costs[metric] / cm.original[metric] if cm.original.get(metric) else None
-        was = (plan.variant(variant).get("costs") or {}).get(metric)
+        was = was_costs.get(metric)
+        met = costs[metric] <= float(limit) + _relative_slack(float(limit))
         parts.append(f"{metric} {costs[metric]:.6g}" + (f" ({frac:.3f} of the original)" if frac is not None else "")
                      + (f" against the plan's {was:.6g}" if was is not None else "")
-                     + f" and the budget's {limit:.6g}: " + ("still met" if costs[metric] <= limit * (1 + 1e-9)
-                                                              else "NOT met"))
+                     + f" and the budget's {float(limit):.6g}: " + ("still met" if met else "NOT met"))
     if not parts:  # planned with --max-drop: no budget, only the metric it minimised
-        metric = plan.data.get("objective", {}).get("minimize")
+        metric = objective.get("minimize")
         if metric in costs:
-            was = (plan.variant(variant).get("costs") or {}).get(metric)
+            was = was_costs.get(metric)
             parts.append(f"{metric} {costs[metric]:.6g}"
                          + (f" against the plan's {was:.6g}" if was is not None else ""))
-    return f"without the {n} dropped choice(s), which the target keeps as they are: " + "; ".join(parts)
+    return "; ".join(parts) or None
 
 
 def _check_beside(out: Path, path: Path, target: str) -> None:

@@ -38,6 +38,7 @@ from sensplan.planner.export._core import (
     nothing_quantized,
     out_of_scope,
     quantization_only,
+    scan_paths,
     to_json,
 )
 
@@ -119,12 +120,7 @@ def scan_layers(request: ExportRequest) -> dict[str, Any] | None:
     from sensplan._artifacts import file_sha256
 
     rec = request.plan.data.get("scan") or {}
-    path = rec.get("path")
-    if not path:
-        return None
-    here = Path(request.plan.path).parent if getattr(request.plan, "path", None) else None
-    # as recorded (absolute, or relative to where the plan was made), else beside the plan
-    for candidate in [Path(path), *([here / path, here / Path(path).name] if here is not None else [])]:
+    for candidate in scan_paths(request.plan):
         if os.path.isfile(candidate) and (not rec.get("sha256") or file_sha256(candidate) == rec["sha256"]):
             layers: dict[str, Any] = json.loads(candidate.read_text()).get("layers") or {}
             return layers

@@ -48,11 +48,12 @@ def _module(request: ExportRequest, unit: str) -> tuple[str, str]:
     wrapper prefix) and, for a layer or group of an MoE expert that sensplan split out, the fused
     module that holds it and the expert's index (``...experts.3.down_proj`` -> ``...experts.down_proj``, 3)."""
     name = request.target_name(unit)
-    if not request.split_expert(unit):
+    root = next((r for r in request._expert_roots if unit.startswith(r)), None)
+    if root is None:
         return name, ""
-    head, _, rest = name.partition(".experts.")
-    index, _, tail = rest.partition(".")
-    return f"{head}.experts" + (f".{tail}" if tail else ""), index
+    index, _, tail = unit[len(root):].partition(".")  # root ends with "."; the expert's index follows
+    fused = request.target_name(root[:-1])
+    return fused + (f".{tail}" if tail else ""), index
 
 
 def _num(v: object) -> str:
