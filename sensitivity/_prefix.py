@@ -318,8 +318,7 @@ class PrefixCache:
         if self.limit <= 0:
             self.reason = "turned off (--cache-mb 0): every probe runs the whole model"
             return
-        #: "graph" (cut in the torch.fx graph) or "modules" (module replay, see :class:`_Calls`)
-        self.mode = "graph"
+        #: the module calls when the scan cuts by module replay (see :class:`_Calls`), else None (the graph)
         self.calls: _Calls | None = None
         self.no_graph: str | None = None  # why the graph could not be used
         try:
@@ -396,7 +395,7 @@ class PrefixCache:
         if self.model._forward_pre_hooks:  # a pre-hook on the top module could change its input
             raise _Unusable("the model has pre-hooks on its top module: every probe runs the whole model")
         calls = _Calls(self.model, self._check)
-        self.mode, self.calls, self.output = "modules", calls, calls.end
+        self.calls, self.output = calls, calls.end
         if self.order_only:
             return
         if not any(calls.keep_outputs(self._check[:k], self.limit // 4) for k in range(len(self._check), 0, -1)):
@@ -410,7 +409,7 @@ class PrefixCache:
         steps = sorted(calls.enter.values())
         for cut in (steps[len(steps) // 2], calls.end):
             if not self._checks(cut, count=False):
-                self.mode, self.calls, self.output = "graph", None, 0
+                self.calls, self.output = None, 0
                 raise _Unusable("replaying the model's modules does not reproduce its outputs bit for bit: "
                                 "every probe runs the whole model")
 
