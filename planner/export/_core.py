@@ -196,9 +196,7 @@ class ExportRequest:
         if self.drop_unsupported:
             self.dropped.extend(items)
             return list(items)
-        by_why: dict[str, list[Unsupported]] = {}
-        for i in items:  # one reason, said once, with the blocks it stops
-            by_why.setdefault(i.why, []).append(i)
+        by_why = by_reason(items)  # one reason, said once, with the blocks it stops
         first = "; ".join(
             ", ".join(f"{i.block} ({i.label})" for i in same[:3]) + (f" and {len(same) - 3} more" if len(same) > 3
                                                                      else "") + f": {why}"
@@ -216,8 +214,11 @@ class ExportRequest:
 
     def split_expert(self, unit: str) -> bool:
         """Whether ``unit`` is a layer of an MoE expert that sensplan split out (see above)."""
-        roots = self._expert_roots
-        return bool(roots) and unit.startswith(roots)
+        return self.expert_root(unit) is not None
+
+    def expert_root(self, unit: str) -> str | None:
+        """The split experts module (its name and a ``.``) that ``unit`` is inside, or None."""
+        return next((r for r in self._expert_roots if unit.startswith(r)), None)
 
     @functools.cached_property
     def _expert_roots(self) -> tuple[str, ...]:
@@ -329,14 +330,30 @@ def export_plan(plan: Any, target: str, out: str | os.PathLike[str], *, variant:
     return result
 
 
-def scan_paths(plan: Any) -> list[Path]:
-    """Where the plan's scan may be: as recorded (absolute, or relative to where the plan was made),
-    else relative to the plan's folder, else beside the plan (the caller checks the digest)."""
-    path = (plan.data.get("scan") or {}).get("path")
+def by_reason(items: Sequence[Unsupported]) -> dict[str, list[Unsupported]]:
+    """``items`` grouped by why the target cannot express them, in their order."""
+    out: dict[str, list[Unsupported]] = {}
+    for i in items:
+        out.setdefault(i.why, []).append(i)
+    return out
+
+
+def plan_scan(plan: Any) -> Path | None:
+    """The plan's scan file: as recorded (absolute, or relative to where the plan was made), else
+    relative to the plan's folder, else beside the plan; the first whose digest is the one the plan
+    records (any, when it records none). None when there is none."""
+    from sensplan._artifacts import file_sha256
+
+    rec = plan.data.get("scan") or {}
+    path = rec.get("path")
     if not path:
-        return []
+        return None
     here = Path(plan.path).parent if getattr(plan, "path", None) else None
-    return [Path(path), *([here / path, here / Path(path).name] if here is not None else [])]
+    candidates: list[Path] = [Path(path), *([here / path, here / Path(path).name] if here is not None else [])]
+    for candidate in candidates:
+        if candidate.is_file() and (not rec.get("sha256") or file_sha256(candidate) == rec["sha256"]):
+            return candidate
+    return None
 
 
 def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
@@ -360,20 +377,11 @@ def _priced_without(plan: Any, variant: str, dropped: set[str]) -> str | None:
     from sensplan.planner._costs import Costs, option_key
     from sensplan.planner._solver import _relative_slack
 
-    rec = plan.data.get("scan") or {}
-    scan = None
-    for path in scan_paths(plan):
-        try:
-            found = Scan.load(path)
-        except (OSError, ValueError, UserInputError):
-            continue
-        if not rec.get("sha256") or found.sha256 == rec["sha256"]:
-            scan = found
-            break
-    if scan is None:
-        return (f"the costs are not known here: the plan's scan ({rec.get('path') or 'unsaved'}) cannot be "
-                f"read")
-    cm = Costs(scan, (), str((plan.data.get("objective") or {}).get("signal") or "drop"))
+    path = plan_scan(plan)
+    if path is None:
+        recorded = (plan.data.get("scan") or {}).get("path") or "unsaved"
+        return f"the costs are not known here: the plan's scan ({recorded}) cannot be read"
+    cm = Costs(Scan.load(path), (), str((plan.data.get("objective") or {}).get("signal") or "drop"))
     keep = option_key(None, {})
     choices = plan.variant(variant)["choices"]
     try:

@@ -37,8 +37,8 @@ from sensplan.planner.export._core import (
     Unsupported,
     nothing_quantized,
     out_of_scope,
+    plan_scan,
     quantization_only,
-    scan_paths,
     to_json,
 )
 
@@ -115,16 +115,12 @@ _CONV = re.compile(r"^Conv(Transpose)?[123]d$")
 def scan_layers(request: ExportRequest) -> dict[str, Any] | None:
     """The ``layers`` of the plan's scan (found at its recorded path with its recorded digest), else None."""
     import json
-    import os
 
-    from sensplan._artifacts import file_sha256
-
-    rec = request.plan.data.get("scan") or {}
-    for candidate in scan_paths(request.plan):
-        if os.path.isfile(candidate) and (not rec.get("sha256") or file_sha256(candidate) == rec["sha256"]):
-            layers: dict[str, Any] = json.loads(candidate.read_text()).get("layers") or {}
-            return layers
-    return None
+    path = plan_scan(request.plan)
+    if path is None:
+        return None
+    layers: dict[str, Any] = json.loads(path.read_text()).get("layers") or {}
+    return layers
 
 
 def unchecked_note(request: ExportRequest, what: str) -> list[str]:

@@ -48,7 +48,7 @@ def _module(request: ExportRequest, unit: str) -> tuple[str, str]:
     wrapper prefix) and, for a layer or group of an MoE expert that sensplan split out, the fused
     module that holds it and the expert's index (``...experts.3.down_proj`` -> ``...experts.down_proj``, 3)."""
     name = request.target_name(unit)
-    root = next((r for r in request._expert_roots if unit.startswith(r)), None)
+    root = request.expert_root(unit)
     if root is None:
         return name, ""
     index, _, tail = unit[len(root):].partition(".")  # root ends with "."; the expert's index follows

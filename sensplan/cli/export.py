@@ -59,6 +59,7 @@ def register(sub: SubParsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from sensplan.planner import Plan
     from sensplan.planner.export import export_plan, load_exporters
+    from sensplan.planner.export._core import by_reason
 
     exporters = load_exporters()
     if args.list:
@@ -92,13 +93,10 @@ def main(args: argparse.Namespace) -> int:
     loader = partial(load_for_export, args, need(plan), need(exporter)) if need(exporter).needs_model else None
     result = export_plan(need(plan), args.to, out, variant=args.variant, drop_unsupported=args.drop_unsupported,
                          model_loader=loader)
-    by_why: dict[str, list[str]] = {}
-    for d in result.dropped:  # one reason said once, with the choices it dropped
-        by_why.setdefault(d.why, []).append(f"{d.block} ({d.label})")
-    for why, blocks in by_why.items():
-        say(f"dropped (--drop-unsupported) {len(blocks)} choice(s): {why}:")
-        for b in blocks:
-            say(f"  {b}")
+    for why, items in by_reason(result.dropped).items():  # each reason once, with the choices it dropped
+        say(f"dropped (--drop-unsupported) {len(items)} choice(s): {why}:")
+        for d in items:
+            say(f"  {d.block} ({d.label})")
     for n in result.notes:
         say(f"note: {n}")
     for name in result.extra_files:
