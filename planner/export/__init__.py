@@ -22,6 +22,7 @@ from sensplan.planner.export._core import (
     LayerSpec,
     LoadedModel,
     Unsupported,
+    by_reason,
     export_plan,
     load_exporters,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "LoadedModel",
     "Unsupported",
     "apply_matmul_nbits",
+    "by_reason",
     "export_plan",
     "load_exporters",
     "quantize_static_kwargs",

@@ -58,8 +58,7 @@ def register(sub: SubParsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from sensplan.planner import Plan
-    from sensplan.planner.export import export_plan, load_exporters
-    from sensplan.planner.export._core import by_reason
+    from sensplan.planner.export import by_reason, export_plan, load_exporters
 
     exporters = load_exporters()
     if args.list:
