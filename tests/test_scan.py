@@ -23,6 +23,15 @@ def resnet_scan():
     return model, data, scan(model, data, cfg, progress=False)
 
 
+def test_weights_digest_reads_bfloat16_weights():
+    """numpy has no bfloat16: the digest reads the bytes, and sees a change to one of them."""
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    before = weights_digest(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1
+    assert weights_digest(model) != before
+
+
 def test_scan_leaves_the_model_bit_identical_with_recalibration(tiny_resnet):
     data = self_labelled(tiny_resnet, 64)
     calib = self_labelled(tiny_resnet, 32, seed=5)
