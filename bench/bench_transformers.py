@@ -132,11 +132,19 @@ def train_lm(kind: str, cache: Path, steps: int, vocab: int = 1024, seq: int = 6
     return folder, info
 
 
-def run(argv: list[str], log: Path) -> dict[str, Any]:
+#: ``sensplan`` with module replay keeping every replayed output (no placeholders): the baseline
+#: of what placeholders save
+KEEP_EVERY_OUTPUT = ("import sys; from sensplan.sensitivity import _prefix; "
+                     "_prefix._Calls.dead = lambda self, cut: set(); "
+                     "from sensplan.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def run(argv: list[str], log: Path, keep_every_output: bool = False) -> dict[str, Any]:
     """One ``sensplan run``; its wall seconds and the peak RSS of its process (GiB)."""
     t0 = time.perf_counter()
+    cmd = [PY, "-c", KEEP_EVERY_OUTPUT] if keep_every_output else [PY, "-m", "sensplan"]
     with log.open("w") as f:
-        p = subprocess.Popen([PY, "-m", "sensplan", *argv], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        p = subprocess.Popen([*cmd, *argv], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(p.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
@@ -197,25 +205,33 @@ def show(name: str, budget: str, res: dict[str, Any], run_info: dict[str, Any], 
 
 def replay_speed(name: str, model_data: list[str], tmp: Path) -> None:
     """The scan with the prefix cache (module replay: transformers do not trace with torch.fx) against
-    the same scan with it off (``--cache-mb 0``), in turn, in this run: seconds and whether every
-    row is the same."""
-    times, tables = {}, {}
-    for tag, extra in (("replay", []), ("off", ["--cache-mb", "0"])):
-        out = tmp / f"replay-{name}-{tag}.json"
-        run(["scan", *model_data, "--out", str(out), "--no-resume", *extra], tmp / f"replay-{name}-{tag}.log")
+    the same scan keeping every replayed output (no placeholders) and with the cache off
+    (``--cache-mb 0``), in turn, in this run: seconds, the cache's peak, the process's peak RSS,
+    and whether every row is the same."""
+    got: dict[str, dict[str, Any]] = {}
+    for tag, extra in (("replay", []), ("every output", []), ("off", ["--cache-mb", "0"])):
+        out = tmp / f"replay-{name.split(',')[0].replace(' ', '-')}-{tag.replace(' ', '-')}.json"
+        r = run(["scan", *model_data, "--out", str(out), "--no-resume", *extra],
+                tmp / f"{out.stem}.log", keep_every_output=tag == "every output")
         scan = json.loads(out.read_text())
-        times[tag] = scan["provenance"]["seconds"]
-        tables[tag] = [{k: r.get(k) for k in ("unit", "method", "setting", "score", "drop", "signals")}
-                       for r in scan["results"]]
-        if tag == "replay":
-            rec = scan["provenance"]["prefix_cache"]
-    print(f"\n{name}, prefix cache: scan {times['replay']:.1f} s with module replay against {times['off']:.1f} s "
-          f"with the cache off ({times['off'] / times['replay']:.2f}x), {len(tables['off'])} probes, rows "
-          f"{'identical' if tables['replay'] == tables['off'] else 'DIFFERENT'}; "
-          f"{rec.get('mode', rec.get('reason'))[:40]}, {rec.get('probes run from a cut', 0)} probes from a cut")
+        got[tag] = {"seconds": scan["provenance"]["seconds"], "rss": r["peak_gib"],
+                    "cache": scan["provenance"]["prefix_cache"],
+                    "rows": [{k: v.get(k) for k in ("unit", "method", "setting", "score", "drop", "signals")}
+                             for v in scan["results"]]}
+    rec = got["replay"]["cache"]
+    print(f"\n{name}, prefix cache ({rec.get('mode', rec.get('reason'))}; {len(got['off']['rows'])} probes, "
+          f"{rec.get('probes run from a cut', 0)} from a cut):")
+    for tag, g in got.items():
+        same = "rows identical to the cache off" if g["rows"] == got["off"]["rows"] else "rows DIFFERENT"
+        held = f"cache peak {g['cache']['peak_mb']:.1f} MiB, " if "peak_mb" in g["cache"] else ""
+        print(f"  {tag:>12}: {g['seconds']:6.1f} s ({got['off']['seconds'] / g['seconds']:.2f}x the cache off), "
+              f"{held}process peak RSS {g['rss']:.2f} GiB; {same}")
+    placeholders = {k: v for k, v in rec.items() if "placeholder" in k or "keep every" in k}
+    if placeholders:
+        print(f"  {placeholders}")
 
 
-def gpt2_125m(tmp: Path, corpus: Path, tok_dir: Path) -> None:
+def gpt2_125m(tmp: Path, corpus: Path, tok_dir: Path, replay: bool) -> None:
     """A few probes of a GPT-2-small-sized (125M) random-init model: seconds per probe and peak RSS."""
     import transformers as tf
 
@@ -236,15 +252,21 @@ def gpt2_125m(tmp: Path, corpus: Path, tok_dir: Path) -> None:
           f"(int4 g128 on its 4 Linear layers, 25% of its heads and MLP), 16 windows of 128 tokens: "
           f"scan {scan['provenance']['seconds']:.0f} s ({scan['provenance']['seconds'] / max(1, len(rows)):.1f} "
           f"s/probe, loading and checks included), process peak RSS {t['peak_gib']:.2f} GiB")
+    if replay:  # a cut in every layer: what the cache holds grows with the depth of the cut
+        replay_speed("GPT-2 125M config, int4 g128 on each layer's MLP output projection (12 probes), "
+                     "32 windows of 128 tokens",
+                     ["--model", f"hf:{folder}", "--tokenizer", str(tok_dir), "--data", f"text:{corpus}",
+                      "--task", "perplexity", "--seq-len", "128", "--samples", "32", "--calib-samples", "8",
+                      "--units", "*.mlp.c_proj", "--bits", "4g128", "--methods", "weight_quant"], tmp)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "sensplan-bench-lm"))
     ap.add_argument("--steps", type=int, default=1500, help="training steps of each LM (batch 32 x 64 tokens)")
-    ap.add_argument("--only", default="gpt2,llama,minilm,125m,replay",
-                    help="parts: gpt2, llama, minilm, 125m, and replay (each model's scan with the prefix "
-                         "cache against the cache off)")
+    ap.add_argument("--only", default="gpt2,llama,minilm,125m,replay,plans",
+                    help="models: gpt2, llama, minilm, 125m; parts: plans (each model's plans against uniform) "
+                         "and replay (each model's scan with the prefix cache against the cache off)")
     ap.add_argument("--samples", type=int, default=128, help="scan sample (windows or sentences)")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -269,7 +291,7 @@ def main() -> None:
                   "--seq-len", "64", "--samples", str(args.samples), "--calib-samples", "64"]
         if "replay" in only:
             replay_speed(kind, common[1:], cache)
-        for budget, methods in (("bits=4.5", "weight_quant"), ("params=0.8", "prune")):
+        for budget, methods in (("bits=4.5", "weight_quant"), ("params=0.8", "prune")) if "plans" in only else ():
             out = cache / f"out-{kind}-{budget.replace('=', '')}"
             shutil.rmtree(out, ignore_errors=True)
             r = run([*common, "--methods", methods, "--budget", budget, "--out", str(out)], cache / f"{out.name}.log")
@@ -295,14 +317,14 @@ def main() -> None:
             if "replay" in only:
                 replay_speed("MiniLM", [*common[1:common.index("--samples")], "--samples", "32",
                                         "--calib-samples", "16"], cache)
-            for budget, methods in (("bits=4.5", "weight_quant"), ("macs=0.7", "prune")):
+            for budget, methods in (("bits=4.5", "weight_quant"), ("macs=0.7", "prune")) if "plans" in only else ():
                 out = cache / f"out-minilm-{budget.replace('=', '')}"
                 shutil.rmtree(out, ignore_errors=True)
                 r = run([*common, "--methods", methods, "--budget", budget, "--out", str(out)],
                         cache / f"{out.name}.log")
                 show("MiniLM", budget, summary(out, "cosine"), r, lm=False)
     if "125m" in only and tok_dir is not None:
-        gpt2_125m(cache, eval_text, tok_dir)
+        gpt2_125m(cache, eval_text, tok_dir, "replay" in only)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ go round-robin to ``folds`` separate estimates, whose spread gives each probe's 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -113,14 +112,11 @@ class ProbeEstimator:
     swapped a module, installed a hook, changed a buffer or a shape) or a parameter no gradient
     reaches: such probes are measured. Only methods that declare ``values_only`` are asked."""
 
-    def __init__(self, model: nn.Module, fisher: FisherDiagonal,
-                 snapshot: Mapping[str, torch.Tensor] | None = None) -> None:
-        """``snapshot``: copies of the model's tensors taken earlier (the prefix cache's), reused
-        where they still equal the model's, so the weights are not copied twice."""
+    def __init__(self, model: nn.Module, fisher: FisherDiagonal) -> None:
         self.model, self.fisher = model, fisher
         self.params = dict(model.named_parameters())
-        self.originals = {n: _kept(snapshot, n, p) for n, p in self.params.items() if n in fisher.folds}
-        self.buffers = {n: _kept(snapshot, n, b) for n, b in model.named_buffers()}
+        self.originals = {n: p.detach().clone() for n, p in self.params.items() if n in fisher.folds}
+        self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
         self.modules = [id(m) for m in model.modules()]
         self.hooks = _hooks(model)
 
@@ -150,15 +146,6 @@ class ProbeEstimator:
         mean = float(per_fold.mean())
         se = float(per_fold.std(unbiased=True)) / k ** 0.5 if k > 1 else 0.0
         return mean, se
-
-
-def _kept(snapshot: Mapping[str, torch.Tensor] | None, name: str, t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t``: the snapshot's where it is equal (same shape, dtype, device, values)."""
-    old = snapshot.get(name) if snapshot is not None else None
-    if old is not None and old is not t and old.shape == t.shape and old.dtype == t.dtype \
-            and old.device == t.device and torch.equal(old, t.detach()):
-        return old
-    return t.detach().clone()
 
 
 def _hooks(model: nn.Module) -> int:

@@ -41,9 +41,10 @@ import bisect
 import os
 import shutil
 import tempfile
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,7 @@ class _Entry:
     values: Any  # the live values (graph) or the replayed outputs by module (modules)
     path: str | None
     nbytes: int
+    dead: bool = False  # module replay: some outputs are placeholders (:func:`_placeholders`)
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -79,6 +81,8 @@ def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
     """A deep copy of the tensors in ``value`` (tuples, lists, dicts kept); the same tensor object
     twice gives the same copy twice, so aliasing between live values survives."""
     if isinstance(value, torch.Tensor):
+        if _placeholder(value):  # one element, nothing to copy: writing to it raises
+            return value
         key = id(value)
         if key not in memo:
             memo[key] = value.detach().clone()
@@ -103,6 +107,54 @@ def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
     return value
 
 
+def _placeholder(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and all(s == 0 for s in t.stride())
+
+
+def _placeholders(value: Any) -> Any:
+    """``value`` with each floating-point tensor replaced by NaN of its shape, stored as one element:
+    what module replay keeps of an output nothing after the cut should read. If something does
+    read it (code between module calls, which no recording sees), the NaN reaches the outputs and
+    the check fails."""
+    def nan(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or t.numel() <= 1:
+            return t
+        return torch.full((1,) * t.dim(), float("nan"), dtype=t.dtype, device=t.device).expand(t.shape)
+
+    if isinstance(value, torch.Tensor):
+        return nan(value)
+    if isinstance(value, (tuple, list, dict)):
+        memo = {id(t): nan(t) for t in _tensors(value)}
+        return _clone(value, memo)
+    return value
+
+
+def _storages(values: Any) -> tuple[set[int], int]:
+    """The storages (data pointers) of the tensors in ``values``, and their bytes."""
+    seen: dict[int, int] = {}
+    for t in _tensors(values):
+        if t.numel():
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+    return set(seen), sum(seen.values())
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
+    """What a probe's change to ``t`` shows in: its shape, dtype, and two wrapping integer sums of
+    its bits (all of them, every other element). Any change to one element changes the first; a
+    change that cancels in both sums is not one a compression method makes, and the check of
+    each probe against the whole model catches what placement misses."""
+    flat = t.detach().reshape(-1).view(torch.uint8)
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = torch.tensor([], dtype=dtype).element_size()
+        if flat.numel() % size == 0:
+            flat = flat.view(dtype)
+            break
+    with torch.inference_mode():
+        sums = torch.stack([flat.sum(dtype=torch.int64), flat[1::2].sum(dtype=torch.int64)]).tolist()
+    return tuple(t.shape), t.dtype, *sums
+
+
 def _global_hooks() -> tuple[int, ...]:
     from torch.nn.modules import module as m
 
@@ -112,6 +164,10 @@ def _global_hooks() -> tuple[int, ...]:
 
 def _hook_keys(mod: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)
+
+
+class _Stop(Exception):
+    """The run reached the cut (:meth:`_Calls.run_until`)."""
 
 
 class _Mismatch(Exception):
@@ -134,8 +190,19 @@ class _Calls:
         self.exit: dict[str, int] = {}
         self.calls: Counter[str] = Counter()
         self.caller: dict[str, str | None] = {}  # the module running when it was first entered
+        # who read each module's outputs after it returned: per output storage, the modules
+        # running (the reader itself included) at each call handed it; the model's own outputs
+        # are read by its caller (no module)
+        self.readers: dict[str, dict[int, list[frozenset[str]]]] = {}
+        alive: dict[int, list[tuple[str, Any]]] = {}  # storage -> (module, a weak reference to its output)
         step = 0
         stack: list[str] = []
+
+        def read(ptrs: Iterable[int], running: frozenset[str]) -> None:
+            for p in ptrs:
+                for maker, ref in alive.get(p, ()):
+                    if ref() is not None:  # a storage freed and reused is not the output read
+                        self.readers[maker].setdefault(p, []).append(running)
 
         def wrap(name: str, forward: Any) -> Any:
             def run(*args: Any, **kwargs: Any) -> Any:
@@ -145,8 +212,16 @@ class _Calls:
                     self.enter[name], self.caller[name] = step, stack[-1] if stack else None
                 step += 1
                 stack.append(name)
+                read(_storages((args, kwargs))[0], frozenset(stack))
                 try:
-                    return forward(*args, **kwargs)
+                    out = forward(*args, **kwargs)
+                    made = {t.untyped_storage().data_ptr(): t for t in _tensors(out) if t.numel()}
+                    self.readers[name] = {p: [] for p in made}
+                    for p, t in made.items():
+                        alive.setdefault(p, []).append((name, weakref.ref(t)))
+                    if name == "":
+                        read(made, frozenset())
+                    return out
                 finally:
                     stack.pop()
                     self.exit[name] = step
@@ -173,6 +248,7 @@ class _Calls:
         self.outputs: dict[str, Any] = {}
         self.check: torch.Tensor | None = None
         self._skips: dict[int, list[str]] = {}
+        self._dead: dict[int, set[str]] = {}
 
     def keep_outputs(self, x: torch.Tensor, limit: int) -> bool:
         """Record the replayable modules' outputs for ``x`` (the check inputs), unless they take
@@ -237,14 +313,48 @@ class _Calls:
             self._skips[cut] = sorted(out, key=self.enter.__getitem__)
         return self._skips[cut]
 
-    def run(self, x: Any, replay: dict[str, Any], record: Sequence[str]) -> tuple[Any, dict[str, Any] | None]:
+    def dead(self, cut: int) -> set[str]:
+        """The modules replayed below ``cut`` whose outputs nothing after it reads, as far as the
+        recording saw: each output handed to other modules after it was made, and only to modules
+        replayed there too. (An output never handed to a module, e.g. an attention's output summed
+        with the residual by the code around it, is kept.) Their outputs are kept as placeholders
+        (:func:`_placeholders`), which the check of each probe puts to the test."""
+        if cut not in self._dead:
+            skipped = set(self.skipped(cut))
+
+            def unread(n: str) -> bool:
+                outs = self.readers.get(n, {})
+                return bool(outs) and all(r and all(s & skipped for s in r) for r in outs.values())
+
+            self._dead[cut] = {n for n in skipped if n and unread(n)}
+        return self._dead[cut]
+
+    def run_until(self, x: Any, cut: int) -> None:
+        """``model(x)`` until it enters a module first entered at ``cut`` or later: every module
+        replayed below ``cut`` runs (and leaves its state, if any, from ``x``)."""
+        def stop(forward: Any) -> Any:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                raise _Stop
+            return run
+
+        after = {n: stop for n, at in self.enter.items() if n and at >= cut}
+        with suppress(_Stop), _patched(self.model, after):
+            self.model(x)
+
+    def run(self, x: Any, replay: dict[str, Any], record: Sequence[str],
+            dead: Iterable[str] = ()) -> tuple[Any, dict[str, Any] | None]:
         """``model(x)`` with the modules in ``replay`` (name -> output) returning those outputs, and
-        the outputs of the modules in ``record`` (private copies), or None when one of them did
-        not run exactly once on ``x`` (its output is not this batch's to keep). Raises
-        :class:`_Mismatch` when a replayed module is called twice."""
+        the outputs of the modules in ``record`` (private copies; placeholders for those in
+        ``dead``), or None when one of them did not run exactly once on ``x`` (its output is not
+        this batch's to keep). Raises :class:`_Mismatch` when a replayed module is called twice."""
         got: dict[str, Any] = {}
         wanted = set(record)
+        dead = set(dead)
         calls: Counter[str] = Counter()
+
+        def keep(name: str, out: Any, private: bool) -> None:
+            if name in wanted:
+                got[name] = _placeholders(out) if name in dead else out if private else _clone(out, {})
 
         def wrap(name: str, forward: Any) -> Any:
             def run(*args: Any, **kwargs: Any) -> Any:
@@ -252,12 +362,10 @@ class _Calls:
                 if name in replay:
                     if calls[name] > 1:
                         raise _Mismatch(name)
-                    if name in wanted:
-                        got[name] = replay[name]
+                    keep(name, replay[name], True)
                     return _clone(replay[name], {})
                 out = forward(*args, **kwargs)
-                if name in wanted:
-                    got[name] = _clone(out, {})
+                keep(name, out, False)
                 return out
             return run
 
@@ -308,6 +416,7 @@ class PrefixCache:
         self.counts: Counter[str] = Counter()
         self.entries: dict[tuple[Any, ...], _Entry] = {}
         self.in_memory = 0
+        self.held = self.peak = 0  # bytes the entries hold, in memory and on disk: now and at most
         self.spill_dir: str | None = None
         self.spill_root = spill_root
         self.order_only = order_only
@@ -315,6 +424,8 @@ class PrefixCache:
         self._bases = list(bases)
         self._check = check[:CHECK_SAMPLES]
         self._check_values: dict[int, list[Any]] | None = None
+        self._dead_ok: dict[int, bool] = {}  # module replay: whether a cut's placeholders passed its first check
+        self._no_dead = False  # a probe read a placeholder: none from then on
         if self.limit <= 0:
             self.reason = "turned off (--cache-mb 0): every probe runs the whole model"
             return
@@ -507,15 +618,12 @@ class PrefixCache:
 
     # -- what a probe changed --------------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The copies of the model's parameters and buffers this cache compares probes against
-        (by name; empty when it took none): others that need the same copies reuse them."""
-        return {n: copy for n, (_, copy) in getattr(self, "tensors", {}).items()}
-
     def _snapshot(self) -> None:
         self.mod_ids = {n: id(m) for n, m in self.model.named_modules()}
         self.hooks = {n: _hook_keys(m) for n, m in self.model.named_modules()}
-        self.tensors = {n: (t, t.detach().clone()) for n, t in
+        # each tensor's object and a fingerprint of its values, not a copy: a copy of a language
+        # model's weights would double its memory
+        self.tensors = {n: (t, _fingerprint(t)) for n, t in
                         [*self.model.named_parameters(), *self.model.named_buffers()]}
         self.global_hooks = _global_hooks()
         # every name of a shared module or tensor (tied weights): a change shows under the first
@@ -542,7 +650,7 @@ class PrefixCache:
         now = dict([*self.model.named_parameters(), *self.model.named_buffers()])
         for n, t in now.items():
             old = self.tensors.get(n)
-            if old is None or old[0] is not t or old[1].shape != t.shape or not torch.equal(old[1], t):
+            if old is None or old[0] is not t or old[1] != _fingerprint(t):
                 touched.append(n)
         touched.extend(n for n in self.tensors if n not in now)
         cut = self.output
@@ -596,14 +704,17 @@ class PrefixCache:
             if not self.calls.outputs:  # the check values did not fit: the placement is trusted
                 self.counts[UNCHECKED] += count
                 return True
-            replay = {n: self.calls.outputs[n] for n in self.calls.skipped(cut)}
-            with torch.inference_mode():
-                self.model(self._decoy)  # replay first, after another batch; the whole model last
-                try:
-                    got = self.calls.run(self._check, replay, [])[0]
-                except Exception:  # noqa: BLE001 - whatever the replay broke: that probe runs in full
-                    return False
-                return _same(self.model(self._check), got)
+            dead = self._dead_at(cut)
+            if dead:
+                if self._replays(self.calls, cut, dead):
+                    if self._dead_ok.setdefault(cut, True):
+                        return True
+                if self._dead_ok.get(cut):  # this probe reads what an earlier one at its cut did not
+                    self._placeholders_off()
+                else:
+                    self._dead_ok[cut] = False
+                    self.counts["cuts that keep every replayed output (one thought unread is read)"] += 1
+            return self._replays(self.calls, cut, set())
         if self._check_values is None:  # the check values did not fit: the placement is trusted
             self.counts[UNCHECKED] += 1
             return True
@@ -612,6 +723,32 @@ class PrefixCache:
             return False
         with torch.inference_mode():
             return _same(self.model(self._check), self._run(self._check, (cut, values), None))
+
+    def _replays(self, calls: _Calls, cut: int, dead: set[str]) -> bool:
+        """Whether replaying the check inputs' outputs below ``cut`` (placeholders for ``dead``)
+        gives ``model(x)`` bit for bit."""
+        replay = {n: _placeholders(calls.outputs[n]) if n in dead else calls.outputs[n]
+                  for n in calls.skipped(cut)}
+        with torch.inference_mode():
+            try:  # replay first, after another batch (up to the cut); the whole model last
+                calls.run_until(self._decoy, cut)
+                got = calls.run(self._check, replay, [])[0]
+            except Exception:  # noqa: BLE001 - whatever the replay broke: that probe runs in full
+                return False
+            return _same(self.model(self._check), got)
+
+    def _dead_at(self, cut: int) -> set[str]:
+        """The modules whose outputs are kept as placeholders below ``cut`` (none once a probe read one)."""
+        if self.calls is None or self._no_dead or self._dead_ok.get(cut) is False:
+            return set()
+        return self.calls.dead(cut)
+
+    def _placeholders_off(self) -> None:
+        """A probe read an output its cut kept as a placeholder: keep every output from now on."""
+        self._no_dead = True
+        self.counts["placeholders turned off (a probe read an output thought unread)"] += 1
+        for key in [k for k, e in self.entries.items() if e.dead]:
+            self._drop(self.entries.pop(key))
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -624,7 +761,7 @@ class PrefixCache:
         entry = self.entries.get(key)
         start = (entry.pos, self._load(entry)) if entry is not None and entry.pos <= cut else None
         if self.calls is not None:
-            return self._replay(self.calls, x, key, cut, start)
+            return self._replay(self.calls, x, key, cut, start, entry is not None and entry.dead)
         if start is not None and start[0] == cut:
             self.counts["batches from the cache"] += 1
             return self._run(x, start, None)
@@ -632,25 +769,32 @@ class PrefixCache:
         return self._run(x, start, cut, lambda env, _: self._store(key, cut, [env[n] for n in self.live(cut)]))
 
     def _replay(self, calls: _Calls, x: torch.Tensor, key: tuple[Any, ...], cut: int,
-                start: tuple[int, Any] | None) -> Any:
+                start: tuple[int, Any] | None, placeholders: bool) -> Any:
         """``forward`` by module replay: from the batch's outputs at ``cut`` when it has them, else
-        from those of an earlier cut (or none), keeping the outputs at ``cut``."""
+        from those of an earlier cut (or none), keeping the outputs at ``cut`` (``placeholders``:
+        ``start`` holds some)."""
+        dead = self._dead_at(cut)
         try:
             if start is not None and start[0] == cut:
                 self.counts["batches from the cache"] += 1
                 return calls.run(x, start[1], [])[0]
-            out, got = calls.run(x, start[1] if start is not None else {}, calls.skipped(cut))
+            out, got = calls.run(x, start[1] if start is not None else {}, calls.skipped(cut), dead)
         except _Mismatch:  # this batch calls a replayed module twice: it runs whole
             self.counts["batches run in full (a replayed module ran twice)"] += 1
             old = self.entries.pop(key, None)
             if old is not None:
                 self._drop(old)
             return self.model(x)
+        except Exception:  # noqa: BLE001 - e.g. a write to a placeholder: keep every output from now on
+            if not (placeholders or dead):
+                raise
+            self._placeholders_off()
+            return self.model(x)
         if got is None:
             self.counts["batches not cached (a module ran other than once)"] += 1
         else:
             self.counts["batches cached"] += 1
-            self._store(key, cut, got, copied=True)
+            self._store(key, cut, got, copied=True, dead=bool(dead))
         return out
 
     def _key(self, x: Any) -> tuple[Any, ...] | None:
@@ -664,9 +808,10 @@ class PrefixCache:
                         tuple(n for n, m in self.model.named_modules() if m.training))
         return None
 
-    def _store(self, key: tuple[Any, ...], pos: int, values: Any, copied: bool = False) -> None:
+    def _store(self, key: tuple[Any, ...], pos: int, values: Any, copied: bool = False, dead: bool = False) -> None:
         """Keep ``values`` (the live values of graph position ``pos``, or the outputs of the modules
-        replayed below step ``pos``) for the batch ``key`` (``copied``: they are private copies)."""
+        replayed below step ``pos``) for the batch ``key`` (``copied``: they are private copies;
+        ``dead``: some are placeholders)."""
         old = self.entries.pop(key, None)
         if old is not None:
             self._drop(old)
@@ -676,10 +821,10 @@ class PrefixCache:
             self.counts["batches not cached (live values are views of one another)"] += 1
             return
         values = values if copied else _clone(values, {})
-        nbytes = sum(t.numel() * t.element_size() for t in flat)
+        nbytes = _storages(values)[1]
         if self.in_memory + nbytes <= self.limit:
             self.in_memory += nbytes
-            self.entries[key] = _Entry(pos, values, None, nbytes)
+            self._keep(key, _Entry(pos, values, None, nbytes, dead))
             return
         if self.spill_dir is None:
             self.spill_dir = tempfile.mkdtemp(prefix="sensplan-cache-", dir=self.spill_root)
@@ -690,7 +835,12 @@ class PrefixCache:
             self.counts["batches not cached (a live value cannot be saved)"] += 1
             return
         self.counts["batches spilled to disk"] += 1
-        self.entries[key] = _Entry(pos, None, path, nbytes)
+        self._keep(key, _Entry(pos, None, path, nbytes, dead))
+
+    def _keep(self, key: tuple[Any, ...], entry: _Entry) -> None:
+        self.entries[key] = entry
+        self.held += entry.nbytes
+        self.peak = max(self.peak, self.held)
 
     def _load(self, entry: _Entry) -> Any:
         if entry.values is not None:
@@ -700,6 +850,7 @@ class PrefixCache:
         return got if self.calls is not None else list(got)
 
     def _drop(self, entry: _Entry) -> None:
+        self.held -= entry.nbytes
         if entry.path is not None:
             os.remove(entry.path)
         else:
@@ -708,7 +859,7 @@ class PrefixCache:
     def close(self) -> None:
         """Free the cache and remove what it spilled to disk."""
         self.entries.clear()
-        self.in_memory = 0
+        self.in_memory = self.held = 0
         if self.spill_dir is not None:
             shutil.rmtree(self.spill_dir, ignore_errors=True)
             self.spill_dir = None
@@ -718,6 +869,7 @@ class PrefixCache:
         how = None if not self.active else "graph (torch.fx)" if self.calls is None else \
             f"module replay ({self.no_graph})"
         return {"used": self.active, "reason": self.reason, "limit_mb": round(self.limit / 2 ** 20, 1),
+                **({"peak_mb": round(self.peak / 2 ** 20, 1)} if self.active and not self.order_only else {}),
                 **({"mode": how} if how else {}),
                 **({"where": "in each worker (this process only ordered the probes)"} if self.order_only else {}),
                 **dict(sorted(self.counts.items()))}

@@ -317,7 +317,7 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     spill_root = None
     if cfg.fast:
         fisher = fisher_diagonal(model, ctx.calibration_inputs(cfg.fast_samples), seed=0)
-        estimator = ProbeEstimator(model, fisher, snapshot=cache.snapshot())
+        estimator = ProbeEstimator(model, fisher)
     try:
         if spread_out:
             import tempfile

@@ -412,3 +412,110 @@ def test_a_module_that_refuses_a_patched_forward_leaves_the_model_as_it_was():
     cache = PrefixCache(model, [x], x[:2])
     assert cache.active  # fx traces it: the graph is used, replay not needed
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+class Chain(nn.Module):
+    """Untraceable, a chain of layers; ``skip``: the code between calls also reads the first
+    layer's output after the second one (a residual that no recording of module inputs sees);
+    ``write``: on batches whose first value is positive it also writes to that output in place."""
+
+    def __init__(self, depth: int = 6, skip: bool = False, write: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(depth))
+        self.inp, self.out = nn.Linear(12, 16), nn.Linear(16, 4)
+        self.skip, self.write = skip, write
+
+    def forward(self, x):
+        h = self.inp(x.flatten(1))
+        if h.detach().sum() > 1e9:  # data-dependent control flow: torch.fx cannot follow it
+            h = h * 0
+        first = h = self.layers[0](h)
+        for layer in self.layers[1:]:
+            h = layer(h)
+        if self.write and bool(x[0, 0, 0, 0] > 0):
+            first.mul_(1.0)
+        return self.out(h + first if self.skip else h)
+
+
+def test_module_replay_keeps_placeholders_for_outputs_nothing_after_the_cut_reads():
+    """At a cut in layer k of a chain, only layer k-1's output is read after it: the outputs of
+    the layers before are kept as one-element placeholders, not as tensors, and the rows are the
+    same bit for bit."""
+    torch.manual_seed(0)
+    model = Chain().eval()
+    x = torch.randn(64, 3, 2, 2)
+    cache = PrefixCache(model, [x], x[:2])
+    calls = cache.calls
+    assert cache.active and calls is not None
+    last = calls.enter["layers.5"]
+    assert calls.dead(last) == {"inp", "layers.0", "layers.1", "layers.2", "layers.3"}
+    assert cache._checks(last) and cache._dead_ok[last]
+    cache.cut = last
+    with torch.inference_mode():
+        want = model(x[:32])
+        assert torch.equal(cache.forward(x[:32]), want)
+        (entry,) = cache.entries.values()
+        assert entry.dead and entry.nbytes == 32 * 16 * 4 + 5 * 4  # layers.4's output, and 5 one-element NaNs
+        assert torch.isnan(entry.values["layers.0"]).all() and not torch.isnan(entry.values["layers.4"]).any()
+        assert torch.equal(cache.forward(x[:32]), want)  # from the entry, placeholders included
+    data = labelled(model, x)
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=32))
+    assert on == off and record["batches from the cache"] > 0 and record.get("probes run in full", 0) == 0
+
+
+@pytest.mark.parametrize("write", [False, True], ids=["read-between-calls", "written-in-place"])
+def test_module_replay_keeps_an_output_the_code_between_calls_reads(write):
+    """A residual summed by the code between module calls reads an output no module was handed
+    after the cut: the placeholder's NaN reaches the check, and that cut keeps every output. An
+    in-place write that only some batches make fails the replay of that batch: placeholders are
+    then turned off, and the batch runs in full. The rows are the same bit for bit either way."""
+    torch.manual_seed(0)
+    model = Chain(depth=4, skip=not write, write=write).eval()
+    x = torch.randn(64, 3, 2, 2)
+    x[:32, 0, 0, 0] = -1.0  # the check inputs and the first batch do not write; the second batch does
+    x[32, 0, 0, 0] = 1.0
+    cache = PrefixCache(model, [x], x[:2])
+    calls = cache.calls
+    cut = calls.enter["layers.3"]
+    assert "layers.0" in calls.dead(cut)
+    data = labelled(model, x)
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=32))
+    assert on == off and record.get("probes run in full", 0) == 0
+    if write:
+        assert record["placeholders turned off (a probe read an output thought unread)"] == 1
+    else:
+        assert record["cuts that keep every replayed output (one thought unread is read)"] >= 1
+
+
+def test_the_decoy_run_of_a_check_stops_at_the_cut():
+    """The check's run on other samples only has to leave the replayed modules' state (those below
+    the cut) from another batch: it stops where the first module at or after the cut is entered."""
+    torch.manual_seed(0)
+    model = Chain(depth=4).eval()
+    x = torch.randn(8, 3, 2, 2)
+    calls = PrefixCache(model, [x], x[:2]).calls
+    ran = []
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: ran.append(n)) for n, m in model.named_modules() if n]
+    calls.run_until(x[2:4], calls.enter["layers.2"])
+    for h in handles:
+        h.remove()
+    # (hooks run around a patched forward: layers.2's pre-hook runs, its forward does not)
+    assert ran == ["inp", "layers.0", "layers.0.0", "layers.0.1", "layers.1", "layers.1.0", "layers.1.1", "layers.2"]
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_the_prefix_cache_keeps_fingerprints_not_copies_of_the_weights():
+    """A probe's cut comes from what changed, compared with fingerprints of the weights (a copy
+    would double a language model's memory): a change through ``.data`` (which no version counter
+    sees) is placed, and undoing it places nothing."""
+    torch.manual_seed(0)
+    model = Chain(depth=4).eval()
+    x = torch.randn(8, 3, 2, 2)
+    cache = PrefixCache(model, [x], x[:2])
+    assert not any(isinstance(v, torch.Tensor) for _, fp in cache.tensors.values() for v in fp)
+    w = model.layers[2][0].weight
+    old = w.data[1, 3].item()
+    w.data[1, 3] = old + 0.5
+    assert cache._cut_now() == cache.calls.enter["layers.2.0"]
+    w.data[1, 3] = old
+    assert cache._cut_now() == cache.output
