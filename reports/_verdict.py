@@ -119,13 +119,16 @@ def _verification_note(plan: Any, metric: Metric, winner: str | None, fine_tuned
     before fine-tuning (when there was fine-tuning)."""
     ver = (plan.data.get("verification") or {}) if plan is not None else {}
     vs = ver.get("vs_best_uniform")
-    if not vs or not _num(vs.get("advantage")) or float(vs["advantage"]) == 0 or ver.get("within_noise"):
+    if not vs or not _num(vs.get("advantage")) or float(vs["advantage"]) == 0:
         return None
     chose = "planned" if float(vs["advantage"]) > 0 else "uniform"
     if winner == chose or (fine_tuned and before_ft == chose):  # the same order, or fine-tuning explains it
         return None
     held = (ver.get("split") or {}).get("held_out")
     by = metric.format_drop(abs(float(vs["advantage"])))
+    close = ver.get("within_noise") or {}
+    if _num(close.get("se")):  # the margin was within one paired SE there: a close call
+        by += f" (a close call, within one paired SE of {metric.format_drop(float(close['se']))})"
     n = f"its {held}-item held-out split" if held else "the split it chose on"
     if fine_tuned:
         return f"verification, which measures before fine-tuning, chose {chose} by {by} on {n}"

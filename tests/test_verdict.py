@@ -118,3 +118,18 @@ def test_a_verified_plan_not_yet_applied_gives_verifications_verdict_and_what_to
     assert v.line == ("plan round 1 wins: 1.0 pt better than uniform. Expected drop 2.82 pt ± 0.35, measured on "
                       "the report split (no choice touched it). Not applied yet.")
     assert v.winner == "planned" and v.level == "ok"
+
+
+def test_a_close_call_that_the_measurement_reverses_is_said_to_have_been_close():
+    """Verification keeps the least measured drop even within one paired SE (a close call); when
+    the measurement on untouched data then reverses the order, the note says the call was close."""
+    plan = Plan({"plans": {"planned": {"choices": {"a": {"method": "m", "label": "x"}}},
+                           "uniform": {"choices": {"a": {"method": "m", "label": "y"}}}},
+                 "verification": {"winner": {"kind": "plan"}, "split": {"held_out": 1250},
+                                  "vs_best_uniform": {"advantage": 0.002},
+                                  "within_noise": {"winner": "plan", "runner_up": "uniform y",
+                                                   "advantage": 0.002, "se": 0.004}}})
+    v = verdict(plan, {"planned": _m([1.0] * 80 + [0.0] * 20), "uniform": _m([1.0] * 95 + [0.0] * 5)}, TOP1)
+    assert v.winner == "uniform"
+    assert any("verification chose planned by 0.20 pt (a close call, within one paired SE of 0.40 pt) "
+               "on its 1250-item held-out split" in n for n in v.notes), v.notes
