@@ -108,7 +108,10 @@ def _clone(value: Any, memo: dict[int, torch.Tensor]) -> Any:
 
 
 def _placeholder(t: torch.Tensor) -> bool:
-    return t.numel() > 1 and all(s == 0 for s in t.stride())
+    """Whether ``t`` is one of :func:`_placeholders`'s: NaN, one element stored, expanded."""
+    return (t.layout == torch.strided and t.is_floating_point() and t.numel() > 1
+            and all(s == 0 for s in t.stride()) and t.untyped_storage().nbytes() == t.element_size()
+            and bool(torch.isnan(t[(0,) * t.dim()])))
 
 
 def _placeholders(value: Any) -> Any:
@@ -117,8 +120,8 @@ def _placeholders(value: Any) -> Any:
     read it (code between module calls, which no recording sees), the NaN reaches the outputs and
     the check fails."""
     def nan(t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point() or t.numel() <= 1:
-            return t
+        if not t.is_floating_point() or t.numel() <= 1 or t.layout != torch.strided:
+            return t.detach().clone()  # kept whole (and not a view of a live value)
         return torch.full((1,) * t.dim(), float("nan"), dtype=t.dtype, device=t.device).expand(t.shape)
 
     if isinstance(value, torch.Tensor):
@@ -133,7 +136,7 @@ def _storages(values: Any) -> tuple[set[int], int]:
     """The storages (data pointers) of the tensors in ``values``, and their bytes."""
     seen: dict[int, int] = {}
     for t in _tensors(values):
-        if t.numel():
+        if t.numel() and t.layout == torch.strided:
             st = t.untyped_storage()
             seen[st.data_ptr()] = st.nbytes()
     return set(seen), sum(seen.values())
@@ -142,17 +145,25 @@ def _storages(values: Any) -> tuple[set[int], int]:
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
     """What a probe's change to ``t`` shows in: its shape, dtype, and two wrapping integer sums of
     its bits (all of them, every other element). Any change to one element changes the first; a
-    change that cancels in both sums is not one a compression method makes, and the check of
-    each probe against the whole model catches what placement misses."""
-    flat = t.detach().reshape(-1).view(torch.uint8)
+    change that cancels in both sums (two equal rows swapped) is not one a compression method
+    makes, and the check of each probe against the whole model catches what placement misses."""
+    t = t.detach()
+    head = (tuple(t.shape), t.dtype, t.layout)
+    if t.is_meta:
+        return head
+    if t.is_quantized:
+        t = t.dequantize()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    flat = t.resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
     for dtype in (torch.int64, torch.int32, torch.int16):
         size = torch.tensor([], dtype=dtype).element_size()
-        if flat.numel() % size == 0:
+        if flat.numel() % size == 0 and flat.storage_offset() % size == 0:
             flat = flat.view(dtype)
             break
     with torch.inference_mode():
         sums = torch.stack([flat.sum(dtype=torch.int64), flat[1::2].sum(dtype=torch.int64)]).tolist()
-    return tuple(t.shape), t.dtype, *sums
+    return *head, *sums
 
 
 def _global_hooks() -> tuple[int, ...]:
@@ -166,8 +177,9 @@ def _hook_keys(mod: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return tuple(mod._forward_hooks), tuple(mod._forward_pre_hooks)
 
 
-class _Stop(Exception):
-    """The run reached the cut (:meth:`_Calls.run_until`)."""
+class _Stop(BaseException):
+    """The run reached the cut (:meth:`_Calls.run_until`); not an ``Exception``, which a model's
+    own ``except Exception`` around a module call would catch."""
 
 
 class _Mismatch(Exception):
@@ -424,8 +436,7 @@ class PrefixCache:
         self._bases = list(bases)
         self._check = check[:CHECK_SAMPLES]
         self._check_values: dict[int, list[Any]] | None = None
-        self._dead_ok: dict[int, bool] = {}  # module replay: whether a cut's placeholders passed its first check
-        self._no_dead = False  # a probe read a placeholder: none from then on
+        self._no_dead = False  # module replay: a placeholder was read, so none from then on
         if self.limit <= 0:
             self.reason = "turned off (--cache-mb 0): every probe runs the whole model"
             return
@@ -705,16 +716,12 @@ class PrefixCache:
                 self.counts[UNCHECKED] += count
                 return True
             dead = self._dead_at(cut)
-            if dead:
-                if self._replays(self.calls, cut, dead):
-                    if self._dead_ok.setdefault(cut, True):
-                        return True
-                if self._dead_ok.get(cut):  # this probe reads what an earlier one at its cut did not
-                    self._placeholders_off()
-                else:
-                    self._dead_ok[cut] = False
-                    self.counts["cuts that keep every replayed output (one thought unread is read)"] += 1
-            return self._replays(self.calls, cut, set())
+            if dead and self._replays(self.calls, cut, dead):
+                return True
+            ok = self._replays(self.calls, cut, set())
+            if dead and ok:  # only the placeholders made the difference: one was read
+                self._placeholders_off(count)
+            return ok
         if self._check_values is None:  # the check values did not fit: the placement is trusted
             self.counts[UNCHECKED] += 1
             return True
@@ -737,16 +744,19 @@ class PrefixCache:
                 return False
             return _same(self.model(self._check), got)
 
-    def _dead_at(self, cut: int) -> set[str]:
-        """The modules whose outputs are kept as placeholders below ``cut`` (none once a probe read one)."""
-        if self.calls is None or self._no_dead or self._dead_ok.get(cut) is False:
+    def _dead_at(self, cut: int, key: tuple[Any, ...] | None = None) -> set[str]:
+        """The modules whose outputs are kept as placeholders below ``cut``: none once one was read,
+        when the check values did not fit (nothing would test them), and for a batch run with
+        modules in training mode (BatchNorm recalibration: a batch run twice would count twice)."""
+        if self.calls is None or self._no_dead or not self.calls.outputs or (key is not None and key[-1]):
             return set()
         return self.calls.dead(cut)
 
-    def _placeholders_off(self) -> None:
-        """A probe read an output its cut kept as a placeholder: keep every output from now on."""
+    def _placeholders_off(self, count: bool = True) -> None:
+        """An output kept as a placeholder was read: keep every output from now on, and drop the
+        entries that hold placeholders."""
         self._no_dead = True
-        self.counts["placeholders turned off (a probe read an output thought unread)"] += 1
+        self.counts["placeholders turned off (an output thought unread was read)"] += count
         for key in [k for k, e in self.entries.items() if e.dead]:
             self._drop(self.entries.pop(key))
 
@@ -772,29 +782,39 @@ class PrefixCache:
                 start: tuple[int, Any] | None, placeholders: bool) -> Any:
         """``forward`` by module replay: from the batch's outputs at ``cut`` when it has them, else
         from those of an earlier cut (or none), keeping the outputs at ``cut`` (``placeholders``:
-        ``start`` holds some)."""
-        dead = self._dead_at(cut)
+        ``start`` holds some). A run that replayed placeholders and failed, or gave a value that is
+        not finite (code that reads an earlier output on some batches only, which the check inputs
+        did not show), turns placeholders off and runs the batch whole (hooks after the cut then see
+        it twice)."""
+        replayed = start is not None and placeholders
         try:
             if start is not None and start[0] == cut:
                 self.counts["batches from the cache"] += 1
-                return calls.run(x, start[1], [])[0]
-            out, got = calls.run(x, start[1] if start is not None else {}, calls.skipped(cut), dead)
+                out, got = calls.run(x, start[1], [])[0], None
+            else:
+                out, got = calls.run(x, start[1] if start is not None else {}, calls.skipped(cut),
+                                     self._dead_at(cut, key))
         except _Mismatch:  # this batch calls a replayed module twice: it runs whole
             self.counts["batches run in full (a replayed module ran twice)"] += 1
             old = self.entries.pop(key, None)
             if old is not None:
                 self._drop(old)
             return self.model(x)
-        except Exception:  # noqa: BLE001 - e.g. a write to a placeholder: keep every output from now on
-            if not (placeholders or dead):
+        except Exception:  # noqa: BLE001 - e.g. a write to a placeholder
+            if not replayed:
                 raise
             self._placeholders_off()
             return self.model(x)
+        if replayed and not all(bool(torch.isfinite(t).all()) for t in _tensors(out) if t.is_floating_point()):
+            self._placeholders_off()
+            return self.model(x)
+        if start is not None and start[0] == cut:
+            return out
         if got is None:
             self.counts["batches not cached (a module ran other than once)"] += 1
         else:
             self.counts["batches cached"] += 1
-            self._store(key, cut, got, copied=True, dead=bool(dead))
+            self._store(key, cut, got, copied=True)
         return out
 
     def _key(self, x: Any) -> tuple[Any, ...] | None:
@@ -808,10 +828,9 @@ class PrefixCache:
                         tuple(n for n, m in self.model.named_modules() if m.training))
         return None
 
-    def _store(self, key: tuple[Any, ...], pos: int, values: Any, copied: bool = False, dead: bool = False) -> None:
+    def _store(self, key: tuple[Any, ...], pos: int, values: Any, copied: bool = False) -> None:
         """Keep ``values`` (the live values of graph position ``pos``, or the outputs of the modules
-        replayed below step ``pos``) for the batch ``key`` (``copied``: they are private copies;
-        ``dead``: some are placeholders)."""
+        replayed below step ``pos``) for the batch ``key`` (``copied``: they are private copies)."""
         old = self.entries.pop(key, None)
         if old is not None:
             self._drop(old)
@@ -822,6 +841,7 @@ class PrefixCache:
             return
         values = values if copied else _clone(values, {})
         nbytes = _storages(values)[1]
+        dead = any(_placeholder(t) for t in _tensors(values))
         if self.in_memory + nbytes <= self.limit:
             self.in_memory += nbytes
             self._keep(key, _Entry(pos, values, None, nbytes, dead))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -417,13 +418,14 @@ def test_a_module_that_refuses_a_patched_forward_leaves_the_model_as_it_was():
 class Chain(nn.Module):
     """Untraceable, a chain of layers; ``skip``: the code between calls also reads the first
     layer's output after the second one (a residual that no recording of module inputs sees);
-    ``write``: on batches whose first value is positive it also writes to that output in place."""
+    on batches whose first value is positive, ``write`` writes to that output in place, and
+    ``read`` adds it to the last layer's."""
 
-    def __init__(self, depth: int = 6, skip: bool = False, write: bool = False):
+    def __init__(self, depth: int = 6, skip: bool = False, write: bool = False, read: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(depth))
         self.inp, self.out = nn.Linear(12, 16), nn.Linear(16, 4)
-        self.skip, self.write = skip, write
+        self.skip, self.write, self.read = skip, write, read
 
     def forward(self, x):
         h = self.inp(x.flatten(1))
@@ -434,6 +436,8 @@ class Chain(nn.Module):
             h = layer(h)
         if self.write and bool(x[0, 0, 0, 0] > 0):
             first.mul_(1.0)
+        if self.read and bool(x[0, 0, 0, 0] > 0):
+            h = h + first
         return self.out(h + first if self.skip else h)
 
 
@@ -449,7 +453,7 @@ def test_module_replay_keeps_placeholders_for_outputs_nothing_after_the_cut_read
     assert cache.active and calls is not None
     last = calls.enter["layers.5"]
     assert calls.dead(last) == {"inp", "layers.0", "layers.1", "layers.2", "layers.3"}
-    assert cache._checks(last) and cache._dead_ok[last]
+    assert cache._checks(last) and not cache._no_dead
     cache.cut = last
     with torch.inference_mode():
         want = model(x[:32])
@@ -463,14 +467,15 @@ def test_module_replay_keeps_placeholders_for_outputs_nothing_after_the_cut_read
     assert on == off and record["batches from the cache"] > 0 and record.get("probes run in full", 0) == 0
 
 
-@pytest.mark.parametrize("write", [False, True], ids=["read-between-calls", "written-in-place"])
-def test_module_replay_keeps_an_output_the_code_between_calls_reads(write):
+@pytest.mark.parametrize("how", ["read", "written", "read-on-some-batches"])
+def test_module_replay_keeps_an_output_the_code_between_calls_reads(how):
     """A residual summed by the code between module calls reads an output no module was handed
-    after the cut: the placeholder's NaN reaches the check, and that cut keeps every output. An
-    in-place write that only some batches make fails the replay of that batch: placeholders are
-    then turned off, and the batch runs in full. The rows are the same bit for bit either way."""
+    after the cut: the placeholder's NaN reaches the check, and placeholders are turned off. An
+    in-place write, or a read, that only some batches make (not the check inputs) fails the
+    replay of that batch, or makes its output NaN: placeholders are then turned off, and the batch
+    runs in full. The rows are the same bit for bit every way."""
     torch.manual_seed(0)
-    model = Chain(depth=4, skip=not write, write=write).eval()
+    model = Chain(depth=4, skip=how == "read", write=how == "written", read=how == "read-on-some-batches").eval()
     x = torch.randn(64, 3, 2, 2)
     x[:32, 0, 0, 0] = -1.0  # the check inputs and the first batch do not write; the second batch does
     x[32, 0, 0, 0] = 1.0
@@ -481,10 +486,45 @@ def test_module_replay_keeps_an_output_the_code_between_calls_reads(write):
     data = labelled(model, x)
     off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=32))
     assert on == off and record.get("probes run in full", 0) == 0
-    if write:
-        assert record["placeholders turned off (a probe read an output thought unread)"] == 1
-    else:
-        assert record["cuts that keep every replayed output (one thought unread is read)"] >= 1
+    assert record["placeholders turned off (an output thought unread was read)"] == 1
+
+
+def test_module_replay_keeps_no_placeholders_when_no_check_would_test_them():
+    """When the check values exceed a quarter of --cache-mb, probes run from their cut unchecked:
+    then no output is kept as a placeholder (a read of one would go unseen)."""
+    torch.manual_seed(0)
+    model = Chain(depth=4, skip=True).eval()
+    data = labelled(model, torch.randn(64, 3, 2, 2))
+    off, on, record = both(model, data, ScanConfig.defaults(["weight_quant"], batch_size=32), cache_mb=0.001)
+    assert on == off and record["probes unchecked (the check values exceed a quarter of --cache-mb)"] > 0
+
+
+def test_the_decoy_run_stops_even_when_the_model_catches_exceptions():
+    """A model that falls back on ``except Exception`` around a module call must not catch the
+    stop at the cut (its fallback would change its state for good)."""
+
+    class Careful(Chain):
+        def __init__(self):
+            super().__init__(depth=3)
+            self.fallbacks = 0
+
+        def forward(self, x):
+            h = self.inp(x.flatten(1))
+            if h.detach().sum() > 1e9:
+                h = h * 0
+            for layer in self.layers:
+                try:
+                    h = layer(h)
+                except Exception:  # noqa: BLE001 - the model's own fallback
+                    self.fallbacks += 1
+            return self.out(h)
+
+    torch.manual_seed(0)
+    model = Careful().eval()
+    x = torch.randn(8, 3, 2, 2)
+    calls = PrefixCache(model, [x], x[:2]).calls
+    calls.run_until(x[2:4], calls.enter["layers.1"])
+    assert model.fallbacks == 0
 
 
 def test_the_decoy_run_of_a_check_stops_at_the_cut():
@@ -519,3 +559,21 @@ def test_the_prefix_cache_keeps_fingerprints_not_copies_of_the_weights():
     assert cache._cut_now() == cache.calls.enter["layers.2.0"]
     w.data[1, 3] = old
     assert cache._cut_now() == cache.output
+
+
+def test_fingerprints_read_views_at_any_offset_quantized_and_sparse_tensors():
+    from sensplan.sensitivity._prefix import _fingerprint
+
+    flat = torch.randn(41)
+    view = flat[1:]  # 4 bytes into its storage: not an int64 view
+    before = _fingerprint(view)
+    flat[5] += 1
+    assert _fingerprint(view) != before
+    with warnings.catch_warnings():  # torch's quantized tensors are deprecated; models may still hold them
+        warnings.simplefilter("ignore")
+        q = torch.quantize_per_tensor(torch.randn(6), 0.1, 0, torch.qint8)
+        assert _fingerprint(q) == _fingerprint(q.clone())
+        assert _fingerprint(q) != _fingerprint(torch.quantize_per_tensor(q.dequantize(), 0.2, 0, torch.qint8))
+    sparse = torch.eye(4).to_sparse()
+    assert _fingerprint(sparse) == _fingerprint(torch.eye(4).to_sparse())
+    assert _fingerprint(sparse) != _fingerprint(sparse * 2)
