@@ -206,18 +206,26 @@ def file_bytes(path: str | os.PathLike[str]) -> int:
 
 
 # The child builds its session with the options of ort_session written out again, on purpose: importing
-# sensplan there (about 560 MiB of high-water mark) would hide the session's own peak, which
-# ru_maxrss can only see above everything loaded before it.
+# sensplan there (about 560 MiB of high-water mark) would hide the session's own peak. It reads its
+# high-water mark from /proc (VmHWM, which starts afresh with the new program): Linux's ru_maxrss
+# starts from the parent's at fork, so a child of a large process saw no peak of its own (0 MiB).
 _PEAK_SCRIPT = """
 import resource, sys, numpy as np, onnxruntime as ort
+def peak_kib():
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return r // 1024 if sys.platform == "darwin" else r
 path, threads, shape, dtype = sys.argv[1], int(sys.argv[2]), [int(v) for v in sys.argv[3].split(",")], sys.argv[4]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_kib()
 o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1; o.log_severity_level = 3
 o.add_session_config_entry("session.intra_op.allow_spinning", "0")
 s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
 x = np.zeros(shape, dtype=dtype)
 s.run(None, {s.get_inputs()[0].name: x})
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(base, peak_kib())
 """
 
 
@@ -236,7 +244,7 @@ def peak_memory_mb(path: str | os.PathLike[str], example: torch.Tensor, batch: i
         base, peak = (int(v) for v in done.stdout.split()[-2:])
     except (subprocess.SubprocessError, OSError, ValueError):
         return None
-    return round((peak - base) / 1024.0, 2)  # ru_maxrss is in KiB on Linux
+    return round((peak - base) / 1024.0, 2)
 
 
 def ort_measurements(torch_model: nn.Module, path: str | os.PathLike[str], data: Any, task: Any, state: Any, *,

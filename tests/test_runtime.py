@@ -288,3 +288,23 @@ def test_linear_layers_on_3d_input_run_in_int8_on_onnxruntime(tmp_path):
     q = m["runtime"]["quantized"]
     assert q["int8_nodes"] == 2 and q["float_layers"] == {}
     assert m["runtime"]["compressed"]["agreement_with_torch"]["top1_agreement"] >= 0.9
+
+
+def test_peak_memory_is_the_sessions_own_even_from_a_large_process(tmp_path):
+    """The child that measures a session's peak memory reads its own high-water mark: Linux's
+    ru_maxrss starts from the parent's at fork, so from a process larger than the session (this
+    one has torch loaded) it measured 0 MiB."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sensplan.planner._onnx import peak_memory_mb
+
+    w = numpy_helper.from_array(np.ones((2560, 4096), dtype=np.float32), "w")  # 40 MiB
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "w"], ["out"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 2560])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 4096])], [w])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    ballast = torch.ones(200 * 2 ** 20 // 4)  # make sure this process is far larger than the session
+    peak = peak_memory_mb(path, torch.zeros(1, 2560), 8, 1)
+    del ballast
+    assert peak is not None and peak >= 35, peak
