@@ -29,7 +29,10 @@ cut by *module replay* instead (:class:`_Calls`): one run of the check inputs re
 which modules are entered and return; a probe cuts where its first changed module is entered, and
 every module called once that returned before the cut (the outermost such) gives, per batch, the
 output it gave before instead of running. The code between module calls still runs. The same
-guards apply (the check inputs, every probe). Batches whose modules run in another order than the
+guards apply (the check inputs, every probe). An output that, in the recording, was handed only to
+modules replayed at the cut is kept as a one-element NaN placeholder (:meth:`_Calls.dead`): if
+anything reads it, the NaN reaches the check (or a batch's outputs), and placeholders are turned
+off for the rest of the scan. Batches whose modules run in another order than the
 check inputs' (routing that depends on the data) are not detected by the check; MoE experts, which
 all read the router's output, are safe. A model neither way can cut runs every probe in full, and
 the scan says why (``PrefixCache.reason``).
@@ -756,7 +759,8 @@ class PrefixCache:
         """An output kept as a placeholder was read: keep every output from now on, and drop the
         entries that hold placeholders."""
         self._no_dead = True
-        self.counts["placeholders turned off (an output thought unread was read)"] += count
+        if count:
+            self.counts["placeholders turned off (an output thought unread was read)"] += 1
         for key in [k for k, e in self.entries.items() if e.dead]:
             self._drop(self.entries.pop(key))
 
