@@ -359,7 +359,7 @@ def plan_scan(plan: Any) -> Path | None:
 def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
     """What the allocation costs with the ``dropped`` blocks left as they are (the target keeps
     them float), against the plan's budgets: computed from the plan's scan when it can be read (see
-    :func:`scan_paths`; checked by digest), said to be unknown otherwise. Never raises: it is a
+    :func:`plan_scan`; checked by digest), said to be unknown otherwise. Never raises: it is a
     note on an export that is already made."""
     n = len(dropped)
     unknown = (f"without the {n} dropped choice(s) the target keeps those layers as they are, so the result "
