@@ -135,14 +135,22 @@ def _placeholders(value: Any) -> Any:
     return value
 
 
+def _strided(values: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``values`` that have a storage of their own to point at (not sparse, not empty)."""
+    return (t for t in _tensors(values) if t.numel() and t.layout == torch.strided)
+
+
 def _storages(values: Any) -> tuple[set[int], int]:
     """The storages (data pointers) of the tensors in ``values``, and their bytes."""
     seen: dict[int, int] = {}
-    for t in _tensors(values):
-        if t.numel() and t.layout == torch.strided:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+    for t in _strided(values):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
     return set(seen), sum(seen.values())
+
+
+#: the integer views a fingerprint sums a tensor's bytes as, widest first, with their sizes in bytes
+_WORDS = ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2))
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
@@ -159,8 +167,7 @@ def _fingerprint(t: torch.Tensor) -> tuple[Any, ...]:
     if t.layout != torch.strided:
         t = t.to_dense()
     flat = t.resolve_conj().resolve_neg().reshape(-1).view(torch.uint8)
-    for dtype in (torch.int64, torch.int32, torch.int16):
-        size = torch.tensor([], dtype=dtype).element_size()
+    for dtype, size in _WORDS:
         if flat.numel() % size == 0 and flat.storage_offset() % size == 0:
             flat = flat.view(dtype)
             break
@@ -230,7 +237,7 @@ class _Calls:
                 read(_storages((args, kwargs))[0], frozenset(stack))
                 try:
                     out = forward(*args, **kwargs)
-                    made = {t.untyped_storage().data_ptr(): t for t in _tensors(out) if t.numel()}
+                    made = {t.untyped_storage().data_ptr(): t for t in _strided(out)}
                     self.readers[name] = {p: [] for p in made}
                     for p, t in made.items():
                         alive.setdefault(p, []).append((name, weakref.ref(t)))

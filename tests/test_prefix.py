@@ -577,3 +577,33 @@ def test_fingerprints_read_views_at_any_offset_quantized_and_sparse_tensors():
     sparse = torch.eye(4).to_sparse()
     assert _fingerprint(sparse) == _fingerprint(torch.eye(4).to_sparse())
     assert _fingerprint(sparse) != _fingerprint(sparse * 2)
+
+
+def test_module_replay_records_a_model_that_hands_sparse_tensors_between_modules():
+    """A sparse tensor has no storage to point at: the recording of who read what skips it, so
+    replay stays on (it turned the cache off, for a sparse output and for a sparse input)."""
+
+    class ToSparse(nn.Module):
+        def forward(self, x):
+            return x.to_sparse()
+
+    class FromSparse(nn.Module):
+        def forward(self, s):
+            return s.to_dense()
+
+    class Sparse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.s, self.d, self.b = nn.Linear(12, 8), ToSparse(), FromSparse(), nn.Linear(8, 4)
+
+        def forward(self, x):
+            h = self.a(x.flatten(1))
+            if h.detach().sum() > 1e9:  # data-dependent control flow: torch.fx cannot follow it
+                h = h * 0
+            return self.b(self.d(self.s(h)))
+
+    torch.manual_seed(0)
+    model = Sparse().eval()
+    x = torch.randn(8, 3, 2, 2)
+    cache = PrefixCache(model, [x], x[:2])
+    assert cache.active and cache.calls is not None, cache.reason
