@@ -843,7 +843,7 @@ def model_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool
     beside = os.path.dirname(os.path.abspath(scan.path)) if scan.path else None
     spec = ModelSpec.from_record(rec["spec"], beside=beside, artifact=repr(scan.path or "scan.json"),
                                  fix=f", or {fix}")
-    path = _scan_weights(rec, weights, beside)
+    path = _scan_weights(rec, weights, beside, purpose, fix)
     try:
         model = load_model(spec, path or None, allow_pickle=allow_pickle)
     except UserInputError as e:
@@ -922,9 +922,11 @@ def split_held(held: EvalSet | None, seed: int, notes: list[str]) -> tuple[EvalS
     return held.split((len(held) + 1) // 2, seed, ("held-out (selection)", "held-out (report)"))
 
 
-def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | None) -> str | None:
+def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | None,
+                  purpose: str = "Verifying the plan", fix: str = "pass --no-verify") -> str | None:
     """The weights file the scan measured: ``weights`` when given (checked by digest), else the
-    recorded file found beside the scan, at its resolved path, or as written (see ``locate``)."""
+    recorded file found beside the scan, at its resolved path, or as written (see ``locate``).
+    ``purpose`` and ``fix`` word the messages, as in :func:`model_from_scan`."""
     from sensplan._artifacts import file_sha256, locate
     from sensplan._errors import UserInputError
 
@@ -932,10 +934,10 @@ def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | Non
     if weights:
         if not os.path.isfile(weights):
             raise UserInputError(f"--weights {weights}: no such file. Pass the weights the scan measured, or "
-                                 f"--no-verify.")
+                                 f"{fix}.")
         if want and file_sha256(weights) != want:
             raise UserInputError(f"The weights {weights!r} are not the ones the scan measured (their sha256 "
-                                 f"differs). Pass the scan's --weights, or --no-verify.")
+                                 f"differs). Pass the scan's --weights, or {fix}.")
         return weights
     recorded = rec.get("weights")
     if not recorded:
@@ -945,10 +947,9 @@ def _scan_weights(rec: Mapping[str, Any], weights: str | None, beside: str | Non
         places = [f"beside the scan ({os.path.join(beside, os.path.basename(recorded))})" if beside else "",
                   f"where they were ({rec['weights_resolved']})" if rec.get("weights_resolved") else "",
                   f"{recorded} from {os.getcwd()!r}" if not os.path.isabs(recorded) else ""]
-        raise UserInputError(f"Verifying the plan needs the weights the scan measured, {recorded!r}, which are in "
+        raise UserInputError(f"{purpose} needs the weights the scan measured, {recorded!r}, which are in "
                              f"none of these places{' (with the recorded sha256)' if want else ''}: "
-                             f"{'; '.join(p for p in places if p)}. Pass --weights FILE, or --no-verify to skip "
-                             f"verification.")
+                             f"{'; '.join(p for p in places if p)}. Pass --weights FILE, or {fix}.")
     return str(found)
 
 

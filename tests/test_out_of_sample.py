@@ -73,3 +73,48 @@ def test_with_nothing_left_outside_the_sample_the_numbers_say_they_are_in_sample
     assert metrics["measured_on"].startswith("the scan's sample (in-sample")
     assert "the measured numbers are in-sample" in capsys.readouterr().err
     assert np.isfinite(metrics["after"]["score"])
+
+
+def test_apply_without_model_or_data_takes_both_from_the_plan(ws, capsys):
+    """plan.json records the model (spec, weights and digest) and the scan's data: apply rebuilds
+    them and measures exactly what it measures when they are given."""
+    args = _scan(ws, "150", "scan4.json")
+    assert main(["plan", "--scan", str(ws / "scan4.json"), "--budget", "size=0.5", "--verify-rounds", "1",
+                 "--holdout-samples", "200", "--out", str(ws / "plan4.json")]) == 0
+    common = ["--plan", str(ws / "plan4.json"), "--no-timing", "--variants", "planned", "--threads", "1"]
+    assert main(["apply", *args, *common, "--out", str(ws / "given")]) == 0
+    capsys.readouterr()
+    assert main(["apply", *common, "--out", str(ws / "recorded")]) == 0
+    err = capsys.readouterr().err
+    assert "model: sensplan:digits_cnn, as the plan records it" in err and "data: digits:test, as the plan records it" in err
+    given, recorded = (json.loads((ws / d / "metrics.json").read_text()) for d in ("given", "recorded"))
+    for side in ("before", "after"):
+        assert recorded[side]["score"] == given[side]["score"] and recorded[side]["n"] == given[side]["n"] == 100
+    assert recorded["measured_on"].startswith("the report half of the held-out split (100 items of the scan's data")
+
+
+def test_apply_without_model_or_data_refuses_flags_that_only_shape_them(ws, capsys):
+    _scan(ws, "150", "scan5.json")
+    assert main(["plan", "--scan", str(ws / "scan5.json"), "--budget", "size=0.5", "--no-verify",
+                 "--out", str(ws / "plan5.json")]) == 0
+    assert main(["apply", "--plan", str(ws / "plan5.json"), "--model-arg", "width=8", "--resize", "8",
+                 "--samples", "50", "--train-data", "digits:test", "--out", str(ws / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "--model-arg only matters with --model" in err
+    assert "--resize, --samples only shape --data; without --data, apply measures on the scan's data" in err
+    assert "--train-data digits:test is the data the model is measured on (the scan's data digits:test)" in err
+    assert not (ws / "refused").exists()
+    # the recorded weights file moved: one line naming the fix; --weights finds it (checked by sha256)
+    (ws / "w.pt").rename(ws / "moved.pt")
+    try:
+        assert main(["apply", "--plan", str(ws / "plan5.json"), "--no-timing", "--variants", "planned",
+                     "--out", str(ws / "moved")]) == 2
+        assert "Applying the plan needs the weights the scan measured" in capsys.readouterr().err
+        assert main(["apply", "--plan", str(ws / "plan5.json"), "--weights", str(ws / "moved.pt"), "--no-timing",
+                     "--variants", "planned", "--threads", "1", "--out", str(ws / "moved")]) == 0
+        metrics = json.loads((ws / "moved" / "metrics.json").read_text())
+        assert metrics["measured_on"].endswith("items of the scan's data outside the scan's sample and calibration "
+                                               "(out of sample)")
+        assert metrics["after"]["n"] == min(150, len(load_eval_set(DataSpec.parse("digits"), None)) - 150 - 100)
+    finally:
+        (ws / "moved.pt").rename(ws / "w.pt")

@@ -188,12 +188,15 @@ def default_threads() -> int:
     return max(1, min(4, available_cores()))
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, metavar="SPEC",
+def add_model_args(p: argparse.ArgumentParser, *, recorded: str = "") -> None:
+    """The model flags; with ``recorded`` (the artifact that records the model, e.g. "the plan's"),
+    --model is optional and defaults to it."""
+    g = p.add_argument_group("model" + (f" (default: {recorded})" if recorded else ""))
+    g.add_argument("--model", required=not recorded, metavar="SPEC",
                    help="torchvision:NAME | sensplan:NAME | path/file.py:FACTORY | "
                         "package.module:FACTORY | pickle:FILE | hf:DIR or hf:ORG/NAME (a Hugging Face "
-                        "save_pretrained folder, or the local hub cache)")
+                        "save_pretrained folder, or the local hub cache)"
+                        + (f"; default {recorded}, with its weights, checked by digest" if recorded else ""))
     g.add_argument("--weights", metavar="FILE",
                    help="checkpoint: a state dict; {'state_dict': ...} nesting and 'module.' "
                         "prefixes are handled (loaded with weights_only=True)")
@@ -204,13 +207,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "files only)")
 
 
-def add_data_args(p: argparse.ArgumentParser) -> None:
+def add_data_args(p: argparse.ArgumentParser, *, recorded: str = "") -> None:
+    """The evaluation-data flags; with ``recorded`` (as for :func:`add_model_args`), --data is
+    optional and defaults to the data it records."""
     g = p.add_argument_group("evaluation data")
-    g.add_argument("--data", required=True, metavar="SPEC",
+    g.add_argument("--data", required=not recorded, metavar="SPEC",
                    help="DIR or imagefolder:DIR (class subfolders) | cifar10:ROOT[:train|test] | "
                         "digits[:train|test] | text:FILE | jsonl:FILE:FIELD[:LABEL] | "
                         "csv:FILE:FIELD[:LABEL] | datasets:DIR:FIELD[:LABEL] (DIR: a Hugging Face "
-                        "datasets save_to_disk folder; text needs --model hf:DIR or --tokenizer)")
+                        "datasets save_to_disk folder; text needs --model hf:DIR or --tokenizer)"
+                        + (f"; default {recorded} (its sample and calibration, drawn again and checked by "
+                           f"digest; its preprocessing, labels and text settings as recorded)" if recorded else ""))
     g.add_argument("--samples", type=int, default=2000, metavar="N",
                    help="size of the stratified, seeded evaluation sample (default 2000; 0 = all)")
     g.add_argument("--seed", type=int, default=0, help="seed of the evaluation sample (default 0)")
@@ -365,6 +372,17 @@ def load_model(args: argparse.Namespace) -> tuple[Any, ModelSpec]:
             + (" `sensplan demo --out DIR` trains this model on digits and writes DIR/digits_cnn.pt."
                if spec.source == "sensplan:digits_cnn" else ""))
     return model, spec
+
+
+class PlanAsScan:
+    """What ``model_from_scan`` and ``scan_sample`` read of a scan (``data``, ``path``), from a
+    plan's copy of it: the model's record and the scan's sample."""
+
+    def __init__(self, plan: Any) -> None:
+        rec = plan.data.get("scan") or {}
+        self.data = {"model": plan.data.get("model") or {}, "data": rec.get("sample") or {}}
+        self.calibration = rec.get("calibration")
+        self.path = plan.path
 
 
 def preprocess(args: argparse.Namespace) -> Any:

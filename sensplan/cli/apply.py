@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sensplan.sensitivity import EvalSet, ModelSpec
 
 EXAMPLE = """\
+  sensplan apply --plan plan.json --out result/      # the model and data the plan records
   sensplan apply --model examples/cifar_resnet.py:resnet20 \\
       --weights ../shared/models/cifar10/resnet20_jpeg.pt --plan plan.json \\
       --data ../shared/data/cifar10-jpg/test --out result/
@@ -51,9 +52,9 @@ FILES = ("model.sensplan", "metrics.json", "plan.json")
 def register(sub: SubParsers) -> None:
     p = add_verb(sub, "apply", "Apply a plan: prune structurally, fine-tune (optional), quantize, "
                                "measure, save.", EXAMPLE)
-    add_model_args(p)
+    add_model_args(p, recorded="the plan's")
     p.add_argument("--plan", required=True, metavar="FILE", help="plan.json from `sensplan plan`")
-    add_data_args(p)
+    add_data_args(p, recorded="the data the plan's scan measured")
     add_apply_args(p)
     add_runtime_args(p, dtype=False)
     p.add_argument("--out", required=True, metavar="DIR",
@@ -202,26 +203,31 @@ def measurement_data(args: argparse.Namespace, plan: Plan, data: EvalSet, calib:
     rec = (plan.data.get("scan") or {}).get("sample")
     if not rec or not rec.get("kind") or not rec.get("indices_sha256"):
         return data, calib, "--data as given (the plan does not record which images its scan used)"
-    given = data_spec(args.data, args, "--data")  # the user's labels and preprocessing, checked later
-    if not given.same_source(DataSpec.from_record(dict(rec))):
-        return data, calib, f"--data {args.data}: other data than the scan's sample (out of sample)"
-    hint = " Pass the --data the scan used, unchanged."
+    recorded = DataSpec.from_record(dict(rec))
+    # the user's labels and preprocessing (checked later), else the scan's as recorded
+    given = data_spec(args.data, args, "--data") if args.data else recorded
+    named = f"--data {args.data}" if args.data else f"the scan's data {rec.get('spec')!r}"
+    if not given.same_source(recorded):
+        return data, calib, f"{named}: other data than the scan's sample (out of sample)"
+    hint = " Pass the --data the scan used, unchanged." if args.data else " Run apply where the scan's data is."
     sample, scan_calib, exclude, _ = scan_sample(rec, (plan.data.get("scan") or {}).get("calibration"), hint)
     calib = scan_calib if calib is not None else None  # --no-bn-recalibration still turns it off
+    what = "--data" if args.data else "the scan's data"
     draw = (plan.data.get("verification") or {}).get("held_out_draw")
     try:
         if draw:
             held = load_eval_set(given, draw["n"], int(draw["seed"]), exclude=exclude)
             _, report = split_held(held, int(draw["split_seed"]), [])
             if report is not None:
-                return report, calib, (f"the report half of the held-out split ({len(report)} items of --data outside "
+                return report, calib, (f"the report half of the held-out split ({len(report)} items of {what} outside "
                                        f"the scan's sample and calibration that no choice of the plan touched)")
-        held = load_eval_set(given, args.samples or None, int(rec.get("seed", 0)) + 2, exclude=exclude)
-        return held, calib, f"{len(held)} items of --data outside the scan's sample and calibration (out of sample)"
+        n = args.samples or None if args.data else rec.get("n_requested", rec.get("n"))
+        held = load_eval_set(given, n, int(rec.get("seed", 0)) + 2, exclude=exclude)
+        return held, calib, f"{len(held)} items of {what} outside the scan's sample and calibration (out of sample)"
     except UserInputError:
-        say(f"note: --data {args.data} has no items outside the scan's sample and calibration: the measured "
+        say(f"note: {named} has no items outside the scan's sample and calibration: the measured "
             f"numbers are in-sample (the plan was chosen on these images, so they flatter it)")
-        return sample, calib, "the scan's sample (in-sample: the plan was chosen on it; --data has nothing else)"
+        return sample, calib, f"the scan's sample (in-sample: the plan was chosen on it; {what} has nothing else)"
 
 
 def execute(args: argparse.Namespace, plan: Plan, variants: list[str], model: Any,
@@ -371,10 +377,83 @@ def table_threads(args: argparse.Namespace, plan: Plan) -> None:
             f"times on another count, so the predicted latency may not hold")
 
 
+#: the data flags that shape --data (refused without it: the plan's data is taken as recorded)
+DATA_FLAGS = ("class_map", "resize", "crop", "mean", "std", "tokenizer", "seq_len", "skip_bad_images",
+              "calib_data")
+#: the data flags with a default, refused without --data only when given
+GIVEN_DATA_FLAGS = ("--samples", "--seed", "--calib-samples")
+
+
+def check_recorded(args: argparse.Namespace, plan: Plan, problems: Problems) -> None:
+    """Without --model or --data, apply takes them from what the plan records: say when it records
+    nothing to rebuild them from, and refuse the flags that would only shape the missing one."""
+    if not args.model:
+        if not (plan.data.get("model") or {}).get("spec"):
+            problems.add("The plan does not record how to rebuild its model (its scan was made from objects in "
+                         "Python). Pass --model SPEC (and --weights FILE).")
+        if args.model_arg:
+            problems.add("--model-arg only matters with --model. Add --model SPEC, or drop it.")
+    if args.data:
+        return
+    rec = (plan.data.get("scan") or {}).get("sample") or {}
+    if not rec.get("kind"):
+        problems.add("The plan does not record its scan's data (the scan was given data in Python). Pass "
+                     "--data SPEC.")
+        return
+    argv = getattr(args, "argv", [])
+    given = [f"--{k.replace('_', '-')}" for k in DATA_FLAGS if getattr(args, k, None)]
+    given += [f for f in GIVEN_DATA_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
+    if given:
+        them = "it" if len(given) == 1 else "them"
+        problems.add(f"{', '.join(given)} only {'shapes' if len(given) == 1 else 'shape'} --data; without --data, "
+                     f"apply measures on the scan's data as the plan records it ({rec.get('spec')}). Add --data "
+                     f"SPEC, or drop {them}.")
+    if args.train_data:
+        from sensplan.sensitivity import DataSpec
+
+        try:
+            train = data_spec(args.train_data, args, "--train-data")
+        except UserInputError:
+            return  # reported by check_finetune
+        if train.same_source(DataSpec.from_record(dict(rec))):
+            problems.add(f"--train-data {args.train_data} is the data the model is measured on (the scan's data "
+                         f"{rec.get('spec')}): distillation would train on the images it is then scored on, and "
+                         f"the measured drop would flatter the plan. Pass a training split (e.g. digits:train, or "
+                         f"the train/ folder beside test/).")
+
+
+def plan_model(args: argparse.Namespace, plan: Plan) -> tuple[Any, ModelSpec]:
+    """The model the plan records (without --model), rebuilt and checked by digest."""
+    from sensplan.cli._common import PlanAsScan
+    from sensplan.planner import model_from_scan
+
+    notes: list[str] = []
+    model, spec = model_from_scan(PlanAsScan(plan), weights=args.weights, allow_pickle=args.allow_pickle,
+                                  notes=notes, purpose="Applying the plan", fix="pass --model SPEC and its --weights FILE",
+                                  in_python="apply_plan(model, plan, ...)")
+    for n in notes:
+        say(f"note: {n}")
+    say(f"model: {spec.source}, as the plan records it")
+    return model, spec
+
+
+def plan_data(args: argparse.Namespace, plan: Plan) -> tuple[EvalSet, EvalSet | None]:
+    """The scan's sample and calibration as the plan records them (without --data), drawn again
+    and checked by digest; no calibration with --no-bn-recalibration."""
+    from sensplan.planner import scan_sample
+
+    rec = plan.data.get("scan") or {}
+    sample, calib, _, _ = scan_sample(rec["sample"], rec.get("calibration"),
+                                      " Run apply where the scan's data is, or pass --data SPEC.")
+    say(f"data: {rec['sample'].get('spec')}, as the plan records it")
+    return sample, None if args.no_bn_recalibration else calib
+
+
 def check_weights_match(args: argparse.Namespace, plan: Plan, problems: Problems) -> None:
-    """Before loading: a plan whose scan read a weights file needs --weights."""
+    """Before loading: a plan whose scan read a weights file needs --weights (with --model; without
+    it, the recorded file is found and checked)."""
     was = (plan.data.get("model") or {}).get("weights")
-    if args.weights is None and was:
+    if args.weights is None and was and args.model:
         problems.add(f"The plan was made from a scan of the weights {was!r}; pass them with --weights "
                      f"(its predictions do not hold for other weights).")
 
@@ -415,15 +494,20 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_outputs(problems, result_outputs(out, variants, runtime=args.runtime))
     if plan is not None and not problems.messages:
+        check_recorded(args, plan, problems)
         check_weights_match(args, plan, problems)
     problems.raise_if_any()
     table_threads(args, need(plan))
     set_threads(args)
-    model, spec = load_model(args)
+    if args.model:
+        model, spec = load_model(args)
+    else:
+        model, spec = plan_model(args, need(plan))
     check_compatible(model, need(plan))  # before loading data: a plan for another model fails fast
-    check_weights_values(args, need(plan), model)
+    if args.model:
+        check_weights_values(args, need(plan), model)
     loader = train_loader(args, ft)
-    data, calib = load_data(args)
+    data, calib = load_data(args) if args.data else plan_data(args, need(plan))
     missed = execute(args, need(plan), variants, model, spec, data, calib, loader, ft, out)
     print(os.fspath(out))
     return report_missed("apply", missed)

@@ -13,10 +13,10 @@ import argparse
 import os
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sensplan._errors import UserInputError
-from sensplan.cli._common import Output, Problems, add_verb, check_outputs, need, say, set_threads
+from sensplan.cli._common import Output, PlanAsScan, Problems, add_verb, check_outputs, need, say, set_threads
 
 if TYPE_CHECKING:
     from sensplan.cli._common import SubParsers
@@ -121,8 +121,7 @@ def load_for_export(args: argparse.Namespace, plan: Plan, exporter: Exporter) ->
         model, _ = load_model(args)
         check_weights_values(args, plan, model)
     else:
-        view = _PlanAsScan({"model": plan.data["model"], "data": scan_rec.get("sample") or {}}, plan.path)
-        model, _ = model_from_scan(view, weights=args.weights, allow_pickle=args.allow_pickle,
+        model, _ = model_from_scan(PlanAsScan(plan), weights=args.weights, allow_pickle=args.allow_pickle,
                                    purpose=f"--to {args.to}", fix="pass --model SPEC --weights FILE",
                                    in_python="export_plan(plan, ..., model=..., example_input=...)")
     model = model.eval()
@@ -144,11 +143,3 @@ def load_for_export(args: argparse.Namespace, plan: Plan, exporter: Exporter) ->
                                  "export_plan(..., model=..., example_input=...).")
         example = torch.zeros(1, *[int(v) for v in shape])
     return LoadedModel(model, example, calib)
-
-
-class _PlanAsScan:
-    """What ``model_from_scan`` reads of a scan (``data``, ``path``), from a plan's copy of it."""
-
-    def __init__(self, data: dict[str, Any], path: str) -> None:
-        self.data = data
-        self.path = path
