@@ -27,6 +27,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -695,7 +696,8 @@ class Costs:
         cm.evaluate(cm.no_compression())["latency_ms"]
     """
 
-    def __init__(self, scan: Any, extra: Sequence[CostModel] = (), signal: str = AUTO) -> None:
+    def __init__(self, scan: Any, extra: Sequence[CostModel] = (), signal: str = AUTO,
+                 tie: Sequence[str] = ()) -> None:
         self.scan = scan
         self.analytic = AnalyticCosts(scan)
         self.blocks, self.dropped = _priceable(blocks_from_scan(scan), self.analytic)
@@ -716,6 +718,10 @@ class Costs:
         self.drop_map = DropMap.fit(signal, points)
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.conflicts = _conflicts(self.blocks, scan)
+        #: the ``tie`` patterns, and the groups of blocks they tie (see :func:`tied_blocks`): each
+        #: group's blocks choose the same option
+        self.tie = tuple(tie)
+        self.ties = tied_blocks(self.blocks, self.tie)
         self.models: list[CostModel] = [self.analytic, *extra]
         self.terms: dict[str, list[Term]] = {}
         for model in self.models:
@@ -733,8 +739,11 @@ class Costs:
         return {i: 0 for i in range(len(self.blocks))}
 
     def feasible(self, choice: Mapping[int, int]) -> bool:
-        """Whether ``choice`` picks no two options that cannot change one unit together."""
-        return not any(choice.get(i, 0) == a and choice.get(j, 0) == b for (i, a), (j, b) in self.conflicts)
+        """Whether ``choice`` picks no two options that cannot change one unit together, and the
+        same option in every block of a tied group."""
+        if any(choice.get(i, 0) == a and choice.get(j, 0) == b for (i, a), (j, b) in self.conflicts):
+            return False
+        return all(len({self.blocks[i].options[choice.get(i, 0)].key for i in group}) == 1 for group in self.ties)
 
     def evaluate(self, choice: Mapping[int, int]) -> dict[str, float]:
         """Every metric of ``choice``."""
@@ -919,6 +928,52 @@ def _priceable(blocks: list[Block], analytic: AnalyticCosts) -> tuple[list[Block
                 dropped.setdefault(o.method, {})[b.unit] = bad[(i, k)]
         out.append(dataclasses.replace(b, options=tuple(keep)))
     return out, dropped
+
+
+#: the named tie patterns (``--tie experts``): an MoE layer's experts, whose index is the only
+#: difference between their units' names (``...mlp.experts.3.gate_up_proj``)
+TIE_PATTERNS = {"experts": r"\.experts\.\d+(?=\.|$)"}
+
+
+def tie_regex(text: str) -> re.Pattern[str]:
+    """The regular expression of a tie pattern (a name in :data:`TIE_PATTERNS`, or one itself)."""
+    try:
+        return re.compile(TIE_PATTERNS.get(text, text))
+    except re.error as e:
+        raise UserInputError(f"--tie {text}: not a regular expression ({e}). Use --tie experts, or a pattern "
+                             f"such as '\\.experts\\.\\d+'.") from None
+
+
+def tied_blocks(blocks: Sequence[Block], patterns: Sequence[str]) -> list[list[int]]:
+    """The groups of ``blocks`` (indices, two or more each) that must choose the same option: the
+    blocks of one axis whose units read the same once every match of a pattern is replaced by
+    ``*``. A pattern is a regular expression or a name in :data:`TIE_PATTERNS`. For an MoE model,
+    ``experts`` gives each layer's experts one bit width per projection and one pruned width, the
+    form fused expert kernels (and ``save_pretrained``) take. UserInputError for a pattern that is
+    not a regular expression, or that ties no two blocks."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for text in patterns:
+        rx = tie_regex(text)
+        found = 0
+        for i, b in enumerate(blocks):
+            key = rx.sub("*", b.unit)
+            if key != b.unit:
+                groups.setdefault((text, b.axis, key), []).append(i)
+                found += 1
+        if not any(len(g) > 1 for k, g in groups.items() if k[0] == text):
+            example = ", ".join(b.unit for b in blocks[:3])
+            raise UserInputError(f"--tie {text} ties no two units of the scan ({found} matched; its units are "
+                                 f"e.g. {example}). Drop --tie, or give a pattern that matches the part of the "
+                                 f"names that differs between the units to tie (e.g. an expert's index).")
+    # a block in two groups (two patterns) joins them
+    out: list[set[int]] = []
+    for g in groups.values():
+        merged = set(g)
+        for other in [o for o in out if o & merged]:
+            merged |= other
+            out.remove(other)
+        out.append(merged)
+    return [sorted(g) for g in out if len(g) > 1]
 
 
 def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:

@@ -137,7 +137,7 @@ def _check_metrics(cm: Costs, budgets: Sequence[Budget], minimize: str | None) -
 def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = None,
               minimize: str | None = None, time_limit: float = 60.0,
               cost_models: Sequence[CostModel] = (), verifier: Any = None, rounds: int = 3,
-              signal: str = "auto") -> Plan:
+              signal: str = "auto", tie: Sequence[str] = ()) -> Plan:
     """Solve the allocation for ``budgets`` (or ``max_drop``) and compute the uniform baseline.
 
     ``cost_models`` adds measured cost tables (:class:`~sensplan.planner.TableCosts`) to the
@@ -149,12 +149,14 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
     (:class:`~sensplan.planner.Verifier`: the model and data), every plan is measured before it is
     written, the drop model is corrected and the allocation
     solved again (up to ``rounds`` solves), the uniform candidates are measured too, and the best
-    measured candidate on held-out data becomes the plan (see ``_verify``). Example:
+    measured candidate on held-out data becomes the plan (see ``_verify``). ``tie``: patterns whose
+    matching units choose one option together (``"experts"``: an MoE layer's experts; see
+    :func:`~sensplan.planner._costs.tied_blocks`). Example:
     ``make_plan(Scan.load("scan.json"), [Budget.parse("macs=0.5")])``.
     """
     check_objective(budgets, max_drop, minimize)
     t0 = time.perf_counter()
-    cm = Costs(scan, cost_models, signal)
+    cm = Costs(scan, cost_models, signal, tie)
     signal = cm.signal  # "auto" resolved
     if not any(len(b.options) > 1 for b in cm.blocks):
         skipped = [f"{unit}: {why}" for info in scan.data.get("methods", {}).values()
@@ -192,6 +194,8 @@ def make_plan(scan: Any, budgets: Sequence[Budget], *, max_drop: float | None = 
                            f"the scan's measured probes"),
             "signal": signal,
             "drop_map": cm.drop_map.to_dict() if not cm.drop_map.identity else None,
+            **({"tie": {"patterns": list(cm.tie),
+                        "groups": [[cm.blocks[i].name for i in group] for group in cm.ties]}} if cm.ties else {}),
         },
         "cost_models": cm.describe(),
         "solver": {"method": "milp (scipy.optimize.milp / HiGHS)", "seconds": round(solve_seconds, 4),

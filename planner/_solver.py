@@ -110,6 +110,7 @@ def _polish(cm: Costs, choice: dict[int, int], lim: Mapping[str, float]) -> dict
     """
     out = dict(choice)
     objective = objective_table(cm)
+    group_of = {i: group for group in cm.ties for i in group}
     for bi in range(len(cm.blocks)):
         for o in range(out[bi]):
             # a lower index is milder only within one method: never trade up in objective (e.g. a
@@ -117,6 +118,12 @@ def _polish(cm: Costs, choice: dict[int, int], lim: Mapping[str, float]) -> dict
             if objective[bi][o] > objective[bi][out[bi]]:
                 continue
             trial = {**out, bi: o}
+            key = cm.blocks[bi].options[o].key
+            for j in group_of.get(bi, ()):  # a tied group moves together (to the same option)
+                k = next((k for k, opt in enumerate(cm.blocks[j].options) if opt.key == key), None)
+                if k is None or objective[j][k] > objective[j][out[j]]:
+                    break
+                trial[j] = k
             if not cm.feasible(trial):
                 continue
             costs = cm.evaluate(trial)
@@ -259,9 +266,13 @@ def undominated(cm: Costs, metrics: Sequence[str], objective: Sequence[np.ndarra
         conflicts.setdefault(one, set()).add(other)
         conflicts.setdefault(other, set()).add(one)
     penalised = {p.key for p in penalties}
+    tied = {i for group in cm.ties for i in group}
     out = []
     for i, block in enumerate(cm.blocks):
         n = len(block.options)
+        if i in tied:  # an option may be dominated in each tied block and still best for the group
+            out.append(np.arange(n))
+            continue
         obj = np.asarray(objective[i], dtype=float)
         costs = np.concatenate(per_block[i], axis=1) if per_block[i] else np.zeros((n, 0))
         keys = [o.key for o in block.options]
@@ -433,6 +444,21 @@ class _Problem:
             lo.append(0.0)
             hi.append(1.0)
             r += 1
+        for group in self.cm.ties:  # tied blocks choose the same option (by key)
+            first = group[0]
+            keys = {o.key: k for k, o in enumerate(self.cm.blocks[first].options) if self.col[first][k] >= 0}
+            for j in group[1:]:
+                here = {o.key: k for k, o in enumerate(self.cm.blocks[j].options) if self.col[j][k] >= 0}
+                for key in keys.keys() | here.keys():
+                    # x[first, key] - x[j, key] = 0; an option the other block lacks is never chosen
+                    for b, k, sign in ((first, keys.get(key), 1.0), (j, here.get(key), -1.0)):
+                        if k is not None:
+                            rows.append(r)
+                            cols.append(int(self.col[b][k]))
+                            vals.append(sign)
+                    lo.append(0.0)
+                    hi.append(0.0)
+                    r += 1
         for factors, z0 in self.zoff.items():  # marginals of z equal the block choices
             sizes = [self.sizes[f] for f in factors]
             # combos[pos, flat]: the option of factor ``pos`` in the flat (C-order) combination

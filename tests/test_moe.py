@@ -200,3 +200,29 @@ def test_a_mixtral_runs_scan_plan_and_apply_with_expert_units(mixtral: Path, cor
     assert m["comparison"]["params"]["measured"] == m["comparison"]["params"]["predicted"]  # exit 0: budget met
     assert m["after"]["reload_max_abs_diff"] < 1e-4
     assert m["save_pretrained"]["saved"] or m["save_pretrained"]["reason"]
+
+    # --tie experts: each layer's experts get one width, so no expert is narrower than the rest
+    tied = tmp_path / "tied.json"
+    assert main(["plan", "--scan", str(out / "scan.json"), "--budget", "params=0.8", "--tie", "experts",
+                 "--no-verify", "--out", str(tied)]) == 0
+    plan = json.loads(tied.read_text())
+    groups = plan["objective"]["tie"]["groups"]
+    assert sorted(groups) == [[f"channels:model.model.layers.{i}.mlp.experts.{e}.gate_up_proj" for e in range(EXPERTS)]
+                              for i in (0, 1)]
+    choices = plan["plans"]["planned"]["choices"]
+    for g in groups:
+        assert len({json.dumps([choices[b]["method"], choices[b]["setting"]]) for b in g}) == 1
+    # apply takes the model and data from the plan; the experts are written fused unless
+    # transformers' kernel refuses their common width (an fp32 row of 18 is not 16-byte aligned)
+    assert main(["apply", "--plan", str(tied), "--variants", "planned", "--no-timing", "--out",
+                 str(tmp_path / "tied")]) == 0
+    m = json.loads((tmp_path / "tied" / "metrics.json").read_text())
+    assert m["save_pretrained"]["saved"] or "different widths" not in m["save_pretrained"]["reason"]
+    # bits: one bit width per layer and projection for all experts
+    assert main(["plan", "--scan", str(tmp_path / "bits" / "scan.json"), "--budget", "bits=4.5", "--tie", "experts",
+                 "--no-verify", "--out", str(tied)]) == 0
+    plan = json.loads(tied.read_text())
+    assert len(plan["objective"]["tie"]["groups"]) == 4
+    choices = plan["plans"]["planned"]["choices"]
+    for g in plan["objective"]["tie"]["groups"]:
+        assert len(g) == EXPERTS and len({json.dumps([choices[b]["method"], choices[b]["setting"]]) for b in g}) == 1

@@ -576,3 +576,37 @@ def test_near_equal_options_keep_one():
     keep = undominated(cm, ["lat"], [np.zeros(len(b.options)) for b in cm.blocks])
     assert keep[2].tolist() == [2]
     assert all(len(k) >= 1 for k in keep)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("budgets", CASES, ids=["+".join(c) for c in CASES])
+def test_tied_blocks_choose_one_option_and_the_milp_still_matches_brute_force(seed, budgets, formulation):
+    """--tie: the convs l0, l1, l2 choose one option per axis (their names differ only in the
+    index the pattern matches); the MILP's tie rows give brute force's optimum over tied choices."""
+    cm = Costs(synthetic_scan(seed=seed), tie=[r"(?<=^l)\d$"])
+    assert [[cm.blocks[i].name for i in g] for g in cm.ties] == [
+        ["channels:l0", "channels:l1"], ["weight:l0", "weight:l1", "weight:l2"]]
+    bs = [Budget.parse(b) for b in budgets]
+    ref = brute_force(cm, bs)
+    if ref is None:
+        with pytest.raises(InfeasibleBudgetError):
+            solve(cm, bs)
+        return
+    got = solve(cm, bs)
+    assert got.optimal and cm.feasible(got.choice)
+    for group in cm.ties:
+        assert len({cm.blocks[i].options[got.choice.get(i, 0)].key for i in group}) == 1
+    assert objective(cm, got.choice) == pytest.approx(objective(cm, ref.choice), abs=1e-12)
+    assert within(cm, got.costs, bs)
+    # tying can only cost: the free optimum is at least as good
+    free = solve(Costs(synthetic_scan(seed=seed)), bs)
+    assert objective(cm, free.choice) <= objective(cm, got.choice) + 1e-12
+
+
+def test_a_tie_pattern_that_ties_nothing_or_does_not_compile_is_one_clear_message():
+    from sensplan import UserInputError
+
+    with pytest.raises(UserInputError, match="--tie experts ties no two units of the scan"):
+        Costs(synthetic_scan(), tie=["experts"])
+    with pytest.raises(UserInputError, match=r"--tie l\(: not a regular expression"):
+        Costs(synthetic_scan(), tie=["l("])

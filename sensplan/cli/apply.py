@@ -429,7 +429,8 @@ def plan_model(args: argparse.Namespace, plan: Plan) -> tuple[Any, ModelSpec]:
 
     notes: list[str] = []
     model, spec = model_from_scan(PlanAsScan(plan), weights=args.weights, allow_pickle=args.allow_pickle,
-                                  notes=notes, purpose="Applying the plan", fix="pass --model SPEC and its --weights FILE",
+                                  notes=notes, purpose="Applying the plan",
+                                  fix="pass --model SPEC and its --weights FILE",
                                   in_python="apply_plan(model, plan, ...)")
     for n in notes:
         say(f"note: {n}")

@@ -108,6 +108,11 @@ def add_budget_args(p: argparse.ArgumentParser) -> None:
                         "(a --fast scan's estimate). The plan's drop is then predicted from the sum by a "
                         "monotone map fitted on the scan's measured probes. Default auto: fisher for a "
                         "--fast scan, else kl where the scan recorded it, else drop")
+    g.add_argument("--tie", action="append", default=[], metavar="experts|REGEX",
+                   help="units whose names differ only where REGEX matches get one option together; "
+                        "experts: each MoE layer's experts get one bit width per projection and one "
+                        "pruned width, the form fused expert kernels and save_pretrained take "
+                        "(repeatable)")
     g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="stop the solver after this long; the plan is then feasible but maybe "
                         "not optimal (default 60)")
@@ -123,6 +128,7 @@ class PlanInputs:
     cost_models: tuple[str, ...] = ()
     signal: str = "auto"
     runtime: str = "torch"
+    tie: tuple[str, ...] = ()
 
     def models(self, scan: Scan) -> list[Any]:
         """The cost tables and the named cost models, built for ``scan``."""
@@ -137,6 +143,10 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     from sensplan.planner._plan import check_objective
 
     problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
+    from sensplan.planner._costs import tie_regex
+
+    for text in args.tie:
+        problems.check(partial(tie_regex, text))
     runtime = getattr(args, "runtime", "torch")
     tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ")
               for path in args.cost_table]
@@ -166,7 +176,7 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
         return None
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
                       tuple(dict.fromkeys(args.cost_model)),  # the same model named twice counts once
-                      args.signal, runtime)
+                      args.signal, runtime, tuple(dict.fromkeys(args.tie)))
 
 
 def check_tables_runtime(paths: Sequence[str], tables: Sequence[Any], runtime: str, problems: Problems) -> None:
@@ -223,7 +233,7 @@ def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rou
         say("verifying: measuring the plan, its corrections and the uniform candidates ...")
     made = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
                      time_limit=inputs.time_limit, cost_models=inputs.models(scan), verifier=verifier,
-                     rounds=rounds, signal=inputs.signal)
+                     rounds=rounds, signal=inputs.signal, tie=inputs.tie)
     for table in inputs.cost_tables:
         if table.unpriced:
             say(f"note: --cost-table {table.path} does not price {len(table.unpriced)} option(s) of this scan "
@@ -297,6 +307,10 @@ def main(args: argparse.Namespace) -> int:
     inputs = check(args, problems)
     if scan is not None and inputs is not None:  # macs=2 (2 MACs) is caught before any work
         problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.models(scan), inputs.signal))
+        if inputs.tie:  # before verification loads the model
+            from sensplan.planner._costs import blocks_from_scan, tied_blocks
+
+            problems.check(partial(tied_blocks, blocks_from_scan(scan), inputs.tie))
     check_verify(args, problems)
     problems.at_least(args.workers, 1, "--workers")
     if not args.no_verify:  # --no-verify stays torch-free
