@@ -172,6 +172,29 @@ def test_a_dropped_export_says_what_the_rest_costs_against_the_budget(cnn, tmp_p
     assert spec["dropped"][0]["block"] == f"weight:{layer}" and len(spec["groups"]) == 1
 
 
+def test_a_uniform_allocation_between_the_scanned_ratios_is_priced_too(cnn, tmp_path):
+    """The uniform baseline prunes every group by one ratio on a fine grid, mostly between the
+    scanned ones: the note computes those costs tensor by tensor, as the baseline's own are, and
+    compares them with what the plan predicted."""
+    from sensplan.planner.export._core import reached_without
+
+    _, _, _, table, _ = cnn
+    table.save(tmp_path / "scan.json")
+    scan_ = Scan.load(tmp_path / "scan.json")
+    plan = make_plan(scan_, [Budget.parse("macs=0.6")])
+    uni = plan.variant("uniform")
+    scanned = {r["setting"].get("n_remove") for r in scan_.results if r["method"] == "prune"}
+    assert any(c["kind"] == "group" and c["setting"]["n_remove"] not in scanned for c in uni["choices"].values())
+    macs = uni["predicted"]["macs"]
+    note = reached_without(plan, "uniform", set())
+    assert note.split(": ", 1)[1].startswith(f"macs {macs:.6g} ") and f"against the plan's {macs:.6g}" in note, note
+    assert note.endswith("still met"), note
+    # without one group's pruning the MACs rise above the budget
+    group = next(b for b, c in uni["choices"].items() if c["kind"] == "group")
+    note = reached_without(plan, "uniform", {group})
+    assert float(note.split("macs ", 1)[1].split(" ", 1)[0]) > macs and note.endswith("NOT met"), note
+
+
 # -- onnxruntime ----------------------------------------------------------------------------------
 def test_onnxruntime_config_quantizes_exactly_the_plans_int8_layers(cnn, tmp_path):
     onnx = pytest.importorskip("onnx")

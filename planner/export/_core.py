@@ -374,7 +374,7 @@ def reached_without(plan: Any, variant: str, dropped: set[str]) -> str:
 
 def _priced_without(plan: Any, variant: str, dropped: set[str]) -> str | None:
     from sensplan._tables import Scan
-    from sensplan.planner._costs import Costs, option_key
+    from sensplan.planner._costs import Costs, merged_effects, option_key
     from sensplan.planner._solver import _relative_slack
 
     path = plan_scan(plan)
@@ -383,14 +383,28 @@ def _priced_without(plan: Any, variant: str, dropped: set[str]) -> str | None:
         return f"the costs are not known here: the plan's scan ({recorded}) cannot be read"
     cm = Costs(Scan.load(path), (), str((plan.data.get("objective") or {}).get("signal") or "drop"))
     keep = option_key(None, {})
-    choices = plan.variant(variant)["choices"]
-    try:
-        choice = cm.choice_of({b: keep if b in dropped else option_key(c.get("method"), c.get("setting") or {})
-                               for b, c in choices.items() if b in cm.index})
-    except (KeyError, ValueError):  # e.g. a uniform allocation's off-grid group
-        return "the costs are not known here: the plan's scan does not hold every option it chose"
-    costs = cm.evaluate({i: choice.get(i, 0) for i in range(len(cm.blocks))})
-    was_costs = plan.variant(variant).get("costs") or {}
+    choices = {b: c for b, c in plan.variant(variant)["choices"].items() if b in cm.index}
+    choice: dict[int, int] = {}
+    removed: dict[str, int] = {}  # every group's removed channels, for a group chosen off the grid
+    off_grid = False
+    for b, c in choices.items():
+        block = cm.blocks[cm.index[b]]
+        if block.kind == "group":
+            removed[block.unit] = 0 if b in dropped else int((c.get("effect") or {}).get("removed") or 0)
+        key = keep if b in dropped else option_key(c.get("method"), c.get("setting") or {})
+        keys = [o.key for o in block.options]
+        if key in keys:
+            choice[cm.index[b]] = keys.index(key)
+        elif block.kind == "group":  # a uniform allocation's ratio between the scanned ones
+            off_grid = True
+        else:
+            return "the costs are not known here: the plan's scan does not hold every option it chose"
+    full = {i: choice.get(i, 0) for i in range(len(cm.blocks))}
+    # off the grid, the analytic metrics are computed tensor by tensor, as the uniform baseline's are
+    costs = cm.evaluate(full)
+    if off_grid:
+        costs.update(cm.analytic.direct(removed, merged_effects(cm.blocks, full)))
+    was_costs = plan.variant(variant).get("predicted") or {}
     objective = plan.data.get("objective") or {}
     parts = []
     for b in objective.get("budgets") or []:
