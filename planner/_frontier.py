@@ -170,11 +170,12 @@ def _remove_stale_points(out: Path, keep: set[str]) -> None:
 
 
 def make_frontier(scan: Any, metric: str, points: int = 8, *, spacing: str = "log",
-                  cost_models: Sequence[CostModel] = (), signal: str = "auto", time_limit: float = 60.0) -> Frontier:
+                  cost_models: Sequence[CostModel] = (), signal: str = "auto", time_limit: float = 60.0,
+                  tie: Sequence[str] = ()) -> Frontier:
     """Solve ``points`` budgets of ``metric``, ``spacing`` as :func:`sweep_budgets` spaces them, and keep,
     per budget, the plan with its planned and uniform allocation and their predictions.
 
-    ``cost_models``, ``signal`` and ``time_limit`` are :func:`make_plan`'s. Each point records its
+    ``cost_models``, ``signal``, ``time_limit`` and ``tie`` are :func:`make_plan`'s. Each point records its
     ``budget`` (``absolute``, in the metric's unit, and ``fraction`` of the original), the planned
     allocation's ``predicted`` drop and costs and, where a uniform allocation meets the budget, the
     uniform one's (with ``on_grid``: whether the planner could have chosen it, i.e. every fraction
@@ -186,7 +187,7 @@ def make_frontier(scan: Any, metric: str, points: int = 8, *, spacing: str = "lo
         raise UserInputError(f"The 'points' parameter must be an integer >= 2 (a frontier needs two budgets). "
                              f"Got {points!r} instead.")
     t0 = time.perf_counter()
-    cm = Costs(scan, cost_models, signal)
+    cm = Costs(scan, cost_models, signal, tie)
     if metric not in cm.metrics:
         raise UserInputError(f"The metric {metric!r} is not known. Use one of {', '.join(cm.metrics)} (a measured "
                              f"metric needs its cost table).")
@@ -205,7 +206,7 @@ def make_frontier(scan: Any, metric: str, points: int = 8, *, spacing: str = "lo
     plans, rows = [], []
     for i, value in enumerate(budgets):
         plan = make_plan(scan, [Budget(metric, value, relative=False)], time_limit=time_limit,
-                         cost_models=cost_models, signal=signal)
+                         cost_models=cost_models, signal=signal, tie=tie)
         plans.append(plan)
         rows.append(_point(i, plan, keys))
     units: dict[str, str] = {}

@@ -221,3 +221,21 @@ def test_validate_checks_a_frontier_and_its_point_plans(swept, tmp_path):
     plan.write_text(plan.read_text().replace('"planned"', '"planned" ', 1))  # a plan edited after the sweep
     code, out, _ = run(["validate", str(copy / "frontier.json")])
     assert code == 2 and "point 1's plan 'points/01/plan.json' changed since the frontier was made" in out
+
+
+def test_a_frontier_with_tie_gives_tied_units_one_option_at_every_budget(tmp_path):
+    from sensplan.planner import Costs
+    from tests.tables import synthetic_scan
+
+    table = synthetic_scan(seed=1)
+    table.save(tmp_path / "scan.json")
+    front = make_frontier(Scan.load(tmp_path / "scan.json"), "macs", 3, tie=[r"(?<=^l)\d$"])
+    cm = Costs(table, tie=[r"(?<=^l)\d$"])
+    for plan in front.plans:
+        assert plan.data["objective"]["tie"]["groups"] == [[cm.blocks[i].name for i in g] for g in cm.ties]
+        choices = plan.variant("planned")["choices"]
+        for group in plan.data["objective"]["tie"]["groups"]:
+            assert len({json.dumps([choices[b]["method"], choices[b]["setting"]]) for b in group}) == 1
+    code, _, err = run(["frontier", "--scan", str(tmp_path / "scan.json"), "--metric", "macs", "--measure", "0",
+                        "--tie", "experts", "--out", str(tmp_path / "f")])
+    assert code == 2 and "--tie experts ties no two units of the scan" in err

@@ -27,7 +27,7 @@ from sensplan.cli._common import (
     say,
     set_threads,
 )
-from sensplan.cli.plan import check_tables_runtime, for_runtime
+from sensplan.cli.plan import check_tables_runtime, check_ties, for_runtime
 
 if TYPE_CHECKING:
     from sensplan._tables import Scan
@@ -69,6 +69,8 @@ def register(sub: SubParsers) -> None:
                         "--signal` (default auto)")
     g.add_argument("--time-limit", type=float, default=60.0, metavar="SECONDS",
                    help="stop each budget's solve after this long (default 60)")
+    g.add_argument("--tie", action="append", default=[], metavar="experts|REGEX",
+                   help="units that get one option together, as `sensplan plan --tie` (repeatable)")
     g.add_argument("--runtime", default="torch", metavar="NAME",
                    help="torch | onnxruntime: offer only the options that run faster or smaller there, as "
                         "`sensplan plan --runtime` (default torch)")
@@ -122,6 +124,9 @@ def check(args: argparse.Namespace, problems: Problems, scan: Scan | None) -> li
     good = [t for t in tables if t is not None]
     if scan is not None and len(good) == len(tables):  # an unknown --signal, before any solving
         problems.check(partial(check_budget_scale, scan, [], good, args.signal))
+    check_ties(problems, args.tie)
+    if scan is not None and not problems.messages:
+        check_ties(problems, args.tie, scan)
     if args.measure > 0:  # --measure 0 stays torch-free
         check_runtime_args(args, problems)
         problems.at_least(args.holdout_samples, 0, "--holdout-samples", note=" (0 = all)")
@@ -188,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         say(f"solving {args.points} budgets of {args.metric} ...")
         frontier = make_frontier(scan, args.metric, args.points, spacing=args.spacing, cost_models=tables,
-                                 signal=args.signal, time_limit=args.time_limit)
+                                 signal=args.signal, time_limit=args.time_limit, tie=args.tie)
         if ver is not None:
             frontier = measure_frontier(frontier, ver, measured_points(args.points, args.measure), progress=say)
     finally:

@@ -143,10 +143,7 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     from sensplan.planner._plan import check_objective
 
     problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
-    from sensplan.planner._costs import tie_regex
-
-    for text in args.tie:
-        problems.check(partial(tie_regex, text))
+    check_ties(problems, args.tie)
     runtime = getattr(args, "runtime", "torch")
     tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ")
               for path in args.cost_table]
@@ -177,6 +174,17 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     return PlanInputs(good, max_drop, args.minimize, [need(t) for t in tables], args.time_limit,
                       tuple(dict.fromkeys(args.cost_model)),  # the same model named twice counts once
                       args.signal, runtime, tuple(dict.fromkeys(args.tie)))
+
+
+def check_ties(problems: Problems, texts: Sequence[str], scan: Scan | None = None) -> None:
+    """Each --tie pattern compiles; with the ``scan``, each also ties two of its units or more."""
+    from sensplan.planner._costs import blocks_from_scan, tie_regex, tied_blocks
+
+    if scan is None:
+        for text in texts:
+            problems.check(partial(tie_regex, text))
+    elif texts:
+        problems.check(partial(tied_blocks, blocks_from_scan(scan), texts))
 
 
 def check_tables_runtime(paths: Sequence[str], tables: Sequence[Any], runtime: str, problems: Problems) -> None:
@@ -308,9 +316,7 @@ def main(args: argparse.Namespace) -> int:
     if scan is not None and inputs is not None:  # macs=2 (2 MACs) is caught before any work
         problems.check(partial(check_budget_scale, scan, inputs.budgets, inputs.models(scan), inputs.signal))
         if inputs.tie:  # before verification loads the model
-            from sensplan.planner._costs import blocks_from_scan, tied_blocks
-
-            problems.check(partial(tied_blocks, blocks_from_scan(scan), inputs.tie))
+            check_ties(problems, inputs.tie, scan)
     check_verify(args, problems)
     problems.at_least(args.workers, 1, "--workers")
     if not args.no_verify:  # --no-verify stays torch-free
