@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sensplan._errors import InfeasibleBudgetError, UserInputError
+from sensplan._errors import ArtifactError, InfeasibleBudgetError, UserInputError
 from sensplan._metric import TOP1, Metric
 from sensplan.planner._budget import Budget
 from sensplan.planner._costs import Costs
@@ -103,7 +103,8 @@ class Verifier:
     def __init__(self, model: nn.Module, data: EvalSet, calib: EvalSet | None, held: EvalSet | None = None,
                  *, report: EvalSet | None = None, model_spec: ModelSpec | None = None,
                  device: str | torch.device | None = None, batch_size: int = 500,
-                 dtype: torch.dtype | None = None, channels_last: bool | None = None) -> None:
+                 dtype: torch.dtype | None = None, channels_last: bool | None = None,
+                 memo: str | os.PathLike[str] | None = None) -> None:
         import torch
 
         from sensplan.sensitivity import channels_last_wins
@@ -138,6 +139,11 @@ class Verifier:
         #: measured again for another, or when planning again
         self._memo: dict[tuple[str, str, str], Measured] = {}
         self._reference: Any = None  # the original's BatchNorm statistics on ``calib``
+        #: ``memo``: a file that keeps the measurements for later runs (see :func:`memo_path`)
+        self._disk: Any = None
+        self._from_disk: set[tuple[str, str, str]] = set()
+        if memo is not None:
+            self._open_memo(memo, held)
         self.counts: Counter[str] = Counter()
         #: worker processes that measure candidates side by side (see :func:`verifier_from_scan`)
         self.pool: _Pool | None = None
@@ -164,17 +170,21 @@ class Verifier:
                 continue
             result, memo, counts = self.pool.result(futures[i])
             for key, m in memo.items():
-                self._memo.setdefault(key, _on_device(m, self.device) or m)
+                if key not in self._memo:
+                    self._remember(key, _on_device(m, self.device) or m)
             self.counts.update(counts)
             self.counts["measurements on workers"] += counts.get("measurements", 0)
             out.append((_on_device(result[0], self.device), _on_device(result[1], self.device)))
         return out
 
     def close(self) -> None:
-        """Stop the worker processes (a later :meth:`measure_many` measures in turn)."""
+        """Stop the worker processes (a later :meth:`measure_many` measures in turn), and close
+        the memo file."""
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self._disk is not None:
+            self._disk.close()
 
     def _prepare(self, task_name: str) -> None:
         if task_name == self._task_name:
@@ -192,6 +202,51 @@ class Verifier:
         task = self._base["task"]
         state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
         return ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device, self.dtype)
+
+    def _open_memo(self, path: str | os.PathLike[str], held: EvalSet | None) -> None:
+        """Read the measurements an earlier run kept in ``path`` for this model, data and setup
+        (the header says which; a file for others is started again), and keep new ones there."""
+        import torch
+
+        from sensplan._journal import Journal
+        from sensplan.sensitivity import architecture_digest, weights_digest
+
+        def digest(es: EvalSet | None) -> Any:
+            d = es.description if es is not None else None
+            return None if d is None else {k: d.get(k) for k in (
+                "spec", "indices_sha256", "n", "preprocess", "class_map", "tokenizer", "seq_len")}
+
+        header = {"verification_memo": 1, "architecture": architecture_digest(self.model),
+                  "weights": weights_digest(self.model), "sample": digest(self.data), "calib": digest(self.calib),
+                  "held": digest(held), "report": digest(self.report), "dtype": str(self.dtype),
+                  "channels_last": self.channels_last, "batch_size": self.batch_size, "device": self.device.type,
+                  "torch": torch.__version__.split("+")[0]}
+        try:
+            try:
+                jr = Journal.open(path, header)
+            except ArtifactError:  # kept for another model, data or setup (or damaged): start again
+                jr = Journal.open(path, header, resume=False)
+        except OSError:  # a read-only folder: this run measures without one
+            return
+        for key, rec in jr.items():
+            try:
+                split, where, alloc = json.loads(key)
+                m = _measured_from_record(rec, self.device)
+            except (ValueError, KeyError, TypeError):
+                continue  # a record this version cannot read: measured again
+            self._memo[(where, split, alloc["alloc"])] = m
+            self._from_disk.add((where, split, alloc["alloc"]))
+        self._disk = jr
+
+    def _remember(self, key: tuple[str, str, str], m: Measured) -> Measured:
+        """Keep ``m`` in the memo (and in the memo file, when there is one); returns it."""
+        self._memo[key] = m
+        if self._disk is not None:
+            try:
+                self._disk.append(key[1], key[0], {"alloc": key[2]}, _measured_record(m))
+            except OSError:  # a read-only folder, a full disk: this run still has it
+                self._disk = None
+        return m
 
     def baseline(self, task_name: str) -> dict[str, float]:
         self._prepare(task_name)
@@ -227,6 +282,9 @@ class Verifier:
         key = _alloc_key(plan_data, alloc)
         out = {split: self._memo[(key[0], split, key[1])] for split in splits if (key[0], split, key[1]) in self._memo}
         self.counts["measurements reused"] += len(out)
+        earlier = sum((key[0], s, key[1]) in self._from_disk for s in out)
+        if earlier:
+            self.counts["measurements from an earlier run"] += earlier
         todo = [split for split in splits if split not in out]
         if not todo:
             return out
@@ -249,14 +307,14 @@ class Verifier:
                     and len(rival.per_sample) == whole and _head_size(whole) < whole:
                 hkey = (key[0], f"{split}:head", key[1])
                 if hkey not in self._memo:
-                    self._memo[hkey] = self._evaluate(plan, module(), f"{split}:head")
+                    self._remember(hkey, self._evaluate(plan, module(), f"{split}:head"))
                 head = self._memo[hkey]
                 stopped = _clearly_worse(head, rival, plan.metric.higher_is_better)
                 if stopped is not None:
                     self.counts["candidates stopped early"] += 1
                     out[split] = dataclasses.replace(head, stopped=stopped)
                     continue
-            out[split] = self._memo[(key[0], split, key[1])] = self._evaluate(plan, module(), split)
+            out[split] = self._remember((key[0], split, key[1]), self._evaluate(plan, module(), split))
             self.counts["measurements"] += 1
         return out
 
@@ -273,6 +331,40 @@ class Verifier:
         if base.per_sample is not None and ev.per_sample is not None:
             se = paired_se(base.per_sample, ev.per_sample)[2]
         return Measured(plan.metric.drop(base.score, ev.score), se, ev.score, ev.n, ev.per_sample)
+
+
+def memo_path(scan_path: str | os.PathLike[str]) -> str:
+    """Where ``sensplan plan`` keeps the verification's measurements of the scan at ``scan_path``
+    for later runs: beside it, ``scan.json.verified`` (JSON lines, appended as measured, like the
+    scan's journal). A later plan at another budget, or the same one again, measures only what it
+    has not measured before."""
+    return os.fspath(scan_path) + ".verified"
+
+
+def _measured_record(m: Measured) -> dict[str, Any]:
+    """``m`` as a memo record: its numbers, and its per-sample scores as base64 of their bytes."""
+    import base64
+
+    import numpy as np
+
+    rec: dict[str, Any] = {"drop": m.drop, "se": m.se, "score": m.score, "n": m.n}
+    if m.per_sample is not None:
+        a = m.per_sample.detach().cpu().numpy()
+        rec["per_sample"] = {"dtype": str(a.dtype), "b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
+    return rec
+
+
+def _measured_from_record(rec: Mapping[str, Any], device: Any) -> Measured:
+    import base64
+
+    import numpy as np
+    import torch
+
+    per = None
+    if rec.get("per_sample"):
+        a = np.frombuffer(base64.b64decode(rec["per_sample"]["b64"]), dtype=np.dtype(rec["per_sample"]["dtype"]))
+        per = torch.from_numpy(a.copy()).to(device)
+    return Measured(float(rec["drop"]), float(rec["se"]), float(rec["score"]), int(rec["n"]), per)
 
 
 def _alloc_key(plan_data: Mapping[str, Any], alloc: Mapping[str, Any]) -> tuple[str, str]:
@@ -751,7 +843,7 @@ class _Correction:
 def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: bool = False,
                        holdout: Any = None, holdout_samples: int | None = 5000,
                        device: str | torch.device | None = None, workers: int = 1,
-                       channels_last: bool | None = None) -> tuple[Verifier, list[str]]:
+                       channels_last: bool | None = None, memo: bool = False) -> tuple[Verifier, list[str]]:
     """The model, sample and calibration data the scan measured, rebuilt from what ``scan.json``
     records (each checked against its digest), plus a held-out split: ``holdout`` (a DataSpec), or
     else up to ``holdout_samples`` items of the scan's data that neither the sample nor the
@@ -759,7 +851,9 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
 
     With ``workers`` > 1 (and a scan read from a file), the uniform candidates are measured side by
     side in that many spawned processes, each rebuilding the same verifier from the file (on a
-    machine with GPUs, one GPU each in turn); call :meth:`Verifier.close` when done."""
+    machine with GPUs, one GPU each in turn); call :meth:`Verifier.close` when done. With ``memo``
+    (and a scan read from a file), the measurements are kept beside it for later runs
+    (:func:`memo_path`)."""
     from sensplan._errors import UserInputError
     from sensplan.sensitivity import DataSpec, load_eval_set
 
@@ -808,7 +902,8 @@ def verifier_from_scan(scan: Any, *, weights: str | None = None, allow_pickle: b
         layout = (scan.data.get("provenance") or {}).get("input_layout")
         channels_last = None if layout is None else layout == "channels_last"
     verifier = Verifier(model, data, calib, held, report=report, model_spec=spec, device=device,
-                        dtype=dtype if isinstance(dtype, torch.dtype) else None, channels_last=channels_last)
+                        dtype=dtype if isinstance(dtype, torch.dtype) else None, channels_last=channels_last,
+                        memo=memo_path(scan.path) if memo and scan.path else None)
     verifier.held_draw = draw if report is not None else None
     if workers > 1 and scan.path:
         verifier.pool = _Pool(workers, {"scan": os.path.abspath(scan.path), "sha256": scan.sha256, "weights": weights,

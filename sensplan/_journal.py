@@ -168,6 +168,10 @@ class Journal:
             return self.key(unit, method, setting) in self._records
         return False
 
+    def items(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every ``(key, record)``, as :meth:`records` orders them (keys as :meth:`key` makes them)."""
+        return [(k, dict(r)) for k, r in self._records.items()]
+
     def records(self) -> list[dict[str, Any]]:
         """Every record, in the order the probes were first appended (latest value per probe)."""
         return [dict(r) for r in self._records.values()]

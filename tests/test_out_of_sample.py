@@ -86,7 +86,8 @@ def test_apply_without_model_or_data_takes_both_from_the_plan(ws, capsys):
     capsys.readouterr()
     assert main(["apply", *common, "--out", str(ws / "recorded")]) == 0
     err = capsys.readouterr().err
-    assert "model: sensplan:digits_cnn, as the plan records it" in err and "data: digits:test, as the plan records it" in err
+    assert "model: sensplan:digits_cnn, as the plan records it" in err
+    assert "data: digits:test, as the plan records it" in err
     given, recorded = (json.loads((ws / d / "metrics.json").read_text()) for d in ("given", "recorded"))
     for side in ("before", "after"):
         assert recorded[side]["score"] == given[side]["score"] and recorded[side]["n"] == given[side]["n"] == 100

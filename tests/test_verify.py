@@ -301,6 +301,20 @@ def test_sensplan_plan_verifies_on_the_scans_model_and_data_by_default(tmp_path,
     verified = plan["plans"]["planned"]["verified"]
     assert verified["held_out"]["n"] == 100 and verified["report"]["n"] == 100
     assert plan["plans"]["planned"]["expected"]["drop"] == verified["report"]["drop"]
+    # planning again (another process) measures nothing twice: scan.json.verified kept it all
+    memo = tmp_path / "scan.json.verified"
+    assert memo.is_file()
+    again = ["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--verify-rounds", "2",
+             "--holdout-samples", "200"]
+    assert main([*again, "--out", str(tmp_path / "again.json")]) == 0
+    redone = json.loads((tmp_path / "again.json").read_text())
+    counts = redone["verification"]["measurements"]
+    assert "measurements" not in counts and counts["measurements from an earlier run"] > 0
+    assert redone["plans"]["planned"]["choices"] == plan["plans"]["planned"]["choices"]
+    memo.unlink()
+    assert main([*again, "--no-memo", "--out", str(tmp_path / "again.json")]) == 0
+    assert not memo.exists()
+    capsys.readouterr()
 
     # the checkpoint changed since the scan: verification refuses, naming the way out
     torch.save(seeded_model("digits_cnn", width=8, seed=1).state_dict(), weights)
@@ -501,6 +515,42 @@ def test_a_verifier_measures_each_candidate_once_across_budgets_and_plans(toys):
                 for k, x in v.items() if k not in strip}
 
     assert timeless(again.data["verification"]) == timeless(first.data["verification"])
+
+
+def test_a_memo_file_gives_a_fresh_verifier_what_an_earlier_one_measured(toys, tmp_path):
+    """`sensplan plan` keeps verification's measurements beside scan.json: a later run (a fresh
+    verifier, as a new process has) measures nothing it measured before, and decides the same;
+    other held-out data (or another model) starts the file again."""
+    model, data, held = Chain(), margin_data(400, 0), margin_data(400, 1)
+    table = _scan(model, data)
+    memo = tmp_path / "scan.json.verified"
+    first_v = Verifier(model, data, None, held, memo=memo)
+    first = make_plan(table, [Budget.parse("size=12B")], verifier=first_v)
+    first_v.close()
+    measured = first.data["verification"]["measurements"]["measurements"]
+    assert measured > 0 and memo.is_file()
+    again_v = Verifier(model, data, None, held, memo=memo)
+    again = make_plan(table, [Budget.parse("size=12B")], verifier=again_v)
+    again_v.close()
+    counts = again.data["verification"]["measurements"]
+    assert "measurements" not in counts
+    assert counts["measurements from an earlier run"] == counts["measurements reused"] > 0
+    strip = ("seconds", "uniform_seconds", "measurements")
+
+    def timeless(v):
+        return {k: [{a: b for a, b in r.items() if a != "seconds"} for r in x] if k == "rounds" else x
+                for k, x in v.items() if k not in strip}
+
+    assert timeless(again.data["verification"]) == timeless(first.data["verification"])
+    assert again.variant()["choices"] == first.variant()["choices"]
+    # the per-sample scores came back exactly: paired comparisons (a race, a close call) hold
+    key = next(k for k in again_v._memo if k[1] == "held")
+    assert torch.equal(again_v._memo[key].per_sample.cpu(), first_v._memo[key].per_sample.cpu())
+    other_v = Verifier(model, data, None, margin_data(400, 2), memo=memo)
+    other = make_plan(table, [Budget.parse("size=12B")], verifier=other_v)
+    other_v.close()
+    counts = other.data["verification"]["measurements"]
+    assert counts["measurements"] > 0 and "measurements from an earlier run" not in counts
 
 
 def test_every_head_of_the_held_out_split_is_stratified():

@@ -55,6 +55,9 @@ def register(sub: SubParsers) -> None:
                    help="the scan's checkpoint, if it moved (checked against the scan's sha256)")
     g.add_argument("--allow-pickle", action="store_true",
                    help="allow a pickle:FILE model spec (trusted files only)")
+    g.add_argument("--no-memo", action="store_true",
+                   help="measure every candidate again: do not read or extend scan.json.verified, where "
+                        "verification keeps its measurements for later plans of the same scan")
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="measure the uniform candidates side by side on N local worker processes, each "
                         "rebuilding the model and data from scan.json (on GPUs: one each in turn)")
@@ -334,7 +337,7 @@ def main(args: argparse.Namespace) -> int:
         verifier, notes = verifier_from_scan(need(scan), weights=args.weights, allow_pickle=args.allow_pickle,
                                              holdout=args.holdout_data,
                                              holdout_samples=args.holdout_samples or None,
-                                             device=args.device, workers=args.workers)
+                                             device=args.device, workers=args.workers, memo=not args.no_memo)
     try:
         execute(need(scan), need(inputs), Path(args.out), verifier, args.verify_rounds, notes,
                 started if verifier is not None else None)
