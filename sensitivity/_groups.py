@@ -87,6 +87,29 @@ class ZeroingProbe:
             self.unzero_(gid, idxs, saved)
 
 
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter that more than one (module, name) holds: tied weights, with their places."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in model.modules():
+        for k, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, k))
+    return [v for v in owners.values() if len(v) > 1]
+
+
+def retie_(shared: list[list[tuple[nn.Module, str]]]) -> None:
+    """After a removal, make the places of each formerly tied parameter (see
+    :func:`shared_parameters`) hold one parameter again, where they were pruned alike (same shape
+    and values); places pruned differently stay apart."""
+    for places in shared:
+        first_m, first_k = places[0]
+        p = first_m._parameters[first_k]
+        for m, k in places[1:]:
+            q = m._parameters[k]
+            if q is not None and p is not None and q is not p and q.shape == p.shape and torch.equal(q, p):
+                m._parameters[k] = p
+
+
 class PruningGraph(ZeroingProbe):
     """Torch-Pruning's DependencyGraph of ``model`` traced with ``example_input``, keyed by FQN.
 
@@ -383,9 +406,13 @@ class PruningGraph(ZeroingProbe):
 
     # -- real structural pruning -----------------------------------------------------------------
     def prune_(self, gid: str, idxs: list[int]) -> None:
-        """Remove channels ``idxs`` of group ``gid`` from every member: the tensors shrink."""
+        """Remove channels ``idxs`` of group ``gid`` from every member: the tensors shrink. Tied
+        parameters (an LM head that is the input embedding) stay tied: Torch-Pruning gives each
+        owner its own smaller tensor, which would store (and count) the weight twice."""
         if idxs:
+            shared = shared_parameters(self.model)
             self._group(gid, idxs).prune()
+            retie_(shared)
 
     @contextmanager
     def pruned(self, gid: str, idxs: list[int]) -> Iterator[None]:

@@ -484,3 +484,35 @@ class PerSampleConv(nn.Module):
 def test_unbatched_functional_convs_cost_their_per_sample_share():
     # 36 positions x 4 x 3 x 9 weights per sample, whatever the loop; the alias is the same layer
     assert count_macs(PerSampleConv(), torch.randn(3, 3, 6, 6)) == {"conv": 36 * 4 * 3 * 9}
+
+
+class _TiedLM(nn.Module):
+    """A residual stream between an embedding and an LM head that is the embedding (tied)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.head(h + self.fc(h))
+
+
+def test_pruning_the_stream_of_a_tied_lm_head_keeps_one_weight():
+    """Torch-Pruning gives the embedding and the head each their own smaller tensor; the executor
+    ties them again (else the weight is stored and counted twice: more parameters than before)."""
+    from sensplan.sensitivity import channel_graph
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    x = torch.randint(0, 20, (2, 5))
+    graph = channel_graph(model, x)
+    gid = next(g for g in graph.group_ids() if any(m.module == "emb" for m in graph.members(g)))
+    before = sum(p.numel() for p in model.parameters())
+    graph.prune_(gid, [1, 4])
+    assert model.head.weight is model.emb.weight and model.emb.weight.shape == (20, 6)
+    assert sum(p.numel() for p in model.parameters()) == before - 2 * 20 - 2 * 8 - 2 - 2 * 6
+    assert torch.isfinite(model(x)).all()
