@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sensplan._errors import DataSpecError, ModelSpecError, UserInputError
+from sensplan._errors import DataSpecError, ModelSpecError, UserInputError, first_line
 from sensplan.sensitivity._models import swap_module
 
 KINDS = ("causal-lm", "sequence-classification", "image-classification", "embedding")
@@ -171,6 +171,17 @@ class HFModel(nn.Module):
 
         require_transformers("Writing a save_pretrained folder")
         cfg: Any = copy.deepcopy(self.model.config)
+        # the embedding's width by the config (ALBERT's and ELECTRA's embedding_size, OPT's
+        # word_embed_proj_dim; else the hidden size)
+        hidden = next((int(getattr(cfg, k)) for k in ("embedding_size", "word_embed_proj_dim", "hidden_size",
+                                                      "n_embd", "d_model", "dim")
+                       if isinstance(getattr(cfg, k, None), int)), None)
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        width = getattr(emb, "embedding_dim", None)
+        if hidden is not None and isinstance(width, int) and width != hidden:
+            return {"saved": False, "reason": f"the hidden width (the residual stream) was pruned from {hidden} to "
+                                              f"{width}, and a transformers config derives every layer's shapes "
+                                              f"(and the head size) from one hidden size"}
         groups = find_groups(self)
         widths = sorted({g.channels for g in groups if g.kind == "mlp" and g.expert is None})
         if len(widths) > 1:
@@ -218,8 +229,12 @@ class HFModel(nn.Module):
         tok = self.source and os.path.isfile(os.path.join(self.source, "tokenizer_config.json"))
         if tok:
             load_tokenizer(self.source).save_pretrained(folder)
-        loaded, info = type(out).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
-                                                 output_loading_info=True)
+        try:
+            loaded, info = type(out).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
+                                                     output_loading_info=True)
+        except RuntimeError as e:  # shapes the config does not say (transformers: "ignore_mismatched_sizes")
+            return {"saved": False, "reason": f"its tensor shapes no longer fit what {type(cfg).__name__} says, so "
+                                              f"transformers cannot reload the folder ({_first_misfit(out, cfg, e)})"}
         odd = [*info.get("missing_keys", []), *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
         if odd:
             return {"saved": False, "reason": f"its layers no longer fit the architecture (e.g. {odd[0]}: a "
@@ -241,6 +256,21 @@ class HFModel(nn.Module):
                                               f"{diff:.3g})"}
         return {"saved": True, "path": str(folder), "max_abs_diff": diff,
                 "note": "float32 weights (quantized ones as their dequantized values)"}
+
+
+def _first_misfit(model: nn.Module, cfg: Any, error: Exception) -> str:
+    """The first tensor whose shape differs from what ``cfg`` builds (on the meta device: no
+    memory), for a message; transformers' own error refers to a report the user does not see."""
+    try:
+        with torch.device("meta"):
+            ref = type(model)(cfg)
+        shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+        for k, v in model.state_dict().items():
+            if k in shapes and tuple(v.shape) != shapes[k]:
+                return f"e.g. {k} is {tuple(v.shape)}, the config makes {shapes[k]}"
+    except Exception:  # noqa: BLE001 - only a message: fall back to transformers' own line
+        pass
+    return first_line(error, 120)
 
 
 def _probe_input(model: HFModel) -> torch.Tensor:
@@ -312,6 +342,10 @@ def load_hf_model(name: str, kwargs: dict[str, Any]) -> HFModel:
                              f"{str(e).splitlines()[0] if str(e) else ''}). Is it a transformers model "
                              f"folder, and is transformers recent enough for it?") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelSpecError(f"hf:{name} is an encoder-decoder model ({arch or type(config).__name__}): it needs "
+                             f"decoder inputs that sensplan's tasks do not give. sensplan scans causal LMs, encoders "
+                             f"(embeddings), sequence and image classifiers. Scan a model of one of those kinds.")
     kind = str(kwargs.get("kind") or _kind_of(arch))
     if kind not in KINDS:
         raise ModelSpecError(f"--model-arg kind= must be one of {', '.join(KINDS)}. Got {kind!r}.")

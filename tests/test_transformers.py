@@ -84,6 +84,33 @@ def test_missing_model_says_how_to_get_it(tmp_path: Path) -> None:
         load_model(ModelSpec(f"hf:{tmp_path / 'empty'}"))
 
 
+def test_an_encoder_decoder_is_refused_in_one_line(tmp_path: Path) -> None:
+    from sensplan._errors import ModelSpecError
+
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelSpecError, match=r"encoder-decoder model \(T5ForConditionalGeneration\).*causal LMs"):
+        load_model(ModelSpec(f"hf:{tmp_path / 't5'}"))
+
+
+def test_why_no_save_pretrained_folder_names_the_shape_the_config_cannot_say(models: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """A pruned hidden width, or any tensor the config would build otherwise: the reason says which,
+    not transformers' "ignore_mismatched_sizes ... see the above report"."""
+    m = load_model(ModelSpec(f"hf:{models['bert']}"))
+    assert m.export_pretrained(tmp_path / "as-is")["saved"]
+    emb = m.model.get_input_embeddings()
+    narrow = load_model(ModelSpec(f"hf:{models['bert']}"))
+    narrow.model.set_input_embeddings(torch.nn.Embedding(emb.num_embeddings, emb.embedding_dim - 3))
+    why = narrow.export_pretrained(tmp_path / "narrow")
+    assert not why["saved"] and why["reason"].startswith("the hidden width (the residual stream) was pruned from 32 "
+                                                         "to 29"), why
+    pooled = load_model(ModelSpec(f"hf:{models['bert']}"))
+    pooled.model.bert.pooler.dense = torch.nn.Linear(32, 30)
+    why = pooled.export_pretrained(tmp_path / "pooled")
+    assert not why["saved"] and "e.g. bert.pooler.dense.weight is (30, 32), the config makes (32, 32)" in why["reason"]
+
+
 @pytest.mark.parametrize("kind, heads, per_channel_q_rows", [("gpt2", 4, 8), ("llama", 2, 16), ("bert", 4, 8),
                                                                ("vit", 4, 8)])
 def test_head_and_mlp_groups(models: dict[str, Path], corpus: Path, kind: str, heads: int,
