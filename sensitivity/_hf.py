@@ -188,6 +188,9 @@ class HFModel(nn.Module):
             return {"saved": False, "reason": f"the MLP width differs between layers ({widths[0]} to "
                                               f"{widths[-1]}), and a transformers config holds one"}
         heads = [g for g in groups if g.kind == "heads"]
+        derived = (f"heads were removed, and {type(cfg).__name__} derives the head size from the hidden size and "
+                   f"the head count")
+        tried = ""  # the reason to give if the folder written with an explicit head_dim does not reload
         original_q = int(getattr(cfg, "num_attention_heads", 0) or 0)
         original_kv = int(getattr(cfg, "num_key_value_heads", None) or original_q)
         q_heads = {g.channels * (original_q // max(1, original_kv)) for g in heads}
@@ -197,8 +200,13 @@ class HFModel(nn.Module):
                 return {"saved": False, "reason": "the number of attention heads differs between layers, "
                                                   "and a transformers config holds one"}
             if not isinstance(getattr(cfg, "head_dim", None), int):
-                return {"saved": False, "reason": f"heads were removed, and {type(cfg).__name__} derives the "
-                                                  f"head size from the hidden size and the head count"}
+                # many attention classes read config.head_dim when it is set (Qwen2's does): try it,
+                # and keep the folder only if it reloads to the same outputs
+                hidden_size = getattr(cfg, "hidden_size", None)
+                if not isinstance(hidden_size, int) or not original_q or hidden_size % original_q:
+                    return {"saved": False, "reason": derived}
+                cfg.head_dim = hidden_size // original_q
+                tried = derived
             cfg.num_attention_heads = q_heads.pop()
             if hasattr(cfg, "num_key_value_heads"):
                 cfg.num_key_value_heads = kv_heads.pop()
@@ -225,20 +233,24 @@ class HFModel(nn.Module):
         if unfused:
             return {"saved": False, "reason": unfused}
         out.config = cfg
-        out.save_pretrained(folder)
-        tok = self.source and os.path.isfile(os.path.join(self.source, "tokenizer_config.json"))
-        if tok:
-            load_tokenizer(self.source).save_pretrained(folder)
         try:
+            out.save_pretrained(folder)
+            tok = self.source and os.path.isfile(os.path.join(self.source, "tokenizer_config.json"))
+            if tok:
+                load_tokenizer(self.source).save_pretrained(folder)
             loaded, info = type(out).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
                                                      output_loading_info=True)
-        except RuntimeError as e:  # shapes the config does not say (transformers: "ignore_mismatched_sizes")
-            return {"saved": False, "reason": f"its tensor shapes no longer fit what {type(cfg).__name__} says, so "
-                                              f"transformers cannot reload the folder ({_first_misfit(out, cfg, e)})"}
+        except Exception as e:  # noqa: BLE001 - the config refuses the head count, or the shapes misfit
+            if not tried and not isinstance(e, RuntimeError):
+                raise
+            # RuntimeError: shapes the config does not say (transformers: "ignore_mismatched_sizes")
+            return {"saved": False, "reason": tried or (
+                f"its tensor shapes no longer fit what {type(cfg).__name__} says, so transformers cannot reload the "
+                f"folder ({_first_misfit(out, cfg, e)})")}
         odd = [*info.get("missing_keys", []), *info.get("unexpected_keys", []), *info.get("mismatched_keys", [])]
         if odd:
-            return {"saved": False, "reason": f"its layers no longer fit the architecture (e.g. {odd[0]}: a "
-                                              f"layer factorized or replaced)"}
+            return {"saved": False, "reason": tried or f"its layers no longer fit the architecture (e.g. {odd[0]}: "
+                                                       f"a layer factorized or replaced)"}
         dev = next(self.parameters()).device
         back = HFModel(loaded.eval().to(dev), self.kind)
         conv1d_to_linear_(back.model)  # its experts stay fused: checked as transformers runs them
@@ -248,11 +260,11 @@ class HFModel(nn.Module):
             try:
                 theirs = back(probe)
             except RuntimeError as e:  # e.g. transformers' grouped expert kernel on an odd width
-                return {"saved": False, "reason": f"the folder reloads, but transformers cannot run it "
+                return {"saved": False, "reason": tried or f"the folder reloads, but transformers cannot run it "
                                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"}
             diff = float((theirs - ours).abs().max())
         if not diff <= 1e-4 * (float(ours.abs().max()) + 1.0):
-            return {"saved": False, "reason": f"the folder reloaded to different outputs (max difference "
+            return {"saved": False, "reason": tried or f"the folder reloaded to different outputs (max difference "
                                               f"{diff:.3g})"}
         return {"saved": True, "path": str(folder), "max_abs_diff": diff,
                 "note": "float32 weights (quantized ones as their dequantized values)"}

@@ -4,13 +4,18 @@ Torch-Pruning's tracer does not follow attention's reshapes into heads, so a tra
 groups come from the conventions of ``transformers`` (and similar code) instead:
 
 - **attention heads**: ``q_proj``/``k_proj``/``v_proj`` with ``o_proj`` or ``out_proj`` (Llama,
-  Mistral, Qwen, OPT), ``query``/``key``/``value`` with the sibling ``output.dense`` (BERT, RoBERTa,
-  ViT), GPT-2's fused ``c_attn`` with ``c_proj``. One channel of the group is one key-value head
-  *with every query head that reads it* (grouped-query attention): the ladder is in whole KV groups.
-  Removing it removes the query rows, the key and value rows and the output projection's columns.
+  Mistral, Qwen, OPT, GPT-J), ``query``/``key``/``value`` (or DeBERTa-v2's ``query_proj``/...) with
+  the sibling ``output.dense`` (BERT, RoBERTa, ViT), DistilBERT's ``q_lin``/``k_lin``/``v_lin`` with
+  ``out_lin``, GPT-2's fused ``c_attn`` with ``c_proj``, and a ``query_key_value`` holding each
+  head's q, k and v rows together (GPT-NeoX, BLOOM) with ``dense``. One channel of the group is one
+  key-value head *with every query head that reads it* (grouped-query attention): the ladder is in
+  whole KV groups. Removing it removes the query rows, the key and value rows and the output
+  projection's columns.
 - **MLP width**: ``gate_proj``/``up_proj`` with ``down_proj`` (gated MLPs: the three are pruned
-  together), ``fc1`` with ``fc2``, ``c_fc`` with ``c_proj``, BERT's ``intermediate.dense`` with
-  ``output.dense``. One channel is one intermediate unit.
+  together; Phi-3's fused ``gate_up_proj`` too), ``fc1`` with ``fc2``, ``c_fc`` with ``c_proj``,
+  ``fc_in`` with ``fc_out`` (GPT-J), ``dense_h_to_4h`` with ``dense_4h_to_h`` (GPT-NeoX, Falcon,
+  BLOOM), ``lin1`` with ``lin2`` (DistilBERT), BERT's ``intermediate.dense`` with ``output.dense``.
+  One channel is one intermediate unit.
 
 :class:`TransformerGraph` offers the interface of :class:`~sensplan.sensitivity._groups.PruningGraph`
 that the ``prune`` method, the safety check and the executor use, so the same method scans and
@@ -107,12 +112,16 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
     kids = dict(mod.named_children())
     p = f"{name}." if name else ""
     out_name = q = k = v = None
-    fused = False
+    fused = interleaved = False
     if all(_linear(mods, p + n) for n in ("q_proj", "k_proj", "v_proj")):
         q, k, v = p + "q_proj", p + "k_proj", p + "v_proj"
         out_name = next((p + n for n in ("o_proj", "out_proj", "dense") if _linear(mods, p + n)), None)
-    elif all(_linear(mods, p + n) for n in ("query", "key", "value")):
-        q, k, v = p + "query", p + "key", p + "value"
+    elif all(_linear(mods, p + n) for n in ("q_lin", "k_lin", "v_lin", "out_lin")):  # DistilBERT
+        q, k, v, out_name = p + "q_lin", p + "k_lin", p + "v_lin", p + "out_lin"
+    elif all(_linear(mods, p + n) for n in ("query", "key", "value")) or \
+            all(_linear(mods, p + n) for n in ("query_proj", "key_proj", "value_proj")):  # BERT; DeBERTa-v2
+        q, k, v = (p + n for n in (("query", "key", "value") if _linear(mods, p + "query")
+                                   else ("query_proj", "key_proj", "value_proj")))
         parent = name.rpartition(".")[0]
         cand = f"{parent}.output.dense" if parent else "output.dense"
         out_name = cand if _linear(mods, cand) else None
@@ -121,6 +130,12 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
         q = k = v = p + "c_attn"
         out_name = p + "c_proj"
         fused = True
+    elif _linear(mods, p + "query_key_value") and _linear(mods, p + "dense") and \
+            _rows_of(mods, p + "query_key_value") == 3 * _cols_of(mods, p + "dense"):
+        # GPT-NeoX, BLOOM (and Falcon without multi-query): each head's q, k and v rows together
+        q = k = v = p + "query_key_value"
+        out_name = p + "dense"
+        fused = interleaved = True
     if q is None or k is None or v is None or out_name is None:
         return None
     if fused:
@@ -140,9 +155,15 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
         return None
     per_q = heads // kv_heads
     qw = per_q * hd
-    if fused:
-        parts: tuple[_Part, ...] = (_Part(q, "out", _rows(hd, (0, q_rows, 2 * q_rows))),
-                                    _Part(out_name, "in", _rows(hd)))
+    if interleaved:
+        parts: tuple[_Part, ...] = (_Part(q, "out", _rows(3 * hd)), _Part(out_name, "in", _rows(hd)))
+
+        def fix(attn: nn.Module, removed: int) -> None:
+            for attr in ("num_heads", "num_attention_heads"):
+                if isinstance(getattr(attn, attr, None), int):
+                    setattr(attn, attr, getattr(attn, attr) - removed)
+    elif fused:
+        parts = (_Part(q, "out", _rows(hd, (0, q_rows, 2 * q_rows))), _Part(out_name, "in", _rows(hd)))
 
         def fix(attn: nn.Module, removed: int) -> None:
             kept = int(getattr(attn, "split_size")) - removed * hd  # noqa: B009 - typed as Any
@@ -155,7 +176,7 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
                  _Part(out_name, "in", _rows(qw)))
 
         def fix(attn: nn.Module, removed: int) -> None:
-            for attr, per in (("num_heads", per_q), ("num_attention_heads", per_q),
+            for attr, per in (("num_heads", per_q), ("num_attention_heads", per_q), ("n_heads", per_q),
                               ("num_key_value_heads", 1)):
                 if isinstance(getattr(attn, attr, None), int):
                     setattr(attn, attr, getattr(attn, attr) - removed * per)
@@ -175,9 +196,22 @@ def _mlp(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None
         outs, down = [p + "c_fc"], p + "c_proj"
     elif all(_linear(mods, p + n) for n in ("fc1", "fc2")):
         outs, down = [p + "fc1"], p + "fc2"
+    elif all(_linear(mods, p + n) for n in ("fc_in", "fc_out")):  # GPT-J, CodeGen
+        outs, down = [p + "fc_in"], p + "fc_out"
+    elif all(_linear(mods, p + n) for n in ("dense_h_to_4h", "dense_4h_to_h")):  # GPT-NeoX, Falcon, BLOOM
+        outs, down = [p + "dense_h_to_4h"], p + "dense_4h_to_h"
+    elif all(_linear(mods, p + n) for n in ("lin1", "lin2")):  # DistilBERT
+        outs, down = [p + "lin1"], p + "lin2"
     elif all(_linear(mods, p + n) for n in ("intermediate.dense", "output.dense")) and \
             any(n in dict(mod.named_children()) for n in ("attention", "crossattention")):
         outs, down = [p + "intermediate.dense"], p + "output.dense"
+    elif all(_linear(mods, p + n) for n in ("gate_up_proj", "down_proj")):  # Phi-3: gate and up in one
+        up, down = p + "gate_up_proj", p + "down_proj"
+        width = _cols_of(mods, down)
+        if _rows_of(mods, up) != 2 * width:
+            return None
+        fused = (_Part(up, "out", _rows(1, (0, width))), _Part(down, "in", _same))
+        return TGroup(up, "mlp", width, fused, name, layer_index(name), "intermediate channel")
     if not outs or down is None:
         return None
     width = _rows_of(mods, outs[0])

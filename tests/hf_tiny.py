@@ -69,6 +69,32 @@ def build(kind: str, seed: int = 0, vocab: int = 320):
         cfg = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=48, num_labels=10)
         return tf.ViTForImageClassification(cfg)
+    if kind == "qwen2":  # Llama-like, with no head_dim in its config
+        cfg = tf.Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=0, tie_word_embeddings=False)
+        return tf.Qwen2ForCausalLM(cfg)
+    if kind == "gptneox":  # a query_key_value with each head's q, k and v rows together
+        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=64, pad_token_id=0)
+        return tf.GPTNeoXForCausalLM(cfg)
+    if kind == "gptj":  # fc_in / fc_out
+        cfg = tf.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4,
+                            n_inner=48, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+        return tf.GPTJForCausalLM(cfg)
+    if kind == "phi3":  # fused gate_up_proj (and a fused qkv_proj, which is not a head group)
+        cfg = tf.Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            pad_token_id=0, tie_word_embeddings=False)
+        return tf.Phi3ForCausalLM(cfg)
+    if kind == "distilbert":  # q_lin / k_lin / v_lin / out_lin, lin1 / lin2
+        cfg = tf.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+                                  max_position_embeddings=64, num_labels=3, pad_token_id=0)
+        return tf.DistilBertForSequenceClassification(cfg)
+    if kind == "deberta":  # query_proj / key_proj / value_proj
+        cfg = tf.DebertaV2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=48, max_position_embeddings=64, num_labels=3, pad_token_id=0)
+        return tf.DebertaV2ForSequenceClassification(cfg)
     raise ValueError(kind)
 
 

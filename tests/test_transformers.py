@@ -134,6 +134,45 @@ def test_head_and_mlp_groups(models: dict[str, Path], corpus: Path, kind: str, h
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # put back exactly
 
 
+@pytest.mark.parametrize("kind, labels", [
+    ("gptneox", {"heads", "MLP"}), ("gptj", {"heads", "MLP"}), ("distilbert", {"heads", "MLP"}),
+    ("deberta", {"heads", "MLP"}), ("phi3", {"MLP"})])
+def test_more_architectures_name_their_head_and_mlp_groups(tmp_path: Path, corpus: Path, kind: str,
+                                                           labels: set[str]) -> None:
+    """Other naming conventions (see sensitivity/_transformers.py): each group found removes for
+    real exactly what its zeroing probe silences (the safety check), on every layer."""
+    folder = hf_tiny.save(kind, tmp_path / kind)
+    m = load_model(ModelSpec(f"hf:{folder}"))
+    x = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=4).x
+    g = channel_graph(m, x[:1])
+    found = {g.describe(gid)["label"] for gid in g.group_ids()}
+    assert found == {f"layer {i} {what}" for i in (0, 1) for what in labels}
+    for gid in g.group_ids():
+        chk = check_group(m, g, gid, max(1, g.channels(gid) // 2), x)
+        assert chk.ok, (gid, chk.reason)
+
+
+@pytest.mark.parametrize("kind, saved", [("qwen2", True), ("gptneox", False)])
+def test_heads_removed_alike_save_where_the_attention_reads_a_head_dim(tmp_path: Path, corpus: Path, kind: str,
+                                                                       saved: bool) -> None:
+    """A config without head_dim gets one when heads were removed; the folder is kept only where
+    transformers' attention reads it and reloads to the same outputs (Qwen2), else the reason."""
+    folder = hf_tiny.save(kind, tmp_path / kind)
+    m = load_model(ModelSpec(f"hf:{folder}"))
+    x = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=2).x
+    g = channel_graph(m, x[:1])
+    for gid in g.group_ids():
+        if g.describe(gid)["kind"] == "heads":
+            g.prune_(gid, [0])
+    out = m.export_pretrained(tmp_path / "hf")
+    if saved:
+        assert out["saved"], out
+        back = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+        assert (back.num_attention_heads, back.num_key_value_heads, back.head_dim) == (2, 1, 8)
+    else:
+        assert not out["saved"] and out["reason"].startswith("heads were removed, and GPTNeoXConfig derives"), out
+
+
 def test_gqa_removal_keeps_query_heads_with_their_kv_head(models: dict[str, Path], corpus: Path) -> None:
     m = load_model(ModelSpec(f"hf:{models['llama']}"))
     x = _text(models, "llama", corpus, n=4).x
