@@ -99,10 +99,10 @@ def test_apply_without_model_or_data_refuses_flags_that_only_shape_them(ws, caps
     assert main(["plan", "--scan", str(ws / "scan5.json"), "--budget", "size=0.5", "--no-verify",
                  "--out", str(ws / "plan5.json")]) == 0
     assert main(["apply", "--plan", str(ws / "plan5.json"), "--model-arg", "width=8", "--resize", "8",
-                 "--samples", "50", "--train-data", "digits:test", "--out", str(ws / "refused")]) == 2
+                 "--calib-samples", "50", "--train-data", "digits:test", "--out", str(ws / "refused")]) == 2
     err = capsys.readouterr().err
     assert "--model-arg only matters with --model" in err
-    assert "--resize, --samples only shape --data; without --data, apply measures on the scan's data" in err
+    assert "--resize, --calib-samples only shape --data; without --data, apply measures on the scan's data" in err
     assert "--train-data digits:test is the data the model is measured on (the scan's data digits:test)" in err
     assert not (ws / "refused").exists()
     # the recorded weights file moved: one line naming the fix; --weights finds it (checked by sha256)
@@ -116,6 +116,39 @@ def test_apply_without_model_or_data_refuses_flags_that_only_shape_them(ws, caps
         metrics = json.loads((ws / "moved" / "metrics.json").read_text())
         assert metrics["measured_on"].endswith("items of the scan's data outside the scan's sample and calibration "
                                                "(out of sample)")
-        assert metrics["after"]["n"] == min(150, len(load_eval_set(DataSpec.parse("digits"), None)) - 150 - 100)
+        # as many as with --data given: apply's --samples (default 2000), drawn outside
+        assert metrics["after"]["n"] == len(load_eval_set(DataSpec.parse("digits"), None)) - 150 - 100
+        # other weights given without --model, for a plan that names no file (weights set in Python):
+        # refused by the digest of their values
+        plan = json.loads((ws / "plan5.json").read_text())
+        for k in ("weights", "weights_resolved", "weights_sha256"):
+            plan["model"].pop(k, None)
+        (ws / "nofile.json").write_text(json.dumps(plan))
+        torch.save(digits_model(seed=3).state_dict(), ws / "other.pt")
+        assert main(["apply", "--plan", str(ws / "nofile.json"), "--weights", str(ws / "other.pt"), "--no-timing",
+                     "--out", str(ws / "other")]) == 2
+        assert "are not the ones the plan was made from" in capsys.readouterr().err
+        assert not (ws / "other").exists()
     finally:
         (ws / "moved.pt").rename(ws / "w.pt")
+
+
+def test_without_data_the_training_data_is_read_as_the_scans_data_was(tmp_path):
+    """apply --train-data without --data: the scan's preprocessing, class map and unreadable-image
+    handling (text: its tokenizer and window length) apply to it, as they did to the scan's data;
+    the flags that would say them are refused without --data."""
+    import argparse
+
+    from sensplan.cli._common import data_spec
+    from sensplan.sensitivity import Preprocess
+
+    recorded = DataSpec("imagefolder", str(tmp_path / "test"), "", Preprocess(resize=40, crop=32),
+                        (("cat", 1), ("dog", 0)), True)
+    args = argparse.Namespace(recorded_data=recorded, resize=None, crop=None, mean=None, std=None, class_map=None)
+    (tmp_path / "train").mkdir()
+    spec = data_spec(str(tmp_path / "train"), args, "--train-data")
+    assert (spec.preprocess, spec.class_map, spec.skip_unreadable) == (recorded.preprocess, recorded.class_map, True)
+    text = DataSpec("text", str(tmp_path / "corpus.txt"), tokenizer=str(tmp_path / "tok"), seq_len=32)
+    args.recorded_data = text
+    spec = data_spec(f"jsonl:{tmp_path / 'train.jsonl'}:text:label", args, "--train-data")
+    assert (spec.kind, spec.tokenizer, spec.seq_len, spec.label_field) == ("jsonl", text.tokenizer, 32, "label")

@@ -418,14 +418,20 @@ def data_spec(text: str, args: argparse.Namespace, flag: str) -> Any:
 
     from sensplan.sensitivity import DataSpec
 
+    recorded = getattr(args, "recorded_data", None)  # apply without --data: read as the scan read its data
     try:
-        spec = DataSpec.parse(text, preprocess(args))
+        spec = DataSpec.parse(text, recorded.preprocess if recorded is not None else preprocess(args))
     except UserInputError as e:
         raise UserInputError(f"{flag}: {e}") from None
+    if recorded is not None:
+        spec = dataclasses.replace(spec, class_map=recorded.class_map, skip_unreadable=recorded.skip_unreadable)
+        if spec.is_text:
+            return dataclasses.replace(spec, tokenizer=recorded.tokenizer, seq_len=recorded.seq_len)
+        return spec
     spec = dataclasses.replace(spec, class_map=class_map(args),
                                skip_unreadable=bool(getattr(args, "skip_bad_images", False)))
     if spec.is_text:
-        model = str(getattr(args, "model", "") or "")
+        model = str(getattr(args, "model", "") or getattr(args, "recorded_model", "") or "")
         tok = getattr(args, "tokenizer", None) or (model[3:] if model.startswith("hf:") else "")
         if not tok:
             raise UserInputError(f"{flag} {text}: text data needs a tokenizer. Use a Hugging Face model "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from functools import partial
 from pathlib import Path
@@ -209,6 +210,11 @@ def measurement_data(args: argparse.Namespace, plan: Plan, data: EvalSet, calib:
     named = f"--data {args.data}" if args.data else f"the scan's data {rec.get('spec')!r}"
     if not given.same_source(recorded):
         return data, calib, f"{named}: other data than the scan's sample (out of sample)"
+    if given.kind == "text" and (given.tokenizer, given.seq_len) != (recorded.tokenizer, recorded.seq_len):
+        # the scan's split is of its own windows: items of other windows would overlap its sample
+        say(f"note: {named} is the scan's text, cut into its windows ({recorded.seq_len} tokens) to measure outside "
+            f"its sample (--seq-len {given.seq_len} would overlap it)")
+        given = dataclasses.replace(given, tokenizer=recorded.tokenizer, seq_len=recorded.seq_len)
     hint = " Pass the --data the scan used, unchanged." if args.data else " Run apply where the scan's data is."
     sample, scan_calib, exclude, _ = scan_sample(rec, (plan.data.get("scan") or {}).get("calibration"), hint)
     calib = scan_calib if calib is not None else None  # --no-bn-recalibration still turns it off
@@ -221,8 +227,7 @@ def measurement_data(args: argparse.Namespace, plan: Plan, data: EvalSet, calib:
             if report is not None:
                 return report, calib, (f"the report half of the held-out split ({len(report)} items of {what} outside "
                                        f"the scan's sample and calibration that no choice of the plan touched)")
-        n = args.samples or None if args.data else rec.get("n_requested", rec.get("n"))
-        held = load_eval_set(given, n, int(rec.get("seed", 0)) + 2, exclude=exclude)
+        held = load_eval_set(given, args.samples or None, int(rec.get("seed", 0)) + 2, exclude=exclude)
         return held, calib, f"{len(held)} items of {what} outside the scan's sample and calibration (out of sample)"
     except UserInputError:
         say(f"note: {named} has no items outside the scan's sample and calibration: the measured "
@@ -380,8 +385,9 @@ def table_threads(args: argparse.Namespace, plan: Plan) -> None:
 #: the data flags that shape --data (refused without it: the plan's data is taken as recorded)
 DATA_FLAGS = ("class_map", "resize", "crop", "mean", "std", "tokenizer", "seq_len", "skip_bad_images",
               "calib_data")
-#: the data flags with a default, refused without --data only when given
-GIVEN_DATA_FLAGS = ("--samples", "--seed", "--calib-samples")
+#: the data flags with a default, refused without --data only when given (--seed also seeds
+#: fine-tuning; --samples also sizes the out-of-sample measurement when there is no report half)
+GIVEN_DATA_FLAGS = ("--calib-samples",)
 
 
 def check_recorded(args: argparse.Namespace, plan: Plan, problems: Problems) -> None:
@@ -406,20 +412,32 @@ def check_recorded(args: argparse.Namespace, plan: Plan, problems: Problems) -> 
     if given:
         them = "it" if len(given) == 1 else "them"
         problems.add(f"{', '.join(given)} only {'shapes' if len(given) == 1 else 'shape'} --data; without --data, "
-                     f"apply measures on the scan's data as the plan records it ({rec.get('spec')}). Add --data "
-                     f"SPEC, or drop {them}.")
+                     f"apply measures on the scan's data as the plan records it ({rec.get('spec')}), and reads "
+                     f"--train-data the same way. Add --data SPEC, or drop {them}.")
     if args.train_data:
-        from sensplan.sensitivity import DataSpec
-
         try:
             train = data_spec(args.train_data, args, "--train-data")
         except UserInputError:
             return  # reported by check_finetune
-        if train.same_source(DataSpec.from_record(dict(rec))):
+        if train.same_source(args.recorded_data):
             problems.add(f"--train-data {args.train_data} is the data the model is measured on (the scan's data "
                          f"{rec.get('spec')}): distillation would train on the images it is then scored on, and "
                          f"the measured drop would flatter the plan. Pass a training split (e.g. digits:train, or "
                          f"the train/ folder beside test/).")
+
+
+def recorded_defaults(args: argparse.Namespace, plan: Plan) -> None:
+    """Without --data, --train-data is read as the scan read its data (preprocessing, class map,
+    tokenizer and windows: ``args.recorded_data``); without --model, text data takes the plan's
+    Hugging Face model's tokenizer (``args.recorded_model``)."""
+    from sensplan.sensitivity import DataSpec
+
+    rec = (plan.data.get("scan") or {}).get("sample") or {}
+    if not args.data and rec.get("kind"):
+        args.recorded_data = DataSpec.from_record(dict(rec))
+    source = str(((plan.data.get("model") or {}).get("spec") or {}).get("source") or "")
+    if not args.model and source.startswith("hf:"):
+        args.recorded_model = source
 
 
 def plan_model(args: argparse.Namespace, plan: Plan) -> tuple[Any, ModelSpec]:
@@ -491,6 +509,8 @@ def main(args: argparse.Namespace) -> int:
 
     problems = Problems()
     plan = problems.check(partial(Plan.load, args.plan))
+    if plan is not None:
+        recorded_defaults(args, plan)
     variants, ft = check(args, problems)
     out = Path(args.out)
     check_outputs(problems, result_outputs(out, variants, runtime=args.runtime))
@@ -505,7 +525,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         model, spec = plan_model(args, need(plan))
     check_compatible(model, need(plan))  # before loading data: a plan for another model fails fast
-    if args.model:
+    if args.model or args.weights:
         check_weights_values(args, need(plan), model)
     loader = train_loader(args, ft)
     data, calib = load_data(args) if args.data else plan_data(args, need(plan))
