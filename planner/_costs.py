@@ -973,7 +973,16 @@ def tied_blocks(blocks: Sequence[Block], patterns: Sequence[str]) -> list[list[i
             merged |= other
             out.remove(other)
         out.append(merged)
-    return [sorted(g) for g in out if len(g) > 1]
+    tied = [sorted(g) for g in out if len(g) > 1]
+    for group in tied:  # tied blocks choose one option by key: they must share more than "none"
+        shared = set.intersection(*({o.key for o in blocks[i].options} for i in group))
+        if shared == {NONE} and any(len(blocks[i].options) > 1 for i in group):
+            a, b = blocks[group[0]], next(blocks[i] for i in group[1:])
+            raise UserInputError(f"--tie ties {a.unit} and {b.unit} ({a.axis}), which share no scanned option (e.g. "
+                                 f"{a.options[-1].label} and {b.options[-1].label}: different widths or settings), "
+                                 f"so neither could be compressed. Tie units of one shape (an MoE layer's experts), "
+                                 f"or drop --tie.")
+    return tied
 
 
 def _conflicts(blocks: Sequence[Block], scan: Any) -> list[tuple[tuple[int, int], tuple[int, int]]]:

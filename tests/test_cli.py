@@ -545,3 +545,12 @@ def test_apply_accepts_the_scans_weights_from_another_file_and_refuses_other_val
     code, _, err = run([*argv, "--weights", str(other), "--out", str(tmp_path / "no")], capsys)
     assert code == 2 and "are not the ones the plan was made from" in err
     assert not (tmp_path / "no").exists()
+
+
+def test_run_with_a_tie_that_matches_no_two_modules_stops_before_the_scan(tmp_path, capsys):
+    from sensplan.cli import main
+
+    code = main(["run", "--model", "sensplan:digits_cnn", "--data", "digits", "--samples", "50",
+                 "--budget", "macs=0.5", "--tie", "experts", "--no-timing", "--out", str(tmp_path / "r")])
+    assert code == 2 and "--tie experts matches no two modules of the model" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "scan.json").exists()

@@ -239,3 +239,4 @@ def test_a_frontier_with_tie_gives_tied_units_one_option_at_every_budget(tmp_pat
     code, _, err = run(["frontier", "--scan", str(tmp_path / "scan.json"), "--metric", "macs", "--measure", "0",
                         "--tie", "experts", "--out", str(tmp_path / "f")])
     assert code == 2 and "--tie experts ties no two units of the scan" in err
+

@@ -610,3 +610,20 @@ def test_a_tie_pattern_that_ties_nothing_or_does_not_compile_is_one_clear_messag
         Costs(synthetic_scan(), tie=["experts"])
     with pytest.raises(UserInputError, match=r"--tie l\(: not a regular expression"):
         Costs(synthetic_scan(), tie=["l("])
+
+
+def test_a_tie_of_units_that_share_no_option_is_refused():
+    """Channel groups of different widths scan different settings (their n_remove): tied, they
+    could only stay uncompressed, so the tie is refused with the reason."""
+    from sensplan import UserInputError
+
+    cm = Costs(synthetic_scan(channels=8))
+    widths = {b.unit: b.channels for b in cm.blocks if b.kind == "group"}
+    table = synthetic_scan(channels=8)
+    table.data["groups"]["l1"]["channels"] = 6  # another width: other n_remove at the same ratios
+    for r in table.results:
+        if r["unit"] == "l1" and r["method"] == "prune":
+            r["setting"] = {**r["setting"], "n_remove": int(r["setting"]["n_remove"]) - 1}
+    assert widths == {"l0": 8, "l1": 8}
+    with pytest.raises(UserInputError, match=r"--tie ties l0 and l1 \(channels\), which share no scanned option"):
+        Costs(table, tie=[r"(?<=^l)\d$"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     set_threads(args)
     model, spec = load_model(args)
+    check_tie_modules(model, args.tie)  # before the scan: a tie that matches nothing fails now
     loader = apply.train_loader(args, ft)  # opens the training data: a bad one fails now
     data, calib = load_data(args)
     say("== scan ==")
@@ -100,6 +102,22 @@ def main(args: argparse.Namespace) -> int:
         say(f"report: {html}")
     print(os.fspath(out))
     return apply.report_missed("run", missed)
+
+
+def check_tie_modules(model: Any, patterns: list[str]) -> None:
+    """Each --tie pattern matches two modules of ``model`` or more whose names differ only there
+    (the scan's units are checked again at plan time): a model without experts fails before a scan
+    of hours, not after it."""
+    from sensplan.planner._costs import tie_regex
+
+    names = [n for n, _ in model.named_modules() if n]
+    for text in patterns:
+        rx = tie_regex(text)
+        keys = Counter(rx.sub("*", n) for n in names if rx.search(n))
+        if not any(c > 1 for c in keys.values()):
+            raise UserInputError(f"--tie {text} matches no two modules of the model whose names differ only where it "
+                                 f"matches ({sum(keys.values())} matched; e.g. {', '.join(names[:3])}). Drop --tie, or "
+                                 f"give a pattern for the part of the names that differs between the units to tie.")
 
 
 def plan_verifier(args: argparse.Namespace, model: Any, spec: Any, data: Any, calib: Any, holdout: Any) -> Any:
