@@ -196,6 +196,28 @@ def _verification(model, spec, table, sample, calib, held, budgets: str) -> None
               f"same winner: {same} ({va['winner']['name']})")
     print(f"  median per budget: {statistics.median(fast):.1f} s against {statistics.median(slow):.1f} s "
           f"({statistics.median(slow) / statistics.median(fast):.2f}x)")
+    # planning again in a new process (`sensplan plan` once more): a fresh verifier that reads the
+    # measurements the first one kept in its memo file, against the same fresh verifier without one
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        memo = Path(tmp) / "scan.json.verified"
+        first = Verifier(model, sample, calib, held, model_spec=spec, memo=memo)
+        for text in budgets.split(","):
+            make_plan(table, [Budget.parse(text)], verifier=first)
+        first.close()
+        again, same = [], 0
+        for text in budgets.split(","):
+            t = time.perf_counter()
+            fresh = Verifier(model, sample, calib, held, model_spec=spec, memo=memo)
+            b = make_plan(table, [Budget.parse(text)], verifier=fresh)
+            fresh.close()
+            again.append(time.perf_counter() - t)
+            a = make_plan(table, [Budget.parse(text)], verifier=shared)  # the first run's, from its own memo
+            same += a.variant()["choices"] == b.variant()["choices"]
+        print(f"  planning again with a fresh verifier and the memo file: median {statistics.median(again):.1f} s "
+              f"per budget (a fresh verifier included), against {statistics.median(fast):.1f} s the first time; "
+              f"same plan at {same} of {len(again)} budgets")
 
 
 if __name__ == "__main__":

@@ -199,9 +199,8 @@ class Verifier:
 
     def _original_on(self, ds: EvalSet) -> tuple[EvalSet, Any, Any]:
         """``ds``, the task's state for it and the original model's result on it."""
-        task = self._base["task"]
-        state = task.prepare(self.model, ds, self.batch_size, self.device, self.dtype)
-        return ds, state, task.evaluate(self.model, ds, state, self.batch_size, self.device, self.dtype)
+        state, base = self._base["task"].baseline(self.model, ds, self.batch_size, self.device, self.dtype)
+        return ds, state, base
 
     def _open_memo(self, path: str | os.PathLike[str], held: EvalSet | None) -> None:
         """Read the measurements an earlier run kept in ``path`` for this model, data and setup

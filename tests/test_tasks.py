@@ -181,3 +181,18 @@ def test_the_task_and_its_metric_travel_through_scan_plan_and_metrics(tmp_path, 
     assert stored["task"]["metric"]["name"] == "agreement"
     assert metrics["before"]["score"] == 1.0 and metrics["before"]["loss"] == pytest.approx(0.0)
     assert 0.0 <= metrics["after"]["score"] <= 1.0
+
+
+@pytest.mark.parametrize("name", ["classification", "agreement"])
+def test_a_tasks_baseline_is_its_prepare_and_evaluate_on_the_original(setup, name):
+    """`baseline` gives what prepare + evaluate give (classification takes both from one forward
+    pass), to the bit: verification's drops and paired errors are measured against it."""
+    model, _, data, _, _, _ = setup
+    task = get_task(name)
+    state, base = task.baseline(model, data, 50)
+    ref = task.prepare(model, data, 50)
+    again = task.evaluate(model, data, ref, 50)
+    assert torch.equal(state, ref) and torch.equal(base.per_sample, again.per_sample)
+    assert (base.score, base.loss, base.n) == (again.score, again.loss, again.n)
+    assert base.signals.keys() == again.signals.keys()
+    assert all(torch.equal(base.signals[k], again.signals[k]) for k in base.signals)

@@ -582,7 +582,7 @@ def test_plan_workers_measure_the_uniform_candidates_as_one_process_does(tmp_pat
         out = tmp_path / f"plan{workers}.json"
         assert main(["plan", "--scan", str(tmp_path / "scan.json"), "--budget", "size=0.3", "--threads", "1",
                      "--verify-rounds", "1", "--holdout-samples", "200", "--workers", str(workers),
-                     "--out", str(out)]) == 0
+                     "--no-memo", "--out", str(out)]) == 0  # the second run measures again, on workers
         plans[workers] = json.loads(out.read_text())
     one, two = plans[1]["verification"], plans[2]["verification"]
     assert len(one["uniform"]) >= 2  # something to spread

@@ -82,6 +82,13 @@ class Task:
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
         raise NotImplementedError
 
+    def baseline(self, model: nn.Module, data: EvalSet, batch_size: int = 500, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[Any, TaskResult]:
+        """:meth:`prepare` and the original's own result: ``(state, evaluate(model, data, state))``.
+        A task whose state is the original's outputs may override it to run the model once."""
+        state = self.prepare(model, data, batch_size, device, dtype)
+        return state, self.evaluate(model, data, state, batch_size, device, dtype)
+
     def check_baseline(self, base: TaskResult, data: EvalSet) -> str | None:
         """Why the original's ``base`` result on ``data`` makes a scan meaningless (e.g. a score at
         chance level: every probe would measure noise), as one sentence naming the fix; None when

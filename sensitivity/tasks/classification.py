@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,11 +29,22 @@ class Classification(Task):
         logp = [torch.log_softmax(lg, 1) for lg, _, _ in run_batches(model, data, batch_size, device, dtype)]
         return torch.cat(logp) if logp else None
 
+    def baseline(self, model: nn.Module, data: EvalSet, batch_size: int = 500, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[Any, TaskResult]:
+        # one forward pass: the reference log-probabilities and the original's result come from it
+        batches = list(run_batches(model, data, batch_size, device, dtype))
+        ref = torch.cat([torch.log_softmax(lg, 1) for lg, _, _ in batches]) if batches else None
+        return ref, self._result(batches, ref, len(data))
+
     def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
+        return self._result(run_batches(model, data, batch_size, device, dtype), state, len(data))
+
+    @staticmethod
+    def _result(batches: Iterable[tuple[torch.Tensor, torch.Tensor, Any]], ref: torch.Tensor | None,
+                n: int) -> TaskResult:
         hits, losses, kls, margins, start = [], [], [], [], 0
-        ref: torch.Tensor | None = state
-        for logits, y, _ in run_batches(model, data, batch_size, device, dtype):
+        for logits, y, _ in batches:
             hits.append((logits.argmax(1) == y).float())
             losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
             margins.append(-_margin(logits, y))  # a smaller margin is worse
@@ -42,7 +54,6 @@ class Classification(Task):
                                                 reduction="none").sum(1))
             start += len(logits)
         per = torch.cat(hits) if hits else torch.zeros(0)
-        n = len(data)
         loss = torch.cat(losses) if losses else torch.zeros(0)
         signals = {"loss": loss, "margin": torch.cat(margins) if margins else torch.zeros(0)}
         if ref is not None:
