@@ -29,16 +29,20 @@ needs_shared = pytest.mark.skipif(
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-@pytest.fixture(autouse=True)
-def contiguous_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def contiguous_inputs() -> Iterator[None]:
     """Every test measures on contiguous inputs unless it asks otherwise: the scan's choice of
     channels-last inputs is timed (see ``_eval.channels_last_wins``), so it could differ between
     machines and runs, and the orders round apart (about 1e-7). ``tests/test_layout.py`` tests the
-    choice itself, and the scans and verifiers that follow it."""
+    choice itself, and the scans and verifiers that follow it. Session-wide: a module's shared
+    scan (a module-scoped fixture) is made before any function-scoped fixture applies, and a timed
+    choice there made the executor's exact comparisons flaky on a busy machine."""
     from sensplan.sensitivity import _eval
 
-    monkeypatch.setattr(_eval, "_LAYOUT", {})
-    monkeypatch.setattr(_eval, "_channels_last_faster", lambda *args, **kwargs: False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_eval, "_LAYOUT", {})
+        mp.setattr(_eval, "_channels_last_faster", lambda *args, **kwargs: False)
+        yield
 
 
 @contextmanager
