@@ -977,11 +977,13 @@ def tied_blocks(blocks: Sequence[Block], patterns: Sequence[str]) -> list[list[i
     for group in tied:  # tied blocks choose one option by key: they must share more than "none"
         shared = set.intersection(*({o.key for o in blocks[i].options} for i in group))
         if shared == {NONE} and any(len(blocks[i].options) > 1 for i in group):
-            a, b = blocks[group[0]], next(blocks[i] for i in group[1:])
-            raise UserInputError(f"--tie ties {a.unit} and {b.unit} ({a.axis}), which share no scanned option (e.g. "
-                                 f"{a.options[-1].label} and {b.options[-1].label}: different widths or settings), "
-                                 f"so neither could be compressed. Tie units of one shape (an MoE layer's experts), "
-                                 f"or drop --tie.")
+            a = next(blocks[i] for i in group if len(blocks[i].options) > 1)
+            b = next(blocks[i] for i in group if blocks[i] is not a)
+            b_has = b.options[-1].label if len(b.options) > 1 else "no scanned option (its probes were skipped)"
+            raise UserInputError(f"--tie ties {a.unit} and {b.unit} ({a.axis}), which share no scanned option ("
+                                 f"{a.options[-1].label} against {b_has}: different widths or settings), so none of "
+                                 f"them could be compressed. Tie units of one shape (an MoE layer's experts), or "
+                                 f"drop --tie.")
     return tied
 
 

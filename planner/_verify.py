@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -185,6 +186,7 @@ class Verifier:
             self.pool = None
         if self._disk is not None:
             self._disk.close()
+            self._disk = None
 
     def _prepare(self, task_name: str) -> None:
         if task_name == self._task_name:
@@ -207,19 +209,30 @@ class Verifier:
         (the header says which; a file for others is started again), and keep new ones there."""
         import torch
 
+        from sensplan import __version__
         from sensplan._journal import Journal
         from sensplan.sensitivity import architecture_digest, weights_digest
 
         def digest(es: EvalSet | None) -> Any:
-            d = es.description if es is not None else None
-            return None if d is None else {k: d.get(k) for k in (
-                "spec", "indices_sha256", "n", "preprocess", "class_map", "tokenizer", "seq_len")}
+            """What names the split, and a digest of its contents (the same positions of edited files
+            are other data)."""
+            if es is None:
+                return None
+            d = es.description
+            h = hashlib.sha256()
+            for t in (es.x, es.y):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            return {**{k: d.get(k) for k in ("spec", "indices_sha256", "n", "preprocess", "class_map", "tokenizer",
+                                             "seq_len")}, "content": h.hexdigest()[:16]}
 
         header = {"verification_memo": 1, "architecture": architecture_digest(self.model),
                   "weights": weights_digest(self.model), "sample": digest(self.data), "calib": digest(self.calib),
                   "held": digest(held), "report": digest(self.report), "dtype": str(self.dtype),
                   "channels_last": self.channels_last, "batch_size": self.batch_size, "device": self.device.type,
-                  "torch": torch.__version__.split("+")[0]}
+                  "torch": torch.__version__.split("+")[0], "sensplan": __version__}
+        #: in every record's key: a record another run appended after this file was started again for
+        #: other settings (two plans of one scan at once) is not read as this header's
+        self._header_digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode()).hexdigest()[:16]
         try:
             try:
                 jr = Journal.open(path, header)
@@ -230,8 +243,10 @@ class Verifier:
         for key, rec in jr.items():
             try:
                 split, where, alloc = json.loads(key)
+                if alloc.get("header") != self._header_digest:
+                    continue
                 m = _measured_from_record(rec, self.device)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a record this version cannot read: measured again
             self._memo[(where, split, alloc["alloc"])] = m
             self._from_disk.add((where, split, alloc["alloc"]))
@@ -242,8 +257,9 @@ class Verifier:
         self._memo[key] = m
         if self._disk is not None:
             try:
-                self._disk.append(key[1], key[0], {"alloc": key[2]}, _measured_record(m))
-            except OSError:  # a read-only folder, a full disk: this run still has it
+                self._disk.append(key[1], key[0], {"alloc": key[2], "header": self._header_digest},
+                                  _measured_record(m))
+            except (OSError, TypeError, ValueError):  # a full disk; a plug-in's per-sample values: kept here only
                 self._disk = None
         return m
 
@@ -345,11 +361,14 @@ def _measured_record(m: Measured) -> dict[str, Any]:
     import base64
 
     import numpy as np
+    import torch
 
     rec: dict[str, Any] = {"drop": m.drop, "se": m.se, "score": m.score, "n": m.n}
     if m.per_sample is not None:
-        a = m.per_sample.detach().cpu().numpy()
-        rec["per_sample"] = {"dtype": str(a.dtype), "b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
+        t = m.per_sample.detach().cpu()
+        a = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bfloat16: exact in float32
+        rec["per_sample"] = {"dtype": str(a.dtype), "shape": list(a.shape),
+                             "b64": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode()}
     return rec
 
 
@@ -362,7 +381,7 @@ def _measured_from_record(rec: Mapping[str, Any], device: Any) -> Measured:
     per = None
     if rec.get("per_sample"):
         a = np.frombuffer(base64.b64decode(rec["per_sample"]["b64"]), dtype=np.dtype(rec["per_sample"]["dtype"]))
-        per = torch.from_numpy(a.copy()).to(device)
+        per = torch.from_numpy(a.reshape(rec["per_sample"].get("shape", [-1])).copy()).to(device)
     return Measured(float(rec["drop"]), float(rec["se"]), float(rec["score"]), int(rec["n"]), per)
 
 

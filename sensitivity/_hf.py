@@ -171,10 +171,10 @@ class HFModel(nn.Module):
 
         require_transformers("Writing a save_pretrained folder")
         cfg: Any = copy.deepcopy(self.model.config)
-        # the embedding's width by the config (ALBERT's and ELECTRA's embedding_size, OPT's
-        # word_embed_proj_dim; else the hidden size)
-        hidden = next((int(getattr(cfg, k)) for k in ("embedding_size", "word_embed_proj_dim", "hidden_size",
-                                                      "n_embd", "d_model", "dim")
+        # the embedding's width by the config (ALBERT's and ELECTRA's embedding_size, RemBERT's
+        # input_embedding_size, OPT's word_embed_proj_dim; else the hidden size)
+        hidden = next((int(getattr(cfg, k)) for k in ("embedding_size", "input_embedding_size", "word_embed_proj_dim",
+                                                      "hidden_size", "n_embd", "d_model", "dim")
                        if isinstance(getattr(cfg, k, None), int)), None)
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         width = getattr(emb, "embedding_dim", None)
@@ -241,8 +241,8 @@ class HFModel(nn.Module):
             loaded, info = type(out).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
                                                      output_loading_info=True)
         except Exception as e:  # noqa: BLE001 - the config refuses the head count, or the shapes misfit
-            if not tried and not isinstance(e, RuntimeError):
-                raise
+            if isinstance(e, OSError) or (not tried and not isinstance(e, RuntimeError)):
+                raise  # a full disk, a folder it cannot write: not the model's shapes
             # RuntimeError: shapes the config does not say (transformers: "ignore_mismatched_sizes")
             return {"saved": False, "reason": tried or (
                 f"its tensor shapes no longer fit what {type(cfg).__name__} says, so transformers cannot reload the "

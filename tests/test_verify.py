@@ -551,6 +551,37 @@ def test_a_memo_file_gives_a_fresh_verifier_what_an_earlier_one_measured(toys, t
     other_v.close()
     counts = other.data["verification"]["measurements"]
     assert counts["measurements"] > 0 and "measurements from an earlier run" not in counts
+    # the same positions with other contents (an edited held-out file): not the same data
+    edited = margin_data(400, 2)
+    edited = EvalSet(edited.x.flip(0), edited.y, edited.classes, edited.description)
+    assert edited.description == margin_data(400, 2).description
+    edited_v = Verifier(model, data, None, edited, memo=memo)
+    counts = make_plan(table, [Budget.parse("size=12B")], verifier=edited_v).data["verification"]["measurements"]
+    edited_v.close()
+    assert "measurements from an earlier run" not in counts
+    # two plans at once with other held-out data: the second starts the file again, and what the
+    # first appends after that is not read as the second's
+    a_v = Verifier(model, data, None, held, memo=memo)
+    b_v = Verifier(model, data, None, margin_data(400, 2), memo=memo)
+    make_plan(table, [Budget.parse("size=12B")], verifier=a_v)
+    a_v.close()
+    b_v.close()
+    c_v = Verifier(model, data, None, margin_data(400, 2), memo=memo)
+    counts = make_plan(table, [Budget.parse("size=12B")], verifier=c_v).data["verification"]["measurements"]
+    c_v.close()
+    assert "measurements from an earlier run" not in counts and counts["measurements"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_memo_record_gives_back_the_per_sample_scores_exactly(dtype):
+    from sensplan.planner._verify import Measured, _measured_from_record, _measured_record
+
+    per = (torch.arange(12).reshape(3, 4) % 3 == 0) if dtype == torch.bool else \
+        (torch.arange(12, dtype=torch.float64).reshape(3, 4) / 7).to(dtype)
+    back = _measured_from_record(json.loads(json.dumps(_measured_record(Measured(0.1, 0.01, 0.9, 3, per)))), "cpu")
+    assert (back.drop, back.se, back.score, back.n) == (0.1, 0.01, 0.9, 3)
+    assert back.per_sample.shape == per.shape and torch.equal(back.per_sample.to(per.dtype), per)
+    assert back.per_sample.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)  # numpy has no bf16
 
 
 def test_every_head_of_the_held_out_split_is_stratified():

@@ -32,9 +32,9 @@ class Classification(Task):
     def baseline(self, model: nn.Module, data: EvalSet, batch_size: int = 500, device: torch.device | None = None,
                  dtype: torch.dtype | None = None) -> tuple[Any, TaskResult]:
         # one forward pass: the reference log-probabilities and the original's result come from it
-        batches = list(run_batches(model, data, batch_size, device, dtype))
-        ref = torch.cat([torch.log_softmax(lg, 1) for lg, _, _ in batches]) if batches else None
-        return ref, self._result(batches, ref, len(data))
+        refs: list[torch.Tensor] = []
+        result = self._result(run_batches(model, data, batch_size, device, dtype), None, len(data), refs)
+        return (torch.cat(refs) if refs else None), result
 
     def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
@@ -42,21 +42,28 @@ class Classification(Task):
 
     @staticmethod
     def _result(batches: Iterable[tuple[torch.Tensor, torch.Tensor, Any]], ref: torch.Tensor | None,
-                n: int) -> TaskResult:
+                n: int, collect: list[torch.Tensor] | None = None) -> TaskResult:
+        """The result of the batches' logits against ``ref`` (the original's log-probabilities), or,
+        with ``collect``, against their own, which are appended to it (the original's baseline)."""
         hits, losses, kls, margins, start = [], [], [], [], 0
         for logits, y, _ in batches:
             hits.append((logits.argmax(1) == y).float())
             losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
             margins.append(-_margin(logits, y))  # a smaller margin is worse
-            if ref is not None:
+            r = None
+            if collect is not None:
+                r = torch.log_softmax(logits, 1)
+                collect.append(r)
+            elif ref is not None:
                 r = ref[start:start + len(logits)]
+            if r is not None:
                 kls.append(nn.functional.kl_div(torch.log_softmax(logits, 1), r, log_target=True,
                                                 reduction="none").sum(1))
             start += len(logits)
         per = torch.cat(hits) if hits else torch.zeros(0)
         loss = torch.cat(losses) if losses else torch.zeros(0)
         signals = {"loss": loss, "margin": torch.cat(margins) if margins else torch.zeros(0)}
-        if ref is not None:
+        if ref is not None or collect:
             signals["kl"] = torch.cat(kls) if kls else torch.zeros(0)
         return TaskResult(float(per.sum()) / n, float(loss.double().sum()) / n, n, per, signals=signals)
 
