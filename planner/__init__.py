@@ -12,6 +12,7 @@ from sensplan._tables import load_metrics
 from sensplan.planner._budget import METRICS, Budget, parse_max_drop
 from sensplan.planner._costs import (
     COST_MODELS,
+    TIE_PATTERNS,
     AnalyticCosts,
     Block,
     CostModel,
@@ -19,9 +20,12 @@ from sensplan.planner._costs import (
     Option,
     TableCosts,
     Term,
+    blocks_from_scan,
     cost_model_metrics,
     make_cost_model,
     option_key,
+    tie_regex,
+    tied_blocks,
 )
 from sensplan.planner._frontier import (
     Frontier,
@@ -94,6 +98,7 @@ __all__ = [
     "COST_MODELS",
     "METRICS",
     "RUNTIMES",
+    "TIE_PATTERNS",
     "AnalyticCosts",
     "Block",
     "Budget",
@@ -114,6 +119,7 @@ __all__ = [
     "Verifier",
     "apply_plan",
     "assignments",
+    "blocks_from_scan",
     "brute_force",
     "check_runtime",
     "compare_latency",
@@ -149,6 +155,8 @@ __all__ = [
     "split_held",
     "summarize_dropped",
     "sweep_budgets",
+    "tie_regex",
+    "tied_blocks",
     "time_interleaved",
     "uniform_candidates",
     "uniform_choice",

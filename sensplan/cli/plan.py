@@ -181,7 +181,7 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
 
 def check_ties(problems: Problems, texts: Sequence[str], scan: Scan | None = None) -> None:
     """Each --tie pattern compiles; with the ``scan``, each also ties two of its units or more."""
-    from sensplan.planner._costs import blocks_from_scan, tie_regex, tied_blocks
+    from sensplan.planner import blocks_from_scan, tie_regex, tied_blocks
 
     if scan is None:
         for text in texts:

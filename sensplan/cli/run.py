@@ -108,7 +108,7 @@ def check_tie_modules(model: Any, patterns: list[str]) -> None:
     """Each --tie pattern matches two modules of ``model`` or more whose names differ only there
     (the scan's units are checked again at plan time): a model without experts fails before a scan
     of hours, not after it."""
-    from sensplan.planner._costs import tie_regex
+    from sensplan.planner import tie_regex
 
     names = [n for n, _ in model.named_modules() if n]
     for text in patterns:
