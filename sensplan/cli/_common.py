@@ -375,13 +375,12 @@ def load_model(args: argparse.Namespace) -> tuple[Any, ModelSpec]:
 
 
 class PlanAsScan:
-    """What ``model_from_scan`` and ``scan_sample`` read of a scan (``data``, ``path``), from a
-    plan's copy of it: the model's record and the scan's sample."""
+    """What ``model_from_scan`` reads of a scan (``data``, ``path``), from a plan's copy of it: the
+    model's record and the scan's sample."""
 
     def __init__(self, plan: Any) -> None:
         rec = plan.data.get("scan") or {}
         self.data = {"model": plan.data.get("model") or {}, "data": rec.get("sample") or {}}
-        self.calibration = rec.get("calibration")
         self.path = plan.path
 
 
