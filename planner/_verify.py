@@ -213,17 +213,9 @@ class Verifier:
         from sensplan._journal import Journal
         from sensplan.sensitivity import architecture_digest, weights_digest
 
-        def digest(es: EvalSet | None) -> Any:
-            """What names the split, and a digest of its contents (the same positions of edited files
-            are other data)."""
-            if es is None:
-                return None
-            d = es.description
-            h = hashlib.sha256()
-            for t in (es.x, es.y):
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-            return {**{k: d.get(k) for k in ("spec", "indices_sha256", "n", "preprocess", "class_map", "tokenizer",
-                                             "seq_len")}, "content": h.hexdigest()[:16]}
+        def digest(es: EvalSet | None) -> list[str] | None:
+            """Which items, read how (as the scan's journal names them), and their contents."""
+            return None if es is None else [es.source_digest(), es.content_digest()]
 
         header = {"verification_memo": 1, "architecture": architecture_digest(self.model),
                   "weights": weights_digest(self.model), "sample": digest(self.data), "calib": digest(self.calib),
@@ -360,7 +352,6 @@ def _measured_record(m: Measured) -> dict[str, Any]:
     """``m`` as a memo record: its numbers, and its per-sample scores as base64 of their bytes."""
     import base64
 
-    import numpy as np
     import torch
 
     rec: dict[str, Any] = {"drop": m.drop, "se": m.se, "score": m.score, "n": m.n}
@@ -373,9 +364,9 @@ def _measured_record(m: Measured) -> dict[str, Any]:
 
 
 def _measured_from_record(rec: Mapping[str, Any], device: Any) -> Measured:
+    """A memo record (see :func:`_measured_record`) as a measurement on ``device``."""
     import base64
 
-    import numpy as np
     import torch
 
     per = None

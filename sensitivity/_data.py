@@ -592,6 +592,27 @@ class EvalSet:
     def example_input(self) -> torch.Tensor:
         return self.x[:1].clone(memory_format=torch.contiguous_format)
 
+    def source_digest(self) -> str:
+        """Which items of which data these are, read how: the spec, the positions' digest, the
+        count, the preprocessing, a text set's tokenizer and window, and the class map (what the
+        scan's journal and verification's memo file are keyed by)."""
+        d = self.description
+        text = f"{d.get('spec')}|{d.get('indices_sha256')}|{d.get('n')}|{d.get('preprocess')}"
+        if d.get("tokenizer"):  # text: the same ids need the same tokenizer and window
+            text += f"|{d['tokenizer']}|{d.get('seq_len')}"
+        # the labels depend on a class map; without one, older journals keep matching
+        return text + (f"|{d['class_map']}" if d.get("class_map") is not None else "")
+
+    def content_digest(self) -> str:
+        """A digest of the items' values and labels: other contents at the same positions (an
+        edited file) give another."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in (self.x, self.y):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def split(self, n_first: int, seed: int, roles: tuple[str, str] = ("first part", "second part")
               ) -> tuple[EvalSet, EvalSet]:
         """Two disjoint parts: ``n_first`` items, stratified by label and seeded, and the rest;

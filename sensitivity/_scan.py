@@ -696,18 +696,9 @@ def _check_labels(task: Task, data: EvalSet) -> None:
 
 def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: ScanConfig,
                     weights: str | None, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    def digest(es: EvalSet | None) -> str | None:
-        if es is None:
-            return None
-        d = es.description
-        text = f"{d.get('spec')}|{d.get('indices_sha256')}|{d.get('n')}|{d.get('preprocess')}"
-        if d.get("tokenizer"):  # text: the same ids need the same tokenizer and window
-            text += f"|{d['tokenizer']}|{d.get('seq_len')}"
-        # the labels depend on a class map; without one, older journals keep matching
-        return text + (f"|{d['class_map']}" if d.get("class_map") is not None else "")
-
     return {"architecture_digest": architecture_digest(model), "weights_digest": weights_digest(model),
-            "data": digest(data), "calibration": digest(calib), "task": cfg.task,
+            "data": data.source_digest(), "calibration": calib.source_digest() if calib is not None else None,
+            "task": cfg.task,
             "batch_size": cfg.batch_size,
             # a fast scan's rows are estimates: a full scan must not take them from its journal
             **({"fast": [cfg.fast_samples, cfg.fast_measured]} if cfg.fast else {}),
