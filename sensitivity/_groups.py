@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -118,6 +117,7 @@ class PruningGraph(ZeroingProbe):
     """
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor, dg: Any = None) -> None:
+        import torch_pruning as tp  # lazily: it imports timm (seconds) where installed
         model.eval()
         self.model = model
         self.example_input = example_input
@@ -159,6 +159,7 @@ class PruningGraph(ZeroingProbe):
     def copy(self) -> PruningGraph:
         """A deep copy of the model with its graph, without tracing again: one ``deepcopy`` of the
         pair keeps the graph's references pointing at the copied modules."""
+        import torch_pruning as tp  # lazily: it imports timm (seconds) where installed
         # Torch-Pruning's graph refers to its ops module and to autograd nodes: share, don't copy
         memo: dict[int, Any] = {id(self.dg.ops): self.dg.ops}
         # ... and its pruning functions: Torch-Pruning compares a dependency's handler with its
@@ -296,6 +297,7 @@ class PruningGraph(ZeroingProbe):
     def importance(self, gid: str) -> torch.Tensor:
         """Group L2 magnitude of each of the group's channels (higher = more important); with a
         :meth:`channel_step` above 1, each position's mean over the chunks, repeated per chunk."""
+        import torch_pruning as tp  # lazily: it imports timm (seconds) where installed
         channels, step = self._channels[gid], self.channel_step(gid)
         group = self._group(gid, list(range(channels)))
         imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)(group)
@@ -516,6 +518,7 @@ def _guarded_concat_mapping(original: Callable[..., Any]) -> Callable[..., Any]:
     others stay scannable."""
 
     def guarded(graph: Any, cat_node: Any) -> Any:
+        import torch_pruning as tp  # lazily: it imports timm (seconds) where installed
         if cat_node.type != tp.ops.OPTYPE.CONCAT:
             return original(graph, cat_node)
         dim = getattr(cat_node.grad_fn, "_saved_dim", 1)
@@ -563,6 +566,7 @@ class _IndexGuard:
         self.limit, self.deps = limit, deps
 
     def __enter__(self) -> None:
+        import torch_pruning as tp  # lazily: it imports timm (seconds) where installed
         mapping_cls, group_cls = tp.dependency.index_mapping._FlattenIndexMapping, tp.dependency.group.Group
         if _IndexGuard._depth == 0:
             call, add_dep = mapping_cls.__call__, group_cls.add_dep
@@ -602,6 +606,7 @@ class _IndexGuard:
         _IndexGuard._depth += 1
 
     def __exit__(self, *exc: Any) -> None:
+        import torch_pruning as tp  # lazily: it imports timm (seconds) where installed
         _IndexGuard._depth -= 1
         if _IndexGuard._depth == 0:
             tp.dependency.index_mapping._FlattenIndexMapping.__call__ = _IndexGuard._originals[0]

@@ -497,6 +497,17 @@ def test_the_cli_imports_no_torch_and_the_console_script_works():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+def test_the_scanner_imports_torch_pruning_only_to_build_a_pruning_graph():
+    # Torch-Pruning imports timm where it is installed: seconds of every command's start
+    code = ("import sys, torch, sensplan.sensitivity as s\n"
+            "print('torch_pruning' in sys.modules)\n"
+            "s.PruningGraph(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)),"
+            " torch.zeros(1, 3))\n"
+            "print('torch_pruning' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.split() == ["False", "True"], proc.stderr
+
+
 def test_check_samples_sets_the_safety_checks_input_and_is_recorded(tmp_path, capsys, weights, monkeypatch):
     from sensplan.sensitivity import _groups
 
