@@ -211,7 +211,9 @@ class HFModel(nn.Module):
             if hasattr(cfg, "num_key_value_heads"):
                 cfg.num_key_value_heads = kv_heads.pop()
         if widths:
-            key = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if hasattr(cfg, k)), None)
+            # Falcon's ffn_hidden_size, DistilBERT's hidden_dim
+            key = next((k for k in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "hidden_dim")
+                        if hasattr(cfg, k)), None)
             if key is None:
                 return {"saved": False, "reason": f"{type(cfg).__name__} has no MLP width to set"}
             setattr(cfg, key, widths[0])

@@ -660,7 +660,7 @@ def check_model_and_data(model: nn.Module, data: EvalSet, task: Task,
     A mismatch is a UserInputError naming the flags that fix it."""
     from contextlib import nullcontext
 
-    _check_labels(task, data)
+    _check_labels(task, data, model)
     dev = device or device_of(model)
     x = data.x[: min(2, len(data))].to(dev)
     fp16 = dtype is not None and dtype != torch.float32
@@ -687,11 +687,17 @@ def check_model_and_data(model: nn.Module, data: EvalSet, task: Task,
     return n_outputs
 
 
-def _check_labels(task: Task, data: EvalSet) -> None:
-    if task.needs_labels and bool((data.y < 0).any()):
-        raise UserInputError(f"The task {task.name!r} needs labels, but the data has none (an "
-                             f"unlabelled image folder). Use --task agreement, which compares with the "
-                             f"original model instead.")
+def _check_labels(task: Task, data: EvalSet, model: nn.Module) -> None:
+    if not (task.needs_labels and bool((data.y < 0).any())):
+        return
+    kind = getattr(model, "kind", None)  # a Hugging Face model's (sensitivity/_hf.py)
+    what = "text with no labels" if data.description.get("tokenizer") else "an unlabelled image folder"
+    fix = {"causal-lm": "For a language model use --task perplexity (the next-token loss) or --task kl (the "
+                        "KL divergence to the original's next-token distribution)",
+           "embedding": "For an embedding model use --task embedding (cosine similarity to the original's "
+                        "embeddings)"}.get(str(kind), "Use --task agreement, which compares with the original "
+                                                      "model instead")
+    raise UserInputError(f"The task {task.name!r} needs labels, but the data has none ({what}). {fix}.")
 
 
 def _journal_header(model: nn.Module, data: EvalSet, calib: EvalSet | None, cfg: ScanConfig,

@@ -6,11 +6,14 @@ groups come from the conventions of ``transformers`` (and similar code) instead:
 - **attention heads**: ``q_proj``/``k_proj``/``v_proj`` with ``o_proj`` or ``out_proj`` (Llama,
   Mistral, Qwen, OPT, GPT-J), ``query``/``key``/``value`` (or DeBERTa-v2's ``query_proj``/...) with
   the sibling ``output.dense`` (BERT, RoBERTa, ViT), DistilBERT's ``q_lin``/``k_lin``/``v_lin`` with
-  ``out_lin``, GPT-2's fused ``c_attn`` with ``c_proj``, and a ``query_key_value`` holding each
-  head's q, k and v rows together (GPT-NeoX, BLOOM) with ``dense``. One channel of the group is one
-  key-value head *with every query head that reads it* (grouped-query attention): the ladder is in
-  whole KV groups. Removing it removes the query rows, the key and value rows and the output
-  projection's columns.
+  ``out_lin``, a fused projection laid out [Q | K | V] (GPT-2's ``c_attn`` with ``c_proj``, Phi-3's
+  ``qkv_proj`` with ``o_proj``), and a ``query_key_value`` holding each KV head's query, key and
+  value rows together (GPT-NeoX, BLOOM, Falcon-40B's grouped layout; GPTBigCode's ``c_attn``
+  without multi-query) with ``dense``. One channel of the group is one key-value head *with every
+  query head that reads it* (grouped-query attention): the ladder is in whole KV groups. Removing
+  it removes the query rows, the key and value rows and the output projection's columns. With
+  multi-query attention (Falcon-7B's ``query_key_value``, StarCoder's ``c_attn``: one key and value
+  head for all queries) one channel is one query head, and the shared key and value stay.
 - **MLP width**: ``gate_proj``/``up_proj`` with ``down_proj`` (gated MLPs: the three are pruned
   together; Phi-3's fused ``gate_up_proj`` too), ``fc1`` with ``fc2``, ``c_fc`` with ``c_proj``,
   ``fc_in`` with ``fc_out`` (GPT-J), ``dense_h_to_4h`` with ``dense_4h_to_h`` (GPT-NeoX, Falcon,
@@ -28,6 +31,7 @@ the readable form ("layer 3 heads").
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -108,11 +112,37 @@ def _head_dim(mod: nn.Module, q_rows: int) -> int | None:
     return None
 
 
+def _count(obj: Any, *attrs: str) -> int | None:
+    """The first of ``attrs`` that ``obj`` holds as a positive int."""
+    return next((v for v in (getattr(obj, a, None) for a in attrs) if isinstance(v, int) and v > 0), None)
+
+
+def _qkv_blocks(q_rows: int, kv_rows: int, qw: int, hd: int) -> Index:
+    """A fused projection laid out [Q | K | V] (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``): KV head c
+    -> its query heads' rows in Q and its rows in K and V."""
+    return lambda idxs: [*(c * qw + j for c in idxs for j in range(qw)),
+                         *(q_rows + c * hd + j for c in idxs for j in range(hd)),
+                         *(q_rows + kv_rows + c * hd + j for c in idxs for j in range(hd))]
+
+
+def _drop(attn: nn.Module, removed: int, q_heads: tuple[str, ...] = (), kv_heads: tuple[str, ...] = (),
+          widths: tuple[str, ...] = (), per_q: int = 1, qw: int = 0) -> None:
+    """Lower the attention module's int attributes after ``removed`` channels went: query-head counts
+    by ``removed * per_q``, KV-head counts by ``removed``, query widths by ``removed * qw``."""
+    for attrs, by in ((q_heads, removed * per_q), (kv_heads, removed), (widths, removed * qw)):
+        for attr in attrs:
+            if isinstance(getattr(attn, attr, None), int):
+                setattr(attn, attr, int(getattr(attn, attr)) - by)
+
+
 def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup | None:
     kids = dict(mod.named_children())
     p = f"{name}." if name else ""
     out_name = q = k = v = None
-    fused = interleaved = False
+    # how q, k and v lie in one fused projection: "blocks" [Q | K | V]; "grouped": each KV head's
+    # query heads, then its key and value (GPT-NeoX, BLOOM, Falcon); "mqa": [Q | K | V] with one
+    # KV head shared by every query head (Falcon-7B, StarCoder): a channel is then one query head
+    layout = "separate"
     if all(_linear(mods, p + n) for n in ("q_proj", "k_proj", "v_proj")):
         q, k, v = p + "q_proj", p + "k_proj", p + "v_proj"
         out_name = next((p + n for n in ("o_proj", "out_proj", "dense") if _linear(mods, p + n)), None)
@@ -129,59 +159,77 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
             and isinstance(getattr(mod, "split_size", None), int):
         q = k = v = p + "c_attn"
         out_name = p + "c_proj"
-        fused = True
-    elif _linear(mods, p + "query_key_value") and _linear(mods, p + "dense") and \
-            _rows_of(mods, p + "query_key_value") == 3 * _cols_of(mods, p + "dense"):
-        # GPT-NeoX, BLOOM (and Falcon without multi-query): each head's q, k and v rows together
+        # GPT-2: [Q | K | V]; GPTBigCode: one KV head (multi-query), or each head's q, k, v together
+        multi = getattr(mod, "multi_query", None)
+        layout = "blocks" if multi is None else "mqa" if multi else "grouped"
+    elif _linear(mods, p + "qkv_proj") and _linear(mods, p + "o_proj"):  # Phi-3
+        q = k = v = p + "qkv_proj"
+        out_name = p + "o_proj"
+        layout = "blocks"
+    elif _linear(mods, p + "query_key_value") and _linear(mods, p + "dense"):
+        # GPT-NeoX, BLOOM, Falcon: grouped per KV head; Falcon-7B: multi-query
         q = k = v = p + "query_key_value"
         out_name = p + "dense"
-        fused = interleaved = True
+        layout = "mqa" if getattr(mod, "multi_query", False) and not getattr(mod, "new_decoder_architecture", False) \
+            else "grouped"
     if q is None or k is None or v is None or out_name is None:
         return None
-    if fused:
-        rows = _rows_of(mods, q)
-        if rows % 3:
+    q_rows = _cols_of(mods, out_name)
+    if layout == "separate":
+        kv_rows = _rows_of(mods, k)
+        if _rows_of(mods, q) != q_rows or _rows_of(mods, v) != kv_rows:
             return None
-        q_rows = kv_rows = rows // 3
+        hd = _head_dim(mod, q_rows)
     else:
-        q_rows, kv_rows = _rows_of(mods, q), _rows_of(mods, k)
-        if _rows_of(mods, v) != kv_rows:
+        rows = _rows_of(mods, q)
+        hd = _head_dim(mod, q_rows)
+        if hd is None or (rows - q_rows) % (2 * hd) or rows <= q_rows:
             return None
-    hd = _head_dim(mod, q_rows)
-    if hd is None or kv_rows % hd or _cols_of(mods, out_name) != q_rows:
+        kv_rows = (rows - q_rows) // 2
+        declared = _count(mod, "num_key_value_heads", "num_kv_heads", "kv_heads")
+        if (declared is not None and declared * hd != kv_rows) or \
+                (layout == "grouped" and declared is None and kv_rows != q_rows):
+            return None  # the module's own count disagrees, or the shapes alone cannot tell the layout
+    if hd is None or kv_rows % hd:
         return None
     heads, kv_heads = q_rows // hd, kv_rows // hd
-    if kv_heads == 0 or heads % kv_heads:
+    if kv_heads == 0 or heads % kv_heads or (layout == "mqa" and kv_heads != 1):
         return None
     per_q = heads // kv_heads
     qw = per_q * hd
-    if interleaved:
-        parts: tuple[_Part, ...] = (_Part(q, "out", _rows(3 * hd)), _Part(out_name, "in", _rows(hd)))
+    q_heads, kv_names = ("num_heads", "num_attention_heads", "n_heads"), ("num_key_value_heads", "num_kv_heads",
+                                                                           "kv_heads")
+    if layout == "mqa":
+        parts: tuple[_Part, ...] = (_Part(q, "out", _rows(hd)), _Part(out_name, "in", _rows(hd)))
 
         def fix(attn: nn.Module, removed: int) -> None:
-            for attr in ("num_heads", "num_attention_heads"):
-                if isinstance(getattr(attn, attr, None), int):
-                    setattr(attn, attr, getattr(attn, attr) - removed)
-    elif fused:
-        parts = (_Part(q, "out", _rows(hd, (0, q_rows, 2 * q_rows))), _Part(out_name, "in", _rows(hd)))
+            _drop(attn, removed, q_heads=(*q_heads, "num_key_value_groups"), widths=("embed_dim", "split_size"),
+                  qw=hd)
+        what = f"query head ({hd} dims; the one key and value head is shared)"
+        return TGroup(q, "heads", heads, parts, name, layer_index(name), what, fix)
+    if layout == "grouped":
+        parts = (_Part(q, "out", _rows((per_q + 2) * hd)), _Part(out_name, "in", _rows(qw)))
 
         def fix(attn: nn.Module, removed: int) -> None:
-            kept = int(getattr(attn, "split_size")) - removed * hd  # noqa: B009 - typed as Any
-            setattr(attn, "split_size", kept)  # noqa: B010 - plain attributes of the attention module
-            for attr, value in (("num_heads", kept // hd), ("embed_dim", kept)):
-                if hasattr(attn, attr):
-                    setattr(attn, attr, value)
+            _drop(attn, removed, q_heads, kv_names, ("embed_dim", "split_size", "kv_dim"), per_q, qw)
+    elif layout == "blocks":
+        parts = (_Part(q, "out", _qkv_blocks(q_rows, kv_rows, qw, hd)), _Part(out_name, "in", _rows(qw)))
+        # Phi-3 finds its query rows by the config's head count, a config every layer shares
+        own_config = q.endswith("qkv_proj") and isinstance(getattr(getattr(mod, "config", None),
+                                                                   "num_attention_heads", None), int)
+
+        def fix(attn: nn.Module, removed: int) -> None:
+            _drop(attn, removed, q_heads, kv_names, ("split_size", "embed_dim"), per_q, qw)
+            if own_config:  # this module's own copy, with its own head count
+                cfg: Any = copy.copy(getattr(attn, "config"))  # noqa: B009 - a transformers config
+                cfg.num_attention_heads = int(cfg.num_attention_heads) - removed * per_q
+                setattr(attn, "config", cfg)  # noqa: B010
     else:
         parts = (_Part(q, "out", _rows(qw)), _Part(k, "out", _rows(hd)), _Part(v, "out", _rows(hd)),
                  _Part(out_name, "in", _rows(qw)))
 
         def fix(attn: nn.Module, removed: int) -> None:
-            for attr, per in (("num_heads", per_q), ("num_attention_heads", per_q), ("n_heads", per_q),
-                              ("num_key_value_heads", 1)):
-                if isinstance(getattr(attn, attr, None), int):
-                    setattr(attn, attr, getattr(attn, attr) - removed * per)
-            if isinstance(getattr(attn, "all_head_size", None), int):
-                setattr(attn, "all_head_size", int(getattr(attn, "all_head_size")) - removed * qw)  # noqa: B009, B010
+            _drop(attn, removed, q_heads, ("num_key_value_heads",), ("all_head_size",), per_q, qw)
     what = (f"KV head ({per_q} query heads of {hd} dims)" if per_q > 1 else f"head ({hd} dims)")
     return TGroup(q, "heads", kv_heads, parts, name, layer_index(name), what, fix)
 
@@ -428,7 +476,8 @@ class TransformerGraph(ZeroingProbe):
         g = self._groups[gid]
         originals = [(p.module, self.model.get_submodule(p.module)) for p in g.parts]
         block = self.model.get_submodule(g.block)
-        attrs = {k: v for k, v in vars(block).items() if isinstance(v, int)}
+        # what a fix rebinds: head counts, widths, Phi-3's own config
+        attrs = {k: v for k, v in vars(block).items() if not k.startswith("_") and k != "training"}
         try:
             self.prune_(gid, idxs)
             yield

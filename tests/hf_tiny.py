@@ -82,11 +82,23 @@ def build(kind: str, seed: int = 0, vocab: int = 320):
         cfg = tf.GPTJConfig(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64, rotary_dim=4,
                             n_inner=48, pad_token_id=0, bos_token_id=1, eos_token_id=1)
         return tf.GPTJForCausalLM(cfg)
-    if kind == "phi3":  # fused gate_up_proj (and a fused qkv_proj, which is not a head group)
+    if kind == "phi3":  # fused qkv_proj [Q | K | V] and gate_up_proj
         cfg = tf.Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                             pad_token_id=0, tie_word_embeddings=False)
         return tf.Phi3ForCausalLM(cfg)
+    if kind in ("falcon-mqa", "falcon-gqa"):  # one KV head for all queries (Falcon-7B); grouped (Falcon-40B)
+        cfg = tf.FalconConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_kv_heads=2, multi_query=kind == "falcon-mqa",
+                              new_decoder_architecture=kind == "falcon-gqa", alibi=False, bias=False,
+                              ffn_hidden_size=48, max_position_embeddings=64, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=1)
+        return tf.FalconForCausalLM(cfg)
+    if kind in ("bigcode-mqa", "bigcode"):  # GPTBigCode (StarCoder): a multi-query c_attn; or per-head q, k, v
+        cfg = tf.GPTBigCodeConfig(vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+                                  multi_query=kind == "bigcode-mqa", pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=1)
+        return tf.GPTBigCodeForCausalLM(cfg)
     if kind == "distilbert":  # q_lin / k_lin / v_lin / out_lin, lin1 / lin2
         cfg = tf.DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
                                   max_position_embeddings=64, num_labels=3, pad_token_id=0)

@@ -136,7 +136,8 @@ def test_head_and_mlp_groups(models: dict[str, Path], corpus: Path, kind: str, h
 
 @pytest.mark.parametrize("kind, labels", [
     ("gptneox", {"heads", "MLP"}), ("gptj", {"heads", "MLP"}), ("distilbert", {"heads", "MLP"}),
-    ("deberta", {"heads", "MLP"}), ("phi3", {"MLP"})])
+    ("deberta", {"heads", "MLP"}), ("phi3", {"heads", "MLP"}), ("falcon-mqa", {"heads", "MLP"}),
+    ("falcon-gqa", {"heads", "MLP"}), ("bigcode-mqa", {"heads", "MLP"}), ("bigcode", {"heads", "MLP"})])
 def test_more_architectures_name_their_head_and_mlp_groups(tmp_path: Path, corpus: Path, kind: str,
                                                            labels: set[str]) -> None:
     """Other naming conventions (see sensitivity/_transformers.py): each group found removes for
@@ -152,7 +153,7 @@ def test_more_architectures_name_their_head_and_mlp_groups(tmp_path: Path, corpu
         assert chk.ok, (gid, chk.reason)
 
 
-@pytest.mark.parametrize("kind, saved", [("qwen2", True), ("gptneox", False)])
+@pytest.mark.parametrize("kind, saved", [("qwen2", True), ("phi3", True), ("gptneox", False)])
 def test_heads_removed_alike_save_where_the_attention_reads_a_head_dim(tmp_path: Path, corpus: Path, kind: str,
                                                                        saved: bool) -> None:
     """A config without head_dim gets one when heads were removed; the folder is kept only where
@@ -171,6 +172,22 @@ def test_heads_removed_alike_save_where_the_attention_reads_a_head_dim(tmp_path:
         assert (back.num_attention_heads, back.num_key_value_heads, back.head_dim) == (2, 1, 8)
     else:
         assert not out["saved"] and out["reason"].startswith("heads were removed, and GPTNeoXConfig derives"), out
+
+
+@pytest.mark.parametrize("kind", ["falcon-gqa", "distilbert"])
+def test_an_mlp_width_pruned_alike_saves_under_the_configs_own_name(tmp_path: Path, corpus: Path, kind: str) -> None:
+    """Falcon's ffn_hidden_size, DistilBERT's hidden_dim: the folder reloads to the same outputs."""
+    folder = hf_tiny.save(kind, tmp_path / kind)
+    m = load_model(ModelSpec(f"hf:{folder}"))
+    x = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=2).x
+    g = channel_graph(m, x[:1])
+    for gid in g.group_ids():
+        if g.describe(gid)["kind"] == "mlp":
+            g.prune_(gid, [0, 5])
+    out = m.export_pretrained(tmp_path / "hf")
+    assert out["saved"], out
+    back = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
+    assert getattr(back, "ffn_hidden_size" if kind.startswith("falcon") else "hidden_dim") == 46
 
 
 def test_gqa_removal_keeps_query_heads_with_their_kv_head(models: dict[str, Path], corpus: Path) -> None:
@@ -431,3 +448,14 @@ def test_a_causal_lm_profiles_and_runs_in_int8_on_onnxruntime(models: dict[str, 
     # the ORT model scores as the torch model it came from (log-perplexity, nats per token)
     assert abs(rt["compressed"]["score"] - m["after"]["score"]) < 0.05
     assert abs(rt["original"]["score"] - m["before"]["score"]) < 1e-3
+
+
+def test_a_language_model_on_unlabelled_text_is_told_its_tasks(models: dict[str, Path], corpus: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The default task needs labels; on a causal LM's text the message names the LM tasks, not an
+    image folder and agreement."""
+    code = main(["scan", "--model", f"hf:{models['llama']}", "--data", f"text:{corpus}", "--seq-len", "16",
+                 "--samples", "4", "--out", str(tmp_path / "scan.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "(text with no labels)" in err and "--task perplexity" in err and "--task kl" in err, err
+    assert "image folder" not in err and not (tmp_path / "scan.json").exists()
