@@ -565,7 +565,8 @@ class _Problem:
     def _improved(self, x: np.ndarray, cost: np.ndarray, constraints: list[LinearConstraint],
                   integrality: np.ndarray, seconds: float) -> np.ndarray:
         """A plan at least as good as ``x``: windows of consecutive channel groups (a quarter of them,
-        then an eighth, ...) are freed in turn with every other group fixed at ``x``'s choice, and
+        then an eighth, ...; with the groups tied to them) are freed in turn with every other group
+        fixed at ``x``'s choice, and
         each small MILP is solved exactly (with most groups integral, its relaxation is tight), until
         ``seconds`` run out or a pass improves nothing."""
         groups = [bi for bi, b in enumerate(self.cm.blocks) if b.kind == "group" and self.sizes[bi] > 1]
@@ -581,6 +582,9 @@ class _Problem:
                 if left <= 0:
                     break
                 free = set(groups[start: start + width])
+                for tied in self.cm.ties:  # a tied group is freed whole: one fixed member holds the rest
+                    if free & set(tied):
+                        free |= set(tied)
                 lower, upper = self._fixed({bi: int(np.argmax(x[self.offset[bi]: self.offset[bi] + self.sizes[bi]]))
                                             for bi in groups if bi not in free})
                 res = _milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper),

@@ -632,3 +632,32 @@ def test_a_tie_of_units_that_share_no_option_is_refused():
     assert widths == {"l0": 8, "l1": 8}
     with pytest.raises(UserInputError, match=r"--tie ties l0 and l1 \(channels\), which share no scanned option"):
         Costs(table, tie=[r"(?<=^l)\d$"])
+
+
+def test_the_time_limit_window_search_frees_a_tied_group_whole():
+    """When the time limit runs out, windows of channel groups are re-solved with the others fixed;
+    a window edge between tied groups would fix one and so hold the whole tie where it started."""
+    from scipy.optimize import Bounds, LinearConstraint
+
+    from sensplan.planner import _solver
+
+    cm = Costs(synthetic_scan(seed=0), tie=[r"(?<=^l)\d$"])
+    bs = [Budget.parse("macs=0.8")]
+    best = solve(cm, bs)
+    groups = [i for g in cm.ties for i in g if cm.blocks[i].kind == "group"]
+    most = {i: len(cm.blocks[i].options) - 1 for i in groups}  # the most channels removed
+    assert len(groups) == 2 and best.optimal and 0 < best.choice[groups[0]] < most[groups[0]]
+    lim = _solver._limits(cm, bs)
+    p = _solver._Problem(cm, list(lim), keep=_solver.undominated(cm, list(lim), _solver.objective_table(cm)))
+    a, lo, hi = p.structure()
+    row, const = p.cost_row("macs")
+    constraints = [LinearConstraint(a, lo, hi), LinearConstraint(p._widen(row).reshape(1, -1), -np.inf,
+                                                                  lim["macs"] - const + 1e-9)]
+    integrality = np.zeros(p.n)
+    integrality[: p.n_x] = 1
+    cost = p._widen(p.drop_row(tiebreak=True))
+    lower, upper = p._fixed({bi: list(p.keep[bi]).index(most[bi]) for bi in groups})  # feasible, not the best
+    start = _solver._milp(cost, constraints=constraints, integrality=integrality, bounds=Bounds(lower, upper)).x
+    x = p._improved(start, cost, constraints, integrality, seconds=10.0)
+    picks = [int(p.keep[bi][int(np.argmax(x[p.offset[bi]: p.offset[bi] + p.sizes[bi]]))]) for bi in groups]
+    assert picks == [best.choice[bi] for bi in groups]
