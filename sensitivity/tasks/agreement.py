@@ -35,19 +35,24 @@ class Agreement(Task):
                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
         if _is_language_model(model, data, device):
             return ("lm", lm_reference(model, data, batch_size, device, dtype))
-        logp = [torch.log_softmax(lg, 1) for lg, _, _ in run_batches(model, data, batch_size, device, dtype)]
-        return torch.cat(logp)
+        logp, top = [], []
+        for lg, _, _ in run_batches(model, data, batch_size, device, dtype):
+            # the top class of the logits themselves: log_softmax can round nearly equal logits
+            # (a model whose outputs are all near 0) to ties, whose argmax is then another class
+            top.append(lg.argmax(1))
+            logp.append(torch.log_softmax(lg, 1))
+        return torch.cat(logp), torch.cat(top)
 
     def evaluate(self, model: nn.Module, data: EvalSet, state: Any, batch_size: int = 500,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> TaskResult:
-        if isinstance(state, tuple) and state and state[0] == "lm":
+        if isinstance(state[0], str) and state[0] == "lm":
             return _lm_agreement(model, data, state[1], batch_size, device, dtype)
-        ref: torch.Tensor = state
+        ref, top = state
         agree, kls, start = [], [], 0
         for logits, _, _ in run_batches(model, data, batch_size, device, dtype):
             r = ref[start:start + len(logits)]
+            agree.append((logits.argmax(1) == top[start:start + len(logits)]).float())
             start += len(logits)
-            agree.append((logits.argmax(1) == r.argmax(1)).float())
             kls.append(nn.functional.kl_div(torch.log_softmax(logits, 1), r, log_target=True,
                                             reduction="none").sum(1))
         per = torch.cat(agree) if agree else torch.zeros(0)
