@@ -390,6 +390,14 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
     parts = sum(base.values())
     cal = _calibrate(model, x, scan, rows_by_block, groups_of, ops, base, raw, t, whole, runtime, threads)
     scale, int8_factor = cal["scale"], cal["int8_factor"]
+    if parts > 0 and whole - scale * parts < 0:
+        # the fit's time outside the layers is negative: extrapolated, it prices a small enough
+        # model at nothing. Kept at 0, with the full model's time exact (a smaller scale, which
+        # overprices the pruned widths: the plan errs toward a faster model than asked)
+        cal["how"].append({"failed": f"the fitted scale {scale:.3g} leaves {whole - scale * parts:.3g} ms of the "
+                                     f"model's {whole:.3g} ms outside its layers (below 0); scale {whole / parts:.3g} "
+                                     f"kept, which prices the time outside the layers at 0"})
+        scale = cal["scale"] = whole / parts
     for layer, (factors, options, grid, grid8) in raw.items():
         if not factors:
             if layer in scan.layers:
@@ -414,7 +422,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
                          for key, g in zip(keys, timed, strict=True) if g is not None})
     load1 = machine_load()
     return {"format": COST_TABLE_FORMAT, "schema_version": 1, "metric": "latency", "unit": "ms",
-            "overhead": whole - scale * parts, "entries": entries,
+            "overhead": max(0.0, whole - scale * parts), "entries": entries,
             "profile": {"runtime": runtime, "batch": batch, "threads": threads, "created": now_iso(),
                         "versions": versions(), "model_ms": whole, "layers_ms": parts,
                         "calibration": cal, "operators_timed": len(cache), "not_profiled": not_profiled,

@@ -314,3 +314,29 @@ def test_per_class_scores_show_the_worst_classes_first(tmp_path):
     assert rows and key == sorted(key)
     assert sum(r["n"] for r in rows) == len(data)
     assert set(m["before"]["per_class"]) == {r["class"] for r in rows}
+
+
+def test_a_fit_that_leaves_negative_time_outside_the_layers_is_kept_at_zero(tmp_path, monkeypatch):
+    """A calibration scale so large that the whole model's time minus the scaled layers is negative
+    would price a small enough model at nothing (a trial: -2.75 ms of a 5.74 ms model, a plan
+    predicted at 1% of the original measured 37x that): the overhead is 0 and the scale what makes
+    the full model's time exact, with the reason in the calibration."""
+    from sensplan.planner import _profile
+
+    real = _profile._calibrate
+
+    def too_steep(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["scale"] = 50.0
+        return out
+
+    monkeypatch.setattr(_profile, "_calibrate", too_steep)
+    model = seeded_model("tiny_convnet", width=16)
+    data = self_labelled(model, 32)
+    table = scan(model, data, ScanConfig({"prune": [{"ratio": 0.5}]}), progress=False).save(tmp_path / "scan.json")
+    cost = _profile.profile(model, data.x[:1], table, runtime="torch", batch=2, threads=1)
+    cal, prof = cost["profile"]["calibration"], cost["profile"]
+    assert cost["overhead"] == 0.0 and cal["scale"] == pytest.approx(prof["model_ms"] / prof["layers_ms"])
+    assert any("below 0" in h.get("failed", "") for h in cal["how"])
+    full = sum(e["costs"]["none"] if "factors" not in e else _at(e["costs"], 0) for e in cost["entries"].values())
+    assert full == pytest.approx(prof["model_ms"], rel=1e-6)
