@@ -394,7 +394,8 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
         # the fit's time outside the layers is negative: extrapolated, it prices a small enough
         # model at nothing. Kept at 0, with the full model's time exact (a smaller scale, which
         # overprices the pruned widths: the plan errs toward a faster model than asked)
-        cal["how"].append({"failed": f"the fitted scale {scale:.3g} leaves {whole - scale * parts:.3g} ms of the "
+        cal["how"].append({"widths": "full, the time outside the layers",
+                           "failed": f"the fitted scale {scale:.3g} leaves {whole - scale * parts:.3g} ms of the "
                                      f"model's {whole:.3g} ms outside its layers (below 0); scale {whole / parts:.3g} "
                                      f"kept, which prices the time outside the layers at 0"})
         scale = cal["scale"] = whole / parts
