@@ -686,9 +686,18 @@ def _compare(plan: Plan, alloc: Mapping[str, Any], before: Mapping[str, Any], af
 
 
 def missed_budgets(metrics: Mapping[str, Any]) -> list[str]:
-    """Human-readable lines for every budget the measured model missed."""
-    return [f"{b['metric']}: measured {b['measured']:.6g} > budget {b['absolute']:.6g}"
-            for b in metrics.get("budgets", []) if b.get("met") is False]
+    """Human-readable lines for every budget the measured model missed (a budget given as a
+    fraction of the original: as fractions)."""
+    lines = []
+    for b in metrics.get("budgets", []):
+        if b.get("met") is not False:
+            continue
+        if b.get("kind") == "fraction" and b.get("absolute") and b.get("value") is not None:
+            measured = float(b["measured"]) / float(b["absolute"]) * float(b["value"])
+            lines.append(f"{b['metric']}: measured {measured:.4g} of the original > budget {float(b['value']):.4g}")
+        else:
+            lines.append(f"{b['metric']}: measured {b['measured']:.6g} > budget {b['absolute']:.6g}")
+    return lines
 
 
 def measure_original(model: nn.Module, data: EvalSet, model_spec: ModelSpec | None, *,

@@ -313,6 +313,10 @@ def test_a_missed_budget_is_reported():
         {"metric": "size", "absolute": 1000.0, "measured": 1500.0, "met": False},
         {"metric": "latency_ms", "absolute": 1.0, "measured": None, "met": None}]}
     assert missed_budgets(metrics) == ["size: measured 1500 > budget 1000"]
+    # a fraction of the original (here a latency of 2 ms): as fractions, not as the absolute values
+    metrics = {"budgets": [{"metric": "latency", "value": 0.5, "kind": "fraction", "absolute": 1.0,
+                            "measured": 1.5, "met": False}]}
+    assert missed_budgets(metrics) == ["latency: measured 0.75 of the original > budget 0.5"]
 
 
 def test_latency_is_measured(tmp_path, setup):

@@ -351,6 +351,18 @@ def test_apply_with_a_missed_budget_writes_its_files_and_exits_3(chain, tmp_path
     assert "budget missed: planned: macs: measured" in err and "MISSED" in err
     assert (out / "metrics.json").is_file() and (out / "model.sensplan").is_file()
     assert stdout.strip() == str(out)
+    # the uniform allocation over its budget beside a plan within it: a note, and the run succeeds
+    plan["objective"]["budgets"][0]["absolute"] = json.loads((out / "metrics.json").read_text())["budgets"][0][
+        "measured"]
+    plan["plans"]["uniform"].update(choices={}, unit_drops={})  # the original's MACs
+    write_json(tmp_path / "plan.json", plan)
+    code, stdout, err = run(["apply", *model_args(weights), "--plan", str(tmp_path / "plan.json"),
+                             "--no-timing", "--out", str(tmp_path / "both")], capsys)
+    assert code == 0, err
+    uniform = json.loads((tmp_path / "both" / "uniform" / "metrics.json").read_text())["budgets"][0]
+    assert uniform["met"] is False, uniform
+    assert "note: measured over its budget (a comparison, not the plan): uniform: macs: measured" in err
+    assert "budget missed" not in err
 
 
 def test_methods_lists_every_method_and_task(capsys):
