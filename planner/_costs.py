@@ -637,27 +637,29 @@ class TableCosts:
         acc = _Acc()
         self.unpriced.clear()
         constant = self.overhead
-        decided, units = {(b.unit, b.axis) for b in blocks}, {b.unit for b in blocks}
-        matched = False  # whether any entry names a unit of this scan
+        units = {b.unit for b in blocks}
+        # whether any entry names a unit of this scan (by its own unit, a layer, or a factor's: a
+        # table of pruned widths also names the layers a quantization-only scan decides)
+        matched = False
         # each entry counts once: on the block that decides its unit and axis, else as a constant
         for key, e in self.entries.items():
+            matched = matched or str(e.get("unit", key)) in units or \
+                any(str(unit) in units for unit, _ in e.get("factors", ()))
             if "factors" in e:
                 constant += self._joint(e, blocks, acc, self.unpriced)
-                matched = matched or any((unit, axis) in decided for unit, axis in e["factors"])
                 continue
             costs = e["costs"]
             none = float(costs.get(NONE, 0.0))
             i = self._block_of(str(e.get("unit", key)), e, blocks)
-            matched = matched or str(e.get("unit", key)) in units
             if i is None:
                 constant += none
             else:
                 acc.add((i,), np.array([float(costs.get(o.key, none)) for o in blocks[i].options]))
         if blocks and self.entries and not matched:
             # every plan would cost the same: the table's model is not this scan's
-            units = [str(e.get("unit", k)) for k, e in self.entries.items()]
+            named = [str(e.get("unit", k)) for k, e in self.entries.items()]
             raise UserInputError(f"--cost-table {self.path or '(the table)'} prices none of this scan's units (it "
-                                 f"names {units[0]!r}, ...; the scan {blocks[0].unit!r}, ...): it was made for another "
+                                 f"names {named[0]!r}, ...; the scan {blocks[0].unit!r}, ...): it was made for another "
                                  f"model. Time this scan's model with sensplan profile --scan SCAN.")
         acc.add((), np.array(constant))
         return {self.metric: acc.result()}

@@ -398,7 +398,11 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
                            "failed": f"the fitted scale {scale:.3g} leaves {whole - scale * parts:.3g} ms of the "
                                      f"model's {whole:.3g} ms outside its layers (below 0); scale {whole / parts:.3g} "
                                      f"kept, which prices the time outside the layers at 0"})
-        scale = cal["scale"] = whole / parts
+        fitted, scale = scale, whole / parts
+        cal["scale"] = scale
+        if any("in int8" in h.get("widths", "") for h in cal["how"]):
+            # the int8 factor was fitted as a share of the saving at the fitted scale: the same saving
+            int8_factor = cal["int8_factor"] = float(min(3.0, int8_factor * fitted / scale))
     for layer, (factors, options, grid, grid8) in raw.items():
         if not factors:
             if layer in scan.layers:

@@ -193,10 +193,11 @@ class HFModel(nn.Module):
         tried = ""  # the reason to give if the folder written with an explicit head_dim does not reload
         original_q = int(getattr(cfg, "num_attention_heads", 0) or 0)
         original_kv = int(getattr(cfg, "num_key_value_heads", None) or original_q)
-        q_heads = {g.channels * (original_q // max(1, original_kv)) for g in heads}
-        kv_heads = {g.channels for g in heads}
-        if heads and kv_heads != {original_kv}:
-            if len(kv_heads) > 1:
+        # a channel is a KV head with its query heads; with multi-query attention, one query head
+        q_heads = {g.channels if g.shared_kv else g.channels * (original_q // max(1, original_kv)) for g in heads}
+        kv_heads = {original_kv if g.shared_kv else g.channels for g in heads}
+        if heads and (kv_heads != {original_kv} or q_heads != {original_q}):
+            if len(kv_heads) > 1 or len(q_heads) > 1:
                 return {"saved": False, "reason": "the number of attention heads differs between layers, "
                                                   "and a transformers config holds one"}
             if not isinstance(getattr(cfg, "head_dim", None), int):
@@ -243,6 +244,10 @@ class HFModel(nn.Module):
             loaded, info = type(out).from_pretrained(folder, local_files_only=True, dtype=torch.float32,
                                                      output_loading_info=True)
         except Exception as e:  # noqa: BLE001 - the config refuses the head count, or the shapes misfit
+            if isinstance(e, ValueError) and not tried and \
+                    getattr(cfg, "num_attention_heads", original_q) != original_q:
+                # the attention refuses the head count (Falcon: "hidden_size must be divisible by num_heads")
+                return {"saved": False, "reason": f"{derived} ({first_line(e, 120)})"}
             if isinstance(e, OSError) or (not tried and not isinstance(e, RuntimeError)):
                 raise  # a full disk, a folder it cannot write: not the model's shapes
             # RuntimeError: shapes the config does not say (transformers: "ignore_mismatched_sizes")

@@ -32,6 +32,7 @@ the readable form ("layer 3 heads").
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ class TGroup:
     per_channel: str  # what one channel is, e.g. "KV head (2 query heads of 16 dims)"
     fix: Callable[[nn.Module, int], None] | None = None  # sets the module's attributes after a removal
     expert: int | None = None  # an MoE expert's index (its MLP group; see _moe)
+    #: multi-query attention: a channel is one query head, and the one key and value head stays
+    shared_kv: bool = False
 
     @property
     def label(self) -> str:
@@ -206,7 +209,7 @@ def _attention(name: str, mod: nn.Module, mods: dict[str, nn.Module]) -> TGroup 
             _drop(attn, removed, q_heads=(*q_heads, "num_key_value_groups"), widths=("embed_dim", "split_size"),
                   qw=hd)
         what = f"query head ({hd} dims; the one key and value head is shared)"
-        return TGroup(q, "heads", heads, parts, name, layer_index(name), what, fix)
+        return TGroup(q, "heads", heads, parts, name, layer_index(name), what, fix, shared_kv=True)
     if layout == "grouped":
         parts = (_Part(q, "out", _rows((per_q + 2) * hd)), _Part(out_name, "in", _rows(qw)))
 
@@ -466,8 +469,7 @@ class TransformerGraph(ZeroingProbe):
         if g.fix is not None:
             g.fix(self.model.get_submodule(g.block), len(idxs))
         # the thinner modules are new objects: the group's channel count shrinks with them
-        self._groups[gid] = TGroup(g.gid, g.kind, g.channels - len(idxs), g.parts, g.block, g.layer,
-                                   g.per_channel, g.fix)
+        self._groups[gid] = dataclasses.replace(g, channels=g.channels - len(idxs))
 
     @contextmanager
     def pruned(self, gid: str, idxs: list[int]) -> Iterator[None]:

@@ -205,3 +205,9 @@ def test_a_table_that_names_none_of_the_scans_units_is_refused():
         Costs(synthetic_scan(), [other])
     mine = TableCosts("latency", 0.5, {"l0": {"unit": "l0", "costs": {"none": 1.0}}}, "ms", "mine.json")
     assert Costs(synthetic_scan(), [mine]).original["latency"] == pytest.approx(1.5)  # a unit it names: priced
+    # a table of pruned widths (joint entries over channel groups) on a scan of the same model that
+    # quantizes only: its entries still name the scan's layers
+    widths = TableCosts("latency", 0.5, {"layer:l1": {"unit": "l1", "factors": [["l0", "channels"]],
+                                                      "options": [["none", "prune:ratio=0.5"]], "costs": [2.0, 1.0]}},
+                        "ms", "widths.json")
+    assert Costs(synthetic_scan(n_groups=0), [widths]).original["latency"] == pytest.approx(2.5)

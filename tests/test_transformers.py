@@ -153,41 +153,43 @@ def test_more_architectures_name_their_head_and_mlp_groups(tmp_path: Path, corpu
         assert chk.ok, (gid, chk.reason)
 
 
-@pytest.mark.parametrize("kind, saved", [("qwen2", True), ("phi3", True), ("gptneox", False)])
-def test_heads_removed_alike_save_where_the_attention_reads_a_head_dim(tmp_path: Path, corpus: Path, kind: str,
-                                                                       saved: bool) -> None:
-    """A config without head_dim gets one when heads were removed; the folder is kept only where
-    transformers' attention reads it and reloads to the same outputs (Qwen2), else the reason."""
+def _pruned_alike(kind: str, tmp_path: Path, corpus: Path, group_kind: str, idxs: list[int]) -> HFModel:
+    """A tiny saved ``kind``, loaded, with channels ``idxs`` removed from every group of ``group_kind``."""
     folder = hf_tiny.save(kind, tmp_path / kind)
     m = load_model(ModelSpec(f"hf:{folder}"))
     x = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=2).x
     g = channel_graph(m, x[:1])
     for gid in g.group_ids():
-        if g.describe(gid)["kind"] == "heads":
-            g.prune_(gid, [0])
-    out = m.export_pretrained(tmp_path / "hf")
+        if g.describe(gid)["kind"] == group_kind:
+            g.prune_(gid, idxs)
+    assert isinstance(m, HFModel)
+    return m
+
+
+@pytest.mark.parametrize("kind, saved", [("qwen2", True), ("phi3", True), ("gptneox", False), ("falcon-mqa", False)])
+def test_heads_removed_alike_save_where_the_attention_reads_a_head_dim(tmp_path: Path, corpus: Path, kind: str,
+                                                                       saved: bool) -> None:
+    """A config without head_dim gets one when heads were removed; the folder is kept only where
+    transformers' attention reads it and reloads to the same outputs (Qwen2), else the reason."""
+    out = _pruned_alike(kind, tmp_path, corpus, "heads", [0]).export_pretrained(tmp_path / "hf")
     if saved:
         assert out["saved"], out
         back = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
         assert (back.num_attention_heads, back.num_key_value_heads, back.head_dim) == (2, 1, 8)
     else:
-        assert not out["saved"] and out["reason"].startswith("heads were removed, and GPTNeoXConfig derives"), out
+        cfg = {"gptneox": "GPTNeoXConfig", "falcon-mqa": "FalconConfig"}[kind]
+        assert not out["saved"] and out["reason"].startswith(f"heads were removed, and {cfg} derives"), out
 
 
-@pytest.mark.parametrize("kind", ["falcon-gqa", "distilbert"])
+@pytest.mark.parametrize("kind", ["falcon-gqa", "falcon-mqa", "bigcode-mqa", "distilbert"])
 def test_an_mlp_width_pruned_alike_saves_under_the_configs_own_name(tmp_path: Path, corpus: Path, kind: str) -> None:
-    """Falcon's ffn_hidden_size, DistilBERT's hidden_dim: the folder reloads to the same outputs."""
-    folder = hf_tiny.save(kind, tmp_path / kind)
-    m = load_model(ModelSpec(f"hf:{folder}"))
-    x = load_eval_set(DataSpec("text", str(corpus), tokenizer=str(folder), seq_len=16), n=2).x
-    g = channel_graph(m, x[:1])
-    for gid in g.group_ids():
-        if g.describe(gid)["kind"] == "mlp":
-            g.prune_(gid, [0, 5])
-    out = m.export_pretrained(tmp_path / "hf")
+    """Falcon's ffn_hidden_size, DistilBERT's hidden_dim: the folder reloads to the same outputs
+    (with multi-query attention too, whose head groups count query heads)."""
+    out = _pruned_alike(kind, tmp_path, corpus, "mlp", [0, 5]).export_pretrained(tmp_path / "hf")
     assert out["saved"], out
     back = transformers.AutoConfig.from_pretrained(tmp_path / "hf")
-    assert getattr(back, "ffn_hidden_size" if kind.startswith("falcon") else "hidden_dim") == 46
+    key = {"falcon-gqa": "ffn_hidden_size", "falcon-mqa": "ffn_hidden_size", "bigcode-mqa": "n_inner"}
+    assert getattr(back, key.get(kind, "hidden_dim")) == 46
 
 
 def test_gqa_removal_keeps_query_heads_with_their_kv_head(models: dict[str, Path], corpus: Path) -> None:

@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         say(f"verdict: {verdict_line(the_plan, result_out)}")
         say(f"report: {html}")
     print(os.fspath(out))
-    return apply.report_missed("run", missed)
+    return apply.report_missed("run", missed, variants)
 
 
 def check_tie_modules(model: Any, patterns: list[str]) -> None:
