@@ -728,6 +728,12 @@ class Costs:
                 f"to the task's drop. " + ("Scan again with a larger --fast-measured." if fast else
                                            "Plan with --signal drop, or scan more settings."))
         self.drop_map = DropMap.fit(signal, points)
+        #: the largest drop the task's score allows (a fraction, higher better: its baseline, when
+        #: every answer is wrong), or None; a sum of probes' drops, or the map's slope continued past
+        #: its last knot, can go beyond it
+        metric, base = task.get("metric") or {}, (scan.data.get("baseline") or {}).get("score")
+        self.ceiling = float(base) if (metric.get("unit") == "fraction" and metric.get("higher_is_better", True)
+                                       and isinstance(base, (int, float))) else None
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.conflicts = _conflicts(self.blocks, scan)
         #: the ``tie`` patterns, and the groups of blocks they tie (see :func:`tied_blocks`): each
@@ -772,14 +778,16 @@ class Costs:
     def predicted_drop(self, choice: Mapping[int, int], extra: float = 0.0) -> float:
         """The predicted drop of ``choice``: its objective (plus ``extra`` in the same units, e.g.
         learned penalties) through :attr:`drop_map` (the identity with ``signal="drop"``)."""
-        return self.drop_map(self.objective(choice) + extra)
+        return self.drop_of(self.objective(choice) + extra)
 
     def drop_of(self, total: float) -> float:
-        """The predicted drop at an objective ``total`` (signal units)."""
-        return self.drop_map(total)
+        """The predicted drop at an objective ``total`` (signal units), at most :attr:`ceiling`."""
+        drop = self.drop_map(total)
+        return drop if self.ceiling is None else min(drop, self.ceiling)
 
     def objective_of(self, drop: float) -> float:
-        """The largest objective total whose predicted drop is at most ``drop``."""
+        """The largest objective total whose predicted drop (before :attr:`ceiling`) is at most
+        ``drop``."""
         return self.drop_map.inverse(drop)
 
     def predicted_se(self, choice: Mapping[int, int]) -> float:

@@ -767,7 +767,8 @@ def brute_force(cm: Costs, budgets: Sequence[Budget], *, max_drop: float | None 
         if any(costs[m] > v + _relative_slack(v) for m, v in lim.items()):
             continue
         extra = penalty(cm, choice, penalties)
-        drop = cm.drop_of(float(sum(drops[i][o] for i, o in choice.items())) + extra)
+        # the map without the ceiling, as the MILP's max-drop row (cm.objective_of) has it
+        drop = cm.drop_map(float(sum(drops[i][o] for i, o in choice.items())) + extra)
         if max_drop is not None:
             if drop > max_drop + 1e-12:
                 continue

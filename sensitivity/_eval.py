@@ -133,6 +133,29 @@ def paired_drop_se(base: torch.Tensor, probe: torch.Tensor) -> tuple[int, int, f
 
 
 @torch.inference_mode()
+def not_logits(out: Any) -> Exception:
+    """The UserInputError for a model output that is not a (batch, classes) tensor of logits, naming
+    what it is and the fix."""
+    from collections.abc import Mapping
+
+    from sensplan._errors import UserInputError
+
+    if isinstance(out, torch.Tensor):
+        what = f"a tensor of shape {tuple(out.shape)}"
+    elif isinstance(out, Mapping):  # a dict (torch.fx's immutable_dict too)
+        what = f"a dict with the keys {', '.join(map(repr, list(out)[:4]))}"
+    elif isinstance(out, (tuple, list)):
+        what = f"a {type(out).__name__} of {len(out)}"
+    else:
+        what = f"a {type(out).__name__}"
+    if not isinstance(out, torch.Tensor):
+        hint = (" Give --model a factory whose model returns the logits alone (a wrapper whose forward returns "
+                "e.g. out['logits'] or out[0]).")
+    else:
+        hint = " For a language model use --task perplexity, kl or agreement." if out.dim() == 3 else ""
+    return UserInputError(f"The model must return a (batch, classes) tensor of logits; it returned {what}.{hint}")
+
+
 def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500, *, per_sample: bool = False) -> EvalResult:
     """Top-1 and mean loss of ``model`` (put in eval mode) on ``data``."""
     tune_malloc()
@@ -143,10 +166,7 @@ def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500, *, per_samp
     for x, y in data.batches(batch_size):
         logits = model(x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            from sensplan._errors import UserInputError
-
-            raise UserInputError(f"The model must return a (batch, classes) tensor of logits; it returned "
-                                 f"{getattr(logits, 'shape', type(logits).__name__)}.")
+            raise not_logits(logits)
         hit = logits.argmax(1) == y
         correct += int(hit.sum())
         if per_sample:

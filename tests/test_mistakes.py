@@ -101,7 +101,16 @@ def ws(tmp_path_factory) -> Path:
 
     # model factories and weights files that are not what they claim
     (ws / "factories.py").write_text("def boom(**kwargs):\n    raise RuntimeError('no GPU here')\n\n"
-                                     "def not_a_model():\n    return 42\n")
+                                     "def not_a_model():\n    return 42\n\n"
+                                     "import torch\n\n"
+                                     "class Heads(torch.nn.Module):\n"
+                                     "    def __init__(self):\n"
+                                     "        super().__init__()\n"
+                                     "        self.fc = torch.nn.Linear(64, 10)\n"
+                                     "    def forward(self, x):\n"
+                                     "        return {'logits': self.fc(x.flatten(1)), 'aux': x}\n\n"
+                                     "def dict_out():\n    return Heads()\n")
+    torch.save({"fc.weight": torch.randn(10, 64), "fc.bias": torch.zeros(10)}, ws / "heads.pt")
     (ws / "random.pt").write_bytes(np.random.default_rng(1).bytes(3000))
     (ws / "empty.pt").write_bytes(b"")
     torch.save(torch.nn.Linear(2, 2), ws / "whole.pt")
@@ -235,6 +244,9 @@ CASES = [
      ["factories.py:boom", "RuntimeError: no GPU here", "--model-arg"]),
     ("factory-returns-no-module", [*SCAN, "--model", "{ws}/factories.py:not_a_model", "--data",
                                    "digits"], ["not a torch.nn.Module"]),
+    ("model-returns-a-dict", [*SCAN, "--model", "{ws}/factories.py:dict_out", "--weights", "{ws}/heads.pt",
+                              "--data", "digits"],
+     ["it returned a dict with the keys 'logits', 'aux'", "out['logits']"]),
     ("random-bytes-as-weights", [*SCAN, *DIGITS[:4], "--weights", "{ws}/random.pt", "--data", "digits"],
      ["not a PyTorch checkpoint", "random.pt"]),
     ("empty-weights", [*SCAN, *DIGITS[:4], "--weights", "{ws}/empty.pt", "--data", "digits"],

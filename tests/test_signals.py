@@ -187,3 +187,19 @@ def test_a_task_without_signals_is_told_to_plan_on_the_drop_not_to_scan_again(nu
         Costs(Scan(data), signal="loss")
     assert "scan again" not in str(e.value)
     assert Costs(Scan(data)).signal == "drop"  # auto
+
+
+def test_a_predicted_drop_never_passes_the_scores_floor():
+    """A fraction (top-1, agreement) cannot fall below 0: the map's slope continued past its last
+    knot, or many probes' drops added up, predicted a drop of 858 points in a trial (an agreement
+    of -758%). The prediction stops at the baseline score."""
+    from tests.tables import synthetic_scan
+
+    table = synthetic_scan(seed=0)
+    cm = Costs(table)
+    base = table.data["baseline"]["score"]
+    assert cm.ceiling == pytest.approx(base)
+    assert cm.drop_of(10 * base) == pytest.approx(base) and cm.drop_of(0.01) == pytest.approx(0.01)
+    worst = {i: len(b.options) - 1 for i, b in enumerate(cm.blocks)}
+    assert cm.predicted_drop(worst) <= base
+    assert cm.objective_of(2 * base) == pytest.approx(2 * base)  # verification's conversion is left as it was

@@ -83,7 +83,7 @@ class OnnxRuntimeExporter(Exporter):
                "glue_nodes": config["glue"], "float_layers": {**config["float_layers"], **nbits["float_layers"]},
                "notes": [*config["notes"], *nbits["notes"]], "dropped": request.dropped_record(),
                "consume": "from sensplan.planner.export import quantize_static_kwargs, apply_matmul_nbits; "
-                          "quantize_static(onnx_model, 'model.int8.onnx', reader, "
+                          "quantize_static(<this file's folder>/onnx_model, 'model.int8.onnx', reader, "
                           "**quantize_static_kwargs(this['quantize_static'])); "
                           "apply_matmul_nbits('model.int8.onnx', 'model.ort.onnx', this)"}
         notes = [f"{len(config['layers'])} int8 layer(s), {len(nbits['layers'])} MatMulNBits layer(s); the float "
@@ -126,8 +126,9 @@ def quantize_static_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     and the calibration reader) from an export's ``quantize_static`` section (or the whole export):
     enums by name, the overrides' scales and zero points as ORT's numpy scalars::
 
-        cfg = json.load(open("ort.json"))
-        quantize_static(cfg["onnx_model"], "model.int8.onnx", reader, **quantize_static_kwargs(cfg))
+        cfg = json.load(open("out/ort.json"))
+        model = os.path.join("out", cfg["onnx_model"])  # the float model's name, beside the file
+        quantize_static(model, "model.int8.onnx", reader, **quantize_static_kwargs(cfg))
     """
     from sensplan.planner._ort_quant import quantize_static_kwargs as kwargs
 

@@ -133,12 +133,9 @@ def run_batches(model: nn.Module, data: EvalSet, batch_size: int, device: torch.
             with ctx:
                 out = model(x.to(dev, non_blocking=True))
             if not isinstance(out, torch.Tensor) or out.dim() != 2:
-                from sensplan._errors import UserInputError
+                from sensplan.sensitivity._eval import not_logits
 
-                lm = isinstance(out, torch.Tensor) and out.dim() == 3
-                raise UserInputError(f"The model must return a (batch, classes) tensor of logits; it "
-                                     f"returned {getattr(out, 'shape', type(out).__name__)}."
-                                     + (" For a language model use --task perplexity (or agreement)." if lm else ""))
+                raise not_logits(out)
             yield out.float().cpu(), y.cpu(), torch.tensor(i * batch_size)
 
 
