@@ -205,15 +205,15 @@ def n_remove_for(ratio: float, channels: int, step: int = 1, round_to: int = 1) 
 
     With ``round_to`` > 1 (``scan --round-to``: widths kernels like, e.g. 8 or 16) the channels
     *kept* are the nearest multiple of ``round_to`` (at least ``round_to``; none removed when that
-    is the whole group), e.g. ``n_remove_for(0.3, 64, round_to=8) == 16`` (48 kept, not 45); a
-    rounding that would break the ``step`` chunks is not made."""
+    is the whole group), e.g. ``n_remove_for(0.3, 64, round_to=8) == 16`` (48 kept, not 45). With
+    both, the channels kept are a multiple of each (of their least common multiple: a grouped
+    convolution's odd widths are its slowest, e.g. ``n_remove_for(0.5, 400, step=25, round_to=8) ==
+    200``), and none are removed where no such multiple lies below ``channels``."""
     k = _n_remove(ratio, channels, step)
     if round_to > 1 and k:
-        kept = max(round_to, int(math.floor((channels - k) / round_to + 0.5)) * round_to)
-        if kept >= channels:
-            return 0
-        if kept % step == 0:
-            return channels - kept
+        unit = math.lcm(round_to, step)
+        kept = max(unit, int(math.floor((channels - k) / unit + 0.5)) * unit)
+        return 0 if kept >= channels else channels - kept
     return k
 
 

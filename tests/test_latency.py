@@ -36,7 +36,9 @@ def test_kept_widths_round_to_a_multiple():
     assert n_remove_for(0.05, 64, round_to=8) == 0  # the nearest multiple is the whole group
     assert n_remove_for(0.95, 64, round_to=16) == 48  # at least one multiple kept
     assert n_remove_for(0.3, 64, step=4, round_to=8) == 16
-    assert n_remove_for(0.3, 12, step=3, round_to=8) == n_remove_for(0.3, 12, step=3)  # 8 breaks the chunks
+    # a grouped convolution's chunks: kept channels a multiple of both (lcm(8, 25) = 200), or none removed
+    assert n_remove_for(0.5, 400, step=25, round_to=8) == 200 and n_remove_for(0.25, 400, step=25, round_to=8) == 0
+    assert n_remove_for(0.3, 12, step=3, round_to=8) == 0  # no multiple of 24 below 12
 
 
 def test_a_round_to_scan_offers_only_friendly_widths():

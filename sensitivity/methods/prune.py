@@ -11,6 +11,7 @@ back) and compared with the probe; unsafe groups are skipped with the reason.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -76,11 +77,15 @@ class Prune(Method):
                 continue
             opts = self.unit_settings(ctx, gid, settings)
             if not opts:
-                step = int(g.get("channel_step", 1))
-                out[gid] = (f"only {g['channels']} channel(s): no scanned ratio removes a channel while "
+                step, round_to = int(g.get("channel_step", 1)), int(g.get("round_to", 1))
+                chunks = (f" in {step} equal chunks ({ctx.graph.step_cause(gid)}) that must lose the same "
+                          f"positions" if step > 1 else "")
+                out[gid] = (f"with --round-to {round_to}, its {g['channels']} channels{chunks} can keep only "
+                            f"multiples of {math.lcm(round_to, step)}: no scanned ratio leaves such a width "
+                            f"below {g['channels']}." if round_to > 1 else
+                            f"only {g['channels']} channel(s): no scanned ratio removes a channel while "
                             f"keeping one." if step == 1 else
-                            f"its {g['channels']} channels form {step} equal chunks ({ctx.graph.step_cause(gid)}) "
-                            f"that must lose the same positions: no scanned ratio removes one channel per "
+                            f"its {g['channels']} channels{chunks}: no scanned ratio removes one channel per "
                             f"chunk while keeping one.")
                 continue
             chk = check_group(ctx.model, ctx.graph, gid, opts[-1]["n_remove"], ctx.check_inputs,
