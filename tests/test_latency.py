@@ -54,6 +54,28 @@ def test_a_round_to_scan_offers_only_friendly_widths():
     assert table.data["config"]["round_to"] == 8
 
 
+@pytest.mark.parametrize("width, kept", [(48, 24), (24, None)])
+def test_round_to_keeps_a_grouped_convs_width_a_multiple_of_its_chunks_too(width, kept):
+    """A group holding a grouped convolution (3 chunks) with --round-to 8 keeps multiples of 24; where
+    none lies below the width, the group is skipped and says why."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                          nn.Conv2d(width, width, 3, padding=1, groups=3), nn.BatchNorm2d(width), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 4)).eval()
+    data = self_labelled(model, 32)
+    cfg = ScanConfig({"prune": [{"ratio": r} for r in (0.25, 0.5, 0.75)]}, round_to=8)
+    table = scan(model, data, cfg, progress=False)
+    gid = next(g for g, v in table.groups.items() if v.get("channel_step", 1) == 3)
+    rows = [r for r in table.results if r["unit"] == gid and r["method"] == "prune"]
+    if kept is None:
+        assert not rows and "--round-to 8" in table.groups[gid]["reason"]
+        assert "only multiples of 24" in table.groups[gid]["reason"]
+    else:
+        assert [width - r["effect"]["removed"] for r in rows] == [kept]
+
+
 def hand_table(scan_table, unit: str, costs: dict[int, float], other: float = 1.0) -> dict:
     """A latency table by hand: ``unit``'s option removing k channels costs ``costs[k]`` (its
     'none' costs[0]); every other group a flat ``other``."""
