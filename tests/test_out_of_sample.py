@@ -32,12 +32,14 @@ def _scan(ws, samples: str, out: str) -> list[str]:
     return args
 
 
-def test_apply_measures_the_report_half_no_choice_touched(ws):
+def test_apply_measures_the_report_half_no_choice_touched(ws, capsys):
     args = _scan(ws, "150", "scan.json")
     assert main(["plan", "--scan", str(ws / "scan.json"), "--budget", "size=0.5", "--verify-rounds", "1",
                  "--holdout-samples", "200", "--out", str(ws / "plan.json")]) == 0
+    capsys.readouterr()
     assert main(["apply", *args, "--plan", str(ws / "plan.json"), "--no-timing", "--variants", "planned",
                  "--out", str(ws / "result")]) == 0
+    assert "note: --samples 150 is not used: apply measures on the report half" in capsys.readouterr().err
     metrics = json.loads((ws / "result" / "metrics.json").read_text())
     assert metrics["measured_on"].startswith("the report half of the held-out split (100 items")
     assert metrics["after"]["n"] == metrics["before"]["n"] == 100

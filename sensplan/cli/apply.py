@@ -226,6 +226,9 @@ def measurement_data(args: argparse.Namespace, plan: Plan, data: EvalSet, calib:
             held = load_eval_set(given, draw["n"], int(draw["seed"]), exclude=exclude)
             _, report = split_held(held, int(draw["split_seed"]), [])
             if report is not None:
+                if any(a == "--samples" or a.startswith("--samples=") for a in getattr(args, "argv", [])):
+                    say(f"note: --samples {args.samples} is not used: apply measures on the report half of the "
+                        f"plan's held-out split ({len(report)} items), where its verdict was measured")
                 return report, calib, (f"the report half of the held-out split ({len(report)} items of {what} outside "
                                        f"the scan's sample and calibration that no choice of the plan touched)")
         held = load_eval_set(given, args.samples or None, int(rec.get("seed", 0)) + 2, exclude=exclude)
