@@ -74,8 +74,10 @@ def read_json(path: str | os.PathLike[str], fmt: str, versions: tuple[int, ...])
     """Read a JSON artifact of format ``fmt`` whose schema_version is one of ``versions``."""
     p = Path(path)
     what = fmt.split(".")[-1]
-    verb = {"scan": "sensplan scan", "plan": "sensplan plan", "metrics": "sensplan apply"}.get(what)
-    made_by = f"`{verb}`" if verb else "the tool that measures it (see docs/formats.md)"
+    verb = {"scan": "sensplan scan", "plan": "sensplan plan", "metrics": "sensplan apply",
+            "cost_table": "sensplan profile --scan SCAN"}.get(what)  # a latency table; others by hand
+    made_by = f"`{verb}`" + (" (another measured metric: see docs/formats.md)" if what == "cost_table" else "") \
+        if verb else "the tool that measures it (see docs/formats.md)"
     if not p.is_file():
         raise ArtifactError(f"The {what} file {str(p)!r} does not exist. Check the path, or create it "
                             f"with {made_by}.")

@@ -244,6 +244,8 @@ CASES = [
      ["factories.py:boom", "RuntimeError: no GPU here", "--model-arg"]),
     ("factory-returns-no-module", [*SCAN, "--model", "{ws}/factories.py:not_a_model", "--data",
                                    "digits"], ["not a torch.nn.Module"]),
+    ("cost-table-missing", [*PLAN, "--cost-table", "{ws}/nope.json", "--budget", "latency=0.8", "--no-verify"],
+     ["nope.json' does not exist", "sensplan profile --scan SCAN"]),  # and not the knock-on 'unknown metric'
     ("model-returns-a-dict", [*SCAN, "--model", "{ws}/factories.py:dict_out", "--weights", "{ws}/heads.pt",
                               "--data", "digits"],
      ["it returned a dict with the keys 'logits', 'aux'", "out['logits']"]),

@@ -115,11 +115,12 @@ def check(args: argparse.Namespace, problems: Problems, scan: Scan | None) -> li
     problems.at_least(args.time_limit, 0, "--time-limit", strict=True)
     tables = [problems.check(partial(TableCosts.load, path), f"--cost-table {path}: ") for path in args.cost_table]
     known = [*METRICS, *(t.metric for t in tables if t is not None)]
-    if args.metric not in known:
+    if args.metric not in known and all(t is not None for t in tables):  # a table that failed to load: said
         close = difflib.get_close_matches(args.metric, known, n=1)
         problems.add(f"--metric {args.metric}: unknown metric. Use one of {', '.join(known)}"
                      + (f" (did you mean --metric {close[0]}?)" if close else "")
-                     + "; a measured metric needs its --cost-table.")
+                     + "; a measured metric needs its --cost-table (sensplan profile --scan SCAN makes a "
+                       "latency table).")
     check_tables_runtime(args.cost_table, tables, args.runtime, problems)
     good = [t for t in tables if t is not None]
     if scan is not None and len(good) == len(tables):  # an unknown --signal, before any solving

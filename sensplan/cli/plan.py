@@ -160,9 +160,10 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
             problems.add(f"--budget {text}: a time is read in milliseconds, but the cost table of {b.metric!r} is "
                          f"in {table_units[b.metric] or 'no unit'}. Give the budget as a fraction ({b.metric}=0.6) "
                          f"or in the table's unit, without a suffix.")
-        if b is not None and b.metric not in known:
+        if b is not None and b.metric not in known and all(t is not None for t in tables):  # else: said above
             problems.add(f"--budget {text}: unknown metric {b.metric!r}. Use one of "
-                         f"{', '.join(known)}; a measured metric needs its --cost-table.")
+                         f"{', '.join(known)}; a measured metric needs its --cost-table (sensplan profile "
+                         f"--scan SCAN makes a latency table).")
     if args.minimize is not None and args.minimize not in known:
         problems.add(f"--minimize {args.minimize}: unknown metric. Use one of {', '.join(known)}.")
     max_drop = (problems.check(partial(parse_max_drop, args.max_drop))
