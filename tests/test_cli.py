@@ -577,3 +577,13 @@ def test_run_with_a_tie_that_matches_no_two_modules_stops_before_the_scan(tmp_pa
                  "--budget", "macs=0.5", "--tie", "experts", "--no-timing", "--out", str(tmp_path / "r")])
     assert code == 2 and "--tie experts matches no two modules of the model" in capsys.readouterr().err
     assert not (tmp_path / "r" / "scan.json").exists()
+
+
+def test_a_budget_the_original_already_meets_is_noted(chain, tmp_path, capsys):
+    """macs=1 asks for nothing; size=1e12 is an absolute value that was probably meant as a fraction."""
+    code, _, err = run(["plan", "--scan", str(chain["scan"]), "--budget", "macs=1", "--budget", "size=1e12",
+                        "--no-verify", "--out", str(tmp_path / "plan.json")], capsys)
+    assert code == 0, err
+    assert "note: the original model already meets --budget macs=1 (it costs" in err
+    assert "nothing needs compressing for it" in err
+    assert "--budget size=1e+12" in err and "read as an absolute value, not a fraction" in err

@@ -246,6 +246,13 @@ def execute(scan: Scan, inputs: PlanInputs, out: Path, verifier: Any = None, rou
     made = make_plan(scan, inputs.budgets, max_drop=inputs.max_drop, minimize=inputs.minimize,
                      time_limit=inputs.time_limit, cost_models=inputs.models(scan), verifier=verifier,
                      rounds=rounds, signal=inputs.signal, tie=inputs.tie)
+    for b in made.data["objective"]["budgets"]:
+        original = made.data["original"].get(b["metric"])
+        if original is not None and b["absolute"] >= original * (1 - 1e-9):
+            fix = ("nothing needs compressing for it" if b["kind"] == "fraction" else
+                   f"read as an absolute value, not a fraction of the original ({b['metric']}=0.5 is half)")
+            say(f"note: the original model already meets --budget {b['metric']}={b['value']:g} (it costs "
+                f"{original:.4g}, the budget allows {b['absolute']:.4g}): {fix}.")
     for table in inputs.cost_tables:
         if table.unpriced:
             say(f"note: --cost-table {table.path} does not price {len(table.unpriced)} option(s) of this scan "
