@@ -15,6 +15,7 @@ Keyword arguments for the factory are given separately (``kwargs``), e.g. ``{"nu
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import importlib
@@ -172,7 +173,15 @@ def build_model(spec: ModelSpec, *, allow_pickle: bool = False) -> nn.Module:
         model = load_hf_model(rest, dict(spec.kwargs))
     else:
         module_part, _, attr = spec.source.rpartition(":")
-        model = _call_factory(_resolve_factory(module_part, attr), spec)
+        fn = _resolve_factory(module_part, attr)
+        if isinstance(fn, nn.Module):  # a model built at import: a copy (the file's own is never changed)
+            if spec.kwargs:
+                raise ModelSpecError(f"{spec.source!r} is a model (a {type(fn).__name__}), not a function that "
+                                     f"builds one: --model-arg needs a factory. Drop --model-arg, or point --model "
+                                     f"at a factory.")
+            model = copy.deepcopy(fn)
+        else:
+            model = _call_factory(fn, spec)
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"The model spec {spec.source!r} returned an object of type {type(model).__name__}, "
                              f"not a torch.nn.Module. Point it at a function that builds the model.")

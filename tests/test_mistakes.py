@@ -109,7 +109,8 @@ def ws(tmp_path_factory) -> Path:
                                      "        self.fc = torch.nn.Linear(64, 10)\n"
                                      "    def forward(self, x):\n"
                                      "        return {'logits': self.fc(x.flatten(1)), 'aux': x}\n\n"
-                                     "def dict_out():\n    return Heads()\n")
+                                     "def dict_out():\n    return Heads()\n\n"
+                                     "built = Heads()\n")
     torch.save({"fc.weight": torch.randn(10, 64), "fc.bias": torch.zeros(10)}, ws / "heads.pt")
     (ws / "random.pt").write_bytes(np.random.default_rng(1).bytes(3000))
     (ws / "empty.pt").write_bytes(b"")
@@ -244,6 +245,8 @@ CASES = [
      ["factories.py:boom", "RuntimeError: no GPU here", "--model-arg"]),
     ("factory-returns-no-module", [*SCAN, "--model", "{ws}/factories.py:not_a_model", "--data",
                                    "digits"], ["not a torch.nn.Module"]),
+    ("model-instance-with-model-args", [*SCAN, "--model", "{ws}/factories.py:built", "--model-arg", "width=8",
+                                        "--data", "digits"], ["is a model (a Heads)", "needs a factory"]),
     ("cost-table-missing", [*PLAN, "--cost-table", "{ws}/nope.json", "--budget", "latency=0.8", "--no-verify"],
      ["nope.json' does not exist", "sensplan profile --scan SCAN"]),  # and not the knock-on 'unknown metric'
     ("model-returns-a-dict", [*SCAN, "--model", "{ws}/factories.py:dict_out", "--weights", "{ws}/heads.pt",

@@ -88,6 +88,16 @@ def test_model_from_a_file_factory_and_an_import_path(tmp_path, monkeypatch):
     sys.modules.pop("mypkg_sensplan_test.models", None)
 
 
+def test_a_model_the_file_builds_at_import_is_used_as_a_copy(tmp_path):
+    (tmp_path / "built.py").write_text("import torch\nmodel = torch.nn.Linear(3, 2)\n")
+    a = build_model(ModelSpec(f"{tmp_path / 'built.py'}:model"))
+    b = build_model(ModelSpec(f"{tmp_path / 'built.py'}:model"))
+    assert isinstance(a, torch.nn.Linear) and a is not b and torch.equal(a.weight, b.weight)
+    with torch.no_grad():
+        a.weight.zero_()
+    assert not torch.equal(a.weight, b.weight)  # the file's own model is never changed
+
+
 def test_torchvision_model_by_name():
     m = build_model(ModelSpec("torchvision:resnet18", {"num_classes": 10}))
     assert m.fc.out_features == 10
