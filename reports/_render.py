@@ -86,6 +86,16 @@ class _Fmt:
         return out
 
 
+def _tight(fig: Figure) -> None:
+    """``fig.tight_layout()``, without matplotlib's warning where a chart's labels leave no room (the
+    chart is drawn as it is; the warning would reach the user's terminal)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Tt]ight.?layout", category=UserWarning)
+        fig.tight_layout()
+
+
 def _isnum(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
 
@@ -291,7 +301,7 @@ def fig_heatmap(sens: Sequence[_Sensitivity], fmt: _Fmt, names: Mapping[str, str
                             ha="center", va="center",
                             fontsize=6, color="white" if x > 0.6 * vmax else "black")
         fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
-    fig.tight_layout()
+    _tight(fig)
     return _png(fig)
 
 
@@ -326,7 +336,7 @@ def fig_curves(sens: Sequence[_Sensitivity], fmt: _Fmt, highlight: int = 6) -> b
         if len(xs) == 1:
             ax.set_xlim(-0.5, 0.5)
         ax.legend(fontsize=6, title="most sensitive", title_fontsize=7)
-    fig.tight_layout()
+    _tight(fig)
     return _png(fig)
 
 
@@ -410,7 +420,7 @@ def fig_allocation(plan: Plan, sens: Sequence[_Sensitivity], methods: Sequence[s
         ax.grid(which="minor", color="white", lw=1.5)
         ax.tick_params(which="minor", length=0)
         ax.set_title(_tx(f"axis: {axis}"), fontsize=9, pad=18)
-    fig.tight_layout()
+    _tight(fig)
     return _png(fig)
 
 
@@ -471,7 +481,7 @@ def fig_layer_grid(plan: Plan, scan: Scan) -> bytes | None:
     ax.set_xticks(range(len(kinds)), [_tx(k) for k in kinds], fontsize=7)
     ax.xaxis.tick_top()
     ax.set_title("planned allocation per layer", fontsize=9, pad=16)
-    fig.tight_layout()
+    _tight(fig)
     return _png(fig)
 
 
