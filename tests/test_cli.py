@@ -349,6 +349,7 @@ def test_apply_with_a_missed_budget_writes_its_files_and_exits_3(chain, tmp_path
                              "--variants", "planned", "--no-timing", "--out", str(out)], capsys)
     assert code == 3, err
     assert "budget missed: planned: macs: measured" in err and "MISSED" in err
+    assert "    top1 drop: predicted " in err  # beside the measured one
     assert (out / "metrics.json").is_file() and (out / "model.sensplan").is_file()
     assert stdout.strip() == str(out)
     # the uniform allocation over its budget beside a plan within it: a note, and the run succeeds

@@ -323,6 +323,10 @@ def print_metrics(variant: str, metric: str, m: dict[str, Any]) -> None:
         f"{b['payload_bytes'] / 1e6:.3f} -> {a['payload_bytes'] / 1e6:.3f} MB, MACs "
         f"{b['macs'] / 1e6:.2f} -> {a['macs'] / 1e6:.2f} M{lat}"
         + (f"; budget {met}" if met else ""))
+    drop = (m.get("comparison") or {}).get("drop_without_finetune") or {}
+    if isinstance(drop.get("predicted"), (int, float)) and isinstance(drop.get("measured"), (int, float)):
+        say(f"    {metric} drop: predicted {drop['predicted']:.4f}, measured {drop['measured']:.4f}"
+            + (" (before fine-tuning)" if m.get("fine_tune") else ""))
     worst = (m.get("per_class") or [])[:3]
     if len(m.get("per_class") or []) > 1:
         say("    worst classes: " + ", ".join(f"{r['class']} {r['before']:.3f} -> {r['after']:.3f}" for r in worst))
