@@ -214,8 +214,48 @@ class Method:
 
     # -- units ---------------------------------------------------------------------------------------
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
-        """Every unit of ``unit_kind`` mapped to "" (scannable) or the reason it is skipped."""
-        return {name: "" for name in ctx.layers}
+        """Every unit of ``unit_kind`` mapped to "" (scannable) or the reason it is skipped. For a
+        group method: each channel group whose strongest setting (the most channels its
+        :meth:`effect` removes) passes the safety check (:meth:`checked_groups`)."""
+        if self.unit_kind != "group":
+            return {name: "" for name in ctx.layers}
+        removals: dict[str, int | str] = {}
+        for gid in ctx.groups:
+            removed = [int(self.effect(s, ctx.unit_info(gid, "group")).get("removed", 0))
+                       for s in self.unit_settings(ctx, gid, settings)]
+            removals[gid] = max(removed, default=0) or (f"no setting of {self.name} removes a channel of its "
+                                                        f"{ctx.groups[gid]['channels']} while keeping one.")
+        return self.checked_groups(ctx, removals)
+
+    @staticmethod
+    def checked_groups(ctx: MethodContext, removals: Mapping[str, int | str]) -> dict[str, str]:
+        """The safety check of channel groups, for a group method's :meth:`units`: each group of
+        ``removals`` maps to the channels its strongest setting removes, or to the reason it is
+        skipped already. A group the graph finds unsafe, or whose zeroing probe does not give what
+        removing the channels gives (:func:`~sensplan.sensitivity.check_group`, on ``ctx.check_inputs``),
+        is skipped with the reason; for the others the check records in ``ctx.tensors`` which
+        dims of which tensors shrink with the group (what the planner prices). Returns ``units``'s
+        mapping."""
+        from sensplan.sensitivity._groups import check_group
+
+        if ctx.check_inputs is None:
+            raise TypeError("MethodContext.check_inputs is needed to check channel groups")
+        with torch.no_grad():
+            reference = ctx.model(ctx.check_inputs)  # once: every check compares with it
+        out: dict[str, str] = {}
+        for gid, removal in removals.items():
+            if ctx.graph.unsafe_reason(gid):
+                out[gid] = ctx.graph.unsafe_reason(gid)
+                continue
+            if isinstance(removal, str):
+                out[gid] = removal
+                continue
+            chk = check_group(ctx.model, ctx.graph, gid, removal, ctx.check_inputs, reference=reference)
+            out[gid] = chk.reason
+            if chk.ok:
+                for key, dims in chk.shrinks.items():
+                    ctx.tensors[key]["shrinks"][gid] = dims
+        return out
 
     def unit_settings(self, ctx: MethodContext, unit: str, settings: Sequence[Setting]) -> list[Setting]:
         """The settings that are distinct and meaningful for ``unit`` (e.g. non-empty prunes)."""

@@ -16,9 +16,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-
-from sensplan.sensitivity._groups import channel_graph, check_group, n_remove_for
+from sensplan.sensitivity._groups import channel_graph, n_remove_for
 from sensplan.sensitivity.methods import METHODS, Method, MethodContext, Setting, UnitInfo, ratio_setting, setting_value
 
 
@@ -66,35 +64,23 @@ class Prune(Method):
         return out
 
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        if ctx.check_inputs is None:
-            raise TypeError("MethodContext.check_inputs is needed to check channel groups")
-        with torch.no_grad():
-            reference = ctx.model(ctx.check_inputs)  # once: every check compares with it
+        removals: dict[str, int | str] = {}
         for gid, g in ctx.groups.items():
-            if ctx.graph.unsafe_reason(gid):
-                out[gid] = ctx.graph.unsafe_reason(gid)
+            opts = [] if ctx.graph.unsafe_reason(gid) else self.unit_settings(ctx, gid, settings)
+            if opts or ctx.graph.unsafe_reason(gid):  # an unsafe group: checked_groups gives its reason
+                removals[gid] = int(opts[-1]["n_remove"]) if opts else 0
                 continue
-            opts = self.unit_settings(ctx, gid, settings)
-            if not opts:
-                step, round_to = int(g.get("channel_step", 1)), int(g.get("round_to", 1))
-                chunks = (f" in {step} equal chunks ({ctx.graph.step_cause(gid)}) that must lose the same "
-                          f"positions" if step > 1 else "")
-                out[gid] = (f"with --round-to {round_to}, its {g['channels']} channels{chunks} can keep only "
-                            f"multiples of {math.lcm(round_to, step)}: no scanned ratio leaves such a width "
-                            f"below {g['channels']}." if round_to > 1 else
-                            f"only {g['channels']} channel(s): no scanned ratio removes a channel while "
-                            f"keeping one." if step == 1 else
-                            f"its {g['channels']} channels{chunks}: no scanned ratio removes one channel per "
-                            f"chunk while keeping one.")
-                continue
-            chk = check_group(ctx.model, ctx.graph, gid, opts[-1]["n_remove"], ctx.check_inputs,
-                              reference=reference)
-            out[gid] = chk.reason
-            if chk.ok:
-                for key, dims in chk.shrinks.items():
-                    ctx.tensors[key]["shrinks"][gid] = dims
-        return out
+            step, round_to = int(g.get("channel_step", 1)), int(g.get("round_to", 1))
+            chunks = (f" in {step} equal chunks ({ctx.graph.step_cause(gid)}) that must lose the same "
+                      f"positions" if step > 1 else "")
+            removals[gid] = (f"with --round-to {round_to}, its {g['channels']} channels{chunks} can keep only "
+                             f"multiples of {math.lcm(round_to, step)}: no scanned ratio leaves such a width "
+                             f"below {g['channels']}." if round_to > 1 else
+                             f"only {g['channels']} channel(s): no scanned ratio removes a channel while "
+                             f"keeping one." if step == 1 else
+                             f"its {g['channels']} channels{chunks}: no scanned ratio removes one channel per "
+                             f"chunk while keeping one.")
+        return self.checked_groups(ctx, removals)
 
     @contextmanager
     def probe(self, ctx: MethodContext, unit: str, setting: Setting) -> Iterator[None]:
