@@ -132,7 +132,6 @@ def paired_drop_se(base: torch.Tensor, probe: torch.Tensor) -> tuple[int, int, f
     return lost, gained, var ** 0.5 / n
 
 
-@torch.inference_mode()
 def not_logits(out: Any) -> Exception:
     """The UserInputError for a model output that is not a (batch, classes) tensor of logits, naming
     what it is and the fix."""
@@ -156,6 +155,7 @@ def not_logits(out: Any) -> Exception:
     return UserInputError(f"The model must return a (batch, classes) tensor of logits; it returned {what}.{hint}")
 
 
+@torch.inference_mode()
 def evaluate(model: nn.Module, data: EvalSet, batch_size: int = 500, *, per_sample: bool = False) -> EvalResult:
     """Top-1 and mean loss of ``model`` (put in eval mode) on ``data``."""
     tune_malloc()
