@@ -182,11 +182,14 @@ def _context(model: nn.Module, example_input: torch.Tensor, calib: EvalSet | Non
 
 
 def _run(ctx: MethodContext, methods: list[tuple[Method, dict[str, Any]]], step: str) -> None:
+    from sensplan.sensitivity.methods import METHODS
+
     for m, units in methods:
-        if step == "apply":
-            m.apply_(ctx, units)
-        else:
-            m.finalize_(ctx, units)
+        with METHODS.failures(m.name, f"{step}_"):
+            if step == "apply":
+                m.apply_(ctx, units)
+            else:
+                m.finalize_(ctx, units)
 
 
 def _apply_and_recalibrate(ctx: MethodContext, methods: list[tuple[Method, dict[str, Any]]],

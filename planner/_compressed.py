@@ -43,6 +43,7 @@ from sensplan._artifacts import atomic_write
 from sensplan._effects import FLOAT_BITS, index_bits, merge, sparse_layout
 from sensplan._errors import ArtifactError, IncompatibleModelError, first_line
 from sensplan.sensitivity import (
+    METHODS,
     MethodContext,
     ModelSpec,
     QFormat,
@@ -444,7 +445,8 @@ def _replay(model: nn.Module, header: Mapping[str, Any], path: str) -> None:
     for name, record in records:
         method = get_method(name, named_in=repr(path))
         try:
-            method.rebuild_(ctx, record)
+            with METHODS.failures(name, "rebuild_ (loading a compressed model)"):  # a plug-in's own bug
+                method.rebuild_(ctx, record)
         except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
             raise ArtifactError(f"{path!r}: replaying what {name} recorded failed ({type(e).__name__}: "
                                 f"{first_line(e)}). Re-create it with `sensplan apply`.") from None

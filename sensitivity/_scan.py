@@ -44,6 +44,7 @@ from sensplan.sensitivity._groups import PruningGraph, channel_graph, count_macs
 from sensplan.sensitivity._models import ModelSpec, architecture_digest, weights_digest
 from sensplan.sensitivity._prefix import CachedModel, PrefixCache
 from sensplan.sensitivity.methods import (
+    METHODS,
     Method,
     MethodContext,
     Setting,
@@ -52,7 +53,7 @@ from sensplan.sensitivity.methods import (
     execution_order,
     get_method,
 )
-from sensplan.sensitivity.tasks import Task, TaskResult, get_task, paired_se, signal_changes
+from sensplan.sensitivity.tasks import TASKS, Task, TaskResult, get_task, paired_se, signal_changes
 
 
 def default_settings() -> dict[str, tuple[Setting, ...]]:
@@ -299,10 +300,14 @@ def scan(model: nn.Module, data: EvalSet, config: ScanConfig | None = None, *,
     cache = _prefix_cache(model, data_dev, calib_dev, cfg, order_only=spread_out)
     # the task's reference and the baseline run the same forward pass: once, through the cache
     runs = CachedModel(model, cache) if cache.active and not spread_out else model
-    with cache.unchanged():
+    with cache.unchanged(), TASKS.failures(task.name, "prepare or evaluate on the original model"):
         state = task.prepare(runs, data_dev, cfg.batch_size, dev, dtype)
         base = task.evaluate(runs, data_dev, state, cfg.batch_size, dev, dtype)
     problem = task.check_baseline(base, data_dev)
+    if not math.isfinite(float(base.score)):
+        problem = (f"The task {task.name!r} scores the original model {base.score}: every drop would be "
+                   f"undefined. " + ("Fix the task (its evaluate)." if TASKS.origin(task.name) not in ("", "built-in")
+                                     else "Check the model's outputs on --data (they may not be finite)."))
     if problem:
         cache.close()
         model.train(was_training)
@@ -478,12 +483,14 @@ class Prober:
     def measure(self, method: Method, unit: str, setting: Setting) -> dict[str, Any]:
         t = time.perf_counter()
         cache = self.cache
-        with method.probe(self.ctx, unit, setting), batchnorm_state_restored(self.ctx.model), \
-                cache.probing() if cache is not None else nullcontext():
-            recalibrate_batchnorm_(self.ctx.model, self.calib, self.reference,
-                                   forward=cache.forward if cache is not None else None)
-            ev = self.evaluate()
-        return self.row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
+        with METHODS.failures(method.name, f"its probe of {unit}"):
+            with method.probe(self.ctx, unit, setting), batchnorm_state_restored(self.ctx.model), \
+                    cache.probing() if cache is not None else nullcontext():
+                recalibrate_batchnorm_(self.ctx.model, self.calib, self.reference,
+                                       forward=cache.forward if cache is not None else None)
+                ev = self.evaluate()
+        with METHODS.failures(method.name, "effect"):
+            return self.row_of(ev, method, unit, setting, time.perf_counter() - t)  # type: ignore[no-any-return]
 
     def order(self, todo: Sequence[tuple[Method, str, Setting]], indices: Sequence[int]) -> list[int]:
         """``indices`` (into ``todo``) in the order of where the probes cut the model."""
@@ -621,6 +628,11 @@ def _names(v: Any) -> bool:
 
 def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: MethodContext, unit: str,
          setting: Setting, seconds: float) -> dict[str, Any]:
+    if math.isnan(float(ev.score)):  # a row without a drop would make the scan unplannable
+        raise UserInputError(f"The probe {method.label(setting)} of {unit} scored NaN ({metric.name}; the original "
+                             f"{base.score:.4g}): a drop must be a number. Either the task's evaluate (a plug-in "
+                             f"task: fix it) or the compressed model's outputs (not finite: scan without this "
+                             f"setting, e.g. --setting {method.name}=...) give NaN; the journal keeps no row for it.")
     lost = gained = 0
     se = 0.0
     if base.per_sample is not None and ev.per_sample is not None:

@@ -5,6 +5,7 @@ The stages live in subpackages and talk through plain files:
 ``sensplan.sensitivity`` (scan -> scan.json), ``sensplan.planner`` (plan.json, apply, the CLI),
 ``sensplan.reports`` (report.html + PNG).
 
+A task declares its score with :class:`Metric` (its name, whether higher is better, its unit).
 A compression method states its cost effect with the names here: :class:`UnitInfo` is the unit it
 is asked about; :class:`Structure` and :class:`Stored` describe what a restructured layer stores,
 written with the expression helpers (``maximum``, ``minimum``, ``floor``, ``ceil``,
@@ -25,6 +26,7 @@ from sensplan._errors import (
     UserInputError,
 )
 from sensplan._expr import Expr, Stored, Structure, ceil, floor, maximum, minimum, round_half_up
+from sensplan._metric import Metric
 from sensplan._version import __version__
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "IncompatibleModelError",
     "InfeasibleBudgetError",
     "InternalError",
+    "Metric",
     "ModelSpecError",
     "SensplanError",
     "Stored",

@@ -88,3 +88,55 @@ def test_a_group_plugin_without_units_is_checked_priced_and_applied(drop_last, t
     assert planned["predicted"]["macs"] <= 0.8 * plan.data["original"]["macs"] * (1 + 1e-9)
     metrics = apply_plan(model, plan, data, tmp_path / "out", variant="planned", model_spec=SPEC, timing=False)
     assert metrics["after"]["macs"] == pytest.approx(planned["predicted"]["macs"])
+
+
+class Broken(DropLast):
+    """drop_last whose probe fails: the plug-in's bug, named in one message."""
+
+    name = "broken_probe"
+
+    @contextmanager
+    def probe(self, ctx, unit, setting):
+        raise RuntimeError("forgot to zero the channels")
+        yield
+
+
+def test_a_plugins_own_failure_is_one_message_naming_it(tmp_path):
+    from sensplan import UserInputError
+
+    model = seeded_model("tiny_convnet", num_classes=6)
+    data = self_labelled(model, 32)
+    with registered(Broken), pytest.raises(UserInputError) as err:
+        scan(model, data, ScanConfig({"broken_probe": [{"ratio": 0.5}]}), model_spec=SPEC, progress=False)
+    msg = str(err.value)
+    assert "The compression method 'broken_probe' (registered by tests.test_group_plugin) failed in its probe" in msg
+    assert "RuntimeError: forgot to zero the channels" in msg and "Fix the plug-in" in msg
+
+
+def test_a_task_that_scores_nan_stops_the_scan_before_any_probe():
+    import math
+
+    from sensplan._metric import Metric
+    from sensplan.sensitivity import TASKS, Task, TaskResult
+
+    class NanTask(Task):
+        name = "nan_score"
+        metric = Metric("nan", True, "fraction")
+        needs_labels = False
+
+        def prepare(self, model, data, batch_size=500, device=None, dtype=None):
+            return None
+
+        def evaluate(self, model, data, state, batch_size=500, device=None, dtype=None):
+            return TaskResult(math.nan, 0.0, len(data), None)
+
+    from sensplan import UserInputError
+
+    model = seeded_model("tiny_convnet", num_classes=6)
+    TASKS.register(NanTask)
+    try:
+        with pytest.raises(UserInputError, match="The task 'nan_score' scores the original model nan.*Fix the task"):
+            scan(model, self_labelled(model, 16), ScanConfig({"prune": [{"ratio": 0.5}]}, task="nan_score"),
+                 progress=False)
+    finally:
+        TASKS.remove("nan_score")
