@@ -445,7 +445,9 @@ def _replay(model: nn.Module, header: Mapping[str, Any], path: str) -> None:
     for name, record in records:
         method = get_method(name, named_in=repr(path))
         try:
-            with METHODS.failures(name, "rebuild_ (loading a compressed model)"):  # a plug-in's own bug
+            with METHODS.failures(name, f"rebuild_ (loading {path!r})",
+                                  fix="Fix the plug-in, or, if another version of it wrote the file, re-create "
+                                      "the file with `sensplan apply`"):
                 method.rebuild_(ctx, record)
         except (KeyError, ValueError, TypeError, AttributeError, RuntimeError) as e:
             raise ArtifactError(f"{path!r}: replaying what {name} recorded failed ({type(e).__name__}: "

@@ -698,6 +698,12 @@ def cost_model_metrics(name: str) -> tuple[str, ...]:
     return tuple(getattr(COST_MODELS.get(name), "metrics", ()))
 
 
+#: the built-in scores that cannot fall below 0 (a fraction of samples right, or agreeing): a
+#: drop beyond the baseline is impossible. A plug-in task's "fraction" may be any score (R^2 can go
+#: below 0), so its drops are not capped
+BOUNDED_AT_ZERO = ("top1", "agreement")
+
+
 class Costs:
     """Blocks of one scan plus the terms of every cost model; evaluates choices.
 
@@ -732,8 +738,8 @@ class Costs:
         #: every answer is wrong), or None; a sum of probes' drops, or the map's slope continued past
         #: its last knot, can go beyond it
         metric, base = task.get("metric") or {}, (scan.data.get("baseline") or {}).get("score")
-        self.ceiling = float(base) if (metric.get("unit") == "fraction" and metric.get("higher_is_better", True)
-                                       and isinstance(base, (int, float))) else None
+        self.ceiling = float(base) if (metric.get("name") in BOUNDED_AT_ZERO and metric.get("higher_is_better", True)
+                                       and isinstance(base, (int, float)) and base > 0) else None
         self.index = {b.name: i for i, b in enumerate(self.blocks)}
         self.conflicts = _conflicts(self.blocks, scan)
         #: the ``tie`` patterns, and the groups of blocks they tie (see :func:`tied_blocks`): each

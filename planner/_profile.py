@@ -390,6 +390,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
     parts = sum(base.values())
     cal = _calibrate(model, x, scan, rows_by_block, groups_of, ops, base, raw, t, whole, runtime, threads)
     scale, int8_factor = cal["scale"], cal["int8_factor"]
+    int8_fitted = bool(cal.pop("int8_fitted", False))
     if parts > 0 and whole - scale * parts < 0:
         # the fit's time outside the layers is negative: extrapolated, it prices a small enough
         # model at nothing. Kept at 0, with the full model's time exact (a smaller scale, which
@@ -400,7 +401,7 @@ def profile(model: nn.Module, example: torch.Tensor, scan: Any, *, runtime: str,
                                      f"kept, which prices the time outside the layers at 0"})
         fitted, scale = scale, whole / parts
         cal["scale"] = scale
-        if any("in int8" in h.get("widths", "") for h in cal["how"]):
+        if int8_fitted:
             # the int8 factor was fitted as a share of the saving at the fitted scale: the same saving
             int8_factor = cal["int8_factor"] = float(min(3.0, int8_factor * fitted / scale))
     for layer, (factors, options, grid, grid8) in raw.items():
@@ -541,6 +542,7 @@ def _calibrate(model: nn.Module, x: torch.Tensor, scan: Any, rows_by_block: Mapp
             if saving < 0:
                 factor = (measured - whole) / (out["scale"] * saving)
                 out["int8_factor"] = float(min(3.0, max(0.0, factor)))
+                out["int8_fitted"] = True  # popped by profile (not written)
                 if factor <= 0:
                     step["failed"] = (f"the whole model in int8 took {measured:.3g} ms against {whole:.3g} ms in "
                                       f"float: int8 saves nothing here, so the table prices it at the float time")

@@ -151,7 +151,7 @@ def not_logits(out: Any) -> Exception:
         hint = (" Give --model a factory whose model returns the logits alone (a wrapper whose forward returns "
                 "e.g. out['logits'] or out[0]).")
     else:
-        hint = " For a language model use --task perplexity, kl or agreement." if out.dim() == 3 else ""
+        hint = " For a language model use --task perplexity or agreement." if out.dim() == 3 else ""
     return UserInputError(f"The model must return a (batch, classes) tensor of logits; it returned {what}.{hint}")
 
 

@@ -179,7 +179,11 @@ def build_model(spec: ModelSpec, *, allow_pickle: bool = False) -> nn.Module:
                 raise ModelSpecError(f"{spec.source!r} is a model (a {type(fn).__name__}), not a function that "
                                      f"builds one: --model-arg needs a factory. Drop --model-arg, or point --model "
                                      f"at a factory.")
-            model = copy.deepcopy(fn)
+            try:
+                model = copy.deepcopy(fn)
+            except Exception as e:  # noqa: BLE001 - the user's module: say which and why
+                raise ModelSpecError(f"{spec.source!r} is a model that cannot be copied ({type(e).__name__}: "
+                                     f"{first_line(e)}); point --model at a function that builds it.") from None
         else:
             model = _call_factory(fn, spec)
     if not isinstance(model, nn.Module):

@@ -628,11 +628,12 @@ def _names(v: Any) -> bool:
 
 def _row(metric: Metric, base: TaskResult, ev: TaskResult, method: Method, ctx: MethodContext, unit: str,
          setting: Setting, seconds: float) -> dict[str, Any]:
-    if math.isnan(float(ev.score)):  # a row without a drop would make the scan unplannable
-        raise UserInputError(f"The probe {method.label(setting)} of {unit} scored NaN ({metric.name}; the original "
-                             f"{base.score:.4g}): a drop must be a number. Either the task's evaluate (a plug-in "
-                             f"task: fix it) or the compressed model's outputs (not finite: scan without this "
-                             f"setting, e.g. --setting {method.name}=...) give NaN; the journal keeps no row for it.")
+    if not math.isfinite(float(ev.score)):  # a row without a drop would make the scan unplannable
+        raise UserInputError(f"The probe {method.label(setting)} of {unit} scored {ev.score} ({metric.name}; the "
+                             f"original {base.score:.4g}): a drop must be a finite number. Either the task's "
+                             f"evaluate (a plug-in task: fix it) or the compressed model's outputs (not finite: scan "
+                             f"without this setting, e.g. --setting {method.name}=...) give it; the journal keeps no "
+                             f"row for it.")
     lost = gained = 0
     se = 0.0
     if base.per_sample is not None and ev.per_sample is not None:
@@ -704,8 +705,8 @@ def _check_labels(task: Task, data: EvalSet, model: nn.Module) -> None:
         return
     kind = getattr(model, "kind", None)  # a Hugging Face model's (sensitivity/_hf.py)
     what = "text with no labels" if data.description.get("tokenizer") else "an unlabelled image folder"
-    fix = {"causal-lm": "For a language model use --task perplexity (the next-token loss) or --task kl (the "
-                        "KL divergence to the original's next-token distribution)",
+    fix = {"causal-lm": "For a language model use --task perplexity (the next-token loss) or --task agreement "
+                        "(the original's top next token kept)",
            "embedding": "For an embedding model use --task embedding (cosine similarity to the original's "
                         "embeddings)"}.get(str(kind), "Use --task agreement, which compares with the original "
                                                       "model instead")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sensplan._errors import UserInputError, first_line
+from sensplan._errors import SensplanError, UserInputError, first_line
 
 #: a chunk whose worker died is retried this many times before the scan gives up
 RETRIES = 2
@@ -287,6 +287,8 @@ class RayRunner:
                 try:
                     rows = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # raised inside the worker: said, not retried
+                    if isinstance(e.cause, SensplanError):  # one line, as in one process (not Ray's traceback)
+                        raise e.cause from None
                     raise e.as_instanceof_cause() from None
                 except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
                     tries[k] = tries.get(k, 0) + 1

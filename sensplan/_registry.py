@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Generic, TypeVar
 
-from sensplan._errors import UserInputError, first_line
+from sensplan._errors import SensplanError, UserInputError, first_line
 
 T = TypeVar("T")
 
@@ -70,21 +70,22 @@ class Registry(Generic[T]):
         return self._origins.get(name, "")
 
     @contextmanager
-    def failures(self, name: str, hook: str) -> Iterator[None]:
+    def failures(self, name: str, hook: str, fix: str = "Fix the plug-in") -> Iterator[None]:
         """Around a call into the plug-in ``name``: an exception from a plug-in that is not
         built-in becomes one :class:`UserInputError` naming it, where it came from, the ``hook``
-        that failed and the fix (a built-in's is a bug in sensplan: it propagates)."""
+        that failed and ``fix`` (a built-in's is a bug in sensplan: it propagates, as do
+        sensplan's own errors)."""
         origin = self.origin(name)
         if origin in ("", "built-in"):
             yield
             return
         try:
             yield
-        except UserInputError:
+        except SensplanError:
             raise
         except Exception as e:  # noqa: BLE001 - the plug-in's code: its failure is its author's to fix
             raise UserInputError(f"The {self.what} {name!r} ({origin}) failed in {hook}: {type(e).__name__}: "
-                                 f"{first_line(e)}. Fix the plug-in (--verbose shows the traceback).") from e
+                                 f"{first_line(e)}. {fix} (--verbose shows the traceback).") from e
 
     def discover(self, package: str, path: Any, kind: type) -> None:
         """Register the built-in plug-ins, then other packages' (once): import every public module

@@ -203,3 +203,7 @@ def test_a_predicted_drop_never_passes_the_scores_floor():
     worst = {i: len(b.options) - 1 for i, b in enumerate(cm.blocks)}
     assert cm.predicted_drop(worst) <= base
     assert cm.objective_of(2 * base) == pytest.approx(2 * base)  # verification's conversion is left as it was
+    # a plug-in task's score may go below 0 (R^2): not capped
+    other = copy.deepcopy(table)
+    other.data["task"]["metric"] = {"name": "r2", "higher_is_better": True, "unit": "fraction"}
+    assert Costs(other).ceiling is None and Costs(other).drop_of(10 * base) == pytest.approx(10 * base)

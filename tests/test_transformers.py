@@ -459,5 +459,5 @@ def test_a_language_model_on_unlabelled_text_is_told_its_tasks(models: dict[str,
     code = main(["scan", "--model", f"hf:{models['llama']}", "--data", f"text:{corpus}", "--seq-len", "16",
                  "--samples", "4", "--out", str(tmp_path / "scan.json")])
     err = capsys.readouterr().err
-    assert code == 2 and "(text with no labels)" in err and "--task perplexity" in err and "--task kl" in err, err
+    assert code == 2 and "(text with no labels)" in err and "--task perplexity" in err and "--task agreement" in err
     assert "image folder" not in err and not (tmp_path / "scan.json").exists()

@@ -164,7 +164,7 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
             problems.add(f"--budget {text}: unknown metric {b.metric!r}. Use one of "
                          f"{', '.join(known)}; a measured metric needs its --cost-table (sensplan profile "
                          f"--scan SCAN makes a latency table).")
-    if args.minimize is not None and args.minimize not in known:
+    if args.minimize is not None and args.minimize not in known and all(t is not None for t in tables):
         problems.add(f"--minimize {args.minimize}: unknown metric. Use one of {', '.join(known)}.")
     max_drop = (problems.check(partial(parse_max_drop, args.max_drop))
                 if args.max_drop is not None else None)
