@@ -483,7 +483,7 @@ class Prober:
     def measure(self, method: Method, unit: str, setting: Setting) -> dict[str, Any]:
         t = time.perf_counter()
         cache = self.cache
-        with METHODS.failures(method.name, f"its probe of {unit}"):
+        with METHODS.failures(method.name, f"its probe of {unit} (or the run of the model it perturbed)"):
             with method.probe(self.ctx, unit, setting), batchnorm_state_restored(self.ctx.model), \
                     cache.probing() if cache is not None else nullcontext():
                 recalibrate_batchnorm_(self.ctx.model, self.calib, self.reference,
