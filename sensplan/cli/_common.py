@@ -46,6 +46,12 @@ def need(value: T | None) -> T:
 
 
 # -- output --------------------------------------------------------------------------------------
+def flag_given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether the command line named ``flag`` (``--samples 5`` or ``--samples=5``), not just left it
+    at its default."""
+    return any(a == flag or a.startswith(flag + "=") for a in getattr(args, "argv", []))
+
+
 def say(msg: str) -> None:
     """Progress and summaries go to stderr; stdout carries only the command's result (a path)."""
     print(msg, file=sys.stderr, flush=True)
@@ -467,8 +473,7 @@ def load_data(args: argparse.Namespace) -> tuple[EvalSet, EvalSet | None]:
     data = load_eval_set(data_spec(args.data, args, "--data"), args.samples or None, args.seed)
     report_skipped(data.description, "--data")
     available = data.description.get("n_available")
-    given = any(a == "--samples" or a.startswith("--samples=") for a in getattr(args, "argv", []))
-    if given and args.samples and available is not None and args.samples > int(available):
+    if flag_given(args, "--samples") and args.samples and available is not None and args.samples > int(available):
         say(f"--samples {args.samples}: --data has {available} items; all of them are used.")
     if args.no_bn_recalibration:
         return data, None

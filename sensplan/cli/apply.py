@@ -24,6 +24,7 @@ from sensplan.cli._common import (
     check_runtime_args,
     data_spec,
     device,
+    flag_given,
     load_data,
     load_model,
     need,
@@ -226,7 +227,7 @@ def measurement_data(args: argparse.Namespace, plan: Plan, data: EvalSet, calib:
             held = load_eval_set(given, draw["n"], int(draw["seed"]), exclude=exclude)
             _, report = split_held(held, int(draw["split_seed"]), [])
             if report is not None:
-                if any(a == "--samples" or a.startswith("--samples=") for a in getattr(args, "argv", [])):
+                if flag_given(args, "--samples"):
                     say(f"note: --samples {args.samples} is not used: apply measures on the report half of the "
                         f"plan's held-out split ({len(report)} items), where its verdict was measured")
                 return report, calib, (f"the report half of the held-out split ({len(report)} items of {what} outside "
@@ -423,9 +424,8 @@ def check_recorded(args: argparse.Namespace, plan: Plan, problems: Problems) -> 
         problems.add("The plan does not record its scan's data (the scan was given data in Python). Pass "
                      "--data SPEC.")
         return
-    argv = getattr(args, "argv", [])
     given = [f"--{k.replace('_', '-')}" for k in DATA_FLAGS if getattr(args, k, None)]
-    given += [f for f in GIVEN_DATA_FLAGS if any(a == f or a.startswith(f + "=") for a in argv)]
+    given += [f for f in GIVEN_DATA_FLAGS if flag_given(args, f)]
     if given:
         them = "it" if len(given) == 1 else "them"
         problems.add(f"{', '.join(given)} only {'shapes' if len(given) == 1 else 'shape'} --data; without --data, "
