@@ -66,9 +66,12 @@ class Prune(Method):
     def units(self, ctx: MethodContext, settings: Sequence[Setting]) -> dict[str, str]:
         removals: dict[str, int | str] = {}
         for gid, g in ctx.groups.items():
-            opts = [] if ctx.graph.unsafe_reason(gid) else self.unit_settings(ctx, gid, settings)
-            if opts or ctx.graph.unsafe_reason(gid):  # an unsafe group: checked_groups gives its reason
-                removals[gid] = int(opts[-1]["n_remove"]) if opts else 0
+            if ctx.graph.unsafe_reason(gid):
+                removals[gid] = 0  # checked_groups gives its reason
+                continue
+            opts = self.unit_settings(ctx, gid, settings)
+            if opts:
+                removals[gid] = int(opts[-1]["n_remove"])
                 continue
             step, round_to = int(g.get("channel_step", 1)), int(g.get("round_to", 1))
             chunks = (f" in {step} equal chunks ({ctx.graph.step_cause(gid)}) that must lose the same "
