@@ -155,16 +155,17 @@ def check(args: argparse.Namespace, problems: Problems) -> PlanInputs | None:
     check_tables_runtime(args.cost_table, tables, runtime, problems)
     budgets = [problems.check(partial(Budget.parse, text)) for text in args.budget]
     table_units = {t.metric: t.unit for t in tables if t is not None}
+    loaded = all(t is not None for t in tables)  # else a metric a table would add is unknown: said above
     for text, b in zip(args.budget, budgets, strict=True):
         if b is not None and b.unit in ("ms", "us", "s") and table_units.get(b.metric, "ms") != "ms":
             problems.add(f"--budget {text}: a time is read in milliseconds, but the cost table of {b.metric!r} is "
                          f"in {table_units[b.metric] or 'no unit'}. Give the budget as a fraction ({b.metric}=0.6) "
                          f"or in the table's unit, without a suffix.")
-        if b is not None and b.metric not in known and all(t is not None for t in tables):  # else: said above
+        if b is not None and b.metric not in known and loaded:
             problems.add(f"--budget {text}: unknown metric {b.metric!r}. Use one of "
                          f"{', '.join(known)}; a measured metric needs its --cost-table (sensplan profile "
                          f"--scan SCAN makes a latency table).")
-    if args.minimize is not None and args.minimize not in known and all(t is not None for t in tables):
+    if args.minimize is not None and args.minimize not in known and loaded:
         problems.add(f"--minimize {args.minimize}: unknown metric. Use one of {', '.join(known)}.")
     max_drop = (problems.check(partial(parse_max_drop, args.max_drop))
                 if args.max_drop is not None else None)
